@@ -1,0 +1,561 @@
+//! The machine: a KVM VM with guest RAM, an in-kernel irqchip and PIT, a
+//! serial console and vCPU threads; paused, captured, dirty-tracked and
+//! restored as a whole.
+
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use tracing::{debug, info, warn};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::boot::{self, BootError};
+use crate::console::Console;
+use crate::memory::{self, GuestMem, MemoryError, PAGE_SIZE};
+use crate::serial::{IrqTrigger, SerialDevice, COM1_GSI};
+use crate::state::{MachineState, VcpuState, VmState};
+use crate::vcpu::{self, Event, ExitReason, Request, Shared, VcpuError, VcpuThread};
+
+/// How long a vCPU may take to leave KVM_RUN before pausing is declared failed.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+const TSS_ADDRESS: usize = 0xFFFB_D000;
+
+/// Errors of the machine, matchable by callers.
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// /dev/kvm cannot be opened.
+    #[error("cannot open /dev/kvm: {0}. castor needs KVM: load the kvm module (kvm_intel, kvm_amd or kvm_pvm) and run as a user who may open /dev/kvm")]
+    NoKvm(kvm_ioctls::Error),
+    /// A capability castor needs is missing.
+    #[error("KVM lacks {0}, which castor needs")]
+    MissingCap(&'static str),
+    /// A VM-level ioctl failed.
+    #[error("{what}: {err}")]
+    Kvm {
+        /// What castor was doing.
+        what: &'static str,
+        /// The ioctl's error.
+        err: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel loading.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A vCPU operation.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// Bad configuration.
+    #[error("invalid machine configuration: {0}")]
+    Config(String),
+    /// A vCPU did not pause in time.
+    #[error("vCPU did not pause within {0:?}")]
+    PauseTimeout(Duration),
+    /// The operation needs a paused machine.
+    #[error("the machine must be paused for this")]
+    NotPaused,
+    /// The guest or a vCPU thread stopped.
+    #[error("the machine has stopped: {0:?}")]
+    Exited(ExitReason),
+    /// Creating a thread or eventfd failed.
+    #[error("{0}: {1}")]
+    Os(&'static str, std::io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> MachineError {
+    move |err| MachineError::Kvm { what, err }
+}
+
+/// What kind of KVM this host has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvmKind {
+    /// VMX or SVM.
+    HardwareAssisted,
+    /// kvm_pvm: no hardware virtualization; guest ring 0 is emulated.
+    Pvm,
+    /// /dev/kvm missing.
+    Absent,
+}
+
+impl KvmKind {
+    /// Probes /dev/kvm and the loaded modules.
+    pub fn detect() -> Self {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            return KvmKind::Absent;
+        }
+        if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+            KvmKind::Pvm
+        } else {
+            KvmKind::HardwareAssisted
+        }
+    }
+
+    /// A sentence for the start-up log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            KvmKind::HardwareAssisted => "/dev/kvm is hardware-assisted (VMX/SVM)",
+            KvmKind::Pvm => "/dev/kvm is kvm_pvm (no hardware virtualization: guest ring 0 is emulated, ring 3 runs natively)",
+            KvmKind::Absent => "/dev/kvm is absent",
+        }
+    }
+}
+
+/// Shape of a machine.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    /// Guest RAM in bytes.
+    pub mem_bytes: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Start with KVM's dirty log on.
+    pub dirty_tracking: bool,
+}
+
+/// Pages dirtied since the previous harvest: a bitmap over guest frame numbers.
+#[derive(Debug, Clone, Default)]
+pub struct DirtyPages {
+    /// Bit `f` set: guest frame `f` (address `f * 4096`) was written.
+    pub bitmap: Vec<u64>,
+}
+
+impl DirtyPages {
+    /// Number of dirty pages.
+    pub fn count(&self) -> u64 {
+        self.bitmap.iter().map(|w| w.count_ones() as u64).sum()
+    }
+    /// Dirty frame numbers, ascending.
+    pub fn frames(&self) -> impl Iterator<Item = u64> + '_ {
+        memory::frames_of(&self.bitmap)
+    }
+    /// Whether frame `f` is dirty.
+    pub fn contains(&self, f: u64) -> bool {
+        self.bitmap.get((f / 64) as usize).is_some_and(|w| w & (1 << (f % 64)) != 0)
+    }
+}
+
+struct Slot {
+    index: u32,
+    gpa: u64,
+    size: u64,
+    host: u64,
+}
+
+struct VcpuHandle {
+    thread: Option<JoinHandle<()>>,
+    requests: Sender<Request>,
+}
+
+/// A running (or paused) KVM guest.
+pub struct Machine {
+    _kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMem,
+    slots: Vec<Slot>,
+    serial: Arc<Mutex<SerialDevice>>,
+    console: Console,
+    shared: Arc<Shared>,
+    vcpus: Vec<VcpuHandle>,
+    events: Receiver<Event>,
+    pending_dirty: Vec<u64>,
+    tracking: bool,
+    paused: bool,
+    exited: Option<ExitReason>,
+    _serial_evt: EventFd,
+}
+
+struct Parts {
+    kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMem,
+    msr_list: Arc<Vec<u32>>,
+}
+
+fn open_vm(mem_bytes: u64) -> Result<Parts, MachineError> {
+    let kvm = Kvm::new().map_err(MachineError::NoKvm)?;
+    for (cap, name) in [
+        (Cap::Irqchip, "an in-kernel irqchip"),
+        (Cap::Pit2, "an in-kernel PIT"),
+        (Cap::ImmediateExit, "immediate exit"),
+        (Cap::UserMemory, "user memory"),
+        (Cap::Xsave, "XSAVE state"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(MachineError::MissingCap(name));
+        }
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
+    vm.set_tss_address(TSS_ADDRESS).map_err(kvm_err("setting the TSS address"))?;
+    vm.create_irq_chip().map_err(kvm_err("creating the irqchip"))?;
+    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.create_pit2(pit).map_err(kvm_err("creating the PIT"))?;
+    let mem = memory::create(mem_bytes)?;
+    let list = kvm.get_msr_index_list().map_err(kvm_err("listing MSRs"))?;
+    let msr_list = Arc::new(crate::msr::to_save(list.as_slice()));
+    Ok(Parts { kvm, vm, mem, msr_list })
+}
+
+fn slots_of(mem: &GuestMem) -> Vec<Slot> {
+    mem.iter()
+        .enumerate()
+        .map(|(i, r)| Slot {
+            index: i as u32,
+            gpa: r.start_addr().0,
+            size: r.len(),
+            host: r.as_ptr() as u64,
+        })
+        .collect()
+}
+
+fn register_slots(vm: &VmFd, slots: &[Slot], tracking: bool) -> Result<(), MachineError> {
+    for s in slots {
+        let region = kvm_userspace_memory_region {
+            slot: s.index,
+            flags: if tracking { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: s.gpa,
+            memory_size: s.size,
+            userspace_addr: s.host,
+        };
+        // SAFETY: `host` is the start of a live anonymous mapping of `size`
+        // bytes owned by the machine's GuestMem, which outlives the VM (the
+        // field order of Machine drops the VM fd first... and the slot is
+        // removed when the VM fd closes). The regions do not overlap.
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("registering guest memory"))?;
+    }
+    Ok(())
+}
+
+impl Machine {
+    /// Boots `kernel` (multiboot v1) with `cmdline` on a fresh VM.
+    pub fn boot(
+        config: &MachineConfig,
+        kernel: &[u8],
+        cmdline: &str,
+        console: Console,
+    ) -> Result<Machine, MachineError> {
+        if config.vcpus == 0 || config.vcpus as usize > crate::state::MAX_VCPUS {
+            return Err(MachineError::Config(format!(
+                "{} vCPUs (1..={} supported)",
+                config.vcpus,
+                crate::state::MAX_VCPUS
+            )));
+        }
+        let t0 = Instant::now();
+        let p = open_vm(config.mem_bytes)?;
+        let entry = boot::load(&p.mem, kernel, cmdline)?;
+        let mut fds = Vec::new();
+        for i in 0..config.vcpus {
+            let fd = p.vm.create_vcpu(i as u64).map_err(|e| VcpuError::Create(i, e))?;
+            let cpuid = vcpu::cpuid_for(&p.kvm, i, config.vcpus).map_err(kvm_err("reading supported CPUID"))?;
+            fd.set_cpuid2(&cpuid).map_err(|err| VcpuError::Set { index: i, what: "CPUID", err })?;
+            vcpu::set_lint(&fd, i)?;
+            let sregs = fd.get_sregs().map_err(|err| VcpuError::Get { index: i, what: "sregs", err })?;
+            let (regs, sregs) = boot::initial_state(entry, i, sregs);
+            fd.set_sregs(&sregs).map_err(|err| VcpuError::Set { index: i, what: "sregs", err })?;
+            fd.set_regs(&regs).map_err(|err| VcpuError::Set { index: i, what: "regs", err })?;
+            vcpu::make_runnable(&fd, i)?;
+            fds.push(fd);
+        }
+        let m = Machine::start(p, fds, config.dirty_tracking, console, None)?;
+        debug!(elapsed_us = t0.elapsed().as_micros() as u64, "machine booted");
+        Ok(m)
+    }
+
+    /// Restores `state` into a fresh VM. `fill` writes the guest RAM contents
+    /// (for instance from a snapshot file) before any vCPU runs.
+    pub fn restore(
+        state: &MachineState,
+        fill: impl FnOnce(&GuestMem) -> std::io::Result<()>,
+        console_sink: Box<dyn crate::console::ConsoleSink>,
+        dirty_tracking: bool,
+    ) -> Result<Machine, MachineError> {
+        state.validate().map_err(|e| MachineError::Config(e.to_string()))?;
+        let p = open_vm(state.memory_size())?;
+        fill(&p.mem).map_err(|e| MachineError::Os("filling guest memory", e))?;
+        // Writes done by the restore itself are not guest changes.
+        let mut scratch = vec![0u64; memory::frame_limit(&p.mem).div_ceil(64) as usize];
+        memory::drain_vmm_writes(&p.mem, &mut scratch);
+        // VM-wide state first: irqchip, PIT, clock.
+        for chip in [&state.vm.pic_master, &state.vm.pic_slave, &state.vm.ioapic] {
+            p.vm.set_irqchip(chip).map_err(kvm_err("restoring the irqchip"))?;
+        }
+        p.vm.set_pit2(&state.vm.pit).map_err(kvm_err("restoring the PIT"))?;
+        let clock = kvm_clock_data { clock: state.vm.clock.clock, flags: 0, ..Default::default() };
+        p.vm.set_clock(&clock).map_err(kvm_err("restoring kvmclock"))?;
+        let mut fds = Vec::new();
+        for (i, s) in state.vcpus.iter().enumerate() {
+            let i = i as u32;
+            let fd = p.vm.create_vcpu(i as u64).map_err(|e| VcpuError::Create(i, e))?;
+            vcpu::restore(&fd, i, s)?;
+            fds.push(fd);
+        }
+        let console = Console::new(console_sink, state.console_offset);
+        Machine::start(p, fds, dirty_tracking, console, Some(state))
+    }
+
+    fn start(
+        p: Parts,
+        fds: Vec<VcpuFd>,
+        tracking: bool,
+        console: Console,
+        state: Option<&MachineState>,
+    ) -> Result<Machine, MachineError> {
+        vcpu::install_kick_handler().map_err(|e| MachineError::Os("installing the vCPU kick signal handler", e))?;
+        let slots = slots_of(&p.mem);
+        register_slots(&p.vm, &slots, tracking)?;
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| MachineError::Os("creating an eventfd", e))?;
+        p.vm.register_irqfd(&evt, COM1_GSI).map_err(kvm_err("registering the serial irqfd"))?;
+        let trigger = IrqTrigger(evt.try_clone().map_err(|e| MachineError::Os("cloning an eventfd", e))?);
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            trigger,
+            console.writer(),
+            state.map(|s| &s.serial),
+        )));
+        let shared = Arc::new(Shared::default());
+        let (ev_tx, ev_rx) = mpsc::channel();
+        let mut vcpus = Vec::new();
+        for (i, fd) in fds.into_iter().enumerate() {
+            let (req_tx, req_rx) = mpsc::channel();
+            let t = VcpuThread {
+                fd,
+                index: i as u32,
+                shared: shared.clone(),
+                serial: serial.clone(),
+                console: console.clone(),
+                events: ev_tx.clone(),
+                requests: req_rx,
+                msr_list: p.msr_list.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || t.run())
+                .map_err(|e| MachineError::Os("spawning a vCPU thread", e))?;
+            vcpus.push(VcpuHandle { thread: Some(thread), requests: req_tx });
+        }
+        let frames = memory::frame_limit(&p.mem);
+        Ok(Machine {
+            _kvm: p.kvm,
+            vm: p.vm,
+            mem: p.mem,
+            slots,
+            serial,
+            console,
+            shared,
+            vcpus,
+            events: ev_rx,
+            pending_dirty: vec![0; frames.div_ceil(64) as usize],
+            tracking,
+            paused: false,
+            exited: None,
+            _serial_evt: evt,
+        })
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// The console stream.
+    pub fn console(&self) -> &Console {
+        &self.console
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Stops every vCPU at a consistent point (out of KVM_RUN, pending I/O
+    /// completed). Returns how long that took.
+    pub fn pause(&mut self) -> Result<Duration, MachineError> {
+        if let Some(r) = &self.exited {
+            return Err(MachineError::Exited(r.clone()));
+        }
+        if self.paused {
+            return Ok(Duration::ZERO);
+        }
+        let t0 = Instant::now();
+        self.shared.pause.store(true, std::sync::atomic::Ordering::Release);
+        for v in &self.vcpus {
+            if let Some(t) = &v.thread {
+                // A failed kill means the thread has already exited; that is
+                // reported through its Exited event below.
+                let _ = t.kill(vcpu::kick_signal());
+            }
+        }
+        let mut paused = 0;
+        while paused < self.vcpus.len() {
+            let left = PAUSE_TIMEOUT.saturating_sub(t0.elapsed());
+            match self.events.recv_timeout(left) {
+                Ok(Event::Paused(_)) => paused += 1,
+                Ok(Event::Exited(i, r)) => {
+                    warn!(vcpu = i, ?r, "vCPU exited while pausing");
+                    self.exited = Some(r.clone());
+                    return Err(MachineError::Exited(r));
+                }
+                Err(RecvTimeoutError::Timeout) => return Err(MachineError::PauseTimeout(PAUSE_TIMEOUT)),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(MachineError::Exited(ExitReason::Error("vCPU threads vanished".into())))
+                }
+            }
+        }
+        self.paused = true;
+        self.console.flush();
+        Ok(t0.elapsed())
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&mut self) -> Result<(), MachineError> {
+        if !self.paused {
+            return Ok(());
+        }
+        // Clear the flag before waking the threads, or they would pause again.
+        self.shared.pause.store(false, std::sync::atomic::Ordering::Release);
+        for v in &self.vcpus {
+            let _ = v.requests.send(Request::Resume);
+        }
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Captures the whole machine state; the machine must be paused. vCPUs
+    /// save their own state on their threads, in parallel.
+    pub fn capture(&mut self) -> Result<MachineState, MachineError> {
+        if !self.paused {
+            return Err(MachineError::NotPaused);
+        }
+        let mut replies = Vec::new();
+        for v in &self.vcpus {
+            let (tx, rx) = mpsc::channel();
+            let _ = v.requests.send(Request::Capture(tx));
+            replies.push(rx);
+        }
+        let vm = self.capture_vm()?;
+        let mut vcpus: Vec<VcpuState> = Vec::new();
+        for rx in replies {
+            let s = rx
+                .recv_timeout(PAUSE_TIMEOUT)
+                .map_err(|_| MachineError::Exited(ExitReason::Error("vCPU did not answer a capture request".into())))??;
+            vcpus.push(s);
+        }
+        let serial = self.serial.lock().expect("serial lock").regs();
+        Ok(MachineState {
+            memory: self.slots.iter().map(|s| (s.gpa, s.size)).collect(),
+            vcpus,
+            vm,
+            serial,
+            console_offset: self.console.offset(),
+        })
+    }
+
+    fn capture_vm(&self) -> Result<VmState, MachineError> {
+        let chip = |id| -> Result<kvm_irqchip, MachineError> {
+            let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
+            self.vm.get_irqchip(&mut c).map_err(kvm_err("reading the irqchip"))?;
+            Ok(c)
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.vm.get_pit2().map_err(kvm_err("reading the PIT"))?,
+            clock: self.vm.get_clock().map_err(kvm_err("reading kvmclock"))?,
+        })
+    }
+
+    /// Turns KVM's dirty log on or off for all of guest RAM. Turning it on
+    /// starts a fresh log (every page clean).
+    pub fn set_dirty_tracking(&mut self, on: bool) -> Result<(), MachineError> {
+        if on != self.tracking {
+            register_slots(&self.vm, &self.slots, on)?;
+            self.tracking = on;
+        }
+        Ok(())
+    }
+
+    /// Whether KVM's dirty log is on.
+    pub fn dirty_tracking(&self) -> bool {
+        self.tracking
+    }
+
+    /// The pages dirtied since the previous harvest, by the guest (KVM's log)
+    /// or by castor itself (through the GuestMemory API). Call it while paused
+    /// for an exact epoch boundary.
+    ///
+    /// If it fails part-way, the bits already fetched (KVM clears them as it
+    /// hands them out) stay pending and are returned by the next harvest.
+    pub fn harvest_dirty(&mut self) -> Result<DirtyPages, MachineError> {
+        if !self.tracking {
+            return Err(MachineError::Config("dirty tracking is off".into()));
+        }
+        for s in &self.slots {
+            let bits = self
+                .vm
+                .get_dirty_log(s.index, s.size as usize)
+                .map_err(kvm_err("reading the dirty log"))?;
+            let first = (s.gpa / PAGE_SIZE) as usize;
+            debug_assert_eq!(first % 64, 0);
+            for (i, w) in bits.into_iter().enumerate() {
+                self.pending_dirty[first / 64 + i] |= w;
+            }
+        }
+        memory::drain_vmm_writes(&self.mem, &mut self.pending_dirty);
+        let fresh = vec![0u64; self.pending_dirty.len()];
+        Ok(DirtyPages { bitmap: std::mem::replace(&mut self.pending_dirty, fresh) })
+    }
+
+    /// Waits up to `timeout` for the guest to stop by itself (shutdown or an
+    /// error). Only meaningful while running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitReason> {
+        if let Some(r) = &self.exited {
+            return Some(r.clone());
+        }
+        match self.events.recv_timeout(timeout) {
+            Ok(Event::Exited(i, r)) => {
+                info!(vcpu = i, ?r, "vCPU stopped");
+                self.exited = Some(r.clone());
+                Some(r)
+            }
+            Ok(Event::Paused(_)) => None,
+            Err(_) => None,
+        }
+    }
+
+    /// Stops the vCPU threads and waits for them.
+    pub fn stop(&mut self) {
+        self.shared.exit.store(true, std::sync::atomic::Ordering::Release);
+        for v in &self.vcpus {
+            let _ = v.requests.send(Request::Exit);
+            if let Some(t) = &v.thread {
+                let _ = t.kill(vcpu::kick_signal());
+            }
+        }
+        for v in &mut self.vcpus {
+            if let Some(t) = v.thread.take() {
+                let _ = t.join();
+            }
+        }
+        self.console.flush();
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

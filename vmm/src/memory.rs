@@ -1,0 +1,207 @@
+//! Guest memory: the x86 layout castor uses, the bitmap that records the VMM's
+//! own writes into guest RAM, and helpers to walk RAM page by page.
+//!
+//! Layout: RAM from 0 up to 3 GiB, then a hole for MMIO (IOAPIC at 0xFEC0_0000,
+//! LAPIC at 0xFEE0_0000), then the rest of RAM from 4 GiB. Each region is one
+//! KVM memory slot, numbered in address order.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use vm_memory::bitmap::{Bitmap, NewBitmap, RefSlice, WithBitmapSlice};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// Size of a guest page: the unit of dirty tracking.
+pub const PAGE_SIZE: u64 = 4096;
+/// Where the MMIO hole below 4 GiB starts; RAM above it moves to 4 GiB.
+pub const MMIO_HOLE_START: u64 = 0xC000_0000;
+/// Where RAM continues above the hole.
+pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
+/// Smallest guest castor creates.
+pub const MIN_MEM: u64 = 16 << 20;
+/// Largest guest castor creates.
+pub const MAX_MEM: u64 = 256 << 30;
+
+/// castor's guest memory: anonymous mappings whose bitmap records VMM writes.
+pub type GuestMem = vm_memory::GuestMemoryMmap<VmmWriteBitmap>;
+
+/// Errors of guest memory set-up.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The requested size is out of range or not page-aligned.
+    #[error("guest memory of {0} bytes is not supported: give a multiple of 4 KiB between 16 MiB and 256 GiB")]
+    BadSize(u64),
+    /// mmap of guest RAM failed.
+    #[error("cannot allocate guest memory: {0}")]
+    Alloc(#[from] vm_memory::mmap::FromRangesError),
+}
+
+/// The regions (guest address, size) of a guest with `size` bytes of RAM.
+pub fn layout(size: u64) -> Result<Vec<(GuestAddress, usize)>, MemoryError> {
+    if !(MIN_MEM..=MAX_MEM).contains(&size) || size % PAGE_SIZE != 0 {
+        return Err(MemoryError::BadSize(size));
+    }
+    let low = size.min(MMIO_HOLE_START);
+    let mut regions = vec![(GuestAddress(0), low as usize)];
+    if size > low {
+        regions.push((GuestAddress(HIGH_RAM_START), (size - low) as usize));
+    }
+    Ok(regions)
+}
+
+/// Allocates zeroed guest memory of `size` bytes in castor's layout.
+pub fn create(size: u64) -> Result<GuestMem, MemoryError> {
+    Ok(GuestMem::from_ranges(&layout(size)?)?)
+}
+
+/// Total RAM in bytes.
+pub fn ram_size(mem: &GuestMem) -> u64 {
+    mem.iter().map(|r| r.len()).sum()
+}
+
+/// One past the highest guest page frame number: the length of a dirty bitmap
+/// indexed by guest frame number.
+pub fn frame_limit(mem: &GuestMem) -> u64 {
+    mem.iter()
+        .map(|r| (r.start_addr().0 + r.len()) / PAGE_SIZE)
+        .max()
+        .unwrap_or(0)
+}
+
+/// A vm-memory bitmap that records which pages the VMM itself wrote through
+/// the `GuestMemory` API (KVM's dirty log never sees those writes).
+///
+/// Unlike vm-memory's `AtomicBitmap` it can be drained a word at a time, and a
+/// summary flag makes draining free when nothing was written — it is read in
+/// every checkpoint pause.
+#[derive(Debug)]
+pub struct VmmWriteBitmap {
+    words: Vec<AtomicU64>,
+    pages: usize,
+    any: AtomicBool,
+}
+
+impl VmmWriteBitmap {
+    fn new(bytes: usize) -> Self {
+        let pages = bytes.div_ceil(PAGE_SIZE as usize);
+        VmmWriteBitmap {
+            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            pages,
+            any: AtomicBool::new(false),
+        }
+    }
+
+    /// ORs the recorded pages into `out` (a bitmap over guest frames) starting
+    /// at frame `first_frame`, and clears them. Bits are only cleared once they
+    /// have been copied, so a write racing with this call is never lost.
+    pub fn drain_into(&self, out: &mut [u64], first_frame: u64) {
+        if !self.any.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        for (i, w) in self.words.iter().enumerate() {
+            if w.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let bits = w.swap(0, Ordering::AcqRel);
+            let mut b = bits;
+            while b != 0 {
+                let bit = b.trailing_zeros() as u64;
+                b &= b - 1;
+                let frame = first_frame + i as u64 * 64 + bit;
+                out[(frame / 64) as usize] |= 1 << (frame % 64);
+            }
+        }
+    }
+}
+
+impl Default for VmmWriteBitmap {
+    fn default() -> Self {
+        VmmWriteBitmap::new(0)
+    }
+}
+
+impl NewBitmap for VmmWriteBitmap {
+    fn with_len(len: usize) -> Self {
+        VmmWriteBitmap::new(len)
+    }
+}
+
+impl<'a> WithBitmapSlice<'a> for VmmWriteBitmap {
+    type S = RefSlice<'a, Self>;
+}
+
+impl Bitmap for VmmWriteBitmap {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let first = offset / PAGE_SIZE as usize;
+        let last = ((offset + len - 1) / PAGE_SIZE as usize).min(self.pages.saturating_sub(1));
+        for p in first..=last {
+            self.words[p / 64].fetch_or(1 << (p % 64), Ordering::Release);
+        }
+        self.any.store(true, Ordering::Release);
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        let p = offset / PAGE_SIZE as usize;
+        p < self.pages && self.words[p / 64].load(Ordering::Acquire) & (1 << (p % 64)) != 0
+    }
+
+    fn slice_at(&self, offset: usize) -> RefSlice<'_, Self> {
+        RefSlice::new(self, offset)
+    }
+}
+
+/// Drains the VMM-write bitmaps of every region into `out`, a bitmap over
+/// guest frame numbers (see [`VmmWriteBitmap::drain_into`]).
+pub fn drain_vmm_writes(mem: &GuestMem, out: &mut [u64]) {
+    for r in mem.iter() {
+        vm_memory::MmapRegion::bitmap(r).drain_into(out, r.start_addr().0 / PAGE_SIZE);
+    }
+}
+
+/// Bounded-size description of a page set: frame numbers in ascending order.
+pub fn frames_of(bitmap: &[u64]) -> impl Iterator<Item = u64> + '_ {
+    bitmap.iter().enumerate().flat_map(|(i, &w)| {
+        let mut b = w;
+        std::iter::from_fn(move || {
+            if b == 0 {
+                return None;
+            }
+            let bit = b.trailing_zeros() as u64;
+            b &= b - 1;
+            Some(i as u64 * 64 + bit)
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn layout_splits_around_the_mmio_hole() {
+        assert_eq!(layout(1 << 30).unwrap(), vec![(GuestAddress(0), 1 << 30)]);
+        let l = layout(4 << 30).unwrap();
+        assert_eq!(l[0], (GuestAddress(0), MMIO_HOLE_START as usize));
+        assert_eq!(l[1], (GuestAddress(HIGH_RAM_START), (1 << 30) as usize));
+        assert!(matches!(layout(1 << 20), Err(MemoryError::BadSize(_))));
+        assert!(matches!(layout((64 << 20) + 1), Err(MemoryError::BadSize(_))));
+    }
+
+    #[test]
+    fn vmm_writes_are_recorded_and_drained_once() {
+        let mem = create(4 << 30).unwrap();
+        mem.write_slice(&[1u8; 10], GuestAddress(0x5000 - 4)).unwrap();
+        mem.write_obj(7u64, GuestAddress(HIGH_RAM_START + 3 * PAGE_SIZE))
+            .unwrap();
+        let mut out = vec![0u64; frame_limit(&mem).div_ceil(64) as usize];
+        drain_vmm_writes(&mem, &mut out);
+        let got: Vec<u64> = frames_of(&out).collect();
+        assert_eq!(got, vec![4, 5, HIGH_RAM_START / PAGE_SIZE + 3]);
+        let mut again = vec![0u64; out.len()];
+        drain_vmm_writes(&mem, &mut again);
+        assert!(again.iter().all(|&w| w == 0), "drained bits stay cleared");
+    }
+}
