@@ -1,1 +1,315 @@
-fn main(){}
+//! `castor`: high availability for KVM virtual machines by continuous
+//! checkpointing. This binary is the command-line edge: it parses flags, sets
+//! up logging and signals, and drives the machine; the work lives in the
+//! library crates (`castor-vmm`, `castor-guest`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tracing::{error, info};
+
+use vmm::console::{Console, StdoutSink, MMIO_CONSOLE_BASE};
+use vmm::{ExitReason, KvmKind, Machine, MachineConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "castor",
+    version,
+    about = "High availability for KVM virtual machines by continuous checkpointing",
+    long_about = "castor runs a VM on KVM and keeps it protected by checkpointing it continuously.\n\n\
+        The guest's console goes to standard output; castor's own log goes to standard error \
+        (set RUST_LOG=debug for more). SIGINT or SIGTERM stop the VM cleanly."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a guest and stream its console to stdout.
+    ///
+    /// Without --kernel it boots castor's own guest running --workload. With
+    /// --snapshot-at it writes a snapshot of the running VM (machine state and
+    /// RAM) into --snapshot-dir and keeps running; `castor restore` resumes it.
+    Run(RunArgs),
+    /// Resume a VM from a snapshot directory, in this fresh process.
+    Restore(RestoreArgs),
+}
+
+#[derive(Args)]
+struct MachineArgs {
+    /// Guest RAM, e.g. 512M, 1G (16M..=256G).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    mem: u64,
+    /// Number of vCPUs (castor's guest supports up to 16).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
+    vcpus: u32,
+    /// KVM device to use.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    machine: MachineArgs,
+    /// Workload of castor's guest: NAME[,key=value...]. Names: counter,
+    /// sparse, pages, kv, log, verify. Keys: rate (ops/s per vCPU, 0 =
+    /// unlimited), mib (working set per vCPU), interval_ms (progress lines),
+    /// record (log record bytes), seed, irq=1 (counter only: ring-0,
+    /// timer-interrupt driven).
+    #[arg(long, default_value = "counter", value_parser = parse_workload, verbatim_doc_comment)]
+    workload: guest::Workload,
+    /// Boot this multiboot v1 ELF kernel instead of castor's guest.
+    #[arg(long, conflicts_with = "workload")]
+    kernel: Option<PathBuf>,
+    /// Kernel command line (with --kernel).
+    #[arg(long, requires = "kernel", default_value = "")]
+    cmdline: String,
+    /// Stop after this long (e.g. 10s, 500ms, 2m); default: run until SIGINT/SIGTERM.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Take a snapshot this long after boot (e.g. 3s).
+    #[arg(long, value_parser = parse_duration, requires = "snapshot_dir")]
+    snapshot_at: Option<Duration>,
+    /// Directory for the snapshot (created if missing).
+    #[arg(long, requires = "snapshot_at")]
+    snapshot_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// Snapshot directory written by `castor run --snapshot-at`.
+    dir: PathBuf,
+    /// Stop after this long; default: run until SIGINT/SIGTERM.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// KVM device to use.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+}
+
+fn parse_workload(s: &str) -> Result<guest::Workload, String> {
+    guest::Workload::parse(s).map_err(|e| e.to_string())
+}
+
+/// Parses a size: a number with an optional K, M, G suffix (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("unknown size suffix '{c}' in '{s}' (use K, M or G)")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (examples: 512M, 1G)"))?;
+    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+/// Parses a duration: a number with ms, s or m.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (examples: 500ms, 3s, 2m)"))?;
+    let secs = match unit {
+        "ms" => v / 1000.0,
+        "s" | "" => v,
+        "m" => v * 60.0,
+        _ => return Err(format!("unknown duration unit '{unit}' in '{s}' (use ms, s or m)")),
+    };
+    if !secs.is_finite() || secs < 0.0 || secs > 1e7 {
+        return Err(format!("duration '{s}' is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, flag.clone()).context("installing signal handlers")?;
+    }
+    Ok(flag)
+}
+
+/// Runs `machine` until a stop signal, the duration, or the guest stops;
+/// `on_tick` is called every few milliseconds with the time since start.
+fn supervise(
+    machine: &mut Machine,
+    duration: Option<Duration>,
+    mut on_tick: impl FnMut(&mut Machine, Duration) -> Result<()>,
+) -> Result<()> {
+    let stop = stop_flag()?;
+    let t0 = Instant::now();
+    loop {
+        if let Some(reason) = machine.wait_exit(Duration::from_millis(10)) {
+            machine.stop();
+            return match reason {
+                ExitReason::Stopped => Ok(()),
+                ExitReason::Shutdown => {
+                    info!("the guest shut down");
+                    Ok(())
+                }
+                ExitReason::Error(e) => bail!("the VM failed: {e}"),
+            };
+        }
+        if stop.load(Ordering::Relaxed) {
+            info!("stop signal received: stopping the VM");
+            break;
+        }
+        if duration.is_some_and(|d| t0.elapsed() >= d) {
+            info!("ran for {:?}: stopping the VM", duration.unwrap_or_default());
+            break;
+        }
+        on_tick(machine, t0.elapsed())?;
+    }
+    machine.stop();
+    Ok(())
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let kind = KvmKind::detect();
+    info!("{}", kind.describe());
+    let m = &args.machine;
+    let (image, cmdline) = match &args.kernel {
+        Some(path) => {
+            let image = std::fs::read(path)
+                .with_context(|| format!("cannot read the kernel {}", path.display()))?;
+            (image, args.cmdline.clone())
+        }
+        None => {
+            let w = &args.workload;
+            if m.vcpus > guest::MAX_CPUS {
+                bail!("castor's guest supports at most {} vCPUs (asked for {})", guest::MAX_CPUS, m.vcpus);
+            }
+            let need = w.mib_per_vcpu() * (1 << 20) * m.vcpus as u64 + (16 << 20);
+            if need > m.mem.min(vmm::memory::MMIO_HOLE_START) {
+                bail!(
+                    "workload '{w}' needs {} MiB per vCPU x {} vCPUs plus 16 MiB for the guest kernel, more than --mem {} MiB (below 3 GiB) holds: lower mib= or raise --mem",
+                    w.mib_per_vcpu(),
+                    m.vcpus,
+                    m.mem >> 20
+                );
+            }
+            let tsc = vmm::host_tsc_khz(&m.kvm_device)?;
+            (guest::KERNEL.to_vec(), w.cmdline(m.vcpus, tsc, Some(MMIO_CONSOLE_BASE)))
+        }
+    };
+    let config = MachineConfig {
+        mem_bytes: m.mem,
+        vcpus: m.vcpus,
+        dirty_tracking: false,
+        kvm_device: m.kvm_device.clone(),
+    };
+    let t0 = Instant::now();
+    let mut machine = Machine::boot(&config, &image, &cmdline, Console::new(Box::new(StdoutSink), 0))?;
+    info!(
+        mem_mib = m.mem >> 20,
+        vcpus = m.vcpus,
+        cmdline = %cmdline,
+        "VM started in {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    let mut snapshot = args.snapshot_at.zip(args.snapshot_dir.clone());
+    supervise(&mut machine, args.duration, |machine, elapsed| {
+        if let Some((at, dir)) = &snapshot {
+            if elapsed >= *at {
+                let t = Instant::now();
+                machine.pause()?;
+                let state = machine.capture()?;
+                let written = vmm::snapshot::write(dir, &state, machine.memory());
+                machine.resume()?;
+                written?;
+                info!(
+                    dir = %dir.display(),
+                    console_offset = state.console_offset,
+                    "snapshot written in {:.1} ms",
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+                snapshot = None;
+            }
+        }
+        Ok(())
+    })
+}
+
+fn restore(args: RestoreArgs) -> Result<()> {
+    info!("{}", KvmKind::detect().describe());
+    let t0 = Instant::now();
+    let state = vmm::snapshot::read_state(&args.dir)?;
+    let dir = args.dir.clone();
+    let mut machine = Machine::restore(
+        &state,
+        |mem| vmm::snapshot::fill_memory(&dir, mem),
+        Box::new(StdoutSink),
+        false,
+        &args.kvm_device,
+    )?;
+    info!(
+        dir = %args.dir.display(),
+        vcpus = state.vcpus.len(),
+        mem_mib = state.memory_size() >> 20,
+        console_offset = state.console_offset,
+        "VM restored in {:.1} ms",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    supervise(&mut machine, args.duration, |_, _| Ok(()))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run(a),
+        Command::Restore(a) => restore(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("castor: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("1T").unwrap_err().contains("suffix"));
+        assert!(parse_size("lots").is_err());
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("3h").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

@@ -10,7 +10,7 @@ fn main() {
     let w = guest::Workload::parse(&wl).unwrap();
     let sink = MemorySink::default();
     let t0 = Instant::now();
-    let cfg = MachineConfig { mem_bytes: 256 << 20, vcpus, dirty_tracking: true };
+    let mut cfg = MachineConfig::new(256 << 20, vcpus); cfg.dirty_tracking = true;
     let mut m = Machine::boot(&cfg, guest::KERNEL, &w.cmdline(vcpus, 2_600_000, Some(castor_vmm::console::MMIO_CONSOLE_BASE)), Console::new(Box::new(sink.clone()), 0)).unwrap();
     println!("booted in {:?}", t0.elapsed());
     let r = m.wait_exit(Duration::from_millis(1500));

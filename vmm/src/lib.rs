@@ -21,6 +21,6 @@ pub mod snapshot;
 pub mod state;
 mod vcpu;
 
-pub use machine::{DirtyPages, KvmKind, Machine, MachineConfig, MachineError};
+pub use machine::{host_tsc_khz, DirtyPages, KvmKind, Machine, MachineConfig, MachineError};
 pub use state::MachineState;
 pub use vcpu::{ExitReason, VcpuError};

@@ -2,6 +2,7 @@
 //! serial console and vCPU threads; paused, captured, dirty-tracked and
 //! restored as a whole.
 
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -32,9 +33,14 @@ const TSS_ADDRESS: usize = 0xFFFB_D000;
 /// Errors of the machine, matchable by callers.
 #[derive(Debug, thiserror::Error)]
 pub enum MachineError {
-    /// /dev/kvm cannot be opened.
-    #[error("cannot open /dev/kvm: {0}. castor needs KVM: load the kvm module (kvm_intel, kvm_amd or kvm_pvm) and run as a user who may open /dev/kvm")]
-    NoKvm(kvm_ioctls::Error),
+    /// The KVM device cannot be opened.
+    #[error("cannot open {}: {err}. castor needs KVM: load the kvm module (kvm_intel, kvm_amd or kvm_pvm) and run as a user who may open /dev/kvm", path.display())]
+    NoKvm {
+        /// The device path.
+        path: PathBuf,
+        /// The open error.
+        err: kvm_ioctls::Error,
+    },
     /// A capability castor needs is missing.
     #[error("KVM lacks {0}, which castor needs")]
     MissingCap(&'static str),
@@ -119,6 +125,15 @@ pub struct MachineConfig {
     pub vcpus: u32,
     /// Start with KVM's dirty log on.
     pub dirty_tracking: bool,
+    /// The KVM device, normally `/dev/kvm`.
+    pub kvm_device: PathBuf,
+}
+
+impl MachineConfig {
+    /// `vcpus` vCPUs, `mem_bytes` of RAM, dirty log off, `/dev/kvm`.
+    pub fn new(mem_bytes: u64, vcpus: u32) -> Self {
+        MachineConfig { mem_bytes, vcpus, dirty_tracking: false, kvm_device: PathBuf::from("/dev/kvm") }
+    }
 }
 
 /// Pages dirtied since the previous harvest: a bitmap over guest frame numbers.
@@ -180,8 +195,22 @@ struct Parts {
     msr_list: Arc<Vec<u32>>,
 }
 
-fn open_vm(mem_bytes: u64) -> Result<Parts, MachineError> {
-    let kvm = Kvm::new().map_err(MachineError::NoKvm)?;
+fn open_kvm(device: &Path) -> Result<Kvm, MachineError> {
+    let c = std::ffi::CString::new(device.as_os_str().as_encoded_bytes())
+        .map_err(|_| MachineError::Config(format!("bad KVM device path {}", device.display())))?;
+    Kvm::new_with_path(&c).map_err(|err| MachineError::NoKvm { path: device.to_path_buf(), err })
+}
+
+/// The host TSC frequency in kHz, as KVM gives it to a new vCPU.
+pub fn host_tsc_khz(device: &Path) -> Result<u32, MachineError> {
+    let kvm = open_kvm(device)?;
+    let vm = kvm.create_vm().map_err(kvm_err("creating a probe VM"))?;
+    let vcpu = vm.create_vcpu(0).map_err(|e| VcpuError::Create(0, e))?;
+    vcpu.get_tsc_khz().map_err(|err| VcpuError::Get { index: 0, what: "TSC frequency", err }.into())
+}
+
+fn open_vm(device: &Path, mem_bytes: u64) -> Result<Parts, MachineError> {
+    let kvm = open_kvm(device)?;
     for (cap, name) in [
         (Cap::Irqchip, "an in-kernel irqchip"),
         (Cap::Pit2, "an in-kernel PIT"),
@@ -250,7 +279,7 @@ impl Machine {
             )));
         }
         let t0 = Instant::now();
-        let p = open_vm(config.mem_bytes)?;
+        let p = open_vm(&config.kvm_device, config.mem_bytes)?;
         let entry = boot::load(&p.mem, kernel, cmdline)?;
         let mut fds = Vec::new();
         for i in 0..config.vcpus {
@@ -277,9 +306,10 @@ impl Machine {
         fill: impl FnOnce(&GuestMem) -> std::io::Result<()>,
         console_sink: Box<dyn crate::console::ConsoleSink>,
         dirty_tracking: bool,
+        kvm_device: &Path,
     ) -> Result<Machine, MachineError> {
         state.validate().map_err(|e| MachineError::Config(e.to_string()))?;
-        let p = open_vm(state.memory_size())?;
+        let p = open_vm(kvm_device, state.memory_size())?;
         fill(&p.mem).map_err(|e| MachineError::Os("filling guest memory", e))?;
         // Writes done by the restore itself are not guest changes.
         let mut scratch = vec![0u64; memory::frame_limit(&p.mem).div_ceil(64) as usize];
@@ -402,7 +432,10 @@ impl Machine {
         while paused < self.vcpus.len() {
             let left = PAUSE_TIMEOUT.saturating_sub(t0.elapsed());
             match self.events.recv_timeout(left) {
-                Ok(Event::Paused(_)) => paused += 1,
+                Ok(Event::Paused(i)) => {
+                    paused += 1;
+                    tracing::trace!(vcpu = i, "paused");
+                }
                 Ok(Event::Exited(i, r)) => {
                     warn!(vcpu = i, ?r, "vCPU exited while pausing");
                     self.exited = Some(r.clone());
