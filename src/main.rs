@@ -187,6 +187,7 @@ fn run(args: RunArgs) -> Result<()> {
     let kind = KvmKind::detect();
     info!("{}", kind.describe());
     let m = &args.machine;
+    vmm::memory::layout(m.mem)?;
     let (image, cmdline) = match &args.kernel {
         Some(path) => {
             let image = std::fs::read(path)
@@ -275,6 +276,7 @@ fn restore(args: RestoreArgs) -> Result<()> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -175,6 +175,18 @@ pub enum StateError {
     Invalid(String),
 }
 
+impl std::fmt::Debug for MachineState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MachineState")
+            .field("memory", &self.memory)
+            .field("vcpus", &self.vcpus.len())
+            .field("rips", &self.vcpus.iter().map(|v| v.regs.rip).collect::<Vec<_>>())
+            .field("serial", &self.serial)
+            .field("console_offset", &self.console_offset)
+            .finish_non_exhaustive()
+    }
+}
+
 impl MachineState {
     /// Encodes with header and checksum.
     pub fn encode(&self) -> Vec<u8> {
