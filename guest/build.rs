@@ -27,34 +27,42 @@ fn main() {
     for s in SOURCES {
         println!("cargo:rerun-if-changed=c/{s}");
         let obj = out.join(format!("{s}.o"));
-        run(Command::new(&cc).args([
-            "-m64",
-            "-O2",
-            "-g0",
-            "-std=gnu11",
-            "-Wall",
-            "-Wextra",
-            "-Werror",
-            "-ffreestanding",
-            "-fno-builtin",
-            "-fno-pic",
-            "-fno-pie",
-            "-fno-stack-protector",
-            "-fno-asynchronous-unwind-tables",
-            "-fcf-protection=none",
-            "-mno-red-zone",
-            "-mgeneral-regs-only",
-            "-mcmodel=small",
-            "-c",
-        ])
-        .arg(src.join(s))
-        .arg("-o")
-        .arg(&obj));
+        run(Command::new(&cc)
+            .args([
+                "-m64",
+                "-O2",
+                "-g0",
+                "-std=gnu11",
+                "-Wall",
+                "-Wextra",
+                "-Werror",
+                "-ffreestanding",
+                "-fno-builtin",
+                "-fno-pic",
+                "-fno-pie",
+                "-fno-stack-protector",
+                "-fno-asynchronous-unwind-tables",
+                "-fcf-protection=none",
+                "-mno-red-zone",
+                "-mgeneral-regs-only",
+                "-mcmodel=small",
+                "-c",
+            ])
+            .arg(src.join(s))
+            .arg("-o")
+            .arg(&obj));
         objects.push(obj);
     }
     let elf64 = out.join("castor-guest.elf64");
     run(Command::new("ld")
-        .args(["-m", "elf_x86_64", "-nostdlib", "-static", "--no-warn-rwx-segments", "-T"])
+        .args([
+            "-m",
+            "elf_x86_64",
+            "-nostdlib",
+            "-static",
+            "--no-warn-rwx-segments",
+            "-T",
+        ])
         .arg(src.join("linker.ld"))
         .arg("-o")
         .arg(&elf64)

@@ -108,7 +108,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
                 'K' => 1u64 << 10,
                 'M' => 1 << 20,
                 'G' => 1 << 30,
-                _ => return Err(format!("unknown size suffix '{c}' in '{s}' (use K, M or G)")),
+                _ => {
+                    return Err(format!(
+                        "unknown size suffix '{c}' in '{s}' (use K, M or G)"
+                    ))
+                }
             };
             (&t[..i], m)
         }
@@ -117,13 +121,16 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = num
         .parse()
         .map_err(|_| format!("'{s}' is not a size (examples: 512M, 1G)"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size '{s}' is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
 /// Parses a duration: a number with ms, s or m.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let v: f64 = num
         .parse()
@@ -132,9 +139,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => v / 1000.0,
         "s" | "" => v,
         "m" => v * 60.0,
-        _ => return Err(format!("unknown duration unit '{unit}' in '{s}' (use ms, s or m)")),
+        _ => {
+            return Err(format!(
+                "unknown duration unit '{unit}' in '{s}' (use ms, s or m)"
+            ))
+        }
     };
-    if !secs.is_finite() || secs < 0.0 || secs > 1e7 {
+    if !secs.is_finite() || !(0.0..=1e7).contains(&secs) {
         return Err(format!("duration '{s}' is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -174,7 +185,10 @@ fn supervise(
             break;
         }
         if duration.is_some_and(|d| t0.elapsed() >= d) {
-            info!("ran for {:?}: stopping the VM", duration.unwrap_or_default());
+            info!(
+                "ran for {:?}: stopping the VM",
+                duration.unwrap_or_default()
+            );
             break;
         }
         on_tick(machine, t0.elapsed())?;
@@ -197,7 +211,11 @@ fn run(args: RunArgs) -> Result<()> {
         None => {
             let w = &args.workload;
             if m.vcpus > guest::MAX_CPUS {
-                bail!("castor's guest supports at most {} vCPUs (asked for {})", guest::MAX_CPUS, m.vcpus);
+                bail!(
+                    "castor's guest supports at most {} vCPUs (asked for {})",
+                    guest::MAX_CPUS,
+                    m.vcpus
+                );
             }
             let need = w.mib_per_vcpu() * (1 << 20) * m.vcpus as u64 + (16 << 20);
             if need > m.mem.min(vmm::memory::MMIO_HOLE_START) {
@@ -209,7 +227,10 @@ fn run(args: RunArgs) -> Result<()> {
                 );
             }
             let tsc = vmm::host_tsc_khz(&m.kvm_device)?;
-            (guest::KERNEL.to_vec(), w.cmdline(m.vcpus, tsc, Some(MMIO_CONSOLE_BASE)))
+            (
+                guest::KERNEL.to_vec(),
+                w.cmdline(m.vcpus, tsc, Some(MMIO_CONSOLE_BASE)),
+            )
         }
     };
     let config = MachineConfig {
@@ -219,7 +240,12 @@ fn run(args: RunArgs) -> Result<()> {
         kvm_device: m.kvm_device.clone(),
     };
     let t0 = Instant::now();
-    let mut machine = Machine::boot(&config, &image, &cmdline, Console::new(Box::new(StdoutSink), 0))?;
+    let mut machine = Machine::boot(
+        &config,
+        &image,
+        &cmdline,
+        Console::new(Box::new(StdoutSink), 0),
+    )?;
     info!(
         mem_mib = m.mem >> 20,
         vcpus = m.vcpus,

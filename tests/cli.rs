@@ -8,31 +8,75 @@ fn fails_with(args: &[&str], expect: &str) {
     let o = run(args);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "castor {args:?} succeeded");
-    assert!(err.contains(expect), "castor {args:?}: expected '{expect}' in:\n{err}");
+    assert!(
+        err.contains(expect),
+        "castor {args:?}: expected '{expect}' in:\n{err}"
+    );
 }
 
 #[test]
 fn bad_workloads_and_flags_are_explained() {
     fails_with(&["run", "--workload", "spars"], "unknown workload 'spars'");
-    fails_with(&["run", "--workload", "sparse,rate=fast"], "bad value 'fast' for 'rate'");
-    fails_with(&["run", "--workload", "counter,mib=3"], "has no parameter 'mib'");
+    fails_with(
+        &["run", "--workload", "sparse,rate=fast"],
+        "bad value 'fast' for 'rate'",
+    );
+    fails_with(
+        &["run", "--workload", "counter,mib=3"],
+        "has no parameter 'mib'",
+    );
     fails_with(&["run", "--mem", "12X"], "unknown size suffix");
     fails_with(&["run", "--vcpus", "0"], "--vcpus");
-    fails_with(&["run", "--vcpus", "17", "--duration", "1s"], "at most 16 vCPUs");
-    fails_with(&["run", "--mem", "64M", "--workload", "sparse,mib=64", "--duration", "1s"], "lower mib= or raise --mem");
-    fails_with(&["run", "--mem", "100000"], "guest memory of 100000 bytes is not supported");
+    fails_with(
+        &["run", "--vcpus", "17", "--duration", "1s"],
+        "at most 16 vCPUs",
+    );
+    fails_with(
+        &[
+            "run",
+            "--mem",
+            "64M",
+            "--workload",
+            "sparse,mib=64",
+            "--duration",
+            "1s",
+        ],
+        "lower mib= or raise --mem",
+    );
+    fails_with(
+        &["run", "--mem", "100000"],
+        "guest memory of 100000 bytes is not supported",
+    );
     fails_with(&["run", "--snapshot-at", "1s"], "--snapshot-dir");
-    fails_with(&["run", "--frobnicate"], "unexpected argument '--frobnicate'");
+    fails_with(
+        &["run", "--frobnicate"],
+        "unexpected argument '--frobnicate'",
+    );
 }
 
 #[test]
 fn missing_kvm_and_bad_kernels_are_explained() {
-    fails_with(&["run", "--kvm-device", "/nonexistent/kvm", "--duration", "1s"], "castor needs KVM");
-    fails_with(&["run", "--kernel", "/nonexistent/kernel"], "cannot read the kernel /nonexistent/kernel");
+    fails_with(
+        &[
+            "run",
+            "--kvm-device",
+            "/nonexistent/kvm",
+            "--duration",
+            "1s",
+        ],
+        "castor needs KVM",
+    );
+    fails_with(
+        &["run", "--kernel", "/nonexistent/kernel"],
+        "cannot read the kernel /nonexistent/kernel",
+    );
     let tmp = tempfile::tempdir().unwrap();
     let k = tmp.path().join("kernel");
     std::fs::write(&k, b"this is not a kernel").unwrap();
-    fails_with(&["run", "--kernel", k.to_str().unwrap(), "--duration", "1s"], "not a multiboot v1 kernel");
+    fails_with(
+        &["run", "--kernel", k.to_str().unwrap(), "--duration", "1s"],
+        "not a multiboot v1 kernel",
+    );
 }
 
 #[test]
@@ -42,14 +86,26 @@ fn a_multiboot_kernel_given_with_kernel_boots() {
     let k = tmp.path().join("castor-guest.elf");
     std::fs::write(&k, guest::KERNEL).unwrap();
     let o = run(&[
-        "run", "--mem", "64M", "--vcpus", "1", "--duration", "700ms",
-        "--kernel", k.to_str().unwrap(), "--cmdline", "castor-guest workload=counter interval_ms=50",
+        "run",
+        "--mem",
+        "64M",
+        "--vcpus",
+        "1",
+        "--duration",
+        "700ms",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--cmdline",
+        "castor-guest workload=counter interval_ms=50",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Without castor's console window the ring-3 guest cannot print on
     // kvm_pvm, but its ring-0 banner comes through the 8250.
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("castor-guest: workload=counter cpus=1"), "{out}");
+    assert!(
+        out.contains("castor-guest: workload=counter cpus=1"),
+        "{out}"
+    );
 }
 
 #[test]

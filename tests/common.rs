@@ -21,17 +21,30 @@ pub fn run(args: &[&str]) -> Output {
 
 /// Progress lines of a console stream.
 pub fn progress(bytes: &[u8]) -> Vec<Progress> {
-    String::from_utf8_lossy(bytes).lines().filter_map(Progress::parse).collect()
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .filter_map(Progress::parse)
+        .collect()
 }
 
 /// Asserts that every vCPU's sequence numbers start at 1 and go up by one.
 pub fn assert_gap_free(stream: &[Progress], vcpus: u32) {
     for cpu in 0..vcpus {
-        let seqs: Vec<u64> = stream.iter().filter(|p| p.cpu == cpu).map(|p| p.seq).collect();
+        let seqs: Vec<u64> = stream
+            .iter()
+            .filter(|p| p.cpu == cpu)
+            .map(|p| p.seq)
+            .collect();
         assert!(!seqs.is_empty(), "no lines from vCPU {cpu}");
         assert_eq!(seqs[0], 1, "vCPU {cpu} starts at 1");
         for w in seqs.windows(2) {
-            assert_eq!(w[1], w[0] + 1, "vCPU {cpu}: gap or duplicate between {} and {}", w[0], w[1]);
+            assert_eq!(
+                w[1],
+                w[0] + 1,
+                "vCPU {cpu}: gap or duplicate between {} and {}",
+                w[0],
+                w[1]
+            );
         }
     }
 }

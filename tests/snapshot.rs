@@ -16,7 +16,15 @@ fn snapshot_kill_restore(workload: &str) {
     let out1 = tmp.path().join("out1");
     let at_ms = rand::rng().random_range(400..1500);
     let mut child = castor()
-        .args(["run", "--mem", "128M", "--vcpus", "2", "--workload", workload])
+        .args([
+            "run",
+            "--mem",
+            "128M",
+            "--vcpus",
+            "2",
+            "--workload",
+            workload,
+        ])
         .args(["--snapshot-at", &format!("{at_ms}ms"), "--snapshot-dir"])
         .arg(&snap)
         .stdout(File::create(&out1).unwrap())
@@ -33,21 +41,48 @@ fn snapshot_kill_restore(workload: &str) {
     assert_eq!(state.vcpus.len(), 2);
     let first = std::fs::read(&out1).unwrap();
     let offset = state.console_offset as usize;
-    assert!(first.len() >= offset, "the killed process printed {} bytes, the snapshot says {offset}", first.len());
+    assert!(
+        first.len() >= offset,
+        "the killed process printed {} bytes, the snapshot says {offset}",
+        first.len()
+    );
 
-    let restored = castor().args(["restore", "--duration", "2500ms"]).arg(&snap).output().unwrap();
-    assert!(restored.status.success(), "restore failed: {}", String::from_utf8_lossy(&restored.stderr));
+    let restored = castor()
+        .args(["restore", "--duration", "2500ms"])
+        .arg(&snap)
+        .output()
+        .unwrap();
+    assert!(
+        restored.status.success(),
+        "restore failed: {}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
     let before = progress(&first[..offset]);
     let mut all = first[..offset].to_vec();
     all.extend_from_slice(&restored.stdout);
     let stream = progress(&all);
     assert_gap_free(&stream, 2);
     for cpu in 0..2 {
-        let last = before.iter().filter(|p| p.cpu == cpu).map(|p| p.seq).max().unwrap_or(0);
-        let after: Vec<_> = stream.iter().filter(|p| p.cpu == cpu && p.seq > last + 1).collect();
-        assert!(after.len() > 10, "vCPU {cpu}: {} lines after the restore", after.len());
+        let last = before
+            .iter()
+            .filter(|p| p.cpu == cpu)
+            .map(|p| p.seq)
+            .max()
+            .unwrap_or(0);
+        let after: Vec<_> = stream
+            .iter()
+            .filter(|p| p.cpu == cpu && p.seq > last + 1)
+            .collect();
+        assert!(
+            after.len() > 10,
+            "vCPU {cpu}: {} lines after the restore",
+            after.len()
+        );
         let span = after.last().unwrap().t_us - after[0].t_us;
-        assert!(span >= 2_000_000, "vCPU {cpu}: the restored guest ran for only {span} us");
+        assert!(
+            span >= 2_000_000,
+            "vCPU {cpu}: the restored guest ran for only {span} us"
+        );
     }
 }
 
@@ -66,14 +101,32 @@ fn damaged_snapshots_are_refused_with_the_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let snap = tmp.path().join("snap");
     let o = castor()
-        .args(["run", "--mem", "64M", "--vcpus", "1", "--duration", "1s", "--snapshot-at", "200ms", "--snapshot-dir"])
+        .args([
+            "run",
+            "--mem",
+            "64M",
+            "--vcpus",
+            "1",
+            "--duration",
+            "1s",
+            "--snapshot-at",
+            "200ms",
+            "--snapshot-dir",
+        ])
         .arg(&snap)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let restore_err = |dir: &std::path::Path| {
-        let o = castor().args(["restore", "--duration", "1s"]).arg(dir).output().unwrap();
-        assert!(!o.status.success(), "restore of a damaged snapshot succeeded");
+        let o = castor()
+            .args(["restore", "--duration", "1s"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            !o.status.success(),
+            "restore of a damaged snapshot succeeded"
+        );
         String::from_utf8_lossy(&o.stderr).to_string()
     };
     // Not a snapshot at all.

@@ -148,11 +148,13 @@ impl Workload {
             ..Workload::default()
         };
         for part in parts.filter(|p| !p.is_empty()) {
-            let (key, value) = part.split_once('=').ok_or_else(|| WorkloadError::BadValue {
-                param: part.to_string(),
-                value: String::new(),
-                why: "expected key=value",
-            })?;
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| WorkloadError::BadValue {
+                    param: part.to_string(),
+                    value: String::new(),
+                    why: "expected key=value",
+                })?;
             let num = |why| {
                 value.parse::<u64>().map_err(|_| WorkloadError::BadValue {
                     param: key.to_string(),

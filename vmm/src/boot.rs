@@ -96,7 +96,12 @@ fn find_header(image: &[u8]) -> Option<(usize, u32)> {
 
 fn check_range(mem: &GuestMem, addr: u64, len: u64) -> Result<(), BootError> {
     let end = addr.checked_add(len);
-    let ram_low_end = mem.iter().next().map(|r| r.len()).unwrap_or(0).min(MMIO_HOLE_START);
+    let ram_low_end = mem
+        .iter()
+        .next()
+        .map(|r| r.len())
+        .unwrap_or(0)
+        .min(MMIO_HOLE_START);
     let ok = matches!(end, Some(e) if e <= ram_low_end)
         && (addr >= RESERVED_LOW.end || addr + len <= RESERVED_LOW.start);
     if ok {
@@ -115,7 +120,9 @@ fn load_segment(
     mem_len: u64,
 ) -> Result<(), BootError> {
     if file_len > mem_len {
-        return Err(BootError::BadImage("segment file size larger than its memory size"));
+        return Err(BootError::BadImage(
+            "segment file size larger than its memory size",
+        ));
     }
     let data = usize::try_from(file_off)
         .ok()
@@ -131,7 +138,9 @@ fn load_segment(
 
 fn load_elf(mem: &GuestMem, image: &[u8]) -> Result<u32, BootError> {
     if image.get(..4) != Some(b"\x7fELF") {
-        return Err(BootError::BadImage("not an ELF file and no a.out kludge in the header"));
+        return Err(BootError::BadImage(
+            "not an ELF file and no a.out kludge in the header",
+        ));
     }
     if image.get(5) != Some(&1) {
         return Err(BootError::BadImage("not a little-endian ELF"));
@@ -199,17 +208,27 @@ fn load_aout_kludge(mem: &GuestMem, image: &[u8], hdr: usize) -> Result<u32, Boo
     let bss_end = u32_at(image, hdr + 24)? as u64;
     let entry = u32_at(image, hdr + 28)?;
     let file_off = (hdr as u64)
-        .checked_sub(header_addr.checked_sub(load_addr).ok_or(BootError::BadImage("header_addr below load_addr"))?)
-        .ok_or(BootError::BadImage("a.out kludge addresses do not match the file"))?;
+        .checked_sub(
+            header_addr
+                .checked_sub(load_addr)
+                .ok_or(BootError::BadImage("header_addr below load_addr"))?,
+        )
+        .ok_or(BootError::BadImage(
+            "a.out kludge addresses do not match the file",
+        ))?;
     let file_len = if load_end == 0 {
         image.len() as u64 - file_off
     } else {
-        load_end.checked_sub(load_addr).ok_or(BootError::BadImage("load_end_addr below load_addr"))?
+        load_end
+            .checked_sub(load_addr)
+            .ok_or(BootError::BadImage("load_end_addr below load_addr"))?
     };
     let mem_len = if bss_end == 0 {
         file_len
     } else {
-        bss_end.checked_sub(load_addr).ok_or(BootError::BadImage("bss_end_addr below load_addr"))?
+        bss_end
+            .checked_sub(load_addr)
+            .ok_or(BootError::BadImage("bss_end_addr below load_addr"))?
     };
     load_segment(mem, image, file_off, file_len, load_addr, mem_len)?;
     Ok(entry)
@@ -361,7 +380,10 @@ mod tests {
     #[test]
     fn refuses_bad_kernels_with_reasons() {
         let mem = memory::create(64 << 20).unwrap();
-        assert!(matches!(load(&mem, b"hello", ""), Err(BootError::NotMultiboot)));
+        assert!(matches!(
+            load(&mem, b"hello", ""),
+            Err(BootError::NotMultiboot)
+        ));
         // A header with no ELF behind it and no a.out kludge.
         let mut img = vec![0u8; 64];
         img[0..4].copy_from_slice(&HEADER_MAGIC.to_le_bytes());
@@ -378,7 +400,13 @@ mod tests {
         let phoff = u32::from_le_bytes(big[28..32].try_into().unwrap()) as usize;
         let ph2 = phoff + 32;
         big[ph2 + 20..ph2 + 24].copy_from_slice(&(64u32 << 20).to_le_bytes());
-        assert!(matches!(load(&small, &big, ""), Err(BootError::SegmentOutOfRange { .. })));
-        assert!(matches!(load(&mem, guest::KERNEL, &"x".repeat(4000)), Err(BootError::CmdlineTooLong(_))));
+        assert!(matches!(
+            load(&small, &big, ""),
+            Err(BootError::SegmentOutOfRange { .. })
+        ));
+        assert!(matches!(
+            load(&mem, guest::KERNEL, &"x".repeat(4000)),
+            Err(BootError::CmdlineTooLong(_))
+        ));
     }
 }

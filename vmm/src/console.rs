@@ -54,7 +54,10 @@ impl MemorySink {
 
 impl ConsoleSink for MemorySink {
     fn write(&mut self, _offset: u64, bytes: &[u8]) {
-        self.0.lock().expect("console buffer lock").extend_from_slice(bytes);
+        self.0
+            .lock()
+            .expect("console buffer lock")
+            .extend_from_slice(bytes);
     }
 }
 

@@ -9,9 +9,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use tracing::{debug, info, warn};
@@ -132,7 +131,12 @@ pub struct MachineConfig {
 impl MachineConfig {
     /// `vcpus` vCPUs, `mem_bytes` of RAM, dirty log off, `/dev/kvm`.
     pub fn new(mem_bytes: u64, vcpus: u32) -> Self {
-        MachineConfig { mem_bytes, vcpus, dirty_tracking: false, kvm_device: PathBuf::from("/dev/kvm") }
+        MachineConfig {
+            mem_bytes,
+            vcpus,
+            dirty_tracking: false,
+            kvm_device: PathBuf::from("/dev/kvm"),
+        }
     }
 }
 
@@ -154,7 +158,9 @@ impl DirtyPages {
     }
     /// Whether frame `f` is dirty.
     pub fn contains(&self, f: u64) -> bool {
-        self.bitmap.get((f / 64) as usize).is_some_and(|w| w & (1 << (f % 64)) != 0)
+        self.bitmap
+            .get((f / 64) as usize)
+            .is_some_and(|w| w & (1 << (f % 64)) != 0)
     }
 }
 
@@ -198,7 +204,10 @@ struct Parts {
 fn open_kvm(device: &Path) -> Result<Kvm, MachineError> {
     let c = std::ffi::CString::new(device.as_os_str().as_encoded_bytes())
         .map_err(|_| MachineError::Config(format!("bad KVM device path {}", device.display())))?;
-    Kvm::new_with_path(&c).map_err(|err| MachineError::NoKvm { path: device.to_path_buf(), err })
+    Kvm::new_with_path(&c).map_err(|err| MachineError::NoKvm {
+        path: device.to_path_buf(),
+        err,
+    })
 }
 
 /// The host TSC frequency in kHz, as KVM gives it to a new vCPU.
@@ -206,7 +215,14 @@ pub fn host_tsc_khz(device: &Path) -> Result<u32, MachineError> {
     let kvm = open_kvm(device)?;
     let vm = kvm.create_vm().map_err(kvm_err("creating a probe VM"))?;
     let vcpu = vm.create_vcpu(0).map_err(|e| VcpuError::Create(0, e))?;
-    vcpu.get_tsc_khz().map_err(|err| VcpuError::Get { index: 0, what: "TSC frequency", err }.into())
+    vcpu.get_tsc_khz().map_err(|err| {
+        VcpuError::Get {
+            index: 0,
+            what: "TSC frequency",
+            err,
+        }
+        .into()
+    })
 }
 
 fn open_vm(device: &Path, mem_bytes: u64) -> Result<Parts, MachineError> {
@@ -223,14 +239,24 @@ fn open_vm(device: &Path, mem_bytes: u64) -> Result<Parts, MachineError> {
         }
     }
     let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
-    vm.set_tss_address(TSS_ADDRESS).map_err(kvm_err("setting the TSS address"))?;
-    vm.create_irq_chip().map_err(kvm_err("creating the irqchip"))?;
-    let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+    vm.set_tss_address(TSS_ADDRESS)
+        .map_err(kvm_err("setting the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("creating the irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
     vm.create_pit2(pit).map_err(kvm_err("creating the PIT"))?;
     let mem = memory::create(mem_bytes)?;
     let list = kvm.get_msr_index_list().map_err(kvm_err("listing MSRs"))?;
     let msr_list = Arc::new(crate::msr::to_save(list.as_slice()));
-    Ok(Parts { kvm, vm, mem, msr_list })
+    Ok(Parts {
+        kvm,
+        vm,
+        mem,
+        msr_list,
+    })
 }
 
 fn slots_of(mem: &GuestMem) -> Vec<Slot> {
@@ -258,7 +284,8 @@ fn register_slots(vm: &VmFd, slots: &[Slot], tracking: bool) -> Result<(), Machi
         // bytes owned by the machine's GuestMem, which outlives the VM (the
         // field order of Machine drops the VM fd first... and the slot is
         // removed when the VM fd closes). The regions do not overlap.
-        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("registering guest memory"))?;
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("registering guest memory"))?;
     }
     Ok(())
 }
@@ -283,19 +310,41 @@ impl Machine {
         let entry = boot::load(&p.mem, kernel, cmdline)?;
         let mut fds = Vec::new();
         for i in 0..config.vcpus {
-            let fd = p.vm.create_vcpu(i as u64).map_err(|e| VcpuError::Create(i, e))?;
-            let cpuid = vcpu::cpuid_for(&p.kvm, i, config.vcpus).map_err(kvm_err("reading supported CPUID"))?;
-            fd.set_cpuid2(&cpuid).map_err(|err| VcpuError::Set { index: i, what: "CPUID", err })?;
+            let fd =
+                p.vm.create_vcpu(i as u64)
+                    .map_err(|e| VcpuError::Create(i, e))?;
+            let cpuid = vcpu::cpuid_for(&p.kvm, i, config.vcpus)
+                .map_err(kvm_err("reading supported CPUID"))?;
+            fd.set_cpuid2(&cpuid).map_err(|err| VcpuError::Set {
+                index: i,
+                what: "CPUID",
+                err,
+            })?;
             vcpu::set_lint(&fd, i)?;
-            let sregs = fd.get_sregs().map_err(|err| VcpuError::Get { index: i, what: "sregs", err })?;
+            let sregs = fd.get_sregs().map_err(|err| VcpuError::Get {
+                index: i,
+                what: "sregs",
+                err,
+            })?;
             let (regs, sregs) = boot::initial_state(entry, i, sregs);
-            fd.set_sregs(&sregs).map_err(|err| VcpuError::Set { index: i, what: "sregs", err })?;
-            fd.set_regs(&regs).map_err(|err| VcpuError::Set { index: i, what: "regs", err })?;
+            fd.set_sregs(&sregs).map_err(|err| VcpuError::Set {
+                index: i,
+                what: "sregs",
+                err,
+            })?;
+            fd.set_regs(&regs).map_err(|err| VcpuError::Set {
+                index: i,
+                what: "regs",
+                err,
+            })?;
             vcpu::make_runnable(&fd, i)?;
             fds.push(fd);
         }
         let m = Machine::start(p, fds, config.dirty_tracking, console, None)?;
-        debug!(elapsed_us = t0.elapsed().as_micros() as u64, "machine booted");
+        debug!(
+            elapsed_us = t0.elapsed().as_micros() as u64,
+            "machine booted"
+        );
         Ok(m)
     }
 
@@ -308,7 +357,9 @@ impl Machine {
         dirty_tracking: bool,
         kvm_device: &Path,
     ) -> Result<Machine, MachineError> {
-        state.validate().map_err(|e| MachineError::Config(e.to_string()))?;
+        state
+            .validate()
+            .map_err(|e| MachineError::Config(e.to_string()))?;
         let p = open_vm(kvm_device, state.memory_size())?;
         fill(&p.mem).map_err(|e| MachineError::Os("filling guest memory", e))?;
         // Writes done by the restore itself are not guest changes.
@@ -316,15 +367,24 @@ impl Machine {
         memory::drain_vmm_writes(&p.mem, &mut scratch);
         // VM-wide state first: irqchip, PIT, clock.
         for chip in [&state.vm.pic_master, &state.vm.pic_slave, &state.vm.ioapic] {
-            p.vm.set_irqchip(chip).map_err(kvm_err("restoring the irqchip"))?;
+            p.vm.set_irqchip(chip)
+                .map_err(kvm_err("restoring the irqchip"))?;
         }
-        p.vm.set_pit2(&state.vm.pit).map_err(kvm_err("restoring the PIT"))?;
-        let clock = kvm_clock_data { clock: state.vm.clock.clock, flags: 0, ..Default::default() };
-        p.vm.set_clock(&clock).map_err(kvm_err("restoring kvmclock"))?;
+        p.vm.set_pit2(&state.vm.pit)
+            .map_err(kvm_err("restoring the PIT"))?;
+        let clock = kvm_clock_data {
+            clock: state.vm.clock.clock,
+            flags: 0,
+            ..Default::default()
+        };
+        p.vm.set_clock(&clock)
+            .map_err(kvm_err("restoring kvmclock"))?;
         let mut fds = Vec::new();
         for (i, s) in state.vcpus.iter().enumerate() {
             let i = i as u32;
-            let fd = p.vm.create_vcpu(i as u64).map_err(|e| VcpuError::Create(i, e))?;
+            let fd =
+                p.vm.create_vcpu(i as u64)
+                    .map_err(|e| VcpuError::Create(i, e))?;
             vcpu::restore(&fd, i, s)?;
             fds.push(fd);
         }
@@ -339,12 +399,18 @@ impl Machine {
         console: Console,
         state: Option<&MachineState>,
     ) -> Result<Machine, MachineError> {
-        vcpu::install_kick_handler().map_err(|e| MachineError::Os("installing the vCPU kick signal handler", e))?;
+        vcpu::install_kick_handler()
+            .map_err(|e| MachineError::Os("installing the vCPU kick signal handler", e))?;
         let slots = slots_of(&p.mem);
         register_slots(&p.vm, &slots, tracking)?;
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| MachineError::Os("creating an eventfd", e))?;
-        p.vm.register_irqfd(&evt, COM1_GSI).map_err(kvm_err("registering the serial irqfd"))?;
-        let trigger = IrqTrigger(evt.try_clone().map_err(|e| MachineError::Os("cloning an eventfd", e))?);
+        let evt = EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| MachineError::Os("creating an eventfd", e))?;
+        p.vm.register_irqfd(&evt, COM1_GSI)
+            .map_err(kvm_err("registering the serial irqfd"))?;
+        let trigger = IrqTrigger(
+            evt.try_clone()
+                .map_err(|e| MachineError::Os("cloning an eventfd", e))?,
+        );
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             trigger,
             console.writer(),
@@ -369,7 +435,10 @@ impl Machine {
                 .name(format!("vcpu{i}"))
                 .spawn(move || t.run())
                 .map_err(|e| MachineError::Os("spawning a vCPU thread", e))?;
-            vcpus.push(VcpuHandle { thread: Some(thread), requests: req_tx });
+            vcpus.push(VcpuHandle {
+                thread: Some(thread),
+                requests: req_tx,
+            });
         }
         let frames = memory::frame_limit(&p.mem);
         Ok(Machine {
@@ -420,7 +489,9 @@ impl Machine {
             return Ok(Duration::ZERO);
         }
         let t0 = Instant::now();
-        self.shared.pause.store(true, std::sync::atomic::Ordering::Release);
+        self.shared
+            .pause
+            .store(true, std::sync::atomic::Ordering::Release);
         for v in &self.vcpus {
             if let Some(t) = &v.thread {
                 // A failed kill means the thread has already exited; that is
@@ -441,9 +512,13 @@ impl Machine {
                     self.exited = Some(r.clone());
                     return Err(MachineError::Exited(r));
                 }
-                Err(RecvTimeoutError::Timeout) => return Err(MachineError::PauseTimeout(PAUSE_TIMEOUT)),
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(MachineError::PauseTimeout(PAUSE_TIMEOUT))
+                }
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(MachineError::Exited(ExitReason::Error("vCPU threads vanished".into())))
+                    return Err(MachineError::Exited(ExitReason::Error(
+                        "vCPU threads vanished".into(),
+                    )))
                 }
             }
         }
@@ -458,7 +533,9 @@ impl Machine {
             return Ok(());
         }
         // Clear the flag before waking the threads, or they would pause again.
-        self.shared.pause.store(false, std::sync::atomic::Ordering::Release);
+        self.shared
+            .pause
+            .store(false, std::sync::atomic::Ordering::Release);
         for v in &self.vcpus {
             let _ = v.requests.send(Request::Resume);
         }
@@ -481,9 +558,11 @@ impl Machine {
         let vm = self.capture_vm()?;
         let mut vcpus: Vec<VcpuState> = Vec::new();
         for rx in replies {
-            let s = rx
-                .recv_timeout(PAUSE_TIMEOUT)
-                .map_err(|_| MachineError::Exited(ExitReason::Error("vCPU did not answer a capture request".into())))??;
+            let s = rx.recv_timeout(PAUSE_TIMEOUT).map_err(|_| {
+                MachineError::Exited(ExitReason::Error(
+                    "vCPU did not answer a capture request".into(),
+                ))
+            })??;
             vcpus.push(s);
         }
         let serial = self.serial.lock().expect("serial lock").regs();
@@ -498,8 +577,13 @@ impl Machine {
 
     fn capture_vm(&self) -> Result<VmState, MachineError> {
         let chip = |id| -> Result<kvm_irqchip, MachineError> {
-            let mut c = kvm_irqchip { chip_id: id, ..Default::default() };
-            self.vm.get_irqchip(&mut c).map_err(kvm_err("reading the irqchip"))?;
+            let mut c = kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            self.vm
+                .get_irqchip(&mut c)
+                .map_err(kvm_err("reading the irqchip"))?;
             Ok(c)
         };
         Ok(VmState {
@@ -549,7 +633,9 @@ impl Machine {
         }
         memory::drain_vmm_writes(&self.mem, &mut self.pending_dirty);
         let fresh = vec![0u64; self.pending_dirty.len()];
-        Ok(DirtyPages { bitmap: std::mem::replace(&mut self.pending_dirty, fresh) })
+        Ok(DirtyPages {
+            bitmap: std::mem::replace(&mut self.pending_dirty, fresh),
+        })
     }
 
     /// Waits up to `timeout` for the guest to stop by itself (shutdown or an
@@ -571,7 +657,9 @@ impl Machine {
 
     /// Stops the vCPU threads and waits for them.
     pub fn stop(&mut self) {
-        self.shared.exit.store(true, std::sync::atomic::Ordering::Release);
+        self.shared
+            .exit
+            .store(true, std::sync::atomic::Ordering::Release);
         for v in &self.vcpus {
             let _ = v.requests.send(Request::Exit);
             if let Some(t) = &v.thread {

@@ -37,7 +37,7 @@ pub enum MemoryError {
 
 /// The regions (guest address, size) of a guest with `size` bytes of RAM.
 pub fn layout(size: u64) -> Result<Vec<(GuestAddress, usize)>, MemoryError> {
-    if !(MIN_MEM..=MAX_MEM).contains(&size) || size % PAGE_SIZE != 0 {
+    if !(MIN_MEM..=MAX_MEM).contains(&size) || !size.is_multiple_of(PAGE_SIZE) {
         return Err(MemoryError::BadSize(size));
     }
     let low = size.min(MMIO_HOLE_START);
@@ -187,13 +187,17 @@ mod tests {
         assert_eq!(l[0], (GuestAddress(0), MMIO_HOLE_START as usize));
         assert_eq!(l[1], (GuestAddress(HIGH_RAM_START), (1 << 30) as usize));
         assert!(matches!(layout(1 << 20), Err(MemoryError::BadSize(_))));
-        assert!(matches!(layout((64 << 20) + 1), Err(MemoryError::BadSize(_))));
+        assert!(matches!(
+            layout((64 << 20) + 1),
+            Err(MemoryError::BadSize(_))
+        ));
     }
 
     #[test]
     fn vmm_writes_are_recorded_and_drained_once() {
         let mem = create(4 << 30).unwrap();
-        mem.write_slice(&[1u8; 10], GuestAddress(0x5000 - 4)).unwrap();
+        mem.write_slice(&[1u8; 10], GuestAddress(0x5000 - 4))
+            .unwrap();
         mem.write_obj(7u64, GuestAddress(HIGH_RAM_START + 3 * PAGE_SIZE))
             .unwrap();
         let mut out = vec![0u64; frame_limit(&mem).div_ceil(64) as usize];

@@ -14,7 +14,7 @@ const IA32_MCG_CTL: u32 = 0x17B;
 
 /// (first MSR, count) of each serializable range.
 const SERIALIZABLE: &[(u32, u32)] = &[
-    (0x0, 2),          // P5_MC_ADDR, P5_MC_TYPE
+    (0x0, 2), // P5_MC_ADDR, P5_MC_TYPE
     (IA32_TSC, 1),
     (0x17, 1),         // PLATFORM_ID
     (0x1B, 1),         // APIC_BASE
@@ -54,12 +54,12 @@ const SERIALIZABLE: &[(u32, u32)] = &[
     (0x61B, 2),        // DRAM_PERF_STATUS, DRAM_POWER_INFO
     (0x648, 5),        // CONFIG_TDP_*, TURBO_ACTIVATION_RATIO
     (IA32_TSC_DEADLINE, 1),
-    (0x800, 0x400),    // x2APIC
-    (0x4B56_4D00, 7),  // KVM paravirtual MSRs
-    (0xC000_0080, 5),  // EFER, STAR, LSTAR, CSTAR, SYSCALL_MASK
-    (0xC000_0100, 4),  // FS_BASE, GS_BASE, KERNEL_GS_BASE, TSC_AUX
-    (0x140, 1),        // MISC_FEATURES_ENABLES
-    (0xC001_0015, 1),  // K7_HWCR
+    (0x800, 0x400),   // x2APIC
+    (0x4B56_4D00, 7), // KVM paravirtual MSRs
+    (0xC000_0080, 5), // EFER, STAR, LSTAR, CSTAR, SYSCALL_MASK
+    (0xC000_0100, 4), // FS_BASE, GS_BASE, KERNEL_GS_BASE, TSC_AUX
+    (0x140, 1),       // MISC_FEATURES_ENABLES
+    (0xC001_0015, 1), // K7_HWCR
 ];
 
 /// Whether MSR `index` belongs in a vCPU's saved state.
@@ -72,7 +72,11 @@ pub fn should_save(index: u32) -> bool {
 
 /// The MSRs to save, from KVM's index list: filtered and sorted.
 pub fn to_save(kvm_list: &[u32]) -> Vec<u32> {
-    let mut v: Vec<u32> = kvm_list.iter().copied().filter(|&i| should_save(i)).collect();
+    let mut v: Vec<u32> = kvm_list
+        .iter()
+        .copied()
+        .filter(|&i| should_save(i))
+        .collect();
     v.sort_unstable();
     v.dedup();
     v
@@ -84,7 +88,14 @@ mod tests {
 
     #[test]
     fn filters_and_orders() {
-        let got = to_save(&[IA32_TSC_DEADLINE, 0xC000_0080, IA32_MCG_CTL, 0x38F, IA32_TSC, 0x1B]);
+        let got = to_save(&[
+            IA32_TSC_DEADLINE,
+            0xC000_0080,
+            IA32_MCG_CTL,
+            0x38F,
+            IA32_TSC,
+            0x1B,
+        ]);
         assert_eq!(got, vec![IA32_TSC, 0x1B, IA32_TSC_DEADLINE, 0xC000_0080]);
     }
 }

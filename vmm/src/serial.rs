@@ -28,7 +28,9 @@ pub struct SerialDevice(Serial<IrqTrigger, NoEvents, ConsoleWriter>);
 
 /// The register offset of `port` if it belongs to COM1.
 pub fn port_offset(port: u16) -> Option<u8> {
-    (COM1_BASE..COM1_BASE + 8).contains(&port).then(|| (port - COM1_BASE) as u8)
+    (COM1_BASE..COM1_BASE + 8)
+        .contains(&port)
+        .then(|| (port - COM1_BASE) as u8)
 }
 
 impl SerialDevice {
@@ -51,9 +53,8 @@ impl SerialDevice {
                 // from_state only fails when the input buffer is over-long,
                 // which MachineState::validate refuses beforehand.
                 SerialDevice(
-                    Serial::from_state(&state, trigger, NoEvents, out).unwrap_or_else(|_| {
-                        unreachable!("serial state validated before restore")
-                    }),
+                    Serial::from_state(&state, trigger, NoEvents, out)
+                        .unwrap_or_else(|_| unreachable!("serial state validated before restore")),
                 )
             }
         }

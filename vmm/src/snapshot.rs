@@ -33,7 +33,9 @@ pub enum SnapshotError {
         err: std::io::Error,
     },
     /// The directory has no state file.
-    #[error("{0} is not a castor snapshot (no {STATE_FILE}); take one with `castor run --snapshot-at`")]
+    #[error(
+        "{0} is not a castor snapshot (no {STATE_FILE}); take one with `castor run --snapshot-at`"
+    )]
     NotASnapshot(PathBuf),
     /// The state file is damaged.
     #[error("{path}: {err}")]
@@ -59,7 +61,10 @@ pub enum SnapshotError {
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
-    move |err| SnapshotError::Io { path: path.to_path_buf(), err }
+    move |err| SnapshotError::Io {
+        path: path.to_path_buf(),
+        err,
+    }
 }
 
 /// Writes `state` and the contents of `mem` into `dir` (created if missing).
@@ -106,7 +111,11 @@ pub fn read_state(dir: &Path) -> Result<MachineState, SnapshotError> {
     let mem_path = dir.join(MEMORY_FILE);
     let found = fs::metadata(&mem_path).map_err(io(&mem_path))?.len();
     if found != state.memory_size() {
-        return Err(SnapshotError::MemorySize { path: mem_path, found, expected: state.memory_size() });
+        return Err(SnapshotError::MemorySize {
+            path: mem_path,
+            found,
+            expected: state.memory_size(),
+        });
     }
     Ok(state)
 }

@@ -146,13 +146,17 @@ pub enum StateError {
     #[error("not a castor machine state (bad magic)")]
     BadMagic,
     /// A version this castor does not read.
-    #[error("machine state format version {0} is not supported (this castor reads version {VERSION})")]
+    #[error(
+        "machine state format version {0} is not supported (this castor reads version {VERSION})"
+    )]
     UnsupportedVersion(u32),
     /// Payload larger than the limit.
     #[error("machine state payload of {0} bytes exceeds the limit of {MAX_PAYLOAD}")]
     TooLarge(u64),
     /// Fewer or more bytes than the header says.
-    #[error("machine state truncated or padded: header says {expected} payload bytes, found {found}")]
+    #[error(
+        "machine state truncated or padded: header says {expected} payload bytes, found {found}"
+    )]
     LengthMismatch {
         /// From the header.
         expected: u64,
@@ -180,7 +184,10 @@ impl std::fmt::Debug for MachineState {
         f.debug_struct("MachineState")
             .field("memory", &self.memory)
             .field("vcpus", &self.vcpus.len())
-            .field("rips", &self.vcpus.iter().map(|v| v.regs.rip).collect::<Vec<_>>())
+            .field(
+                "rips",
+                &self.vcpus.iter().map(|v| v.regs.rip).collect::<Vec<_>>(),
+            )
             .field("serial", &self.serial)
             .field("console_offset", &self.console_offset)
             .finish_non_exhaustive()
@@ -234,7 +241,10 @@ impl MachineState {
         let (state, rest): (MachineState, _) =
             postcard::take_from_bytes(payload).map_err(|e| StateError::Malformed(e.to_string()))?;
         if !rest.is_empty() {
-            return Err(StateError::Malformed(format!("{} trailing bytes", rest.len())));
+            return Err(StateError::Malformed(format!(
+                "{} trailing bytes",
+                rest.len()
+            )));
         }
         state.validate()?;
         Ok(state)
@@ -244,23 +254,41 @@ impl MachineState {
     pub fn validate(&self) -> Result<(), StateError> {
         let bad = |s: String| Err(StateError::Invalid(s));
         if self.vcpus.is_empty() || self.vcpus.len() > MAX_VCPUS {
-            return bad(format!("{} vCPUs (1..={MAX_VCPUS} supported)", self.vcpus.len()));
+            return bad(format!(
+                "{} vCPUs (1..={MAX_VCPUS} supported)",
+                self.vcpus.len()
+            ));
         }
         if self.memory.is_empty() || self.memory.len() > 2 {
             return bad(format!("{} memory regions", self.memory.len()));
         }
         let size: u64 = self.memory.iter().map(|r| r.1).sum();
         match crate::memory::layout(size) {
-            Ok(l) if l.iter().map(|(a, s)| (a.0, *s as u64)).eq(self.memory.iter().copied()) => {}
-            _ => return bad(format!("memory regions {:x?} are not castor's layout", self.memory)),
+            Ok(l)
+                if l.iter()
+                    .map(|(a, s)| (a.0, *s as u64))
+                    .eq(self.memory.iter().copied()) => {}
+            _ => {
+                return bad(format!(
+                    "memory regions {:x?} are not castor's layout",
+                    self.memory
+                ))
+            }
         }
         for (i, v) in self.vcpus.iter().enumerate() {
             if v.msrs.len() > 2048 || v.cpuid.len() > 512 {
-                return bad(format!("vCPU {i}: {} MSRs, {} CPUID entries", v.msrs.len(), v.cpuid.len()));
+                return bad(format!(
+                    "vCPU {i}: {} MSRs, {} CPUID entries",
+                    v.msrs.len(),
+                    v.cpuid.len()
+                ));
             }
         }
         if self.serial.in_buffer.len() > 64 {
-            return bad(format!("serial input buffer of {} bytes", self.serial.in_buffer.len()));
+            return bad(format!(
+                "serial input buffer of {} bytes",
+                self.serial.in_buffer.len()
+            ));
         }
         Ok(())
     }
@@ -281,22 +309,50 @@ pub(crate) mod tests {
             memory: vec![(0, 64 << 20)],
             vcpus: vec![sample_vcpu(), sample_vcpu()],
             vm: sample_vm(),
-            serial: SerialRegs { line_control: 3, in_buffer: vec![1, 2], ..Default::default() },
+            serial: SerialRegs {
+                line_control: 3,
+                in_buffer: vec![1, 2],
+                ..Default::default()
+            },
             console_offset: 4242,
         }
     }
 
     fn sample_vcpu() -> VcpuState {
         let mut v = VcpuState {
-            cpuid: vec![kvm_cpuid_entry2 { function: 1, eax: 0x806f8, ..Default::default() }],
+            cpuid: vec![kvm_cpuid_entry2 {
+                function: 1,
+                eax: 0x806f8,
+                ..Default::default()
+            }],
             mp_state: kvm_mp_state { mp_state: 3 },
-            regs: kvm_regs { rip: 0x1234, rax: 7, rflags: 2, ..Default::default() },
-            sregs: kvm_sregs { cr0: 0x80050033, efer: 0x500, apic_base: 0xfee00900, ..Default::default() },
+            regs: kvm_regs {
+                rip: 0x1234,
+                rax: 7,
+                rflags: 2,
+                ..Default::default()
+            },
+            sregs: kvm_sregs {
+                cr0: 0x80050033,
+                efer: 0x500,
+                apic_base: 0xfee00900,
+                ..Default::default()
+            },
             xsave: kvm_xsave::default(),
-            xcrs: kvm_xcrs { nr_xcrs: 1, ..Default::default() },
-            debugregs: kvm_debugregs { dr7: 0x400, ..Default::default() },
+            xcrs: kvm_xcrs {
+                nr_xcrs: 1,
+                ..Default::default()
+            },
+            debugregs: kvm_debugregs {
+                dr7: 0x400,
+                ..Default::default()
+            },
             lapic: kvm_lapic_state::default(),
-            msrs: vec![kvm_msr_entry { index: 0x10, data: 99, ..Default::default() }],
+            msrs: vec![kvm_msr_entry {
+                index: 0x10,
+                data: 99,
+                ..Default::default()
+            }],
             events: kvm_vcpu_events::default(),
             tsc_khz: 2_600_000,
         };
@@ -307,15 +363,30 @@ pub(crate) mod tests {
     }
 
     fn sample_vm() -> VmState {
-        let mut pic = kvm_irqchip { chip_id: 0, ..Default::default() };
+        let mut pic = kvm_irqchip {
+            chip_id: 0,
+            ..Default::default()
+        };
         // SAFETY: writing a plain byte array member of a C union we own.
         unsafe { pic.chip.dummy[3] = 9 };
         VmState {
             pic_master: pic,
-            pic_slave: kvm_irqchip { chip_id: 1, ..Default::default() },
-            ioapic: kvm_irqchip { chip_id: 2, ..Default::default() },
-            pit: kvm_pit_state2 { flags: 1, ..Default::default() },
-            clock: kvm_clock_data { clock: 123456, ..Default::default() },
+            pic_slave: kvm_irqchip {
+                chip_id: 1,
+                ..Default::default()
+            },
+            ioapic: kvm_irqchip {
+                chip_id: 2,
+                ..Default::default()
+            },
+            pit: kvm_pit_state2 {
+                flags: 1,
+                ..Default::default()
+            },
+            clock: kvm_clock_data {
+                clock: 123456,
+                ..Default::default()
+            },
         }
     }
 
@@ -350,13 +421,19 @@ pub(crate) mod tests {
     #[test]
     fn refuses_damaged_encodings_with_the_reason() {
         let good = sample().encode();
-        assert_eq!(MachineState::decode(&good[..10]).unwrap_err(), StateError::TruncatedHeader(10));
+        assert_eq!(
+            MachineState::decode(&good[..10]).unwrap_err(),
+            StateError::TruncatedHeader(10)
+        );
         let mut b = good.clone();
         b[0] = b'X';
         assert_eq!(MachineState::decode(&b).unwrap_err(), StateError::BadMagic);
         let mut b = good.clone();
         b[8] = 9;
-        assert_eq!(MachineState::decode(&b).unwrap_err(), StateError::UnsupportedVersion(9));
+        assert_eq!(
+            MachineState::decode(&b).unwrap_err(),
+            StateError::UnsupportedVersion(9)
+        );
         assert!(matches!(
             MachineState::decode(&good[..good.len() - 1]).unwrap_err(),
             StateError::LengthMismatch { .. }
@@ -364,24 +441,39 @@ pub(crate) mod tests {
         let mut b = good.clone();
         let n = b.len();
         b[n - 100] ^= 0x40;
-        assert!(matches!(MachineState::decode(&b).unwrap_err(), StateError::BadChecksum { .. }));
+        assert!(matches!(
+            MachineState::decode(&b).unwrap_err(),
+            StateError::BadChecksum { .. }
+        ));
         let mut b = good.clone();
         b[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
-        assert!(matches!(MachineState::decode(&b).unwrap_err(), StateError::TooLarge(_)));
+        assert!(matches!(
+            MachineState::decode(&b).unwrap_err(),
+            StateError::TooLarge(_)
+        ));
         // A valid frame around a payload that is not a state.
         let payload = vec![0xFFu8; 40];
         let mut b = good[..32].to_vec();
         b[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
         b[24..28].copy_from_slice(&crc32fast::hash(&payload).to_le_bytes());
         b.extend_from_slice(&payload);
-        assert!(matches!(MachineState::decode(&b).unwrap_err(), StateError::Malformed(_)));
+        assert!(matches!(
+            MachineState::decode(&b).unwrap_err(),
+            StateError::Malformed(_)
+        ));
         // Well-formed but inconsistent.
         let mut s = sample();
         s.memory = vec![(0, 12345)];
-        assert!(matches!(MachineState::decode(&s.encode()).unwrap_err(), StateError::Invalid(_)));
+        assert!(matches!(
+            MachineState::decode(&s.encode()).unwrap_err(),
+            StateError::Invalid(_)
+        ));
         let mut s = sample();
         s.vcpus.clear();
-        assert!(matches!(MachineState::decode(&s.encode()).unwrap_err(), StateError::Invalid(_)));
+        assert!(matches!(
+            MachineState::decode(&s.encode()).unwrap_err(),
+            StateError::Invalid(_)
+        ));
     }
 
     #[test]
@@ -397,7 +489,11 @@ pub(crate) mod tests {
                 let pos = (x as usize) % b.len();
                 b[pos] = (x >> 32) as u8;
             }
-            let cut = if i % 3 == 0 { (x as usize >> 8) % b.len() } else { b.len() };
+            let cut = if i % 3 == 0 {
+                (x as usize >> 8) % b.len()
+            } else {
+                b.len()
+            };
             let _ = MachineState::decode(&b[..cut]);
         }
     }

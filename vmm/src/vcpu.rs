@@ -157,17 +157,25 @@ pub(crate) fn cpuid_for(kvm: &Kvm, index: u32, count: u32) -> Result<CpuId, kvm_
 
 /// LAPIC LINT0 as ExtINT and LINT1 as NMI (virtual-wire mode), as a BIOS would.
 pub(crate) fn set_lint(fd: &VcpuFd, index: u32) -> Result<(), VcpuError> {
-    let mut lapic = fd.get_lapic().map_err(|err| VcpuError::Get { index, what: "LAPIC", err })?;
+    let mut lapic = fd.get_lapic().map_err(|err| VcpuError::Get {
+        index,
+        what: "LAPIC",
+        err,
+    })?;
     let reg = |l: &mut kvm_bindings::kvm_lapic_state, off: usize, f: &dyn Fn(u32) -> u32| {
         let b: [u8; 4] = std::array::from_fn(|i| l.regs[off + i] as u8);
         let v = f(u32::from_le_bytes(b)).to_le_bytes();
-        for i in 0..4 {
-            l.regs[off + i] = v[i] as _;
+        for (i, b) in v.into_iter().enumerate() {
+            l.regs[off + i] = b as _;
         }
     };
     reg(&mut lapic, 0x350, &|v| (v & !0x700) | 0x700); // LINT0: ExtINT
     reg(&mut lapic, 0x360, &|v| (v & !0x700) | 0x400); // LINT1: NMI
-    fd.set_lapic(&lapic).map_err(|err| VcpuError::Set { index, what: "LAPIC", err })
+    fd.set_lapic(&lapic).map_err(|err| VcpuError::Set {
+        index,
+        what: "LAPIC",
+        err,
+    })
 }
 
 /// Saves a vCPU's state, in the documented order.
@@ -182,7 +190,10 @@ pub(crate) fn capture(fd: &VcpuFd, index: u32, msr_list: &[u32]) -> Result<VcpuS
     let lapic = fd.get_lapic().map_err(get("LAPIC"))?;
     let entries: Vec<kvm_msr_entry> = msr_list
         .iter()
-        .map(|&i| kvm_msr_entry { index: i, ..Default::default() })
+        .map(|&i| kvm_msr_entry {
+            index: i,
+            ..Default::default()
+        })
         .collect();
     let mut msrs = Msrs::from_entries(&entries).map_err(|_| VcpuError::Fam(index))?;
     let n = fd.get_msrs(&mut msrs).map_err(get("MSRs"))?;
@@ -230,7 +241,8 @@ pub(crate) fn restore(fd: &VcpuFd, index: u32, s: &VcpuState) -> Result<(), Vcpu
     // than its size because castor never enables KVM_CAP_XSAVE2.
     unsafe { fd.set_xsave(&s.xsave) }.map_err(set("xsave"))?;
     fd.set_xcrs(&s.xcrs).map_err(set("xcrs"))?;
-    fd.set_debug_regs(&s.debugregs).map_err(set("debug registers"))?;
+    fd.set_debug_regs(&s.debugregs)
+        .map_err(set("debug registers"))?;
     fd.set_lapic(&s.lapic).map_err(set("LAPIC"))?;
     let msrs = Msrs::from_entries(&s.msrs).map_err(|_| VcpuError::Fam(index))?;
     let n = fd.set_msrs(&msrs).map_err(set("MSRs"))?;
@@ -254,8 +266,14 @@ pub(crate) fn restore(fd: &VcpuFd, index: u32, s: &VcpuState) -> Result<(), Vcpu
 
 /// Marks vCPU `index` runnable (KVM leaves APs waiting for a SIPI).
 pub(crate) fn make_runnable(fd: &VcpuFd, index: u32) -> Result<(), VcpuError> {
-    fd.set_mp_state(kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE })
-        .map_err(|err| VcpuError::Set { index, what: "MP state", err })
+    fd.set_mp_state(kvm_mp_state {
+        mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+    })
+    .map_err(|err| VcpuError::Set {
+        index,
+        what: "MP state",
+        err,
+    })
 }
 
 pub(crate) struct VcpuThread {
@@ -285,7 +303,8 @@ impl VcpuThread {
 
     fn run_loop(&mut self) -> ExitReason {
         loop {
-            if self.shared.pause.load(Ordering::Acquire) || self.shared.exit.load(Ordering::Acquire) {
+            if self.shared.pause.load(Ordering::Acquire) || self.shared.exit.load(Ordering::Acquire)
+            {
                 if let Some(r) = self.park() {
                     return r;
                 }
@@ -293,7 +312,9 @@ impl VcpuThread {
             }
             match self.fd.run() {
                 Ok(exit) => {
-                    if let Flow::Exit(r) = handle_exit(exit, self.index, &self.serial, &self.console) {
+                    if let Flow::Exit(r) =
+                        handle_exit(exit, self.index, &self.serial, &self.console)
+                    {
                         return r;
                     }
                 }
@@ -313,14 +334,19 @@ impl VcpuThread {
                 Err(e) if e.errno() == libc::EINTR => break,
                 Err(e) if e.errno() == libc::EAGAIN => {}
                 Ok(exit) => {
-                    if let Flow::Exit(r) = handle_exit(exit, self.index, &self.serial, &self.console) {
+                    if let Flow::Exit(r) =
+                        handle_exit(exit, self.index, &self.serial, &self.console)
+                    {
                         self.fd.set_kvm_immediate_exit(0);
                         return Some(r);
                     }
                 }
                 Err(e) => {
                     self.fd.set_kvm_immediate_exit(0);
-                    return Some(ExitReason::Error(format!("vCPU {}: KVM_RUN: {e}", self.index)));
+                    return Some(ExitReason::Error(format!(
+                        "vCPU {}: KVM_RUN: {e}",
+                        self.index
+                    )));
                 }
             }
         }
@@ -343,7 +369,12 @@ impl VcpuThread {
     }
 }
 
-fn handle_exit(exit: VcpuExit<'_>, index: u32, serial: &Mutex<SerialDevice>, console: &Console) -> Flow {
+fn handle_exit(
+    exit: VcpuExit<'_>,
+    index: u32,
+    serial: &Mutex<SerialDevice>,
+    console: &Console,
+) -> Flow {
     match exit {
         VcpuExit::IoOut(port, data) => {
             if let Some(off) = crate::serial::port_offset(port) {
@@ -379,12 +410,14 @@ fn handle_exit(exit: VcpuExit<'_>, index: u32, serial: &Mutex<SerialDevice>, con
         VcpuExit::FailEntry(reason, cpu) => Flow::Exit(ExitReason::Error(format!(
             "vCPU {index}: KVM entry failed (reason {reason:#x}, cpu {cpu})"
         ))),
-        VcpuExit::InternalError => {
-            Flow::Exit(ExitReason::Error(format!("vCPU {index}: KVM internal error (an instruction kvm_pvm cannot emulate?)")))
-        }
+        VcpuExit::InternalError => Flow::Exit(ExitReason::Error(format!(
+            "vCPU {index}: KVM internal error (an instruction kvm_pvm cannot emulate?)"
+        ))),
         other => {
             warn!(index, "unexpected vCPU exit: {other:?}");
-            Flow::Exit(ExitReason::Error(format!("vCPU {index}: unexpected exit {other:?}")))
+            Flow::Exit(ExitReason::Error(format!(
+                "vCPU {index}: unexpected exit {other:?}"
+            )))
         }
     }
 }

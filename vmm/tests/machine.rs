@@ -36,7 +36,11 @@ fn copy_ram(mem: &GuestMem) -> Vec<(u64, Vec<u8>)> {
 fn changed_frames(a: &[(u64, Vec<u8>)], b: &[(u64, Vec<u8>)]) -> Vec<u64> {
     let mut out = Vec::new();
     for ((base, x), (_, y)) in a.iter().zip(b) {
-        for (i, (p, q)) in x.chunks(PAGE_SIZE as usize).zip(y.chunks(PAGE_SIZE as usize)).enumerate() {
+        for (i, (p, q)) in x
+            .chunks(PAGE_SIZE as usize)
+            .zip(y.chunks(PAGE_SIZE as usize))
+            .enumerate()
+        {
             if p != q {
                 out.push(base / PAGE_SIZE + i as u64);
             }
@@ -46,7 +50,10 @@ fn changed_frames(a: &[(u64, Vec<u8>)], b: &[(u64, Vec<u8>)]) -> Vec<u64> {
 }
 
 fn lines(sink: &MemorySink) -> Vec<Progress> {
-    String::from_utf8_lossy(&sink.contents()).lines().filter_map(Progress::parse).collect()
+    String::from_utf8_lossy(&sink.contents())
+        .lines()
+        .filter_map(Progress::parse)
+        .collect()
 }
 
 #[test]
@@ -64,23 +71,37 @@ fn harvest_contains_every_page_the_guest_or_the_vmm_changed() {
         m.pause().unwrap();
         // castor's own write into guest memory during the pause
         let vmm_frame = 0x9_0000 / PAGE_SIZE + epoch;
-        m.memory().write_obj(0xC0FFEE_u64 + epoch, GuestAddress(vmm_frame * PAGE_SIZE)).unwrap();
+        m.memory()
+            .write_obj(0xC0FFEE_u64 + epoch, GuestAddress(vmm_frame * PAGE_SIZE))
+            .unwrap();
         let dirty = m.harvest_dirty().unwrap();
         let after = copy_ram(m.memory());
         let changed = changed_frames(&before, &after);
         for f in &changed {
-            assert!(dirty.contains(*f), "epoch {epoch}: frame {f:#x} changed but was not harvested");
+            assert!(
+                dirty.contains(*f),
+                "epoch {epoch}: frame {f:#x} changed but was not harvested"
+            );
         }
-        assert!(dirty.contains(vmm_frame), "epoch {epoch}: the VMM's own write was not harvested");
+        assert!(
+            dirty.contains(vmm_frame),
+            "epoch {epoch}: the VMM's own write was not harvested"
+        );
         total_changed += changed.len();
         before = after;
     }
-    assert!(total_changed > 500, "the workload changed only {total_changed} pages");
+    assert!(
+        total_changed > 500,
+        "the workload changed only {total_changed} pages"
+    );
     // Nothing runs while paused: a second harvest is empty.
     assert_eq!(m.harvest_dirty().unwrap().count(), 0);
     m.stop();
     let p = lines(&sink);
-    assert!(p.iter().any(|l| l.cpu == 1 && l.ops > 0), "both vCPUs ran the workload");
+    assert!(
+        p.iter().any(|l| l.cpu == 1 && l.ops > 0),
+        "both vCPUs ran the workload"
+    );
 }
 
 #[test]
@@ -93,15 +114,26 @@ fn dirty_tracking_can_be_switched_off_and_on() {
     std::thread::sleep(Duration::from_millis(100));
     m.pause().unwrap();
     let d = m.harvest_dirty().unwrap();
-    assert!(d.count() > 50, "only {} dirty pages after turning tracking on", d.count());
+    assert!(
+        d.count() > 50,
+        "only {} dirty pages after turning tracking on",
+        d.count()
+    );
     m.stop();
 }
 
 fn assert_continuous(stream: &[Progress], vcpus: u32, from_seq: &[u64]) {
     for cpu in 0..vcpus {
-        let seqs: Vec<u64> = stream.iter().filter(|p| p.cpu == cpu).map(|p| p.seq).collect();
+        let seqs: Vec<u64> = stream
+            .iter()
+            .filter(|p| p.cpu == cpu)
+            .map(|p| p.seq)
+            .collect();
         assert!(!seqs.is_empty(), "no lines from vCPU {cpu}");
-        assert_eq!(seqs[0], from_seq[cpu as usize], "vCPU {cpu} first sequence number");
+        assert_eq!(
+            seqs[0], from_seq[cpu as usize],
+            "vCPU {cpu} first sequence number"
+        );
         for w in seqs.windows(2) {
             assert_eq!(w[1], w[0] + 1, "vCPU {cpu}: gap or repeat in {seqs:?}");
         }
@@ -128,7 +160,8 @@ fn restore_continues(workload: &str) {
         &state,
         |mem| {
             for (base, bytes) in &ram {
-                mem.write_slice(bytes, GuestAddress(*base)).map_err(std::io::Error::other)?;
+                mem.write_slice(bytes, GuestAddress(*base))
+                    .map_err(std::io::Error::other)?;
             }
             Ok(())
         },
@@ -139,15 +172,33 @@ fn restore_continues(workload: &str) {
     .unwrap();
     std::thread::sleep(Duration::from_millis(600));
     r.stop();
-    let before: Vec<Progress> = String::from_utf8_lossy(&first).lines().filter_map(Progress::parse).collect();
+    let before: Vec<Progress> = String::from_utf8_lossy(&first)
+        .lines()
+        .filter_map(Progress::parse)
+        .collect();
     let mut all = first;
     all.extend_from_slice(&sink2.contents());
-    let stream: Vec<Progress> = String::from_utf8_lossy(&all).lines().filter_map(Progress::parse).collect();
+    let stream: Vec<Progress> = String::from_utf8_lossy(&all)
+        .lines()
+        .filter_map(Progress::parse)
+        .collect();
     assert_continuous(&stream, 2, &[1, 1]);
     for cpu in 0..2 {
-        let last_before = before.iter().filter(|p| p.cpu == cpu).map(|p| p.seq).max().unwrap_or(0);
-        let after: Vec<&Progress> = stream.iter().filter(|p| p.cpu == cpu && p.seq > last_before + 1).collect();
-        assert!(after.len() >= 5, "vCPU {cpu}: only {} lines after the restore", after.len());
+        let last_before = before
+            .iter()
+            .filter(|p| p.cpu == cpu)
+            .map(|p| p.seq)
+            .max()
+            .unwrap_or(0);
+        let after: Vec<&Progress> = stream
+            .iter()
+            .filter(|p| p.cpu == cpu && p.seq > last_before + 1)
+            .collect();
+        assert!(
+            after.len() >= 5,
+            "vCPU {cpu}: only {} lines after the restore",
+            after.len()
+        );
     }
 }
 
