@@ -50,7 +50,9 @@ fn us(d: Duration) -> f64 {
 }
 
 fn startup() {
-    println!("## Start-up: Machine::boot to the first console byte (castor's guest, 1 GiB, 1 vCPU)\n");
+    println!(
+        "## Start-up: Machine::boot to the first console byte (castor's guest, 1 GiB, 1 vCPU)\n"
+    );
     let mut v = Vec::new();
     for _ in 0..5 {
         let sink = MemorySink::default();
@@ -109,7 +111,9 @@ fn epochs(workload: &str, n: usize) -> EpochFigures {
         // after resuming, so it does not stretch this pause).
         let c0 = Instant::now();
         for fr in d.frames() {
-            m.memory().read_slice(&mut staging, GuestAddress(fr * 4096)).unwrap();
+            m.memory()
+                .read_slice(&mut staging, GuestAddress(fr * 4096))
+                .unwrap();
         }
         f.copy.push(us(c0.elapsed()));
         f.pause.push(us(t1 - t0));
@@ -124,7 +128,10 @@ fn epochs(workload: &str, n: usize) -> EpochFigures {
 }
 
 fn pause_table(n: usize) {
-    println!("## Checkpoint pause, 1 GiB guest, 1 vCPU, {} ms epochs, {n} epochs each (µs)\n", EPOCH.as_millis());
+    println!(
+        "## Checkpoint pause, 1 GiB guest, 1 vCPU, {} ms epochs, {n} epochs each (µs)\n",
+        EPOCH.as_millis()
+    );
     println!("pause = all vCPUs out of KVM_RUN; harvest = KVM dirty log + castor's own writes; capture = vCPU + VM + device state; total = pause → resume. copy = memcpy of the dirty pages (not in total; a Remus-style pause adds it).\n");
     println!("| workload | dirty pages p50 | pause p50/p99 | harvest p50/p99 | capture p50/p99 | resume p50/p99 | **total p50/p99** | copy p50/p99 |");
     println!("|---|---|---|---|---|---|---|---|");
@@ -177,7 +184,8 @@ fn restore_table() {
             |mem| {
                 let f0 = Instant::now();
                 for (base, bytes) in &ram {
-                    mem.write_slice(bytes, GuestAddress(*base)).map_err(std::io::Error::other)?;
+                    mem.write_slice(bytes, GuestAddress(*base))
+                        .map_err(std::io::Error::other)?;
                 }
                 fill_time = f0.elapsed();
                 Ok(())
@@ -193,7 +201,12 @@ fn restore_table() {
     }
     let mut kvm_only: Vec<f64> = total.iter().zip(&fill).map(|(t, f)| t - f).collect();
     println!("| restore total p50 ms | of which RAM fill (1 GiB copy) p50 ms | KVM restore (VM, vCPUs, state) p50 ms |\n|---|---|---|");
-    println!("| {:.1} | {:.1} | {:.1} |\n", pct(&mut total, 0.5), pct(&mut fill, 0.5), pct(&mut kvm_only, 0.5));
+    println!(
+        "| {:.1} | {:.1} | {:.1} |\n",
+        pct(&mut total, 0.5),
+        pct(&mut fill, 0.5),
+        pct(&mut kvm_only, 0.5)
+    );
 }
 
 /// Guest operations per second over `secs`, from its progress lines.
@@ -220,9 +233,14 @@ fn throughput(workload: &str, mode: &str, secs: f64) -> f64 {
     }
     m.stop();
     let out = sink.contents();
-    let lines: Vec<Progress> = String::from_utf8_lossy(&out[start..]).lines().filter_map(Progress::parse).collect();
+    let lines: Vec<Progress> = String::from_utf8_lossy(&out[start..])
+        .lines()
+        .filter_map(Progress::parse)
+        .collect();
     match (lines.first(), lines.last()) {
-        (Some(a), Some(b)) if b.t_us > a.t_us => (b.ops - a.ops) as f64 / ((b.t_us - a.t_us) as f64 / 1e6),
+        (Some(a), Some(b)) if b.t_us > a.t_us => {
+            (b.ops - a.ops) as f64 / ((b.t_us - a.t_us) as f64 / 1e6)
+        }
         _ => f64::NAN,
     }
 }
@@ -231,7 +249,10 @@ fn throughput_table() {
     println!("## Guest throughput, 1 GiB, 1 vCPU, unlimited rate, 3 s each (operations/s)\n");
     println!("off = no dirty log; harvest = dirty log harvested every 25 ms while running (the platform's cost of tracking); epochs = pause + harvest + capture + resume every 25 ms.\n");
     println!("| workload | off | harvest | vs off | epochs | vs off |\n|---|---|---|---|---|---|");
-    for (name, w) in [("sparse, 256 MiB", "sparse,rate=0,mib=256"), ("pages, 256 MiB", "pages,rate=0,mib=256")] {
+    for (name, w) in [
+        ("sparse, 256 MiB", "sparse,rate=0,mib=256"),
+        ("pages, 256 MiB", "pages,rate=0,mib=256"),
+    ] {
         let off = throughput(w, "off", 3.0);
         let h = throughput(w, "harvest", 3.0);
         let e = throughput(w, "epochs", 3.0);
@@ -249,8 +270,14 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let n: usize = std::env::var("CASTOR_BENCH_EPOCHS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
-    println!("# castor machine benchmark ({})\n", vmm::KvmKind::detect().describe());
+    let n: usize = std::env::var("CASTOR_BENCH_EPOCHS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    println!(
+        "# castor machine benchmark ({})\n",
+        vmm::KvmKind::detect().describe()
+    );
     startup();
     pause_table(n);
     restore_table();
