@@ -1,0 +1,217 @@
+//! Property tests: whatever the guest writes, in every mode and with any
+//! budget, the applied replica equals the source byte for byte after every
+//! epoch; and damaged epochs are refused with the replica unchanged.
+
+use castor_fgbi::{apply, Config, Encoder, Mode, PAGE_SIZE};
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// 8-byte write at a word offset.
+    Word(usize, u64),
+    /// Page rewritten with fresh pseudo-random data.
+    Fill(usize, u64),
+    /// Page zeroed.
+    Zero(usize),
+    /// A run of bytes copied elsewhere (moved/duplicated content).
+    Copy { src: usize, dst: usize, len: usize },
+    /// A few words changed in every block of a page.
+    Sprinkle(usize, u64),
+}
+
+fn op(pages: usize) -> impl Strategy<Value = Op> {
+    let bytes = pages * PAGE_SIZE;
+    prop_oneof![
+        4 => (0..bytes / 8, any::<u64>()).prop_map(|(w, v)| Op::Word(w, v)),
+        1 => (0..pages, any::<u64>()).prop_map(|(p, s)| Op::Fill(p, s)),
+        1 => (0..pages).prop_map(Op::Zero),
+        2 => (0..bytes, 0..bytes, 1..3000usize).prop_map(|(s, d, l)| Op::Copy { src: s, dst: d, len: l }),
+        1 => (0..pages, any::<u64>()).prop_map(|(p, s)| Op::Sprinkle(p, s)),
+    ]
+}
+
+fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+fn run(mem: &mut [u8], dirty: &mut [bool], o: &Op) {
+    match *o {
+        Op::Word(w, v) => {
+            mem[w * 8..w * 8 + 8].copy_from_slice(&v.to_le_bytes());
+            dirty[w * 8 / PAGE_SIZE] = true;
+        }
+        Op::Fill(p, s) => {
+            let mut s = s | 1;
+            for c in mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].chunks_exact_mut(8) {
+                c.copy_from_slice(&xorshift(&mut s).to_le_bytes());
+            }
+            dirty[p] = true;
+        }
+        Op::Zero(p) => {
+            mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].fill(0);
+            dirty[p] = true;
+        }
+        Op::Copy { src, dst, len } => {
+            let len = len.min(mem.len() - src).min(mem.len() - dst);
+            mem.copy_within(src..src + len, dst);
+            for p in dst / PAGE_SIZE..=(dst + len.max(1) - 1) / PAGE_SIZE {
+                dirty[p] = true;
+            }
+        }
+        Op::Sprinkle(p, s) => {
+            let mut s = s | 1;
+            for b in 0..PAGE_SIZE / 64 {
+                let w = p * PAGE_SIZE / 8 + b * 8 + (xorshift(&mut s) % 8) as usize;
+                mem[w * 8..w * 8 + 8].copy_from_slice(&xorshift(&mut s).to_le_bytes());
+            }
+            dirty[p] = true;
+        }
+    }
+}
+
+fn check(mode: Mode, block_size: usize, budget_pages: u64, pages: usize, epochs: &[Vec<Op>]) {
+    let cfg = Config { mode, block_size, budget_bytes: budget_pages * PAGE_SIZE as u64, key: [7; 32] };
+    let mut enc = Encoder::new(cfg, pages as u64).unwrap();
+    let mut src = vec![0u8; pages * PAGE_SIZE];
+    let mut replica = vec![0u8; pages * PAGE_SIZE];
+    for (e, ops) in epochs.iter().enumerate() {
+        let mut dirty = vec![false; pages];
+        for o in ops {
+            run(&mut src, &mut dirty, o);
+        }
+        let mut out = Vec::new();
+        for (p, _) in dirty.iter().enumerate().filter(|(_, d)| **d) {
+            let page: &[u8; PAGE_SIZE] = src[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].try_into().unwrap();
+            enc.encode_page(p as u64, page, &mut out);
+        }
+        apply(&mut replica, block_size, &out).unwrap_or_else(|err| panic!("{mode} epoch {e}: {err}"));
+        assert!(replica == src, "{mode} bs={block_size} budget={budget_pages}: replica differs after epoch {e}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn replica_equals_source_after_every_epoch(
+        epochs in prop::collection::vec(prop::collection::vec(op(12), 0..24), 1..8),
+        bs in prop::sample::select(vec![64usize, 128, 256, 1024]),
+        budget in prop::sample::select(vec![0u64, 1, 3, 64]),
+    ) {
+        for mode in [Mode::Remus, Mode::Xbzrle, Mode::Fgbi] {
+            check(mode, bs, budget, 12, &epochs);
+        }
+    }
+}
+
+#[test]
+fn moved_content_is_sent_as_references() {
+    let pages = 8;
+    let cfg = Config { mode: Mode::Fgbi, block_size: 64, budget_bytes: 64 * PAGE_SIZE as u64, key: [1; 32] };
+    let mut enc = Encoder::new(cfg, pages).unwrap();
+    let mut src = vec![0u8; pages as usize * PAGE_SIZE];
+    let mut replica = src.clone();
+    let mut s = 99u64;
+    for c in src[..PAGE_SIZE].chunks_exact_mut(8) {
+        c.copy_from_slice(&xorshift(&mut s).to_le_bytes());
+    }
+    let mut out = Vec::new();
+    enc.encode_page(0, src[..PAGE_SIZE].try_into().unwrap(), &mut out);
+    apply(&mut replica, 64, &out).unwrap();
+    // Duplicate page 0 into page 5: every block already exists on the backup.
+    src.copy_within(0..PAGE_SIZE, 5 * PAGE_SIZE);
+    let mut out = Vec::new();
+    enc.encode_page(5, src[5 * PAGE_SIZE..6 * PAGE_SIZE].try_into().unwrap(), &mut out);
+    let stats = apply(&mut replica, 64, &out).unwrap();
+    assert_eq!(replica, src);
+    assert_eq!(stats.ref_blocks, 64);
+    assert!(out.len() < 64 * 6, "{} bytes for a duplicated page", out.len());
+}
+
+fn sample_epoch() -> (Vec<u8>, Vec<u8>) {
+    // An epoch with every record kind, and the replica it applies to.
+    let pages = 6;
+    let cfg = Config { mode: Mode::Fgbi, block_size: 64, budget_bytes: 64 * PAGE_SIZE as u64, key: [3; 32] };
+    let mut enc = Encoder::new(cfg, pages).unwrap();
+    let mut src = vec![0u8; pages as usize * PAGE_SIZE];
+    let mut replica = src.clone();
+    let mut s = 5u64;
+    for c in src[..2 * PAGE_SIZE].chunks_exact_mut(8) {
+        c.copy_from_slice(&xorshift(&mut s).to_le_bytes());
+    }
+    for (i, b) in src[2 * PAGE_SIZE..3 * PAGE_SIZE].iter_mut().enumerate() {
+        *b = b"the quick brown fox "[i % 20];
+    }
+    let mut out = Vec::new();
+    for p in 0..3 {
+        enc.encode_page(p, src[p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE].try_into().unwrap(), &mut out);
+    }
+    apply(&mut replica, 64, &out).unwrap();
+    src[100] ^= 0xFF;
+    src.copy_within(PAGE_SIZE..PAGE_SIZE + 1024, 3 * PAGE_SIZE);
+    src[3 * PAGE_SIZE + 2000] = 1;
+    src[2 * PAGE_SIZE..3 * PAGE_SIZE].fill(0);
+    let mut out = Vec::new();
+    for p in 0..4 {
+        enc.encode_page(p, src[p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE].try_into().unwrap(), &mut out);
+    }
+    (replica, out)
+}
+
+#[test]
+fn hostile_epochs_are_refused_and_leave_the_replica_unchanged() {
+    let (replica, good) = sample_epoch();
+    let mut r = replica.clone();
+    apply(&mut r, 64, &good).unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated raw page", vec![0, 2, 1, 2, 3]),
+        ("page out of range", vec![100, 1]),
+        ("unknown kind", vec![0, 99]),
+        ("huge varint", vec![0xFF; 12]),
+        ("lz4 length beyond limit", vec![0, 3, 0xFF, 0xFF, 0x03]),
+        ("lz4 garbage", vec![0, 3, 4, 0xF0, 0, 0, 0]),
+        ("XOR run past the page", vec![0, 4, 4, 0x80, 0x20, 1, 9]),
+        ("zero block count", vec![0, 5, 0]),
+        ("too many blocks", vec![0, 5, 65]),
+        ("block out of range", vec![0, 5, 1, 64, 0]),
+        ("blocks not increasing", vec![0, 5, 2, 3, 0, 3, 0]),
+        ("ref to a page out of range", vec![0, 5, 1, 0, 2, 77, 0]),
+        ("ref to a block out of range", vec![0, 5, 1, 0, 2, 1, 64]),
+        ("unknown block kind", vec![0, 5, 1, 0, 9]),
+    ];
+    for (what, bad) in cases {
+        // A valid prefix, then the bad record: nothing at all may be applied.
+        let mut epoch = good.clone();
+        epoch.extend_from_slice(&bad);
+        let mut r = replica.clone();
+        assert!(apply(&mut r, 64, &epoch).is_err(), "{what}: accepted");
+        assert!(r == replica, "{what}: replica changed");
+    }
+    let mut r = replica.clone();
+    assert!(apply(&mut r, 48, &good).is_err(), "bad block size accepted");
+    let mut odd = vec![0u8; 100];
+    assert!(apply(&mut odd, 64, &good).is_err());
+}
+
+#[test]
+fn random_damage_never_panics_or_half_applies() {
+    let (replica, good) = sample_epoch();
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    for i in 0..20_000 {
+        let mut e = good.clone();
+        for _ in 0..(i % 5 + 1) {
+            let pos = (xorshift(&mut s) as usize) % e.len();
+            e[pos] = xorshift(&mut s) as u8;
+        }
+        if i % 4 == 0 {
+            e.truncate((xorshift(&mut s) as usize) % e.len());
+        }
+        let mut r = replica.clone();
+        if apply(&mut r, 64, &e).is_err() {
+            assert!(r == replica, "a refused epoch changed the replica");
+        }
+    }
+}
