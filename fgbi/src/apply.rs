@@ -34,7 +34,10 @@ impl<'a> Cursor<'a> {
     fn bytes(&mut self, n: u64, what: &'static str) -> Result<&'a [u8], ApplyError> {
         let n = usize::try_from(n).map_err(|_| ApplyError::Truncated(what))?;
         let end = self.pos.checked_add(n).ok_or(ApplyError::Truncated(what))?;
-        let s = self.buf.get(self.pos..end).ok_or(ApplyError::Truncated(what))?;
+        let s = self
+            .buf
+            .get(self.pos..end)
+            .ok_or(ApplyError::Truncated(what))?;
         self.pos = end;
         Ok(s)
     }
@@ -49,9 +52,13 @@ impl<'a> Cursor<'a> {
 
 /// Applies the records of one epoch to `replica` (the backup's copy of guest
 /// RAM, a whole number of 4 KiB pages). On error the replica is unchanged.
-pub fn apply(replica: &mut [u8], block_size: usize, epoch: &[u8]) -> Result<ApplyStats, ApplyError> {
+pub fn apply(
+    replica: &mut [u8],
+    block_size: usize,
+    epoch: &[u8],
+) -> Result<ApplyStats, ApplyError> {
     check_block_size(block_size)?;
-    if replica.len() % PAGE_SIZE != 0 {
+    if !replica.len().is_multiple_of(PAGE_SIZE) {
         return Err(ApplyError::ReplicaSize(replica.len()));
     }
     let mut scratch = Box::new([0u8; PAGE_SIZE]);
@@ -92,11 +99,17 @@ fn run(
             }
             kind::LZ4_PAGE => {
                 let data = c.sized(2 * PAGE_SIZE as u64, "lz4 page")?;
-                let target: &mut [u8] = if write { &mut replica[at..at + PAGE_SIZE] } else { &mut lz4_out };
+                let target: &mut [u8] = if write {
+                    &mut replica[at..at + PAGE_SIZE]
+                } else {
+                    &mut lz4_out
+                };
                 let n = lz4_flex::block::decompress_into(data, target)
                     .map_err(|_| ApplyError::Malformed("lz4 page does not decode"))?;
                 if n != PAGE_SIZE {
-                    return Err(ApplyError::Malformed("lz4 page does not decode to 4096 bytes"));
+                    return Err(ApplyError::Malformed(
+                        "lz4 page does not decode to 4096 bytes",
+                    ));
                 }
             }
             kind::XOR_PAGE => {
@@ -111,7 +124,9 @@ fn run(
             kind::BLOCKS => {
                 let count = c.varint()?;
                 if count == 0 || count > nblocks {
-                    return Err(ApplyError::Malformed("block count is zero or exceeds the blocks in a page"));
+                    return Err(ApplyError::Malformed(
+                        "block count is zero or exceeds the blocks in a page",
+                    ));
                 }
                 if write {
                     old.copy_from_slice(&replica[at..at + PAGE_SIZE]);
@@ -120,10 +135,15 @@ fn run(
                 for _ in 0..count {
                     let b = c.varint()?;
                     if b >= nblocks {
-                        return Err(ApplyError::BlockOutOfRange { block: b, blocks: nblocks });
+                        return Err(ApplyError::BlockOutOfRange {
+                            block: b,
+                            blocks: nblocks,
+                        });
                     }
                     if b < next {
-                        return Err(ApplyError::Malformed("block indices not strictly increasing"));
+                        return Err(ApplyError::Malformed(
+                            "block indices not strictly increasing",
+                        ));
                     }
                     next = b + 1;
                     let off = at + b as usize * bs;
@@ -146,7 +166,10 @@ fn run(
                                 return Err(ApplyError::PageOutOfRange { page: sp, pages });
                             }
                             if sb >= nblocks {
-                                return Err(ApplyError::BlockOutOfRange { block: sb, blocks: nblocks });
+                                return Err(ApplyError::BlockOutOfRange {
+                                    block: sb,
+                                    blocks: nblocks,
+                                });
                             }
                             stats.ref_blocks += 1;
                             if write {
@@ -167,11 +190,21 @@ fn run(
                                 xor_rle_decode(data, &mut lz4_out[..bs])?;
                             }
                         }
-                        other => return Err(ApplyError::UnknownKind { what: "block", kind: other }),
+                        other => {
+                            return Err(ApplyError::UnknownKind {
+                                what: "block",
+                                kind: other,
+                            })
+                        }
                     }
                 }
             }
-            other => return Err(ApplyError::UnknownKind { what: "record", kind: other }),
+            other => {
+                return Err(ApplyError::UnknownKind {
+                    what: "record",
+                    kind: other,
+                })
+            }
         }
         stats.records += 1;
     }

@@ -52,43 +52,67 @@ pub fn is_zero(buf: &[u8]) -> bool {
     chunks.remainder().iter().all(|&b| b == 0)
 }
 
-#[inline]
+#[inline(always)]
 fn word(b: &[u8], i: usize) -> u64 {
-    u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+    u64::from_ne_bytes(b[i..i + 8].try_into().expect("8 bytes"))
 }
 
-/// Encodes `new` against `old` (same length, a multiple of 8) into `out`.
+/// Whether two 64-byte chunks are equal (branch-free OR of XORs; vectorises).
+#[inline(always)]
+pub fn chunk_eq(a: &[u8; 64], b: &[u8; 64]) -> bool {
+    let mut acc = 0u64;
+    for i in 0..8 {
+        acc |= word(a, i * 8) ^ word(b, i * 8);
+    }
+    acc == 0
+}
+
+/// Encodes `new` against `old` (same length, a multiple of 64) into `out`.
 /// Returns the number of bytes appended. Stops early and returns `None` once
 /// the output would exceed `limit` bytes (the caller then sends something else).
 pub fn xor_rle_encode(old: &[u8], new: &[u8], out: &mut Vec<u8>, limit: usize) -> Option<usize> {
     debug_assert_eq!(old.len(), new.len());
+    debug_assert_eq!(new.len() % 64, 0);
     let start = out.len();
-    let words = new.len() / 8;
-    let mut i = 0; // word index
+    let n = new.len();
+    let (oc, _) = old.as_chunks::<64>();
+    let (nc, _) = new.as_chunks::<64>();
+    let mut i = 0; // byte offset, a multiple of 8
     let mut last_end = 0usize; // byte offset after the previous changed run
-    while i < words {
-        if word(old, i) == word(new, i) {
-            i += 1;
+    while i < n {
+        if i % 64 == 0 && chunk_eq(&oc[i / 64], &nc[i / 64]) {
+            i += 64;
             continue;
         }
-        let first = i;
-        // A run of changed words; a single equal word inside does not end it
-        // (restarting costs two varints, about as much as 8 bytes).
-        while i < words && (word(old, i) != word(new, i) || (i + 1 < words && word(old, i + 1) != word(new, i + 1))) {
-            i += 1;
+        if word(old, i) == word(new, i) {
+            i += 8;
+            continue;
         }
-        let mut s = first * 8;
-        let mut e = i * 8;
+        // A run of changed words; one equal word inside does not end it
+        // (restarting costs two varints, about as much as 8 bytes).
+        let mut e = i + 8;
+        while e < n {
+            if word(old, e) != word(new, e) {
+                e += 8;
+            } else if e + 8 < n && word(old, e + 8) != word(new, e + 8) {
+                e += 16;
+            } else {
+                break;
+            }
+        }
+        let mut s = i;
         while old[s] == new[s] {
             s += 1;
         }
-        while old[e - 1] == new[e - 1] {
-            e -= 1;
+        let mut t = e;
+        while old[t - 1] == new[t - 1] {
+            t -= 1;
         }
         put_varint(out, (s - last_end) as u64);
-        put_varint(out, (e - s) as u64);
-        out.extend_from_slice(&new[s..e]);
-        last_end = e;
+        put_varint(out, (t - s) as u64);
+        out.extend_from_slice(&new[s..t]);
+        last_end = t;
+        i = e;
         if out.len() - start > limit {
             out.truncate(start);
             return None;
@@ -104,16 +128,24 @@ pub fn xor_rle_decode(delta: &[u8], target: &mut [u8]) -> Result<(), ApplyError>
     while pos < delta.len() {
         let skip = get_varint(delta, &mut pos)?;
         let n = get_varint(delta, &mut pos)?;
-        let s = (at as u64).checked_add(skip).ok_or(ApplyError::Malformed("XOR-RLE run overflows"))?;
-        let e = s.checked_add(n).ok_or(ApplyError::Malformed("XOR-RLE run overflows"))?;
+        let s = (at as u64)
+            .checked_add(skip)
+            .ok_or(ApplyError::Malformed("XOR-RLE run overflows"))?;
+        let e = s
+            .checked_add(n)
+            .ok_or(ApplyError::Malformed("XOR-RLE run overflows"))?;
         if e > target.len() as u64 {
-            return Err(ApplyError::Malformed("XOR-RLE run past the end of its target"));
+            return Err(ApplyError::Malformed(
+                "XOR-RLE run past the end of its target",
+            ));
         }
         if n == 0 {
             return Err(ApplyError::Malformed("empty XOR-RLE run"));
         }
         let (s, e) = (s as usize, e as usize);
-        let src = delta.get(pos..pos + (e - s)).ok_or(ApplyError::Truncated("XOR-RLE literal"))?;
+        let src = delta
+            .get(pos..pos + (e - s))
+            .ok_or(ApplyError::Truncated("XOR-RLE literal"))?;
         target[s..e].copy_from_slice(src);
         pos += e - s;
         at = e;
@@ -154,7 +186,9 @@ mod tests {
         assert_eq!(t, new);
         assert_eq!(xor_rle_encode(&old, &old, &mut Vec::new(), 4096), Some(0));
         // Over the limit: nothing appended.
-        let rnd: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let rnd: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let mut d = vec![1, 2];
         assert_eq!(xor_rle_encode(&old, &rnd, &mut d, 100), None);
         assert_eq!(d, vec![1, 2]);

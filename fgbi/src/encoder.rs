@@ -1,13 +1,57 @@
 //! The primary side: what the backup holds, and the smallest record for
 //! each dirty page.
+//!
+//! # Knowledge and the budget
+//! For each page the encoder knows one of: zero, a full copy, the page's
+//! block digests, or nothing. Copies and digest sets share one budget
+//! (measured in units of one digest set, `16 × blocks` bytes; a copy costs
+//! `4096 / (16 × blocks)` units). The number of copies is capped adaptively,
+//! as ARC balances its lists: encoding a page the encoder had forgotten (a
+//! miss) lowers the cap, so more of the budget becomes digests and covers a
+//! larger working set; a digest hit on a page demoted within the last `cap_max`
+//! demotions raises it, since a larger copy cache would have kept that page
+//! and a copy encodes a change about five times smaller than digests do. Evicted copies (CLOCK) are demoted to digests; evicted
+//! digests (FIFO) to nothing. Whatever is forgotten, the next change of that
+//! page is sent whole: exactness never depends on the budget.
+//!
+//! # Sharing
+//! Four sampled blocks of every page sent are indexed by keyed digest. A
+//! changed page whose sampled block matches a block on the backup gets every
+//! other changed block compared with the block at the same relative position
+//! in that source page (bytes where a copy is held, digests otherwise); equal
+//! ones become references. Sampling keeps hashing to a few blocks per page,
+//! and catches duplicated pages, moved pages and block-aligned moved runs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
-use crate::codec::{is_zero, put_varint, xor_rle_encode};
+use crate::codec::{chunk_eq, is_zero, put_varint, xor_rle_encode};
 use crate::{kind, Config, ConfigError, Mode, PAGE_SIZE};
 
 const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
 const NONE: u64 = u64::MAX;
+const SAMPLES: usize = 4;
+
+/// The index keys are keyed blake3 digests: already uniform and secret, so
+/// their low bits are the hash (no SipHash on the hot path).
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ b as u64;
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+type ShareIndex = HashMap<u128, (u64, u16), BuildHasherDefault<DigestHasher>>;
 
 /// What the encoder knows about one page of the backup's replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +87,12 @@ pub struct EncodeStats {
     pub block_pages: u64,
     /// Blocks sent as references.
     pub ref_blocks: u64,
+    /// Pages encoded against a held copy.
+    pub copy_hits: u64,
+    /// Pages encoded against held digests.
+    pub digest_hits: u64,
+    /// Pages the encoder had forgotten (sent whole).
+    pub misses: u64,
 }
 
 /// Encodes dirty pages into records for [`crate::apply`], tracking what the
@@ -54,22 +104,39 @@ pub struct EncodeStats {
 pub struct Encoder {
     cfg: Config,
     bs: usize,
-    nblocks: usize,
+    nb: usize,
     know: Vec<Know>,
-    copies: Vec<u8>,
+    // copies
+    copies: Vec<Option<Box<[u8; PAGE_SIZE]>>>,
     copy_owner: Vec<u64>,
     copy_used: Vec<bool>,
+    copy_free: Vec<u32>,
+    n_copies: usize,
     hand: usize,
-    digests: Vec<u128>,
+    copy_cap: usize,
+    copy_cap_max: usize,
+    copy_cap_min: usize,
+    demotions: u64,
+    // digests
+    digest_sets: Vec<Option<Box<[u128]>>>,
     digest_owner: Vec<u64>,
-    dhand: usize,
-    share: HashMap<u128, (u64, u16)>,
+    digest_born: Vec<u64>,
+    digest_free: Vec<u32>,
+    digest_fifo: VecDeque<u32>,
+    n_digests: usize,
+    // budget, in units of one digest set
+    budget_units: usize,
+    copy_cost: usize,
+    // sharing
+    share: ShareIndex,
     share_cap: usize,
     stats: EncodeStats,
     // scratch
-    page_digests: Vec<u128>,
+    digests: Vec<Option<u128>>,
     changed: Vec<bool>,
     tmp: Vec<u8>,
+    rec: Vec<u8>,
+    whole: Vec<u8>,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -77,11 +144,19 @@ impl std::fmt::Debug for Encoder {
         f.debug_struct("Encoder")
             .field("mode", &self.cfg.mode)
             .field("block_size", &self.bs)
-            .field("copy_slots", &self.copy_owner.len())
-            .field("digest_slots", &self.digest_owner.len())
+            .field("copies", &self.n_copies)
+            .field("digest_sets", &self.n_digests)
             .field("stats", &self.stats)
             .finish_non_exhaustive()
     }
+}
+
+#[derive(Clone, Copy)]
+enum Plan {
+    Keep,
+    Zero,
+    Ref(u64, usize),
+    Data,
 }
 
 impl Encoder {
@@ -89,40 +164,62 @@ impl Encoder {
     pub fn new(cfg: Config, pages: u64) -> Result<Self, ConfigError> {
         cfg.validate()?;
         let bs = cfg.block_size;
-        let nblocks = PAGE_SIZE / bs;
+        let nb = PAGE_SIZE / bs;
+        let unit = 16 * nb;
+        let copy_cost = PAGE_SIZE / unit;
         let budget = cfg.budget_bytes;
-        let (copy_slots, digest_slots, share_cap) = match cfg.mode {
+        let (budget_units, share_cap, direct_slots) = match cfg.mode {
             Mode::Remus => (0, 0, 0),
-            Mode::Xbzrle => ((budget / PAGE_SIZE as u64) as usize, 0, 0),
-            // Three quarters for copies, a fifth for digests (a page's digests
-            // cost a quarter of a copy at 64 B blocks), the rest for sharing.
+            Mode::Xbzrle => (
+                0,
+                0,
+                ((budget / PAGE_SIZE as u64) as usize).min(pages as usize),
+            ),
+            // 95 % for copies and digests, 5 % for the sharing index (~48 B an entry).
             Mode::Fgbi => (
-                (budget * 3 / 4 / PAGE_SIZE as u64) as usize,
-                (budget / 5 / (16 * nblocks as u64)) as usize,
+                (budget * 19 / 20 / unit as u64) as usize,
                 (budget / 20 / 48) as usize,
+                0,
             ),
         };
-        let copy_slots = copy_slots.min(pages as usize);
-        let digest_slots = digest_slots.min(pages as usize);
-        Ok(Encoder {
+        let copy_cap_max = (budget_units / copy_cost).min(pages as usize);
+        let mut e = Encoder {
             bs,
-            nblocks,
+            nb,
             know: vec![Know::Zero; pages as usize],
-            copies: vec![0; copy_slots * PAGE_SIZE],
-            copy_owner: vec![NONE; copy_slots],
-            copy_used: vec![false; copy_slots],
+            copies: Vec::new(),
+            copy_owner: Vec::new(),
+            copy_used: Vec::new(),
+            copy_free: Vec::new(),
+            n_copies: 0,
             hand: 0,
-            digests: vec![0; digest_slots * nblocks],
-            digest_owner: vec![NONE; digest_slots],
-            dhand: 0,
-            share: HashMap::new(),
+            copy_cap: copy_cap_max,
+            copy_cap_max,
+            copy_cap_min: (copy_cap_max / 16).max(copy_cap_max.min(1)),
+            demotions: 0,
+            digest_sets: Vec::new(),
+            digest_owner: Vec::new(),
+            digest_born: Vec::new(),
+            digest_free: Vec::new(),
+            digest_fifo: VecDeque::new(),
+            n_digests: 0,
+            budget_units,
+            copy_cost,
+            share: ShareIndex::default(),
             share_cap,
             stats: EncodeStats::default(),
-            page_digests: vec![0; nblocks],
-            changed: vec![false; nblocks],
+            digests: vec![None; nb],
+            changed: vec![false; nb],
             tmp: Vec::with_capacity(2 * PAGE_SIZE),
+            rec: Vec::with_capacity(2 * PAGE_SIZE),
+            whole: Vec::with_capacity(2 * PAGE_SIZE),
             cfg,
-        })
+        };
+        if direct_slots > 0 {
+            e.copies = (0..direct_slots).map(|_| None).collect();
+            e.copy_owner = vec![NONE; direct_slots];
+        }
+        Ok(e)
     }
 
     /// Totals so far.
@@ -135,13 +232,15 @@ impl Encoder {
         &self.cfg
     }
 
-    /// Bytes of memory the encoder's knowledge takes (copies, digests, index).
+    /// Bytes the encoder's knowledge of the backup takes now: copies, digest
+    /// sets and the sharing index (the per-page state, 8 bytes a page, aside).
     pub fn memory_bytes(&self) -> u64 {
-        (self.copies.len() + self.digests.len() * 16 + self.share.capacity() * 48 + self.know.len() * 8) as u64
+        let copies = self.copies.iter().filter(|c| c.is_some()).count() * PAGE_SIZE;
+        (copies + self.n_digests * 16 * self.nb + self.share.len() * 48) as u64
     }
 
-    /// Appends the record(s) describing `data`, the current content of
-    /// `page`, to `out`. Nothing is appended if the backup already holds it.
+    /// Appends the record describing `data`, the current content of `page`,
+    /// to `out`. Nothing is appended if the backup already holds it.
     pub fn encode_page(&mut self, page: u64, data: &[u8; PAGE_SIZE], out: &mut Vec<u8>) {
         let start = out.len();
         self.stats.pages += 1;
@@ -172,8 +271,15 @@ impl Encoder {
         self.stats.zero_pages += 1;
     }
 
-    /// XOR page if it beats `limit` bytes of payload; returns whether emitted.
-    fn try_xor_page(&mut self, page: u64, old: &[u8], data: &[u8], limit: usize, out: &mut Vec<u8>) -> bool {
+    /// XOR page if its payload is under `limit` bytes; returns whether emitted.
+    fn try_xor_page(
+        &mut self,
+        page: u64,
+        old: &[u8],
+        data: &[u8],
+        limit: usize,
+        out: &mut Vec<u8>,
+    ) -> bool {
         self.tmp.clear();
         match xor_rle_encode(old, data, &mut self.tmp, limit) {
             Some(n) if n < limit => {
@@ -187,64 +293,73 @@ impl Encoder {
         }
     }
 
-    /// lz4 if smaller than raw, else raw.
-    fn emit_whole(&mut self, page: u64, data: &[u8], out: &mut Vec<u8>) {
-        let mut buf = std::mem::take(&mut self.tmp);
-        buf.clear();
-        buf.resize(lz4_flex::block::get_maximum_output_size(PAGE_SIZE), 0);
-        let n = lz4_flex::block::compress_into(data, &mut buf).unwrap_or(usize::MAX);
-        if n + 3 < PAGE_SIZE {
-            Self::header(page, kind::LZ4_PAGE, out);
-            put_varint(out, n as u64);
-            out.extend_from_slice(&buf[..n]);
-            self.stats.lz4_pages += 1;
-        } else {
-            self.emit_raw(page, data, out);
+    /// The whole page as a record body (lz4 if smaller than raw, else raw)
+    /// into `self.whole`; returns the record kind.
+    fn whole_page(&mut self, data: &[u8]) -> u8 {
+        self.whole.clear();
+        self.whole
+            .resize(lz4_flex::block::get_maximum_output_size(PAGE_SIZE), 0);
+        match lz4_flex::block::compress_into(data, &mut self.whole) {
+            Ok(n) if n + 3 < PAGE_SIZE => {
+                self.whole.truncate(n);
+                let mut v = Vec::with_capacity(n + 3);
+                put_varint(&mut v, n as u64);
+                v.extend_from_slice(&self.whole);
+                self.whole = v;
+                kind::LZ4_PAGE
+            }
+            _ => {
+                self.whole.clear();
+                self.whole.extend_from_slice(data);
+                kind::RAW_PAGE
+            }
         }
-        self.tmp = buf;
     }
 
-    // ---- xbzrle: QEMU's scheme, direct-mapped cache ----
+    // ---- xbzrle: QEMU's scheme, a direct-mapped cache ----
 
     fn encode_xbzrle(&mut self, page: u64, data: &[u8; PAGE_SIZE], out: &mut Vec<u8>) {
+        let p = page as usize;
+        let slots = self.copy_owner.len();
+        let slot = if slots > 0 {
+            (page % slots as u64) as usize
+        } else {
+            0
+        };
         if is_zero(data) {
-            if self.know[page as usize] != Know::Zero {
+            if self.know[p] != Know::Zero {
                 self.emit_zero(page, out);
             }
-            self.drop_copy(page);
-            self.know[page as usize] = Know::Zero;
+            if let Know::Copy(s) = self.know[p] {
+                self.copy_owner[s as usize] = NONE;
+            }
+            self.know[p] = Know::Zero;
             return;
         }
-        let slots = self.copy_owner.len();
         if slots == 0 {
             self.emit_raw(page, data, out);
-            self.know[page as usize] = Know::Unknown;
+            self.know[p] = Know::Unknown;
             return;
         }
-        let slot = (page % slots as u64) as usize;
-        let hit = self.copy_owner[slot] == page;
-        let sent = hit && {
-            let old = self.copies[slot * PAGE_SIZE..(slot + 1) * PAGE_SIZE].to_vec();
-            old[..] == data[..] || self.try_xor_page(page, &old, data, PAGE_SIZE - 8, out)
-        };
-        if !sent {
-            self.emit_raw(page, data, out);
-        }
-        if !hit && self.copy_owner[slot] != NONE {
+        let mut sent = false;
+        if self.copy_owner[slot] == page {
+            let old = self.copies[slot].take().expect("owned slot holds a copy");
+            sent =
+                old[..] == data[..] || self.try_xor_page(page, &old[..], data, PAGE_SIZE - 8, out);
+            self.copies[slot] = Some(old);
+        } else if self.copy_owner[slot] != NONE {
             let prev = self.copy_owner[slot];
             self.know[prev as usize] = Know::Unknown;
         }
-        self.copy_owner[slot] = page;
-        self.copies[slot * PAGE_SIZE..(slot + 1) * PAGE_SIZE].copy_from_slice(data);
-        self.know[page as usize] = Know::Copy(slot as u32);
-    }
-
-    fn drop_copy(&mut self, page: u64) {
-        match self.know[page as usize] {
-            Know::Copy(s) => self.copy_owner[s as usize] = NONE,
-            Know::Digest(s) => self.digest_owner[s as usize] = NONE,
-            _ => {}
+        if !sent {
+            self.emit_raw(page, data, out);
         }
+        self.copy_owner[slot] = page;
+        match &mut self.copies[slot] {
+            Some(c) => c.copy_from_slice(data),
+            none => *none = Some(Box::new(*data)),
+        }
+        self.know[p] = Know::Copy(slot as u32);
     }
 
     // ---- fgbi ----
@@ -254,274 +369,389 @@ impl Encoder {
         u128::from_le_bytes(h.as_bytes()[..16].try_into().expect("16 bytes"))
     }
 
-    /// Whether the backup's block (`page`, `b`) holds content with digest `d`
-    /// equal to `content`, per the encoder's knowledge before this record.
-    fn backup_block_is(&self, page: u64, b: usize, d: u128, content: &[u8]) -> bool {
+    fn digest_of(&mut self, data: &[u8], b: usize) -> u128 {
+        if let Some(d) = self.digests[b] {
+            return d;
+        }
+        let d = self.digest(&data[b * self.bs..(b + 1) * self.bs]);
+        self.digests[b] = Some(d);
+        d
+    }
+
+    /// Whether the backup's block (`q`, `qb`) holds block `b` of `data`, per
+    /// the encoder's knowledge before this record. `cur` is the page being
+    /// encoded and its old copy (taken out of its slot meanwhile).
+    fn backup_block_is(&mut self, q: u64, qb: usize, data: &[u8], b: usize, cur: Cur<'_>) -> bool {
         let bs = self.bs;
-        match self.know.get(page as usize) {
+        match self.know.get(q as usize).copied() {
             Some(Know::Copy(s)) => {
-                let o = *s as usize * PAGE_SIZE + b * bs;
-                self.copies[o..o + bs] == *content
+                let c: &[u8] = if q == cur.0 {
+                    match cur.1 {
+                        Some(c) => &c[..],
+                        None => return false,
+                    }
+                } else {
+                    match self.copies[s as usize].as_ref() {
+                        Some(c) => &c[..],
+                        None => return false,
+                    }
+                };
+                c[qb * bs..(qb + 1) * bs] == data[b * bs..(b + 1) * bs]
             }
-            Some(Know::Digest(s)) => self.digests[*s as usize * self.nblocks + b] == d,
+            Some(Know::Digest(s)) => {
+                let d = self.digest_of(data, b);
+                self.digest_sets[s as usize].as_ref().expect("digest slot")[qb] == d
+            }
             _ => false,
         }
     }
 
-    fn lookup_share(&mut self, d: u128, content: &[u8]) -> Option<(u64, usize)> {
-        let &(p, b) = self.share.get(&d)?;
-        if self.backup_block_is(p, b as usize, d, content) {
-            Some((p, b as usize))
-        } else {
-            self.share.remove(&d);
-            None
-        }
-    }
-
-    fn remember_share(&mut self, d: u128, page: u64, b: usize) {
-        if self.share_cap == 0 {
-            return;
-        }
-        if self.share.len() >= self.share_cap {
-            self.share.clear();
-        }
-        self.share.insert(d, (page, b as u16));
-    }
-
     fn encode_fgbi(&mut self, page: u64, data: &[u8; PAGE_SIZE], out: &mut Vec<u8>) {
-        let bs = self.bs;
-        let nb = self.nblocks;
-        let know = self.know[page as usize];
-        let old: Option<Vec<u8>> = match know {
-            Know::Zero => None,
+        let p = page as usize;
+        let (bs, nb) = (self.bs, self.nb);
+        let know = self.know[p];
+        self.digests.iter_mut().for_each(|d| *d = None);
+        // The old content, where it is known byte for byte.
+        let old: Option<Box<[u8; PAGE_SIZE]>> = match know {
             Know::Copy(s) => {
-                let o = s as usize * PAGE_SIZE;
                 self.copy_used[s as usize] = true;
-                if self.copies[o..o + PAGE_SIZE] == data[..] {
-                    return;
-                }
-                Some(self.copies[o..o + PAGE_SIZE].to_vec())
+                self.stats.copy_hits += 1;
+                self.copies[s as usize].take()
             }
             _ => None,
         };
-        if is_zero(data) {
-            if know != Know::Zero {
-                self.emit_zero(page, out);
-                self.drop_copy(page);
-                self.know[page as usize] = Know::Zero;
-            }
-            return;
+        let result = self.encode_fgbi_with(page, data, know, old.as_deref(), out);
+        if let (Know::Copy(s), Some(o)) = (know, old) {
+            self.copies[s as usize] = Some(o);
         }
-        let old_bytes: Option<&[u8]> = match know {
+        match result {
+            Outcome::Unchanged => {}
+            Outcome::Zero => {
+                self.forget(p);
+                self.know[p] = Know::Zero;
+            }
+            Outcome::Sent => {
+                // Index the sampled blocks of the new content.
+                for i in 0..SAMPLES {
+                    let b = i * nb / SAMPLES;
+                    if self.changed[b] && !is_zero(&data[b * bs..(b + 1) * bs]) {
+                        let d = self.digest_of(data, b);
+                        if self.share_cap > 0 {
+                            if self.share.len() >= self.share_cap {
+                                self.share.clear();
+                            }
+                            self.share.insert(d, (page, b as u16));
+                        }
+                    }
+                }
+                self.store_copy(page, data);
+            }
+        }
+    }
+
+    fn encode_fgbi_with(
+        &mut self,
+        page: u64,
+        data: &[u8; PAGE_SIZE],
+        know: Know,
+        copy: Option<&[u8; PAGE_SIZE]>,
+        out: &mut Vec<u8>,
+    ) -> Outcome {
+        let (bs, nb) = (self.bs, self.nb);
+        let old: Option<&[u8; PAGE_SIZE]> = match know {
             Know::Zero => Some(&ZERO_PAGE),
-            Know::Copy(_) => old.as_deref(),
+            Know::Copy(_) => copy,
             _ => None,
         };
-        // Which blocks changed, and digests where they are needed.
-        let mut digests_known = vec![false; nb];
-        match (old_bytes, know) {
+        // Which blocks changed.
+        match (old, know) {
             (Some(o), _) => {
+                let (oc, _) = o.as_chunks::<64>();
+                let (nc, _) = data.as_chunks::<64>();
+                let per = bs / 64;
                 for b in 0..nb {
-                    self.changed[b] = o[b * bs..(b + 1) * bs] != data[b * bs..(b + 1) * bs];
+                    self.changed[b] =
+                        !(0..per).all(|j| chunk_eq(&oc[b * per + j], &nc[b * per + j]));
                 }
             }
             (None, Know::Digest(s)) => {
+                self.stats.digest_hits += 1;
+                // Demoted so recently that copies alone (the whole budget as
+                // copies) would have kept it: more copies pay (ARC's ghost hit).
+                if self.demotions - self.digest_born[s as usize] <= self.copy_cap_max as u64 {
+                    self.copy_cap = (self.copy_cap + 1).min(self.copy_cap_max);
+                }
                 for b in 0..nb {
-                    let d = self.digest(&data[b * bs..(b + 1) * bs]);
-                    self.page_digests[b] = d;
-                    digests_known[b] = true;
-                    self.changed[b] = d != self.digests[s as usize * nb + b];
+                    let d = self.digest_of(data, b);
+                    self.changed[b] =
+                        self.digest_sets[s as usize].as_ref().expect("digest slot")[b] != d;
                 }
             }
             _ => {
-                for b in 0..nb {
-                    self.page_digests[b] = self.digest(&data[b * bs..(b + 1) * bs]);
-                    digests_known[b] = true;
-                    self.changed[b] = true;
-                }
+                self.stats.misses += 1;
+                self.copy_cap = self.copy_cap.saturating_sub(1).max(self.copy_cap_min);
+                self.changed.iter_mut().for_each(|c| *c = true);
             }
         }
         if !self.changed.iter().any(|&c| c) {
-            self.store_copy(page, data);
-            return;
+            return Outcome::Unchanged;
         }
-        // Per changed block: zero, reference, or (later) XOR/raw.
-        #[derive(Clone, Copy)]
-        enum B {
-            Keep,
-            Zero,
-            Ref(u64, usize),
-            Data,
+        if is_zero(data) {
+            if know == Know::Zero {
+                return Outcome::Unchanged;
+            }
+            self.emit_zero(page, out);
+            return Outcome::Zero;
         }
-        let mut plan = vec![B::Keep; nb];
+        // A source page for references, from the sampled blocks.
+        let mut source: Option<(u64, isize)> = None;
+        if self.share_cap > 0 {
+            for i in 0..SAMPLES {
+                let b = i * nb / SAMPLES;
+                if !self.changed[b] || is_zero(&data[b * bs..(b + 1) * bs]) {
+                    continue;
+                }
+                let d = self.digest_of(data, b);
+                if let Some(&(q, qb)) = self.share.get(&d) {
+                    if self.backup_block_is(q, qb as usize, data, b, (page, copy)) {
+                        source = Some((q, qb as isize - b as isize));
+                        break;
+                    }
+                    self.share.remove(&d);
+                }
+            }
+        }
+        let mut plan = [Plan::Keep; PAGE_SIZE / 64];
         let mut special = 0;
         for b in 0..nb {
             if !self.changed[b] {
                 continue;
             }
-            let blk = &data[b * bs..(b + 1) * bs];
-            if is_zero(blk) {
-                plan[b] = B::Zero;
+            if is_zero(&data[b * bs..(b + 1) * bs]) {
+                plan[b] = Plan::Zero;
                 special += 1;
                 continue;
             }
-            // Sharing targets moved or duplicated content: a block most of whose
-            // words changed. A few changed words are cheaper as a delta.
-            let worth = match old_bytes {
-                Some(o) => {
-                    let ob = &o[b * bs..(b + 1) * bs];
-                    let diff = ob.chunks_exact(8).zip(blk.chunks_exact(8)).filter(|(x, y)| x != y).count();
-                    diff * 2 >= bs / 8
-                }
-                None => true,
-            };
-            plan[b] = B::Data;
-            if worth {
-                if !digests_known[b] {
-                    self.page_digests[b] = self.digest(blk);
-                    digests_known[b] = true;
-                }
-                if let Some((sp, sb)) = self.lookup_share(self.page_digests[b], blk) {
-                    plan[b] = B::Ref(sp, sb);
+            plan[b] = Plan::Data;
+            if let Some((q, delta)) = source {
+                let qb = b as isize + delta;
+                if (0..nb as isize).contains(&qb)
+                    && self.backup_block_is(q, qb as usize, data, b, (page, copy))
+                {
+                    plan[b] = Plan::Ref(q, qb as usize);
                     special += 1;
                 }
             }
         }
-        let before = out.len();
-        let mut done = false;
-        if let (Some(o), 0) = (old_bytes, special) {
+        if let (Some(o), 0) = (old, special) {
             // No zero or shared blocks: a whole-page delta is the best candidate.
-            done = self.try_xor_page(page, o, data, PAGE_SIZE - 8, out);
+            if self.try_xor_page(page, o, data, PAGE_SIZE - 8, out) {
+                return Outcome::Sent;
+            }
         }
-        if !done {
-            // A block list, compared with the whole page (lz4 or raw).
-            let mut rec = Vec::with_capacity(PAGE_SIZE + 64);
-            let count = plan.iter().filter(|p| !matches!(p, B::Keep)).count();
-            put_varint(&mut rec, count as u64);
-            let mut refs = 0;
-            for (b, p) in plan.iter().enumerate() {
-                let blk = &data[b * bs..(b + 1) * bs];
-                match *p {
-                    B::Keep => continue,
-                    B::Zero => {
-                        put_varint(&mut rec, b as u64);
-                        rec.push(kind::B_ZERO);
-                    }
-                    B::Ref(sp, sb) => {
-                        put_varint(&mut rec, b as u64);
-                        rec.push(kind::B_REF);
-                        put_varint(&mut rec, sp);
-                        put_varint(&mut rec, sb as u64);
-                        refs += 1;
-                    }
-                    B::Data => {
-                        put_varint(&mut rec, b as u64);
-                        let mut x = Vec::new();
-                        let xor = old_bytes.and_then(|o| xor_rle_encode(&o[b * bs..(b + 1) * bs], blk, &mut x, bs - 4));
-                        match xor {
-                            Some(n) => {
-                                rec.push(kind::B_XOR);
-                                put_varint(&mut rec, n as u64);
-                                rec.extend_from_slice(&x);
-                            }
-                            None => {
-                                rec.push(kind::B_RAW);
-                                rec.extend_from_slice(blk);
-                            }
+        // A block list, or the whole page, whichever is smaller.
+        let mut rec = std::mem::take(&mut self.rec);
+        rec.clear();
+        let count = plan[..nb]
+            .iter()
+            .filter(|p| !matches!(p, Plan::Keep))
+            .count();
+        put_varint(&mut rec, count as u64);
+        let mut refs = 0;
+        for (b, pl) in plan[..nb].iter().enumerate() {
+            let blk = &data[b * bs..(b + 1) * bs];
+            match *pl {
+                Plan::Keep => continue,
+                Plan::Zero => {
+                    put_varint(&mut rec, b as u64);
+                    rec.push(kind::B_ZERO);
+                }
+                Plan::Ref(q, qb) => {
+                    put_varint(&mut rec, b as u64);
+                    rec.push(kind::B_REF);
+                    put_varint(&mut rec, q);
+                    put_varint(&mut rec, qb as u64);
+                    refs += 1;
+                }
+                Plan::Data => {
+                    put_varint(&mut rec, b as u64);
+                    self.tmp.clear();
+                    let xor = old.and_then(|o| {
+                        xor_rle_encode(&o[b * bs..(b + 1) * bs], blk, &mut self.tmp, bs - 4)
+                    });
+                    match xor {
+                        Some(n) => {
+                            rec.push(kind::B_XOR);
+                            put_varint(&mut rec, n as u64);
+                            rec.extend_from_slice(&self.tmp);
+                        }
+                        None => {
+                            rec.push(kind::B_RAW);
+                            rec.extend_from_slice(blk);
                         }
                     }
                 }
             }
-            let mut whole = Vec::new();
-            self.emit_whole(page, data, &mut whole);
-            if rec.len() + 2 < whole.len() {
-                // emit_whole counted a page it did not send
-                self.uncount_whole(&whole, page);
-                Self::header(page, kind::BLOCKS, out);
-                out.extend_from_slice(&rec);
-                self.stats.block_pages += 1;
-                self.stats.ref_blocks += refs;
-            } else {
-                out.extend_from_slice(&whole);
+            if rec.len() > PAGE_SIZE {
+                break; // the whole page wins anyway
             }
         }
-        debug_assert!(out.len() > before);
-        for b in 0..nb {
-            if self.changed[b] && digests_known[b] {
-                let d = self.page_digests[b];
-                self.remember_share(d, page, b);
-            }
-        }
-        self.store_copy(page, data);
-    }
-
-    fn uncount_whole(&mut self, whole: &[u8], page: u64) {
-        let mut h = Vec::new();
-        put_varint(&mut h, page);
-        if whole.get(h.len()) == Some(&kind::LZ4_PAGE) {
-            self.stats.lz4_pages -= 1;
+        let k = self.whole_page(data);
+        if rec.len() < self.whole.len() {
+            Self::header(page, kind::BLOCKS, out);
+            out.extend_from_slice(&rec);
+            self.stats.block_pages += 1;
+            self.stats.ref_blocks += refs;
         } else {
-            self.stats.raw_pages -= 1;
+            Self::header(page, k, out);
+            out.extend_from_slice(&self.whole);
+            if k == kind::LZ4_PAGE {
+                self.stats.lz4_pages += 1;
+            } else {
+                self.stats.raw_pages += 1;
+            }
         }
+        self.rec = rec;
+        Outcome::Sent
     }
 
-    /// Records that the backup now holds `data` for `page`: a copy in the
-    /// CLOCK cache, evicting another page's copy down to digests.
+    // ---- knowledge within the budget ----
+
+    fn units_used(&self) -> usize {
+        self.n_copies * self.copy_cost + self.n_digests
+    }
+
+    /// Drops whatever is held for page `p` (its state is set by the caller).
+    fn forget(&mut self, p: usize) {
+        match self.know[p] {
+            Know::Copy(s) => {
+                self.copies[s as usize] = None;
+                self.copy_owner[s as usize] = NONE;
+                self.copy_free.push(s);
+                self.n_copies -= 1;
+            }
+            Know::Digest(s) => {
+                self.digest_sets[s as usize] = None;
+                self.digest_owner[s as usize] = NONE;
+                self.digest_free.push(s);
+                self.n_digests -= 1;
+            }
+            _ => {}
+        }
+        self.know[p] = Know::Unknown;
+    }
+
+    /// Records that the backup now holds `data` for `page`.
     fn store_copy(&mut self, page: u64, data: &[u8; PAGE_SIZE]) {
-        if let Know::Copy(s) = self.know[page as usize] {
-            let o = s as usize * PAGE_SIZE;
-            self.copies[o..o + PAGE_SIZE].copy_from_slice(data);
+        let p = page as usize;
+        if let Know::Copy(s) = self.know[p] {
+            self.copies[s as usize]
+                .as_mut()
+                .expect("copy slot")
+                .copy_from_slice(data);
             self.copy_used[s as usize] = true;
             return;
         }
-        if let Know::Digest(s) = self.know[page as usize] {
-            self.digest_owner[s as usize] = NONE;
-        }
-        let slots = self.copy_owner.len();
-        if slots == 0 {
-            self.store_digests_of(page, data);
+        self.forget(p);
+        if self.copy_cap == 0 {
+            self.store_digests(page, data);
             return;
         }
-        // CLOCK: skip recently used slots once.
-        let slot = loop {
-            let s = self.hand;
-            self.hand = (self.hand + 1) % slots;
-            if self.copy_owner[s] == NONE || !self.copy_used[s] {
-                break s;
+        // Make room: demote copies beyond the cap, then evict digests.
+        while self.n_copies >= self.copy_cap
+            || self.units_used() + self.copy_cost > self.budget_units
+        {
+            if self.n_copies > 0 && (self.n_copies >= self.copy_cap || self.n_digests == 0) {
+                self.demote_one_copy();
+            } else if self.n_digests > 0 {
+                self.evict_oldest_digests();
+            } else {
+                self.store_digests(page, data);
+                return;
             }
-            self.copy_used[s] = false;
-        };
-        let victim = self.copy_owner[slot];
-        if victim != NONE {
-            let o = slot * PAGE_SIZE;
-            let vdata: [u8; PAGE_SIZE] = self.copies[o..o + PAGE_SIZE].try_into().expect("page");
-            self.know[victim as usize] = Know::Unknown;
-            self.store_digests_of(victim, &vdata);
         }
-        let o = slot * PAGE_SIZE;
-        self.copies[o..o + PAGE_SIZE].copy_from_slice(data);
+        let slot = match self.copy_free.pop() {
+            Some(s) => s as usize,
+            None => {
+                self.copies.push(None);
+                self.copy_owner.push(NONE);
+                self.copy_used.push(false);
+                self.copies.len() - 1
+            }
+        };
+        self.copies[slot] = Some(Box::new(*data));
         self.copy_owner[slot] = page;
         self.copy_used[slot] = true;
-        self.know[page as usize] = Know::Copy(slot as u32);
+        self.n_copies += 1;
+        self.know[p] = Know::Copy(slot as u32);
     }
 
-    fn store_digests_of(&mut self, page: u64, data: &[u8; PAGE_SIZE]) {
-        let slots = self.digest_owner.len();
-        if slots == 0 {
-            self.know[page as usize] = Know::Unknown;
+    /// CLOCK: the first copy not used since the hand last passed, to digests.
+    fn demote_one_copy(&mut self) {
+        let slots = self.copies.len();
+        loop {
+            let s = self.hand;
+            self.hand = (self.hand + 1) % slots;
+            if self.copy_owner[s] == NONE {
+                continue;
+            }
+            if self.copy_used[s] {
+                self.copy_used[s] = false;
+                continue;
+            }
+            let victim = self.copy_owner[s];
+            let data = self.copies[s].take().expect("owned slot holds a copy");
+            self.demotions += 1;
+            self.forget(victim as usize);
+            self.store_digests(victim, &data);
             return;
         }
-        let slot = self.dhand;
-        self.dhand = (self.dhand + 1) % slots;
-        let victim = self.digest_owner[slot];
-        if victim != NONE {
-            self.know[victim as usize] = Know::Unknown;
+    }
+
+    fn evict_oldest_digests(&mut self) {
+        while let Some(s) = self.digest_fifo.pop_front() {
+            let owner = self.digest_owner[s as usize];
+            if owner != NONE && self.know[owner as usize] == Know::Digest(s) {
+                self.forget(owner as usize);
+                return;
+            }
         }
-        let nb = self.nblocks;
-        for b in 0..nb {
-            self.digests[slot * nb + b] = self.digest(&data[b * self.bs..(b + 1) * self.bs]);
+    }
+
+    fn store_digests(&mut self, page: u64, data: &[u8; PAGE_SIZE]) {
+        while self.units_used() + 1 > self.budget_units {
+            if self.n_digests == 0 {
+                self.know[page as usize] = Know::Unknown;
+                return;
+            }
+            self.evict_oldest_digests();
         }
+        let set: Box<[u128]> = (0..self.nb)
+            .map(|b| self.digest(&data[b * self.bs..(b + 1) * self.bs]))
+            .collect();
+        let slot = match self.digest_free.pop() {
+            Some(s) => s as usize,
+            None => {
+                self.digest_sets.push(None);
+                self.digest_owner.push(NONE);
+                self.digest_born.push(0);
+                self.digest_sets.len() - 1
+            }
+        };
+        self.digest_born[slot] = self.demotions;
+        self.digest_sets[slot] = Some(set);
         self.digest_owner[slot] = page;
+        self.digest_fifo.push_back(slot as u32);
+        self.n_digests += 1;
         self.know[page as usize] = Know::Digest(slot as u32);
     }
+}
+
+/// The page being encoded and its old copy, if held.
+type Cur<'a> = (u64, Option<&'a [u8; PAGE_SIZE]>);
+
+enum Outcome {
+    Unchanged,
+    Zero,
+    Sent,
 }

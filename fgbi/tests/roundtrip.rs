@@ -73,7 +73,12 @@ fn run(mem: &mut [u8], dirty: &mut [bool], o: &Op) {
 }
 
 fn check(mode: Mode, block_size: usize, budget_pages: u64, pages: usize, epochs: &[Vec<Op>]) {
-    let cfg = Config { mode, block_size, budget_bytes: budget_pages * PAGE_SIZE as u64, key: [7; 32] };
+    let cfg = Config {
+        mode,
+        block_size,
+        budget_bytes: budget_pages * PAGE_SIZE as u64,
+        key: [7; 32],
+    };
     let mut enc = Encoder::new(cfg, pages as u64).unwrap();
     let mut src = vec![0u8; pages * PAGE_SIZE];
     let mut replica = vec![0u8; pages * PAGE_SIZE];
@@ -84,16 +89,21 @@ fn check(mode: Mode, block_size: usize, budget_pages: u64, pages: usize, epochs:
         }
         let mut out = Vec::new();
         for (p, _) in dirty.iter().enumerate().filter(|(_, d)| **d) {
-            let page: &[u8; PAGE_SIZE] = src[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].try_into().unwrap();
+            let page: &[u8; PAGE_SIZE] =
+                src[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].try_into().unwrap();
             enc.encode_page(p as u64, page, &mut out);
         }
-        apply(&mut replica, block_size, &out).unwrap_or_else(|err| panic!("{mode} epoch {e}: {err}"));
-        assert!(replica == src, "{mode} bs={block_size} budget={budget_pages}: replica differs after epoch {e}");
+        apply(&mut replica, block_size, &out)
+            .unwrap_or_else(|err| panic!("{mode} epoch {e}: {err}"));
+        assert!(
+            replica == src,
+            "{mode} bs={block_size} budget={budget_pages}: replica differs after epoch {e}"
+        );
     }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn replica_equals_source_after_every_epoch(
@@ -110,7 +120,12 @@ proptest! {
 #[test]
 fn moved_content_is_sent_as_references() {
     let pages = 8;
-    let cfg = Config { mode: Mode::Fgbi, block_size: 64, budget_bytes: 64 * PAGE_SIZE as u64, key: [1; 32] };
+    let cfg = Config {
+        mode: Mode::Fgbi,
+        block_size: 64,
+        budget_bytes: 64 * PAGE_SIZE as u64,
+        key: [1; 32],
+    };
     let mut enc = Encoder::new(cfg, pages).unwrap();
     let mut src = vec![0u8; pages as usize * PAGE_SIZE];
     let mut replica = src.clone();
@@ -124,17 +139,30 @@ fn moved_content_is_sent_as_references() {
     // Duplicate page 0 into page 5: every block already exists on the backup.
     src.copy_within(0..PAGE_SIZE, 5 * PAGE_SIZE);
     let mut out = Vec::new();
-    enc.encode_page(5, src[5 * PAGE_SIZE..6 * PAGE_SIZE].try_into().unwrap(), &mut out);
+    enc.encode_page(
+        5,
+        src[5 * PAGE_SIZE..6 * PAGE_SIZE].try_into().unwrap(),
+        &mut out,
+    );
     let stats = apply(&mut replica, 64, &out).unwrap();
     assert_eq!(replica, src);
     assert_eq!(stats.ref_blocks, 64);
-    assert!(out.len() < 64 * 6, "{} bytes for a duplicated page", out.len());
+    assert!(
+        out.len() < 64 * 6,
+        "{} bytes for a duplicated page",
+        out.len()
+    );
 }
 
 fn sample_epoch() -> (Vec<u8>, Vec<u8>) {
     // An epoch with every record kind, and the replica it applies to.
     let pages = 6;
-    let cfg = Config { mode: Mode::Fgbi, block_size: 64, budget_bytes: 64 * PAGE_SIZE as u64, key: [3; 32] };
+    let cfg = Config {
+        mode: Mode::Fgbi,
+        block_size: 64,
+        budget_bytes: 64 * PAGE_SIZE as u64,
+        key: [3; 32],
+    };
     let mut enc = Encoder::new(cfg, pages).unwrap();
     let mut src = vec![0u8; pages as usize * PAGE_SIZE];
     let mut replica = src.clone();
@@ -147,7 +175,13 @@ fn sample_epoch() -> (Vec<u8>, Vec<u8>) {
     }
     let mut out = Vec::new();
     for p in 0..3 {
-        enc.encode_page(p, src[p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE].try_into().unwrap(), &mut out);
+        enc.encode_page(
+            p,
+            src[p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE]
+                .try_into()
+                .unwrap(),
+            &mut out,
+        );
     }
     apply(&mut replica, 64, &out).unwrap();
     src[100] ^= 0xFF;
@@ -156,7 +190,13 @@ fn sample_epoch() -> (Vec<u8>, Vec<u8>) {
     src[2 * PAGE_SIZE..3 * PAGE_SIZE].fill(0);
     let mut out = Vec::new();
     for p in 0..4 {
-        enc.encode_page(p, src[p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE].try_into().unwrap(), &mut out);
+        enc.encode_page(
+            p,
+            src[p as usize * PAGE_SIZE..(p as usize + 1) * PAGE_SIZE]
+                .try_into()
+                .unwrap(),
+            &mut out,
+        );
     }
     (replica, out)
 }
@@ -214,4 +254,68 @@ fn random_damage_never_panics_or_half_applies() {
             assert!(r == replica, "a refused epoch changed the replica");
         }
     }
+}
+
+#[test]
+fn working_set_beyond_the_budget_uses_digests_and_stays_exact() {
+    // A hot set and a rotating set larger than the copies the budget holds
+    // but within reach of digests: copies, digests and forgotten pages all occur, and the replica
+    // stays exact.
+    let pages = 64usize;
+    let cfg = Config {
+        mode: Mode::Fgbi,
+        block_size: 64,
+        budget_bytes: 20 * PAGE_SIZE as u64,
+        key: [9; 32],
+    };
+    let mut enc = Encoder::new(cfg, pages as u64).unwrap();
+    let mut src = vec![0u8; pages * PAGE_SIZE];
+    let mut replica = src.clone();
+    let mut s = 77u64;
+    for c in src.chunks_exact_mut(8) {
+        c.copy_from_slice(&xorshift(&mut s).to_le_bytes());
+    }
+    // The initial full copy.
+    let mut out = Vec::new();
+    for p in 0..pages {
+        enc.encode_page(
+            p as u64,
+            src[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].try_into().unwrap(),
+            &mut out,
+        );
+    }
+    apply(&mut replica, 64, &out).unwrap();
+    assert!(replica == src);
+    for epoch in 0..60 {
+        let mut out = Vec::new();
+        // A hot set (pages 0..2) and a rotating set over pages 2..42: the hot
+        // set fits as copies, the rotation only as digests.
+        let touched: Vec<usize> = (0..2)
+            .chain((0..4).map(|i| 2 + (epoch * 4 + i) % 40))
+            .collect();
+        for p in touched {
+            for _ in 0..25 {
+                let w = p * 512 + (xorshift(&mut s) % 512) as usize;
+                src[w * 8..w * 8 + 8].copy_from_slice(&xorshift(&mut s).to_le_bytes());
+            }
+            enc.encode_page(
+                p as u64,
+                src[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].try_into().unwrap(),
+                &mut out,
+            );
+        }
+        apply(&mut replica, 64, &out).unwrap();
+        assert!(replica == src, "epoch {epoch}");
+        assert!(
+            enc.memory_bytes() <= 20 * PAGE_SIZE as u64,
+            "budget exceeded: {}",
+            enc.memory_bytes()
+        );
+    }
+    let st = enc.stats();
+    assert!(
+        st.digest_hits > 0 && st.copy_hits > 0 && st.misses > 0,
+        "{st:?}"
+    );
+    assert!(st.bytes_out < st.pages * 4099 / 2, "{st:?}");
 }
