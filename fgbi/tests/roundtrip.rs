@@ -57,9 +57,7 @@ fn run(mem: &mut [u8], dirty: &mut [bool], o: &Op) {
         Op::Copy { src, dst, len } => {
             let len = len.min(mem.len() - src).min(mem.len() - dst);
             mem.copy_within(src..src + len, dst);
-            for p in dst / PAGE_SIZE..=(dst + len.max(1) - 1) / PAGE_SIZE {
-                dirty[p] = true;
-            }
+            dirty[dst / PAGE_SIZE..=(dst + len.max(1) - 1) / PAGE_SIZE].fill(true);
         }
         Op::Sprinkle(p, s) => {
             let mut s = s | 1;
