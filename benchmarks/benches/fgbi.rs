@@ -246,7 +246,7 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    println!("# fgbi: bytes and speed per mode ({} MiB image, {DIRTY} dirty pages an epoch, 64 B blocks, best of {EPOCHS} epochs)\n", PAGES * PAGE_SIZE >> 20);
+    println!("# fgbi: bytes and speed per mode ({} MiB image, {DIRTY} dirty pages an epoch, 64 B blocks, best of {EPOCHS} epochs)\n", (PAGES * PAGE_SIZE) >> 20);
     println!("Budget = 1.25x the image unless the trace says otherwise (fgbi keeps 5 % of it for the sharing index); equal for xbzrle and fgbi. Every epoch's replica is checked equal to the source.\n");
     println!("| trace | mode | bytes/dirty page | vs remus | encode GB/s | apply GB/s | memcpy GB/s | encode time / memcpy |");
     println!("|---|---|---|---|---|---|---|---|");
