@@ -2,11 +2,16 @@
 //!
 //! Two passes over the same parser: the first only validates (every length,
 //! index, run and lz4 block is checked against the replica), the second writes.
-//! So a malformed or hostile epoch is refused with the replica untouched, and
-//! applying needs no staging memory beyond one page.
+//! So a malformed or hostile epoch is refused with the replica untouched. The
+//! lz4 pages the first pass decodes are kept (up to [`LZ4_STASH_PAGES`]) so the
+//! second pass copies them instead of decoding again; beyond that it decodes
+//! again, so staging memory stays bounded whatever the epoch holds.
 
 use crate::codec::{get_varint, xor_rle_decode};
 use crate::{check_block_size, kind, ApplyError, PAGE_SIZE};
+
+/// Most decoded lz4 pages kept between the two passes (16 MiB).
+pub const LZ4_STASH_PAGES: usize = 4096;
 
 /// What an applied epoch contained.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -62,8 +67,9 @@ pub fn apply(
         return Err(ApplyError::ReplicaSize(replica.len()));
     }
     let mut scratch = Box::new([0u8; PAGE_SIZE]);
-    run(replica, block_size, epoch, false, &mut scratch)?;
-    run(replica, block_size, epoch, true, &mut scratch)
+    let mut stash = Vec::new();
+    run(replica, block_size, epoch, false, &mut scratch, &mut stash)?;
+    run(replica, block_size, epoch, true, &mut scratch, &mut stash)
 }
 
 fn run(
@@ -72,7 +78,9 @@ fn run(
     epoch: &[u8],
     write: bool,
     old: &mut [u8; PAGE_SIZE],
+    stash: &mut Vec<Box<[u8; PAGE_SIZE]>>,
 ) -> Result<ApplyStats, ApplyError> {
+    let mut lz4_seen = 0usize;
     let pages = (replica.len() / PAGE_SIZE) as u64;
     let nblocks = (PAGE_SIZE / bs) as u64;
     let mut c = Cursor { buf: epoch, pos: 0 };
@@ -99,17 +107,26 @@ fn run(
             }
             kind::LZ4_PAGE => {
                 let data = c.sized(2 * PAGE_SIZE as u64, "lz4 page")?;
-                let target: &mut [u8] = if write {
-                    &mut replica[at..at + PAGE_SIZE]
+                let i = lz4_seen;
+                lz4_seen += 1;
+                if write && i < stash.len() {
+                    replica[at..at + PAGE_SIZE].copy_from_slice(&stash[i][..]);
                 } else {
-                    &mut lz4_out
-                };
-                let n = lz4_flex::block::decompress_into(data, target)
-                    .map_err(|_| ApplyError::Malformed("lz4 page does not decode"))?;
-                if n != PAGE_SIZE {
-                    return Err(ApplyError::Malformed(
-                        "lz4 page does not decode to 4096 bytes",
-                    ));
+                    let target: &mut [u8] = if write {
+                        &mut replica[at..at + PAGE_SIZE]
+                    } else {
+                        &mut lz4_out
+                    };
+                    let n = lz4_flex::block::decompress_into(data, target)
+                        .map_err(|_| ApplyError::Malformed("lz4 page does not decode"))?;
+                    if n != PAGE_SIZE {
+                        return Err(ApplyError::Malformed(
+                            "lz4 page does not decode to 4096 bytes",
+                        ));
+                    }
+                    if !write && stash.len() < LZ4_STASH_PAGES {
+                        stash.push(Box::new(lz4_out));
+                    }
                 }
             }
             kind::XOR_PAGE => {
@@ -119,6 +136,16 @@ fn run(
                 } else {
                     // Validate runs against a scratch page of the same size.
                     xor_rle_decode(data, &mut lz4_out)?;
+                }
+            }
+            kind::COPY_PAGE => {
+                let src = c.varint()?;
+                if src >= pages {
+                    return Err(ApplyError::PageOutOfRange { page: src, pages });
+                }
+                if write && src != page {
+                    let so = src as usize * PAGE_SIZE;
+                    replica.copy_within(so..so + PAGE_SIZE, at);
                 }
             }
             kind::BLOCKS => {

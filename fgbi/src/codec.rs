@@ -71,6 +71,19 @@ pub fn chunk_eq(a: &[u8; 64], b: &[u8; 64]) -> bool {
 /// Returns the number of bytes appended. Stops early and returns `None` once
 /// the output would exceed `limit` bytes (the caller then sends something else).
 pub fn xor_rle_encode(old: &[u8], new: &[u8], out: &mut Vec<u8>, limit: usize) -> Option<usize> {
+    xor_rle_encode_mask(old, new, out, limit, &mut 0)
+}
+
+/// [`xor_rle_encode`], also setting bit `c` of `mask` for every 64-byte
+/// chunk `c` that differs (complete only when it returns `Some`; at most 64
+/// chunks are tracked).
+pub fn xor_rle_encode_mask(
+    old: &[u8],
+    new: &[u8],
+    out: &mut Vec<u8>,
+    limit: usize,
+    mask: &mut u64,
+) -> Option<usize> {
     debug_assert_eq!(old.len(), new.len());
     debug_assert_eq!(new.len() % 64, 0);
     let start = out.len();
@@ -107,6 +120,9 @@ pub fn xor_rle_encode(old: &[u8], new: &[u8], out: &mut Vec<u8>, limit: usize) -
         let mut t = e;
         while old[t - 1] == new[t - 1] {
             t -= 1;
+        }
+        for c in s / 64..=(t - 1) / 64 {
+            *mask |= 1u64.checked_shl(c as u32).unwrap_or(0);
         }
         put_varint(out, (s - last_end) as u64);
         put_varint(out, (t - s) as u64);

@@ -25,7 +25,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 
-use crate::codec::{chunk_eq, is_zero, put_varint, xor_rle_encode};
+use crate::codec::{chunk_eq, is_zero, put_varint, xor_rle_encode, xor_rle_encode_mask};
 use crate::{kind, Config, ConfigError, Mode, PAGE_SIZE};
 
 const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
@@ -87,6 +87,8 @@ pub struct EncodeStats {
     pub block_pages: u64,
     /// Blocks sent as references.
     pub ref_blocks: u64,
+    /// `CopyPage` records (whole duplicated pages).
+    pub copy_pages: u64,
     /// Pages encoded against a held copy.
     pub copy_hits: u64,
     /// Pages encoded against held digests.
@@ -434,8 +436,11 @@ impl Encoder {
                 // Index the sampled blocks of the new content.
                 for i in 0..SAMPLES {
                     let b = i * nb / SAMPLES;
-                    if self.changed[b] && !is_zero(&data[b * bs..(b + 1) * bs]) {
-                        let d = self.digest_of(data, b);
+                    // Sampled blocks whose digest was computed: new or rewritten content.
+                    if let (true, Some(d)) = (self.changed[b], self.digests[b]) {
+                        if is_zero(&data[b * bs..(b + 1) * bs]) {
+                            continue;
+                        }
                         if self.share_cap > 0 {
                             if self.share.len() >= self.share_cap {
                                 self.share.clear();
@@ -463,15 +468,28 @@ impl Encoder {
             Know::Copy(_) => copy,
             _ => None,
         };
-        // Which blocks changed.
+        // Which blocks changed. Against known bytes, the whole-page XOR-RLE
+        // scan finds them while it encodes (one pass over the page).
+        let mut xor_len: Option<usize> = None;
         match (old, know) {
             (Some(o), _) => {
-                let (oc, _) = o.as_chunks::<64>();
-                let (nc, _) = data.as_chunks::<64>();
+                self.tmp.clear();
+                let mut mask = 0u64;
+                xor_len = xor_rle_encode_mask(o, data, &mut self.tmp, PAGE_SIZE - 8, &mut mask);
+                if xor_len.is_none() {
+                    let (oc, _) = o.as_chunks::<64>();
+                    let (nc, _) = data.as_chunks::<64>();
+                    mask = 0;
+                    for (c, (x, y)) in oc.iter().zip(nc).enumerate() {
+                        if !chunk_eq(x, y) {
+                            mask |= 1 << c;
+                        }
+                    }
+                }
                 let per = bs / 64;
+                let block_mask = (1u64 << per) - 1; // per <= 16
                 for b in 0..nb {
-                    self.changed[b] =
-                        !(0..per).all(|j| chunk_eq(&oc[b * per + j], &nc[b * per + j]));
+                    self.changed[b] = (mask >> (b * per)) & block_mask != 0;
                 }
             }
             (None, Know::Digest(s)) => {
@@ -493,7 +511,7 @@ impl Encoder {
                 self.changed.iter_mut().for_each(|c| *c = true);
             }
         }
-        if !self.changed.iter().any(|&c| c) {
+        if xor_len == Some(0) || !self.changed.iter().any(|&c| c) {
             return Outcome::Unchanged;
         }
         if is_zero(data) {
@@ -503,22 +521,58 @@ impl Encoder {
             self.emit_zero(page, out);
             return Outcome::Zero;
         }
-        // A source page for references, from the sampled blocks.
+        // A source page for references, from sampled blocks that were
+        // rewritten (moved or duplicated content rewrites most of a block; a
+        // few changed words are cheaper as a delta and are not looked up).
         let mut source: Option<(u64, isize)> = None;
         if self.share_cap > 0 {
-            for i in 0..SAMPLES {
-                let b = i * nb / SAMPLES;
-                if !self.changed[b] || is_zero(&data[b * bs..(b + 1) * bs]) {
+            // The index holds every (nb / SAMPLES)-th block of each page, so a
+            // window of that many consecutive blocks meets an indexed block for
+            // any block-aligned shift of the content.
+            let window = nb / SAMPLES;
+            let mut looked = 0;
+            for b in 0..nb {
+                let blk = &data[b * bs..(b + 1) * bs];
+                if looked == window || source.is_some() {
+                    break;
+                }
+                if !self.changed[b] || !mostly_changed(old, blk, b * bs) || is_zero(blk) {
                     continue;
                 }
+                looked += 1;
                 let d = self.digest_of(data, b);
                 if let Some(&(q, qb)) = self.share.get(&d) {
                     if self.backup_block_is(q, qb as usize, data, b, (page, copy)) {
                         source = Some((q, qb as isize - b as isize));
-                        break;
+                    } else {
+                        self.share.remove(&d);
                     }
-                    self.share.remove(&d);
                 }
+            }
+            // Digests of the rewritten sampled blocks, to index them.
+            for i in 0..SAMPLES {
+                let b = i * window;
+                let blk = &data[b * bs..(b + 1) * bs];
+                if self.changed[b]
+                    && self.digests[b].is_none()
+                    && mostly_changed(old, blk, b * bs)
+                    && !is_zero(blk)
+                {
+                    self.digest_of(data, b);
+                }
+            }
+        }
+        // The whole page is a copy of a page the backup holds.
+        if let Some((q, 0)) = source {
+            let same = match self.know[q as usize] {
+                Know::Copy(s) if q != page => self.copies[s as usize].as_deref() == Some(data),
+                _ => false,
+            };
+            if same {
+                Self::header(page, kind::COPY_PAGE, out);
+                put_varint(out, q);
+                self.stats.copy_pages += 1;
+                return Outcome::Sent;
             }
         }
         let mut plan = [Plan::Keep; PAGE_SIZE / 64];
@@ -543,11 +597,13 @@ impl Encoder {
                 }
             }
         }
-        if let (Some(o), 0) = (old, special) {
-            // No zero or shared blocks: a whole-page delta is the best candidate.
-            if self.try_xor_page(page, o, data, PAGE_SIZE - 8, out) {
-                return Outcome::Sent;
-            }
+        if let (Some(n), 0) = (xor_len, special) {
+            // No zero or shared blocks: the whole-page delta is the best candidate.
+            Self::header(page, kind::XOR_PAGE, out);
+            put_varint(out, n as u64);
+            out.extend_from_slice(&self.tmp);
+            self.stats.xor_pages += 1;
+            return Outcome::Sent;
         }
         // A block list, or the whole page, whichever is smaller.
         let mut rec = std::mem::take(&mut self.rec);
@@ -745,6 +801,19 @@ impl Encoder {
         self.n_digests += 1;
         self.know[page as usize] = Know::Digest(slot as u32);
     }
+}
+
+/// Whether most 8-byte words of block `blk` (at `off` in the page) differ
+/// from the old content; true where the old content is not known.
+fn mostly_changed(old: Option<&[u8; PAGE_SIZE]>, blk: &[u8], off: usize) -> bool {
+    let Some(o) = old else { return true };
+    let ob = &o[off..off + blk.len()];
+    let diff = ob
+        .chunks_exact(8)
+        .zip(blk.chunks_exact(8))
+        .filter(|(x, y)| x != y)
+        .count();
+    diff * 2 >= blk.len() / 8
 }
 
 /// The page being encoded and its old copy, if held.

@@ -41,6 +41,7 @@
 //! kind 3  Lz4Page   varint(len) bytes    lz4 block that decodes to exactly 4096 bytes
 //! kind 4  XorPage   varint(len) bytes    XOR-RLE against the page's current content
 //! kind 5  Blocks    varint(count) count × block, block indices strictly increasing
+//! kind 6  CopyPage  varint(src_page)     a copy of another page as it was before this record
 //! block   = varint(index) bkind body
 //! bkind 0 Zero
 //! bkind 1 Raw       block_size bytes
@@ -72,6 +73,8 @@ pub mod kind {
     pub const XOR_PAGE: u8 = 4;
     /// A list of changed blocks.
     pub const BLOCKS: u8 = 5;
+    /// A copy of another page.
+    pub const COPY_PAGE: u8 = 6;
     /// Block: all zero.
     pub const B_ZERO: u8 = 0;
     /// Block: raw bytes.

@@ -142,12 +142,27 @@ fn moved_content_is_sent_as_references() {
         src[5 * PAGE_SIZE..6 * PAGE_SIZE].try_into().unwrap(),
         &mut out,
     );
+    apply(&mut replica, 64, &out).unwrap();
+    assert_eq!(replica, src);
+    assert_eq!(enc.stats().copy_pages, 1);
+    assert!(out.len() < 8, "{} bytes for a duplicated page", out.len());
+    // Page 6: page 0's content shifted by two blocks, two fresh blocks first.
+    src.copy_within(0..PAGE_SIZE - 128, 6 * PAGE_SIZE + 128);
+    for c in src[6 * PAGE_SIZE..6 * PAGE_SIZE + 128].chunks_exact_mut(8) {
+        c.copy_from_slice(&xorshift(&mut s).to_le_bytes());
+    }
+    let mut out = Vec::new();
+    enc.encode_page(
+        6,
+        src[6 * PAGE_SIZE..7 * PAGE_SIZE].try_into().unwrap(),
+        &mut out,
+    );
     let stats = apply(&mut replica, 64, &out).unwrap();
     assert_eq!(replica, src);
-    assert_eq!(stats.ref_blocks, 64);
+    assert_eq!(stats.ref_blocks, 62);
     assert!(
-        out.len() < 64 * 6,
-        "{} bytes for a duplicated page",
+        out.len() < 128 + 62 * 6 + 16,
+        "{} bytes for shifted content",
         out.len()
     );
 }
