@@ -14,6 +14,7 @@ use fgbi::{apply, Config, Encoder, Mode, PAGE_SIZE};
 const PAGES: usize = 16384; // 64 MiB image
 const DIRTY: usize = 8192; // dirty pages per epoch
 const EPOCHS: usize = 4;
+const WARMUP: usize = 2; // epochs run before measuring, so adaptive state settles
 
 struct Rng(u64);
 impl Rng {
@@ -175,7 +176,9 @@ fn traces() -> Vec<Trace> {
     ]
 }
 
+#[derive(Clone)]
 struct Row {
+    hits: String,
     bytes_per_page: f64,
     encode_gbs: f64,
     apply_gbs: f64,
@@ -203,11 +206,24 @@ fn measure(t: &Trace, mode: Mode) -> Row {
         );
     }
     apply(&mut replica, 64, &out).unwrap();
+    for e in 0..WARMUP {
+        let dirty = (t.epoch)(&mut mem, &mut r, e + 1);
+        out.clear();
+        for &p in &dirty {
+            enc.encode_page(
+                p as u64,
+                mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE].try_into().unwrap(),
+                &mut out,
+            );
+        }
+        apply(&mut replica, 64, &out).unwrap();
+    }
+    let before = enc.stats();
     let mut staging = vec![0u8; DIRTY * PAGE_SIZE];
     let (mut bytes, mut pages) = (0usize, 0usize);
     let (mut te, mut ta, mut tm) = (f64::MAX, f64::MAX, f64::MAX);
     for e in 0..EPOCHS {
-        let dirty = (t.epoch)(&mut mem, &mut r, e + 1);
+        let dirty = (t.epoch)(&mut mem, &mut r, WARMUP + e + 1);
         // memcpy of the same pages, same run
         let t0 = Instant::now();
         for (i, &p) in dirty.iter().enumerate() {
@@ -234,7 +250,20 @@ fn measure(t: &Trace, mode: Mode) -> Row {
         pages += dirty.len();
     }
     let gb = (DIRTY * PAGE_SIZE) as f64 / 1e9;
+    let st = enc.stats();
+    let n = (st.pages - before.pages).max(1) as f64;
+    let hits = if mode == Mode::Remus {
+        "-".to_string()
+    } else {
+        format!(
+            "{:.0} / {:.0} / {:.0}",
+            100.0 * (st.copy_hits - before.copy_hits) as f64 / n,
+            100.0 * (st.digest_hits - before.digest_hits) as f64 / n,
+            100.0 * (st.misses - before.misses) as f64 / n
+        )
+    };
     Row {
+        hits,
         bytes_per_page: bytes as f64 / pages as f64,
         encode_gbs: gb / te,
         apply_gbs: gb / ta,
@@ -248,25 +277,30 @@ fn main() {
     }
     println!("# fgbi: bytes and speed per mode ({} MiB image, {DIRTY} dirty pages an epoch, 64 B blocks, best of {EPOCHS} epochs)\n", (PAGES * PAGE_SIZE) >> 20);
     println!("Budget = 1.25x the image unless the trace says otherwise (fgbi keeps 5 % of it for the sharing index); equal for xbzrle and fgbi. Every epoch's replica is checked equal to the source.\n");
-    println!("| trace | mode | bytes/dirty page | vs remus | encode GB/s | apply GB/s | memcpy GB/s | encode time / memcpy |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| trace | mode | bytes/dirty page | vs remus | encode GB/s | apply GB/s | memcpy GB/s | encode time / memcpy | fgbi copy/digest/miss % |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for t in traces() {
         let remus = measure(&t, Mode::Remus);
         for mode in [Mode::Remus, Mode::Xbzrle, Mode::Fgbi] {
             let row = if mode == Mode::Remus {
-                Row { ..remus }
+                remus.clone()
             } else {
                 measure(&t, mode)
             };
             println!(
-                "| {} | {mode} | {:.0} | {:.1}x fewer | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {mode} | {:.0} | {:.1}x fewer | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
                 t.name,
                 row.bytes_per_page,
                 remus.bytes_per_page / row.bytes_per_page,
                 row.encode_gbs,
                 row.apply_gbs,
                 row.memcpy_gbs,
-                row.memcpy_gbs / row.encode_gbs
+                row.memcpy_gbs / row.encode_gbs,
+                if mode == Mode::Fgbi {
+                    row.hits.as_str()
+                } else {
+                    ""
+                }
             );
         }
     }

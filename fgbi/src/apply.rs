@@ -7,7 +7,7 @@
 //! second pass copies them instead of decoding again; beyond that it decodes
 //! again, so staging memory stays bounded whatever the epoch holds.
 
-use crate::codec::{get_varint, xor_rle_decode};
+use crate::codec::{get_varint, xor_rle_check, xor_rle_decode};
 use crate::{check_block_size, kind, ApplyError, PAGE_SIZE};
 
 /// Most decoded lz4 pages kept between the two passes (16 MiB).
@@ -134,8 +134,8 @@ fn run(
                 if write {
                     xor_rle_decode(data, &mut replica[at..at + PAGE_SIZE])?;
                 } else {
-                    // Validate runs against a scratch page of the same size.
-                    xor_rle_decode(data, &mut lz4_out)?;
+                    // Validate the runs only.
+                    xor_rle_check(data, PAGE_SIZE)?;
                 }
             }
             kind::COPY_PAGE => {
@@ -214,7 +214,7 @@ fn run(
                             if write {
                                 xor_rle_decode(data, &mut replica[off..off + bs])?;
                             } else {
-                                xor_rle_decode(data, &mut lz4_out[..bs])?;
+                                xor_rle_check(data, bs)?;
                             }
                         }
                         other => {

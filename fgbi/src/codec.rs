@@ -137,6 +137,35 @@ pub fn xor_rle_encode_mask(
     Some(out.len() - start)
 }
 
+/// Checks an XOR-RLE delta against a target of `len` bytes without applying
+/// it: the same checks as [`xor_rle_decode`].
+pub fn xor_rle_check(delta: &[u8], len: usize) -> Result<(), ApplyError> {
+    let mut pos = 0;
+    let mut at = 0u64;
+    while pos < delta.len() {
+        let skip = get_varint(delta, &mut pos)?;
+        let n = get_varint(delta, &mut pos)?;
+        let e = at
+            .checked_add(skip)
+            .and_then(|s| s.checked_add(n))
+            .ok_or(ApplyError::Malformed("XOR-RLE run overflows"))?;
+        if e > len as u64 {
+            return Err(ApplyError::Malformed(
+                "XOR-RLE run past the end of its target",
+            ));
+        }
+        if n == 0 {
+            return Err(ApplyError::Malformed("empty XOR-RLE run"));
+        }
+        if (delta.len() - pos) < n as usize {
+            return Err(ApplyError::Truncated("XOR-RLE literal"));
+        }
+        pos += n as usize;
+        at = e;
+    }
+    Ok(())
+}
+
 /// Applies an XOR-RLE delta to `target` (which holds the old content).
 pub fn xor_rle_decode(delta: &[u8], target: &mut [u8]) -> Result<(), ApplyError> {
     let mut pos = 0;

@@ -22,10 +22,11 @@
 //! ones become references. Sampling keeps hashing to a few blocks per page,
 //! and catches duplicated pages, moved pages and block-aligned moved runs.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::codec::{chunk_eq, is_zero, put_varint, xor_rle_encode, xor_rle_encode_mask};
+use crate::digest::Digester;
 use crate::{kind, Config, ConfigError, Mode, PAGE_SIZE};
 
 const ZERO_PAGE: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
@@ -124,21 +125,25 @@ pub struct Encoder {
     digest_owner: Vec<u64>,
     digest_born: Vec<u64>,
     digest_free: Vec<u32>,
-    digest_fifo: VecDeque<u32>,
+    rng: u64,
     n_digests: usize,
     // budget, in units of one digest set
     budget_units: usize,
     copy_cost: usize,
-    // sharing
+    // sharing: two generations; when the young one fills, it becomes the old
     share: ShareIndex,
+    share_old: ShareIndex,
     share_cap: usize,
+    digester: Digester,
     stats: EncodeStats,
-    // scratch
-    digests: Vec<Option<u128>>,
+    // scratch: digests of the page being encoded, valid where stamped
+    digests: Vec<(u64, u128)>,
+    stamp: u64,
+    page_digests: Vec<u128>,
+    lz4buf: Vec<u8>,
     changed: Vec<bool>,
     tmp: Vec<u8>,
     rec: Vec<u8>,
-    whole: Vec<u8>,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -203,18 +208,22 @@ impl Encoder {
             digest_owner: Vec::new(),
             digest_born: Vec::new(),
             digest_free: Vec::new(),
-            digest_fifo: VecDeque::new(),
+            rng: 0x9E37_79B9_7F4A_7C15,
             n_digests: 0,
             budget_units,
             copy_cost,
             share: ShareIndex::default(),
+            share_old: ShareIndex::default(),
             share_cap,
+            digester: Digester::new(cfg.key),
             stats: EncodeStats::default(),
-            digests: vec![None; nb],
+            digests: vec![(0, 0); nb],
+            stamp: 0,
+            page_digests: vec![0; nb],
+            lz4buf: vec![0; lz4_flex::block::get_maximum_output_size(PAGE_SIZE)],
             changed: vec![false; nb],
             tmp: Vec::with_capacity(2 * PAGE_SIZE),
             rec: Vec::with_capacity(2 * PAGE_SIZE),
-            whole: Vec::with_capacity(2 * PAGE_SIZE),
             cfg,
         };
         if direct_slots > 0 {
@@ -238,7 +247,8 @@ impl Encoder {
     /// sets and the sharing index (the per-page state, 8 bytes a page, aside).
     pub fn memory_bytes(&self) -> u64 {
         let copies = self.copies.iter().filter(|c| c.is_some()).count() * PAGE_SIZE;
-        (copies + self.n_digests * 16 * self.nb + self.share.len() * 48) as u64
+        (copies + self.n_digests * 16 * self.nb + (self.share.len() + self.share_old.len()) * 48)
+            as u64
     }
 
     /// Appends the record describing `data`, the current content of `page`,
@@ -295,26 +305,25 @@ impl Encoder {
         }
     }
 
-    /// The whole page as a record body (lz4 if smaller than raw, else raw)
-    /// into `self.whole`; returns the record kind.
-    fn whole_page(&mut self, data: &[u8]) -> u8 {
-        self.whole.clear();
-        self.whole
-            .resize(lz4_flex::block::get_maximum_output_size(PAGE_SIZE), 0);
-        match lz4_flex::block::compress_into(data, &mut self.whole) {
-            Ok(n) if n + 3 < PAGE_SIZE => {
-                self.whole.truncate(n);
-                let mut v = Vec::with_capacity(n + 3);
-                put_varint(&mut v, n as u64);
-                v.extend_from_slice(&self.whole);
-                self.whole = v;
-                kind::LZ4_PAGE
-            }
-            _ => {
-                self.whole.clear();
-                self.whole.extend_from_slice(data);
-                kind::RAW_PAGE
-            }
+    /// Compresses the page into `lz4buf`; returns the size of the whole-page
+    /// record body (lz4 if smaller than raw, else raw) and its kind.
+    fn whole_page(&mut self, data: &[u8]) -> (usize, u8) {
+        match lz4_flex::block::compress_into(data, &mut self.lz4buf) {
+            Ok(n) if n + 3 < PAGE_SIZE => (n, kind::LZ4_PAGE),
+            _ => (PAGE_SIZE, kind::RAW_PAGE),
+        }
+    }
+
+    /// Emits the whole page as [`Self::whole_page`] prepared it.
+    fn emit_whole(&mut self, page: u64, data: &[u8], n: usize, k: u8, out: &mut Vec<u8>) {
+        Self::header(page, k, out);
+        if k == kind::LZ4_PAGE {
+            put_varint(out, n as u64);
+            out.extend_from_slice(&self.lz4buf[..n]);
+            self.stats.lz4_pages += 1;
+        } else {
+            out.extend_from_slice(data);
+            self.stats.raw_pages += 1;
         }
     }
 
@@ -366,18 +375,58 @@ impl Encoder {
 
     // ---- fgbi ----
 
-    fn digest(&self, block: &[u8]) -> u128 {
-        let h = blake3::keyed_hash(&self.cfg.key, block);
-        u128::from_le_bytes(h.as_bytes()[..16].try_into().expect("16 bytes"))
-    }
-
     fn digest_of(&mut self, data: &[u8], b: usize) -> u128 {
-        if let Some(d) = self.digests[b] {
+        let (st, d) = self.digests[b];
+        if st == self.stamp {
             return d;
         }
-        let d = self.digest(&data[b * self.bs..(b + 1) * self.bs]);
-        self.digests[b] = Some(d);
+        let d = self.digester.one(&data[b * self.bs..(b + 1) * self.bs]);
+        self.digests[b] = (self.stamp, d);
         d
+    }
+
+    fn digest_known(&self, b: usize) -> Option<u128> {
+        let (st, d) = self.digests[b];
+        (st == self.stamp).then_some(d)
+    }
+
+    /// Digests every block of the page at once (batched).
+    fn digest_all(&mut self, data: &[u8; PAGE_SIZE]) {
+        let mut pd = std::mem::take(&mut self.page_digests);
+        self.digester.page(data, self.bs, &mut pd);
+        for (b, d) in pd.iter().enumerate() {
+            self.digests[b] = (self.stamp, *d);
+        }
+        self.page_digests = pd;
+    }
+
+    fn share_get(&self, d: u128) -> Option<(u64, u16)> {
+        self.share
+            .get(&d)
+            .or_else(|| self.share_old.get(&d))
+            .copied()
+    }
+
+    fn share_remove(&mut self, d: u128) {
+        if self.share.remove(&d).is_none() {
+            self.share_old.remove(&d);
+        }
+    }
+
+    fn share_insert(&mut self, d: u128, page: u64, b: usize) {
+        if self.share_cap == 0 {
+            return;
+        }
+        // Keep an existing entry: it names content that has stayed put (a
+        // duplicate's fresh location is more likely to change again).
+        if self.share.contains_key(&d) {
+            return;
+        }
+        let v = self.share_old.remove(&d).unwrap_or((page, b as u16));
+        if self.share.len() >= self.share_cap / 2 {
+            self.share_old = std::mem::take(&mut self.share);
+        }
+        self.share.insert(d, v);
     }
 
     /// Whether the backup's block (`q`, `qb`) holds block `b` of `data`, per
@@ -412,7 +461,7 @@ impl Encoder {
         let p = page as usize;
         let (bs, nb) = (self.bs, self.nb);
         let know = self.know[p];
-        self.digests.iter_mut().for_each(|d| *d = None);
+        self.stamp += 1;
         // The old content, where it is known byte for byte.
         let old: Option<Box<[u8; PAGE_SIZE]>> = match know {
             Know::Copy(s) => {
@@ -437,15 +486,9 @@ impl Encoder {
                 for i in 0..SAMPLES {
                     let b = i * nb / SAMPLES;
                     // Sampled blocks whose digest was computed: new or rewritten content.
-                    if let (true, Some(d)) = (self.changed[b], self.digests[b]) {
-                        if is_zero(&data[b * bs..(b + 1) * bs]) {
-                            continue;
-                        }
-                        if self.share_cap > 0 {
-                            if self.share.len() >= self.share_cap {
-                                self.share.clear();
-                            }
-                            self.share.insert(d, (page, b as u16));
+                    if let (true, Some(d)) = (self.changed[b], self.digest_known(b)) {
+                        if !is_zero(&data[b * bs..(b + 1) * bs]) {
+                            self.share_insert(d, page, b);
                         }
                     }
                 }
@@ -499,10 +542,10 @@ impl Encoder {
                 if self.demotions - self.digest_born[s as usize] <= self.copy_cap_max as u64 {
                     self.copy_cap = (self.copy_cap + 1).min(self.copy_cap_max);
                 }
-                for b in 0..nb {
-                    let d = self.digest_of(data, b);
-                    self.changed[b] =
-                        self.digest_sets[s as usize].as_ref().expect("digest slot")[b] != d;
+                self.digest_all(data);
+                let set = self.digest_sets[s as usize].as_ref().expect("digest slot");
+                for (b, c) in self.changed.iter_mut().enumerate() {
+                    *c = set[b] != self.digests[b].1;
                 }
             }
             _ => {
@@ -529,6 +572,10 @@ impl Encoder {
             // The index holds every (nb / SAMPLES)-th block of each page, so a
             // window of that many consecutive blocks meets an indexed block for
             // any block-aligned shift of the content.
+            // A page mostly rewritten gets all its digests at once (batched).
+            if !matches!(know, Know::Digest(_)) && (old.is_none() || xor_len.is_none()) {
+                self.digest_all(data);
+            }
             let window = nb / SAMPLES;
             let mut looked = 0;
             for b in 0..nb {
@@ -541,11 +588,11 @@ impl Encoder {
                 }
                 looked += 1;
                 let d = self.digest_of(data, b);
-                if let Some(&(q, qb)) = self.share.get(&d) {
+                if let Some((q, qb)) = self.share_get(d) {
                     if self.backup_block_is(q, qb as usize, data, b, (page, copy)) {
                         source = Some((q, qb as isize - b as isize));
                     } else {
-                        self.share.remove(&d);
+                        self.share_remove(d);
                     }
                 }
             }
@@ -554,7 +601,7 @@ impl Encoder {
                 let b = i * window;
                 let blk = &data[b * bs..(b + 1) * bs];
                 if self.changed[b]
-                    && self.digests[b].is_none()
+                    && self.digest_known(b).is_none()
                     && mostly_changed(old, blk, b * bs)
                     && !is_zero(blk)
                 {
@@ -575,15 +622,29 @@ impl Encoder {
                 return Outcome::Sent;
             }
         }
+        // No shared content and no zeroed block: the whole-page delta is the
+        // best candidate when it fits; when it did not fit against known
+        // bytes, no block list beats the whole page either.
+        let zero_block = (0..nb).any(|b| self.changed[b] && is_zero(&data[b * bs..(b + 1) * bs]));
+        if source.is_none() && !zero_block && old.is_some() {
+            if let Some(n) = xor_len {
+                Self::header(page, kind::XOR_PAGE, out);
+                put_varint(out, n as u64);
+                out.extend_from_slice(&self.tmp);
+                self.stats.xor_pages += 1;
+            } else {
+                let (n, k) = self.whole_page(data);
+                self.emit_whole(page, data, n, k, out);
+            }
+            return Outcome::Sent;
+        }
         let mut plan = [Plan::Keep; PAGE_SIZE / 64];
-        let mut special = 0;
         for b in 0..nb {
             if !self.changed[b] {
                 continue;
             }
             if is_zero(&data[b * bs..(b + 1) * bs]) {
                 plan[b] = Plan::Zero;
-                special += 1;
                 continue;
             }
             plan[b] = Plan::Data;
@@ -593,17 +654,8 @@ impl Encoder {
                     && self.backup_block_is(q, qb as usize, data, b, (page, copy))
                 {
                     plan[b] = Plan::Ref(q, qb as usize);
-                    special += 1;
                 }
             }
-        }
-        if let (Some(n), 0) = (xor_len, special) {
-            // No zero or shared blocks: the whole-page delta is the best candidate.
-            Self::header(page, kind::XOR_PAGE, out);
-            put_varint(out, n as u64);
-            out.extend_from_slice(&self.tmp);
-            self.stats.xor_pages += 1;
-            return Outcome::Sent;
         }
         // A block list, or the whole page, whichever is smaller.
         let mut rec = std::mem::take(&mut self.rec);
@@ -652,20 +704,19 @@ impl Encoder {
                 break; // the whole page wins anyway
             }
         }
-        let k = self.whole_page(data);
-        if rec.len() < self.whole.len() {
+        let (n, k) = self.whole_page(data);
+        let whole_len = if k == kind::LZ4_PAGE {
+            n + 2
+        } else {
+            PAGE_SIZE
+        };
+        if rec.len() < whole_len {
             Self::header(page, kind::BLOCKS, out);
             out.extend_from_slice(&rec);
             self.stats.block_pages += 1;
             self.stats.ref_blocks += refs;
         } else {
-            Self::header(page, k, out);
-            out.extend_from_slice(&self.whole);
-            if k == kind::LZ4_PAGE {
-                self.stats.lz4_pages += 1;
-            } else {
-                self.stats.raw_pages += 1;
-            }
+            self.emit_whole(page, data, n, k, out);
         }
         self.rec = rec;
         Outcome::Sent
@@ -720,7 +771,7 @@ impl Encoder {
             if self.n_copies > 0 && (self.n_copies >= self.copy_cap || self.n_digests == 0) {
                 self.demote_one_copy();
             } else if self.n_digests > 0 {
-                self.evict_oldest_digests();
+                self.evict_random_digests();
             } else {
                 self.store_digests(page, data);
                 return;
@@ -764,10 +815,17 @@ impl Encoder {
         }
     }
 
-    fn evict_oldest_digests(&mut self) {
-        while let Some(s) = self.digest_fifo.pop_front() {
-            let owner = self.digest_owner[s as usize];
-            if owner != NONE && self.know[owner as usize] == Know::Digest(s) {
+    /// Evicts a random digest set. Random replacement, unlike FIFO or LRU,
+    /// keeps a share of hits when a cyclic working set exceeds the budget.
+    fn evict_random_digests(&mut self) {
+        let n = self.digest_sets.len() as u64;
+        loop {
+            self.rng ^= self.rng << 13;
+            self.rng ^= self.rng >> 7;
+            self.rng ^= self.rng << 17;
+            let s = (self.rng % n) as usize;
+            let owner = self.digest_owner[s];
+            if owner != NONE {
                 self.forget(owner as usize);
                 return;
             }
@@ -780,11 +838,10 @@ impl Encoder {
                 self.know[page as usize] = Know::Unknown;
                 return;
             }
-            self.evict_oldest_digests();
+            self.evict_random_digests();
         }
-        let set: Box<[u128]> = (0..self.nb)
-            .map(|b| self.digest(&data[b * self.bs..(b + 1) * self.bs]))
-            .collect();
+        let mut set: Box<[u128]> = vec![0; self.nb].into_boxed_slice();
+        self.digester.page(data, self.bs, &mut set);
         let slot = match self.digest_free.pop() {
             Some(s) => s as usize,
             None => {
@@ -797,7 +854,6 @@ impl Encoder {
         self.digest_born[slot] = self.demotions;
         self.digest_sets[slot] = Some(set);
         self.digest_owner[slot] = page;
-        self.digest_fifo.push_back(slot as u32);
         self.n_digests += 1;
         self.know[page as usize] = Know::Digest(slot as u32);
     }

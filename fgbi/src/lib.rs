@@ -53,6 +53,7 @@
 
 mod apply;
 pub mod codec;
+mod digest;
 mod encoder;
 
 pub use apply::{apply, ApplyStats};
