@@ -1,7 +1,8 @@
 //! fgbi on synthetic traces, every mode side by side, with the memcpy of the
 //! same dirty pages measured in the same run. Prints a markdown table.
 //!
-//! Run: `cargo bench -p castor-benchmarks --bench fgbi`.
+//! Run: `cargo bench -p castor-benchmarks --bench fgbi`
+//! (`CASTOR_FGBI_TRACE=NAME` runs only the traces whose name contains NAME).
 //!
 //! Each trace has a memory image, a first epoch (the initial copy, not
 //! measured) and then measured epochs of dirty pages. Bytes are per dirty
@@ -279,7 +280,12 @@ fn main() {
     println!("Budget = 1.25x the image unless the trace says otherwise (fgbi keeps 5 % of it for the sharing index); equal for xbzrle and fgbi. Every epoch's replica is checked equal to the source.\n");
     println!("| trace | mode | bytes/dirty page | vs remus | encode GB/s | apply GB/s | memcpy GB/s | encode time / memcpy | fgbi copy/digest/miss % |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    for t in traces() {
+    // CASTOR_FGBI_TRACE=text runs only the traces whose name contains "text".
+    let only = std::env::var("CASTOR_FGBI_TRACE").unwrap_or_default();
+    for t in traces()
+        .into_iter()
+        .filter(|t| t.name.contains(only.as_str()))
+    {
         let remus = measure(&t, Mode::Remus);
         for mode in [Mode::Remus, Mode::Xbzrle, Mode::Fgbi] {
             let row = if mode == Mode::Remus {

@@ -86,7 +86,11 @@ pub fn xor_rle_encode_mask(
 ) -> Option<usize> {
     debug_assert_eq!(old.len(), new.len());
     debug_assert_eq!(new.len() % 64, 0);
-    let start = out.len();
+    // Runs are assembled in a stack buffer and appended once: per-run
+    // `extend_from_slice` calls cost more than the bytes they copy.
+    let mut buf = [0u8; 4096 + 64];
+    let cap = limit.min(4096) + 32;
+    let mut pos = 0usize;
     let n = new.len();
     let (oc, _) = old.as_chunks::<64>();
     let (nc, _) = new.as_chunks::<64>();
@@ -124,17 +128,33 @@ pub fn xor_rle_encode_mask(
         for c in s / 64..=(t - 1) / 64 {
             *mask |= 1u64.checked_shl(c as u32).unwrap_or(0);
         }
-        put_varint(out, (s - last_end) as u64);
-        put_varint(out, (t - s) as u64);
-        out.extend_from_slice(&new[s..t]);
+        let len = t - s;
+        if pos + 20 + len > cap {
+            return None;
+        }
+        pos = put_varint_at(&mut buf, pos, (s - last_end) as u64);
+        pos = put_varint_at(&mut buf, pos, len as u64);
+        buf[pos..pos + len].copy_from_slice(&new[s..t]);
+        pos += len;
         last_end = t;
         i = e;
-        if out.len() - start > limit {
-            out.truncate(start);
+        if pos > limit {
             return None;
         }
     }
-    Some(out.len() - start)
+    out.extend_from_slice(&buf[..pos]);
+    Some(pos)
+}
+
+#[inline(always)]
+fn put_varint_at(buf: &mut [u8], mut pos: usize, mut v: u64) -> usize {
+    while v >= 0x80 {
+        buf[pos] = (v as u8) | 0x80;
+        v >>= 7;
+        pos += 1;
+    }
+    buf[pos] = v as u8;
+    pos + 1
 }
 
 /// Checks an XOR-RLE delta against a target of `len` bytes without applying

@@ -568,7 +568,10 @@ impl Encoder {
         // rewritten (moved or duplicated content rewrites most of a block; a
         // few changed words are cheaper as a delta and are not looked up).
         let mut source: Option<(u64, isize)> = None;
-        if self.share_cap > 0 {
+        // A page whose delta against known bytes is small has little left to
+        // share: skip the lookups (and their per-block checks) for it.
+        let small_delta = matches!(xor_len, Some(n) if n < PAGE_SIZE / 8);
+        if self.share_cap > 0 && !small_delta {
             // The index holds every (nb / SAMPLES)-th block of each page, so a
             // window of that many consecutive blocks meets an indexed block for
             // any block-aligned shift of the content.
@@ -859,8 +862,9 @@ impl Encoder {
     }
 }
 
-/// Whether most 8-byte words of block `blk` (at `off` in the page) differ
-/// from the old content; true where the old content is not known.
+/// Whether block `blk` (at `off` in the page) was rewritten — at least 7 of
+/// every 8 of its words differ from the old content, as when content moves —
+/// rather than edited in a few places; true where the old content is not known.
 fn mostly_changed(old: Option<&[u8; PAGE_SIZE]>, blk: &[u8], off: usize) -> bool {
     let Some(o) = old else { return true };
     let ob = &o[off..off + blk.len()];
@@ -869,7 +873,7 @@ fn mostly_changed(old: Option<&[u8; PAGE_SIZE]>, blk: &[u8], off: usize) -> bool
         .zip(blk.chunks_exact(8))
         .filter(|(x, y)| x != y)
         .count();
-    diff * 2 >= blk.len() / 8
+    diff * 8 >= blk.len() / 8 * 7
 }
 
 /// The page being encoded and its old copy, if held.
