@@ -1,0 +1,145 @@
+//! castor's replication protocol.
+//!
+//! - [`message`]: the versioned binary messages and frames, with a limit on
+//!   every length; [`message::FrameDecoder`] splits a byte stream into them.
+//! - [`session`]: the primary's and the backup's state machines, sans I/O.
+//! - [`transport`]: one QUIC connection per pair (quinn), mutual TLS
+//!   (rustls) against the pair's own CA, bulk data and control on separate
+//!   streams.
+//! - [`certs`]: the CA and node certificates (`castor certs`).
+//!
+//! The format is described in `docs/protocol.md`.
+
+pub mod certs;
+pub mod codec;
+pub mod message;
+pub mod session;
+pub mod transport;
+
+pub use message::{FrameDecoder, Hello, Message, VERSION};
+pub use session::{Checkpoint, Event, Receiver, Sender};
+
+/// A frame or message that does not decode.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    /// The input ends inside a field.
+    #[error("truncated message: it ends inside {0}")]
+    Truncated(&'static str),
+    /// A length beyond its limit.
+    #[error("{field} is {len} bytes, over its limit of {max}")]
+    TooLong {
+        /// The field.
+        field: &'static str,
+        /// Its declared length.
+        len: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A frame larger than the protocol allows.
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    FrameTooLarge {
+        /// Declared length.
+        len: u64,
+        /// The maximum.
+        max: u64,
+    },
+    /// Unknown message type.
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    /// A different protocol version.
+    #[error("peer speaks protocol version {got}; this castor speaks version {supported} only")]
+    UnsupportedVersion {
+        /// The peer's version.
+        got: u16,
+        /// Ours.
+        supported: u16,
+    },
+    /// Bytes left after a complete message.
+    #[error("{extra} unexpected bytes after a {message} message")]
+    TrailingBytes {
+        /// The message.
+        message: &'static str,
+        /// How many.
+        extra: usize,
+    },
+    /// A field with an invalid value.
+    #[error("{field} has the invalid value {value}")]
+    BadValue {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+    },
+    /// A string that is not UTF-8.
+    #[error("{0} is not UTF-8")]
+    BadUtf8(&'static str),
+}
+
+/// A message that is valid on its own but not at this point of the session.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// The frame did not decode.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// A message out of place.
+    #[error("unexpected {message} {state}")]
+    Unexpected {
+        /// The message.
+        message: &'static str,
+        /// Where the session was.
+        state: &'static str,
+    },
+    /// A content message for another epoch than the open one.
+    #[error("{message} for epoch {got} while epoch {current} is open")]
+    WrongEpoch {
+        /// The message.
+        message: &'static str,
+        /// Its epoch.
+        got: u64,
+        /// The open epoch.
+        current: u64,
+    },
+    /// Epoch numbers must increase.
+    #[error("epoch {got} does not follow the last committed epoch {last}")]
+    EpochNotIncreasing {
+        /// The epoch received.
+        got: u64,
+        /// The last committed.
+        last: u64,
+    },
+    /// Messages in the wrong order within an epoch.
+    #[error("protocol order violated: {0}")]
+    Order(&'static str),
+    /// An epoch larger than the staging limit.
+    #[error("epoch exceeds the staging limit of {limit} bytes")]
+    EpochTooLarge {
+        /// The limit.
+        limit: usize,
+    },
+    /// Console output not contiguous.
+    #[error("console output at offset {got}, expected {expected}: a gap or an overlap")]
+    OutputGap {
+        /// Received offset.
+        got: u64,
+        /// Expected offset.
+        expected: u64,
+    },
+    /// The commit digest does not match what was received.
+    #[error("epoch {0}: commit digest does not match the received content")]
+    DigestMismatch(u64),
+    /// An ack for an epoch not in flight.
+    #[error(
+        "ack for epoch {epoch}, but acked up to {last_acked} and committed up to {last_committed}"
+    )]
+    BadAck {
+        /// The ack's epoch.
+        epoch: u64,
+        /// Last acked.
+        last_acked: u64,
+        /// Last committed.
+        last_committed: u64,
+    },
+    /// Capabilities this castor does not know.
+    #[error("unknown capabilities {0:#x}")]
+    UnknownCapabilities(u64),
+}

@@ -1,0 +1,445 @@
+//! The messages of a replication session and their binary encoding.
+//!
+//! Every message travels in a frame: `u32 length | u8 type | payload`, the
+//! length counting the type byte and the payload, at most [`MAX_FRAME`].
+//! Integers are little endian; byte strings are `u32 length | bytes`, each
+//! with its own limit. See `docs/protocol.md`.
+
+use std::fmt;
+
+use crate::codec::{Reader, Writer};
+use crate::WireError;
+
+/// The protocol version this castor speaks.
+pub const VERSION: u16 = 1;
+/// Largest frame: the largest message (a machine state) plus headers.
+pub const MAX_FRAME: usize = MAX_STATE + 1024;
+/// Largest chunk of fgbi records in one message.
+pub const MAX_RECORDS_CHUNK: usize = 1 << 20;
+/// Largest encoded machine state.
+pub const MAX_STATE: usize = 16 << 20;
+/// Largest chunk of guest console output in one message.
+pub const MAX_OUTPUT_CHUNK: usize = 1 << 20;
+/// Longest node name.
+pub const MAX_NAME: usize = 255;
+/// Longest goodbye reason.
+pub const MAX_REASON: usize = 1024;
+
+/// Capability: the primary sends a digest of the applied memory with each
+/// commit, and the backup checks its replica against it.
+pub const CAP_VERIFY: u64 = 1;
+
+/// First message on a connection, from the primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Protocol version (must equal [`VERSION`]).
+    pub version: u16,
+    /// Random session id: a new one for every full resync.
+    pub session: u64,
+    /// The sender's node name (also checked in its certificate).
+    pub node: String,
+    /// Capability bits ([`CAP_VERIFY`]).
+    pub capabilities: u64,
+    /// fgbi mode: 0 remus, 1 xbzrle, 2 fgbi.
+    pub mode: u8,
+    /// fgbi block size.
+    pub block_size: u32,
+    /// Guest RAM size in bytes.
+    pub memory_bytes: u64,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Console stream offset of the first output byte this session sends.
+    pub output_offset: u64,
+}
+
+/// A message of the replication protocol.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Session start (primary → backup).
+    Hello(Hello),
+    /// An epoch's checkpoint begins (primary → backup).
+    EpochStart {
+        /// Epoch number, strictly increasing.
+        epoch: u64,
+        /// Dirty pages in this epoch.
+        dirty_pages: u32,
+        /// Bytes those pages would take raw.
+        raw_bytes: u64,
+    },
+    /// A chunk of the epoch's fgbi records (primary → backup).
+    Records {
+        /// Epoch.
+        epoch: u64,
+        /// Records (chunks concatenate into the epoch's record stream).
+        data: Vec<u8>,
+    },
+    /// The encoded machine state at the checkpoint (primary → backup).
+    State {
+        /// Epoch.
+        epoch: u64,
+        /// `castor_vmm::MachineState::encode` output.
+        data: Vec<u8>,
+    },
+    /// Guest console output produced during the epoch (primary → backup).
+    Output {
+        /// Epoch.
+        epoch: u64,
+        /// Console stream offset of `data[0]`.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// The epoch is complete (primary → backup).
+    Commit {
+        /// Epoch.
+        epoch: u64,
+        /// blake3 of the epoch's content (see [`crate::session`]).
+        digest: [u8; 32],
+        /// With [`CAP_VERIFY`]: blake3 of the dirty pages after the
+        /// checkpoint, in ascending page order.
+        memory_digest: Option<[u8; 32]>,
+    },
+    /// The backup has committed the epoch (backup → primary).
+    Ack {
+        /// Epoch.
+        epoch: u64,
+    },
+    /// Liveness probe (either direction).
+    Heartbeat {
+        /// Sequence number.
+        seq: u64,
+        /// Sender's clock, microseconds.
+        sent_us: u64,
+    },
+    /// Reply to a heartbeat (echoes it).
+    HeartbeatEcho {
+        /// The heartbeat's sequence number.
+        seq: u64,
+        /// The heartbeat's `sent_us`.
+        sent_us: u64,
+    },
+    /// Orderly end of the session.
+    Goodbye {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Message::Hello(h) => write!(f, "Hello({h:?})"),
+            Message::EpochStart {
+                epoch,
+                dirty_pages,
+                raw_bytes,
+            } => {
+                write!(f, "EpochStart {{ epoch: {epoch}, dirty_pages: {dirty_pages}, raw_bytes: {raw_bytes} }}")
+            }
+            Message::Records { epoch, data } => {
+                write!(f, "Records {{ epoch: {epoch}, len: {} }}", data.len())
+            }
+            Message::State { epoch, data } => {
+                write!(f, "State {{ epoch: {epoch}, len: {} }}", data.len())
+            }
+            Message::Output {
+                epoch,
+                offset,
+                data,
+            } => {
+                write!(
+                    f,
+                    "Output {{ epoch: {epoch}, offset: {offset}, len: {} }}",
+                    data.len()
+                )
+            }
+            Message::Commit {
+                epoch,
+                memory_digest,
+                ..
+            } => {
+                write!(
+                    f,
+                    "Commit {{ epoch: {epoch}, verify: {} }}",
+                    memory_digest.is_some()
+                )
+            }
+            Message::Ack { epoch } => write!(f, "Ack {{ epoch: {epoch} }}"),
+            Message::Heartbeat { seq, .. } => write!(f, "Heartbeat {{ seq: {seq} }}"),
+            Message::HeartbeatEcho { seq, .. } => write!(f, "HeartbeatEcho {{ seq: {seq} }}"),
+            Message::Goodbye { reason } => write!(f, "Goodbye {{ reason: {reason:?} }}"),
+        }
+    }
+}
+
+mod ty {
+    pub const HELLO: u8 = 1;
+    pub const EPOCH_START: u8 = 2;
+    pub const RECORDS: u8 = 3;
+    pub const STATE: u8 = 4;
+    pub const OUTPUT: u8 = 5;
+    pub const COMMIT: u8 = 6;
+    pub const ACK: u8 = 7;
+    pub const HEARTBEAT: u8 = 8;
+    pub const HEARTBEAT_ECHO: u8 = 9;
+    pub const GOODBYE: u8 = 10;
+}
+
+fn string(r: &mut Reader<'_>, f: &'static str, max: usize) -> Result<String, WireError> {
+    String::from_utf8(r.bytes(f, max)?).map_err(|_| WireError::BadUtf8(f))
+}
+
+impl Message {
+    /// The message's name, for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::EpochStart { .. } => "EpochStart",
+            Message::Records { .. } => "Records",
+            Message::State { .. } => "State",
+            Message::Output { .. } => "Output",
+            Message::Commit { .. } => "Commit",
+            Message::Ack { .. } => "Ack",
+            Message::Heartbeat { .. } => "Heartbeat",
+            Message::HeartbeatEcho { .. } => "HeartbeatEcho",
+            Message::Goodbye { .. } => "Goodbye",
+        }
+    }
+
+    /// Appends the message as one frame to `out`. Panics only if a field
+    /// exceeds its documented limit (a caller bug, not input).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let mut w = Writer(Vec::new());
+        let t = match self {
+            Message::Hello(h) => {
+                assert!(h.node.len() <= MAX_NAME, "node name over {MAX_NAME} bytes");
+                w.u16(h.version);
+                w.u64(h.session);
+                w.bytes(h.node.as_bytes());
+                w.u64(h.capabilities);
+                w.u8(h.mode);
+                w.u32(h.block_size);
+                w.u64(h.memory_bytes);
+                w.u32(h.vcpus);
+                w.u64(h.output_offset);
+                ty::HELLO
+            }
+            Message::EpochStart {
+                epoch,
+                dirty_pages,
+                raw_bytes,
+            } => {
+                w.u64(*epoch);
+                w.u32(*dirty_pages);
+                w.u64(*raw_bytes);
+                ty::EPOCH_START
+            }
+            Message::Records { epoch, data } => {
+                assert!(
+                    data.len() <= MAX_RECORDS_CHUNK,
+                    "records chunk over the limit"
+                );
+                w.u64(*epoch);
+                w.bytes(data);
+                ty::RECORDS
+            }
+            Message::State { epoch, data } => {
+                assert!(data.len() <= MAX_STATE, "machine state over the limit");
+                w.u64(*epoch);
+                w.bytes(data);
+                ty::STATE
+            }
+            Message::Output {
+                epoch,
+                offset,
+                data,
+            } => {
+                assert!(
+                    data.len() <= MAX_OUTPUT_CHUNK,
+                    "output chunk over the limit"
+                );
+                w.u64(*epoch);
+                w.u64(*offset);
+                w.bytes(data);
+                ty::OUTPUT
+            }
+            Message::Commit {
+                epoch,
+                digest,
+                memory_digest,
+            } => {
+                w.u64(*epoch);
+                w.raw(digest);
+                match memory_digest {
+                    Some(d) => {
+                        w.u8(1);
+                        w.raw(d);
+                    }
+                    None => w.u8(0),
+                }
+                ty::COMMIT
+            }
+            Message::Ack { epoch } => {
+                w.u64(*epoch);
+                ty::ACK
+            }
+            Message::Heartbeat { seq, sent_us } => {
+                w.u64(*seq);
+                w.u64(*sent_us);
+                ty::HEARTBEAT
+            }
+            Message::HeartbeatEcho { seq, sent_us } => {
+                w.u64(*seq);
+                w.u64(*sent_us);
+                ty::HEARTBEAT_ECHO
+            }
+            Message::Goodbye { reason } => {
+                let r = &reason.as_bytes()[..reason.len().min(MAX_REASON)];
+                w.bytes(r);
+                ty::GOODBYE
+            }
+        };
+        out.extend_from_slice(&((w.0.len() + 1) as u32).to_le_bytes());
+        out.push(t);
+        out.extend_from_slice(&w.0);
+    }
+
+    /// The message as one frame.
+    pub fn to_frame(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.encode(&mut v);
+        v
+    }
+
+    /// Decodes one frame body (`type | payload`, without the length).
+    pub fn decode(body: &[u8]) -> Result<Message, WireError> {
+        let (&t, payload) = body
+            .split_first()
+            .ok_or(WireError::Truncated("frame type"))?;
+        let mut r = Reader::new(payload);
+        let m = match t {
+            ty::HELLO => {
+                let version = r.u16("Hello.version")?;
+                if version != VERSION {
+                    return Err(WireError::UnsupportedVersion {
+                        got: version,
+                        supported: VERSION,
+                    });
+                }
+                Message::Hello(Hello {
+                    version,
+                    session: r.u64("Hello.session")?,
+                    node: string(&mut r, "Hello.node", MAX_NAME)?,
+                    capabilities: r.u64("Hello.capabilities")?,
+                    mode: r.u8("Hello.mode")?,
+                    block_size: r.u32("Hello.block_size")?,
+                    memory_bytes: r.u64("Hello.memory_bytes")?,
+                    vcpus: r.u32("Hello.vcpus")?,
+                    output_offset: r.u64("Hello.output_offset")?,
+                })
+            }
+            ty::EPOCH_START => Message::EpochStart {
+                epoch: r.u64("EpochStart.epoch")?,
+                dirty_pages: r.u32("EpochStart.dirty_pages")?,
+                raw_bytes: r.u64("EpochStart.raw_bytes")?,
+            },
+            ty::RECORDS => Message::Records {
+                epoch: r.u64("Records.epoch")?,
+                data: r.bytes("Records.data", MAX_RECORDS_CHUNK)?,
+            },
+            ty::STATE => Message::State {
+                epoch: r.u64("State.epoch")?,
+                data: r.bytes("State.data", MAX_STATE)?,
+            },
+            ty::OUTPUT => Message::Output {
+                epoch: r.u64("Output.epoch")?,
+                offset: r.u64("Output.offset")?,
+                data: r.bytes("Output.data", MAX_OUTPUT_CHUNK)?,
+            },
+            ty::COMMIT => Message::Commit {
+                epoch: r.u64("Commit.epoch")?,
+                digest: r.array("Commit.digest")?,
+                memory_digest: match r.u8("Commit.has_memory_digest")? {
+                    0 => None,
+                    1 => Some(r.array("Commit.memory_digest")?),
+                    v => {
+                        return Err(WireError::BadValue {
+                            field: "Commit.has_memory_digest",
+                            value: v as u64,
+                        })
+                    }
+                },
+            },
+            ty::ACK => Message::Ack {
+                epoch: r.u64("Ack.epoch")?,
+            },
+            ty::HEARTBEAT => Message::Heartbeat {
+                seq: r.u64("Heartbeat.seq")?,
+                sent_us: r.u64("Heartbeat.sent_us")?,
+            },
+            ty::HEARTBEAT_ECHO => Message::HeartbeatEcho {
+                seq: r.u64("HeartbeatEcho.seq")?,
+                sent_us: r.u64("HeartbeatEcho.sent_us")?,
+            },
+            ty::GOODBYE => Message::Goodbye {
+                reason: string(&mut r, "Goodbye.reason", MAX_REASON)?,
+            },
+            other => return Err(WireError::UnknownType(other)),
+        };
+        r.finish(m.name())?;
+        Ok(m)
+    }
+}
+
+/// Splits a byte stream into messages, checking each frame's length before
+/// buffering it: memory stays within one frame plus what the caller feeds.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl FrameDecoder {
+    /// An empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds bytes received from the peer.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes buffered and not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The next complete message, `None` if more bytes are needed.
+    pub fn next_message(&mut self) -> Result<Option<Message>, WireError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(avail[..4].try_into().expect("4")) as usize;
+        if len == 0 {
+            return Err(WireError::Truncated("frame type"));
+        }
+        if len > MAX_FRAME {
+            return Err(WireError::FrameTooLarge {
+                len: len as u64,
+                max: MAX_FRAME as u64,
+            });
+        }
+        if avail.len() < 4 + len {
+            return Ok(None);
+        }
+        let m = Message::decode(&avail[4..4 + len])?;
+        self.start += 4 + len;
+        Ok(Some(m))
+    }
+}

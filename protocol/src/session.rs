@@ -1,0 +1,453 @@
+//! The session state machines, sans I/O: the primary's [`Sender`] turns a
+//! checkpoint into frames; the backup's [`Receiver`] checks that the frames
+//! it gets form valid checkpoints and hands each one over only when its
+//! commit arrives and its digest matches. Nothing here touches a socket.
+//!
+//! Order on the data stream: `Hello`, then for each epoch `EpochStart`,
+//! any number of `Records`, at most one `State` (exactly one before the
+//! commit), any number of `Output`, then `Commit`. Epochs strictly increase;
+//! console output offsets are contiguous across epochs. Acks travel back on
+//! the control stream, in epoch order.
+//!
+//! The commit digest is blake3 over, for each content message in order, its
+//! type name, epoch, offset (output only), length and bytes.
+
+use crate::message::{Hello, Message, CAP_VERIFY, MAX_OUTPUT_CHUNK, MAX_RECORDS_CHUNK, VERSION};
+use crate::ProtocolError;
+
+fn hash_content(h: &mut blake3::Hasher, kind: &str, epoch: u64, offset: u64, data: &[u8]) {
+    h.update(kind.as_bytes());
+    h.update(&epoch.to_le_bytes());
+    h.update(&offset.to_le_bytes());
+    h.update(&(data.len() as u64).to_le_bytes());
+    h.update(data);
+}
+
+/// The primary's side of a session.
+#[derive(Debug)]
+pub struct Sender {
+    hello: Hello,
+    epoch: Option<u64>,
+    last_committed: u64,
+    last_acked: u64,
+    hasher: blake3::Hasher,
+    state_sent: bool,
+    output_next: u64,
+}
+
+impl Sender {
+    /// Starts a session; returns the sender and the `Hello` frame.
+    pub fn new(hello: Hello) -> (Self, Vec<u8>) {
+        let frame = Message::Hello(hello.clone()).to_frame();
+        let output_next = hello.output_offset;
+        (
+            Sender {
+                hello,
+                epoch: None,
+                last_committed: 0,
+                last_acked: 0,
+                hasher: blake3::Hasher::new(),
+                state_sent: false,
+                output_next,
+            },
+            frame,
+        )
+    }
+
+    /// The session's hello.
+    pub fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// Begins epoch `epoch` (greater than every earlier one).
+    pub fn begin(
+        &mut self,
+        epoch: u64,
+        dirty_pages: u32,
+        raw_bytes: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ProtocolError> {
+        if self.epoch.is_some() {
+            return Err(ProtocolError::Order(
+                "an epoch began before the previous one was committed",
+            ));
+        }
+        if epoch <= self.last_committed {
+            return Err(ProtocolError::EpochNotIncreasing {
+                got: epoch,
+                last: self.last_committed,
+            });
+        }
+        self.epoch = Some(epoch);
+        self.hasher = blake3::Hasher::new();
+        self.state_sent = false;
+        Message::EpochStart {
+            epoch,
+            dirty_pages,
+            raw_bytes,
+        }
+        .encode(out);
+        Ok(())
+    }
+
+    fn current(&self) -> Result<u64, ProtocolError> {
+        self.epoch
+            .ok_or(ProtocolError::Order("content sent outside an epoch"))
+    }
+
+    /// The epoch's fgbi records, split into chunks.
+    pub fn records(&mut self, records: &[u8], out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        let epoch = self.current()?;
+        for chunk in records.chunks(MAX_RECORDS_CHUNK) {
+            hash_content(&mut self.hasher, "Records", epoch, 0, chunk);
+            Message::Records {
+                epoch,
+                data: chunk.to_vec(),
+            }
+            .encode(out);
+        }
+        Ok(())
+    }
+
+    /// The machine state (once per epoch).
+    pub fn state(&mut self, state: &[u8], out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        let epoch = self.current()?;
+        if self.state_sent {
+            return Err(ProtocolError::Order("two machine states in one epoch"));
+        }
+        self.state_sent = true;
+        hash_content(&mut self.hasher, "State", epoch, 0, state);
+        Message::State {
+            epoch,
+            data: state.to_vec(),
+        }
+        .encode(out);
+        Ok(())
+    }
+
+    /// Console output produced in the epoch (continues the stream).
+    pub fn output(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        let epoch = self.current()?;
+        for chunk in bytes.chunks(MAX_OUTPUT_CHUNK) {
+            hash_content(&mut self.hasher, "Output", epoch, self.output_next, chunk);
+            Message::Output {
+                epoch,
+                offset: self.output_next,
+                data: chunk.to_vec(),
+            }
+            .encode(out);
+            self.output_next += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Commits the epoch.
+    pub fn commit(
+        &mut self,
+        memory_digest: Option<[u8; 32]>,
+        out: &mut Vec<u8>,
+    ) -> Result<u64, ProtocolError> {
+        let epoch = self.current()?;
+        if !self.state_sent {
+            return Err(ProtocolError::Order("commit without a machine state"));
+        }
+        let digest = *self.hasher.finalize().as_bytes();
+        Message::Commit {
+            epoch,
+            digest,
+            memory_digest,
+        }
+        .encode(out);
+        self.epoch = None;
+        self.last_committed = epoch;
+        Ok(epoch)
+    }
+
+    /// Takes an ack from the backup; returns the epoch it acknowledges.
+    pub fn on_ack(&mut self, epoch: u64) -> Result<u64, ProtocolError> {
+        if epoch <= self.last_acked || epoch > self.last_committed {
+            return Err(ProtocolError::BadAck {
+                epoch,
+                last_acked: self.last_acked,
+                last_committed: self.last_committed,
+            });
+        }
+        self.last_acked = epoch;
+        Ok(epoch)
+    }
+
+    /// Last epoch the backup acknowledged.
+    pub fn last_acked(&self) -> u64 {
+        self.last_acked
+    }
+
+    /// Last epoch committed (sent in full).
+    pub fn last_committed(&self) -> u64 {
+        self.last_committed
+    }
+}
+
+/// A complete checkpoint, handed over at its commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Epoch.
+    pub epoch: u64,
+    /// The epoch's fgbi records (for `fgbi::apply`).
+    pub records: Vec<u8>,
+    /// Encoded machine state.
+    pub state: Vec<u8>,
+    /// Console stream offset of `output[0]`.
+    pub output_offset: u64,
+    /// Console output produced in the epoch.
+    pub output: Vec<u8>,
+    /// Digest of the dirty pages after the checkpoint, if verifying.
+    pub memory_digest: Option<[u8; 32]>,
+}
+
+/// What a received message means to the backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The session began.
+    Hello(Hello),
+    /// Content was staged; nothing to do yet.
+    Staged,
+    /// A checkpoint is complete and verified: apply it, then ack.
+    Checkpoint(Checkpoint),
+    /// A heartbeat to echo.
+    Heartbeat {
+        /// Its sequence number.
+        seq: u64,
+        /// Its timestamp.
+        sent_us: u64,
+    },
+    /// A heartbeat echo.
+    HeartbeatEcho {
+        /// Its sequence number.
+        seq: u64,
+        /// The original timestamp.
+        sent_us: u64,
+    },
+    /// The peer ends the session.
+    Goodbye(String),
+}
+
+/// The backup's side of a session.
+#[derive(Debug)]
+pub struct Receiver {
+    max_epoch_bytes: usize,
+    hello: Option<Hello>,
+    last_committed: u64,
+    staging: Option<Staging>,
+    output_next: u64,
+}
+
+#[derive(Debug)]
+struct Staging {
+    epoch: u64,
+    hasher: blake3::Hasher,
+    records: Vec<u8>,
+    state: Option<Vec<u8>>,
+    output_offset: u64,
+    output: Vec<u8>,
+}
+
+impl Staging {
+    fn bytes(&self) -> usize {
+        self.records.len() + self.state.as_ref().map_or(0, Vec::len) + self.output.len()
+    }
+}
+
+impl Receiver {
+    /// A receiver staging at most `max_epoch_bytes` of one epoch's content
+    /// (records, state and output together).
+    pub fn new(max_epoch_bytes: usize) -> Self {
+        Receiver {
+            max_epoch_bytes,
+            hello: None,
+            last_committed: 0,
+            staging: None,
+            output_next: 0,
+        }
+    }
+
+    /// The session's hello, once received.
+    pub fn hello(&self) -> Option<&Hello> {
+        self.hello.as_ref()
+    }
+
+    /// Last epoch handed over.
+    pub fn last_committed(&self) -> u64 {
+        self.last_committed
+    }
+
+    /// Whether an epoch is partly received (it is discarded if the session ends).
+    pub fn in_epoch(&self) -> Option<u64> {
+        self.staging.as_ref().map(|s| s.epoch)
+    }
+
+    /// The ack frame for a checkpoint the backup has committed.
+    pub fn ack(&self, epoch: u64) -> Vec<u8> {
+        Message::Ack { epoch }.to_frame()
+    }
+
+    fn staged(&mut self, epoch: u64, what: &'static str) -> Result<&mut Staging, ProtocolError> {
+        match self.staging.as_mut() {
+            Some(s) if s.epoch == epoch => Ok(s),
+            Some(s) => Err(ProtocolError::WrongEpoch {
+                message: what,
+                got: epoch,
+                current: s.epoch,
+            }),
+            None => Err(ProtocolError::Unexpected {
+                message: what,
+                state: "between epochs",
+            }),
+        }
+    }
+
+    fn check_size(&self, extra: usize) -> Result<(), ProtocolError> {
+        let have = self.staging.as_ref().map_or(0, Staging::bytes);
+        if have + extra > self.max_epoch_bytes {
+            return Err(ProtocolError::EpochTooLarge {
+                limit: self.max_epoch_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes one message from the primary.
+    pub fn on_message(&mut self, m: Message) -> Result<Event, ProtocolError> {
+        if self.hello.is_none() {
+            return match m {
+                Message::Hello(h) => {
+                    if h.version != VERSION {
+                        return Err(ProtocolError::Wire(crate::WireError::UnsupportedVersion {
+                            got: h.version,
+                            supported: VERSION,
+                        }));
+                    }
+                    if h.capabilities & !CAP_VERIFY != 0 {
+                        return Err(ProtocolError::UnknownCapabilities(
+                            h.capabilities & !CAP_VERIFY,
+                        ));
+                    }
+                    self.output_next = h.output_offset;
+                    self.hello = Some(h.clone());
+                    Ok(Event::Hello(h))
+                }
+                other => Err(ProtocolError::Unexpected {
+                    message: other.name(),
+                    state: "before Hello",
+                }),
+            };
+        }
+        match m {
+            Message::Hello(_) => Err(ProtocolError::Unexpected {
+                message: "Hello",
+                state: "after Hello",
+            }),
+            Message::EpochStart { epoch, .. } => {
+                if let Some(s) = &self.staging {
+                    return Err(ProtocolError::WrongEpoch {
+                        message: "EpochStart",
+                        got: epoch,
+                        current: s.epoch,
+                    });
+                }
+                if epoch <= self.last_committed {
+                    return Err(ProtocolError::EpochNotIncreasing {
+                        got: epoch,
+                        last: self.last_committed,
+                    });
+                }
+                self.staging = Some(Staging {
+                    epoch,
+                    hasher: blake3::Hasher::new(),
+                    records: Vec::new(),
+                    state: None,
+                    output_offset: self.output_next,
+                    output: Vec::new(),
+                });
+                Ok(Event::Staged)
+            }
+            Message::Records { epoch, data } => {
+                self.check_size(data.len())?;
+                let s = self.staged(epoch, "Records")?;
+                hash_content(&mut s.hasher, "Records", epoch, 0, &data);
+                s.records.extend_from_slice(&data);
+                Ok(Event::Staged)
+            }
+            Message::State { epoch, data } => {
+                self.check_size(data.len())?;
+                let s = self.staged(epoch, "State")?;
+                if s.state.is_some() {
+                    return Err(ProtocolError::Order("two machine states in one epoch"));
+                }
+                hash_content(&mut s.hasher, "State", epoch, 0, &data);
+                s.state = Some(data);
+                Ok(Event::Staged)
+            }
+            Message::Output {
+                epoch,
+                offset,
+                data,
+            } => {
+                self.check_size(data.len())?;
+                let s = self.staged(epoch, "Output")?;
+                let expected = s.output_offset + s.output.len() as u64;
+                if offset != expected {
+                    return Err(ProtocolError::OutputGap {
+                        got: offset,
+                        expected,
+                    });
+                }
+                hash_content(&mut s.hasher, "Output", epoch, offset, &data);
+                s.output.extend_from_slice(&data);
+                Ok(Event::Staged)
+            }
+            Message::Commit {
+                epoch,
+                digest,
+                memory_digest,
+            } => {
+                self.staged(epoch, "Commit")?;
+                let s = self.staging.take().expect("checked above");
+                let Some(state) = s.state else {
+                    return Err(ProtocolError::Order("commit without a machine state"));
+                };
+                if *s.hasher.finalize().as_bytes() != digest {
+                    return Err(ProtocolError::DigestMismatch(epoch));
+                }
+                let verify = self
+                    .hello
+                    .as_ref()
+                    .is_some_and(|h| h.capabilities & CAP_VERIFY != 0);
+                if verify != memory_digest.is_some() {
+                    return Err(ProtocolError::Order(
+                        "memory digest present without CAP_VERIFY, or missing with it",
+                    ));
+                }
+                self.last_committed = epoch;
+                self.output_next = s.output_offset + s.output.len() as u64;
+                Ok(Event::Checkpoint(Checkpoint {
+                    epoch,
+                    records: s.records,
+                    state,
+                    output_offset: s.output_offset,
+                    output: s.output,
+                    memory_digest,
+                }))
+            }
+            Message::Ack { .. } => Err(ProtocolError::Unexpected {
+                message: "Ack",
+                state: "on the backup",
+            }),
+            Message::Heartbeat { seq, sent_us } => Ok(Event::Heartbeat { seq, sent_us }),
+            Message::HeartbeatEcho { seq, sent_us } => Ok(Event::HeartbeatEcho { seq, sent_us }),
+            Message::Goodbye { reason } => {
+                self.staging = None;
+                Ok(Event::Goodbye(reason))
+            }
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! The wire format and the session state machines, without sockets.
+
+use castor_protocol::message::{CAP_VERIFY, MAX_FRAME, MAX_RECORDS_CHUNK};
+use castor_protocol::{
+    Event, FrameDecoder, Hello, Message, ProtocolError, Receiver, Sender, WireError, VERSION,
+};
+use proptest::prelude::*;
+
+fn hello(caps: u64) -> Hello {
+    Hello {
+        version: VERSION,
+        session: 42,
+        node: "primary".into(),
+        capabilities: caps,
+        mode: 2,
+        block_size: 64,
+        memory_bytes: 1 << 30,
+        vcpus: 2,
+        output_offset: 100,
+    }
+}
+
+fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(any::<u8>(), 0..max)
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        (
+            any::<u64>(),
+            "[a-z0-9.-]{0,40}",
+            any::<u64>(),
+            any::<u8>(),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u64>()
+        )
+            .prop_map(
+                |(
+                    session,
+                    node,
+                    capabilities,
+                    mode,
+                    block_size,
+                    memory_bytes,
+                    vcpus,
+                    output_offset,
+                )| {
+                    Message::Hello(Hello {
+                        version: VERSION,
+                        session,
+                        node,
+                        capabilities,
+                        mode,
+                        block_size,
+                        memory_bytes,
+                        vcpus,
+                        output_offset,
+                    })
+                }
+            ),
+        (any::<u64>(), any::<u32>(), any::<u64>()).prop_map(|(epoch, dirty_pages, raw_bytes)| {
+            Message::EpochStart {
+                epoch,
+                dirty_pages,
+                raw_bytes,
+            }
+        }),
+        (any::<u64>(), bytes(3000)).prop_map(|(epoch, data)| Message::Records { epoch, data }),
+        (any::<u64>(), bytes(3000)).prop_map(|(epoch, data)| Message::State { epoch, data }),
+        (any::<u64>(), any::<u64>(), bytes(300)).prop_map(|(epoch, offset, data)| {
+            Message::Output {
+                epoch,
+                offset,
+                data,
+            }
+        }),
+        (any::<u64>(), any::<[u8; 32]>(), any::<Option<[u8; 32]>>()).prop_map(
+            |(epoch, digest, memory_digest)| Message::Commit {
+                epoch,
+                digest,
+                memory_digest
+            }
+        ),
+        any::<u64>().prop_map(|epoch| Message::Ack { epoch }),
+        (any::<u64>(), any::<u64>()).prop_map(|(seq, sent_us)| Message::Heartbeat { seq, sent_us }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(seq, sent_us)| Message::HeartbeatEcho { seq, sent_us }),
+        "[ -~]{0,100}".prop_map(|reason| Message::Goodbye { reason }),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn every_message_round_trips_through_a_split_stream(
+        msgs in prop::collection::vec(message(), 1..20),
+        cuts in prop::collection::vec(1usize..500, 1..50),
+    ) {
+        let mut stream = Vec::new();
+        for m in &msgs {
+            m.encode(&mut stream);
+        }
+        // Feed the stream in arbitrary pieces.
+        let mut d = FrameDecoder::new();
+        let mut got = Vec::new();
+        let mut pos = 0;
+        let mut i = 0;
+        while pos < stream.len() {
+            let n = cuts[i % cuts.len()].min(stream.len() - pos);
+            d.push(&stream[pos..pos + n]);
+            pos += n;
+            i += 1;
+            while let Some(m) = d.next_message().unwrap() {
+                got.push(m);
+            }
+        }
+        prop_assert_eq!(got, msgs);
+        prop_assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn random_bytes_never_panic(data in bytes(2000)) {
+        let mut d = FrameDecoder::new();
+        d.push(&data);
+        for _ in 0..100 {
+            match d.next_message() {
+                Ok(Some(_)) => continue,
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Runs frames through a decoder into a receiver.
+fn deliver(rx: &mut Receiver, frames: &[u8]) -> Result<Vec<Event>, ProtocolError> {
+    let mut d = FrameDecoder::new();
+    d.push(frames);
+    let mut events = Vec::new();
+    while let Some(m) = d.next_message()? {
+        events.push(rx.on_message(m)?);
+    }
+    Ok(events)
+}
+
+#[test]
+fn a_session_in_memory() {
+    let (mut tx, hello_frame) = Sender::new(hello(CAP_VERIFY));
+    let mut rx = Receiver::new(64 << 20);
+    assert_eq!(
+        deliver(&mut rx, &hello_frame).unwrap(),
+        vec![Event::Hello(hello(CAP_VERIFY))]
+    );
+    let mut offset = 100;
+    for epoch in 1..=5u64 {
+        let mut f = Vec::new();
+        let records: Vec<u8> = (0..(MAX_RECORDS_CHUNK + 777 * epoch as usize))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let out = format!("line {epoch}\n").into_bytes();
+        tx.begin(epoch, 10, 40960, &mut f).unwrap();
+        tx.records(&records, &mut f).unwrap();
+        tx.state(b"machine state", &mut f).unwrap();
+        tx.output(&out, &mut f).unwrap();
+        assert_eq!(tx.commit(Some([epoch as u8; 32]), &mut f).unwrap(), epoch);
+        let events = deliver(&mut rx, &f).unwrap();
+        let Some(Event::Checkpoint(c)) = events.last() else {
+            panic!("no checkpoint: {events:?}")
+        };
+        assert_eq!(c.epoch, epoch);
+        assert_eq!(c.records, records, "records reassembled from 2 chunks");
+        assert_eq!(c.state, b"machine state");
+        assert_eq!((c.output_offset, c.output.clone()), (offset, out.clone()));
+        assert_eq!(c.memory_digest, Some([epoch as u8; 32]));
+        offset += out.len() as u64;
+        // The ack flows back.
+        let mut d = FrameDecoder::new();
+        d.push(&rx.ack(epoch));
+        let Some(Message::Ack { epoch: e }) = d.next_message().unwrap() else {
+            panic!()
+        };
+        assert_eq!(tx.on_ack(e).unwrap(), epoch);
+    }
+    assert_eq!(tx.last_acked(), 5);
+    assert!(
+        matches!(tx.on_ack(5), Err(ProtocolError::BadAck { .. })),
+        "duplicate ack"
+    );
+    assert!(
+        matches!(tx.on_ack(9), Err(ProtocolError::BadAck { .. })),
+        "ack ahead of commits"
+    );
+}
+
+fn epoch_frames(tx: &mut Sender, epoch: u64) -> Vec<u8> {
+    let mut f = Vec::new();
+    tx.begin(epoch, 1, 4096, &mut f).unwrap();
+    tx.records(b"rec", &mut f).unwrap();
+    tx.state(b"st", &mut f).unwrap();
+    tx.commit(None, &mut f).unwrap();
+    f
+}
+
+#[test]
+fn out_of_order_and_oversized_input_is_refused() {
+    // Content before Hello.
+    let mut rx = Receiver::new(1 << 20);
+    let e = deliver(&mut rx, &Message::Ack { epoch: 1 }.to_frame()).unwrap_err();
+    assert_eq!(
+        e,
+        ProtocolError::Unexpected {
+            message: "Ack",
+            state: "before Hello"
+        }
+    );
+
+    // Unknown version: refused by the decoder with both versions named.
+    let mut f = Message::Hello(hello(0)).to_frame();
+    f[5] = 9; // version field follows length (4) and type (1)
+    let e = deliver(&mut Receiver::new(1 << 20), &f).unwrap_err();
+    assert_eq!(
+        e,
+        ProtocolError::Wire(WireError::UnsupportedVersion {
+            got: 9,
+            supported: VERSION
+        })
+    );
+    assert!(e.to_string().contains("version 9"), "{e}");
+
+    let (mut tx, h) = Sender::new(hello(0));
+    let mut rx = Receiver::new(1 << 20);
+    deliver(&mut rx, &h).unwrap();
+    deliver(&mut rx, &epoch_frames(&mut tx, 3)).unwrap();
+    // A replayed (old) epoch.
+    let (mut old, _) = Sender::new(hello(0));
+    let e = deliver(&mut rx, &epoch_frames(&mut old, 2)).unwrap_err();
+    assert_eq!(e, ProtocolError::EpochNotIncreasing { got: 2, last: 3 });
+
+    // Tampered content: the commit digest no longer matches.
+    let mut f = epoch_frames(&mut tx, 4);
+    let pos = f.windows(3).position(|w| w == b"rec").unwrap();
+    f[pos] = b'X';
+    assert_eq!(
+        deliver(&mut rx, &f).unwrap_err(),
+        ProtocolError::DigestMismatch(4)
+    );
+
+    // Over the staging limit.
+    let mut rx = Receiver::new(100);
+    let (mut tx, h) = Sender::new(hello(0));
+    deliver(&mut rx, &h).unwrap();
+    let mut f = Vec::new();
+    tx.begin(1, 1, 1, &mut f).unwrap();
+    tx.records(&[0u8; 101], &mut f).unwrap();
+    assert_eq!(
+        deliver(&mut rx, &f).unwrap_err(),
+        ProtocolError::EpochTooLarge { limit: 100 }
+    );
+
+    // A frame length beyond the maximum is refused before buffering it.
+    let mut d = FrameDecoder::new();
+    d.push(&((MAX_FRAME as u32 + 1).to_le_bytes()));
+    assert!(matches!(
+        d.next_message(),
+        Err(WireError::FrameTooLarge { .. })
+    ));
+    // A byte-string length beyond its limit.
+    let mut f = Message::Records {
+        epoch: 1,
+        data: vec![1, 2, 3],
+    }
+    .to_frame();
+    f[13..17].copy_from_slice(&(u32::MAX).to_le_bytes());
+    let mut d = FrameDecoder::new();
+    d.push(&f);
+    assert!(matches!(
+        d.next_message(),
+        Err(WireError::TooLong {
+            field: "Records.data",
+            ..
+        })
+    ));
+    // Unknown type, trailing bytes.
+    let mut d = FrameDecoder::new();
+    d.push(&[1, 0, 0, 0, 99]);
+    assert_eq!(d.next_message(), Err(WireError::UnknownType(99)));
+    let mut f = Message::Ack { epoch: 1 }.to_frame();
+    f[0] += 1;
+    f.push(0);
+    let mut d = FrameDecoder::new();
+    d.push(&f);
+    assert!(matches!(
+        d.next_message(),
+        Err(WireError::TrailingBytes { .. })
+    ));
+
+    // Sender misuse is an error, not a panic.
+    let (mut tx, _) = Sender::new(hello(0));
+    let mut f = Vec::new();
+    assert!(tx.records(b"x", &mut f).is_err());
+    tx.begin(1, 0, 0, &mut f).unwrap();
+    assert!(tx.commit(None, &mut f).is_err(), "commit without state");
+    assert!(tx.begin(2, 0, 0, &mut f).is_err(), "nested epoch");
+}
+
+#[test]
+fn output_must_be_contiguous() {
+    let (mut tx, h) = Sender::new(hello(0));
+    let mut rx = Receiver::new(1 << 20);
+    deliver(&mut rx, &h).unwrap();
+    let mut f = Vec::new();
+    tx.begin(1, 0, 0, &mut f).unwrap();
+    tx.state(b"s", &mut f).unwrap();
+    f.extend(
+        Message::Output {
+            epoch: 1,
+            offset: 150,
+            data: b"gap".to_vec(),
+        }
+        .to_frame(),
+    );
+    assert_eq!(
+        deliver(&mut rx, &f).unwrap_err(),
+        ProtocolError::OutputGap {
+            got: 150,
+            expected: 100
+        }
+    );
+}
