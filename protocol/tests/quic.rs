@@ -1,0 +1,230 @@
+//! The transport on loopback: a session over mutual-TLS QUIC, and every kind
+//! of peer that must be refused before any checkpoint byte is read.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use castor_protocol::certs;
+use castor_protocol::transport::{self, client_crypto, Listener, NodeTls, TransportError};
+use castor_protocol::{Event, Hello, Message, Receiver, Sender, VERSION};
+
+fn pair(dir: &Path) {
+    certs::create(
+        dir,
+        &["primary".into(), "backup".into(), "mallory".into()],
+        false,
+    )
+    .unwrap();
+}
+
+fn hello() -> Hello {
+    Hello {
+        version: VERSION,
+        session: 7,
+        node: "primary".into(),
+        capabilities: 0,
+        mode: 2,
+        block_size: 64,
+        memory_bytes: 64 << 20,
+        vcpus: 1,
+        output_offset: 0,
+    }
+}
+
+fn listen(dir: &Path) -> (Listener, SocketAddr) {
+    let tls = NodeTls::from_dir(dir, "backup", "primary").unwrap();
+    let l = Listener::bind("127.0.0.1:0".parse().unwrap(), &tls).unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_over_mutual_tls_quic() {
+    let tmp = tempfile::tempdir().unwrap();
+    pair(tmp.path());
+    let (listener, addr) = listen(tmp.path());
+    let backup = tokio::spawn(async move {
+        let mut link = listener.accept().await.unwrap();
+        let mut data = link.data_rx.take().unwrap();
+        let mut rx = Receiver::new(64 << 20);
+        let mut committed = Vec::new();
+        while let Some(m) = data.next().await.unwrap() {
+            match rx.on_message(m).unwrap() {
+                Event::Checkpoint(c) => {
+                    committed.push((c.epoch, c.records.len()));
+                    link.ctl_tx.send(&rx.ack(c.epoch)).await.unwrap();
+                }
+                Event::Goodbye(_) => break,
+                _ => {}
+            }
+        }
+        // Echo the primary's heartbeats until it goes.
+        while let Ok(Some(m)) = link.ctl_rx.next().await {
+            if let Message::Heartbeat { seq, sent_us } = m {
+                let _ = link
+                    .ctl_tx
+                    .send_message(&Message::HeartbeatEcho { seq, sent_us })
+                    .await;
+            }
+        }
+        committed
+    });
+    let tls = NodeTls::from_dir(tmp.path(), "primary", "backup").unwrap();
+    let mut link = transport::connect(addr, &tls).await.unwrap();
+    let mut data = link.data_tx.take().unwrap();
+    let (mut tx, h) = Sender::new(hello());
+    data.send(&h).await.unwrap();
+    let records = vec![0xABu8; 3 << 20];
+    for epoch in 1..=3 {
+        let mut f = Vec::new();
+        tx.begin(epoch, 768, 3 << 20, &mut f).unwrap();
+        tx.records(&records, &mut f).unwrap();
+        tx.state(b"state", &mut f).unwrap();
+        tx.commit(None, &mut f).unwrap();
+        data.send(&f).await.unwrap();
+    }
+    data.send_message(&Message::Goodbye {
+        reason: "done".into(),
+    })
+    .await
+    .unwrap();
+    // Acks come back on the control stream (the backup echoes heartbeats only
+    // once the data stream is done, in this test).
+    let mut acked = Vec::new();
+    while acked.len() < 3 {
+        match link.ctl_rx.next().await.unwrap().unwrap() {
+            Message::Ack { epoch } => acked.push(tx.on_ack(epoch).unwrap()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(acked, vec![1, 2, 3]);
+    link.ctl_tx
+        .send_message(&Message::Heartbeat { seq: 1, sent_us: 5 })
+        .await
+        .unwrap();
+    // The opening heartbeat (seq 0) is echoed too; wait for ours.
+    loop {
+        match link.ctl_rx.next().await.unwrap() {
+            Some(Message::HeartbeatEcho { seq: 1, sent_us }) => {
+                assert_eq!(sent_us, 5);
+                break;
+            }
+            Some(Message::HeartbeatEcho { seq: 0, .. }) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    link.close("done");
+    let committed = tokio::time::timeout(Duration::from_secs(10), backup)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(committed, vec![(1, 3 << 20), (2, 3 << 20), (3, 3 << 20)]);
+}
+
+/// Tries a connection that must fail; returns (client error, server error).
+async fn refused(dir: &Path, crypto: rustls::ClientConfig, server_name: &str) -> (String, String) {
+    let (listener, addr) = listen(dir);
+    let server = tokio::spawn(async move { listener.accept().await });
+    let client = transport::connect_with(addr, server_name, crypto).await;
+    let client_err = match client {
+        Err(e) => e.to_string(),
+        Ok(mut link) => {
+            // TLS 1.3: a refused client may only learn it at its first read.
+            let mut data = link.data_tx.take().unwrap();
+            let _ = data.send(&Sender::new(hello()).1).await;
+            match tokio::time::timeout(Duration::from_secs(5), link.ctl_rx.next()).await {
+                Ok(Err(e)) => e.to_string(),
+                other => panic!("refused client kept a usable connection: {other:?}"),
+            }
+        }
+    };
+    let server_err = match tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Err(e @ TransportError::Refused { .. }) => e.to_string(),
+        Err(other) => panic!("server failed otherwise: {other}"),
+        Ok(_) => panic!("server accepted a peer it must refuse"),
+    };
+    (client_err, server_err)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_are_refused_before_any_checkpoint_byte() {
+    let tmp = tempfile::tempdir().unwrap();
+    pair(tmp.path());
+    let other = tmp.path().join("other-ca");
+    certs::create(&other, &["primary".into()], false).unwrap();
+
+    // No client certificate.
+    let tls = NodeTls::from_dir(tmp.path(), "primary", "backup").unwrap();
+    let (c, s) = refused(tmp.path(), client_crypto(&tls, false).unwrap(), "backup").await;
+    assert!(s.contains("refused a connection"), "server: {s}");
+    assert!(!c.is_empty(), "client: {c}");
+
+    // A certificate named "primary" from another CA (trusting ours, to get that far).
+    let mut stranger = NodeTls::from_dir(&other, "primary", "backup").unwrap();
+    stranger.roots = tls.roots.clone();
+    let (c, s) = refused(
+        tmp.path(),
+        client_crypto(&stranger, true).unwrap(),
+        "backup",
+    )
+    .await;
+    assert!(s.contains("refused a connection"), "server: {s}");
+    assert!(!c.is_empty());
+
+    // Our CA, but the wrong name.
+    let mallory = NodeTls::from_dir(tmp.path(), "mallory", "backup").unwrap();
+    let (_, s) = refused(tmp.path(), client_crypto(&mallory, true).unwrap(), "backup").await;
+    assert!(
+        s.contains("does not name the expected peer 'primary'"),
+        "server: {s}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_primary_refuses_a_backup_with_the_wrong_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    pair(tmp.path());
+    // A listener presenting mallory's certificate.
+    let evil = NodeTls::from_dir(tmp.path(), "mallory", "primary").unwrap();
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), &evil).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { listener.accept().await });
+    let tls = NodeTls::from_dir(tmp.path(), "primary", "backup").unwrap();
+    let e = transport::connect(addr, &tls)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("connection to") && e.to_lowercase().contains("certificate"),
+        "{e}"
+    );
+}
+
+#[test]
+fn certificate_files_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    assert!(certs::create(tmp.path(), &["bad name!".into()], false).is_err());
+    pair(tmp.path());
+    assert!(matches!(
+        certs::create(tmp.path(), &["x".into()], false),
+        Err(certs::CertError::Exists(_))
+    ));
+    std::fs::write(tmp.path().join("broken.pem"), "not pem").unwrap();
+    let e = NodeTls::from_files(
+        &tmp.path().join("broken.pem"),
+        &tmp.path().join("primary.key"),
+        &tmp.path().join("ca.pem"),
+        "backup",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("broken.pem") && e.contains("no certificate"),
+        "{e}"
+    );
+}
