@@ -122,3 +122,47 @@ fn help_explains_the_commands() {
         assert!(out.contains(word), "run --help lacks '{word}':\n{out}");
     }
 }
+
+#[test]
+fn certs_makes_a_ca_and_node_certificates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pki");
+    let o = run(&[
+        "certs",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--nodes",
+        "alpha,beta",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "ca.pem",
+        "ca.key",
+        "alpha.pem",
+        "alpha.key",
+        "beta.pem",
+        "beta.key",
+    ] {
+        assert!(dir.join(f).exists(), "{f} missing");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.join("alpha.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "private keys are not readable by others");
+    // Usable by the transport.
+    protocol::transport::NodeTls::from_dir(&dir, "alpha", "beta").unwrap();
+    fails_with(&["certs", "--dir", dir.to_str().unwrap()], "already exists");
+    fails_with(
+        &[
+            "certs",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--nodes",
+            "bad name",
+            "--force",
+        ],
+        "not usable as a DNS name",
+    );
+}
