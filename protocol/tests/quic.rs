@@ -228,3 +228,48 @@ fn certificate_files_are_checked() {
         "{e}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_that_stops_reading_holds_the_primary_back() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let tmp = tempfile::tempdir().unwrap();
+    pair(tmp.path());
+    let (listener, addr) = listen(tmp.path());
+    // The backup accepts and then reads nothing.
+    let server = tokio::spawn(async move {
+        let link = listener.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        drop(link);
+    });
+    let tls = NodeTls::from_dir(tmp.path(), "primary", "backup").unwrap();
+    let mut link = transport::connect(addr, &tls).await.unwrap();
+    let mut data = link.data_tx.take().unwrap();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let writer = tokio::spawn(async move {
+        data.send(&Sender::new(hello()).1).await.unwrap();
+        let frame = Message::Records {
+            epoch: 1,
+            data: vec![7; 1 << 20],
+        }
+        .to_frame();
+        for _ in 0..256 {
+            if data.send(&frame).await.is_err() {
+                return;
+            }
+            counter.fetch_add(1 << 20, Ordering::Relaxed);
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let n = sent.load(Ordering::Relaxed);
+    // At most the stream window (32 MiB) plus what is in flight can be sent.
+    assert!(
+        n <= (transport::STREAM_WINDOW as usize) + (4 << 20),
+        "sent {n} bytes to a backup that reads nothing"
+    );
+    assert!(n > 0, "nothing sent at all");
+    writer.abort();
+    link.close("done");
+    let _ = server.await;
+}
