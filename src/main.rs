@@ -6,6 +6,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+mod demo;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +49,138 @@ enum Command {
     /// then given its own NODE files, ca.pem, and the name its peer must have;
     /// anyone else is refused during the TLS handshake.
     Certs(CertsArgs),
+    /// Run the guest as the primary of an HA pair: checkpoint it every epoch
+    /// to the backup, hold its console output until the backup acks.
+    Primary(PrimaryArgs),
+    /// Run the backup of an HA pair: keep a replica at the last committed
+    /// checkpoint and take over when the primary is lost.
+    Backup(BackupArgs),
+    /// Print a running daemon's status (one line of JSON), via its console service.
+    Status(StatusArgs),
+    /// The main job: a local HA pair on loopback, a failover, and its report.
+    ///
+    /// Starts a backup and a primary (two processes, certificates made in a
+    /// temporary directory, castor's guest), lets them run, SIGKILLs the
+    /// primary, and reports: epochs, pause p50/p99, bytes per epoch vs raw,
+    /// failover time (SIGKILL to the first console byte from the survivor),
+    /// and whether the console stream stayed gap- and duplicate-free.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Clone)]
+struct PairArgs {
+    /// Directory made by `castor certs`.
+    #[arg(long)]
+    certs: PathBuf,
+    /// This node's name (its certificate is NODE.pem / NODE.key).
+    #[arg(long)]
+    node: String,
+    /// The only name the peer's certificate may have.
+    #[arg(long)]
+    peer: String,
+    /// Console service address (clients send an offset, get the stream).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    console: std::net::SocketAddr,
+}
+
+#[derive(Args, Clone)]
+struct ProtectArgs {
+    /// Epoch length in milliseconds.
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    epoch_ms: u64,
+    /// What goes on the wire: remus (whole pages), xbzrle, or fgbi.
+    #[arg(long, default_value = "fgbi")]
+    mode: fgbi::Mode,
+    /// fgbi block size (64..=1024, a power of two).
+    #[arg(long, default_value_t = 64)]
+    block_size: usize,
+    /// Memory fgbi may keep about the backup's RAM (default: half the guest RAM).
+    #[arg(long, value_parser = parse_size)]
+    budget: Option<u64>,
+    /// Most unacknowledged checkpoints before the next epoch waits.
+    #[arg(long, default_value_t = 4)]
+    max_in_flight: usize,
+    /// Heartbeat period in milliseconds.
+    #[arg(long, default_value_t = 5)]
+    heartbeat_ms: u64,
+    /// Declare the backup lost after this many milliseconds without an answer.
+    #[arg(long, default_value_t = 1000)]
+    backup_timeout_ms: u64,
+    /// Send a memory digest with each checkpoint for the backup to verify.
+    #[arg(long)]
+    verify: bool,
+}
+
+#[derive(Args)]
+struct PrimaryArgs {
+    #[command(flatten)]
+    machine: MachineArgs,
+    #[command(flatten)]
+    pair: PairArgs,
+    #[command(flatten)]
+    protect: ProtectArgs,
+    /// Where the backup listens (UDP, QUIC).
+    #[arg(long)]
+    backup: std::net::SocketAddr,
+    /// Workload of castor's guest (see `castor run --help`).
+    #[arg(long, default_value = "counter", value_parser = parse_workload)]
+    workload: guest::Workload,
+    /// Stop after this long; default: run until SIGINT/SIGTERM.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    #[command(flatten)]
+    pair: PairArgs,
+    #[command(flatten)]
+    protect: ProtectArgs,
+    /// Address to listen on for the primary (UDP, QUIC).
+    #[arg(long)]
+    listen: std::net::SocketAddr,
+    /// Fail over after this many milliseconds without hearing from the primary.
+    #[arg(long, default_value_t = 30)]
+    heartbeat_timeout_ms: u64,
+    /// After a failover, protect the guest toward a backup at this address
+    /// (this node then acts as the primary).
+    #[arg(long)]
+    then_protect: Option<std::net::SocketAddr>,
+    /// KVM device for the VM after failover.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The daemon's console service address.
+    #[arg(long)]
+    console: std::net::SocketAddr,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// How long the pair runs before the primary is killed.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    run_for: Duration,
+    /// How long the survivor is watched after the failover.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    watch_for: Duration,
+    /// Workload of the guest.
+    #[arg(long, default_value = "counter", value_parser = parse_workload)]
+    workload: guest::Workload,
+    /// Guest RAM.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    mem: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Encoding.
+    #[arg(long, default_value = "fgbi")]
+    mode: fgbi::Mode,
+    /// Epoch length in milliseconds.
+    #[arg(long, default_value_t = 25)]
+    epoch_ms: u64,
 }
 
 #[derive(Args)]
@@ -319,6 +453,129 @@ fn restore(args: RestoreArgs) -> Result<()> {
     supervise(&mut machine, args.duration, |_, _| Ok(()))
 }
 
+fn primary_config(
+    pair: &PairArgs,
+    p: &ProtectArgs,
+    backup: std::net::SocketAddr,
+    machine: MachineConfig,
+    kernel: Vec<u8>,
+    cmdline: String,
+) -> Result<primary::Config> {
+    fgbi::check_block_size(p.block_size)?;
+    let tls = protocol::transport::NodeTls::from_dir(&pair.certs, &pair.node, &pair.peer)?;
+    Ok(primary::Config {
+        budget_bytes: p.budget.unwrap_or(machine.mem_bytes / 2),
+        machine,
+        kernel,
+        cmdline,
+        node: pair.node.clone(),
+        backup,
+        tls,
+        epoch: Duration::from_millis(p.epoch_ms),
+        mode: p.mode,
+        block_size: p.block_size,
+        max_in_flight: p.max_in_flight.max(1),
+        heartbeat: Duration::from_millis(p.heartbeat_ms.max(1)),
+        backup_timeout: Duration::from_millis(p.backup_timeout_ms.max(10)),
+        console: pair.console,
+        verify: p.verify,
+    })
+}
+
+fn stop_after(duration: Option<Duration>) -> Result<Arc<AtomicBool>> {
+    let stop = stop_flag()?;
+    if let Some(d) = duration {
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(d);
+            s.store(true, Ordering::Relaxed);
+        });
+    }
+    Ok(stop)
+}
+
+fn primary_cmd(a: PrimaryArgs) -> Result<()> {
+    info!("{}", KvmKind::detect().describe());
+    let m = &a.machine;
+    vmm::memory::layout(m.mem)?;
+    if m.mem > vmm::memory::MMIO_HOLE_START {
+        bail!(
+            "replication supports guests of at most 3 GiB for now (asked for {} MiB)",
+            m.mem >> 20
+        );
+    }
+    let tsc = vmm::host_tsc_khz(&m.kvm_device)?;
+    let machine = MachineConfig {
+        mem_bytes: m.mem,
+        vcpus: m.vcpus,
+        dirty_tracking: true,
+        kvm_device: m.kvm_device.clone(),
+    };
+    let cmdline = a.workload.cmdline(m.vcpus, tsc, Some(MMIO_CONSOLE_BASE));
+    let cfg = primary_config(
+        &a.pair,
+        &a.protect,
+        a.backup,
+        machine,
+        guest::KERNEL.to_vec(),
+        cmdline,
+    )?;
+    let stop = stop_after(a.duration)?;
+    let metrics = primary::run(cfg, stop)?;
+    let s = metrics.summary();
+    info!(
+        epochs = s.epochs,
+        pause_p50_us = s.pause_p50_us as u64,
+        pause_p99_us = s.pause_p99_us as u64,
+        bytes_per_epoch = s.bytes_mean as u64,
+        raw_per_epoch = s.raw_mean as u64,
+        "primary stopped"
+    );
+    Ok(())
+}
+
+fn backup_cmd(a: BackupArgs) -> Result<()> {
+    info!("{}", KvmKind::detect().describe());
+    let tls = protocol::transport::NodeTls::from_dir(&a.pair.certs, &a.pair.node, &a.pair.peer)?;
+    let then_primary = match a.then_protect {
+        Some(addr) => {
+            // Machine settings are unused after a failover (the guest exists).
+            let mc = MachineConfig::new(16 << 20, 1);
+            Some(primary_config(
+                &a.pair,
+                &a.protect,
+                addr,
+                mc,
+                Vec::new(),
+                String::new(),
+            )?)
+        }
+        None => None,
+    };
+    let cfg = backup::Config {
+        listen: a.listen,
+        tls,
+        heartbeat_timeout: Duration::from_millis(a.heartbeat_timeout_ms.max(1)),
+        console: a.pair.console,
+        kvm_device: a.kvm_device,
+        max_epoch_bytes: 4 << 30,
+        then_primary,
+    };
+    backup::run(cfg, stop_flag()?)?;
+    Ok(())
+}
+
+fn status_cmd(a: StatusArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let s = rt
+        .block_on(protocol::console::query_status(a.console))
+        .with_context(|| format!("no castor daemon answers at {}", a.console))?;
+    println!("{s}");
+    Ok(())
+}
+
 fn certs(args: CertsArgs) -> Result<()> {
     let files = protocol::certs::create(&args.dir, &args.nodes, args.force)?;
     for f in &files {
@@ -342,6 +599,10 @@ fn main() -> ExitCode {
         Command::Run(a) => run(a),
         Command::Restore(a) => restore(a),
         Command::Certs(a) => certs(a),
+        Command::Primary(a) => primary_cmd(a),
+        Command::Backup(a) => backup_cmd(a),
+        Command::Status(a) => status_cmd(a),
+        Command::Demo(a) => demo::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,10 +14,12 @@ use crate::{check_block_size, kind, ApplyError, PAGE_SIZE};
 pub const LZ4_STASH_PAGES: usize = 4096;
 
 /// What an applied epoch contained.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ApplyStats {
     /// Records (pages changed).
     pub records: u64,
+    /// The pages the records wrote, in record order.
+    pub pages: Vec<u64>,
     /// Blocks sent as references to other blocks.
     pub ref_blocks: u64,
 }
@@ -234,6 +236,9 @@ fn run(
             }
         }
         stats.records += 1;
+        if write {
+            stats.pages.push(page);
+        }
     }
     Ok(stats)
 }

@@ -12,6 +12,7 @@
 
 pub mod certs;
 pub mod codec;
+pub mod console;
 pub mod message;
 pub mod session;
 pub mod transport;

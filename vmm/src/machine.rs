@@ -226,6 +226,11 @@ pub fn host_tsc_khz(device: &Path) -> Result<u32, MachineError> {
 }
 
 fn open_vm(device: &Path, mem_bytes: u64) -> Result<Parts, MachineError> {
+    let mem = memory::create(mem_bytes)?;
+    open_vm_with(device, mem)
+}
+
+fn open_vm_with(device: &Path, mem: GuestMem) -> Result<Parts, MachineError> {
     let kvm = open_kvm(device)?;
     for (cap, name) in [
         (Cap::Irqchip, "an in-kernel irqchip"),
@@ -248,7 +253,6 @@ fn open_vm(device: &Path, mem_bytes: u64) -> Result<Parts, MachineError> {
         ..Default::default()
     };
     vm.create_pit2(pit).map_err(kvm_err("creating the PIT"))?;
-    let mem = memory::create(mem_bytes)?;
     let list = kvm.get_msr_index_list().map_err(kvm_err("listing MSRs"))?;
     let msr_list = Arc::new(crate::msr::to_save(list.as_slice()));
     Ok(Parts {
@@ -360,8 +364,31 @@ impl Machine {
         state
             .validate()
             .map_err(|e| MachineError::Config(e.to_string()))?;
-        let p = open_vm(kvm_device, state.memory_size())?;
-        fill(&p.mem).map_err(|e| MachineError::Os("filling guest memory", e))?;
+        let mem = memory::create(state.memory_size())?;
+        fill(&mem).map_err(|e| MachineError::Os("filling guest memory", e))?;
+        Machine::restore_on(state, mem, console_sink, dirty_tracking, kvm_device)
+    }
+
+    /// Restores `state` into a fresh VM whose RAM is `mem`, used as it is —
+    /// the backup's warm replica: no copy, no first touch.
+    pub fn restore_on(
+        state: &MachineState,
+        mem: GuestMem,
+        console_sink: Box<dyn crate::console::ConsoleSink>,
+        dirty_tracking: bool,
+        kvm_device: &Path,
+    ) -> Result<Machine, MachineError> {
+        state
+            .validate()
+            .map_err(|e| MachineError::Config(e.to_string()))?;
+        if memory::ram_size(&mem) != state.memory_size() {
+            return Err(MachineError::Config(format!(
+                "replica has {} bytes of RAM, the machine state {}",
+                memory::ram_size(&mem),
+                state.memory_size()
+            )));
+        }
+        let p = open_vm_with(kvm_device, mem)?;
         // Writes done by the restore itself are not guest changes.
         let mut scratch = vec![0u64; memory::frame_limit(&p.mem).div_ceil(64) as usize];
         memory::drain_vmm_writes(&p.mem, &mut scratch);

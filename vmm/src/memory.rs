@@ -160,6 +160,29 @@ pub fn drain_vmm_writes(mem: &GuestMem, out: &mut [u64]) {
     }
 }
 
+/// Runs `f` over guest RAM as one mutable byte slice, indexed by guest
+/// page number × 4096. Needs exclusive access (`&mut`) and a single region
+/// (guests of at most 3 GiB): the backup applies checkpoints to its replica
+/// this way before any VM runs on it.
+pub fn with_ram_mut<R>(
+    mem: &mut GuestMem,
+    f: impl FnOnce(&mut [u8]) -> R,
+) -> Result<R, MemoryError> {
+    if mem.num_regions() != 1 {
+        return Err(MemoryError::BadSize(ram_size(mem)));
+    }
+    let r = mem.iter().next().expect("one region");
+    let (ptr, len) = (r.as_ptr(), r.len() as usize);
+    // SAFETY: `ptr..ptr + len` is the live, readable and writable anonymous
+    // mapping of the only region of `mem`; it stays mapped while `mem` is
+    // borrowed. The `&mut GuestMem` borrow is held for the whole call, and
+    // castor only calls this on memory no VM is attached to (the backup's
+    // replica before a failover), so nothing else reads or writes the
+    // mapping while the slice exists.
+    let slice = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+    Ok(f(slice))
+}
+
 /// Bounded-size description of a page set: frame numbers in ascending order.
 pub fn frames_of(bitmap: &[u64]) -> impl Iterator<Item = u64> + '_ {
     bitmap.iter().enumerate().flat_map(|(i, &w)| {

@@ -1,0 +1,554 @@
+//! The primary daemon: runs the guest and keeps it protected.
+//!
+//! Every epoch: pause → harvest the dirty pages → copy them → capture the
+//! machine state → note the console bytes produced since the last epoch →
+//! resume → encode the copies with fgbi → send the checkpoint → commit. The
+//! console bytes of epoch `k` stay invisible to clients until the backup acks
+//! checkpoint `k` (output commit): whatever the world saw, the backup can
+//! continue from. At most `max_in_flight` checkpoints are unacknowledged;
+//! past that the next epoch waits, and the wait is counted.
+//!
+//! Without a backup the guest keeps running, the daemon says loudly that it
+//! is unprotected, releases output at once, and keeps trying to reach the
+//! backup; a backup that comes (back) gets a full resync.
+
+mod metrics;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fgbi::{Encoder, Mode};
+use protocol::console::ConsoleLog;
+use protocol::message::CAP_VERIFY;
+use protocol::transport::{self, NodeTls};
+use protocol::{Hello, Message, Sender, VERSION};
+use tokio::sync::mpsc;
+use tracing::{error, info, info_span, warn};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::console::{Console, ConsoleSink};
+use vmm::{Machine, MachineConfig};
+
+pub use metrics::{EpochFigures, Metrics};
+
+/// Primary errors.
+#[derive(Debug, thiserror::Error)]
+pub enum PrimaryError {
+    /// The machine failed.
+    #[error(transparent)]
+    Machine(#[from] vmm::MachineError),
+    /// The console service could not start.
+    #[error("console service: {0}")]
+    Console(std::io::Error),
+    /// Runtime set-up.
+    #[error("starting the network runtime: {0}")]
+    Runtime(std::io::Error),
+    /// fgbi configuration.
+    #[error(transparent)]
+    Fgbi(#[from] fgbi::ConfigError),
+    /// Guest memory layout not supported for replication.
+    #[error("replication needs a guest of at most 3 GiB (one memory region)")]
+    Layout,
+    /// Protocol misuse (a bug) or a bad ack.
+    #[error(transparent)]
+    Protocol(#[from] protocol::ProtocolError),
+    /// The guest stopped.
+    #[error("the guest stopped: {0:?}")]
+    GuestStopped(vmm::ExitReason),
+}
+
+/// Primary settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The VM.
+    pub machine: MachineConfig,
+    /// Kernel image.
+    pub kernel: Vec<u8>,
+    /// Its command line.
+    pub cmdline: String,
+    /// This node's name (in the hello; its certificate must match).
+    pub node: String,
+    /// Where the backup listens.
+    pub backup: SocketAddr,
+    /// Certificates and the backup's expected name.
+    pub tls: NodeTls,
+    /// Epoch length.
+    pub epoch: Duration,
+    /// fgbi mode.
+    pub mode: Mode,
+    /// fgbi block size.
+    pub block_size: usize,
+    /// fgbi memory budget in bytes.
+    pub budget_bytes: u64,
+    /// Most unacknowledged checkpoints.
+    pub max_in_flight: usize,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// The backup is declared lost after this long without an answer.
+    pub backup_timeout: Duration,
+    /// Console service address.
+    pub console: SocketAddr,
+    /// Send memory digests for the backup to verify.
+    pub verify: bool,
+}
+
+/// The machine's console goes into the log, invisible until released.
+struct LogSink(Arc<ConsoleLog>);
+
+impl ConsoleSink for LogSink {
+    fn write(&mut self, _offset: u64, bytes: &[u8]) {
+        self.0.append(bytes);
+    }
+}
+
+enum NetEvent {
+    Connected,
+    Ack(u64),
+    Lost(String),
+}
+
+/// Boots the guest and runs the primary until `stop` is set or the guest stops.
+pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<Arc<Metrics>, PrimaryError> {
+    if cfg.machine.mem_bytes > vmm::memory::MMIO_HOLE_START {
+        return Err(PrimaryError::Layout);
+    }
+    let rt = runtime()?;
+    let log = ConsoleLog::new(0);
+    let metrics = Arc::new(Metrics::new(cfg.mode, cfg.epoch));
+    let status = {
+        let m = metrics.clone();
+        let log = log.clone();
+        Arc::new(move || m.status_json("primary", log.released(), log.end()))
+    };
+    let console = rt
+        .block_on(protocol::console::serve(cfg.console, log.clone(), status))
+        .map_err(PrimaryError::Console)?;
+    info!(%console, "console service");
+    let machine = Machine::boot(
+        &cfg.machine,
+        &cfg.kernel,
+        &cfg.cmdline,
+        Console::new(Box::new(LogSink(log.clone())), 0),
+    )?;
+    protect(&rt, &cfg, machine, log, metrics, stop)
+}
+
+/// Protects an already running `machine` whose console goes to `log` (a
+/// backup that has just taken over calls this): connects to `cfg.backup`,
+/// resyncs, and checkpoints until `stop` is set or the guest stops. The
+/// console service is the caller's.
+pub fn run_machine(
+    cfg: &Config,
+    machine: Machine,
+    log: Arc<ConsoleLog>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+) -> Result<Arc<Metrics>, PrimaryError> {
+    let rt = runtime()?;
+    protect(&rt, cfg, machine, log, metrics, stop)
+}
+
+/// The log sink for a machine whose output must wait for output commit.
+pub fn console_sink(log: Arc<ConsoleLog>) -> Box<dyn ConsoleSink> {
+    Box::new(LogSink(log))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, PrimaryError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("castor-net")
+        .build()
+        .map_err(PrimaryError::Runtime)
+}
+
+fn protect(
+    rt: &tokio::runtime::Runtime,
+    cfg: &Config,
+    mut machine: Machine,
+    log: Arc<ConsoleLog>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+) -> Result<Arc<Metrics>, PrimaryError> {
+    let pages = vmm::memory::ram_size(machine.memory()) / 4096;
+    machine.set_dirty_tracking(true)?;
+    let (frames_tx, frames_rx) = mpsc::channel::<Vec<u8>>(cfg.max_in_flight.max(1) + 1);
+    let (events_tx, events_rx) = std_mpsc::channel::<NetEvent>();
+    rt.spawn(network(cfg.clone(), frames_rx, events_tx, stop.clone()));
+    let mut lp = EpochLoop {
+        cfg,
+        machine,
+        log: log.clone(),
+        metrics: metrics.clone(),
+        frames: frames_tx,
+        pages,
+        session: None,
+    };
+    let result = lp.run(&events_rx, &stop);
+    lp.machine.stop();
+    log.release(log.end());
+    log.close();
+    result.map(|()| metrics)
+}
+
+struct Session {
+    sender: Sender,
+    encoder: Encoder,
+    /// (epoch, console offset it releases, commit time)
+    in_flight: VecDeque<(u64, u64, Instant)>,
+    next_epoch: u64,
+    out_start: u64,
+}
+
+struct EpochLoop<'a> {
+    cfg: &'a Config,
+    machine: Machine,
+    log: Arc<ConsoleLog>,
+    metrics: Arc<Metrics>,
+    frames: mpsc::Sender<Vec<u8>>,
+    pages: u64,
+    session: Option<Session>,
+}
+
+impl EpochLoop<'_> {
+    fn run(
+        &mut self,
+        events: &std_mpsc::Receiver<NetEvent>,
+        stop: &AtomicBool,
+    ) -> Result<(), PrimaryError> {
+        let mut next = Instant::now() + self.cfg.epoch;
+        self.log.set_hold(false);
+        warn!("UNPROTECTED: no backup yet; the guest runs, output is released at once");
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(r) = self.machine.wait_exit(Duration::ZERO) {
+                return Err(PrimaryError::GuestStopped(r));
+            }
+            // Network events: acks release output; (dis)connections.
+            let timeout = next.saturating_duration_since(Instant::now());
+            match events.recv_timeout(timeout) {
+                Ok(ev) => {
+                    self.on_event(ev)?;
+                    continue;
+                }
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            next += self.cfg.epoch;
+            if Instant::now() > next {
+                next = Instant::now() + self.cfg.epoch;
+            }
+            if self.session.is_none() {
+                continue;
+            }
+            // Bounded in-flight checkpoints: wait for acks, counting the wait.
+            let waited = Instant::now();
+            while self
+                .session
+                .as_ref()
+                .is_some_and(|s| s.in_flight.len() >= self.cfg.max_in_flight)
+            {
+                match events.recv_timeout(Duration::from_millis(50)) {
+                    Ok(ev) => self.on_event(ev)?,
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                        if stop.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                    }
+                    Err(_) => return Ok(()),
+                }
+            }
+            let wait = waited.elapsed();
+            if self.session.is_some() {
+                self.epoch(wait)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_event(&mut self, ev: NetEvent) -> Result<(), PrimaryError> {
+        match ev {
+            NetEvent::Connected => self.start_session()?,
+            NetEvent::Ack(k) => {
+                if let Some(s) = self.session.as_mut() {
+                    s.sender.on_ack(k)?;
+                    while s.in_flight.front().is_some_and(|f| f.0 <= k) {
+                        let (_, release, at) = s.in_flight.pop_front().expect("front");
+                        self.log.release(release);
+                        self.metrics.ack(at.elapsed());
+                    }
+                }
+            }
+            NetEvent::Lost(why) => {
+                if self.session.take().is_some() {
+                    error!("UNPROTECTED: lost the backup ({why}); the guest keeps running, output is released at once; waiting for a backup to re-protect");
+                    self.metrics.set_protected(false);
+                }
+                self.log.set_hold(false);
+            }
+        }
+        Ok(())
+    }
+
+    /// A new backup: new session, full resync as the first epoch.
+    fn start_session(&mut self) -> Result<(), PrimaryError> {
+        let cfg = self.cfg;
+        // From here on output waits for acks; everything before is released.
+        self.log.set_hold(true);
+        let out_start = self.log.released();
+        let hello = Hello {
+            version: VERSION,
+            session: rand::random(),
+            node: cfg.node.clone(),
+            capabilities: if cfg.verify { CAP_VERIFY } else { 0 },
+            mode: match cfg.mode {
+                Mode::Remus => 0,
+                Mode::Xbzrle => 1,
+                Mode::Fgbi => 2,
+            },
+            block_size: cfg.block_size as u32,
+            memory_bytes: self.pages * 4096,
+            vcpus: self.machine.vcpu_count() as u32,
+            output_offset: out_start,
+        };
+        let fcfg = fgbi::Config {
+            mode: cfg.mode,
+            block_size: cfg.block_size,
+            budget_bytes: cfg.budget_bytes,
+            key: rand::random(),
+        };
+        let encoder = Encoder::new(fcfg, self.pages)?;
+        let (sender, hello_frame) = Sender::new(hello);
+        if self.frames.blocking_send(hello_frame).is_err() {
+            self.log.set_hold(false);
+            return Ok(());
+        }
+        self.session = Some(Session {
+            sender,
+            encoder,
+            in_flight: VecDeque::new(),
+            next_epoch: 1,
+            out_start,
+        });
+        // Full resync: every page, encoded while paused.
+        let span = info_span!("resync");
+        let _g = span.enter();
+        let t = Instant::now();
+        self.machine.pause()?;
+        self.machine.harvest_dirty()?;
+        let all: Vec<u64> = (0..self.pages).collect();
+        let t0 = Instant::now();
+        let r = self.checkpoint(&all, t0, Duration::ZERO, Duration::ZERO);
+        if r.is_err() {
+            self.machine.resume()?;
+        }
+        r?;
+        info!(
+            pages = self.pages,
+            elapsed_ms = t.elapsed().as_millis() as u64,
+            "full resync sent"
+        );
+        self.metrics.set_protected(true);
+        info!("PROTECTED: checkpoints stream to the backup");
+        Ok(())
+    }
+
+    fn epoch(&mut self, wait: Duration) -> Result<(), PrimaryError> {
+        let t0 = Instant::now();
+        self.machine.pause()?;
+        let t1 = Instant::now();
+        let dirty = match self.machine.harvest_dirty() {
+            Ok(d) => d,
+            Err(e) => {
+                self.machine.resume()?;
+                return Err(e.into());
+            }
+        };
+        let harvest = t1.elapsed();
+        let frames: Vec<u64> = dirty.frames().filter(|&f| f < self.pages).collect();
+        self.checkpoint(&frames, t0, harvest, wait)
+    }
+
+    /// Copies `frames`, captures the state and the console range, resumes,
+    /// encodes and sends. The machine is paused on entry (since `t0`) and
+    /// running on return.
+    fn checkpoint(
+        &mut self,
+        frames: &[u64],
+        t0: Instant,
+        harvest: Duration,
+        wait: Duration,
+    ) -> Result<(), PrimaryError> {
+        let tc = Instant::now();
+        let mut copies = vec![0u8; frames.len() * 4096];
+        for (i, &f) in frames.iter().enumerate() {
+            self.machine
+                .memory()
+                .read_slice(
+                    &mut copies[i * 4096..(i + 1) * 4096],
+                    GuestAddress(f * 4096),
+                )
+                .map_err(|e| vmm::MachineError::Config(format!("reading guest page {f}: {e}")))?;
+        }
+        let copy = tc.elapsed();
+        let tcap = Instant::now();
+        let state = self.machine.capture()?;
+        let capture = tcap.elapsed();
+        let out_end = self.log.end();
+        debug_assert_eq!(out_end, state.console_offset);
+        self.machine.resume()?;
+        let pause = t0.elapsed();
+
+        let s = self.session.as_mut().expect("session");
+        let te = Instant::now();
+        let mut records = Vec::with_capacity(frames.len() * 64);
+        let mut touched = Vec::new();
+        for (i, &f) in frames.iter().enumerate() {
+            let page: &[u8; 4096] = copies[i * 4096..(i + 1) * 4096].try_into().expect("page");
+            let before = records.len();
+            s.encoder.encode_page(f, page, &mut records);
+            if records.len() > before {
+                touched.push(i);
+            }
+        }
+        let memory_digest = self.cfg.verify.then(|| {
+            let mut h = blake3::Hasher::new();
+            for &i in &touched {
+                h.update(&copies[i * 4096..(i + 1) * 4096]);
+            }
+            *h.finalize().as_bytes()
+        });
+        let encode = te.elapsed();
+        let epoch = s.next_epoch;
+        s.next_epoch += 1;
+        let output = self.log.slice(s.out_start, out_end);
+        s.out_start = out_end;
+        // The state is mostly zeros and repeats: lz4 (size-prefixed).
+        let state_bytes = lz4_flex::block::compress_prepend_size(&state.encode());
+        let mut f = Vec::with_capacity(records.len() + state_bytes.len() + output.len() + 256);
+        s.sender.begin(
+            epoch,
+            frames.len() as u32,
+            frames.len() as u64 * 4096,
+            &mut f,
+        )?;
+        s.sender.records(&records, &mut f)?;
+        s.sender.state(&state_bytes, &mut f)?;
+        s.sender.output(&output, &mut f)?;
+        s.sender.commit(memory_digest, &mut f)?;
+        s.in_flight.push_back((epoch, out_end, Instant::now()));
+        let sent = f.len() as u64;
+        if self.frames.blocking_send(f).is_err() {
+            self.session = None;
+        }
+        self.metrics.epoch(EpochFigures {
+            epoch,
+            pause,
+            harvest,
+            copy,
+            capture,
+            encode,
+            dirty_pages: frames.len() as u64,
+            bytes: sent,
+            raw_bytes: frames.len() as u64 * 4096,
+            wait,
+        });
+        Ok(())
+    }
+}
+
+/// Connects (and reconnects) to the backup; moves frames out and acks in.
+async fn network(
+    cfg: Config,
+    mut frames: mpsc::Receiver<Vec<u8>>,
+    events: std_mpsc::Sender<NetEvent>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut warned = false;
+    while !stop.load(Ordering::Relaxed) {
+        let link = match transport::connect(cfg.backup, &cfg.tls).await {
+            Ok(l) => l,
+            Err(e) => {
+                if !warned {
+                    warn!("cannot reach the backup at {}: {e}; retrying", cfg.backup);
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        warned = false;
+        info!(backup = %link.remote(), "connected to the backup");
+        // Drop frames of an earlier session.
+        while frames.try_recv().is_ok() {}
+        if events.send(NetEvent::Connected).is_err() {
+            return;
+        }
+        let why = session(&cfg, link, &mut frames, &events, &stop).await;
+        let _ = events.send(NetEvent::Lost(why));
+    }
+}
+
+async fn session(
+    cfg: &Config,
+    mut link: transport::Link,
+    frames: &mut mpsc::Receiver<Vec<u8>>,
+    events: &std_mpsc::Sender<NetEvent>,
+    stop: &AtomicBool,
+) -> String {
+    let mut data = link.data_tx.take().expect("primary link has a data stream");
+    let mut tick = tokio::time::interval(cfg.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_heard = Instant::now();
+    let mut seq = 0u64;
+    let (ctl_tx, ctl_rx) = (&mut link.ctl_tx, &mut link.ctl_rx);
+    let writer = async {
+        while let Some(f) = frames.recv().await {
+            if let Err(e) = data.send(&f).await {
+                return format!("sending a checkpoint: {e}");
+            }
+        }
+        "the epoch loop ended".to_string()
+    };
+    tokio::pin!(writer);
+    loop {
+        tokio::select! {
+            why = &mut writer => return why,
+            _ = tick.tick() => {
+                if stop.load(Ordering::Relaxed) {
+                    let _ = ctl_tx.send_message(&Message::Goodbye { reason: "primary shutting down".into() }).await;
+                    link.close("shutdown");
+                    return "shutting down".into();
+                }
+                if last_heard.elapsed() > cfg.backup_timeout {
+                    link.close("backup timed out");
+                    return format!("no answer from the backup for {:?}", cfg.backup_timeout);
+                }
+                seq += 1;
+                let now = Instant::now().elapsed().as_micros() as u64;
+                if let Err(e) = ctl_tx.send_message(&Message::Heartbeat { seq, sent_us: now }).await {
+                    return format!("sending a heartbeat: {e}");
+                }
+            }
+            m = ctl_rx.next() => match m {
+                Ok(Some(Message::Ack { epoch })) => {
+                    last_heard = Instant::now();
+                    if events.send(NetEvent::Ack(epoch)).is_err() {
+                        return "the epoch loop ended".into();
+                    }
+                }
+                Ok(Some(Message::HeartbeatEcho { .. })) => last_heard = Instant::now(),
+                Ok(Some(Message::Heartbeat { seq, sent_us })) => {
+                    last_heard = Instant::now();
+                    let _ = ctl_tx.send_message(&Message::HeartbeatEcho { seq, sent_us }).await;
+                }
+                Ok(Some(Message::Goodbye { reason })) => return format!("the backup said goodbye: {reason}"),
+                Ok(Some(other)) => return format!("unexpected {} from the backup", other.name()),
+                Ok(None) => return "the backup closed the control stream".into(),
+                Err(e) => return e.to_string(),
+            }
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Per-epoch figures of the primary, their summary, and the status line.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tracing::info;
+
+/// What one epoch cost.
+#[derive(Debug, Clone, Copy)]
+pub struct EpochFigures {
+    /// Epoch number.
+    pub epoch: u64,
+    /// The guest's pause (pause → resume).
+    pub pause: Duration,
+    /// Of which: dirty-log harvest.
+    pub harvest: Duration,
+    /// Of which: copying the dirty pages.
+    pub copy: Duration,
+    /// Of which: machine-state capture.
+    pub capture: Duration,
+    /// fgbi encoding (after resume).
+    pub encode: Duration,
+    /// Dirty pages.
+    pub dirty_pages: u64,
+    /// Bytes sent for the checkpoint.
+    pub bytes: u64,
+    /// Bytes the dirty pages would take raw.
+    pub raw_bytes: u64,
+    /// Time the epoch waited for in-flight checkpoints.
+    pub wait: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    epochs: Vec<EpochFigures>,
+    acks: Vec<Duration>,
+    protected: bool,
+}
+
+/// The primary's running figures.
+#[derive(Debug)]
+pub struct Metrics {
+    mode: fgbi::Mode,
+    epoch_len: Duration,
+    inner: Mutex<Inner>,
+}
+
+const KEEP: usize = 1 << 16;
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// A summary of the figures so far.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Summary {
+    /// Epochs checkpointed (the full resync included).
+    pub epochs: u64,
+    /// Pause p50, µs.
+    pub pause_p50_us: f64,
+    /// Pause p99, µs.
+    pub pause_p99_us: f64,
+    /// Pause max, µs.
+    pub pause_max_us: f64,
+    /// Dirty pages per epoch, mean.
+    pub dirty_mean: f64,
+    /// Bytes sent per epoch, mean.
+    pub bytes_mean: f64,
+    /// Raw bytes per epoch, mean.
+    pub raw_mean: f64,
+    /// Encode time p50, µs.
+    pub encode_p50_us: f64,
+    /// Ack latency p50, µs.
+    pub ack_p50_us: f64,
+    /// Ack latency p99, µs.
+    pub ack_p99_us: f64,
+    /// Epochs that waited for acks.
+    pub waits: u64,
+}
+
+impl Metrics {
+    /// Empty figures.
+    pub fn new(mode: fgbi::Mode, epoch_len: Duration) -> Self {
+        Metrics {
+            mode,
+            epoch_len,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records an epoch and logs it.
+    pub fn epoch(&self, f: EpochFigures) {
+        tracing::debug!(
+            epoch = f.epoch,
+            pause_us = f.pause.as_micros() as u64,
+            harvest_us = f.harvest.as_micros() as u64,
+            copy_us = f.copy.as_micros() as u64,
+            capture_us = f.capture.as_micros() as u64,
+            encode_us = f.encode.as_micros() as u64,
+            dirty = f.dirty_pages,
+            bytes = f.bytes,
+            raw = f.raw_bytes,
+            wait_us = f.wait.as_micros() as u64,
+            "epoch"
+        );
+        let mut i = self.lock();
+        if i.epochs.len() >= KEEP {
+            i.epochs.drain(..KEEP / 2);
+        }
+        i.epochs.push(f);
+        let n = i.epochs.len();
+        drop(i);
+        if n.is_multiple_of(200) {
+            let s = self.summary();
+            info!(
+                epochs = s.epochs,
+                pause_p50_us = s.pause_p50_us as u64,
+                pause_p99_us = s.pause_p99_us as u64,
+                bytes_per_epoch = s.bytes_mean as u64,
+                raw_per_epoch = s.raw_mean as u64,
+                ack_p50_us = s.ack_p50_us as u64,
+                "protected"
+            );
+        }
+    }
+
+    /// Records an ack's latency (commit → ack).
+    pub fn ack(&self, d: Duration) {
+        let mut i = self.lock();
+        if i.acks.len() >= KEEP {
+            i.acks.drain(..KEEP / 2);
+        }
+        i.acks.push(d);
+    }
+
+    /// Marks the pair protected or not.
+    pub fn set_protected(&self, p: bool) {
+        self.lock().protected = p;
+    }
+
+    /// The summary; the first epoch (the full resync) is left out of the
+    /// pause and size figures.
+    pub fn summary(&self) -> Summary {
+        let i = self.lock();
+        let steady: Vec<&EpochFigures> = i.epochs.iter().filter(|f| f.epoch > 1).collect();
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let mut pause: Vec<f64> = steady.iter().map(|f| us(f.pause)).collect();
+        let mut enc: Vec<f64> = steady.iter().map(|f| us(f.encode)).collect();
+        let mut acks: Vec<f64> = i.acks.iter().map(|d| us(*d)).collect();
+        let n = steady.len().max(1) as f64;
+        Summary {
+            epochs: i.epochs.last().map_or(0, |f| f.epoch),
+            pause_max_us: pause.iter().cloned().fold(0.0, f64::max),
+            pause_p50_us: pct(&mut pause, 0.5),
+            pause_p99_us: pct(&mut pause, 0.99),
+            dirty_mean: steady.iter().map(|f| f.dirty_pages as f64).sum::<f64>() / n,
+            bytes_mean: steady.iter().map(|f| f.bytes as f64).sum::<f64>() / n,
+            raw_mean: steady.iter().map(|f| f.raw_bytes as f64).sum::<f64>() / n,
+            encode_p50_us: pct(&mut enc, 0.5),
+            ack_p50_us: pct(&mut acks, 0.5),
+            ack_p99_us: pct(&mut acks, 0.99),
+            waits: steady
+                .iter()
+                .filter(|f| f.wait > Duration::from_micros(100))
+                .count() as u64,
+        }
+    }
+
+    /// One line of JSON for `castor status`.
+    pub fn status_json(&self, role: &str, released: u64, end: u64) -> String {
+        let s = self.summary();
+        let protected = self.lock().protected;
+        format!(
+            concat!(
+                "{{\"role\":\"{}\",\"protected\":{},\"mode\":\"{}\",\"epoch_ms\":{},\"epochs\":{},",
+                "\"pause_p50_us\":{:.0},\"pause_p99_us\":{:.0},\"pause_max_us\":{:.0},\"dirty_pages_mean\":{:.1},",
+                "\"bytes_per_epoch\":{:.0},\"raw_bytes_per_epoch\":{:.0},\"encode_p50_us\":{:.0},",
+                "\"ack_p50_us\":{:.0},\"ack_p99_us\":{:.0},\"epochs_waited\":{},",
+                "\"console_released\":{},\"console_end\":{}}}"
+            ),
+            role,
+            protected,
+            self.mode,
+            self.epoch_len.as_millis(),
+            s.epochs,
+            s.pause_p50_us,
+            s.pause_p99_us,
+            s.pause_max_us,
+            s.dirty_mean,
+            s.bytes_mean,
+            s.raw_mean,
+            s.encode_p50_us,
+            s.ack_p50_us,
+            s.ack_p99_us,
+            s.waits,
+            released,
+            end
+        )
+    }
+}

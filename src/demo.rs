@@ -1,0 +1,377 @@
+//! `castor demo`: a local HA pair on loopback, a failover, and its report.
+//!
+//! Runs two castor processes (backup, then primary) with certificates made
+//! in a temporary directory, attaches a console client to the primary,
+//! SIGKILLs the primary, re-attaches the client to the survivor at the next
+//! byte offset, and reports what happened. It also serves as the building
+//! block of `castor drill` and of the end-to-end tests.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::DemoArgs;
+
+/// Picks a free port on loopback (UDP or TCP).
+pub fn free_port(udp: bool) -> Result<SocketAddr> {
+    Ok(if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?
+    })
+}
+
+/// A daemon child process that is killed when dropped.
+pub struct Daemon {
+    /// The process.
+    pub child: Child,
+    /// Its console service.
+    pub console: SocketAddr,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Sends SIGKILL and waits.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(args: &[String], console: SocketAddr, log: PathBuf) -> Result<Daemon> {
+    let exe = std::env::current_exe().context("locating the castor binary")?;
+    let child = Command::new(exe)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting a castor daemon")?;
+    Ok(Daemon {
+        child,
+        console,
+        log,
+    })
+}
+
+/// Settings of one daemon of the local pair.
+pub struct Node<'a> {
+    /// Certificates.
+    pub certs: &'a Path,
+    /// Its name.
+    pub name: &'a str,
+    /// Its peer's name.
+    pub peer: &'a str,
+}
+
+/// Starts a backup listening on `listen` that, after failover, protects
+/// toward `then_protect`.
+pub fn start_backup(
+    n: &Node<'_>,
+    listen: SocketAddr,
+    then_protect: SocketAddr,
+    extra: &[String],
+    log: PathBuf,
+) -> Result<Daemon> {
+    let console = free_port(false)?;
+    let mut a: Vec<String> = ["backup", "--certs"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.push(n.certs.display().to_string());
+    a.extend([
+        "--node".into(),
+        n.name.into(),
+        "--peer".into(),
+        n.peer.into(),
+    ]);
+    a.extend([
+        "--listen".into(),
+        listen.to_string(),
+        "--console".into(),
+        console.to_string(),
+    ]);
+    a.extend(["--then-protect".into(), then_protect.to_string()]);
+    a.extend(extra.iter().cloned());
+    spawn(&a, console, log)
+}
+
+/// Starts a primary sending to `backup`.
+pub fn start_primary(
+    n: &Node<'_>,
+    backup: SocketAddr,
+    extra: &[String],
+    log: PathBuf,
+) -> Result<Daemon> {
+    let console = free_port(false)?;
+    let mut a: Vec<String> = ["primary", "--certs"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.push(n.certs.display().to_string());
+    a.extend([
+        "--node".into(),
+        n.name.into(),
+        "--peer".into(),
+        n.peer.into(),
+    ]);
+    a.extend([
+        "--backup".into(),
+        backup.to_string(),
+        "--console".into(),
+        console.to_string(),
+    ]);
+    a.extend(extra.iter().cloned());
+    spawn(&a, console, log)
+}
+
+/// One line of JSON from a daemon, or None if it does not answer.
+pub fn status(console: SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&console, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    s.write_all(b"status\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out.trim().to_string())
+}
+
+/// A number field of a status line.
+pub fn field(status: &str, key: &str) -> Option<f64> {
+    let i = status.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &status[i..];
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().trim_matches('"').parse().ok()
+}
+
+/// Waits until `pred` holds for the daemon's status.
+pub fn wait_status(
+    d: &Daemon,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> Result<String> {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = status(d.console) {
+            if pred(&s) {
+                return Ok(s);
+            }
+        }
+        if t.elapsed() > timeout {
+            bail!(
+                "timed out after {timeout:?} waiting for {what}; see {}",
+                d.log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads a console from `offset` into `buf` (which holds the stream up to
+/// `offset`) until the connection ends or `until` passes; returns when the
+/// stream first went past offset `mark`, if it did.
+pub fn read_console(
+    addr: SocketAddr,
+    offset: u64,
+    buf: &mut Vec<u8>,
+    until: Instant,
+    mark: u64,
+) -> Result<Option<Instant>> {
+    let mut s =
+        TcpStream::connect(addr).with_context(|| format!("attaching to the console at {addr}"))?;
+    s.set_nodelay(true)?;
+    s.write_all(format!("{offset}\n").as_bytes())?;
+    let mut first = None;
+    let mut chunk = [0u8; 8192];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(first);
+        }
+        s.set_read_timeout(Some(left.min(Duration::from_millis(100))))?;
+        match s.read(&mut chunk) {
+            Ok(0) => return Ok(first),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() as u64 > mark {
+                    first.get_or_insert_with(Instant::now);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Ok(first),
+        }
+    }
+}
+
+/// Checks the guest's progress lines: every vCPU's seq goes up by exactly one.
+/// Returns (lines, problems).
+pub fn continuity(stream: &[u8]) -> (usize, Vec<String>) {
+    let text = String::from_utf8_lossy(stream);
+    let mut last: std::collections::HashMap<u32, u64> = Default::default();
+    let mut problems = Vec::new();
+    let mut n = 0;
+    for line in text.lines() {
+        let Some(p) = guest::Progress::parse(line) else {
+            continue;
+        };
+        n += 1;
+        if let Some(prev) = last.insert(p.cpu, p.seq) {
+            if p.seq != prev + 1 {
+                problems.push(format!("vCPU {}: seq {} follows {}", p.cpu, p.seq, prev));
+            }
+        }
+    }
+    (n, problems)
+}
+
+pub fn run(a: DemoArgs) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    protocol::certs::create(&dir.join("pki"), &["node-a".into(), "node-b".into()], false)?;
+    let certs = dir.join("pki");
+    let (port_a, port_b) = (free_port(true)?, free_port(true)?);
+    let a_node = Node {
+        certs: &certs,
+        name: "node-a",
+        peer: "node-b",
+    };
+    let b_node = Node {
+        certs: &certs,
+        name: "node-b",
+        peer: "node-a",
+    };
+    println!(
+        "castor demo: a local HA pair on loopback (certificates in {})",
+        certs.display()
+    );
+    let _backup = start_backup(&b_node, port_b, port_a, &[], dir.join("backup.log"))?;
+    let guest_args: Vec<String> = vec![
+        "--mem".into(),
+        format!("{}M", a.mem >> 20),
+        "--vcpus".into(),
+        a.vcpus.to_string(),
+        "--workload".into(),
+        a.workload.to_string(),
+        "--mode".into(),
+        a.mode.to_string(),
+        "--epoch-ms".into(),
+        a.epoch_ms.to_string(),
+    ];
+    let mut primary = start_primary(&a_node, port_b, &guest_args, dir.join("primary.log"))?;
+    let mut backup = _backup;
+    let t_start = Instant::now();
+    println!("  primary (node-a) and backup (node-b) starting; waiting for protection ...");
+    wait_status(
+        &primary,
+        "the primary to be protected",
+        Duration::from_secs(60),
+        |s| s.contains("\"protected\":true"),
+    )?;
+    println!(
+        "  protected after {:.1} s; running for {:?}",
+        t_start.elapsed().as_secs_f64(),
+        a.run_for
+    );
+
+    let mut stream = Vec::new();
+    let reader_until = Instant::now() + a.run_for;
+    read_console(primary.console, 0, &mut stream, reader_until, u64::MAX)?;
+    let before = status(primary.console).unwrap_or_default();
+
+    let killed = Instant::now();
+    primary.kill();
+    // What the backup had committed when the primary died: bytes up to there
+    // may be served at once; the failover ends with the first byte after it.
+    let committed = status(backup.console)
+        .and_then(|s| field(&s, "console_end"))
+        .unwrap_or(0.0) as u64;
+    let offset = stream.len() as u64;
+    let watch_until = Instant::now() + a.watch_for;
+    let first = read_console(backup.console, offset, &mut stream, watch_until, committed)?;
+    let after = status(backup.console).unwrap_or_default();
+
+    let (lines, problems) = continuity(&stream);
+    let f = |k: &str| field(&before, k).unwrap_or(f64::NAN);
+    println!();
+    println!("castor demo report");
+    println!(
+        "  workload            {} on {} vCPU(s), {} MiB, mode {}, {} ms epochs",
+        a.workload,
+        a.vcpus,
+        a.mem >> 20,
+        a.mode,
+        a.epoch_ms
+    );
+    println!("  epochs              {:.0}", f("epochs"));
+    println!(
+        "  pause               p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+        f("pause_p50_us"),
+        f("pause_p99_us"),
+        f("pause_max_us")
+    );
+    println!(
+        "  bytes per epoch     {:.0} sent vs {:.0} raw ({:.1}x fewer), {:.1} dirty pages",
+        f("bytes_per_epoch"),
+        f("raw_bytes_per_epoch"),
+        f("raw_bytes_per_epoch") / f("bytes_per_epoch").max(1.0),
+        f("dirty_pages_mean")
+    );
+    println!(
+        "  ack latency         p50 {:.0} us, p99 {:.0} us",
+        f("ack_p50_us"),
+        f("ack_p99_us")
+    );
+    match first {
+        Some(t) => println!(
+            "  failover            {:.1} ms (SIGKILL of the primary -> first console byte the survivor produced)",
+            (t - killed).as_secs_f64() * 1e3
+        ),
+        None => println!("  failover            NO console output from the survivor within {:?}", a.watch_for),
+    }
+    println!("  survivor            {after}");
+    println!(
+        "  console             {} bytes, {} progress lines, {} before the kill",
+        stream.len(),
+        lines,
+        offset
+    );
+    if problems.is_empty() && first.is_some() {
+        println!("  continuity          OK: no gap, no duplicate on any vCPU");
+    } else {
+        for p in problems.iter().take(10) {
+            println!("  continuity          BROKEN: {p}");
+        }
+    }
+    backup.kill();
+    if std::env::var_os("CASTOR_DEMO_KEEP").is_some() {
+        println!("  logs                {}", tmp.keep().display());
+        return Ok(());
+    }
+    if !problems.is_empty() || first.is_none() {
+        bail!(
+            "the demo failed: see the logs in {} (kept)",
+            tmp.keep().display()
+        );
+    }
+    Ok(())
+}
