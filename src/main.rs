@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-mod demo;
+use castor::pair::{self, DemoArgs, DrillArgs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,11 @@ enum Command {
     /// failover time (SIGKILL to the first console byte from the survivor),
     /// and whether the console stream stayed gap- and duplicate-free.
     Demo(DemoArgs),
+    /// Failover drill: repeatedly SIGKILL the current primary at a random
+    /// moment, let the backup take over, start a new backup where the dead
+    /// primary was, and wait for re-protection. Reports every round and fails
+    /// on any console gap or duplicate.
+    Drill(DrillArgs),
 }
 
 #[derive(Args, Clone)]
@@ -156,31 +161,6 @@ struct StatusArgs {
     /// The daemon's console service address.
     #[arg(long)]
     console: std::net::SocketAddr,
-}
-
-#[derive(Args)]
-struct DemoArgs {
-    /// How long the pair runs before the primary is killed.
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
-    run_for: Duration,
-    /// How long the survivor is watched after the failover.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    watch_for: Duration,
-    /// Workload of the guest.
-    #[arg(long, default_value = "counter", value_parser = parse_workload)]
-    workload: guest::Workload,
-    /// Guest RAM.
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    mem: u64,
-    /// vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u32,
-    /// Encoding.
-    #[arg(long, default_value = "fgbi")]
-    mode: fgbi::Mode,
-    /// Epoch length in milliseconds.
-    #[arg(long, default_value_t = 25)]
-    epoch_ms: u64,
 }
 
 #[derive(Args)]
@@ -602,7 +582,8 @@ fn main() -> ExitCode {
         Command::Primary(a) => primary_cmd(a),
         Command::Backup(a) => backup_cmd(a),
         Command::Status(a) => status_cmd(a),
-        Command::Demo(a) => demo::run(a),
+        Command::Demo(a) => pair::demo(a),
+        Command::Drill(a) => pair::drill(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -77,16 +77,21 @@ struct Replica {
     block_size: usize,
     epoch: u64,
     session: u64,
+    verifying: bool,
 }
 
 struct Shared {
     replica: Mutex<Replica>,
     last_heard_us: AtomicU64,
     connected: AtomicBool,
+    /// The primary ended the session with Goodbye: a planned stop, no takeover.
+    orderly: AtomicBool,
     failed_over: AtomicBool,
     mismatches: AtomicU64,
     applied: AtomicU64,
     t0: Instant,
+    /// After a failover: the primary role's figures and console log ends.
+    as_primary: Mutex<Option<Arc<primary::Metrics>>>,
 }
 
 impl Shared {
@@ -118,22 +123,34 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<(), BackupError> {
             block_size: 64,
             epoch: 0,
             session: 0,
+            verifying: false,
         }),
         last_heard_us: AtomicU64::new(0),
         connected: AtomicBool::new(false),
+        orderly: AtomicBool::new(false),
         failed_over: AtomicBool::new(false),
         mismatches: AtomicU64::new(0),
         applied: AtomicU64::new(0),
         t0: Instant::now(),
+        as_primary: Mutex::new(None),
     });
     let status = {
         let (s, log) = (shared.clone(), log.clone());
         Arc::new(move || {
+            if let Some(m) = s
+                .as_primary
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                return m.status_json("primary (after failover)", log.released(), log.end());
+            }
             let r = s.lock();
             format!(
-                "{{\"role\":\"{}\",\"connected\":{},\"committed_epoch\":{},\"session\":{},\"checkpoints_applied\":{},\"verify_mismatches\":{},\"console_released\":{},\"console_end\":{}}}",
+                "{{\"role\":\"{}\",\"connected\":{},\"verifying\":{},\"committed_epoch\":{},\"session\":{},\"checkpoints_applied\":{},\"verify_mismatches\":{},\"console_released\":{},\"console_end\":{}}}",
                 if s.failed_over.load(Ordering::Relaxed) { "primary (after failover)" } else { "backup" },
                 s.connected.load(Ordering::Relaxed),
+                r.verifying,
                 r.epoch,
                 r.session,
                 s.applied.load(Ordering::Relaxed),
@@ -198,6 +215,7 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<(), BackupError> {
     match cfg.then_primary {
         Some(pcfg) => {
             let metrics = Arc::new(primary::Metrics::new(pcfg.mode, pcfg.epoch));
+            *shared.as_primary.lock().unwrap_or_else(|e| e.into_inner()) = Some(metrics.clone());
             primary::run_machine(&pcfg, machine, log.clone(), metrics, stop)?;
         }
         None => {
@@ -238,6 +256,7 @@ async fn accept_loop(
         }
         let peer = link.remote();
         shared.heard();
+        shared.orderly.store(false, Ordering::Relaxed);
         shared.connected.store(true, Ordering::Relaxed);
         let why = session(link, &shared, &log, max_epoch_bytes).await;
         shared.connected.store(false, Ordering::Relaxed);
@@ -273,7 +292,10 @@ async fn session(
                             return e.to_string();
                         }
                     }
-                    Ok(Some(Message::Goodbye { reason })) => return format!("the primary said goodbye: {reason}"),
+                    Ok(Some(Message::Goodbye { reason })) => {
+                        shared.orderly.store(true, Ordering::Relaxed);
+                        return format!("the primary said goodbye: {reason}");
+                    }
                     Ok(Some(_)) => shared.heard(),
                     Ok(None) => return "the primary closed the control stream".into(),
                     Err(e) => return e.to_string(),
@@ -306,6 +328,7 @@ async fn session(
                         block_size: h.block_size as usize,
                         epoch: 0,
                         session: h.session,
+                        verifying: h.capabilities & protocol::message::CAP_VERIFY != 0,
                     };
                     log.reset(h.output_offset);
                 }
@@ -315,7 +338,10 @@ async fn session(
                     }
                     let _ = ack_tx.send(rx.ack(c.epoch));
                 }
-                Ok(Event::Goodbye(reason)) => return format!("the primary said goodbye: {reason}"),
+                Ok(Event::Goodbye(reason)) => {
+                    shared.orderly.store(true, Ordering::Relaxed);
+                    return format!("the primary said goodbye: {reason}");
+                }
                 Ok(_) => {}
                 Err(e) => {
                     error!("protocol violation from the primary: {e}");
@@ -392,7 +418,9 @@ async fn watchdog(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tick.tick().await;
-        if !shared.connected.load(Ordering::Relaxed) {
+        // A primary that said goodbye stopped on purpose: no takeover. One
+        // that went silent, or whose connection broke, is lost.
+        if shared.orderly.load(Ordering::Relaxed) {
             continue;
         }
         let now = shared.t0.elapsed().as_micros() as u64;

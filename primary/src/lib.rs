@@ -188,6 +188,11 @@ fn protect(
         session: None,
     };
     let result = lp.run(&events_rx, &stop);
+    // Let the network task tell the backup this is a planned stop.
+    stop.store(true, Ordering::Relaxed);
+    rt.block_on(tokio::time::sleep(
+        cfg.heartbeat * 4 + Duration::from_millis(20),
+    ));
     lp.machine.stop();
     log.release(log.end());
     log.close();
@@ -274,6 +279,11 @@ impl EpochLoop<'_> {
             NetEvent::Ack(k) => {
                 if let Some(s) = self.session.as_mut() {
                     s.sender.on_ack(k)?;
+                    if !self.metrics.protected() {
+                        // The backup holds a committed checkpoint: it can take over.
+                        self.metrics.set_protected(true);
+                        info!(epoch = k, "PROTECTED: the backup committed the full resync");
+                    }
                     while s.in_flight.front().is_some_and(|f| f.0 <= k) {
                         let (_, release, at) = s.in_flight.pop_front().expect("front");
                         self.log.release(release);
@@ -350,8 +360,6 @@ impl EpochLoop<'_> {
             elapsed_ms = t.elapsed().as_millis() as u64,
             "full resync sent"
         );
-        self.metrics.set_protected(true);
-        info!("PROTECTED: checkpoints stream to the backup");
         Ok(())
     }
 

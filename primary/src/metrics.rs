@@ -141,6 +141,11 @@ impl Metrics {
         i.acks.push(d);
     }
 
+    /// Whether the backup holds a committed checkpoint of this session.
+    pub fn protected(&self) -> bool {
+        self.lock().protected
+    }
+
     /// Marks the pair protected or not.
     pub fn set_protected(&self, p: bool) {
         self.lock().protected = p;

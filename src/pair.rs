@@ -14,9 +14,94 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::DemoArgs;
+use clap::Args;
+
+use guest::Workload;
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("'{s}' is not a size (examples: 256M, 1G)"))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (n, mult) = if let Some(v) = t.strip_suffix("ms") {
+        (v, 1e-3)
+    } else if let Some(v) = t.strip_suffix('s') {
+        (v, 1.0)
+    } else {
+        (t, 1.0)
+    };
+    n.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(|v| Duration::from_secs_f64(v * mult))
+        .ok_or_else(|| format!("'{s}' is not a duration (examples: 500ms, 3s)"))
+}
+
+fn parse_workload(s: &str) -> Result<Workload, String> {
+    Workload::parse(s).map_err(|e| e.to_string())
+}
+
+/// `castor demo` settings.
+#[derive(Args)]
+pub struct DemoArgs {
+    /// How long the pair runs before the primary is killed.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub run_for: Duration,
+    /// How long the survivor is watched after the failover.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub watch_for: Duration,
+    /// Workload of the guest.
+    #[arg(long, default_value = "counter", value_parser = parse_workload)]
+    pub workload: Workload,
+    /// Guest RAM.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub mem: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Encoding.
+    #[arg(long, default_value = "fgbi")]
+    pub mode: fgbi::Mode,
+    /// Epoch length in milliseconds.
+    #[arg(long, default_value_t = 25)]
+    pub epoch_ms: u64,
+}
+
+/// `castor drill` settings.
+#[derive(Args)]
+pub struct DrillArgs {
+    /// Number of failovers.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u32,
+    /// Workload of the guest.
+    #[arg(long, default_value = "counter", value_parser = parse_workload)]
+    pub workload: Workload,
+    /// Guest RAM.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub mem: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Encoding.
+    #[arg(long, default_value = "fgbi")]
+    pub mode: fgbi::Mode,
+    /// Send memory digests with every checkpoint and count mismatches.
+    #[arg(long)]
+    pub verify: bool,
+}
 
 /// Picks a free port on loopback (UDP or TCP).
+/// A free loopback port.
 pub fn free_port(udp: bool) -> Result<SocketAddr> {
     Ok(if udp {
         std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?
@@ -51,7 +136,11 @@ impl Daemon {
 }
 
 fn spawn(args: &[String], console: SocketAddr, log: PathBuf) -> Result<Daemon> {
-    let exe = std::env::current_exe().context("locating the castor binary")?;
+    // The castor binary: this one, or CASTOR_BIN (tests run from their own binary).
+    let exe = match std::env::var_os("CASTOR_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe().context("locating the castor binary")?,
+    };
     let child = Command::new(exe)
         .args(args)
         .env(
@@ -174,9 +263,13 @@ pub fn wait_status(
             }
         }
         if t.elapsed() > timeout {
+            let log = std::fs::read_to_string(&d.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
             bail!(
-                "timed out after {timeout:?} waiting for {what}; see {}",
-                d.log.display()
+                "timed out after {timeout:?} waiting for {what}; last status {:?}; {} ends with:\n{}",
+                status(d.console),
+                d.log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -244,7 +337,8 @@ pub fn continuity(stream: &[u8]) -> (usize, Vec<String>) {
     (n, problems)
 }
 
-pub fn run(a: DemoArgs) -> Result<()> {
+/// `castor demo`.
+pub fn demo(a: DemoArgs) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     protocol::certs::create(&dir.join("pki"), &["node-a".into(), "node-b".into()], false)?;
@@ -372,6 +466,145 @@ pub fn run(a: DemoArgs) -> Result<()> {
             "the demo failed: see the logs in {} (kept)",
             tmp.keep().display()
         );
+    }
+    Ok(())
+}
+
+/// Percentile of a sample.
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// `castor drill`.
+pub fn drill(a: DrillArgs) -> Result<()> {
+    use rand::Rng;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path();
+    let certs = dir.join("pki");
+    protocol::certs::create(&certs, &["node-a".into(), "node-b".into()], false)?;
+    let names = ["node-a", "node-b"];
+    let ports = [free_port(true)?, free_port(true)?];
+    let mut extra: Vec<String> = vec!["--mode".into(), a.mode.to_string()];
+    if a.verify {
+        extra.push("--verify".into());
+    }
+    let node = |i: usize| Node {
+        certs: &certs,
+        name: names[i],
+        peer: names[1 - i],
+    };
+    // Node b backs up node a, and after a takeover protects toward node a's port.
+    let mut backup = start_backup(&node(1), ports[1], ports[0], &extra, dir.join("b-0.log"))?;
+    let mut guest_args = vec![
+        "--mem".to_string(),
+        format!("{}M", a.mem >> 20),
+        "--vcpus".into(),
+        a.vcpus.to_string(),
+        "--workload".into(),
+        a.workload.to_string(),
+    ];
+    guest_args.extend(extra.iter().cloned());
+    let mut primary = start_primary(&node(0), ports[1], &guest_args, dir.join("a-0.log"))?;
+    let mut primary_idx = 0usize;
+    println!(
+        "castor drill: {} rounds, {} on {} vCPU(s), mode {}{}",
+        a.rounds,
+        a.workload,
+        a.vcpus,
+        a.mode,
+        if a.verify { ", verifying" } else { "" }
+    );
+    let mut stream = Vec::new();
+    let mut failovers = Vec::new();
+    let mut failed = 0;
+    let mut passed = 0;
+    let mut rng = rand::rng();
+    for round in 1..=a.rounds {
+        wait_status(
+            &primary,
+            "the primary to be protected",
+            Duration::from_secs(60),
+            |s| s.contains("\"protected\":true") && field(s, "epochs").unwrap_or(0.0) >= 10.0,
+        )?;
+        let run_for = Duration::from_millis(rng.random_range(300..1500));
+        let offset = stream.len() as u64;
+        read_console(
+            primary.console,
+            offset,
+            &mut stream,
+            Instant::now() + run_for,
+            u64::MAX,
+        )?;
+        let killed = Instant::now();
+        primary.kill();
+        let committed = status(backup.console)
+            .and_then(|s| field(&s, "console_end"))
+            .unwrap_or(0.0) as u64;
+        let offset = stream.len() as u64;
+        let first = read_console(
+            backup.console,
+            offset,
+            &mut stream,
+            Instant::now() + Duration::from_millis(700),
+            committed,
+        )?;
+        let (_, problems) = continuity(&stream);
+        let survivor = status(backup.console).unwrap_or_default();
+        let mismatches = field(&survivor, "verify_mismatches").unwrap_or(0.0);
+        let ok = first.is_some() && problems.is_empty() && mismatches == 0.0;
+        match first {
+            Some(t) => {
+                let ms = (t - killed).as_secs_f64() * 1e3;
+                failovers.push(ms);
+                println!("  round {round:>3}: primary {} killed after {:>4} ms, failover {ms:6.1} ms, {}", names[primary_idx], run_for.as_millis(), if ok { "console continuous" } else { "CONSOLE BROKEN" });
+            }
+            None => println!(
+                "  round {round:>3}: primary {} killed, NO OUTPUT from the survivor",
+                names[primary_idx]
+            ),
+        }
+        for p in problems.iter().take(5) {
+            println!("             {p}");
+        }
+        if mismatches > 0.0 {
+            println!("             VERIFY: {mismatches} replica mismatches");
+        }
+        if !ok {
+            failed += 1;
+            break;
+        }
+        passed += 1;
+        // The survivor is the primary now; a new backup starts where the dead primary was.
+        let dead = primary_idx;
+        primary_idx = 1 - primary_idx;
+        let new_backup = start_backup(
+            &node(dead),
+            ports[dead],
+            ports[1 - dead],
+            &extra,
+            dir.join(format!("{}-{round}.log", &names[dead][5..])),
+        )?;
+        primary = std::mem::replace(&mut backup, new_backup);
+    }
+    let mut f = failovers.clone();
+    println!();
+    println!(
+        "castor drill: {} of {} rounds passed; failover p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} console bytes checked",
+        passed,
+        a.rounds,
+        pct(&mut f, 0.5),
+        pct(&mut f, 0.99),
+        failovers.iter().cloned().fold(0.0, f64::max),
+        stream.len()
+    );
+    drop(primary);
+    drop(backup);
+    if failed > 0 {
+        bail!("the drill failed: logs kept in {}", tmp.keep().display());
     }
     Ok(())
 }
