@@ -108,7 +108,7 @@ impl Shared {
 /// guest stops).
 pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<(), BackupError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .enable_all()
         .thread_name("castor-backup")
         .build()
@@ -333,10 +333,18 @@ async fn session(
                     log.reset(h.output_offset);
                 }
                 Ok(Event::Checkpoint(c)) => {
-                    if let Err(e) = commit(shared, log, &c) {
-                        return e;
+                    // Applying can take a while (a full resync): off the
+                    // runtime, so heartbeats keep being read meanwhile.
+                    let epoch = c.epoch;
+                    let (sh, lg) = (shared.clone(), log.clone());
+                    match tokio::task::spawn_blocking(move || commit(&sh, &lg, &c)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return e,
+                        Err(e) => return format!("applying checkpoint {epoch}: {e}"),
                     }
-                    let _ = ack_tx.send(rx.ack(c.epoch));
+                    // The primary was alive when it sent this.
+                    shared.heard();
+                    let _ = ack_tx.send(rx.ack(epoch));
                 }
                 Ok(Event::Goodbye(reason)) => {
                     shared.orderly.store(true, Ordering::Relaxed);

@@ -28,6 +28,10 @@ use crate::WireError;
 
 /// ALPN protocol id.
 pub const ALPN: &[u8] = b"castor/1";
+/// Send priority of the control stream (data streams have 0): heartbeats
+/// and acks go out before queued checkpoint bytes.
+pub const CONTROL_PRIORITY: i32 = 100;
+
 /// Bytes of data a receiver buffers per stream before the sender waits.
 pub const STREAM_WINDOW: u32 = 32 << 20;
 
@@ -291,6 +295,8 @@ impl Listener {
         info!(%addr, "peer authenticated");
         let lost = |e: quinn::ConnectionError| TransportError::Lost(e.to_string());
         let (ctl_tx, ctl_rx) = conn.accept_bi().await.map_err(lost)?;
+        // Control before bulk data whenever both have bytes to send.
+        let _ = ctl_tx.set_priority(CONTROL_PRIORITY);
         let data_rx = conn.accept_uni().await.map_err(lost)?;
         Ok(Link {
             conn,
@@ -341,6 +347,8 @@ pub async fn connect_with(
             err(e.to_string())
         })?;
     let (mut ctl_tx, ctl_rx) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
+    // Control before bulk data whenever both have bytes to send.
+    let _ = ctl_tx.set_priority(CONTROL_PRIORITY);
     let data_tx = conn.open_uni().await.map_err(|e| err(e.to_string()))?;
     // Streams appear to the peer with their first byte: a heartbeat opens
     // the control stream at once. (A refused client learns it here at the
