@@ -524,12 +524,16 @@ pub fn drill(a: DrillArgs) -> Result<()> {
     let mut passed = 0;
     let mut rng = rand::rng();
     for round in 1..=a.rounds {
-        wait_status(
+        let protected = wait_status(
             &primary,
             "the primary to be protected",
             Duration::from_secs(60),
             |s| s.contains("\"protected\":true") && field(s, "epochs").unwrap_or(0.0) >= 10.0,
-        )?;
+        );
+        if let Err(e) = protected {
+            let _ = std::fs::write(dir.join("console.bin"), &stream);
+            bail!("round {round}: {e}\nlogs kept in {}", tmp.keep().display());
+        }
         let run_for = Duration::from_millis(rng.random_range(300..1500));
         let offset = stream.len() as u64;
         read_console(
@@ -604,7 +608,11 @@ pub fn drill(a: DrillArgs) -> Result<()> {
     drop(primary);
     drop(backup);
     if failed > 0 {
-        bail!("the drill failed: logs kept in {}", tmp.keep().display());
+        let _ = std::fs::write(dir.join("console.bin"), &stream);
+        bail!(
+            "the drill failed: logs and the console stream (console.bin) kept in {}",
+            tmp.keep().display()
+        );
     }
     Ok(())
 }

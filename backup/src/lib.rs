@@ -90,6 +90,11 @@ struct Shared {
     mismatches: AtomicU64,
     applied: AtomicU64,
     t0: Instant,
+    /// The current connection, to read its packet counters and to close it
+    /// with "taken over" on failover.
+    conn: Mutex<Option<quinn::Connection>>,
+    /// When the current session's full resync was committed (µs since t0; 0: not yet).
+    resync_at_us: AtomicU64,
     /// After a failover: the primary role's figures and console log ends.
     as_primary: Mutex<Option<Arc<primary::Metrics>>>,
 }
@@ -111,6 +116,10 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<(), BackupError> {
         .worker_threads(2)
         .enable_all()
         .thread_name("castor-backup")
+        .on_thread_start(|| {
+            // The failure detector must not be starved into a false failover.
+            let _ = vmm::set_current_thread_realtime(10);
+        })
         .build()
         .map_err(BackupError::Runtime)?;
     let log = ConsoleLog::new(0);
@@ -133,6 +142,8 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<(), BackupError> {
         applied: AtomicU64::new(0),
         t0: Instant::now(),
         as_primary: Mutex::new(None),
+        resync_at_us: AtomicU64::new(0),
+        conn: Mutex::new(None),
     });
     let status = {
         let (s, log) = (shared.clone(), log.clone());
@@ -257,6 +268,7 @@ async fn accept_loop(
         let peer = link.remote();
         shared.heard();
         shared.orderly.store(false, Ordering::Relaxed);
+        *shared.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(link.conn.clone());
         shared.connected.store(true, Ordering::Relaxed);
         let why = session(link, &shared, &log, max_epoch_bytes).await;
         shared.connected.store(false, Ordering::Relaxed);
@@ -410,12 +422,29 @@ fn commit(shared: &Shared, log: &ConsoleLog, c: &protocol::Checkpoint) -> Result
             return Err(format!("replica mismatch at epoch {}", c.epoch));
         }
     }
+    // Liveness first, then the state: the watchdog reads both under this
+    // lock, so it never sees a fresh state with stale liveness.
+    shared.heard();
+    if c.epoch == 1 {
+        shared
+            .resync_at_us
+            .store(shared.t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
     r.state = Some(state);
     r.epoch = c.epoch;
     shared.applied.fetch_add(1, Ordering::Relaxed);
     log.append_released(&c.output);
     Ok(())
 }
+
+/// The close reason a backup gives its primary when it takes over.
+pub const TAKEN_OVER: &str = protocol::transport::TAKEN_OVER;
+const TAKEN_OVER_CODE: u32 = 7;
+
+/// How long after a full resync the longer timeout applies.
+pub const RESYNC_GRACE: Duration = Duration::from_secs(2);
+/// The heartbeat timeout during that time.
+pub const RESYNC_TIMEOUT: Duration = Duration::from_millis(500);
 
 async fn watchdog(
     shared: Arc<Shared>,
@@ -424,24 +453,74 @@ async fn watchdog(
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_rx = 0u64;
+    let mut last_tick = Instant::now();
     loop {
         tick.tick().await;
+        // A watchdog that woke late was starved itself: the primary's packets
+        // may be waiting unread. Decide only on a tick that came on time.
+        let late = last_tick.elapsed() > Duration::from_millis(5);
+        last_tick = Instant::now();
+        if late {
+            continue;
+        }
         // A primary that said goodbye stopped on purpose: no takeover. One
         // that went silent, or whose connection broke, is lost.
         if shared.orderly.load(Ordering::Relaxed) {
             continue;
         }
-        let now = shared.t0.elapsed().as_micros() as u64;
-        let silent =
-            Duration::from_micros(now.saturating_sub(shared.last_heard_us.load(Ordering::Relaxed)));
-        if silent < timeout {
-            continue;
+        // Any packet from the primary proves it alive, even while its
+        // heartbeat waits behind checkpoint data on a busy host.
+        let rx = shared
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| c.stats().udp_rx.datagrams);
+        if let Some(rx) = rx {
+            if rx != last_rx {
+                last_rx = rx;
+                shared.heard();
+            }
         }
-        if shared.lock().state.is_none() {
+        // Decide under the replica lock: commits update liveness under it
+        // before publishing their state.
+        let r = shared.lock();
+        if r.state.is_none() {
             // Nothing committed yet: nothing to take over.
             continue;
         }
+        let now = shared.t0.elapsed().as_micros() as u64;
+        let silent =
+            Duration::from_micros(now.saturating_sub(shared.last_heard_us.load(Ordering::Relaxed)));
+        // Right after a full resync the primary catches up a backlog (its
+        // guest was paused for the resync) and heartbeats can be late on a
+        // loaded host: a longer timeout for a moment avoids a false takeover.
+        let since_resync =
+            Duration::from_micros(now.saturating_sub(shared.resync_at_us.load(Ordering::Relaxed)));
+        let limit = if since_resync < RESYNC_GRACE {
+            timeout.max(RESYNC_TIMEOUT)
+        } else {
+            timeout
+        };
+        if silent < limit {
+            continue;
+        }
+        drop(r);
         shared.failed_over.store(true, Ordering::Relaxed);
+        // Fence: a primary that is in fact alive learns it was replaced and
+        // stops its guest (see castor-primary), so only one guest runs.
+        if let Some(c) = shared
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            c.close(
+                quinn::VarInt::from_u32(TAKEN_OVER_CODE),
+                TAKEN_OVER.as_bytes(),
+            );
+        }
         let _ = failover.send(silent);
         return;
     }

@@ -58,6 +58,12 @@ pub enum PrimaryError {
     /// The guest stopped.
     #[error("the guest stopped: {0:?}")]
     GuestStopped(vmm::ExitReason),
+    /// The backup took over from this node while it was alive; its guest was
+    /// stopped so that only one runs.
+    #[error(
+        "fenced: the backup has taken over from this node ({0}); this node's guest was stopped"
+    )]
+    Fenced(String),
 }
 
 /// Primary settings.
@@ -158,9 +164,13 @@ pub fn console_sink(log: Arc<ConsoleLog>) -> Box<dyn ConsoleSink> {
 
 fn runtime() -> Result<tokio::runtime::Runtime, PrimaryError> {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
         .enable_all()
         .thread_name("castor-net")
+        .on_thread_start(|| {
+            // Heartbeats and acks must not wait behind a spinning guest.
+            let _ = vmm::set_current_thread_realtime(10);
+        })
         .build()
         .map_err(PrimaryError::Runtime)
 }
@@ -190,11 +200,14 @@ fn protect(
     let result = lp.run(&events_rx, &stop);
     // Let the network task tell the backup this is a planned stop.
     stop.store(true, Ordering::Relaxed);
-    rt.block_on(tokio::time::sleep(
-        cfg.heartbeat * 4 + Duration::from_millis(20),
-    ));
+    // (The future is built inside the runtime: tokio's sleep needs its context.)
+    let pause = cfg.heartbeat * 4 + Duration::from_millis(20);
+    rt.block_on(async move { tokio::time::sleep(pause).await });
     lp.machine.stop();
-    log.release(log.end());
+    if result.is_ok() {
+        // A planned stop: the backup does not take over, the output stands.
+        log.release(log.end());
+    }
     log.close();
     result.map(|()| metrics)
 }
@@ -290,6 +303,12 @@ impl EpochLoop<'_> {
                         self.metrics.ack(at.elapsed());
                     }
                 }
+            }
+            NetEvent::Lost(why) if why.contains(transport::TAKEN_OVER) => {
+                // Held output stays held: the backup continues from its
+                // last committed checkpoint, this guest must not be seen.
+                error!("FENCED: the backup has taken over while this node was alive; stopping this guest");
+                return Err(PrimaryError::Fenced(why));
             }
             NetEvent::Lost(why) => {
                 if self.session.take().is_some() {

@@ -26,6 +26,10 @@ use crate::certs::{self, CertError};
 use crate::message::{FrameDecoder, Message};
 use crate::WireError;
 
+/// Close reason of a backup that has taken over from its primary; a primary
+/// that sees it stops its guest (fencing through the channel).
+pub const TAKEN_OVER: &str = "castor: the backup has taken over";
+
 /// ALPN protocol id.
 pub const ALPN: &[u8] = b"castor/1";
 /// Send priority of the control stream (data streams have 0): heartbeats
@@ -372,10 +376,11 @@ pub struct FrameWriter(pub quinn::SendStream);
 impl FrameWriter {
     /// Sends encoded frames; waits while the peer's window is full.
     pub async fn send(&mut self, frames: &[u8]) -> Result<(), TransportError> {
-        self.0
-            .write_all(frames)
-            .await
-            .map_err(|e| TransportError::Lost(e.to_string()))
+        self.0.write_all(frames).await.map_err(|e| match e {
+            // Keep the peer's close reason (e.g. "taken over").
+            quinn::WriteError::ConnectionLost(c) => TransportError::Lost(c.to_string()),
+            other => TransportError::Lost(other.to_string()),
+        })
     }
 
     /// Sends one message.
@@ -410,6 +415,9 @@ impl FrameReader {
             match self.stream.read(&mut self.buf).await {
                 Ok(Some(n)) => self.decoder.push(&self.buf[..n]),
                 Ok(None) => return Ok(None),
+                Err(quinn::ReadError::ConnectionLost(c)) => {
+                    return Err(TransportError::Lost(c.to_string()))
+                }
                 Err(e) => return Err(TransportError::Lost(e.to_string())),
             }
         }

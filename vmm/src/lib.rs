@@ -23,4 +23,22 @@ mod vcpu;
 
 pub use machine::{host_tsc_khz, DirtyPages, KvmKind, Machine, MachineConfig, MachineError};
 pub use state::MachineState;
-pub use vcpu::{ExitReason, VcpuError};
+pub use vcpu::{set_vcpu_nice, ExitReason, VcpuError};
+
+/// Gives the calling thread real-time round-robin scheduling at `priority`
+/// (1..=99), as cluster managers do for their heartbeat threads, so that a
+/// busy host cannot delay liveness traffic into a false failover. Needs
+/// CAP_SYS_NICE; callers treat failure as "run at normal priority".
+pub fn set_current_thread_realtime(priority: i32) -> std::io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority.clamp(1, 99),
+    };
+    // SAFETY: `param` is a valid, initialised sched_param that outlives the
+    // call; pid 0 names the calling thread; no other memory is touched.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, &param) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

@@ -102,6 +102,16 @@ pub(crate) struct Shared {
     pub exit: AtomicBool,
 }
 
+/// Nice value of vCPU threads started from now on (0: inherit).
+pub(crate) static VCPU_NICE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Sets the scheduling nice value of vCPU threads started from now on. An HA
+/// daemon on a small host runs its guest's vCPUs below its own replication
+/// threads, so heartbeats and checkpoints are not delayed by a spinning guest.
+pub fn set_vcpu_nice(nice: i32) {
+    VCPU_NICE.store(nice.clamp(-20, 19), Ordering::Relaxed);
+}
+
 thread_local! {
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
 }
@@ -294,6 +304,21 @@ enum Flow {
 
 impl VcpuThread {
     pub fn run(mut self) {
+        let nice = VCPU_NICE.load(Ordering::Relaxed);
+        if nice != 0 {
+            // SAFETY: setpriority and gettid take plain integers and touch no
+            // memory of ours; on Linux PRIO_PROCESS with a thread id sets that
+            // thread's nice value only.
+            let r = unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice)
+            };
+            if r != 0 {
+                debug!(
+                    index = self.index,
+                    "could not set the vCPU thread's nice value to {nice}"
+                );
+            }
+        }
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         let reason = self.run_loop();
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
