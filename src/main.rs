@@ -22,6 +22,7 @@ use vmm::{ExitReason, KvmKind, Machine, MachineConfig};
 #[command(
     name = "castor",
     version,
+    args_override_self = true,
     about = "High availability for KVM virtual machines by continuous checkpointing",
     long_about = "castor runs a VM on KVM and keeps it protected by checkpointing it continuously.\n\n\
         The guest's console goes to standard output; castor's own log goes to standard error \
@@ -57,6 +58,10 @@ enum Command {
     Backup(BackupArgs),
     /// Print a running daemon's status (one line of JSON), via its console service.
     Status(StatusArgs),
+    /// Ask a backup to take over now (a planned switchover or an operator's
+    /// decision): it restores the last committed checkpoint and runs the
+    /// guest; a primary that is still alive is told and stops its guest.
+    Takeover(StatusArgs),
     /// The main job: a local HA pair on loopback, a failover, and its report.
     ///
     /// Starts a backup and a primary (two processes, certificates made in a
@@ -74,6 +79,11 @@ enum Command {
 
 #[derive(Args, Clone)]
 struct PairArgs {
+    /// Read settings from a TOML file: keys are these long flag names
+    /// (`backup = "10.0.0.2:7400"`, `epoch-ms = 25`, `verify = true`);
+    /// flags on the command line override the file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Directory made by `castor certs`.
     #[arg(long)]
     certs: PathBuf,
@@ -556,10 +566,66 @@ fn status_cmd(a: StatusArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let s = rt
-        .block_on(protocol::console::query_status(a.console))
+        .block_on(protocol::console::command(a.console, "status"))
         .with_context(|| format!("no castor daemon answers at {}", a.console))?;
     println!("{s}");
     Ok(())
+}
+
+fn takeover_cmd(a: StatusArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let s = rt
+        .block_on(protocol::console::command(a.console, "takeover"))
+        .with_context(|| format!("no castor daemon answers at {}", a.console))?;
+    println!("{s}");
+    if s.starts_with("error") {
+        bail!("{s}");
+    }
+    Ok(())
+}
+
+/// Expands `--config FILE` (TOML: keys are long flag names, e.g.
+/// `epoch-ms = 25`, `verify = true`) into flags placed before the others, so
+/// that flags given on the command line win.
+fn expand_config(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>> {
+    let Some(i) = args.iter().position(|a| a == "--config") else {
+        return Ok(args);
+    };
+    let path = args.get(i + 1).context("--config needs a file")?.clone();
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read the config file {}", path.to_string_lossy()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{} is not valid TOML", path.to_string_lossy()))?;
+    let mut flags: Vec<std::ffi::OsString> = Vec::new();
+    for (k, v) in table {
+        let key = format!("--{}", k.replace('_', "-"));
+        match v {
+            toml::Value::Boolean(true) => flags.push(key.into()),
+            toml::Value::Boolean(false) => {}
+            toml::Value::String(s) => flags.extend([key.into(), s.into()]),
+            toml::Value::Integer(n) => flags.extend([key.into(), n.to_string().into()]),
+            toml::Value::Float(f) => flags.extend([key.into(), f.to_string().into()]),
+            other => bail!(
+                "{}: '{k}' must be a string, number or boolean, not {}",
+                path.to_string_lossy(),
+                other.type_str()
+            ),
+        }
+    }
+    // castor SUBCOMMAND [config flags] [the rest]
+    let mut out: Vec<std::ffi::OsString> = args[..2.min(args.len())].to_vec();
+    out.extend(flags);
+    out.extend(
+        args[2.min(args.len())..]
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j + 2 != i && *j + 2 != i + 1)
+            .map(|(_, a)| a.clone()),
+    );
+    Ok(out)
 }
 
 fn certs(args: CertsArgs) -> Result<()> {
@@ -580,7 +646,14 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let cli = Cli::parse();
+    let args = match expand_config(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("castor: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(args);
     let result = match cli.command {
         Command::Run(a) => run(a),
         Command::Restore(a) => restore(a),
@@ -588,6 +661,7 @@ fn main() -> ExitCode {
         Command::Primary(a) => primary_cmd(a),
         Command::Backup(a) => backup_cmd(a),
         Command::Status(a) => status_cmd(a),
+        Command::Takeover(a) => takeover_cmd(a),
         Command::Demo(a) => pair::demo(a),
         Command::Drill(a) => pair::drill(a),
     };

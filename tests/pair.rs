@@ -303,3 +303,106 @@ fn the_console_continues_across_a_failover_in_every_mode() {
         assert!(text.contains("errors=0"));
     }
 }
+
+#[test]
+fn a_config_file_and_a_takeover_on_command() {
+    castor_bin();
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = certs_for(tmp.path());
+    let (pa, pb) = (free_port(true).unwrap(), free_port(true).unwrap());
+    let backup = start_backup(
+        &Node {
+            certs: &certs,
+            name: "b",
+            peer: "a",
+        },
+        pb,
+        pa,
+        &[],
+        tmp.path().join("b.log"),
+    )
+    .unwrap();
+    let cfg = tmp.path().join("primary.toml");
+    std::fs::write(&cfg, "mem = \"128M\"\nvcpus = 1\nworkload = \"counter\"\nmode = \"xbzrle\"\nepoch-ms = 20\nverify = true\n").unwrap();
+    // The command line overrides the file: epoch 20 -> 30.
+    let args: Vec<String> = vec![
+        "--config".into(),
+        cfg.display().to_string(),
+        "--epoch-ms".into(),
+        "30".into(),
+    ];
+    let mut primary = start_primary(
+        &Node {
+            certs: &certs,
+            name: "a",
+            peer: "b",
+        },
+        pb,
+        &args,
+        tmp.path().join("a.log"),
+    )
+    .unwrap();
+    let s = wait_status(&primary, "protection", Duration::from_secs(60), |s| {
+        s.contains("\"protected\":true")
+    })
+    .unwrap();
+    assert!(s.contains("\"mode\":\"xbzrle\""), "{s}");
+    assert!(s.contains("\"epoch_ms\":30"), "{s}");
+    assert!(status(backup.console)
+        .unwrap()
+        .contains("\"verifying\":true"));
+    let mut stream = Vec::new();
+    read_console(
+        primary.console,
+        0,
+        &mut stream,
+        Instant::now() + Duration::from_millis(500),
+        u64::MAX,
+    )
+    .unwrap();
+
+    // The primary refuses; the backup takes over.
+    let (ok, out) = run(&["takeover", "--console", &primary.console.to_string()]);
+    assert!(!ok && out.contains("this node is the primary"), "{out}");
+    let (ok, out) = run(&["takeover", "--console", &backup.console.to_string()]);
+    assert!(ok && out.contains("ok: taking over"), "{out}");
+    // The old primary is fenced: its guest stops and the process exits.
+    let t = Instant::now();
+    let code = loop {
+        if let Some(c) = primary.child.try_wait().unwrap() {
+            break c;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the old primary kept running after the takeover"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!code.success());
+    let log = std::fs::read_to_string(tmp.path().join("a.log")).unwrap();
+    assert!(log.contains("FENCED"), "{log}");
+    // Its console, then the survivor's: continuous.
+    read_console(
+        primary.console,
+        stream.len() as u64,
+        &mut stream,
+        Instant::now() + Duration::from_millis(100),
+        u64::MAX,
+    )
+    .ok();
+    let off = stream.len() as u64;
+    let first = read_console(
+        backup.console,
+        off,
+        &mut stream,
+        Instant::now() + Duration::from_millis(800),
+        off,
+    )
+    .unwrap();
+    assert!(first.is_some(), "the survivor produced output");
+    let (lines, problems) = continuity(&stream);
+    assert!(
+        problems.is_empty() && lines > 20,
+        "{lines} lines, {problems:?}"
+    );
+}

@@ -90,6 +90,8 @@ struct Shared {
     mismatches: AtomicU64,
     applied: AtomicU64,
     t0: Instant,
+    /// An operator asked this backup to take over (`castor takeover`).
+    takeover: AtomicBool,
     /// The current connection, to read its packet counters and to close it
     /// with "taken over" on failover.
     conn: Mutex<Option<quinn::Connection>>,
@@ -144,20 +146,34 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<(), BackupError> {
         as_primary: Mutex::new(None),
         resync_at_us: AtomicU64::new(0),
         conn: Mutex::new(None),
+        takeover: AtomicBool::new(false),
     });
-    let status = {
+    let status: protocol::console::Commands = {
         let (s, log) = (shared.clone(), log.clone());
-        Arc::new(move || {
+        Arc::new(move |word: &str| {
+            if word == "takeover" {
+                if s.failed_over.load(Ordering::Relaxed) {
+                    return Some("error: this node has already taken over".into());
+                }
+                if s.lock().state.is_none() {
+                    return Some("error: nothing committed yet; nothing to take over".into());
+                }
+                s.takeover.store(true, Ordering::Relaxed);
+                return Some("ok: taking over from the last committed checkpoint".into());
+            }
+            if word != "status" {
+                return None;
+            }
             if let Some(m) = s
                 .as_primary
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .as_ref()
             {
-                return m.status_json("primary (after failover)", log.released(), log.end());
+                return Some(m.status_json("primary (after failover)", log.released(), log.end()));
             }
             let r = s.lock();
-            format!(
+            Some(format!(
                 "{{\"role\":\"{}\",\"connected\":{},\"verifying\":{},\"committed_epoch\":{},\"session\":{},\"checkpoints_applied\":{},\"verify_mismatches\":{},\"console_released\":{},\"console_end\":{}}}",
                 if s.failed_over.load(Ordering::Relaxed) { "primary (after failover)" } else { "backup" },
                 s.connected.load(Ordering::Relaxed),
@@ -168,7 +184,7 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<(), BackupError> {
                 s.mismatches.load(Ordering::Relaxed),
                 log.released(),
                 log.end()
-            )
+            ))
         })
     };
     let console = rt
@@ -461,12 +477,13 @@ async fn watchdog(
         // may be waiting unread. Decide only on a tick that came on time.
         let late = last_tick.elapsed() > Duration::from_millis(5);
         last_tick = Instant::now();
-        if late {
+        if late && !shared.takeover.load(Ordering::Relaxed) {
             continue;
         }
         // A primary that said goodbye stopped on purpose: no takeover. One
-        // that went silent, or whose connection broke, is lost.
-        if shared.orderly.load(Ordering::Relaxed) {
+        // that went silent, or whose connection broke, is lost. An operator
+        // may also ask for a takeover.
+        if shared.orderly.load(Ordering::Relaxed) && !shared.takeover.load(Ordering::Relaxed) {
             continue;
         }
         // Any packet from the primary proves it alive, even while its
@@ -498,7 +515,10 @@ async fn watchdog(
         // loaded host: a longer timeout for a moment avoids a false takeover.
         let since_resync =
             Duration::from_micros(now.saturating_sub(shared.resync_at_us.load(Ordering::Relaxed)));
-        let limit = if since_resync < RESYNC_GRACE {
+        let asked = shared.takeover.load(Ordering::Relaxed);
+        let limit = if asked {
+            Duration::ZERO
+        } else if since_resync < RESYNC_GRACE {
             timeout.max(RESYNC_TIMEOUT)
         } else {
             timeout

@@ -124,10 +124,16 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<Arc<Metrics>, PrimaryEr
     let rt = runtime()?;
     let log = ConsoleLog::new(0);
     let metrics = Arc::new(Metrics::new(cfg.mode, cfg.epoch));
-    let status = {
+    let status: protocol::console::Commands = {
         let m = metrics.clone();
         let log = log.clone();
-        Arc::new(move || m.status_json("primary", log.released(), log.end()))
+        Arc::new(move |word: &str| match word {
+            "status" => Some(m.status_json("primary", log.released(), log.end())),
+            "takeover" => {
+                Some("error: this node is the primary; send takeover to its backup".into())
+            }
+            _ => None,
+        })
     };
     let console = rt
         .block_on(protocol::console::serve(cfg.console, log.clone(), status))
@@ -410,7 +416,16 @@ impl EpochLoop<'_> {
     ) -> Result<(), PrimaryError> {
         let tc = Instant::now();
         let mut copies = vec![0u8; frames.len() * 4096];
+        let resync = frames.len() as u64 == self.pages;
+        let quarter = (frames.len() / 4).max(1);
         for (i, &f) in frames.iter().enumerate() {
+            if resync && i > 0 && i % quarter == 0 {
+                info!(
+                    percent = 100 * i / frames.len(),
+                    pages = i,
+                    "full resync: copying"
+                );
+            }
             self.machine
                 .memory()
                 .read_slice(

@@ -202,12 +202,15 @@ impl ConsoleLog {
     }
 }
 
-/// Serves `log` to console clients on `addr`; `status` produces the JSON line
-/// for `status` requests. Returns the bound address.
+/// Answers command words; `None` for a word the daemon does not know.
+pub type Commands = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Serves `log` to console clients on `addr`; `commands` answers command
+/// words such as `status`. Returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     log: Arc<ConsoleLog>,
-    status: Arc<dyn Fn() -> String + Send + Sync>,
+    commands: Commands,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
@@ -217,9 +220,9 @@ pub async fn serve(
             let Ok((stream, peer)) = listener.accept().await else {
                 return;
             };
-            let (log, status) = (log.clone(), status.clone());
+            let (log, commands) = (log.clone(), commands.clone());
             tokio::spawn(async move {
-                if let Err(e) = client(stream, log, status).await {
+                if let Err(e) = client(stream, log, commands).await {
                     debug!(%peer, "console client ended: {e}");
                 }
             });
@@ -231,20 +234,18 @@ pub async fn serve(
 async fn client(
     stream: TcpStream,
     log: Arc<ConsoleLog>,
-    status: Arc<dyn Fn() -> String + Send + Sync>,
+    commands: Commands,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
     BufReader::new(rd.take(64)).read_line(&mut line).await?;
     let req = line.trim();
-    if req == "status" {
-        wr.write_all(format!("{}\n", status()).as_bytes()).await?;
-        return Ok(());
-    }
     let Ok(mut at) = req.parse::<u64>() else {
-        wr.write_all(b"error: send a console offset (a number) or 'status'\n")
-            .await?;
+        let answer = commands(req).unwrap_or_else(|| {
+            format!("error: unknown request '{req}': send a console offset (a number), 'status' or 'takeover'")
+        });
+        wr.write_all(format!("{answer}\n").as_bytes()).await?;
         return Ok(());
     };
     loop {
@@ -274,10 +275,11 @@ async fn client(
     }
 }
 
-/// Asks a daemon's console service for its status line.
-pub async fn query_status(addr: SocketAddr) -> std::io::Result<String> {
+/// Sends a command word (`status`, `takeover`) to a daemon's console service
+/// and returns its one-line answer.
+pub async fn command(addr: SocketAddr, word: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect(addr).await?;
-    s.write_all(b"status\n").await?;
+    s.write_all(format!("{word}\n").as_bytes()).await?;
     let mut out = String::new();
     s.read_to_string(&mut out).await?;
     Ok(out.trim().to_string())
