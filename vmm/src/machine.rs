@@ -284,10 +284,9 @@ fn register_slots(vm: &VmFd, slots: &[Slot], tracking: bool) -> Result<(), Machi
             memory_size: s.size,
             userspace_addr: s.host,
         };
-        // SAFETY: `host` is the start of a live anonymous mapping of `size`
-        // bytes owned by the machine's GuestMem, which outlives the VM (the
-        // field order of Machine drops the VM fd first... and the slot is
-        // removed when the VM fd closes). The regions do not overlap.
+        // The GuestMem owning `host..host + size` outlives the VM: Machine
+        // declares (and so drops) its VM fd before its memory.
+        // SAFETY: `host..host + size` is a live mapping; regions don't overlap.
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_err("registering guest memory"))?;
     }

@@ -173,12 +173,10 @@ pub fn with_ram_mut<R>(
     }
     let r = mem.iter().next().expect("one region");
     let (ptr, len) = (r.as_ptr(), r.len() as usize);
-    // SAFETY: `ptr..ptr + len` is the live, readable and writable anonymous
-    // mapping of the only region of `mem`; it stays mapped while `mem` is
-    // borrowed. The `&mut GuestMem` borrow is held for the whole call, and
-    // castor only calls this on memory no VM is attached to (the backup's
-    // replica before a failover), so nothing else reads or writes the
-    // mapping while the slice exists.
+    // The `&mut GuestMem` borrow lasts the whole call, and castor calls this
+    // only on memory no VM is attached to (the backup's replica before a
+    // failover), so nothing else reads or writes the mapping meanwhile.
+    // SAFETY: `ptr..ptr + len` is the live, writable mapping of `mem`'s region.
     let slice = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
     Ok(f(slice))
 }

@@ -125,10 +125,9 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     KVM_RUN.with(|p| {
         let run = p.get();
         if !run.is_null() {
-            // SAFETY: `run` is this thread's kvm_run mapping, registered by the
-            // vCPU thread for its whole life and cleared before the VcpuFd is
-            // dropped. A volatile byte store is async-signal-safe, and KVM reads
-            // the field on the next KVM_RUN.
+            // KVM reads `immediate_exit` on the next KVM_RUN of this thread.
+            // SAFETY: `run` is this thread's live kvm_run mapping (cleared before
+            // the VcpuFd drops); a volatile byte store is async-signal-safe.
             unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 1) };
         }
     });
