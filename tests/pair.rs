@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use castor::pair::{
     continuity, field, free_port, read_console, start_backup, start_primary, status, wait_status,
-    Node,
+    Daemon, Node,
 };
 
 fn castor_bin() {
@@ -40,45 +40,19 @@ fn verification_finds_no_mismatch_in_any_mode() {
     castor_bin();
     for mode in ["remus", "xbzrle", "fgbi"] {
         let tmp = tempfile::tempdir().unwrap();
-        let certs = tmp.path().join("pki");
-        protocol::certs::create(&certs, &["a".into(), "b".into()], false).unwrap();
-        let (pa, pb) = (free_port(true).unwrap(), free_port(true).unwrap());
-        let extra: Vec<String> = vec!["--verify".into(), "--mode".into(), mode.into()];
-        let backup = start_backup(
-            &Node {
-                certs: &certs,
-                name: "b",
-                peer: "a",
-            },
-            pb,
-            pa,
-            &extra,
-            tmp.path().join("b.log"),
-        )
-        .unwrap();
-        let mut args = extra.clone();
-        args.extend(
-            [
+        let both = ["--verify", "--mode", mode];
+        let (backup, primary) = start_pair(
+            tmp.path(),
+            &both,
+            &[
                 "--mem",
                 "128M",
                 "--vcpus",
                 "1",
                 "--workload",
                 "sparse,rate=50000,mib=16",
-            ]
-            .map(String::from),
+            ],
         );
-        let primary = start_primary(
-            &Node {
-                certs: &certs,
-                name: "a",
-                peer: "b",
-            },
-            pb,
-            &args,
-            tmp.path().join("a.log"),
-        )
-        .unwrap();
         wait_status(&primary, "40 epochs", Duration::from_secs(60), |s| {
             field(s, "epochs").unwrap_or(0.0) >= 40.0
         })
@@ -103,6 +77,40 @@ fn console_grows(console: std::net::SocketAddr) -> bool {
     let a = end(&status(console).unwrap_or_default());
     std::thread::sleep(Duration::from_millis(300));
     end(&status(console).unwrap_or_default()) > a
+}
+
+/// A backup "b" and a primary "a" on loopback: `both` go to both daemons,
+/// `primary` to the primary alone.
+fn start_pair(dir: &Path, both: &[&str], primary: &[&str]) -> (Daemon, Daemon) {
+    let certs = certs_for(dir);
+    let (pa, pb) = (free_port(true).unwrap(), free_port(true).unwrap());
+    let both: Vec<String> = both.iter().map(|s| s.to_string()).collect();
+    let backup = start_backup(
+        &Node {
+            certs: &certs,
+            name: "b",
+            peer: "a",
+        },
+        pb,
+        pa,
+        &both,
+        dir.join("b.log"),
+    )
+    .unwrap();
+    let mut args = both.clone();
+    args.extend(primary.iter().map(|s| s.to_string()));
+    let primary = start_primary(
+        &Node {
+            certs: &certs,
+            name: "a",
+            peer: "b",
+        },
+        pb,
+        &args,
+        dir.join("a.log"),
+    )
+    .unwrap();
+    (backup, primary)
 }
 
 fn certs_for(dir: &Path) -> std::path::PathBuf {
@@ -229,44 +237,15 @@ fn the_console_continues_across_a_failover_in_every_mode() {
     castor_bin();
     for mode in ["remus", "xbzrle", "fgbi"] {
         let tmp = tempfile::tempdir().unwrap();
-        let certs = certs_for(tmp.path());
-        let (pa, pb) = (free_port(true).unwrap(), free_port(true).unwrap());
-        let extra: Vec<String> = vec!["--mode".into(), mode.into()];
-        let backup = start_backup(
-            &Node {
-                certs: &certs,
-                name: "b",
-                peer: "a",
-            },
-            pb,
-            pa,
-            &extra,
-            tmp.path().join("b.log"),
-        )
-        .unwrap();
-        let mut args = extra.clone();
-        args.extend(
-            [
-                "--mem",
-                "128M",
-                "--vcpus",
-                "2",
-                "--workload",
-                "verify,rate=2000,mib=4,interval_ms=20",
-            ]
-            .map(String::from),
-        );
-        let mut primary = start_primary(
-            &Node {
-                certs: &certs,
-                name: "a",
-                peer: "b",
-            },
-            pb,
-            &args,
-            tmp.path().join("a.log"),
-        )
-        .unwrap();
+        let primary_args = [
+            "--mem",
+            "128M",
+            "--vcpus",
+            "2",
+            "--workload",
+            "verify,rate=2000,mib=4,interval_ms=20",
+        ];
+        let (backup, mut primary) = start_pair(tmp.path(), &["--mode", mode], &primary_args);
         wait_status(&primary, "protection", Duration::from_secs(60), |s| {
             s.contains("\"protected\":true")
         })
