@@ -18,38 +18,7 @@ use clap::Args;
 
 use guest::Workload;
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    num.parse::<u64>()
-        .map(|n| n * mult)
-        .map_err(|_| format!("'{s}' is not a size (examples: 256M, 1G)"))
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (n, mult) = if let Some(v) = t.strip_suffix("ms") {
-        (v, 1e-3)
-    } else if let Some(v) = t.strip_suffix('s') {
-        (v, 1.0)
-    } else {
-        (t, 1.0)
-    };
-    n.parse::<f64>()
-        .ok()
-        .filter(|v| v.is_finite() && *v >= 0.0)
-        .map(|v| Duration::from_secs_f64(v * mult))
-        .ok_or_else(|| format!("'{s}' is not a duration (examples: 500ms, 3s)"))
-}
-
-fn parse_workload(s: &str) -> Result<Workload, String> {
-    Workload::parse(s).map_err(|e| e.to_string())
-}
+use crate::cli::{parse_duration, parse_size, parse_workload};
 
 /// `castor demo` settings.
 #[derive(Args)]
@@ -169,6 +138,29 @@ pub struct Node<'a> {
     pub peer: &'a str,
 }
 
+/// Starts `castor ROLE` as node `n` with `role_args`, a fresh console port
+/// and `extra` flags, logging to `log`.
+fn start(
+    role: &str,
+    n: &Node<'_>,
+    role_args: &[String],
+    extra: &[String],
+    log: PathBuf,
+) -> Result<Daemon> {
+    let console = free_port(false)?;
+    let mut a: Vec<String> = vec![role.into(), "--certs".into(), n.certs.display().to_string()];
+    a.extend([
+        "--node".into(),
+        n.name.into(),
+        "--peer".into(),
+        n.peer.into(),
+    ]);
+    a.extend(["--console".into(), console.to_string()]);
+    a.extend(role_args.iter().cloned());
+    a.extend(extra.iter().cloned());
+    spawn(&a, console, log)
+}
+
 /// Starts a backup listening on `listen` that, after failover, protects
 /// toward `then_protect`.
 pub fn start_backup(
@@ -178,27 +170,13 @@ pub fn start_backup(
     extra: &[String],
     log: PathBuf,
 ) -> Result<Daemon> {
-    let console = free_port(false)?;
-    let mut a: Vec<String> = ["backup", "--certs"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    a.push(n.certs.display().to_string());
-    a.extend([
-        "--node".into(),
-        n.name.into(),
-        "--peer".into(),
-        n.peer.into(),
-    ]);
-    a.extend([
+    let role = [
         "--listen".into(),
         listen.to_string(),
-        "--console".into(),
-        console.to_string(),
-    ]);
-    a.extend(["--then-protect".into(), then_protect.to_string()]);
-    a.extend(extra.iter().cloned());
-    spawn(&a, console, log)
+        "--then-protect".into(),
+        then_protect.to_string(),
+    ];
+    start("backup", n, &role, extra, log)
 }
 
 /// Starts a primary sending to `backup`.
@@ -208,26 +186,13 @@ pub fn start_primary(
     extra: &[String],
     log: PathBuf,
 ) -> Result<Daemon> {
-    let console = free_port(false)?;
-    let mut a: Vec<String> = ["primary", "--certs"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    a.push(n.certs.display().to_string());
-    a.extend([
-        "--node".into(),
-        n.name.into(),
-        "--peer".into(),
-        n.peer.into(),
-    ]);
-    a.extend([
-        "--backup".into(),
-        backup.to_string(),
-        "--console".into(),
-        console.to_string(),
-    ]);
-    a.extend(extra.iter().cloned());
-    spawn(&a, console, log)
+    start(
+        "primary",
+        n,
+        &["--backup".into(), backup.to_string()],
+        extra,
+        log,
+    )
 }
 
 /// One line of JSON from a daemon, or None if it does not answer.

@@ -202,6 +202,7 @@ fn protect(
         frames: frames_tx,
         pages,
         session: None,
+        staging: Vec::new(),
     };
     let result = lp.run(&events_rx, &stop);
     // Let the network task tell the backup this is a planned stop.
@@ -217,6 +218,9 @@ fn protect(
     log.close();
     result.map(|()| metrics)
 }
+
+/// Largest dirty-page staging buffer kept between epochs.
+const STAGING_KEEP: usize = 64 << 20;
 
 struct Session {
     sender: Sender,
@@ -235,6 +239,8 @@ struct EpochLoop<'a> {
     frames: mpsc::Sender<Vec<u8>>,
     pages: u64,
     session: Option<Session>,
+    /// Copies of the dirty pages taken in the pause (reused).
+    staging: Vec<u8>,
 }
 
 impl EpochLoop<'_> {
@@ -415,7 +421,12 @@ impl EpochLoop<'_> {
         wait: Duration,
     ) -> Result<(), PrimaryError> {
         let tc = Instant::now();
-        let mut copies = vec![0u8; frames.len() * 4096];
+        // Reused across epochs: no allocation or zero-filling in the pause
+        // once the buffer has grown to a working set's size.
+        let mut copies = std::mem::take(&mut self.staging);
+        if copies.len() < frames.len() * 4096 {
+            copies.resize(frames.len() * 4096, 0);
+        }
         let resync = frames.len() as u64 == self.pages;
         let quarter = (frames.len() / 4).max(1);
         for (i, &f) in frames.iter().enumerate() {
@@ -463,6 +474,10 @@ impl EpochLoop<'_> {
             *h.finalize().as_bytes()
         });
         let encode = te.elapsed();
+        // Keep the buffer for the next epoch, unless a resync made it huge.
+        if copies.len() <= STAGING_KEEP {
+            self.staging = copies;
+        }
         let epoch = s.next_epoch;
         s.next_epoch += 1;
         let output = self.log.slice(s.out_start, out_end);
