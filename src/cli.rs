@@ -34,7 +34,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size '{s}' is too large"))
 }
 
-/// Parses a duration: a number with ms, s or m.
+/// Parses a duration: a number with us, ms, s or m.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t
@@ -45,12 +45,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("'{s}' is not a duration (examples: 500ms, 3s, 2m)"))?;
     let secs = match unit {
+        "us" => v / 1e6,
         "ms" => v / 1000.0,
         "s" | "" => v,
         "m" => v * 60.0,
         _ => {
             return Err(format!(
-                "unknown duration unit '{unit}' in '{s}' (use ms, s or m)"
+                "unknown duration unit '{unit}' in '{s}' (use us, ms, s or m)"
             ))
         }
     };
@@ -74,7 +75,17 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("250us"), Ok(Duration::from_micros(250)));
         assert!(parse_duration("3h").is_err());
         assert!(parse_duration("-1s").is_err());
     }
+}
+
+/// An emulated link's rate in bytes per second; `None`: unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkRate(pub Option<u64>);
+
+/// Parses a link rate (`1gbit`, `100mbit`, `50MB`, `none`).
+pub fn parse_rate(s: &str) -> Result<LinkRate, String> {
+    protocol::link::parse_rate(s).map(LinkRate)
 }

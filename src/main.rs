@@ -76,6 +76,16 @@ enum Command {
     /// primary was, and wait for re-protection. Reports every round and fails
     /// on any console gap or duplicate.
     Drill(DrillArgs),
+    /// The measurement suite: the real pair on loopback over workloads x
+    /// modes (remus, xbzrle, fgbi) x epoch lengths, each beside the same
+    /// guest unprotected and with dirty tracking only, over an emulated
+    /// 1 Gbit/s link, plus failover drills.
+    ///
+    /// Prints a progress bar and, at the end, the markdown summary with the
+    /// targets checked; writes points.csv, points.json, failover.csv,
+    /// summary.md and PNG plots into --out. `--quick` (the CI smoke test)
+    /// takes under 3 minutes, the full default matrix under 20.
+    Bench(castor::bench::BenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -129,6 +139,14 @@ struct ProtectArgs {
     /// keeps heartbeats and checkpoints ahead of a spinning guest on a small host.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
     vcpu_nice: i32,
+    /// Emulated link (benchmarks): limit the replication traffic to this
+    /// rate, e.g. 1gbit, 100mbit, 50MB; `none` for no limit. Applied by the
+    /// primary to its checkpoint stream (see docs/design.md).
+    #[arg(long, default_value = "none", value_parser = castor::cli::parse_rate)]
+    link_rate: castor::cli::LinkRate,
+    /// Emulated link: one-way delay added to checkpoints and acks, e.g. 100us, 1ms.
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    link_delay: Duration,
 }
 
 #[derive(Args)]
@@ -145,6 +163,12 @@ struct PrimaryArgs {
     /// Workload of castor's guest (see `castor run --help`).
     #[arg(long, default_value = "counter", value_parser = parse_workload)]
     workload: guest::Workload,
+    /// Boot this multiboot v1 ELF kernel instead of castor's guest.
+    #[arg(long, conflicts_with = "workload")]
+    kernel: Option<PathBuf>,
+    /// Kernel command line (with --kernel).
+    #[arg(long, requires = "kernel", default_value = "")]
+    cmdline: String,
     /// Stop after this long; default: run until SIGINT/SIGTERM.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -230,6 +254,11 @@ struct RunArgs {
     /// Directory for the snapshot (created if missing).
     #[arg(long, requires = "snapshot_at")]
     snapshot_dir: Option<PathBuf>,
+    /// Turn dirty-page tracking on and harvest the log every this many
+    /// milliseconds, without checkpointing: the platform's cost of tracking
+    /// alone (`castor bench` uses it as a baseline).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    track_ms: Option<u64>,
 }
 
 #[derive(Args)]
@@ -257,12 +286,13 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
 fn supervise(
     machine: &mut Machine,
     duration: Option<Duration>,
+    tick: Duration,
     mut on_tick: impl FnMut(&mut Machine, Duration) -> Result<()>,
 ) -> Result<()> {
     let stop = stop_flag()?;
     let t0 = Instant::now();
     loop {
-        if let Some(reason) = machine.wait_exit(Duration::from_millis(10)) {
+        if let Some(reason) = machine.wait_exit(tick) {
             machine.stop();
             return match reason {
                 ExitReason::Stopped => Ok(()),
@@ -329,7 +359,7 @@ fn run(args: RunArgs) -> Result<()> {
     let config = MachineConfig {
         mem_bytes: m.mem,
         vcpus: m.vcpus,
-        dirty_tracking: false,
+        dirty_tracking: args.track_ms.is_some(),
         kvm_device: m.kvm_device.clone(),
     };
     let t0 = Instant::now();
@@ -347,7 +377,25 @@ fn run(args: RunArgs) -> Result<()> {
         t0.elapsed().as_secs_f64() * 1e3
     );
     let mut snapshot = args.snapshot_at.zip(args.snapshot_dir.clone());
-    supervise(&mut machine, args.duration, |machine, elapsed| {
+    let track = args.track_ms.map(Duration::from_millis);
+    let mut next_harvest = track.unwrap_or_default();
+    let (mut harvests, mut dirty_pages) = (0u64, 0u64);
+    let tick = if track.is_some() {
+        Duration::from_millis(1)
+    } else {
+        Duration::from_millis(10)
+    };
+    let r = supervise(&mut machine, args.duration, tick, |machine, elapsed| {
+        if let Some(every) = track {
+            if elapsed >= next_harvest {
+                dirty_pages += machine.harvest_dirty()?.frames().count() as u64;
+                harvests += 1;
+                next_harvest += every;
+                if next_harvest < elapsed {
+                    next_harvest = elapsed + every;
+                }
+            }
+        }
         if let Some((at, dir)) = &snapshot {
             if elapsed >= *at {
                 let t = Instant::now();
@@ -366,7 +414,15 @@ fn run(args: RunArgs) -> Result<()> {
             }
         }
         Ok(())
-    })
+    });
+    if track.is_some() {
+        info!(
+            harvests,
+            dirty_pages_mean = dirty_pages as f64 / harvests.max(1) as f64,
+            "dirty tracking (no checkpointing)"
+        );
+    }
+    r
 }
 
 fn restore(args: RestoreArgs) -> Result<()> {
@@ -389,7 +445,12 @@ fn restore(args: RestoreArgs) -> Result<()> {
         "VM restored in {:.1} ms",
         t0.elapsed().as_secs_f64() * 1e3
     );
-    supervise(&mut machine, args.duration, |_, _| Ok(()))
+    supervise(
+        &mut machine,
+        args.duration,
+        Duration::from_millis(10),
+        |_, _| Ok(()),
+    )
 }
 
 fn primary_config(
@@ -418,6 +479,10 @@ fn primary_config(
         backup_timeout: Duration::from_millis(p.backup_timeout_ms.max(10)),
         console: pair.console,
         verify: p.verify,
+        link: protocol::link::LinkShape {
+            rate_bytes_per_s: p.link_rate.0,
+            delay: p.link_delay,
+        },
     })
 }
 
@@ -451,15 +516,18 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
         dirty_tracking: true,
         kvm_device: m.kvm_device.clone(),
     };
-    let cmdline = a.workload.cmdline(m.vcpus, tsc, Some(MMIO_CONSOLE_BASE));
-    let cfg = primary_config(
-        &a.pair,
-        &a.protect,
-        a.backup,
-        machine,
-        guest::KERNEL.to_vec(),
-        cmdline,
-    )?;
+    let (kernel, cmdline) = match &a.kernel {
+        Some(path) => (
+            std::fs::read(path)
+                .with_context(|| format!("cannot read the kernel {}", path.display()))?,
+            a.cmdline.clone(),
+        ),
+        None => (
+            guest::KERNEL.to_vec(),
+            a.workload.cmdline(m.vcpus, tsc, Some(MMIO_CONSOLE_BASE)),
+        ),
+    };
+    let cfg = primary_config(&a.pair, &a.protect, a.backup, machine, kernel, cmdline)?;
     let stop = stop_after(a.duration)?;
     let metrics = primary::run(cfg, stop)?;
     let s = metrics.summary();
@@ -609,6 +677,7 @@ fn main() -> ExitCode {
         Command::Takeover(a) => takeover_cmd(a),
         Command::Demo(a) => pair::demo(a),
         Command::Drill(a) => pair::drill(a),
+        Command::Bench(a) => castor::bench::bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -435,8 +435,8 @@ pub fn demo(a: DemoArgs) -> Result<()> {
     Ok(())
 }
 
-/// Percentile of a sample.
-fn pct(v: &mut [f64], p: f64) -> f64 {
+/// Percentile of a sample (nearest rank; NaN when empty).
+pub fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -444,8 +444,51 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-/// `castor drill`.
-pub fn drill(a: DrillArgs) -> Result<()> {
+/// One failover of a drill.
+#[derive(Debug, Clone)]
+pub struct Round {
+    /// Round number, from 1.
+    pub round: u32,
+    /// The node whose primary was killed.
+    pub killed: &'static str,
+    /// How long after re-protection (and the settle time) it was killed.
+    pub ran_for: Duration,
+    /// Failover time: SIGKILL → first console byte the survivor produced.
+    pub failover_ms: Option<f64>,
+    /// Console gaps or duplicates seen so far.
+    pub problems: Vec<String>,
+    /// Replica mismatches the survivor reports (with --verify).
+    pub mismatches: f64,
+}
+
+impl Round {
+    /// Whether the round passed: output from the survivor, a continuous
+    /// console and no mismatch.
+    pub fn ok(&self) -> bool {
+        self.failover_ms.is_some() && self.problems.is_empty() && self.mismatches == 0.0
+    }
+}
+
+/// What a drill does.
+#[derive(Debug, Clone)]
+pub struct DrillPlan {
+    /// Number of failovers.
+    pub rounds: u32,
+    /// Guest workload.
+    pub workload: Workload,
+    /// Guest RAM.
+    pub mem: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Flags for both daemons (mode, epoch, verify, link ...).
+    pub protect_args: Vec<String>,
+    /// Each kill happens this long after re-protection, plus a random 0.3-1.5 s.
+    pub settle: Duration,
+}
+
+/// Runs a drill; `on_round` sees every round as it ends. Stops at the first
+/// failed round and returns an error naming the kept logs.
+pub fn run_drill(p: &DrillPlan, on_round: &mut dyn FnMut(&Round)) -> Result<Vec<Round>> {
     use rand::Rng;
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
@@ -453,42 +496,29 @@ pub fn drill(a: DrillArgs) -> Result<()> {
     protocol::certs::create(&certs, &["node-a".into(), "node-b".into()], false)?;
     let names = ["node-a", "node-b"];
     let ports = [free_port(true)?, free_port(true)?];
-    let mut extra: Vec<String> = vec!["--mode".into(), a.mode.to_string()];
-    if a.verify {
-        extra.push("--verify".into());
-    }
+    let extra = &p.protect_args;
     let node = |i: usize| Node {
         certs: &certs,
         name: names[i],
         peer: names[1 - i],
     };
     // Node b backs up node a, and after a takeover protects toward node a's port.
-    let mut backup = start_backup(&node(1), ports[1], ports[0], &extra, dir.join("b-0.log"))?;
+    let mut backup = start_backup(&node(1), ports[1], ports[0], extra, dir.join("b-0.log"))?;
     let mut guest_args = vec![
         "--mem".to_string(),
-        format!("{}M", a.mem >> 20),
+        format!("{}M", p.mem >> 20),
         "--vcpus".into(),
-        a.vcpus.to_string(),
+        p.vcpus.to_string(),
         "--workload".into(),
-        a.workload.to_string(),
+        p.workload.to_string(),
     ];
     guest_args.extend(extra.iter().cloned());
     let mut primary = start_primary(&node(0), ports[1], &guest_args, dir.join("a-0.log"))?;
     let mut primary_idx = 0usize;
-    println!(
-        "castor drill: {} rounds, {} on {} vCPU(s), mode {}{}",
-        a.rounds,
-        a.workload,
-        a.vcpus,
-        a.mode,
-        if a.verify { ", verifying" } else { "" }
-    );
     let mut stream = Vec::new();
-    let mut failovers = Vec::new();
-    let mut failed = 0;
-    let mut passed = 0;
+    let mut rounds = Vec::new();
     let mut rng = rand::rng();
-    for round in 1..=a.rounds {
+    for round in 1..=p.rounds {
         let protected = wait_status(
             &primary,
             "the primary to be protected",
@@ -499,7 +529,7 @@ pub fn drill(a: DrillArgs) -> Result<()> {
             let _ = std::fs::write(dir.join("console.bin"), &stream);
             bail!("round {round}: {e}\nlogs kept in {}", tmp.keep().display());
         }
-        let run_for = Duration::from_millis(rng.random_range(300..1500));
+        let run_for = p.settle + Duration::from_millis(rng.random_range(300..1500));
         let offset = stream.len() as u64;
         read_console(
             primary.console,
@@ -523,30 +553,26 @@ pub fn drill(a: DrillArgs) -> Result<()> {
         )?;
         let (_, problems) = continuity(&stream);
         let survivor = status(backup.console).unwrap_or_default();
-        let mismatches = field(&survivor, "verify_mismatches").unwrap_or(0.0);
-        let ok = first.is_some() && problems.is_empty() && mismatches == 0.0;
-        match first {
-            Some(t) => {
-                let ms = (t - killed).as_secs_f64() * 1e3;
-                failovers.push(ms);
-                println!("  round {round:>3}: primary {} killed after {:>4} ms, failover {ms:6.1} ms, {}", names[primary_idx], run_for.as_millis(), if ok { "console continuous" } else { "CONSOLE BROKEN" });
-            }
-            None => println!(
-                "  round {round:>3}: primary {} killed, NO OUTPUT from the survivor",
-                names[primary_idx]
-            ),
-        }
-        for p in problems.iter().take(5) {
-            println!("             {p}");
-        }
-        if mismatches > 0.0 {
-            println!("             VERIFY: {mismatches} replica mismatches");
-        }
+        let r = Round {
+            round,
+            killed: names[primary_idx],
+            ran_for: run_for,
+            failover_ms: first.map(|t| (t - killed).as_secs_f64() * 1e3),
+            problems,
+            mismatches: field(&survivor, "verify_mismatches").unwrap_or(0.0),
+        };
+        on_round(&r);
+        let ok = r.ok();
+        rounds.push(r);
         if !ok {
-            failed += 1;
-            break;
+            drop(primary);
+            drop(backup);
+            let _ = std::fs::write(dir.join("console.bin"), &stream);
+            bail!(
+                "drill round {round} failed: logs and the console stream (console.bin) kept in {}",
+                tmp.keep().display()
+            );
         }
-        passed += 1;
         // The survivor is the primary now; a new backup starts where the dead primary was.
         let dead = primary_idx;
         primary_idx = 1 - primary_idx;
@@ -554,30 +580,74 @@ pub fn drill(a: DrillArgs) -> Result<()> {
             &node(dead),
             ports[dead],
             ports[1 - dead],
-            &extra,
+            extra,
             dir.join(format!("{}-{round}.log", &names[dead][5..])),
         )?;
         primary = std::mem::replace(&mut backup, new_backup);
     }
-    let mut f = failovers.clone();
+    Ok(rounds)
+}
+
+/// `castor drill`.
+pub fn drill(a: DrillArgs) -> Result<()> {
+    let mut extra: Vec<String> = vec!["--mode".into(), a.mode.to_string()];
+    if a.verify {
+        extra.push("--verify".into());
+    }
+    println!(
+        "castor drill: {} rounds, {} on {} vCPU(s), mode {}{}",
+        a.rounds,
+        a.workload,
+        a.vcpus,
+        a.mode,
+        if a.verify { ", verifying" } else { "" }
+    );
+    let plan = DrillPlan {
+        rounds: a.rounds,
+        workload: a.workload.clone(),
+        mem: a.mem,
+        vcpus: a.vcpus,
+        protect_args: extra,
+        settle: Duration::ZERO,
+    };
+    let mut seen = Vec::new();
+    let result = run_drill(&plan, &mut |r| {
+        match r.failover_ms {
+            Some(ms) => println!(
+                "  round {:>3}: primary {} killed after {:>4} ms, failover {ms:6.1} ms, {}",
+                r.round,
+                r.killed,
+                r.ran_for.as_millis(),
+                if r.ok() {
+                    "console continuous"
+                } else {
+                    "CONSOLE BROKEN"
+                }
+            ),
+            None => println!(
+                "  round {:>3}: primary {} killed, NO OUTPUT from the survivor",
+                r.round, r.killed
+            ),
+        }
+        for p in r.problems.iter().take(5) {
+            println!("             {p}");
+        }
+        if r.mismatches > 0.0 {
+            println!("             VERIFY: {} replica mismatches", r.mismatches);
+        }
+        if r.ok() {
+            seen.extend(r.failover_ms);
+        }
+    });
+    let mut f = seen.clone();
     println!();
     println!(
-        "castor drill: {} of {} rounds passed; failover p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} console bytes checked",
-        passed,
+        "castor drill: {} of {} rounds passed; failover p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        seen.len(),
         a.rounds,
         pct(&mut f, 0.5),
         pct(&mut f, 0.99),
-        failovers.iter().cloned().fold(0.0, f64::max),
-        stream.len()
+        seen.iter().cloned().fold(0.0, f64::max),
     );
-    drop(primary);
-    drop(backup);
-    if failed > 0 {
-        let _ = std::fs::write(dir.join("console.bin"), &stream);
-        bail!(
-            "the drill failed: logs and the console stream (console.bin) kept in {}",
-            tmp.keep().display()
-        );
-    }
-    Ok(())
+    result.map(|_| ())
 }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use fgbi::{Encoder, Mode};
 use protocol::console::ConsoleLog;
+use protocol::link::{DelayLine, LinkShape, Pacer, PIECE};
 use protocol::message::CAP_VERIFY;
 use protocol::transport::{self, NodeTls};
 use protocol::{Hello, Message, Sender, VERSION};
@@ -99,6 +100,8 @@ pub struct Config {
     pub console: SocketAddr,
     /// Send memory digests for the backup to verify.
     pub verify: bool,
+    /// Link emulation applied to the replication traffic (benchmarks).
+    pub link: LinkShape,
 }
 
 /// The machine's console goes into the log, invisible until released.
@@ -129,6 +132,10 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<Arc<Metrics>, PrimaryEr
         let log = log.clone();
         Arc::new(move |word: &str| match word {
             "status" => Some(m.status_json("primary", log.released(), log.end())),
+            "reset" => {
+                m.reset();
+                Some("ok: figures reset".into())
+            }
             "takeover" => {
                 Some("error: this node is the primary; send takeover to its backup".into())
             }
@@ -225,8 +232,8 @@ const STAGING_KEEP: usize = 64 << 20;
 struct Session {
     sender: Sender,
     encoder: Encoder,
-    /// (epoch, console offset it releases, commit time)
-    in_flight: VecDeque<(u64, u64, Instant)>,
+    /// (epoch, console offset it releases, commit time, pause start)
+    in_flight: VecDeque<(u64, u64, Instant, Instant)>,
     next_epoch: u64,
     out_start: u64,
 }
@@ -310,9 +317,10 @@ impl EpochLoop<'_> {
                         info!(epoch = k, "PROTECTED: the backup committed the full resync");
                     }
                     while s.in_flight.front().is_some_and(|f| f.0 <= k) {
-                        let (_, release, at) = s.in_flight.pop_front().expect("front");
+                        let (_, release, at, paused) = s.in_flight.pop_front().expect("front");
                         self.log.release(release);
                         self.metrics.ack(at.elapsed());
+                        self.metrics.release(paused.elapsed());
                     }
                 }
             }
@@ -495,7 +503,7 @@ impl EpochLoop<'_> {
         s.sender.state(&state_bytes, &mut f)?;
         s.sender.output(&output, &mut f)?;
         s.sender.commit(memory_digest, &mut f)?;
-        s.in_flight.push_back((epoch, out_end, Instant::now()));
+        s.in_flight.push_back((epoch, out_end, Instant::now(), t0));
         let sent = f.len() as u64;
         if self.frames.blocking_send(f).is_err() {
             self.session = None;
@@ -561,18 +569,63 @@ async fn session(
     let mut last_heard = Instant::now();
     let mut seq = 0u64;
     let (ctl_tx, ctl_rx) = (&mut link.ctl_tx, &mut link.ctl_rx);
+    let shape = cfg.link;
     let writer = async {
-        while let Some(f) = frames.recv().await {
-            if let Err(e) = data.send(&f).await {
-                return format!("sending a checkpoint: {e}");
+        if !shape.is_shaped() {
+            while let Some(f) = frames.recv().await {
+                if let Err(e) = data.send(&f).await {
+                    return format!("sending a checkpoint: {e}");
+                }
             }
+            return "the epoch loop ended".to_string();
         }
-        "the epoch loop ended".to_string()
+        // Emulated link: each frame is stamped as it arrives, held for the
+        // one-way delay, then paced to the rate in pieces.
+        let (tx, mut rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        let stamper = async move {
+            while let Some(f) = frames.recv().await {
+                if tx
+                    .send((tokio::time::Instant::now() + shape.delay, f))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        };
+        let sender = async {
+            let mut pacer = Pacer::new(shape.rate_bytes_per_s);
+            while let Some((due, f)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                for piece in f.chunks(PIECE) {
+                    let at = pacer.book(piece.len(), tokio::time::Instant::now());
+                    tokio::time::sleep_until(at).await;
+                    if let Err(e) = data.send(piece).await {
+                        return format!("sending a checkpoint: {e}");
+                    }
+                }
+            }
+            "the epoch loop ended".to_string()
+        };
+        tokio::pin!(stamper);
+        tokio::pin!(sender);
+        tokio::select! {
+            why = &mut sender => why,
+            _ = &mut stamper => (&mut sender).await,
+        }
     };
+    // Acks held for the emulated link's one-way delay.
+    let mut acks: DelayLine<u64> = DelayLine::new(shape.delay);
     tokio::pin!(writer);
     loop {
         tokio::select! {
             why = &mut writer => return why,
+            _ = tokio::time::sleep_until(acks.next_due().unwrap_or_else(tokio::time::Instant::now)), if !acks.is_empty() => {
+                while let Some(epoch) = acks.pop_due(tokio::time::Instant::now()) {
+                    if events.send(NetEvent::Ack(epoch)).is_err() {
+                        return "the epoch loop ended".into();
+                    }
+                }
+            }
             _ = tick.tick() => {
                 if stop.load(Ordering::Relaxed) {
                     let _ = ctl_tx.send_message(&Message::Goodbye { reason: "primary shutting down".into() }).await;
@@ -592,7 +645,9 @@ async fn session(
             m = ctl_rx.next() => match m {
                 Ok(Some(Message::Ack { epoch })) => {
                     last_heard = Instant::now();
-                    if events.send(NetEvent::Ack(epoch)).is_err() {
+                    if !shape.delay.is_zero() {
+                        acks.push(epoch, tokio::time::Instant::now());
+                    } else if events.send(NetEvent::Ack(epoch)).is_err() {
                         return "the epoch loop ended".into();
                     }
                 }

@@ -34,7 +34,10 @@ pub struct EpochFigures {
 struct Inner {
     epochs: Vec<EpochFigures>,
     acks: Vec<Duration>,
+    releases: Vec<Duration>,
     protected: bool,
+    /// Epochs up to this one are not samples (reset).
+    reset_at: u64,
 }
 
 /// The primary's running figures.
@@ -80,6 +83,21 @@ pub struct Summary {
     pub ack_p99_us: f64,
     /// Epochs that waited for acks.
     pub waits: u64,
+    /// Epochs in the figures (since the last reset; the resync left out).
+    pub samples: u64,
+    /// Harvest p50, µs.
+    pub harvest_p50_us: f64,
+    /// Page copy p50, µs.
+    pub copy_p50_us: f64,
+    /// State capture p50, µs.
+    pub capture_p50_us: f64,
+    /// Encode time p99, µs.
+    pub encode_p99_us: f64,
+    /// Output-commit delay p50, µs: from the end of an epoch (its pause) to
+    /// the release of the console bytes it produced.
+    pub release_p50_us: f64,
+    /// Output-commit delay p99, µs.
+    pub release_p99_us: f64,
 }
 
 impl Metrics {
@@ -141,6 +159,31 @@ impl Metrics {
         i.acks.push(d);
     }
 
+    /// Records an output-commit delay (pause start → output released).
+    pub fn release(&self, d: Duration) {
+        let mut i = self.lock();
+        if i.releases.len() >= KEEP {
+            i.releases.drain(..KEEP / 2);
+        }
+        i.releases.push(d);
+    }
+
+    /// Forgets the figures so far (a benchmark's warm-up); the epoch count
+    /// and the protection state stay.
+    pub fn reset(&self) {
+        let mut i = self.lock();
+        let last = i.epochs.last().copied();
+        i.epochs.clear();
+        i.acks.clear();
+        i.releases.clear();
+        // Keep the last epoch so the count survives; mark it as not a sample.
+        if let Some(mut f) = last {
+            f.pause = Duration::ZERO;
+            i.epochs.push(f);
+            i.reset_at = f.epoch;
+        }
+    }
+
     /// Whether the backup holds a committed checkpoint of this session.
     pub fn protected(&self) -> bool {
         self.lock().protected
@@ -155,11 +198,16 @@ impl Metrics {
     /// pause and size figures.
     pub fn summary(&self) -> Summary {
         let i = self.lock();
-        let steady: Vec<&EpochFigures> = i.epochs.iter().filter(|f| f.epoch > 1).collect();
+        let first = i.reset_at.max(1);
+        let steady: Vec<&EpochFigures> = i.epochs.iter().filter(|f| f.epoch > first).collect();
         let us = |d: Duration| d.as_secs_f64() * 1e6;
-        let mut pause: Vec<f64> = steady.iter().map(|f| us(f.pause)).collect();
-        let mut enc: Vec<f64> = steady.iter().map(|f| us(f.encode)).collect();
+        let part = |g: fn(&EpochFigures) -> Duration| -> Vec<f64> {
+            steady.iter().map(|f| us(g(f))).collect()
+        };
+        let mut pause = part(|f| f.pause);
+        let mut enc = part(|f| f.encode);
         let mut acks: Vec<f64> = i.acks.iter().map(|d| us(*d)).collect();
+        let mut rel: Vec<f64> = i.releases.iter().map(|d| us(*d)).collect();
         let n = steady.len().max(1) as f64;
         Summary {
             epochs: i.epochs.last().map_or(0, |f| f.epoch),
@@ -170,6 +218,13 @@ impl Metrics {
             bytes_mean: steady.iter().map(|f| f.bytes as f64).sum::<f64>() / n,
             raw_mean: steady.iter().map(|f| f.raw_bytes as f64).sum::<f64>() / n,
             encode_p50_us: pct(&mut enc, 0.5),
+            encode_p99_us: pct(&mut enc, 0.99),
+            harvest_p50_us: pct(&mut part(|f| f.harvest), 0.5),
+            copy_p50_us: pct(&mut part(|f| f.copy), 0.5),
+            capture_p50_us: pct(&mut part(|f| f.capture), 0.5),
+            release_p50_us: pct(&mut rel, 0.5),
+            release_p99_us: pct(&mut rel, 0.99),
+            samples: steady.len() as u64,
             ack_p50_us: pct(&mut acks, 0.5),
             ack_p99_us: pct(&mut acks, 0.99),
             waits: steady
@@ -189,6 +244,8 @@ impl Metrics {
                 "\"pause_p50_us\":{:.0},\"pause_p99_us\":{:.0},\"pause_max_us\":{:.0},\"dirty_pages_mean\":{:.1},",
                 "\"bytes_per_epoch\":{:.0},\"raw_bytes_per_epoch\":{:.0},\"encode_p50_us\":{:.0},",
                 "\"ack_p50_us\":{:.0},\"ack_p99_us\":{:.0},\"epochs_waited\":{},",
+                "\"samples\":{},\"harvest_p50_us\":{:.0},\"copy_p50_us\":{:.0},\"capture_p50_us\":{:.0},",
+                "\"encode_p99_us\":{:.0},\"release_p50_us\":{:.0},\"release_p99_us\":{:.0},",
                 "\"console_released\":{},\"console_end\":{}}}"
             ),
             role,
@@ -206,6 +263,13 @@ impl Metrics {
             s.ack_p50_us,
             s.ack_p99_us,
             s.waits,
+            s.samples,
+            s.harvest_p50_us,
+            s.copy_p50_us,
+            s.capture_p50_us,
+            s.encode_p99_us,
+            s.release_p50_us,
+            s.release_p99_us,
             released,
             end
         )

@@ -7,12 +7,14 @@
 //!   (rustls) against the pair's own CA, bulk data and control on separate
 //!   streams.
 //! - [`certs`]: the CA and node certificates (`castor certs`).
+//! - [`link`]: link emulation (rate limit, delay) for benchmarks.
 //!
 //! The format is described in `docs/protocol.md`.
 
 pub mod certs;
 pub mod codec;
 pub mod console;
+pub mod link;
 pub mod message;
 pub mod session;
 pub mod transport;
