@@ -87,6 +87,10 @@ pub struct BenchArgs {
     /// Skip the PNG plots.
     #[arg(long)]
     pub no_plots: bool,
+    /// The primaries' pre-copy window (see `castor primary --help`); 0 copies
+    /// every dirty page in the pause. Default: the primary's.
+    #[arg(long)]
+    pub precopy_ms: Option<u64>,
 }
 
 /// A workload of the matrix.
@@ -167,6 +171,8 @@ pub struct Point {
     pub release_p99_us: f64,
     /// Epochs that waited for acks (link or backup too slow).
     pub epochs_waited: f64,
+    /// Dirty pages per epoch copied before the pause (pre-copy).
+    pub precopied: f64,
     /// Why the point failed, if it did.
     pub error: Option<String>,
 }
@@ -198,6 +204,7 @@ impl Point {
             release_p50_us: nan,
             release_p99_us: nan,
             epochs_waited: nan,
+            precopied: nan,
             error: None,
         }
     }
@@ -344,6 +351,9 @@ fn plan(a: &BenchArgs) -> Result<Plan> {
         "--link-delay".to_string(),
         format!("{}us", a.link_delay.as_micros()),
     ]);
+    if let Some(ms) = a.precopy_ms {
+        link_args.extend(["--precopy-ms".to_string(), ms.to_string()]);
+    }
     let failover_modes = if a.quick && a.failovers.is_none() {
         vec![fgbi::Mode::Fgbi]
     } else {
@@ -566,6 +576,7 @@ fn protected(
         pt.release_p50_us = f("release_p50_us");
         pt.release_p99_us = f("release_p99_us");
         pt.epochs_waited = f("epochs_waited");
+        pt.precopied = f("precopied_mean");
         // Guest time of the window: from the first line's clock on.
         let lines = progress_lines(&buf);
         pt.ops_per_s = throughput(&lines, 0, u64::MAX);

@@ -147,6 +147,12 @@ struct ProtectArgs {
     /// Emulated link: one-way delay added to checkpoints and acks, e.g. 100us, 1ms.
     #[arg(long, default_value = "0ms", value_parser = parse_duration)]
     link_delay: Duration,
+    /// Pre-copy window in milliseconds: this long before each epoch ends the
+    /// pages dirtied so far are copied while the guest runs, so the pause
+    /// only copies the pages dirtied since (0: copy everything in the
+    /// pause). Default: a fifth of the epoch, at most 5.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    precopy_ms: Option<u64>,
 }
 
 #[derive(Args)]
@@ -483,6 +489,11 @@ fn primary_config(
             rate_bytes_per_s: p.link_rate.0,
             delay: p.link_delay,
         },
+        precopy: Duration::from_millis(
+            p.precopy_ms
+                .unwrap_or((p.epoch_ms / 5).min(5))
+                .min(p.epoch_ms.saturating_sub(1)),
+        ),
     })
 }
 

@@ -25,7 +25,7 @@ fn num(v: f64) -> String {
 /// `kinds` maps workload labels to their kind (sparse, pages, ...).
 pub fn write_all(out: &Path, r: &Results, kinds: &[(String, String)]) -> Result<()> {
     let mut csv = String::from(
-        "workload,config,epoch_ms,ops_per_s,vs_unprotected,vs_tracking,epochs,pause_p50_us,pause_p99_us,pause_max_us,harvest_p50_us,copy_p50_us,capture_p50_us,encode_p50_us,encode_p99_us,dirty_pages,bytes_per_epoch,raw_per_epoch,ack_p50_us,ack_p99_us,release_p50_us,release_p99_us,epochs_waited,error\n",
+        "workload,config,epoch_ms,ops_per_s,vs_unprotected,vs_tracking,epochs,pause_p50_us,pause_p99_us,pause_max_us,harvest_p50_us,copy_p50_us,capture_p50_us,encode_p50_us,encode_p99_us,dirty_pages,bytes_per_epoch,raw_per_epoch,ack_p50_us,ack_p99_us,release_p50_us,release_p99_us,epochs_waited,precopied,error\n",
     );
     for p in &r.points {
         let v = [
@@ -49,6 +49,7 @@ pub fn write_all(out: &Path, r: &Results, kinds: &[(String, String)]) -> Result<
             p.release_p50_us,
             p.release_p99_us,
             p.epochs_waited,
+            p.precopied,
         ];
         let _ = writeln!(
             csv,
@@ -170,9 +171,9 @@ pub fn summary(r: &Results, kinds: &[(String, String)]) -> String {
     let _ = writeln!(s, "## Checkpoints: pause, bytes, latency\n");
     let _ = writeln!(
         s,
-        "Pause = the guest stopped per checkpoint (harvest + page copy + state capture + resume). Bytes = on the wire per epoch, vs the dirty pages raw and vs remus in the same run. Output delay = end of an epoch → its console output released (after the backup's ack).\n"
+        "Pause = the guest stopped per checkpoint (harvest + page copy + state capture + resume); the pages pre-copied while the guest ran (the epoch's last few ms excepted) are not copied in the pause. Bytes = on the wire per epoch, vs the dirty pages raw and vs remus in the same run. Output delay = end of an epoch → its console output released (after the backup's ack).\n"
     );
-    let _ = writeln!(s, "| workload | epoch | mode | pause p50 / p99 / max ms | harvest / copy / capture p50 µs | dirty pages | bytes/epoch | vs raw | vs remus | encode p50 µs | ack p50 ms | output delay p50 / p99 ms | waited |");
+    let _ = writeln!(s, "| workload | epoch | mode | pause p50 / p99 / max ms | harvest / copy / capture p50 µs | dirty pages (pre-copied) | bytes/epoch | vs raw | vs remus | encode p50 µs | ack p50 ms | output delay p50 / p99 ms | waited |");
     let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for l in &loads {
         for &e in &epochs {
@@ -195,7 +196,7 @@ pub fn summary(r: &Results, kinds: &[(String, String)]) -> String {
                 let remus = find(r, l, "remus", e).map_or(f64::NAN, |x| x.bytes_per_epoch);
                 let _ = writeln!(
                     s,
-                    "| {l} | {e} ms | {m} | {} / {} / {} | {:.0} / {:.0} / {:.0} | {:.0} | {} | {} | {} | {:.0} | {} | {} / {} | {:.0} of {:.0} |",
+                    "| {l} | {e} ms | {m} | {} / {} / {} | {:.0} / {:.0} / {:.0} | {:.0} ({:.0}) | {} | {} | {} | {:.0} | {} | {} / {} | {:.0} of {:.0} |",
                     ms(p.pause_p50_us),
                     ms(p.pause_p99_us),
                     ms(p.pause_max_us),
@@ -203,6 +204,7 @@ pub fn summary(r: &Results, kinds: &[(String, String)]) -> String {
                     p.copy_p50_us,
                     p.capture_p50_us,
                     p.dirty_pages,
+                    p.precopied,
                     bytes(p.bytes_per_epoch),
                     ratio(p.raw_per_epoch / p.bytes_per_epoch),
                     ratio(remus / p.bytes_per_epoch),

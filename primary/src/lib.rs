@@ -102,6 +102,10 @@ pub struct Config {
     pub verify: bool,
     /// Link emulation applied to the replication traffic (benchmarks).
     pub link: LinkShape,
+    /// Pre-copy window: this long before each epoch ends, the dirty pages so
+    /// far are harvested and copied while the guest runs, so that the pause
+    /// copies only the pages dirtied since. Zero: everything in the pause.
+    pub precopy: Duration,
 }
 
 /// The machine's console goes into the log, invisible until released.
@@ -210,6 +214,9 @@ fn protect(
         pages,
         session: None,
         staging: Vec::new(),
+        pre_frames: Vec::new(),
+        slot_of: vec![NO_SLOT; pages as usize],
+        pre_time: Duration::ZERO,
     };
     let result = lp.run(&events_rx, &stop);
     // Let the network task tell the backup this is a planned stop.
@@ -246,9 +253,17 @@ struct EpochLoop<'a> {
     frames: mpsc::Sender<Vec<u8>>,
     pages: u64,
     session: Option<Session>,
-    /// Copies of the dirty pages taken in the pause (reused).
+    /// Copies of the dirty pages (reused): page `frames[i]` at slot `i`.
     staging: Vec<u8>,
+    /// Pages copied before the pause in this epoch (slots 0..).
+    pre_frames: Vec<u64>,
+    /// Staging slot of each guest page this epoch, or `NO_SLOT`.
+    slot_of: Vec<u32>,
+    /// Time spent pre-copying this epoch.
+    pre_time: Duration,
 }
+
+const NO_SLOT: u32 = u32::MAX;
 
 impl EpochLoop<'_> {
     fn run(
@@ -259,12 +274,18 @@ impl EpochLoop<'_> {
         let mut next = Instant::now() + self.cfg.epoch;
         self.log.set_hold(false);
         warn!("UNPROTECTED: no backup yet; the guest runs, output is released at once");
+        let mut pre_done = false;
         while !stop.load(Ordering::Relaxed) {
             if let Some(r) = self.machine.wait_exit(Duration::ZERO) {
                 return Err(PrimaryError::GuestStopped(r));
             }
+            // The next deadline: the pre-copy point, then the epoch's end.
+            let pre_at = (!pre_done && self.session.is_some() && !self.cfg.precopy.is_zero())
+                .then(|| next.checked_sub(self.cfg.precopy))
+                .flatten();
+            let deadline = pre_at.unwrap_or(next);
             // Network events: acks release output; (dis)connections.
-            let timeout = next.saturating_duration_since(Instant::now());
+            let timeout = deadline.saturating_duration_since(Instant::now());
             match events.recv_timeout(timeout) {
                 Ok(ev) => {
                     self.on_event(ev)?;
@@ -273,6 +294,14 @@ impl EpochLoop<'_> {
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
             }
+            if pre_at.is_some() {
+                pre_done = true;
+                if self.session.is_some() {
+                    self.precopy()?;
+                }
+                continue;
+            }
+            pre_done = false;
             next += self.cfg.epoch;
             if Instant::now() > next {
                 next = Instant::now() + self.cfg.epoch;
@@ -385,11 +414,16 @@ impl EpochLoop<'_> {
         let span = info_span!("resync");
         let _g = span.enter();
         let t = Instant::now();
+        self.forget_precopy();
         self.machine.pause()?;
         self.machine.harvest_dirty()?;
         let all: Vec<u64> = (0..self.pages).collect();
         let t0 = Instant::now();
-        let r = self.checkpoint(&all, t0, Duration::ZERO, Duration::ZERO);
+        let r = self
+            .copy_pages(all.iter().copied().enumerate(), true)
+            .and_then(|copy| {
+                self.checkpoint(&all, t0, Duration::ZERO, copy, Duration::ZERO)
+            });
         if r.is_err() {
             self.machine.resume()?;
         }
@@ -399,6 +433,63 @@ impl EpochLoop<'_> {
             elapsed_ms = t.elapsed().as_millis() as u64,
             "full resync sent"
         );
+        Ok(())
+    }
+
+    /// Forgets this epoch's pre-copied pages (a new session resyncs all).
+    fn forget_precopy(&mut self) {
+        for &f in &self.pre_frames {
+            self.slot_of[f as usize] = NO_SLOT;
+        }
+        self.pre_frames.clear();
+        self.pre_time = Duration::ZERO;
+    }
+
+    /// Copies guest pages into staging slots: `(slot, frame)` pairs. Grows
+    /// the buffer if needed (only until it has a working set's size).
+    fn copy_pages(
+        &mut self,
+        pages: impl ExactSizeIterator<Item = (usize, u64)>,
+        log_progress: bool,
+    ) -> Result<Duration, PrimaryError> {
+        let t = Instant::now();
+        let n = pages.len();
+        let quarter = (n / 4).max(1);
+        for (i, (slot, f)) in pages.enumerate() {
+            if log_progress && i > 0 && i % quarter == 0 {
+                info!(percent = 100 * i / n, pages = i, "full resync: copying");
+            }
+            let end = (slot + 1) * 4096;
+            if self.staging.len() < end {
+                self.staging.resize(end.max(self.staging.len() * 2), 0);
+            }
+            self.machine
+                .memory()
+                .read_slice(&mut self.staging[slot * 4096..end], GuestAddress(f * 4096))
+                .map_err(|e| vmm::MachineError::Config(format!("reading guest page {f}: {e}")))?;
+        }
+        Ok(t.elapsed())
+    }
+
+    /// The pre-copy, while the guest runs: harvests the pages dirtied so far
+    /// in this epoch and copies them. A page written after this harvest is
+    /// in the next one (KVM write-protects before the ioctl returns), so its
+    /// copy is redone in the pause; every other copy is already final.
+    fn precopy(&mut self) -> Result<(), PrimaryError> {
+        let t = Instant::now();
+        let dirty = self.machine.harvest_dirty()?;
+        let start = self.pre_frames.len();
+        for f in dirty.frames().filter(|&f| f < self.pages) {
+            if self.slot_of[f as usize] == NO_SLOT {
+                self.slot_of[f as usize] = self.pre_frames.len() as u32;
+                self.pre_frames.push(f);
+            }
+        }
+        let new: Vec<(usize, u64)> = (start..self.pre_frames.len())
+            .map(|i| (i, self.pre_frames[i]))
+            .collect();
+        self.copy_pages(new.into_iter(), false)?;
+        self.pre_time += t.elapsed();
         Ok(())
     }
 
@@ -414,46 +505,62 @@ impl EpochLoop<'_> {
             }
         };
         let harvest = t1.elapsed();
-        let frames: Vec<u64> = dirty.frames().filter(|&f| f < self.pages).collect();
-        self.checkpoint(&frames, t0, harvest, wait)
+        // The epoch's pages: the pre-copied ones, then the new ones; every
+        // page dirtied since the pre-copy is copied (again) now.
+        let mut frames = std::mem::take(&mut self.pre_frames);
+        let precopied = frames.len();
+        let mut now: Vec<(usize, u64)> = Vec::new();
+        for f in dirty.frames().filter(|&f| f < self.pages) {
+            let slot = match self.slot_of[f as usize] {
+                NO_SLOT => {
+                    frames.push(f);
+                    frames.len() - 1
+                }
+                s => s as usize,
+            };
+            now.push((slot, f));
+        }
+        for &f in &frames {
+            self.slot_of[f as usize] = NO_SLOT;
+        }
+        let copied = self.copy_pages(now.into_iter(), false);
+        let r = copied.and_then(|copy| {
+            self.checkpoint_with(&frames, t0, harvest, copy, wait, precopied as u64)
+        });
+        if r.is_err() && self.machine.is_paused() {
+            self.machine.resume()?;
+        }
+        frames.clear();
+        self.pre_frames = frames;
+        self.pre_time = Duration::ZERO;
+        r
     }
 
-    /// Copies `frames`, captures the state and the console range, resumes,
-    /// encodes and sends. The machine is paused on entry (since `t0`) and
-    /// running on return.
+    /// [`Self::checkpoint_with`] without pre-copied pages.
     fn checkpoint(
         &mut self,
         frames: &[u64],
         t0: Instant,
         harvest: Duration,
+        copy: Duration,
         wait: Duration,
     ) -> Result<(), PrimaryError> {
-        let tc = Instant::now();
-        // Reused across epochs: no allocation or zero-filling in the pause
-        // once the buffer has grown to a working set's size.
-        let mut copies = std::mem::take(&mut self.staging);
-        if copies.len() < frames.len() * 4096 {
-            copies.resize(frames.len() * 4096, 0);
-        }
-        let resync = frames.len() as u64 == self.pages;
-        let quarter = (frames.len() / 4).max(1);
-        for (i, &f) in frames.iter().enumerate() {
-            if resync && i > 0 && i % quarter == 0 {
-                info!(
-                    percent = 100 * i / frames.len(),
-                    pages = i,
-                    "full resync: copying"
-                );
-            }
-            self.machine
-                .memory()
-                .read_slice(
-                    &mut copies[i * 4096..(i + 1) * 4096],
-                    GuestAddress(f * 4096),
-                )
-                .map_err(|e| vmm::MachineError::Config(format!("reading guest page {f}: {e}")))?;
-        }
-        let copy = tc.elapsed();
+        self.checkpoint_with(frames, t0, harvest, copy, wait, 0)
+    }
+
+    /// With the copies of `frames` in the staging slots: captures the state
+    /// and the console range, resumes, encodes and sends. The machine is
+    /// paused on entry (since `t0`) and running on return.
+    fn checkpoint_with(
+        &mut self,
+        frames: &[u64],
+        t0: Instant,
+        harvest: Duration,
+        copy: Duration,
+        wait: Duration,
+        precopied: u64,
+    ) -> Result<(), PrimaryError> {
+        let copies = std::mem::take(&mut self.staging);
         let tcap = Instant::now();
         let state = self.machine.capture()?;
         let capture = tcap.elapsed();
@@ -519,6 +626,7 @@ impl EpochLoop<'_> {
             bytes: sent,
             raw_bytes: frames.len() as u64 * 4096,
             wait,
+            precopied,
         });
         Ok(())
     }

@@ -28,6 +28,8 @@ pub struct EpochFigures {
     pub raw_bytes: u64,
     /// Time the epoch waited for in-flight checkpoints.
     pub wait: Duration,
+    /// Of the dirty pages, those copied before the pause (pre-copy).
+    pub precopied: u64,
 }
 
 #[derive(Debug, Default)]
@@ -98,6 +100,8 @@ pub struct Summary {
     pub release_p50_us: f64,
     /// Output-commit delay p99, µs.
     pub release_p99_us: f64,
+    /// Pages per epoch copied before the pause, mean.
+    pub precopied_mean: f64,
 }
 
 impl Metrics {
@@ -225,6 +229,7 @@ impl Metrics {
             release_p50_us: pct(&mut rel, 0.5),
             release_p99_us: pct(&mut rel, 0.99),
             samples: steady.len() as u64,
+            precopied_mean: steady.iter().map(|f| f.precopied as f64).sum::<f64>() / n,
             ack_p50_us: pct(&mut acks, 0.5),
             ack_p99_us: pct(&mut acks, 0.99),
             waits: steady
@@ -246,6 +251,7 @@ impl Metrics {
                 "\"ack_p50_us\":{:.0},\"ack_p99_us\":{:.0},\"epochs_waited\":{},",
                 "\"samples\":{},\"harvest_p50_us\":{:.0},\"copy_p50_us\":{:.0},\"capture_p50_us\":{:.0},",
                 "\"encode_p99_us\":{:.0},\"release_p50_us\":{:.0},\"release_p99_us\":{:.0},",
+                "\"precopied_mean\":{:.1},",
                 "\"console_released\":{},\"console_end\":{}}}"
             ),
             role,
@@ -270,6 +276,7 @@ impl Metrics {
             s.encode_p99_us,
             s.release_p50_us,
             s.release_p99_us,
+            s.precopied_mean,
             released,
             end
         )
