@@ -173,6 +173,11 @@ pub struct Point {
     pub epochs_waited: f64,
     /// Dirty pages per epoch copied before the pause (pre-copy).
     pub precopied: f64,
+    /// Share of the window the guest's vCPU threads ran on a CPU (from
+    /// /proc/PID/task/TID/schedstat; per vCPU, summed).
+    pub vcpu_ran: f64,
+    /// Share of the window they were runnable but waited for a CPU.
+    pub vcpu_waited: f64,
     /// Why the point failed, if it did.
     pub error: Option<String>,
 }
@@ -205,6 +210,8 @@ impl Point {
             release_p99_us: nan,
             epochs_waited: nan,
             precopied: nan,
+            vcpu_ran: nan,
+            vcpu_waited: nan,
             error: None,
         }
     }
@@ -413,6 +420,52 @@ fn progress_lines(bytes: &[u8]) -> Vec<guest::Progress> {
         .collect()
 }
 
+/// CPU time and run-queue wait (ns) of a process's vCPU threads, summed.
+fn vcpu_sched(pid: u32) -> Option<(u64, u64)> {
+    let mut run = 0;
+    let mut wait = 0;
+    let mut any = false;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("vcpu") {
+            continue;
+        }
+        let st = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+        let mut f = st.split_whitespace().map(|x| x.parse::<u64>().unwrap_or(0));
+        run += f.next()?;
+        wait += f.next()?;
+        any = true;
+    }
+    any.then_some((run, wait))
+}
+
+/// Samples `vcpu_sched` of `pid` over a window; shares of `window`.
+struct SchedWindow {
+    start: Option<(u64, u64)>,
+    t: Instant,
+}
+
+impl SchedWindow {
+    fn start(pid: u32) -> Self {
+        SchedWindow {
+            start: vcpu_sched(pid),
+            t: Instant::now(),
+        }
+    }
+
+    fn finish(self, pid: u32, pt: &mut Point) {
+        let (Some(a), Some(b)) = (self.start, vcpu_sched(pid)) else {
+            return;
+        };
+        let w = self.t.elapsed().as_nanos() as f64;
+        pt.vcpu_ran = b.0.saturating_sub(a.0) as f64 / w;
+        pt.vcpu_waited = b.1.saturating_sub(a.1) as f64 / w;
+    }
+}
+
 fn castor_exe() -> Result<PathBuf> {
     match std::env::var_os("CASTOR_BIN") {
         Some(p) => Ok(PathBuf::from(p)),
@@ -428,7 +481,7 @@ fn baseline(a: &BenchArgs, p: &Plan, load: &Load, track_ms: Option<u64>, log: &P
         "unprotected"
     };
     let mut pt = Point::new(load, config, track_ms.unwrap_or(0));
-    let r = (|| -> Result<f64> {
+    let r = (|| -> Result<(f64, (f64, f64))> {
         let total = p.warmup + p.measure + Duration::from_millis(300);
         let mut cmd = Command::new(castor_exe()?);
         cmd.arg("run")
@@ -446,6 +499,17 @@ fn baseline(a: &BenchArgs, p: &Plan, load: &Load, track_ms: Option<u64>, log: &P
             .stderr(std::fs::File::create(log)?)
             .spawn()
             .context("starting castor run")?;
+        // The vCPUs' scheduling over the window, sampled beside the reader.
+        let pid = child.id();
+        let (warmup, measure) = (p.warmup, p.measure);
+        let sampler = std::thread::spawn(move || {
+            std::thread::sleep(warmup);
+            let w = SchedWindow::start(pid);
+            std::thread::sleep(measure);
+            let mut x = Point::default();
+            w.finish(pid, &mut x);
+            (x.vcpu_ran, x.vcpu_waited)
+        });
         let mut lines = Vec::new();
         let out = child.stdout.take().expect("piped");
         for l in BufReader::new(out).lines() {
@@ -457,14 +521,18 @@ fn baseline(a: &BenchArgs, p: &Plan, load: &Load, track_ms: Option<u64>, log: &P
             bail!("castor run failed ({st}); see {}", log.display());
         }
         let from = p.warmup.as_micros() as u64;
-        Ok(throughput(
-            &lines,
-            from,
-            from + p.measure.as_micros() as u64,
+        let sched = sampler.join().unwrap_or((f64::NAN, f64::NAN));
+        Ok((
+            throughput(&lines, from, from + p.measure.as_micros() as u64),
+            sched,
         ))
     })();
     match r {
-        Ok(t) => pt.ops_per_s = t,
+        Ok((t, (ran, waited))) => {
+            pt.ops_per_s = t;
+            pt.vcpu_ran = ran;
+            pt.vcpu_waited = waited;
+        }
         Err(e) => pt.error = Some(format!("{e:#}")),
     }
     pt
@@ -542,6 +610,7 @@ fn protected(
         let start = status(primary.console).context("the primary stopped answering")?;
         let offset = field(&start, "console_released").unwrap_or(0.0) as u64;
         let mut buf = Vec::new();
+        let sched = SchedWindow::start(primary.child.id());
         read_console(
             primary.console,
             offset,
@@ -549,6 +618,7 @@ fn protected(
             Instant::now() + p.measure,
             u64::MAX,
         )?;
+        sched.finish(primary.child.id(), &mut pt);
         let s = status(primary.console).context("the primary stopped answering")?;
         if !s.contains("\"protected\":true") {
             bail!(

@@ -25,7 +25,7 @@ fn num(v: f64) -> String {
 /// `kinds` maps workload labels to their kind (sparse, pages, ...).
 pub fn write_all(out: &Path, r: &Results, kinds: &[(String, String)]) -> Result<()> {
     let mut csv = String::from(
-        "workload,config,epoch_ms,ops_per_s,vs_unprotected,vs_tracking,epochs,pause_p50_us,pause_p99_us,pause_max_us,harvest_p50_us,copy_p50_us,capture_p50_us,encode_p50_us,encode_p99_us,dirty_pages,bytes_per_epoch,raw_per_epoch,ack_p50_us,ack_p99_us,release_p50_us,release_p99_us,epochs_waited,precopied,error\n",
+        "workload,config,epoch_ms,ops_per_s,vs_unprotected,vs_tracking,epochs,pause_p50_us,pause_p99_us,pause_max_us,harvest_p50_us,copy_p50_us,capture_p50_us,encode_p50_us,encode_p99_us,dirty_pages,bytes_per_epoch,raw_per_epoch,ack_p50_us,ack_p99_us,release_p50_us,release_p99_us,epochs_waited,precopied,vcpu_ran,vcpu_waited,error\n",
     );
     for p in &r.points {
         let v = [
@@ -50,6 +50,8 @@ pub fn write_all(out: &Path, r: &Results, kinds: &[(String, String)]) -> Result<
             p.release_p99_us,
             p.epochs_waited,
             p.precopied,
+            p.vcpu_ran,
+            p.vcpu_waited,
         ];
         let _ = writeln!(
             csv,
@@ -173,8 +175,11 @@ pub fn summary(r: &Results, kinds: &[(String, String)]) -> String {
         s,
         "Pause = the guest stopped per checkpoint (harvest + page copy + state capture + resume); the pages pre-copied while the guest ran (the epoch's last few ms excepted) are not copied in the pause. Bytes = on the wire per epoch, vs the dirty pages raw and vs remus in the same run. Output delay = end of an epoch → its console output released (after the backup's ack).\n"
     );
-    let _ = writeln!(s, "| workload | epoch | mode | pause p50 / p99 / max ms | harvest / copy / capture p50 µs | dirty pages (pre-copied) | bytes/epoch | vs raw | vs remus | encode p50 µs | ack p50 ms | output delay p50 / p99 ms | waited |");
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "| workload | epoch | mode | pause p50 / p99 / max ms | harvest / copy / capture p50 µs | dirty pages (pre-copied) | bytes/epoch | vs raw | vs remus | encode p50 µs | ack p50 ms | output delay p50 / p99 ms | waited | vCPU ran / waited for a CPU |");
+    let _ = writeln!(
+        s,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for l in &loads {
         for &e in &epochs {
             for m in &modes {
@@ -196,7 +201,7 @@ pub fn summary(r: &Results, kinds: &[(String, String)]) -> String {
                 let remus = find(r, l, "remus", e).map_or(f64::NAN, |x| x.bytes_per_epoch);
                 let _ = writeln!(
                     s,
-                    "| {l} | {e} ms | {m} | {} / {} / {} | {:.0} / {:.0} / {:.0} | {:.0} ({:.0}) | {} | {} | {} | {:.0} | {} | {} / {} | {:.0} of {:.0} |",
+                    "| {l} | {e} ms | {m} | {} / {} / {} | {:.0} / {:.0} / {:.0} | {:.0} ({:.0}) | {} | {} | {} | {:.0} | {} | {} / {} | {:.0} of {:.0} | {} / {} |",
                     ms(p.pause_p50_us),
                     ms(p.pause_p99_us),
                     ms(p.pause_max_us),
@@ -213,7 +218,9 @@ pub fn summary(r: &Results, kinds: &[(String, String)]) -> String {
                     ms(p.release_p50_us),
                     ms(p.release_p99_us),
                     p.epochs_waited,
-                    p.epochs
+                    p.epochs,
+                    share(p.vcpu_ran),
+                    share(p.vcpu_waited)
                 );
             }
         }
@@ -347,12 +354,16 @@ pub fn summary(r: &Results, kinds: &[(String, String)]) -> String {
             let over = 1.0 - f.vs_tracking;
             let _ = writeln!(
                 s,
-                "- castor's own overhead ≤ {:.0} % under {l}: {} — {:.1} % ({} protected vs {} tracking only)",
+                "- castor's own overhead ≤ {:.0} % under {l}: {} — {:.1} % ({} protected vs {} tracking only; the protected vCPU ran {} of the window and waited {} for a CPU, vs {} / {} tracking only)",
                 limit * 100.0,
                 verdict(over <= limit),
                 over * 100.0,
                 ops(f.ops_per_s),
-                ops(f.ops_per_s / f.vs_tracking)
+                ops(f.ops_per_s / f.vs_tracking),
+                share(f.vcpu_ran),
+                share(f.vcpu_waited),
+                find(r, l, "tracking", e0).map_or("-".into(), |t| share(t.vcpu_ran)),
+                find(r, l, "tracking", e0).map_or("-".into(), |t| share(t.vcpu_waited)),
             );
         }
     }

@@ -421,9 +421,7 @@ impl EpochLoop<'_> {
         let t0 = Instant::now();
         let r = self
             .copy_pages(all.iter().copied().enumerate(), true)
-            .and_then(|copy| {
-                self.checkpoint(&all, t0, Duration::ZERO, copy, Duration::ZERO)
-            });
+            .and_then(|copy| self.checkpoint(&all, t0, Duration::ZERO, copy, Duration::ZERO));
         if r.is_err() {
             self.machine.resume()?;
         }
