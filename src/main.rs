@@ -470,7 +470,7 @@ fn primary_config(
     fgbi::check_block_size(p.block_size)?;
     let tls = protocol::transport::NodeTls::from_dir(&pair.certs, &pair.node, &pair.peer)?;
     Ok(primary::Config {
-        budget_bytes: p.budget.unwrap_or(machine.mem_bytes / 2),
+        budget_bytes: p.budget,
         machine,
         kernel,
         cmdline,

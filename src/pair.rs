@@ -585,6 +585,9 @@ pub fn run_drill(p: &DrillPlan, on_round: &mut dyn FnMut(&Round)) -> Result<Vec<
         )?;
         primary = std::mem::replace(&mut backup, new_backup);
     }
+    if std::env::var_os("CASTOR_KEEP_LOGS").is_some() {
+        println!("drill logs kept in {}", tmp.keep().display());
+    }
     Ok(rounds)
 }
 

@@ -382,14 +382,22 @@ pub fn summary(r: &Results, kinds: &[(String, String)]) -> String {
             );
         }
     }
-    if !all.is_empty() {
-        let n = all.len();
-        let p99 = pct(&mut all, 0.99);
+    let mut fg: Vec<f64> = r
+        .failovers
+        .iter()
+        .filter(|f| f.mode == "fgbi")
+        .map(|f| f.ms)
+        .collect();
+    if !fg.is_empty() {
+        let n = fg.len();
+        let p99 = pct(&mut fg, 0.99);
         let _ = writeln!(
             s,
-            "- failover p99 ≤ 50 ms: {} — p99 {:.1} ms over {n} failovers (all modes)",
+            "- failover p99 ≤ 50 ms: {} — p99 {:.1} ms over {n} failovers in fgbi mode (all modes: p99 {:.1} ms over {})",
             verdict(p99 <= 50.0),
-            p99
+            p99,
+            pct(&mut all, 0.99),
+            all.len()
         );
     }
     s

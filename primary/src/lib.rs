@@ -88,8 +88,9 @@ pub struct Config {
     pub mode: Mode,
     /// fgbi block size.
     pub block_size: usize,
-    /// fgbi memory budget in bytes.
-    pub budget_bytes: u64,
+    /// fgbi memory budget in bytes; `None`: half the guest's RAM (the
+    /// machine actually protected, which after a failover is the replica).
+    pub budget_bytes: Option<u64>,
     /// Most unacknowledged checkpoints.
     pub max_in_flight: usize,
     /// Heartbeat period.
@@ -233,7 +234,7 @@ fn protect(
     result.map(|()| metrics)
 }
 
-/// Largest dirty-page staging buffer kept between epochs.
+/// Largest dirty-page staging buffer kept after a full resync.
 const STAGING_KEEP: usize = 64 << 20;
 
 struct Session {
@@ -275,6 +276,7 @@ impl EpochLoop<'_> {
         self.log.set_hold(false);
         warn!("UNPROTECTED: no backup yet; the guest runs, output is released at once");
         let mut pre_done = false;
+        let mut waited = Duration::ZERO;
         while !stop.load(Ordering::Relaxed) {
             if let Some(r) = self.machine.wait_exit(Duration::ZERO) {
                 return Err(PrimaryError::GuestStopped(r));
@@ -295,6 +297,18 @@ impl EpochLoop<'_> {
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
             }
             if pre_at.is_some() {
+                // A checkpoint may only go out when fewer than the limit are
+                // in flight: wait for that before the pre-copy, so that the
+                // pages it copies are those of the pause that follows.
+                let w = Instant::now();
+                if !self.wait_in_flight(events, stop)? {
+                    return Ok(());
+                }
+                let w = w.elapsed();
+                if w > Duration::from_micros(100) {
+                    next = next.max(Instant::now() + self.cfg.precopy);
+                }
+                waited += w;
                 pre_done = true;
                 if self.session.is_some() {
                     self.precopy()?;
@@ -307,31 +321,45 @@ impl EpochLoop<'_> {
                 next = Instant::now() + self.cfg.epoch;
             }
             if self.session.is_none() {
+                waited = Duration::ZERO;
                 continue;
             }
-            // Bounded in-flight checkpoints: wait for acks, counting the wait.
-            let waited = Instant::now();
-            while self
-                .session
-                .as_ref()
-                .is_some_and(|s| s.in_flight.len() >= self.cfg.max_in_flight)
-            {
-                match events.recv_timeout(Duration::from_millis(50)) {
-                    Ok(ev) => self.on_event(ev)?,
-                    Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                        if stop.load(Ordering::Relaxed) {
-                            return Ok(());
-                        }
-                    }
-                    Err(_) => return Ok(()),
-                }
+            let w = Instant::now();
+            if !self.wait_in_flight(events, stop)? {
+                return Ok(());
             }
-            let wait = waited.elapsed();
+            waited += w.elapsed();
             if self.session.is_some() {
-                self.epoch(wait)?;
+                self.epoch(std::mem::take(&mut waited))?;
             }
         }
         Ok(())
+    }
+
+    /// Bounded in-flight checkpoints: waits (handling events) until fewer
+    /// than the limit are unacknowledged. False: stop, or the network task
+    /// is gone.
+    fn wait_in_flight(
+        &mut self,
+        events: &std_mpsc::Receiver<NetEvent>,
+        stop: &AtomicBool,
+    ) -> Result<bool, PrimaryError> {
+        while self
+            .session
+            .as_ref()
+            .is_some_and(|s| s.in_flight.len() >= self.cfg.max_in_flight)
+        {
+            match events.recv_timeout(Duration::from_millis(50)) {
+                Ok(ev) => self.on_event(ev)?,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(false);
+                    }
+                }
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(true)
     }
 
     fn on_event(&mut self, ev: NetEvent) -> Result<(), PrimaryError> {
@@ -394,7 +422,7 @@ impl EpochLoop<'_> {
         let fcfg = fgbi::Config {
             mode: cfg.mode,
             block_size: cfg.block_size,
-            budget_bytes: cfg.budget_bytes,
+            budget_bytes: cfg.budget_bytes.unwrap_or(self.pages * 4096 / 2),
             key: rand::random(),
         };
         let encoder = Encoder::new(fcfg, self.pages)?;
@@ -587,8 +615,9 @@ impl EpochLoop<'_> {
             *h.finalize().as_bytes()
         });
         let encode = te.elapsed();
-        // Keep the buffer for the next epoch, unless a resync made it huge.
-        if copies.len() <= STAGING_KEEP {
+        // Keep the buffer for the next epoch (a fresh one would be
+        // first-touched inside the next pause), unless a resync made it huge.
+        if copies.len() <= STAGING_KEEP || (frames.len() as u64) < self.pages {
             self.staging = copies;
         }
         let epoch = s.next_epoch;
