@@ -218,6 +218,7 @@ fn protect(
         pre_frames: Vec::new(),
         slot_of: vec![NO_SLOT; pages as usize],
         pre_time: Duration::ZERO,
+        rt_pause: false,
     };
     let result = lp.run(&events_rx, &stop);
     // Let the network task tell the backup this is a planned stop.
@@ -262,7 +263,13 @@ struct EpochLoop<'a> {
     slot_of: Vec<u32>,
     /// Time spent pre-copying this epoch.
     pre_time: Duration,
+    /// This thread is at real-time priority for the pause.
+    rt_pause: bool,
 }
+
+/// Real-time priority of the epoch thread while the guest is paused (the
+/// network threads have 10).
+const PAUSE_PRIORITY: i32 = 5;
 
 const NO_SLOT: u32 = u32::MAX;
 
@@ -520,6 +527,10 @@ impl EpochLoop<'_> {
     }
 
     fn epoch(&mut self, wait: Duration) -> Result<(), PrimaryError> {
+        // The pause runs at real-time priority (below the heartbeat threads):
+        // on a small, busy host the guest must not stay stopped while this
+        // thread waits for a CPU. Back to normal at resume.
+        self.rt_pause = vmm::set_current_thread_realtime(PAUSE_PRIORITY).is_ok();
         let t0 = Instant::now();
         self.machine.pause()?;
         let t1 = Instant::now();
@@ -559,7 +570,14 @@ impl EpochLoop<'_> {
         frames.clear();
         self.pre_frames = frames;
         self.pre_time = Duration::ZERO;
+        self.end_rt_pause();
         r
+    }
+
+    fn end_rt_pause(&mut self) {
+        if std::mem::take(&mut self.rt_pause) {
+            let _ = vmm::set_current_thread_normal();
+        }
     }
 
     /// [`Self::checkpoint_with`] without pre-copied pages.
@@ -594,6 +612,7 @@ impl EpochLoop<'_> {
         debug_assert_eq!(out_end, state.console_offset);
         self.machine.resume()?;
         let pause = t0.elapsed();
+        self.end_rt_pause();
 
         let s = self.session.as_mut().expect("session");
         let te = Instant::now();

@@ -42,3 +42,17 @@ pub fn set_current_thread_realtime(priority: i32) -> std::io::Result<()> {
         Err(std::io::Error::last_os_error())
     }
 }
+
+/// Returns the calling thread to normal (SCHED_OTHER) scheduling, e.g.
+/// after a short real-time section.
+pub fn set_current_thread_normal() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid, initialised sched_param that outlives the
+    // call; pid 0 names the calling thread; no other memory is touched.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_OTHER, &param) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
