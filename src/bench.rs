@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cli::{parse_duration, parse_rate, parse_size, parse_workload};
 use crate::pair::{self, field, free_port, read_console, status, wait_status, Node};
@@ -87,6 +87,10 @@ pub struct BenchArgs {
     /// Skip the PNG plots.
     #[arg(long)]
     pub no_plots: bool,
+    /// Do not measure: re-render summary.md and the plots into --out from
+    /// the points.json of an earlier run.
+    #[arg(long, value_name = "POINTS_JSON")]
+    pub from_json: Option<PathBuf>,
     /// The primaries' pre-copy window (see `castor primary --help`); 0 copies
     /// every dirty page in the pause. Default: the primary's.
     #[arg(long)]
@@ -99,8 +103,6 @@ struct Load {
     label: String,
     /// Guest arguments for `castor run` / `castor primary`.
     args: Vec<String>,
-    /// Kind of workload, for the targets ("sparse", "pages", ...).
-    kind: String,
 }
 
 const CATALOGUE: [(&str, &str); 7] = [
@@ -117,13 +119,14 @@ fn guest_load(label: &str, spec: &str) -> Result<Load> {
     let w = parse_workload(spec).map_err(|e| anyhow::anyhow!("workload '{label}': {e}"))?;
     Ok(Load {
         label: label.to_string(),
-        kind: w.kind.name().to_string(),
         args: vec!["--workload".into(), w.to_string()],
     })
 }
 
 /// Figures of one point of the matrix.
-#[derive(Debug, Clone, Serialize, Default)]
+/// (Figures not measured are NaN, written as `null` in JSON.)
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Point {
     /// Workload label.
     pub workload: String,
@@ -182,13 +185,13 @@ pub struct Point {
     pub error: Option<String>,
 }
 
-impl Point {
-    fn new(load: &Load, config: &str, epoch_ms: u64) -> Self {
+impl Default for Point {
+    fn default() -> Self {
         let nan = f64::NAN;
         Point {
-            workload: load.label.clone(),
-            config: config.into(),
-            epoch_ms,
+            workload: String::new(),
+            config: String::new(),
+            epoch_ms: 0,
             ops_per_s: nan,
             vs_unprotected: nan,
             vs_tracking: nan,
@@ -215,6 +218,17 @@ impl Point {
             error: None,
         }
     }
+}
+
+impl Point {
+    fn new(load: &Load, config: &str, epoch_ms: u64) -> Self {
+        Point {
+            workload: load.label.clone(),
+            config: config.into(),
+            epoch_ms,
+            ..Point::default()
+        }
+    }
 
     /// Whether this is a protected (pair) point.
     pub fn protected(&self) -> bool {
@@ -223,7 +237,7 @@ impl Point {
 }
 
 /// One failover of the drills.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Failover {
     /// Mode.
     pub mode: String,
@@ -234,7 +248,7 @@ pub struct Failover {
 }
 
 /// Everything a run produced.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
     /// The command line.
     pub command: String,
@@ -255,7 +269,7 @@ pub struct Results {
 }
 
 /// The run's settings, as recorded with the results.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
     /// Guest RAM, MiB.
     pub mem_mib: u64,
@@ -318,7 +332,6 @@ fn plan(a: &BenchArgs) -> Result<Plan> {
             .unwrap_or_else(|| "kernel".into());
         loads.push(Load {
             label,
-            kind: "kernel".into(),
             args: vec![
                 "--kernel".into(),
                 k.display().to_string(),
@@ -687,9 +700,55 @@ fn host() -> String {
     )
 }
 
+/// The kind of each workload (sparse, pages, ...) from the recorded
+/// settings (`--workload KIND,...`).
+fn kinds_of(settings: &Settings) -> Vec<(String, String)> {
+    settings
+        .workloads
+        .iter()
+        .map(|(label, args)| {
+            let kind = args
+                .strip_prefix("--workload ")
+                .and_then(|w| w.split(',').next())
+                .unwrap_or("kernel");
+            (label.clone(), kind.to_string())
+        })
+        .collect()
+}
+
+fn rerender(a: &BenchArgs, from: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(from).with_context(|| format!("cannot read {}", from.display()))?;
+    let bad = || {
+        format!(
+            "{} is not the points.json of a castor bench run",
+            from.display()
+        )
+    };
+    let mut v: serde_json::Value = serde_json::from_str(&text).with_context(bad)?;
+    // NaN figures were written as null: drop them so that they read back as NaN.
+    if let Some(points) = v.get_mut("points").and_then(|p| p.as_array_mut()) {
+        for p in points.iter_mut().filter_map(|p| p.as_object_mut()) {
+            p.retain(|_, x| !x.is_null());
+        }
+    }
+    let results: Results = serde_json::from_value(v).with_context(bad)?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("creating the output directory {}", a.out.display()))?;
+    crate::report::write_all(&a.out, &results, &kinds_of(&results.settings))?;
+    if !a.no_plots {
+        crate::plots::draw_all(&a.out, &results)?;
+    }
+    println!("{}", std::fs::read_to_string(a.out.join("summary.md"))?);
+    Ok(())
+}
+
 /// `castor bench`.
 pub fn bench(a: BenchArgs) -> Result<()> {
     use indicatif::{ProgressBar, ProgressStyle};
+    if let Some(from) = &a.from_json {
+        return rerender(&a, from);
+    }
     let p = plan(&a)?;
     let t0 = Instant::now();
     std::fs::create_dir_all(&a.out)
@@ -875,7 +934,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         failover_errors,
         wall_s: t0.elapsed().as_secs_f64(),
     };
-    crate::report::write_all(&a.out, &results, &p.loads_kinds())?;
+    crate::report::write_all(&a.out, &results, &kinds_of(&results.settings))?;
     if !a.no_plots {
         crate::plots::draw_all(&a.out, &results)?;
     }
@@ -902,15 +961,6 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-impl Plan {
-    fn loads_kinds(&self) -> Vec<(String, String)> {
-        self.loads
-            .iter()
-            .map(|l| (l.label.clone(), l.kind.clone()))
-            .collect()
-    }
 }
 
 #[cfg(test)]

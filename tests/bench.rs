@@ -101,6 +101,18 @@ fn quick_bench_measures_every_point_and_writes_its_outputs() {
         let b = std::fs::read(out.join(png)).unwrap();
         assert!(b.starts_with(b"\x89PNG") && b.len() > 10_000, "{png}");
     }
+    // The report re-renders from the JSON alone, to the same table.
+    let again = dir.path().join("again");
+    let (ok, log) = bench(
+        &["--from-json", out.join("points.json").to_str().unwrap()],
+        &again,
+    );
+    assert!(ok, "{log}");
+    assert_eq!(
+        std::fs::read_to_string(again.join("points.csv")).unwrap(),
+        csv
+    );
+    assert!(again.join("failover.png").exists());
 }
 
 #[test]
