@@ -195,8 +195,8 @@ mod tests {
 
     #[test]
     fn pacer_spaces_writes_at_the_rate() {
-        let t0 = Instant::now();
         let mut p = Pacer::new(Some(1_000_000)); // 1 MB/s: 64 KiB takes 65.5 ms
+        let t0 = Instant::now();
         assert_eq!(p.book(PIECE, t0), t0);
         let second = p.book(PIECE, t0);
         assert_eq!(second - t0, Duration::from_nanos(65_536_000));
