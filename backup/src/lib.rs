@@ -26,7 +26,7 @@ use protocol::console::ConsoleLog;
 use protocol::transport::{Link, Listener, NodeTls};
 use protocol::{Event, Message, Receiver};
 use tokio::sync::mpsc;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use vmm::memory::GuestMem;
 use vmm::{Machine, MachineState};
 
@@ -203,7 +203,9 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<(), BackupError> {
     ));
     rt.spawn(watchdog(shared.clone(), cfg.heartbeat_timeout, failover_tx));
 
-    // Wait for a failover or a stop.
+    // Wait for a failover or a stop; meanwhile keep a standby VM over the
+    // session's replica RAM, so that a failover only sets machine state.
+    let mut standby: Option<(u64, vmm::Standby)> = None;
     let silent = loop {
         if stop.load(Ordering::Relaxed) {
             log.close();
@@ -212,26 +214,59 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<(), BackupError> {
         if let Ok(silent) = failover_rx.recv_timeout(Duration::from_millis(20)) {
             break silent;
         }
+        let current = {
+            let r = shared.lock();
+            r.state.as_ref().and(r.mem.clone()).map(|m| (r.session, m))
+        };
+        match current {
+            Some((session, mem)) if standby.as_ref().is_none_or(|s| s.0 != session) => {
+                standby = None; // a stale one holds the old session's RAM
+                let t = Instant::now();
+                match Machine::prepare_standby(mem, &cfg.kvm_device) {
+                    Ok(s) => {
+                        debug!(
+                            session,
+                            us = t.elapsed().as_micros() as u64,
+                            "standby VM ready"
+                        );
+                        standby = Some((session, s));
+                    }
+                    Err(e) => {
+                        warn!("cannot prepare a standby VM ({e}); a failover will create one")
+                    }
+                }
+            }
+            None => standby = None,
+            _ => {}
+        }
     };
     let t = Instant::now();
-    let (mem, state) = {
+    let (mem, state, session) = {
         let mut r = shared.lock();
+        let session = r.session;
         (
             r.mem.take().expect("checked by the watchdog"),
             r.state.take().expect("checked by the watchdog"),
+            session,
         )
     };
     let epoch = shared.lock().epoch;
     let offset = state.console_offset;
     // Bytes appended after the committed offset cannot exist on the backup.
     debug_assert_eq!(log.end(), offset);
-    let machine = Machine::restore_on(
-        &state,
-        mem,
-        primary::console_sink(log.clone()),
-        false,
-        &cfg.kvm_device,
-    )?;
+    let machine = match standby.take() {
+        Some((s, sb)) if s == session => {
+            drop(mem); // the standby holds the same RAM
+            Machine::restore_standby(sb, &state, primary::console_sink(log.clone()), false)?
+        }
+        _ => Machine::restore_on(
+            &state,
+            mem,
+            primary::console_sink(log.clone()),
+            false,
+            &cfg.kvm_device,
+        )?,
+    };
     warn!(
         epoch,
         console_offset = offset,

@@ -196,13 +196,15 @@ fn runtime() -> Result<tokio::runtime::Runtime, PrimaryError> {
 fn protect(
     rt: &tokio::runtime::Runtime,
     cfg: &Config,
-    mut machine: Machine,
+    machine: Machine,
     log: Arc<ConsoleLog>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
 ) -> Result<Arc<Metrics>, PrimaryError> {
     let pages = vmm::memory::ram_size(machine.memory()) / 4096;
-    machine.set_dirty_tracking(true)?;
+    // Dirty tracking starts with the first session (a full resync copies
+    // everything anyway): after a failover the guest runs at once, without
+    // waiting for KVM to re-register its memory with dirty logging.
     let (frames_tx, frames_rx) = mpsc::channel::<Vec<u8>>(cfg.max_in_flight.max(1) + 1);
     let (events_tx, events_rx) = std_mpsc::channel::<NetEvent>();
     rt.spawn(network(cfg.clone(), frames_rx, events_tx, stop.clone()));
@@ -450,6 +452,7 @@ impl EpochLoop<'_> {
         let _g = span.enter();
         let t = Instant::now();
         self.forget_precopy();
+        self.machine.set_dirty_tracking(true)?;
         self.machine.pause()?;
         self.machine.harvest_dirty()?;
         let all: Vec<u64> = (0..self.pages).collect();

@@ -21,7 +21,9 @@ pub mod snapshot;
 pub mod state;
 mod vcpu;
 
-pub use machine::{host_tsc_khz, DirtyPages, KvmKind, Machine, MachineConfig, MachineError};
+pub use machine::{
+    host_tsc_khz, DirtyPages, KvmKind, Machine, MachineConfig, MachineError, Standby,
+};
 pub use state::MachineState;
 pub use vcpu::{set_vcpu_nice, ExitReason, VcpuError};
 

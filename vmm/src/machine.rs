@@ -201,6 +201,22 @@ struct Parts {
     msr_list: Arc<Vec<u32>>,
 }
 
+/// A VM prepared over guest RAM before it is needed (a backup's standby):
+/// see [`Machine::prepare_standby`].
+pub struct Standby {
+    // Field order: the VM (inside `parts`) is dropped before its memory.
+    parts: Parts,
+    slots: Vec<Slot>,
+}
+
+impl std::fmt::Debug for Standby {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Standby")
+            .field("slots", &self.slots.len())
+            .finish()
+    }
+}
+
 fn open_kvm(device: &Path) -> Result<Kvm, MachineError> {
     let c = std::ffi::CString::new(device.as_os_str().as_encoded_bytes())
         .map_err(|_| MachineError::Config(format!("bad KVM device path {}", device.display())))?;
@@ -377,18 +393,42 @@ impl Machine {
         dirty_tracking: bool,
         kvm_device: &Path,
     ) -> Result<Machine, MachineError> {
+        let standby = Machine::prepare_standby(mem, kvm_device)?;
+        Machine::restore_standby(standby, state, console_sink, dirty_tracking)
+    }
+
+    /// Creates a VM over `mem` ahead of a failover: the VM, its irqchip and
+    /// PIT, and its memory slots (registering a slot is most of a restore's
+    /// cost here: 3.5-7.5 ms for 256 MiB on kvm_pvm). Nothing runs until
+    /// [`Machine::restore_standby`]; `mem` may change meanwhile.
+    pub fn prepare_standby(mem: GuestMem, kvm_device: &Path) -> Result<Standby, MachineError> {
+        let parts = open_vm_with(kvm_device, mem)?;
+        let slots = slots_of(&parts.mem);
+        register_slots(&parts.vm, &slots, false)?;
+        Ok(Standby { parts, slots })
+    }
+
+    /// Restores `state` onto a standby VM and runs it: only the machine
+    /// state is set here.
+    pub fn restore_standby(
+        standby: Standby,
+        state: &MachineState,
+        console_sink: Box<dyn crate::console::ConsoleSink>,
+        dirty_tracking: bool,
+    ) -> Result<Machine, MachineError> {
+        let t0 = std::time::Instant::now();
         state
             .validate()
             .map_err(|e| MachineError::Config(e.to_string()))?;
-        if memory::ram_size(&mem) != state.memory_size() {
+        let Standby { parts: p, slots } = standby;
+        if memory::ram_size(&p.mem) != state.memory_size() {
             return Err(MachineError::Config(format!(
                 "replica has {} bytes of RAM, the machine state {}",
-                memory::ram_size(&mem),
+                memory::ram_size(&p.mem),
                 state.memory_size()
             )));
         }
-        let p = open_vm_with(kvm_device, mem)?;
-        // Writes done by the restore itself are not guest changes.
+        // Writes done before the guest runs are not guest changes.
         let mut scratch = vec![0u64; memory::frame_limit(&p.mem).div_ceil(64) as usize];
         memory::drain_vmm_writes(&p.mem, &mut scratch);
         // VM-wide state first: irqchip, PIT, clock.
@@ -415,7 +455,12 @@ impl Machine {
             fds.push(fd);
         }
         let console = Console::new(console_sink, state.console_offset);
-        Machine::start(p, fds, dirty_tracking, console, Some(state))
+        let m = Machine::start_on(p, Some(slots), fds, dirty_tracking, console, Some(state));
+        debug!(
+            us = t0.elapsed().as_micros() as u64,
+            "machine state restored onto a standby VM"
+        );
+        m
     }
 
     fn start(
@@ -425,10 +470,34 @@ impl Machine {
         console: Console,
         state: Option<&MachineState>,
     ) -> Result<Machine, MachineError> {
+        Machine::start_on(p, None, fds, tracking, console, state)
+    }
+
+    /// Starts the vCPU threads; `registered`: the memory slots, if they are
+    /// registered already (without dirty logging).
+    fn start_on(
+        p: Parts,
+        registered: Option<Vec<Slot>>,
+        fds: Vec<VcpuFd>,
+        tracking: bool,
+        console: Console,
+        state: Option<&MachineState>,
+    ) -> Result<Machine, MachineError> {
         vcpu::install_kick_handler()
             .map_err(|e| MachineError::Os("installing the vCPU kick signal handler", e))?;
-        let slots = slots_of(&p.mem);
-        register_slots(&p.vm, &slots, tracking)?;
+        let slots = match registered {
+            Some(slots) => {
+                if tracking {
+                    register_slots(&p.vm, &slots, true)?;
+                }
+                slots
+            }
+            None => {
+                let slots = slots_of(&p.mem);
+                register_slots(&p.vm, &slots, tracking)?;
+                slots
+            }
+        };
         let evt = EventFd::new(libc::EFD_NONBLOCK)
             .map_err(|e| MachineError::Os("creating an eventfd", e))?;
         p.vm.register_irqfd(&evt, COM1_GSI)
