@@ -624,6 +624,7 @@ fn protected(
         let offset = field(&start, "console_released").unwrap_or(0.0) as u64;
         let mut buf = Vec::new();
         let sched = SchedWindow::start(primary.child.id());
+        let window = Instant::now();
         read_console(
             primary.console,
             offset,
@@ -632,6 +633,23 @@ fn protected(
             u64::MAX,
         )?;
         sched.finish(primary.child.id(), &mut pt);
+        // A window cut short means the primary stopped: a failover, which
+        // with both daemons alive is a false takeover. Not a measurement.
+        let b = status(backup.console).unwrap_or_default();
+        if b.contains("after failover") {
+            bail!(
+                "the backup took over during the window although the primary was alive (a false takeover); see {} and {}",
+                primary.log.display(),
+                backup.log.display()
+            );
+        }
+        if window.elapsed() < p.measure.mul_f64(0.9) {
+            bail!(
+                "the primary's console ended {:?} into the window; see {}",
+                window.elapsed(),
+                primary.log.display()
+            );
+        }
         let s = status(primary.console).context("the primary stopped answering")?;
         if !s.contains("\"protected\":true") {
             bail!(
