@@ -541,15 +541,7 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
     let cfg = primary_config(&a.pair, &a.protect, a.backup, machine, kernel, cmdline)?;
     let stop = stop_after(a.duration)?;
     let metrics = primary::run(cfg, stop)?;
-    let s = metrics.summary();
-    info!(
-        epochs = s.epochs,
-        pause_p50_us = s.pause_p50_us as u64,
-        pause_p99_us = s.pause_p99_us as u64,
-        bytes_per_epoch = s.bytes_mean as u64,
-        raw_per_epoch = s.raw_mean as u64,
-        "primary stopped"
-    );
+    metrics.log_summary("primary stopped");
     Ok(())
 }
 

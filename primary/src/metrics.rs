@@ -141,17 +141,22 @@ impl Metrics {
         let n = i.epochs.len();
         drop(i);
         if n.is_multiple_of(200) {
-            let s = self.summary();
-            info!(
-                epochs = s.epochs,
-                pause_p50_us = s.pause_p50_us as u64,
-                pause_p99_us = s.pause_p99_us as u64,
-                bytes_per_epoch = s.bytes_mean as u64,
-                raw_per_epoch = s.raw_mean as u64,
-                ack_p50_us = s.ack_p50_us as u64,
-                "protected"
-            );
+            self.log_summary("protected");
         }
+    }
+
+    /// Logs the summary so far as one `info` line saying `what`.
+    pub fn log_summary(&self, what: &str) {
+        let s = self.summary();
+        info!(
+            epochs = s.epochs,
+            pause_p50_us = s.pause_p50_us as u64,
+            pause_p99_us = s.pause_p99_us as u64,
+            bytes_per_epoch = s.bytes_mean as u64,
+            raw_per_epoch = s.raw_mean as u64,
+            ack_p50_us = s.ack_p50_us as u64,
+            "{what}"
+        );
     }
 
     /// Records an ack's latency (commit → ack).
