@@ -30,7 +30,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{parse_duration, parse_rate, parse_size, parse_workload};
-use crate::pair::{self, field, free_port, read_console, status, wait_status, Node};
+use crate::pair::{self, castor_exe, field, free_port, read_console, status, wait_status, Node};
 
 /// `castor bench` settings.
 #[derive(Args, Debug)]
@@ -268,6 +268,42 @@ pub struct Results {
     pub wall_s: f64,
 }
 
+impl Results {
+    /// The modes of the protected points, in the order they ran.
+    pub fn modes(&self) -> Vec<String> {
+        let mut m: Vec<String> = Vec::new();
+        for p in self.points.iter().filter(|p| p.protected()) {
+            if !m.contains(&p.config) {
+                m.push(p.config.clone());
+            }
+        }
+        m
+    }
+
+    /// The epoch lengths of the protected points, ascending.
+    pub fn epochs(&self) -> Vec<u64> {
+        let mut e: Vec<u64> = self
+            .points
+            .iter()
+            .filter(|p| p.protected())
+            .map(|p| p.epoch_ms)
+            .collect();
+        e.sort_unstable();
+        e.dedup();
+        e
+    }
+
+    /// The epoch length the targets and plots are about: 25 ms if it ran.
+    pub fn main_epoch(&self) -> u64 {
+        let e = self.epochs();
+        if e.contains(&25) {
+            25
+        } else {
+            e.first().copied().unwrap_or(25)
+        }
+    }
+}
+
 /// The run's settings, as recorded with the results.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
@@ -476,13 +512,6 @@ impl SchedWindow {
         let w = self.t.elapsed().as_nanos() as f64;
         pt.vcpu_ran = b.0.saturating_sub(a.0) as f64 / w;
         pt.vcpu_waited = b.1.saturating_sub(a.1) as f64 / w;
-    }
-}
-
-fn castor_exe() -> Result<PathBuf> {
-    match std::env::var_os("CASTOR_BIN") {
-        Some(p) => Ok(PathBuf::from(p)),
-        None => std::env::current_exe().context("locating the castor binary"),
     }
 }
 

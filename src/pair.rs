@@ -104,13 +104,16 @@ impl Daemon {
     }
 }
 
+/// The castor binary: this one, or CASTOR_BIN (tests run from their own binary).
+pub fn castor_exe() -> Result<PathBuf> {
+    match std::env::var_os("CASTOR_BIN") {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => std::env::current_exe().context("locating the castor binary"),
+    }
+}
+
 fn spawn(args: &[String], console: SocketAddr, log: PathBuf) -> Result<Daemon> {
-    // The castor binary: this one, or CASTOR_BIN (tests run from their own binary).
-    let exe = match std::env::var_os("CASTOR_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => std::env::current_exe().context("locating the castor binary")?,
-    };
-    let child = Command::new(exe)
+    let child = Command::new(castor_exe()?)
         .args(args)
         .env(
             "RUST_LOG",

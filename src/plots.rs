@@ -39,16 +39,6 @@ fn colour(config: &str) -> RGBColor {
     }
 }
 
-fn modes(r: &Results) -> Vec<String> {
-    let mut m: Vec<String> = Vec::new();
-    for p in r.points.iter().filter(|p| p.protected()) {
-        if !m.contains(&p.config) {
-            m.push(p.config.clone());
-        }
-    }
-    m
-}
-
 fn loads(r: &Results) -> Vec<String> {
     let mut l: Vec<String> = Vec::new();
     for p in &r.points {
@@ -57,21 +47,6 @@ fn loads(r: &Results) -> Vec<String> {
         }
     }
     l
-}
-
-fn first_epoch(r: &Results) -> u64 {
-    let mut e: Vec<u64> = r
-        .points
-        .iter()
-        .filter(|p| p.protected())
-        .map(|p| p.epoch_ms)
-        .collect();
-    e.sort_unstable();
-    if e.contains(&25) {
-        25
-    } else {
-        e.first().copied().unwrap_or(25)
-    }
 }
 
 fn ok(p: &Point) -> bool {
@@ -115,7 +90,7 @@ fn pause_vs_dirty(path: &Path, r: &Results) -> Result<()> {
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(pe)?;
-    for m in modes(r) {
+    for m in r.modes() {
         let c = colour(&m);
         let mine: Vec<(f64, f64, f64)> = pts
             .iter()
@@ -245,9 +220,9 @@ fn grouped_bars(
 }
 
 fn bytes_per_epoch(path: &Path, r: &Results) -> Result<()> {
-    let e = first_epoch(r);
+    let e = r.main_epoch();
     let mut series = vec!["raw".to_string()];
-    series.extend(modes(r));
+    series.extend(r.modes());
     let get = |w: &str, s: &str| -> Option<f64> {
         if s == "raw" {
             // The dirty pages raw, as the fgbi run saw them (a link-bound
@@ -288,9 +263,9 @@ fn bytes_per_epoch(path: &Path, r: &Results) -> Result<()> {
 }
 
 fn overhead(path: &Path, r: &Results) -> Result<()> {
-    let e = first_epoch(r);
+    let e = r.main_epoch();
     let mut series = vec!["tracking".to_string()];
-    series.extend(modes(r));
+    series.extend(r.modes());
     let get = |w: &str, s: &str| -> Option<f64> {
         r.points
             .iter()

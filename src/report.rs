@@ -154,20 +154,8 @@ pub fn summary(r: &Results, kinds: &[(String, String)]) -> String {
             .join("; ")
     );
 
-    let mut epochs: Vec<u64> = r
-        .points
-        .iter()
-        .filter(|p| p.protected())
-        .map(|p| p.epoch_ms)
-        .collect();
-    epochs.sort_unstable();
-    epochs.dedup();
-    let mut modes: Vec<String> = Vec::new();
-    for p in r.points.iter().filter(|p| p.protected()) {
-        if !modes.contains(&p.config) {
-            modes.push(p.config.clone());
-        }
-    }
+    let epochs = r.epochs();
+    let modes = r.modes();
     let loads: Vec<&String> = kinds.iter().map(|(l, _)| l).collect();
 
     let _ = writeln!(s, "## Checkpoints: pause, bytes, latency\n");
@@ -306,11 +294,7 @@ pub fn summary(r: &Results, kinds: &[(String, String)]) -> String {
     }
 
     // Targets.
-    let e0 = if epochs.contains(&25) {
-        25
-    } else {
-        epochs.first().copied().unwrap_or(25)
-    };
+    let e0 = r.main_epoch();
     let _ = writeln!(s, "\n## Targets (fgbi mode, {e0} ms epochs, this run)\n");
     let kind_of = |l: &str| {
         kinds

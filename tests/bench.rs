@@ -3,8 +3,10 @@
 
 use std::path::Path;
 
+mod common;
+
 fn bench(args: &[&str], out: &Path) -> (bool, String) {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_castor"))
+    let o = common::castor()
         .arg("bench")
         .args(["--out", out.to_str().unwrap()])
         .args(args)

@@ -219,7 +219,6 @@ fn protect(
         staging: Vec::new(),
         pre_frames: Vec::new(),
         slot_of: vec![NO_SLOT; pages as usize],
-        pre_time: Duration::ZERO,
         rt_pause: false,
     };
     let result = lp.run(&events_rx, &stop);
@@ -263,8 +262,6 @@ struct EpochLoop<'a> {
     pre_frames: Vec<u64>,
     /// Staging slot of each guest page this epoch, or `NO_SLOT`.
     slot_of: Vec<u32>,
-    /// Time spent pre-copying this epoch.
-    pre_time: Duration,
     /// This thread is at real-time priority for the pause.
     rt_pause: bool,
 }
@@ -459,7 +456,7 @@ impl EpochLoop<'_> {
         let t0 = Instant::now();
         let r = self
             .copy_pages(all.iter().copied().enumerate(), true)
-            .and_then(|copy| self.checkpoint(&all, t0, Duration::ZERO, copy, Duration::ZERO));
+            .and_then(|copy| self.checkpoint(&all, t0, Duration::ZERO, copy, Duration::ZERO, 0));
         if r.is_err() {
             self.machine.resume()?;
         }
@@ -478,7 +475,6 @@ impl EpochLoop<'_> {
             self.slot_of[f as usize] = NO_SLOT;
         }
         self.pre_frames.clear();
-        self.pre_time = Duration::ZERO;
     }
 
     /// Copies guest pages into staging slots: `(slot, frame)` pairs. Grows
@@ -512,7 +508,6 @@ impl EpochLoop<'_> {
     /// in the next one (KVM write-protects before the ioctl returns), so its
     /// copy is redone in the pause; every other copy is already final.
     fn precopy(&mut self) -> Result<(), PrimaryError> {
-        let t = Instant::now();
         let dirty = self.machine.harvest_dirty()?;
         let start = self.pre_frames.len();
         for f in dirty.frames().filter(|&f| f < self.pages) {
@@ -525,7 +520,6 @@ impl EpochLoop<'_> {
             .map(|i| (i, self.pre_frames[i]))
             .collect();
         self.copy_pages(new.into_iter(), false)?;
-        self.pre_time += t.elapsed();
         Ok(())
     }
 
@@ -534,6 +528,12 @@ impl EpochLoop<'_> {
         // on a small, busy host the guest must not stay stopped while this
         // thread waits for a CPU. Back to normal at resume.
         self.rt_pause = vmm::set_current_thread_realtime(PAUSE_PRIORITY).is_ok();
+        let r = self.paused_epoch(wait);
+        self.end_rt_pause();
+        r
+    }
+
+    fn paused_epoch(&mut self, wait: Duration) -> Result<(), PrimaryError> {
         let t0 = Instant::now();
         self.machine.pause()?;
         let t1 = Instant::now();
@@ -560,20 +560,18 @@ impl EpochLoop<'_> {
             };
             now.push((slot, f));
         }
-        for &f in &frames {
-            self.slot_of[f as usize] = NO_SLOT;
-        }
         let copied = self.copy_pages(now.into_iter(), false);
-        let r = copied.and_then(|copy| {
-            self.checkpoint_with(&frames, t0, harvest, copy, wait, precopied as u64)
-        });
+        let r = copied
+            .and_then(|copy| self.checkpoint(&frames, t0, harvest, copy, wait, precopied as u64));
         if r.is_err() && self.machine.is_paused() {
             self.machine.resume()?;
         }
+        // After the resume: the slots are free for the next epoch.
+        for &f in &frames {
+            self.slot_of[f as usize] = NO_SLOT;
+        }
         frames.clear();
         self.pre_frames = frames;
-        self.pre_time = Duration::ZERO;
-        self.end_rt_pause();
         r
     }
 
@@ -583,22 +581,11 @@ impl EpochLoop<'_> {
         }
     }
 
-    /// [`Self::checkpoint_with`] without pre-copied pages.
-    fn checkpoint(
-        &mut self,
-        frames: &[u64],
-        t0: Instant,
-        harvest: Duration,
-        copy: Duration,
-        wait: Duration,
-    ) -> Result<(), PrimaryError> {
-        self.checkpoint_with(frames, t0, harvest, copy, wait, 0)
-    }
-
     /// With the copies of `frames` in the staging slots: captures the state
     /// and the console range, resumes, encodes and sends. The machine is
     /// paused on entry (since `t0`) and running on return.
-    fn checkpoint_with(
+    /// `precopied` of them were copied before the pause.
+    fn checkpoint(
         &mut self,
         frames: &[u64],
         t0: Instant,
