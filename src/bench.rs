@@ -644,7 +644,7 @@ fn protected(
             .enable_all()
             .build()?;
         let said = rt
-            .block_on(protocol::console::command(primary.console, "reset"))
+            .block_on(node::console::command(primary.console, "reset"))
             .context("resetting the primary's figures")?;
         if !said.starts_with("ok") {
             bail!("the primary refused to reset its figures: {said}");

@@ -582,7 +582,7 @@ fn status_cmd(a: StatusArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let s = rt
-        .block_on(protocol::console::command(a.console, "status"))
+        .block_on(node::console::command(a.console, "status"))
         .with_context(|| format!("no castor daemon answers at {}", a.console))?;
     println!("{s}");
     Ok(())
@@ -593,7 +593,7 @@ fn takeover_cmd(a: StatusArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let s = rt
-        .block_on(protocol::console::command(a.console, "takeover"))
+        .block_on(node::console::command(a.console, "takeover"))
         .with_context(|| format!("no castor daemon answers at {}", a.console))?;
     println!("{s}");
     if s.starts_with("error") {

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use protocol::console::ConsoleLog;
+use node::console::ConsoleLog;
 use protocol::transport::{Link, Listener, NodeTls};
 use protocol::{Event, Message, Receiver};
 use tokio::sync::mpsc;
@@ -97,6 +97,8 @@ struct Shared {
     conn: Mutex<Option<quinn::Connection>>,
     /// When the current session's full resync was committed (µs since t0; 0: not yet).
     resync_at_us: AtomicU64,
+    /// After a failover: the console offset the guest resumed from.
+    resumed_at: AtomicU64,
     /// After a failover: the primary role's figures and console log ends.
     as_primary: Mutex<Option<Arc<primary::Metrics>>>,
 }
@@ -144,11 +146,12 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<(), BackupError> {
         applied: AtomicU64::new(0),
         t0: Instant::now(),
         as_primary: Mutex::new(None),
+        resumed_at: AtomicU64::new(0),
         resync_at_us: AtomicU64::new(0),
         conn: Mutex::new(None),
         takeover: AtomicBool::new(false),
     });
-    let status: protocol::console::Commands = {
+    let status: node::console::Commands = {
         let (s, log) = (shared.clone(), log.clone());
         Arc::new(move |word: &str| {
             if word == "takeover" {
@@ -164,31 +167,34 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<(), BackupError> {
             if word != "status" {
                 return None;
             }
-            if let Some(m) = s
+            let primary = s
                 .as_primary
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .as_ref()
-            {
-                return Some(m.status_json("primary (after failover)", log.released(), log.end()));
-            }
+                .map(|m| m.figures());
+            let taken_over = s.failed_over.load(Ordering::Relaxed);
             let r = s.lock();
-            Some(format!(
-                "{{\"role\":\"{}\",\"connected\":{},\"verifying\":{},\"committed_epoch\":{},\"session\":{},\"checkpoints_applied\":{},\"verify_mismatches\":{},\"console_released\":{},\"console_end\":{}}}",
-                if s.failed_over.load(Ordering::Relaxed) { "primary (after failover)" } else { "backup" },
-                s.connected.load(Ordering::Relaxed),
-                r.verifying,
-                r.epoch,
-                r.session,
-                s.applied.load(Ordering::Relaxed),
-                s.mismatches.load(Ordering::Relaxed),
-                log.released(),
-                log.end()
-            ))
+            let status = node::Status {
+                role: if taken_over { node::Role::TakenOver } else { node::Role::Backup },
+                console_released: log.released(),
+                console_end: log.end(),
+                resumed_at: taken_over.then(|| s.resumed_at.load(Ordering::Relaxed)),
+                backup: primary.is_none().then(|| node::BackupStatus {
+                    connected: s.connected.load(Ordering::Relaxed),
+                    verifying: r.verifying,
+                    committed_epoch: r.epoch,
+                    session: r.session,
+                    checkpoints_applied: s.applied.load(Ordering::Relaxed),
+                    verify_mismatches: s.mismatches.load(Ordering::Relaxed),
+                }),
+                primary,
+            };
+            Some(status.to_json())
         })
     };
     let console = rt
-        .block_on(protocol::console::serve(cfg.console, log.clone(), status))
+        .block_on(node::console::serve(cfg.console, log.clone(), status))
         .map_err(BackupError::Console)?;
     info!(%console, "console service");
     let listener = rt.block_on(async { Listener::bind(cfg.listen, &cfg.tls) })?;
@@ -252,6 +258,7 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<(), BackupError> {
     };
     let epoch = shared.lock().epoch;
     let offset = state.console_offset;
+    shared.resumed_at.store(offset, Ordering::Relaxed);
     // Bytes appended after the committed offset cannot exist on the backup.
     debug_assert_eq!(log.end(), offset);
     let machine = match standby.take() {

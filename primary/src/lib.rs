@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fgbi::{Encoder, Mode};
-use protocol::console::ConsoleLog;
+use node::console::ConsoleLog;
 use protocol::link::{DelayLine, LinkShape, Pacer, PIECE};
 use protocol::message::CAP_VERIFY;
 use protocol::transport::{self, NodeTls};
@@ -132,11 +132,21 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<Arc<Metrics>, PrimaryEr
     let rt = runtime()?;
     let log = ConsoleLog::new(0);
     let metrics = Arc::new(Metrics::new(cfg.mode, cfg.epoch));
-    let status: protocol::console::Commands = {
+    let status: node::console::Commands = {
         let m = metrics.clone();
         let log = log.clone();
         Arc::new(move |word: &str| match word {
-            "status" => Some(m.status_json("primary", log.released(), log.end())),
+            "status" => Some(
+                node::Status {
+                    role: node::Role::Primary,
+                    console_released: log.released(),
+                    console_end: log.end(),
+                    resumed_at: None,
+                    primary: Some(m.figures()),
+                    backup: None,
+                }
+                .to_json(),
+            ),
             "reset" => {
                 m.reset();
                 Some("ok: figures reset".into())
@@ -148,7 +158,7 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<Arc<Metrics>, PrimaryEr
         })
     };
     let console = rt
-        .block_on(protocol::console::serve(cfg.console, log.clone(), status))
+        .block_on(node::console::serve(cfg.console, log.clone(), status))
         .map_err(PrimaryError::Console)?;
     info!(%console, "console service");
     let machine = Machine::boot(

@@ -3,6 +3,8 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use node::stats::percentile as pct;
+use node::PrimaryStatus;
 use tracing::info;
 
 /// What one epoch cost.
@@ -52,58 +54,6 @@ pub struct Metrics {
 
 const KEEP: usize = 1 << 16;
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
-/// A summary of the figures so far.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Summary {
-    /// Epochs checkpointed (the full resync included).
-    pub epochs: u64,
-    /// Pause p50, µs.
-    pub pause_p50_us: f64,
-    /// Pause p99, µs.
-    pub pause_p99_us: f64,
-    /// Pause max, µs.
-    pub pause_max_us: f64,
-    /// Dirty pages per epoch, mean.
-    pub dirty_mean: f64,
-    /// Bytes sent per epoch, mean.
-    pub bytes_mean: f64,
-    /// Raw bytes per epoch, mean.
-    pub raw_mean: f64,
-    /// Encode time p50, µs.
-    pub encode_p50_us: f64,
-    /// Ack latency p50, µs.
-    pub ack_p50_us: f64,
-    /// Ack latency p99, µs.
-    pub ack_p99_us: f64,
-    /// Epochs that waited for acks.
-    pub waits: u64,
-    /// Epochs in the figures (since the last reset; the resync left out).
-    pub samples: u64,
-    /// Harvest p50, µs.
-    pub harvest_p50_us: f64,
-    /// Page copy p50, µs.
-    pub copy_p50_us: f64,
-    /// State capture p50, µs.
-    pub capture_p50_us: f64,
-    /// Encode time p99, µs.
-    pub encode_p99_us: f64,
-    /// Output-commit delay p50, µs: from the end of an epoch (its pause) to
-    /// the release of the console bytes it produced.
-    pub release_p50_us: f64,
-    /// Output-commit delay p99, µs.
-    pub release_p99_us: f64,
-    /// Pages per epoch copied before the pause, mean.
-    pub precopied_mean: f64,
-}
-
 impl Metrics {
     /// Empty figures.
     pub fn new(mode: fgbi::Mode, epoch_len: Duration) -> Self {
@@ -147,13 +97,13 @@ impl Metrics {
 
     /// Logs the summary so far as one `info` line saying `what`.
     pub fn log_summary(&self, what: &str) {
-        let s = self.summary();
+        let s = self.figures();
         info!(
             epochs = s.epochs,
             pause_p50_us = s.pause_p50_us as u64,
             pause_p99_us = s.pause_p99_us as u64,
-            bytes_per_epoch = s.bytes_mean as u64,
-            raw_per_epoch = s.raw_mean as u64,
+            bytes_per_epoch = s.bytes_per_epoch as u64,
+            raw_per_epoch = s.raw_bytes_per_epoch as u64,
             ack_p50_us = s.ack_p50_us as u64,
             "{what}"
         );
@@ -203,9 +153,9 @@ impl Metrics {
         self.lock().protected = p;
     }
 
-    /// The summary; the first epoch (the full resync) is left out of the
-    /// pause and size figures.
-    pub fn summary(&self) -> Summary {
+    /// The figures for the status; the first epoch (the full resync) is
+    /// left out of the pause and size figures.
+    pub fn figures(&self) -> PrimaryStatus {
         let i = self.lock();
         let first = i.reset_at.max(1);
         let steady: Vec<&EpochFigures> = i.epochs.iter().filter(|f| f.epoch > first).collect();
@@ -218,14 +168,17 @@ impl Metrics {
         let mut acks: Vec<f64> = i.acks.iter().map(|d| us(*d)).collect();
         let mut rel: Vec<f64> = i.releases.iter().map(|d| us(*d)).collect();
         let n = steady.len().max(1) as f64;
-        Summary {
+        PrimaryStatus {
+            protected: i.protected,
+            mode: self.mode.to_string(),
+            epoch_ms: self.epoch_len.as_millis() as u64,
             epochs: i.epochs.last().map_or(0, |f| f.epoch),
             pause_max_us: pause.iter().cloned().fold(0.0, f64::max),
             pause_p50_us: pct(&mut pause, 0.5),
             pause_p99_us: pct(&mut pause, 0.99),
-            dirty_mean: steady.iter().map(|f| f.dirty_pages as f64).sum::<f64>() / n,
-            bytes_mean: steady.iter().map(|f| f.bytes as f64).sum::<f64>() / n,
-            raw_mean: steady.iter().map(|f| f.raw_bytes as f64).sum::<f64>() / n,
+            dirty_pages_mean: steady.iter().map(|f| f.dirty_pages as f64).sum::<f64>() / n,
+            bytes_per_epoch: steady.iter().map(|f| f.bytes as f64).sum::<f64>() / n,
+            raw_bytes_per_epoch: steady.iter().map(|f| f.raw_bytes as f64).sum::<f64>() / n,
             encode_p50_us: pct(&mut enc, 0.5),
             encode_p99_us: pct(&mut enc, 0.99),
             harvest_p50_us: pct(&mut part(|f| f.harvest), 0.5),
@@ -237,53 +190,11 @@ impl Metrics {
             precopied_mean: steady.iter().map(|f| f.precopied as f64).sum::<f64>() / n,
             ack_p50_us: pct(&mut acks, 0.5),
             ack_p99_us: pct(&mut acks, 0.99),
-            waits: steady
+            epochs_waited: steady
                 .iter()
                 .filter(|f| f.wait > Duration::from_micros(100))
                 .count() as u64,
         }
     }
 
-    /// One line of JSON for `castor status`.
-    pub fn status_json(&self, role: &str, released: u64, end: u64) -> String {
-        let s = self.summary();
-        let protected = self.lock().protected;
-        format!(
-            concat!(
-                "{{\"role\":\"{}\",\"protected\":{},\"mode\":\"{}\",\"epoch_ms\":{},\"epochs\":{},",
-                "\"pause_p50_us\":{:.0},\"pause_p99_us\":{:.0},\"pause_max_us\":{:.0},\"dirty_pages_mean\":{:.1},",
-                "\"bytes_per_epoch\":{:.0},\"raw_bytes_per_epoch\":{:.0},\"encode_p50_us\":{:.0},",
-                "\"ack_p50_us\":{:.0},\"ack_p99_us\":{:.0},\"epochs_waited\":{},",
-                "\"samples\":{},\"harvest_p50_us\":{:.0},\"copy_p50_us\":{:.0},\"capture_p50_us\":{:.0},",
-                "\"encode_p99_us\":{:.0},\"release_p50_us\":{:.0},\"release_p99_us\":{:.0},",
-                "\"precopied_mean\":{:.1},",
-                "\"console_released\":{},\"console_end\":{}}}"
-            ),
-            role,
-            protected,
-            self.mode,
-            self.epoch_len.as_millis(),
-            s.epochs,
-            s.pause_p50_us,
-            s.pause_p99_us,
-            s.pause_max_us,
-            s.dirty_mean,
-            s.bytes_mean,
-            s.raw_mean,
-            s.encode_p50_us,
-            s.ack_p50_us,
-            s.ack_p99_us,
-            s.waits,
-            s.samples,
-            s.harvest_p50_us,
-            s.copy_p50_us,
-            s.capture_p50_us,
-            s.encode_p99_us,
-            s.release_p50_us,
-            s.release_p99_us,
-            s.precopied_mean,
-            released,
-            end
-        )
-    }
 }

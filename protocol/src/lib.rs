@@ -13,7 +13,6 @@
 
 pub mod certs;
 pub mod codec;
-pub mod console;
 pub mod link;
 pub mod message;
 pub mod session;

@@ -1,0 +1,185 @@
+//! The one status both daemons report (`castor status`, the console
+//! service's `status` word) and that demo, drill, bench and the tests read.
+//!
+//! It travels as one line of JSON; [`Status::to_json`] and
+//! [`Status::from_json`] are the only places that know its shape.
+
+use serde::{Deserialize, Serialize};
+
+/// What a node is doing with the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Runs the guest it booted.
+    Primary,
+    /// Keeps a replica at the last committed checkpoint.
+    Backup,
+    /// Was a backup and took over: runs the guest from the replica.
+    TakenOver,
+}
+
+impl Role {
+    /// True for a node that runs the guest.
+    pub fn runs_guest(self) -> bool {
+        matches!(self, Role::Primary | Role::TakenOver)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+            Role::TakenOver => "primary (after failover)",
+        })
+    }
+}
+
+/// A node's status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The role.
+    pub role: Role,
+    /// Console bytes visible to clients: `[.., console_released)`.
+    pub console_released: u64,
+    /// Console bytes the node has (released or held).
+    pub console_end: u64,
+    /// The console offset the guest resumed from on this node, if it took
+    /// over: the first byte of its own history.
+    pub resumed_at: Option<u64>,
+    /// Checkpointing figures, on a node that runs the guest.
+    pub primary: Option<PrimaryStatus>,
+    /// Replica figures, on a backup.
+    pub backup: Option<BackupStatus>,
+}
+
+/// The primary role's figures since the last `reset`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PrimaryStatus {
+    /// A backup holds a committed checkpoint (it could take over).
+    pub protected: bool,
+    /// Encoding mode (`remus`, `xbzrle`, `fgbi`).
+    pub mode: String,
+    /// Epoch length, ms.
+    pub epoch_ms: u64,
+    /// Epochs checkpointed (the full resync included).
+    pub epochs: u64,
+    /// Epochs in the figures (since the last reset; the resync left out).
+    pub samples: u64,
+    /// Pause p50, µs.
+    pub pause_p50_us: f64,
+    /// Pause p99, µs.
+    pub pause_p99_us: f64,
+    /// Pause max, µs.
+    pub pause_max_us: f64,
+    /// Harvest p50, µs.
+    pub harvest_p50_us: f64,
+    /// Page copy p50, µs.
+    pub copy_p50_us: f64,
+    /// State capture p50, µs.
+    pub capture_p50_us: f64,
+    /// Dirty pages per epoch, mean.
+    pub dirty_pages_mean: f64,
+    /// Pages per epoch copied before the pause, mean.
+    pub precopied_mean: f64,
+    /// Bytes sent per epoch, mean.
+    pub bytes_per_epoch: f64,
+    /// Raw bytes per epoch (dirty pages × 4096), mean.
+    pub raw_bytes_per_epoch: f64,
+    /// Encode time p50, µs.
+    pub encode_p50_us: f64,
+    /// Encode time p99, µs.
+    pub encode_p99_us: f64,
+    /// Ack latency p50, µs.
+    pub ack_p50_us: f64,
+    /// Ack latency p99, µs.
+    pub ack_p99_us: f64,
+    /// Output-commit delay p50, µs: end of an epoch's pause → its console
+    /// bytes released.
+    pub release_p50_us: f64,
+    /// Output-commit delay p99, µs.
+    pub release_p99_us: f64,
+    /// Epochs that waited for acks (in-flight limit).
+    pub epochs_waited: u64,
+}
+
+/// The backup role's figures.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackupStatus {
+    /// A primary is connected.
+    pub connected: bool,
+    /// The session sends memory digests and the backup checks them.
+    pub verifying: bool,
+    /// The replica's checkpoint.
+    pub committed_epoch: u64,
+    /// The session it belongs to.
+    pub session: u64,
+    /// Checkpoints applied (all sessions).
+    pub checkpoints_applied: u64,
+    /// Replica digests that did not match the primary's.
+    pub verify_mismatches: u64,
+}
+
+/// A status line that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("not a castor status line ({err}): {line}")]
+pub struct StatusError {
+    line: String,
+    err: String,
+}
+
+impl Status {
+    /// One line of JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a status always serialises")
+    }
+
+    /// Parses [`Status::to_json`]'s output (or names what is wrong: an
+    /// `error: …` answer is returned in the error).
+    pub fn from_json(line: &str) -> Result<Status, StatusError> {
+        serde_json::from_str(line.trim()).map_err(|e| StatusError {
+            line: line.chars().take(200).collect(),
+            err: e.to_string(),
+        })
+    }
+
+    /// The primary figures, or the defaults when this node is not primary.
+    pub fn figures(&self) -> PrimaryStatus {
+        self.primary.clone().unwrap_or_default()
+    }
+
+    /// The node runs the guest and a backup holds a committed checkpoint.
+    pub fn protected(&self) -> bool {
+        self.primary.as_ref().is_some_and(|p| p.protected)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_names_bad_lines() {
+        let s = Status {
+            role: Role::TakenOver,
+            console_released: 10,
+            console_end: 12,
+            resumed_at: Some(7),
+            primary: Some(PrimaryStatus {
+                protected: true,
+                mode: "fgbi".into(),
+                epochs: 3,
+                pause_p99_us: 700.0,
+                ..Default::default()
+            }),
+            backup: None,
+        };
+        let line = s.to_json();
+        assert!(!line.contains('\n'));
+        assert_eq!(Status::from_json(&line).unwrap(), s);
+        assert!(Status::from_json(&line).unwrap().protected());
+        let e = Status::from_json("error: nothing committed yet").unwrap_err();
+        assert!(e.to_string().contains("error: nothing committed yet"), "{e}");
+        assert_eq!(Role::TakenOver.to_string(), "primary (after failover)");
+    }
+}
