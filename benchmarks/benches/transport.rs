@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protocol::message::MAX_RECORDS_CHUNK;
-use protocol::transport::{self, client_crypto, Listener, NodeTls};
+use transport::{self, client_crypto, Listener, NodeTls};
 use protocol::{FrameDecoder, Message};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -121,7 +121,7 @@ fn hello() -> protocol::Hello {
         session: 1,
         node: "primary".into(),
         capabilities: 0,
-        mode: 2,
+        mode: protocol::payload::mode_from_byte(2).unwrap(),
         block_size: 64,
         memory_bytes: 1 << 30,
         vcpus: 1,
@@ -261,7 +261,7 @@ fn main() {
         .build()
         .unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    protocol::certs::create(tmp.path(), &["primary".into(), "backup".into()], false).unwrap();
+    transport::certs::create(tmp.path(), &["primary".into(), "backup".into()], false).unwrap();
     println!("# Transport on loopback: {} MiB of 1 MiB record frames per run, heartbeat every 10 ms during the transfer\n", TOTAL >> 20);
     println!("| transport | throughput GB/s | heartbeats | RTT p50 ms | RTT p99 ms | RTT max ms |");
     println!("|---|---|---|---|---|---|");

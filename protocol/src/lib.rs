@@ -3,21 +3,21 @@
 //! - [`message`]: the versioned binary messages and frames, with a limit on
 //!   every length; [`message::FrameDecoder`] splits a byte stream into them.
 //! - [`session`]: the primary's and the backup's state machines, sans I/O.
-//! - [`transport`]: one QUIC connection per pair (quinn), mutual TLS
-//!   (rustls) against the pair's own CA, bulk data and control on separate
-//!   streams.
-//! - [`certs`]: the CA and node certificates (`castor certs`).
-//! - [`link`]: link emulation (rate limit, delay) for benchmarks.
+//! - [`payload`]: what is inside the messages: the machine state's
+//!   compression, the memory digest, the mode byte.
+//! - [`end`]: the typed reason for every end of a session, and its close code.
 //!
+//! This crate does no I/O: the daemons feed it bytes and take bytes out. The
+//! mutual-TLS QUIC transport that carries the frames is `castor-transport`.
 //! The format is described in `docs/protocol.md`.
 
-pub mod certs;
 pub mod codec;
-pub mod link;
+pub mod end;
 pub mod message;
+pub mod payload;
 pub mod session;
-pub mod transport;
 
+pub use end::EndReason;
 pub use message::{FrameDecoder, Hello, Message, VERSION};
 pub use session::{Checkpoint, Event, Receiver, Sender};
 

@@ -36,12 +36,13 @@ pub struct Hello {
     pub version: u16,
     /// Random session id: a new one for every full resync.
     pub session: u64,
-    /// The sender's node name (also checked in its certificate).
+    /// The sender's node name. The backup refuses a hello whose name is not
+    /// the peer name its certificate was checked against.
     pub node: String,
     /// Capability bits ([`CAP_VERIFY`]).
     pub capabilities: u64,
-    /// fgbi mode: 0 remus, 1 xbzrle, 2 fgbi.
-    pub mode: u8,
+    /// Encoding mode (one byte on the wire: [`crate::payload::mode_byte`]).
+    pub mode: fgbi::Mode,
     /// fgbi block size.
     pub block_size: u32,
     /// Guest RAM size in bytes.
@@ -217,7 +218,7 @@ impl Message {
                 w.u64(h.session);
                 w.bytes(h.node.as_bytes());
                 w.u64(h.capabilities);
-                w.u8(h.mode);
+                w.u8(crate::payload::mode_byte(h.mode));
                 w.u32(h.block_size);
                 w.u64(h.memory_bytes);
                 w.u32(h.vcpus);
@@ -331,7 +332,7 @@ impl Message {
                     session: r.u64("Hello.session")?,
                     node: string(&mut r, "Hello.node", MAX_NAME)?,
                     capabilities: r.u64("Hello.capabilities")?,
-                    mode: r.u8("Hello.mode")?,
+                    mode: crate::payload::mode_from_byte(r.u8("Hello.mode")?)?,
                     block_size: r.u32("Hello.block_size")?,
                     memory_bytes: r.u64("Hello.memory_bytes")?,
                     vcpus: r.u32("Hello.vcpus")?,

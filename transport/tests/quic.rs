@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use castor_protocol::certs;
-use castor_protocol::transport::{self, client_crypto, Listener, NodeTls, TransportError};
-use castor_protocol::{Event, Hello, Message, Receiver, Sender, VERSION};
+use castor_transport::certs;
+use castor_transport::{self as transport, client_crypto, Listener, NodeTls, TransportError};
+use protocol::{Event, Hello, Message, Receiver, Sender, VERSION};
 
 fn pair(dir: &Path) {
     certs::create(
@@ -24,7 +24,7 @@ fn hello() -> Hello {
         session: 7,
         node: "primary".into(),
         capabilities: 0,
-        mode: 2,
+        mode: protocol::payload::mode_from_byte(2).unwrap(),
         block_size: 64,
         memory_bytes: 64 << 20,
         vcpus: 1,
@@ -114,7 +114,7 @@ async fn a_session_over_mutual_tls_quic() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    link.close("done");
+    link.close(&protocol::EndReason::Local("done".into()));
     let committed = tokio::time::timeout(Duration::from_secs(10), backup)
         .await
         .unwrap()
@@ -270,6 +270,6 @@ async fn a_backup_that_stops_reading_holds_the_primary_back() {
     );
     assert!(n > 0, "nothing sent at all");
     writer.abort();
-    link.close("done");
+    link.close(&protocol::EndReason::Local("done".into()));
     let _ = server.await;
 }

@@ -9,6 +9,14 @@
 //!   heartbeat never waits behind a checkpoint.
 //! - Flow control: the receive windows are bounded; a primary that outruns
 //!   the backup waits in `write_all` — backpressure, not buffering.
+//! - A session ends with a typed [`EndReason`], sent as the QUIC close code
+//!   and read back as [`TransportError::Ended`].
+//!
+//! [`certs`] makes the pair's CA and node certificates; [`link`] emulates a
+//! slower link (rate and delay) for benchmarks.
+
+pub mod certs;
+pub mod link;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,13 +30,8 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use tracing::{info, warn};
 
-use crate::certs::{self, CertError};
-use crate::message::{FrameDecoder, Message};
-use crate::WireError;
-
-/// Close reason of a backup that has taken over from its primary; a primary
-/// that sees it stops its guest (fencing through the channel).
-pub const TAKEN_OVER: &str = "castor: the backup has taken over";
+use crate::certs::CertError;
+use protocol::{EndReason, FrameDecoder, Message, WireError};
 
 /// ALPN protocol id.
 pub const ALPN: &[u8] = b"castor/1";
@@ -72,9 +75,10 @@ pub enum TransportError {
         /// Why.
         err: String,
     },
-    /// The connection broke.
-    #[error("connection lost: {0}")]
-    Lost(String),
+    /// The session ended: the peer closed it with a reason, or the
+    /// connection broke.
+    #[error("session ended: {0}")]
+    Ended(EndReason),
     /// The peer sent bytes that are not valid frames.
     #[error("peer sent an invalid frame: {0}")]
     Wire(#[from] WireError),
@@ -297,7 +301,7 @@ impl Listener {
             }
         };
         info!(%addr, "peer authenticated");
-        let lost = |e: quinn::ConnectionError| TransportError::Lost(e.to_string());
+        let lost = ended;
         let (ctl_tx, ctl_rx) = conn.accept_bi().await.map_err(lost)?;
         // Control before bulk data whenever both have bytes to send.
         let _ = ctl_tx.set_priority(CONTROL_PRIORITY);
@@ -378,14 +382,51 @@ impl FrameWriter {
     pub async fn send(&mut self, frames: &[u8]) -> Result<(), TransportError> {
         self.0.write_all(frames).await.map_err(|e| match e {
             // Keep the peer's close reason (e.g. "taken over").
-            quinn::WriteError::ConnectionLost(c) => TransportError::Lost(c.to_string()),
-            other => TransportError::Lost(other.to_string()),
+            quinn::WriteError::ConnectionLost(c) => ended(c),
+            other => TransportError::Ended(EndReason::Broken(other.to_string())),
         })
     }
 
     /// Sends one message.
     pub async fn send_message(&mut self, m: &Message) -> Result<(), TransportError> {
         self.send(&m.to_frame()).await
+    }
+}
+
+/// What a connection's end means to castor: the peer's typed reason when it
+/// closed the connection on purpose, otherwise a broken session.
+fn ended(e: quinn::ConnectionError) -> TransportError {
+    TransportError::Ended(match e {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            EndReason::from_close(c.error_code.into_inner() as u32, &c.reason)
+        }
+        quinn::ConnectionError::TimedOut => EndReason::Broken("the connection timed out".into()),
+        other => EndReason::Broken(other.to_string()),
+    })
+}
+
+fn close(conn: &quinn::Connection, reason: &EndReason) {
+    let text = reason.to_string();
+    let text = &text.as_bytes()[..text.len().min(512)];
+    conn.close(quinn::VarInt::from_u32(reason.code()), text);
+}
+
+/// Ends a session from outside the task that owns its [`Link`], and reads
+/// the connection's liveness.
+#[derive(Debug, Clone)]
+pub struct Closer(quinn::Connection);
+
+impl Closer {
+    /// Ends the session with `reason`.
+    pub fn close(&self, reason: &EndReason) {
+        close(&self.0, reason);
+    }
+
+    /// UDP datagrams received on this connection so far: any packet from
+    /// the peer proves it alive, even while its heartbeat waits behind
+    /// checkpoint data.
+    pub fn datagrams_received(&self) -> u64 {
+        self.0.stats().udp_rx.datagrams
     }
 }
 
@@ -415,10 +456,8 @@ impl FrameReader {
             match self.stream.read(&mut self.buf).await {
                 Ok(Some(n)) => self.decoder.push(&self.buf[..n]),
                 Ok(None) => return Ok(None),
-                Err(quinn::ReadError::ConnectionLost(c)) => {
-                    return Err(TransportError::Lost(c.to_string()))
-                }
-                Err(e) => return Err(TransportError::Lost(e.to_string())),
+                Err(quinn::ReadError::ConnectionLost(c)) => return Err(ended(c)),
+                Err(e) => return Err(TransportError::Ended(EndReason::Broken(e.to_string()))),
             }
         }
     }
@@ -445,9 +484,15 @@ impl Link {
         self.conn.remote_address()
     }
 
-    /// Closes the connection with a reason.
-    pub fn close(&self, reason: &str) {
-        self.conn.close(0u32.into(), reason.as_bytes());
+    /// Ends the session: closes the connection with `reason` (its close
+    /// code and text), which the peer reads as a [`TransportError::Ended`].
+    pub fn close(&self, reason: &EndReason) {
+        close(&self.conn, reason);
+    }
+
+    /// A handle that can end the session from elsewhere (a watchdog).
+    pub fn closer(&self) -> Closer {
+        Closer(self.conn.clone())
     }
 
     /// Round-trip time as QUIC estimates it.

@@ -1,0 +1,132 @@
+//! Why a session ended, as both sides and the wire see it.
+//!
+//! Every end of a session has a typed [`EndReason`]. A side that closes the
+//! connection sends the reason's [`EndReason::code`] and text; the other
+//! side reads it back with [`EndReason::from_close`]. The HA decisions
+//! branch on the variant (a primary that reads [`EndReason::TakenOver`]
+//! stops its guest), never on a substring of a message.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Why a session between a primary and its backup ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    /// The backup took over from the primary: the primary must stop its
+    /// guest and never release the output it holds.
+    TakenOver,
+    /// The node connected to has already taken over: the primary that
+    /// connects is stale and must stop.
+    AlreadyTakenOver,
+    /// The peer stopped on purpose (it said goodbye): no takeover.
+    Goodbye(String),
+    /// The peer refused what it received (a protocol violation, a refused
+    /// checkpoint, a replica mismatch, a bad ack). The peer is alive.
+    Refused(String),
+    /// No answer from the peer for this long.
+    Silent(Duration),
+    /// The connection broke (a transport error or an unknown close).
+    Broken(String),
+    /// This side ended it: it is stopping or its own loop ended.
+    Local(String),
+}
+
+/// QUIC application close codes.
+mod code {
+    pub const LOCAL: u32 = 0;
+    pub const GOODBYE: u32 = 1;
+    pub const REFUSED: u32 = 2;
+    pub const SILENT: u32 = 3;
+    pub const TAKEN_OVER: u32 = 7;
+    pub const ALREADY_TAKEN_OVER: u32 = 8;
+}
+
+impl EndReason {
+    /// The close code sent with this reason.
+    pub fn code(&self) -> u32 {
+        match self {
+            EndReason::TakenOver => code::TAKEN_OVER,
+            EndReason::AlreadyTakenOver => code::ALREADY_TAKEN_OVER,
+            EndReason::Goodbye(_) => code::GOODBYE,
+            EndReason::Refused(_) => code::REFUSED,
+            EndReason::Silent(_) => code::SILENT,
+            EndReason::Broken(_) | EndReason::Local(_) => code::LOCAL,
+        }
+    }
+
+    /// What the peer learns when this side closes with this reason.
+    ///
+    /// A peer's own silence or local stop reads, on the other side, as a
+    /// broken session; a goodbye as a goodbye; a refusal as a refusal.
+    pub fn from_close(code: u32, text: &[u8]) -> EndReason {
+        let text = String::from_utf8_lossy(text).into_owned();
+        match code {
+            code::TAKEN_OVER => EndReason::TakenOver,
+            code::ALREADY_TAKEN_OVER => EndReason::AlreadyTakenOver,
+            code::GOODBYE => EndReason::Goodbye(text),
+            code::REFUSED => EndReason::Refused(text),
+            _ => EndReason::Broken(format!("the peer closed the connection: {text}")),
+        }
+    }
+
+    /// The receiver of this reason must stop running the guest: another
+    /// node runs it.
+    pub fn fences(&self) -> bool {
+        matches!(self, EndReason::TakenOver | EndReason::AlreadyTakenOver)
+    }
+
+    /// The peer meant it (goodbye or refusal): it is alive.
+    pub fn peer_alive(&self) -> bool {
+        matches!(self, EndReason::Goodbye(_) | EndReason::Refused(_))
+    }
+}
+
+impl fmt::Display for EndReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndReason::TakenOver => f.write_str("the backup has taken over"),
+            EndReason::AlreadyTakenOver => f.write_str("that node has already taken over"),
+            EndReason::Goodbye(r) => write!(f, "the peer said goodbye: {r}"),
+            EndReason::Refused(r) => write!(f, "refused: {r}"),
+            EndReason::Silent(d) => write!(f, "no answer for {} ms", d.as_millis()),
+            EndReason::Broken(r) => write!(f, "connection broken: {r}"),
+            EndReason::Local(r) => f.write_str(r),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_crosses_the_wire_as_the_peer_must_read_it() {
+        let cases = [
+            (EndReason::TakenOver, EndReason::TakenOver),
+            (EndReason::AlreadyTakenOver, EndReason::AlreadyTakenOver),
+            (EndReason::Goodbye("stop".into()), EndReason::Goodbye("stop".into())),
+            (EndReason::Refused("bad".into()), EndReason::Refused("bad".into())),
+        ];
+        for (sent, read) in cases {
+            let text = sent.to_string();
+            let got = EndReason::from_close(sent.code(), text.as_bytes());
+            match (&got, &read) {
+                (EndReason::Goodbye(_), EndReason::Goodbye(_))
+                | (EndReason::Refused(_), EndReason::Refused(_)) => {}
+                _ => assert_eq!(got, read),
+            }
+            assert_eq!(got.fences(), sent.fences());
+        }
+        for local in [
+            EndReason::Silent(Duration::from_millis(30)),
+            EndReason::Local("stopping".into()),
+            EndReason::Broken("reset".into()),
+        ] {
+            let got = EndReason::from_close(local.code(), local.to_string().as_bytes());
+            assert!(matches!(got, EndReason::Broken(_)), "{got:?}");
+            assert!(!got.fences() && !got.peer_alive());
+        }
+        // A close code this castor does not know is a broken session, not a fence.
+        assert!(!EndReason::from_close(99, b"?").fences());
+    }
+}
