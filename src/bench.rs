@@ -805,7 +805,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     std::fs::create_dir_all(&logs)?;
     let tmp = tempfile::tempdir()?;
     let certs = tmp.path().join("pki");
-    protocol::certs::create(&certs, &["node-a".into(), "node-b".into()], false)?;
+    transport::certs::create(&certs, &["node-a".into(), "node-b".into()], false)?;
 
     let per_load = 1 + p.epochs.len() * (1 + p.modes.len());
     let total =
@@ -823,7 +823,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             pb.println(s);
         }
     };
-    let link = protocol::link::LinkShape {
+    let link = transport::link::LinkShape {
         rate_bytes_per_s: a.link_rate.0,
         delay: a.link_delay,
     };

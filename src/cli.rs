@@ -87,5 +87,5 @@ pub struct LinkRate(pub Option<u64>);
 
 /// Parses a link rate (`1gbit`, `100mbit`, `50MB`, `none`).
 pub fn parse_rate(s: &str) -> Result<LinkRate, String> {
-    protocol::link::parse_rate(s).map(LinkRate)
+    transport::link::parse_rate(s).map(LinkRate)
 }

@@ -462,18 +462,12 @@ fn restore(args: RestoreArgs) -> Result<()> {
 fn primary_config(
     pair: &PairArgs,
     p: &ProtectArgs,
-    backup: std::net::SocketAddr,
-    machine: MachineConfig,
-    kernel: Vec<u8>,
-    cmdline: String,
+    backup: Option<std::net::SocketAddr>,
 ) -> Result<primary::Config> {
     fgbi::check_block_size(p.block_size)?;
-    let tls = protocol::transport::NodeTls::from_dir(&pair.certs, &pair.node, &pair.peer)?;
+    let tls = transport::NodeTls::from_dir(&pair.certs, &pair.node, &pair.peer)?;
     Ok(primary::Config {
         budget_bytes: p.budget,
-        machine,
-        kernel,
-        cmdline,
         node: pair.node.clone(),
         backup,
         tls,
@@ -483,9 +477,8 @@ fn primary_config(
         max_in_flight: p.max_in_flight.max(1),
         heartbeat: Duration::from_millis(p.heartbeat_ms.max(1)),
         backup_timeout: Duration::from_millis(p.backup_timeout_ms.max(10)),
-        console: pair.console,
         verify: p.verify,
-        link: protocol::link::LinkShape {
+        link: transport::link::LinkShape {
             rate_bytes_per_s: p.link_rate.0,
             delay: p.link_delay,
         },
@@ -495,6 +488,21 @@ fn primary_config(
                 .min(p.epoch_ms.saturating_sub(1)),
         ),
     })
+}
+
+/// The runtime and console service of a daemon; its threads run at
+/// real-time priority so that heartbeats, acks and the failure detector are
+/// not starved by a spinning guest.
+fn services(name: &str, console: std::net::SocketAddr) -> Result<node::Services> {
+    node::Services::start(
+        name,
+        console,
+        std::sync::Arc::new(|_: &str| Some("error: starting".to_string())),
+        || {
+            let _ = vmm::set_current_thread_realtime(10);
+        },
+    )
+    .context("starting the console service")
 }
 
 fn stop_after(duration: Option<Duration>) -> Result<Arc<AtomicBool>> {
@@ -538,9 +546,19 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
             a.workload.cmdline(m.vcpus, tsc, Some(MMIO_CONSOLE_BASE)),
         ),
     };
-    let cfg = primary_config(&a.pair, &a.protect, a.backup, machine, kernel, cmdline)?;
+    let cfg = primary_config(&a.pair, &a.protect, Some(a.backup))?;
+    if machine.mem_bytes > vmm::memory::MMIO_HOLE_START {
+        return Err(primary::PrimaryError::Layout.into());
+    }
     let stop = stop_after(a.duration)?;
-    let metrics = primary::run(cfg, stop)?;
+    let node = services("castor-net", a.pair.console)?;
+    let vm = Machine::boot(
+        &machine,
+        &kernel,
+        &cmdline,
+        Console::new(node::console::sink(node.log.clone()), 0),
+    )?;
+    let metrics = primary::protect(&cfg, &node, vm, primary::Origin::Booted, stop)?;
     metrics.log_summary("primary stopped");
     Ok(())
 }
@@ -548,34 +566,42 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
 fn backup_cmd(a: BackupArgs) -> Result<()> {
     info!("{}", KvmKind::detect().describe());
     vmm::set_vcpu_nice(a.protect.vcpu_nice);
-    let tls = protocol::transport::NodeTls::from_dir(&a.pair.certs, &a.pair.node, &a.pair.peer)?;
-    let then_primary = match a.then_protect {
-        Some(addr) => {
-            // Machine settings are unused after a failover (the guest exists).
-            let mc = MachineConfig::new(16 << 20, 1);
-            Some(primary_config(
-                &a.pair,
-                &a.protect,
-                addr,
-                mc,
-                Vec::new(),
-                String::new(),
-            )?)
-        }
-        None => None,
-    };
+    let tls = transport::NodeTls::from_dir(&a.pair.certs, &a.pair.node, &a.pair.peer)?;
+    // What the node does as a primary if it takes over (no backup: it runs
+    // the guest unprotected).
+    let then = primary_config(&a.pair, &a.protect, a.then_protect)?;
     let cfg = backup::Config {
         listen: a.listen,
         tls,
-        heartbeat_timeout: Duration::from_millis(a.heartbeat_timeout_ms.max(1)),
-        console: a.pair.console,
+        timeouts: node::ha::Timeouts {
+            silence: Duration::from_millis(a.heartbeat_timeout_ms.max(1)),
+            after_resync: RESYNC_TIMEOUT,
+            resync_grace: RESYNC_GRACE,
+        },
         kvm_device: a.kvm_device,
         max_epoch_bytes: 4 << 30,
-        then_primary,
     };
-    backup::run(cfg, stop_flag()?)?;
+    let stop = stop_flag()?;
+    let node = services("castor-backup", a.pair.console)?;
+    match backup::run(&cfg, &node, stop.clone())? {
+        backup::Outcome::Stopped => {}
+        backup::Outcome::TookOver(t) => {
+            let origin = primary::Origin::TookOver {
+                resumed_at: t.resumed_at,
+            };
+            let metrics = primary::protect(&then, &node, t.machine, origin, stop)?;
+            metrics.log_summary("primary (after failover) stopped");
+        }
+    }
+    node.log.close();
     Ok(())
 }
+
+/// How long after a full resync the longer failure-detector timeout applies.
+const RESYNC_GRACE: Duration = Duration::from_secs(2);
+/// The failure detector's timeout during that time: the primary catches up
+/// a backlog after a resync (its guest was paused for it).
+const RESYNC_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn status_cmd(a: StatusArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -645,7 +671,7 @@ fn expand_config(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString
 }
 
 fn certs(args: CertsArgs) -> Result<()> {
-    let files = protocol::certs::create(&args.dir, &args.nodes, args.force)?;
+    let files = transport::certs::create(&args.dir, &args.nodes, args.force)?;
     for f in &files {
         println!("{}", f.display());
     }

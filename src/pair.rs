@@ -309,7 +309,7 @@ pub fn continuity(stream: &[u8]) -> (usize, Vec<String>) {
 pub fn demo(a: DemoArgs) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
-    protocol::certs::create(&dir.join("pki"), &["node-a".into(), "node-b".into()], false)?;
+    transport::certs::create(&dir.join("pki"), &["node-a".into(), "node-b".into()], false)?;
     let certs = dir.join("pki");
     let (port_a, port_b) = (free_port(true)?, free_port(true)?);
     let a_node = Node {
@@ -496,7 +496,7 @@ pub fn run_drill(p: &DrillPlan, on_round: &mut dyn FnMut(&Round)) -> Result<Vec<
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     let certs = dir.join("pki");
-    protocol::certs::create(&certs, &["node-a".into(), "node-b".into()], false)?;
+    transport::certs::create(&certs, &["node-a".into(), "node-b".into()], false)?;
     let names = ["node-a", "node-b"];
     let ports = [free_port(true)?, free_port(true)?];
     let extra = &p.protect_args;

@@ -152,7 +152,7 @@ fn certs_makes_a_ca_and_node_certificates() {
         .mode();
     assert_eq!(mode & 0o077, 0, "private keys are not readable by others");
     // Usable by the transport.
-    protocol::transport::NodeTls::from_dir(&dir, "alpha", "beta").unwrap();
+    transport::NodeTls::from_dir(&dir, "alpha", "beta").unwrap();
     fails_with(&["certs", "--dir", dir.to_str().unwrap()], "already exists");
     fails_with(
         &[

@@ -121,7 +121,7 @@ fn start_pair(dir: &Path, both: &[&str], primary: &[&str]) -> (Daemon, Daemon) {
 
 fn certs_for(dir: &Path) -> std::path::PathBuf {
     let certs = dir.join("pki");
-    protocol::certs::create(&certs, &["a".into(), "b".into()], false).unwrap();
+    transport::certs::create(&certs, &["a".into(), "b".into()], false).unwrap();
     certs
 }
 
@@ -193,7 +193,7 @@ fn a_backup_with_the_wrong_certificate_is_refused_and_the_primary_stays_up() {
     let tmp = tempfile::tempdir().unwrap();
     let certs = certs_for(tmp.path());
     let other = tmp.path().join("other");
-    protocol::certs::create(&other, &["b".into()], false).unwrap();
+    transport::certs::create(&other, &["b".into()], false).unwrap();
     // The impostor presents "b" from another CA (trusting ours to get that far).
     std::fs::copy(certs.join("ca.pem"), other.join("ca.pem")).unwrap();
     let (pa, pb) = (free_port(true).unwrap(), free_port(true).unwrap());

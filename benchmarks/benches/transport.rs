@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protocol::message::MAX_RECORDS_CHUNK;
-use transport::{self, client_crypto, Listener, NodeTls};
 use protocol::{FrameDecoder, Message};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use transport::{self, client_crypto, Listener, NodeTls};
 
 const TOTAL: usize = 1 << 30; // bytes of records per run
 

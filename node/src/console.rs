@@ -202,15 +202,56 @@ impl ConsoleLog {
     }
 }
 
-/// Answers command words; `None` for a word the daemon does not know.
-pub type Commands = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+/// The sink for a machine whose console goes into `log`: invisible until
+/// released while the log holds output.
+pub fn sink(log: Arc<ConsoleLog>) -> Box<dyn vmm::console::ConsoleSink> {
+    struct LogSink(Arc<ConsoleLog>);
+    impl vmm::console::ConsoleSink for LogSink {
+        fn write(&mut self, _offset: u64, bytes: &[u8]) {
+            self.0.append(bytes);
+        }
+    }
+    Box::new(LogSink(log))
+}
+
+/// A handler of command words; `None` for a word it does not know.
+pub type Handler = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// Answers command words (`status`, `takeover`, …) for the console service.
+/// The handler is replaced when the node changes role (a backup that takes
+/// over answers as a primary from then on).
+pub struct Commands(std::sync::RwLock<Handler>);
+
+impl Commands {
+    /// Commands answered by `handler`.
+    pub fn new(handler: Handler) -> Arc<Self> {
+        Arc::new(Commands(std::sync::RwLock::new(handler)))
+    }
+
+    /// From now on, `handler` answers.
+    pub fn replace(&self, handler: Handler) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = handler;
+    }
+
+    /// The answer to `word`, `None` if unknown.
+    pub fn answer(&self, word: &str) -> Option<String> {
+        let h = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
+        h(word)
+    }
+}
+
+impl std::fmt::Debug for Commands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Commands")
+    }
+}
 
 /// Serves `log` to console clients on `addr`; `commands` answers command
 /// words such as `status`. Returns the bound address.
 pub async fn serve(
     addr: SocketAddr,
     log: Arc<ConsoleLog>,
-    commands: Commands,
+    commands: Arc<Commands>,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
@@ -234,7 +275,7 @@ pub async fn serve(
 async fn client(
     stream: TcpStream,
     log: Arc<ConsoleLog>,
-    commands: Commands,
+    commands: Arc<Commands>,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let (rd, mut wr) = stream.into_split();
@@ -242,7 +283,7 @@ async fn client(
     BufReader::new(rd.take(64)).read_line(&mut line).await?;
     let req = line.trim();
     let Ok(mut at) = req.parse::<u64>() else {
-        let answer = commands(req).unwrap_or_else(|| {
+        let answer = commands.answer(req).unwrap_or_else(|| {
             format!("error: unknown request '{req}': send a console offset (a number), 'status' or 'takeover'")
         });
         wr.write_all(format!("{answer}\n").as_bytes()).await?;

@@ -4,11 +4,17 @@
 //!
 //! - [`console`]: the guest's console stream with byte offsets and output
 //!   commit, served over TCP.
+//! - [`services`]: the runtime, console log and command words a node keeps
+//!   across a change of role.
 //! - [`status`]: the one typed status both roles report.
 //! - [`stats`]: percentiles for figures.
+//! - [`ha`]: the HA decisions of both roles, as pure state machines.
 
 pub mod console;
+pub mod services;
 pub mod stats;
 pub mod status;
 
+pub use services::Services;
 pub use status::{BackupStatus, PrimaryStatus, Role, Status};
+pub mod ha;

@@ -56,8 +56,9 @@ impl EndReason {
 
     /// What the peer learns when this side closes with this reason.
     ///
-    /// A peer's own silence or local stop reads, on the other side, as a
-    /// broken session; a goodbye as a goodbye; a refusal as a refusal.
+    /// A goodbye reads as a goodbye; a refusal, or the peer giving up on a
+    /// silent session, as a refusal (the peer is alive and ended it on
+    /// purpose); a local stop as a broken session.
     pub fn from_close(code: u32, text: &[u8]) -> EndReason {
         let text = String::from_utf8_lossy(text).into_owned();
         match code {
@@ -65,6 +66,7 @@ impl EndReason {
             code::ALREADY_TAKEN_OVER => EndReason::AlreadyTakenOver,
             code::GOODBYE => EndReason::Goodbye(text),
             code::REFUSED => EndReason::Refused(text),
+            code::SILENT => EndReason::Refused(format!("the peer stopped waiting: {text}")),
             _ => EndReason::Broken(format!("the peer closed the connection: {text}")),
         }
     }
@@ -104,8 +106,14 @@ mod tests {
         let cases = [
             (EndReason::TakenOver, EndReason::TakenOver),
             (EndReason::AlreadyTakenOver, EndReason::AlreadyTakenOver),
-            (EndReason::Goodbye("stop".into()), EndReason::Goodbye("stop".into())),
-            (EndReason::Refused("bad".into()), EndReason::Refused("bad".into())),
+            (
+                EndReason::Goodbye("stop".into()),
+                EndReason::Goodbye("stop".into()),
+            ),
+            (
+                EndReason::Refused("bad".into()),
+                EndReason::Refused("bad".into()),
+            ),
         ];
         for (sent, read) in cases {
             let text = sent.to_string();
@@ -117,8 +125,13 @@ mod tests {
             }
             assert_eq!(got.fences(), sent.fences());
         }
+        let silent = EndReason::Silent(Duration::from_millis(30));
+        let got = EndReason::from_close(silent.code(), silent.to_string().as_bytes());
+        assert!(
+            matches!(got, EndReason::Refused(_)) && got.peer_alive(),
+            "{got:?}"
+        );
         for local in [
-            EndReason::Silent(Duration::from_millis(30)),
             EndReason::Local("stopping".into()),
             EndReason::Broken("reset".into()),
         ] {

@@ -1,0 +1,33 @@
+//! The backup role's settings and errors.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use node::ha::Timeouts;
+use transport::NodeTls;
+
+/// Backup settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to listen for the primary.
+    pub listen: SocketAddr,
+    /// Certificates and the primary's expected name.
+    pub tls: NodeTls,
+    /// The failure detector's timeouts.
+    pub timeouts: Timeouts,
+    /// The KVM device for the VM after a takeover.
+    pub kvm_device: PathBuf,
+    /// Most bytes one checkpoint may stage.
+    pub max_epoch_bytes: usize,
+}
+
+/// Errors of the backup.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// Transport set-up.
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+    /// The restored machine failed to start.
+    #[error("failover failed: {0}")]
+    Failover(#[from] vmm::MachineError),
+}

@@ -1,0 +1,149 @@
+//! The backup's network shell: accepts the primary, reads its checkpoints
+//! and heartbeats, acks what is committed, and reports each session's end
+//! to the core. A node that has taken over refuses every session with
+//! [`EndReason::AlreadyTakenOver`], which fences a stale primary.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use node::console::ConsoleLog;
+use node::ha::BackupInput;
+use protocol::{EndReason, Event, Message, Receiver};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+use transport::{Link, Listener, TransportError};
+
+use crate::replica::Shared;
+
+/// Accepts primaries until the listener closes.
+pub(crate) async fn accept_loop(
+    listener: Listener,
+    shared: Arc<Shared>,
+    log: Arc<ConsoleLog>,
+    peer_name: String,
+    max_epoch_bytes: usize,
+) {
+    loop {
+        let link = match listener.accept().await {
+            Ok(l) => l,
+            Err(TransportError::Closed) => return,
+            Err(e) => {
+                // Refused peers are logged by the transport; keep listening.
+                warn!("{e}");
+                continue;
+            }
+        };
+        let peer = link.remote();
+        if shared.core().taken_over() {
+            warn!(%peer, "refusing a session: this node has taken over");
+            link.close(&EndReason::AlreadyTakenOver);
+            continue;
+        }
+        shared.heard();
+        *shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(link.closer());
+        shared.connected.store(true, Ordering::Relaxed);
+        let why = session(link, &shared, &log, &peer_name, max_epoch_bytes).await;
+        shared.connected.store(false, Ordering::Relaxed);
+        *shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        shared.core().on(BackupInput::SessionEnded {
+            reason: why.clone(),
+        });
+        warn!(%peer, "session with the primary ended: {why}");
+    }
+}
+
+fn end_of(e: TransportError) -> EndReason {
+    match e {
+        TransportError::Ended(r) => r,
+        other => EndReason::Broken(other.to_string()),
+    }
+}
+
+async fn session(
+    mut link: Link,
+    shared: &Arc<Shared>,
+    log: &Arc<ConsoleLog>,
+    peer_name: &str,
+    max_epoch_bytes: usize,
+) -> EndReason {
+    let mut data = link.data_rx.take().expect("backup link has a data stream");
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let mut rx = Receiver::new(max_epoch_bytes);
+    let (ctl_tx, ctl_rx) = (&mut link.ctl_tx, &mut link.ctl_rx);
+    let control = async {
+        loop {
+            tokio::select! {
+                a = ack_rx.recv() => match a {
+                    Some(f) => if let Err(e) = ctl_tx.send(&f).await { return end_of(e) },
+                    None => return EndReason::Local("session over".into()),
+                },
+                m = ctl_rx.next() => match m {
+                    Ok(Some(Message::Heartbeat { seq, sent_us })) => {
+                        shared.heard();
+                        if let Err(e) = ctl_tx.send_message(&Message::HeartbeatEcho { seq, sent_us }).await {
+                            return end_of(e);
+                        }
+                    }
+                    Ok(Some(Message::Goodbye { reason })) => return EndReason::Goodbye(reason),
+                    Ok(Some(_)) => shared.heard(),
+                    Ok(None) => return EndReason::Broken("the primary closed the control stream".into()),
+                    Err(e) => return end_of(e),
+                },
+            }
+        }
+    };
+    let receive = async {
+        loop {
+            let m = match data.next().await {
+                Ok(Some(m)) => m,
+                Ok(None) => return EndReason::Broken("the primary closed the data stream".into()),
+                Err(e) => return end_of(e),
+            };
+            shared.heard();
+            if shared.core().taken_over() {
+                return EndReason::TakenOver;
+            }
+            match rx.on_message(m) {
+                Ok(Event::Hello(h)) => {
+                    if h.node != peer_name {
+                        return EndReason::Refused(format!(
+                            "the hello names node '{}', but the peer's certificate is for '{peer_name}'",
+                            h.node
+                        ));
+                    }
+                    info!(node = %h.node, session = h.session, memory_mib = h.memory_bytes >> 20, mode = %h.mode, "new session: full resync");
+                    if let Err(why) = shared.start_session(&h) {
+                        return why;
+                    }
+                    log.reset(h.output_offset);
+                }
+                Ok(Event::Checkpoint(c)) => {
+                    // Applying can take a while (a full resync): off the
+                    // runtime, so heartbeats keep being read meanwhile.
+                    let epoch = c.epoch;
+                    let (sh, lg) = (shared.clone(), log.clone());
+                    match tokio::task::spawn_blocking(move || sh.commit(&lg, &c)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(why)) => return why,
+                        Err(e) => {
+                            return EndReason::Refused(format!("applying checkpoint {epoch}: {e}"))
+                        }
+                    }
+                    let _ = ack_tx.send(rx.ack(epoch));
+                }
+                Ok(Event::Goodbye(reason)) => return EndReason::Goodbye(reason),
+                Ok(_) => {}
+                Err(e) => {
+                    error!("protocol violation from the primary: {e}");
+                    return EndReason::Refused(e.to_string());
+                }
+            }
+        }
+    };
+    let why = tokio::select! {
+        w = control => w,
+        w = receive => w,
+    };
+    link.close(&why);
+    why
+}

@@ -1,0 +1,467 @@
+//! The backup role's decisions: when the primary counts as lost, and the
+//! takeover.
+//!
+//! The backup takes over only from a committed checkpoint, and only when
+//! the primary has been silent for the timeout (longer for a moment after a
+//! full resync, while the primary catches up). It never takes over from a
+//! primary that said goodbye, nor after ending a session itself (it refused
+//! an epoch or found its replica differs): that primary is alive, has
+//! released its held output and will resync. An operator may ask for a
+//! takeover, which skips the wait. A node that has taken over refuses every
+//! later session, so a stale primary that reconnects is fenced.
+
+use std::time::Duration;
+
+use protocol::EndReason;
+
+/// The failure detector's timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Silence after which the primary is lost.
+    pub silence: Duration,
+    /// The silence allowed right after a full resync was committed.
+    pub after_resync: Duration,
+    /// How long after a full resync `after_resync` applies.
+    pub resync_grace: Duration,
+}
+
+/// What happened, as the backup role sees it. `now` is the shell's clock.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackupInput {
+    /// A primary opened a session (its hello was accepted): the replica is
+    /// replaced and nothing is committed until its full resync.
+    SessionStarted {
+        /// The session id.
+        session: u64,
+        /// Now.
+        now: Duration,
+    },
+    /// Something arrived from the primary (any packet proves it alive).
+    Heard {
+        /// Now.
+        now: Duration,
+    },
+    /// Checkpoint `epoch` of the current session is committed on the replica.
+    Committed {
+        /// The epoch (1: the full resync).
+        epoch: u64,
+        /// Now.
+        now: Duration,
+    },
+    /// The session ended, for `reason` as the backup sees it: the primary's
+    /// goodbye, the backup's own refusal, a broken connection.
+    SessionEnded {
+        /// Why.
+        reason: EndReason,
+    },
+    /// The replica no longer holds the committed checkpoint (a checkpoint
+    /// was written but its digest did not match): nothing to take over from
+    /// until the next session's resync.
+    ReplicaInvalid,
+    /// An operator asked for a takeover.
+    TakeoverAsked,
+    /// The clock. `late`: the shell's own timer fired late (the backup was
+    /// starved itself, and the primary's packets may be waiting unread).
+    Tick {
+        /// Now.
+        now: Duration,
+        /// The tick came late.
+        late: bool,
+    },
+}
+
+/// What the backup role must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackupAction {
+    /// Take over: end the session with [`EndReason::TakenOver`] (a live
+    /// primary learns it is fenced), restore the committed checkpoint and
+    /// run the guest.
+    TakeOver {
+        /// The committed epoch the guest resumes from.
+        epoch: u64,
+        /// Its session.
+        session: u64,
+        /// How long the primary had been silent.
+        silent: Duration,
+        /// An operator asked.
+        asked: bool,
+    },
+    /// Refuse a session: this node has taken over.
+    Refuse(EndReason),
+}
+
+/// An answer to an operator's takeover request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TakeoverAnswer {
+    /// It will happen at the next tick.
+    Accepted,
+    /// This node has already taken over.
+    AlreadyTakenOver,
+    /// No checkpoint is committed: nothing to take over from.
+    NothingCommitted,
+}
+
+/// The backup role's state machine.
+#[derive(Debug)]
+pub struct BackupCore {
+    timeouts: Timeouts,
+    session: u64,
+    committed: Option<u64>,
+    last_heard: Duration,
+    resync_at: Option<Duration>,
+    /// The primary is alive and stopped the session on purpose (goodbye),
+    /// or the backup ended it itself: no takeover until a new session.
+    no_takeover: bool,
+    asked: bool,
+    taken_over: bool,
+}
+
+impl BackupCore {
+    /// A backup with nothing committed.
+    pub fn new(timeouts: Timeouts) -> Self {
+        BackupCore {
+            timeouts,
+            session: 0,
+            committed: None,
+            last_heard: Duration::ZERO,
+            resync_at: None,
+            no_takeover: false,
+            asked: false,
+            taken_over: false,
+        }
+    }
+
+    /// The committed epoch, if any.
+    pub fn committed(&self) -> Option<u64> {
+        self.committed
+    }
+
+    /// This node has taken over.
+    pub fn taken_over(&self) -> bool {
+        self.taken_over
+    }
+
+    /// An operator's takeover request: answers at once, acts at the next tick.
+    pub fn ask_takeover(&mut self) -> TakeoverAnswer {
+        if self.taken_over {
+            TakeoverAnswer::AlreadyTakenOver
+        } else if self.committed.is_none() {
+            TakeoverAnswer::NothingCommitted
+        } else {
+            self.asked = true;
+            TakeoverAnswer::Accepted
+        }
+    }
+
+    /// The silence allowed at `now`.
+    pub fn limit(&self, now: Duration) -> Duration {
+        match self.resync_at {
+            Some(at) if now.saturating_sub(at) < self.timeouts.resync_grace => {
+                self.timeouts.silence.max(self.timeouts.after_resync)
+            }
+            _ => self.timeouts.silence,
+        }
+    }
+
+    /// Takes one input; returns the actions.
+    pub fn on(&mut self, input: BackupInput) -> Vec<BackupAction> {
+        if self.taken_over {
+            return match input {
+                BackupInput::SessionStarted { .. } => {
+                    vec![BackupAction::Refuse(EndReason::AlreadyTakenOver)]
+                }
+                _ => Vec::new(),
+            };
+        }
+        match input {
+            BackupInput::SessionStarted { session, now } => {
+                self.session = session;
+                self.committed = None;
+                self.resync_at = None;
+                self.no_takeover = false;
+                self.last_heard = now;
+                Vec::new()
+            }
+            BackupInput::Heard { now } => {
+                self.last_heard = self.last_heard.max(now);
+                Vec::new()
+            }
+            BackupInput::Committed { epoch, now } => {
+                // The primary was alive when it sent this.
+                self.last_heard = self.last_heard.max(now);
+                if epoch == 1 {
+                    self.resync_at = Some(now);
+                }
+                self.committed = Some(epoch);
+                Vec::new()
+            }
+            BackupInput::SessionEnded { reason } => {
+                // A goodbye or the backup's own refusal: the primary lives
+                // on. A broken or silent session: it may be dead, and the
+                // silence decides.
+                if reason.peer_alive() {
+                    self.no_takeover = true;
+                }
+                Vec::new()
+            }
+            BackupInput::ReplicaInvalid => {
+                self.committed = None;
+                Vec::new()
+            }
+            BackupInput::TakeoverAsked => {
+                self.ask_takeover();
+                Vec::new()
+            }
+            BackupInput::Tick { now, late } => self.tick(now, late),
+        }
+    }
+
+    fn tick(&mut self, now: Duration, late: bool) -> Vec<BackupAction> {
+        let Some(epoch) = self.committed else {
+            return Vec::new();
+        };
+        if !self.asked && (late || self.no_takeover) {
+            return Vec::new();
+        }
+        let silent = now.saturating_sub(self.last_heard);
+        let limit = if self.asked {
+            Duration::ZERO
+        } else {
+            self.limit(now)
+        };
+        if silent < limit {
+            return Vec::new();
+        }
+        self.taken_over = true;
+        vec![BackupAction::TakeOver {
+            epoch,
+            session: self.session,
+            silent,
+            asked: self.asked,
+        }]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use BackupAction as A;
+    use BackupInput as I;
+
+    const T: Timeouts = Timeouts {
+        silence: Duration::from_millis(30),
+        after_resync: Duration::from_millis(500),
+        resync_grace: Duration::from_secs(2),
+    };
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    fn tick(b: &mut BackupCore, at: u64) -> Vec<BackupAction> {
+        b.on(I::Tick {
+            now: ms(at),
+            late: false,
+        })
+    }
+
+    /// A backup with session 7 committed up to epoch 3, the resync at 0 ms,
+    /// last heard at `heard` ms.
+    fn following(heard: u64) -> BackupCore {
+        let mut b = BackupCore::new(T);
+        b.on(I::SessionStarted {
+            session: 7,
+            now: ms(0),
+        });
+        b.on(I::Committed {
+            epoch: 1,
+            now: ms(0),
+        });
+        b.on(I::Committed {
+            epoch: 2,
+            now: ms(heard),
+        });
+        b.on(I::Committed {
+            epoch: 3,
+            now: ms(heard),
+        });
+        b
+    }
+
+    #[test]
+    fn takes_over_from_the_last_committed_checkpoint_after_the_timeout() {
+        let mut b = following(3000);
+        assert!(tick(&mut b, 3029).is_empty());
+        assert_eq!(
+            tick(&mut b, 3030),
+            vec![A::TakeOver {
+                epoch: 3,
+                session: 7,
+                silent: ms(30),
+                asked: false
+            }]
+        );
+        assert!(b.taken_over());
+        // Once.
+        assert!(tick(&mut b, 4000).is_empty());
+    }
+
+    #[test]
+    fn any_packet_postpones_the_takeover() {
+        let mut b = following(3000);
+        b.on(I::Heard { now: ms(3020) });
+        assert!(tick(&mut b, 3040).is_empty());
+        // Liveness never goes back in time (a late-delivered event).
+        b.on(I::Heard { now: ms(3001) });
+        assert!(tick(&mut b, 3049).is_empty());
+        assert_eq!(tick(&mut b, 3050).len(), 1);
+    }
+
+    #[test]
+    fn nothing_committed_means_no_takeover() {
+        let mut b = BackupCore::new(T);
+        assert!(tick(&mut b, 10_000).is_empty());
+        b.on(I::SessionStarted {
+            session: 1,
+            now: ms(0),
+        });
+        // Silence during the full resync: nothing to take over from.
+        assert!(tick(&mut b, 10_000).is_empty());
+        assert_eq!(b.ask_takeover(), TakeoverAnswer::NothingCommitted);
+        assert!(tick(&mut b, 20_000).is_empty());
+    }
+
+    #[test]
+    fn right_after_a_resync_the_longer_timeout_applies() {
+        let mut b = following(0);
+        assert_eq!(b.limit(ms(100)), ms(500));
+        assert!(tick(&mut b, 499).is_empty());
+        assert_eq!(tick(&mut b, 500).len(), 1);
+        let mut b = following(2100);
+        assert_eq!(b.limit(ms(2100)), ms(30));
+        assert_eq!(tick(&mut b, 2130).len(), 1);
+    }
+
+    #[test]
+    fn a_late_tick_decides_nothing() {
+        let mut b = following(3000);
+        assert!(b
+            .on(I::Tick {
+                now: ms(5000),
+                late: true
+            })
+            .is_empty());
+        assert_eq!(tick(&mut b, 5001).len(), 1);
+    }
+
+    #[test]
+    fn a_session_ended_by_each_reason() {
+        // The primary said goodbye, or the backup refused what it sent: the
+        // primary is alive, no takeover however long the silence.
+        for reason in [
+            EndReason::Goodbye("stop".into()),
+            EndReason::Refused("bad epoch".into()),
+        ] {
+            let mut b = following(3000);
+            b.on(I::SessionEnded {
+                reason: reason.clone(),
+            });
+            assert!(tick(&mut b, 60_000).is_empty(), "{reason:?}");
+            // ...unless an operator asks.
+            assert_eq!(b.ask_takeover(), TakeoverAnswer::Accepted);
+            assert_eq!(tick(&mut b, 60_001).len(), 1);
+        }
+        // A broken or silent session: the primary may be dead; the silence decides.
+        for reason in [
+            EndReason::Broken("reset".into()),
+            EndReason::Silent(ms(30)),
+            EndReason::Local("stopping".into()),
+        ] {
+            let mut b = following(3000);
+            b.on(I::SessionEnded {
+                reason: reason.clone(),
+            });
+            assert!(tick(&mut b, 3010).is_empty(), "{reason:?}");
+            assert_eq!(tick(&mut b, 3030).len(), 1, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn a_new_session_replaces_the_replica_and_clears_the_goodbye() {
+        let mut b = following(3000);
+        b.on(I::SessionEnded {
+            reason: EndReason::Goodbye("restart".into()),
+        });
+        b.on(I::SessionStarted {
+            session: 8,
+            now: ms(4000),
+        });
+        assert_eq!(b.committed(), None);
+        assert!(tick(&mut b, 9000).is_empty());
+        b.on(I::Committed {
+            epoch: 1,
+            now: ms(9000),
+        });
+        assert_eq!(
+            tick(&mut b, 9500),
+            vec![A::TakeOver {
+                epoch: 1,
+                session: 8,
+                silent: ms(500),
+                asked: false
+            }]
+        );
+    }
+
+    #[test]
+    fn an_invalid_replica_is_never_taken_over() {
+        let mut b = following(3000);
+        b.on(I::ReplicaInvalid);
+        b.on(I::SessionEnded {
+            reason: EndReason::Refused("replica mismatch".into()),
+        });
+        assert_eq!(b.committed(), None);
+        assert_eq!(b.ask_takeover(), TakeoverAnswer::NothingCommitted);
+        assert!(tick(&mut b, 60_000).is_empty());
+    }
+
+    #[test]
+    fn an_operator_takeover_skips_the_wait() {
+        let mut b = following(3000);
+        assert_eq!(b.ask_takeover(), TakeoverAnswer::Accepted);
+        // Even on a late tick.
+        assert_eq!(
+            b.on(I::Tick {
+                now: ms(3000),
+                late: true
+            }),
+            vec![A::TakeOver {
+                epoch: 3,
+                session: 7,
+                silent: ms(0),
+                asked: true
+            }]
+        );
+        assert_eq!(b.ask_takeover(), TakeoverAnswer::AlreadyTakenOver);
+    }
+
+    #[test]
+    fn after_a_takeover_every_session_is_refused() {
+        let mut b = following(3000);
+        tick(&mut b, 4000);
+        assert_eq!(
+            b.on(I::SessionStarted {
+                session: 9,
+                now: ms(4001)
+            }),
+            vec![A::Refuse(EndReason::AlreadyTakenOver)]
+        );
+        assert!(b
+            .on(I::Committed {
+                epoch: 4,
+                now: ms(4002)
+            })
+            .is_empty());
+        assert_eq!(b.committed(), Some(3));
+    }
+}

@@ -1,0 +1,23 @@
+//! castor's HA decisions as pure state machines.
+//!
+//! Each role is a state machine that takes what happened — an ack, a
+//! session's end and its [`EndReason`], the time — and returns what to do:
+//! release output up to an offset, start a session, stop the guest, take
+//! over. They do no I/O, read no clock and start no thread; the daemons are
+//! thin shells that feed them events and carry out their actions, and the
+//! unit tests (and a simulator) drive them with virtual time.
+//!
+//! - [`primary::PrimaryCore`]: output commit and fencing on a node that runs
+//!   the guest.
+//! - [`backup::BackupCore`]: the failure detector and the takeover decision
+//!   on a node that keeps a replica.
+//!
+//! Time is a [`Duration`](std::time::Duration) since an origin the shell
+//! chooses (its start); only differences matter.
+
+pub mod backup;
+pub mod primary;
+
+pub use backup::{BackupAction, BackupCore, BackupInput, TakeoverAnswer, Timeouts};
+pub use primary::{PrimaryAction, PrimaryCore, PrimaryInput};
+pub use protocol::EndReason;

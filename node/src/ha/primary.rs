@@ -1,0 +1,345 @@
+//! The primary role's decisions: output commit and fencing.
+//!
+//! The console bytes of epoch `k` are held until the backup acks checkpoint
+//! `k`; then they are released. A node that learns another node runs the
+//! guest ([`EndReason::fences`]) stops its guest and never releases what it
+//! holds. A session that ends otherwise leaves the guest running
+//! unprotected: held output is released and new output is not held, until
+//! a backup returns and a new session starts with a full resync.
+
+use std::collections::VecDeque;
+
+use protocol::EndReason;
+
+/// What happened, as the primary role sees it. `T` is what the shell keeps
+/// with each checkpoint in flight (its timings), handed back on its ack.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PrimaryInput<T> {
+    /// A backup is connected and authenticated: a session can start.
+    Connected,
+    /// Checkpoint `epoch` went out; its ack releases the console up to
+    /// `release_to`.
+    Sent {
+        /// The epoch.
+        epoch: u64,
+        /// Console offset its output ends at.
+        release_to: u64,
+        /// Kept for the shell.
+        meta: T,
+    },
+    /// The backup committed everything up to `epoch`.
+    Ack {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// The session ended.
+    Ended(EndReason),
+}
+
+/// What the primary role must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PrimaryAction<T> {
+    /// Start a session: hold output from now on, send the hello and a full
+    /// resync as its first checkpoint.
+    StartSession,
+    /// The backup committed the full resync: the guest is protected.
+    Protected,
+    /// Release console output up to this offset; the acked checkpoints'
+    /// `meta`, oldest first.
+    Release {
+        /// Offset.
+        upto: u64,
+        /// Acked checkpoints.
+        acked: Vec<(u64, T)>,
+    },
+    /// End the session with this reason (the backup broke the protocol).
+    EndSession(EndReason),
+    /// The session is over and the guest runs on unprotected: release all
+    /// held output and stop holding.
+    Unprotected(EndReason),
+    /// Another node runs the guest: stop this one's guest at once and never
+    /// release the output it holds.
+    Fence(EndReason),
+}
+
+#[derive(Debug)]
+struct Session<T> {
+    in_flight: VecDeque<(u64, u64, T)>,
+    last_acked: u64,
+    last_sent: u64,
+}
+
+/// The primary role's state machine.
+#[derive(Debug)]
+pub struct PrimaryCore<T> {
+    max_in_flight: usize,
+    session: Option<Session<T>>,
+    protected: bool,
+    fenced: bool,
+}
+
+impl<T> PrimaryCore<T> {
+    /// A primary without a backup yet; at most `max_in_flight` checkpoints
+    /// unacknowledged.
+    pub fn new(max_in_flight: usize) -> Self {
+        PrimaryCore {
+            max_in_flight: max_in_flight.max(1),
+            session: None,
+            protected: false,
+            fenced: false,
+        }
+    }
+
+    /// A session is open (checkpoints are to be taken and sent).
+    pub fn in_session(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// The backup holds a committed checkpoint of the current session.
+    pub fn protected(&self) -> bool {
+        self.protected
+    }
+
+    /// This node was fenced: its guest must not run.
+    pub fn fenced(&self) -> bool {
+        self.fenced
+    }
+
+    /// Checkpoints sent and not yet acked.
+    pub fn in_flight(&self) -> usize {
+        self.session.as_ref().map_or(0, |s| s.in_flight.len())
+    }
+
+    /// Another checkpoint may go out now (bounded in-flight).
+    pub fn may_send(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| s.in_flight.len() < self.max_in_flight)
+    }
+
+    /// Takes one input; returns the actions, in order.
+    pub fn on(&mut self, input: PrimaryInput<T>) -> Vec<PrimaryAction<T>> {
+        if self.fenced {
+            return Vec::new();
+        }
+        match input {
+            PrimaryInput::Connected => {
+                // A new session replaces any earlier one: all it held was
+                // released when that one ended.
+                self.session = Some(Session {
+                    in_flight: VecDeque::new(),
+                    last_acked: 0,
+                    last_sent: 0,
+                });
+                self.protected = false;
+                vec![PrimaryAction::StartSession]
+            }
+            PrimaryInput::Sent {
+                epoch,
+                release_to,
+                meta,
+            } => {
+                if let Some(s) = self.session.as_mut() {
+                    debug_assert!(epoch > s.last_sent, "epochs increase");
+                    s.last_sent = epoch;
+                    s.in_flight.push_back((epoch, release_to, meta));
+                }
+                Vec::new()
+            }
+            PrimaryInput::Ack { epoch } => self.ack(epoch),
+            PrimaryInput::Ended(reason) => self.ended(reason),
+        }
+    }
+
+    fn ack(&mut self, epoch: u64) -> Vec<PrimaryAction<T>> {
+        let Some(s) = self.session.as_mut() else {
+            // An ack from a session that already ended: nothing to release.
+            return Vec::new();
+        };
+        if epoch <= s.last_acked || epoch > s.last_sent {
+            let why = format!(
+                "ack for epoch {epoch}, but acked up to {} and sent up to {}",
+                s.last_acked, s.last_sent
+            );
+            return vec![PrimaryAction::EndSession(EndReason::Refused(why))];
+        }
+        s.last_acked = epoch;
+        let mut acked = Vec::new();
+        let mut upto = None;
+        while s.in_flight.front().is_some_and(|f| f.0 <= epoch) {
+            let (e, release_to, meta) = s.in_flight.pop_front().expect("front");
+            upto = Some(release_to);
+            acked.push((e, meta));
+        }
+        let mut out = Vec::new();
+        if !self.protected {
+            self.protected = true;
+            out.push(PrimaryAction::Protected);
+        }
+        if let Some(upto) = upto {
+            out.push(PrimaryAction::Release { upto, acked });
+        }
+        out
+    }
+
+    fn ended(&mut self, reason: EndReason) -> Vec<PrimaryAction<T>> {
+        if reason.fences() {
+            self.fenced = true;
+            self.session = None;
+            self.protected = false;
+            return vec![PrimaryAction::Fence(reason)];
+        }
+        self.protected = false;
+        if self.session.take().is_some() {
+            vec![PrimaryAction::Unprotected(reason)]
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use PrimaryAction as A;
+    use PrimaryInput as I;
+
+    fn sent(core: &mut PrimaryCore<u64>, epoch: u64, release_to: u64) {
+        assert!(core.may_send());
+        assert!(core
+            .on(I::Sent {
+                epoch,
+                release_to,
+                meta: epoch * 10
+            })
+            .is_empty());
+    }
+
+    #[test]
+    fn output_is_released_only_on_the_ack_of_its_epoch() {
+        let mut p = PrimaryCore::new(4);
+        assert!(!p.in_session() && !p.may_send());
+        assert_eq!(p.on(I::Connected), vec![A::StartSession]);
+        sent(&mut p, 1, 100);
+        sent(&mut p, 2, 150);
+        sent(&mut p, 3, 180);
+        assert_eq!(p.in_flight(), 3);
+        assert_eq!(
+            p.on(I::Ack { epoch: 1 }),
+            vec![
+                A::Protected,
+                A::Release {
+                    upto: 100,
+                    acked: vec![(1, 10)]
+                }
+            ]
+        );
+        assert!(p.protected());
+        // An ack covers every epoch up to it.
+        assert_eq!(
+            p.on(I::Ack { epoch: 3 }),
+            vec![A::Release {
+                upto: 180,
+                acked: vec![(2, 20), (3, 30)]
+            }]
+        );
+        assert_eq!(p.in_flight(), 0);
+    }
+
+    #[test]
+    fn in_flight_is_bounded() {
+        let mut p = PrimaryCore::new(2);
+        p.on(I::Connected);
+        sent(&mut p, 1, 1);
+        sent(&mut p, 2, 2);
+        assert!(!p.may_send());
+        p.on(I::Ack { epoch: 1 });
+        assert!(p.may_send());
+    }
+
+    #[test]
+    fn an_ack_for_an_unknown_epoch_ends_the_session_and_releases_nothing() {
+        for bad in [0, 1, 5] {
+            let mut p = PrimaryCore::new(4);
+            p.on(I::Connected);
+            sent(&mut p, 1, 10);
+            sent(&mut p, 2, 20);
+            p.on(I::Ack { epoch: 1 });
+            let a = p.on(I::Ack { epoch: bad });
+            assert!(
+                matches!(&a[..], [A::EndSession(EndReason::Refused(why))] if why.contains(&format!("epoch {bad}"))),
+                "{bad}: {a:?}"
+            );
+        }
+        // An ack before anything was sent.
+        let mut p: PrimaryCore<u64> = PrimaryCore::new(4);
+        p.on(I::Connected);
+        assert!(matches!(&p.on(I::Ack { epoch: 1 })[..], [A::EndSession(_)]));
+        // An ack with no session at all is ignored.
+        let mut p: PrimaryCore<u64> = PrimaryCore::new(4);
+        assert!(p.on(I::Ack { epoch: 1 }).is_empty());
+    }
+
+    #[test]
+    fn a_fencing_end_stops_the_guest_and_holds_output_for_ever() {
+        for reason in [EndReason::TakenOver, EndReason::AlreadyTakenOver] {
+            let mut p = PrimaryCore::new(4);
+            p.on(I::Connected);
+            sent(&mut p, 1, 10);
+            sent(&mut p, 2, 20);
+            assert_eq!(p.on(I::Ended(reason.clone())), vec![A::Fence(reason)]);
+            assert!(p.fenced() && !p.in_session() && !p.protected());
+            // Nothing after a fence releases anything or starts a session.
+            assert!(p.on(I::Ack { epoch: 2 }).is_empty());
+            assert!(p.on(I::Connected).is_empty());
+            assert!(p.on(I::Ended(EndReason::Broken("x".into()))).is_empty());
+        }
+    }
+
+    #[test]
+    fn any_other_end_leaves_the_guest_running_unprotected() {
+        for reason in [
+            EndReason::Goodbye("stopping".into()),
+            EndReason::Refused("bad epoch".into()),
+            EndReason::Silent(std::time::Duration::from_secs(1)),
+            EndReason::Broken("reset".into()),
+            EndReason::Local("the epoch loop ended".into()),
+        ] {
+            let mut p = PrimaryCore::new(4);
+            p.on(I::Connected);
+            sent(&mut p, 1, 10);
+            p.on(I::Ack { epoch: 1 });
+            sent(&mut p, 2, 20);
+            assert_eq!(p.on(I::Ended(reason.clone())), vec![A::Unprotected(reason)]);
+            assert!(!p.in_session() && !p.protected() && !p.fenced());
+            // A late ack of the old session releases nothing.
+            assert!(p.on(I::Ack { epoch: 2 }).is_empty());
+            // A second end without a session says nothing.
+            assert!(p.on(I::Ended(EndReason::Broken("again".into()))).is_empty());
+            // A backup returns: a new session, protected again after its resync.
+            assert_eq!(p.on(I::Connected), vec![A::StartSession]);
+            sent(&mut p, 1, 30);
+            assert_eq!(
+                p.on(I::Ack { epoch: 1 }),
+                vec![
+                    A::Protected,
+                    A::Release {
+                        upto: 30,
+                        acked: vec![(1, 10)]
+                    }
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn a_new_connection_during_a_session_restarts_it_unprotected() {
+        let mut p = PrimaryCore::new(4);
+        p.on(I::Connected);
+        sent(&mut p, 1, 10);
+        p.on(I::Ack { epoch: 1 });
+        assert!(p.protected());
+        assert_eq!(p.on(I::Connected), vec![A::StartSession]);
+        assert!(!p.protected() && p.in_flight() == 0);
+    }
+}

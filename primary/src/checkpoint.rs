@@ -1,0 +1,120 @@
+//! Step 2 of an epoch, after the resume: the staged copies, the machine
+//! state and the console bytes become one checkpoint's frames.
+
+use std::time::{Duration, Instant};
+
+use fgbi::Encoder;
+use node::console::ConsoleLog;
+use protocol::message::CAP_VERIFY;
+use protocol::{payload, Hello, Sender, VERSION};
+
+use crate::copy::Staging;
+use crate::{Config, PrimaryError};
+
+/// The data path of one session with a backup: the protocol's sender and
+/// the encoder, whose knowledge of the replica starts empty with each
+/// session (the first checkpoint is the full resync).
+pub(crate) struct Session {
+    sender: Sender,
+    encoder: Encoder,
+    next_epoch: u64,
+    /// Console offset where the next checkpoint's output starts.
+    out_start: u64,
+    verify: bool,
+}
+
+/// One encoded checkpoint.
+pub(crate) struct Built {
+    pub epoch: u64,
+    pub frames: Vec<u8>,
+    pub encode: Duration,
+}
+
+impl Session {
+    /// A new session for a guest of `pages` pages and `vcpus` vCPUs whose
+    /// output from `out_start` on is not released yet; returns the hello.
+    pub fn start(
+        cfg: &Config,
+        pages: u64,
+        vcpus: u32,
+        out_start: u64,
+    ) -> Result<(Session, Vec<u8>), PrimaryError> {
+        let hello = Hello {
+            version: VERSION,
+            session: rand::random(),
+            node: cfg.node.clone(),
+            capabilities: if cfg.verify { CAP_VERIFY } else { 0 },
+            mode: cfg.mode,
+            block_size: cfg.block_size as u32,
+            memory_bytes: pages * 4096,
+            vcpus,
+            output_offset: out_start,
+        };
+        let encoder = Encoder::new(
+            fgbi::Config {
+                mode: cfg.mode,
+                block_size: cfg.block_size,
+                budget_bytes: cfg.budget_bytes.unwrap_or(pages * 4096 / 2),
+                key: rand::random(),
+            },
+            pages,
+        )?;
+        let (sender, hello) = Sender::new(hello);
+        let session = Session {
+            sender,
+            encoder,
+            next_epoch: 1,
+            out_start,
+            verify: cfg.verify,
+        };
+        Ok((session, hello))
+    }
+
+    /// Encodes the staged pages, the machine state (`state`, encoded) and
+    /// the console bytes up to `out_end` as the next checkpoint.
+    pub fn checkpoint(
+        &mut self,
+        staging: &Staging,
+        state: &[u8],
+        log: &ConsoleLog,
+        out_end: u64,
+    ) -> Result<Built, PrimaryError> {
+        let te = Instant::now();
+        let frames = staging.frames();
+        let mut records = Vec::with_capacity(frames.len() * 64);
+        let mut touched = Vec::new();
+        for (i, &f) in frames.iter().enumerate() {
+            let before = records.len();
+            self.encoder.encode_page(f, staging.page(i), &mut records);
+            if records.len() > before {
+                touched.push(i);
+            }
+        }
+        let memory_digest = self
+            .verify
+            .then(|| payload::memory_digest(touched.iter().map(|&i| &staging.page(i)[..])));
+        let encode = te.elapsed();
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let output = log.slice(self.out_start, out_end);
+        self.out_start = out_end;
+        let state = payload::pack_state(state);
+        let s = &mut self.sender;
+        let mut f = Vec::with_capacity(records.len() + state.len() + output.len() + 256);
+        s.begin(
+            epoch,
+            frames.len() as u32,
+            frames.len() as u64 * 4096,
+            &mut f,
+        )?;
+        s.records(&records, &mut f)?;
+        s.state(&state, &mut f)?;
+        s.output(&output, &mut f)?;
+        s.commit(memory_digest, &mut f)?;
+        Ok(Built {
+            epoch,
+            frames: f,
+            encode,
+        })
+    }
+}

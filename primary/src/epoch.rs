@@ -1,0 +1,321 @@
+//! The epoch loop: when to pre-copy, pause, checkpoint and send; network
+//! events fed to the [`PrimaryCore`] and its actions carried out.
+//!
+//! Every epoch: (pre-copy while the guest runs) → pause → harvest → copy
+//! the dirty pages → capture the machine state → note the console offset →
+//! resume → encode → send. The console bytes of epoch `k` are released when
+//! the core says so: on the backup's ack of `k`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use node::console::ConsoleLog;
+use node::ha::{PrimaryAction, PrimaryCore, PrimaryInput};
+use protocol::EndReason;
+use tokio::sync::mpsc;
+use tracing::{error, info, info_span, warn};
+use vmm::Machine;
+
+use crate::checkpoint::Session;
+use crate::copy::Staging;
+use crate::net::{NetEvent, Outgoing};
+use crate::{Config, EpochFigures, Metrics, PrimaryError};
+
+/// Real-time priority of the epoch thread while the guest is paused (the
+/// network threads have 10).
+const PAUSE_PRIORITY: i32 = 5;
+
+/// What the shell keeps with a checkpoint in flight: when it was committed
+/// to the network, and when its pause began.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InFlight {
+    sent: Instant,
+    paused: Instant,
+}
+
+pub(crate) struct EpochLoop<'a> {
+    pub cfg: &'a Config,
+    pub machine: Machine,
+    pub log: Arc<ConsoleLog>,
+    pub metrics: Arc<Metrics>,
+    pub out: mpsc::Sender<Outgoing>,
+    pub core: PrimaryCore<InFlight>,
+    pub pages: u64,
+    pub session: Option<Session>,
+    pub staging: Staging,
+    /// This thread is at real-time priority for the pause.
+    pub rt_pause: bool,
+}
+
+impl EpochLoop<'_> {
+    /// Runs until `stop`, the guest stops, or this node is fenced.
+    pub fn run(
+        &mut self,
+        events: &std_mpsc::Receiver<NetEvent>,
+        stop: &AtomicBool,
+    ) -> Result<(), PrimaryError> {
+        let mut next = Instant::now() + self.cfg.epoch;
+        self.log.set_hold(false);
+        warn!("UNPROTECTED: no backup yet; the guest runs, output is released at once");
+        let mut pre_done = false;
+        let mut waited = Duration::ZERO;
+        while !stop.load(Ordering::Relaxed) {
+            if let Some(r) = self.machine.wait_exit(Duration::ZERO) {
+                return Err(PrimaryError::GuestStopped(r));
+            }
+            // The next deadline: the pre-copy point, then the epoch's end.
+            let pre_at = (!pre_done && self.session.is_some() && !self.cfg.precopy.is_zero())
+                .then(|| next.checked_sub(self.cfg.precopy))
+                .flatten();
+            let deadline = pre_at.unwrap_or(next);
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            match events.recv_timeout(timeout) {
+                Ok(ev) => {
+                    self.on_event(ev)?;
+                    continue;
+                }
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            if pre_at.is_some() {
+                // A checkpoint may only go out when fewer than the limit are
+                // in flight: wait for that before the pre-copy, so that the
+                // pages it copies are those of the pause that follows.
+                let w = Instant::now();
+                if !self.wait_in_flight(events, stop)? {
+                    return Ok(());
+                }
+                let w = w.elapsed();
+                if w > Duration::from_micros(100) {
+                    next = next.max(Instant::now() + self.cfg.precopy);
+                }
+                waited += w;
+                pre_done = true;
+                if self.session.is_some() {
+                    self.staging.precopy(&mut self.machine)?;
+                }
+                continue;
+            }
+            pre_done = false;
+            next += self.cfg.epoch;
+            if Instant::now() > next {
+                next = Instant::now() + self.cfg.epoch;
+            }
+            if self.session.is_none() {
+                waited = Duration::ZERO;
+                continue;
+            }
+            let w = Instant::now();
+            if !self.wait_in_flight(events, stop)? {
+                return Ok(());
+            }
+            waited += w.elapsed();
+            if self.session.is_some() {
+                self.epoch(std::mem::take(&mut waited))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bounded in-flight checkpoints: waits (handling events) until the core
+    /// lets another one go. False: stop, or the network task is gone.
+    fn wait_in_flight(
+        &mut self,
+        events: &std_mpsc::Receiver<NetEvent>,
+        stop: &AtomicBool,
+    ) -> Result<bool, PrimaryError> {
+        while self.core.in_session() && !self.core.may_send() {
+            match events.recv_timeout(Duration::from_millis(50)) {
+                Ok(ev) => self.on_event(ev)?,
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(false);
+                    }
+                }
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    fn on_event(&mut self, ev: NetEvent) -> Result<(), PrimaryError> {
+        let input = match ev {
+            NetEvent::Connected => PrimaryInput::Connected,
+            NetEvent::Ack(epoch) => PrimaryInput::Ack { epoch },
+            NetEvent::Ended(reason) => PrimaryInput::Ended(reason),
+        };
+        self.feed(input)
+    }
+
+    /// Gives the core an input and carries out its actions.
+    fn feed(&mut self, input: PrimaryInput<InFlight>) -> Result<(), PrimaryError> {
+        for action in self.core.on(input) {
+            match action {
+                PrimaryAction::StartSession => self.start_session()?,
+                PrimaryAction::Protected => {
+                    self.metrics.set_protected(true);
+                    info!("PROTECTED: the backup committed the full resync");
+                }
+                PrimaryAction::Release { upto, acked } => {
+                    self.log.release(upto);
+                    for (_, f) in acked {
+                        self.metrics.ack(f.sent.elapsed());
+                        self.metrics.release(f.paused.elapsed());
+                    }
+                }
+                PrimaryAction::EndSession(reason) => {
+                    warn!("ending the session with the backup: {reason}");
+                    let _ = self.out.blocking_send(Outgoing::End(reason));
+                }
+                PrimaryAction::Unprotected(reason) => {
+                    self.session = None;
+                    self.metrics.set_protected(false);
+                    error!("UNPROTECTED: lost the backup ({reason}); the guest keeps running, output is released at once; waiting for a backup to re-protect");
+                    self.log.set_hold(false);
+                }
+                PrimaryAction::Fence(reason) => {
+                    // Held output stays held: the other node continues from
+                    // its last committed checkpoint; this guest must not be seen.
+                    self.session = None;
+                    error!("FENCED: {reason}; stopping this guest");
+                    return Err(PrimaryError::Fenced(reason));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A new backup: new session, full resync as the first epoch.
+    fn start_session(&mut self) -> Result<(), PrimaryError> {
+        // From here on output waits for acks; everything before is released.
+        self.log.set_hold(true);
+        let out_start = self.log.released();
+        let vcpus = self.machine.vcpu_count() as u32;
+        let (session, hello) = Session::start(self.cfg, self.pages, vcpus, out_start)?;
+        if self.out.blocking_send(Outgoing::Frames(hello)).is_err() {
+            self.log.set_hold(false);
+            return Ok(());
+        }
+        self.session = Some(session);
+        // Full resync: every page, encoded while paused.
+        let span = info_span!("resync");
+        let _g = span.enter();
+        let t = Instant::now();
+        self.machine.set_dirty_tracking(true)?;
+        self.machine.pause()?;
+        let t0 = Instant::now();
+        let r = self
+            .machine
+            .harvest_dirty()
+            .map_err(PrimaryError::from)
+            .and_then(|_| self.staging.everything(&self.machine))
+            .and_then(|copy| self.checkpoint(t0, Duration::ZERO, copy, Duration::ZERO));
+        self.staging.clear();
+        if r.is_err() && self.machine.is_paused() {
+            self.machine.resume()?;
+        }
+        r?;
+        info!(
+            pages = self.pages,
+            elapsed_ms = t.elapsed().as_millis() as u64,
+            "full resync sent"
+        );
+        Ok(())
+    }
+
+    fn epoch(&mut self, wait: Duration) -> Result<(), PrimaryError> {
+        // The pause runs at real-time priority (below the heartbeat threads):
+        // on a small, busy host the guest must not stay stopped while this
+        // thread waits for a CPU. Back to normal at resume (in checkpoint).
+        self.rt_pause = vmm::set_current_thread_realtime(PAUSE_PRIORITY).is_ok();
+        let r = self.paused_epoch(wait);
+        self.end_rt_pause();
+        r
+    }
+
+    fn end_rt_pause(&mut self) {
+        if std::mem::take(&mut self.rt_pause) {
+            let _ = vmm::set_current_thread_normal();
+        }
+    }
+
+    fn paused_epoch(&mut self, wait: Duration) -> Result<(), PrimaryError> {
+        let t0 = Instant::now();
+        self.machine.pause()?;
+        let t1 = Instant::now();
+        let r = self
+            .machine
+            .harvest_dirty()
+            .map_err(PrimaryError::from)
+            .and_then(|dirty| {
+                let harvest = t1.elapsed();
+                let copy = self.staging.in_pause(&self.machine, dirty.frames())?;
+                self.checkpoint(t0, harvest, copy, wait)
+            });
+        if r.is_err() && self.machine.is_paused() {
+            self.machine.resume()?;
+        }
+        // After the resume: the slots are free for the next epoch.
+        self.staging.clear();
+        r
+    }
+
+    /// With the dirty pages staged: captures the state and the console
+    /// offset, resumes, encodes and sends. Paused on entry (since `t0`),
+    /// running on return.
+    fn checkpoint(
+        &mut self,
+        t0: Instant,
+        harvest: Duration,
+        copy: Duration,
+        wait: Duration,
+    ) -> Result<(), PrimaryError> {
+        let tcap = Instant::now();
+        let state = self.machine.capture()?;
+        let capture = tcap.elapsed();
+        let out_end = self.log.end();
+        debug_assert_eq!(out_end, state.console_offset);
+        self.machine.resume()?;
+        let pause = t0.elapsed();
+        self.end_rt_pause();
+
+        let session = self.session.as_mut().expect("a session");
+        let built = session.checkpoint(&self.staging, &state.encode(), &self.log, out_end)?;
+        let sent = built.frames.len() as u64;
+        let dirty = self.staging.frames().len() as u64;
+        let in_flight = InFlight {
+            sent: Instant::now(),
+            paused: t0,
+        };
+        if self
+            .out
+            .blocking_send(Outgoing::Frames(built.frames))
+            .is_err()
+        {
+            return self.feed(PrimaryInput::Ended(EndReason::Local(
+                "the network task ended".into(),
+            )));
+        }
+        self.feed(PrimaryInput::Sent {
+            epoch: built.epoch,
+            release_to: out_end,
+            meta: in_flight,
+        })?;
+        self.metrics.epoch(EpochFigures {
+            epoch: built.epoch,
+            pause,
+            harvest,
+            copy,
+            capture,
+            encode: built.encode,
+            dirty_pages: dirty,
+            bytes: sent,
+            raw_bytes: dirty * 4096,
+            wait,
+            precopied: self.staging.precopied(),
+        });
+        Ok(())
+    }
+}

@@ -1,0 +1,216 @@
+//! The primary's network shell: connects (and reconnects) to the backup,
+//! moves checkpoint frames out and acks in, heartbeats, and reports how
+//! each session ended. It decides nothing: the epoch loop's
+//! [`node::ha::PrimaryCore`] does.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::{EndReason, Message};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use transport::link::{DelayLine, Pacer, PIECE};
+use transport::{Link, TransportError};
+
+use crate::Config;
+
+/// What the network tells the epoch loop.
+#[derive(Debug)]
+pub(crate) enum NetEvent {
+    /// A backup is connected: a new session.
+    Connected,
+    /// The backup committed up to this epoch.
+    Ack(u64),
+    /// The session ended.
+    Ended(EndReason),
+}
+
+/// What the epoch loop tells the network.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// Frames of the current session, in order.
+    Frames(Vec<u8>),
+    /// End the current session with this reason.
+    End(EndReason),
+}
+
+/// Connects to `backup` again and again until `stop`; each session's
+/// events go to `events`.
+pub(crate) async fn run(
+    cfg: Config,
+    backup: SocketAddr,
+    mut out: mpsc::Receiver<Outgoing>,
+    events: std_mpsc::Sender<NetEvent>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut warned = false;
+    while !stop.load(Ordering::Relaxed) {
+        let link = match transport::connect(backup, &cfg.tls).await {
+            Ok(l) => l,
+            Err(e) => {
+                if !warned {
+                    warn!("cannot reach the backup at {backup}: {e}; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        warned = false;
+        info!(backup = %link.remote(), "connected to the backup");
+        // Drop what was meant for an earlier session.
+        while out.try_recv().is_ok() {}
+        if events.send(NetEvent::Connected).is_err() {
+            return;
+        }
+        let why = session(&cfg, link, &mut out, &events, &stop).await;
+        debug!("session ended: {why}");
+        let _ = events.send(NetEvent::Ended(why));
+    }
+}
+
+fn end_of(e: TransportError) -> EndReason {
+    match e {
+        TransportError::Ended(r) => r,
+        other => EndReason::Broken(other.to_string()),
+    }
+}
+
+/// Writes the data stream: frames as they come, or through the emulated
+/// link (held for the one-way delay, then paced to the rate in pieces).
+async fn writer(
+    cfg: &Config,
+    data: &mut transport::FrameWriter,
+    out: &mut mpsc::Receiver<Outgoing>,
+) -> EndReason {
+    let shape = cfg.link;
+    let loop_ended = || EndReason::Local("the epoch loop ended".into());
+    if !shape.is_shaped() {
+        while let Some(o) = out.recv().await {
+            match o {
+                Outgoing::Frames(f) => {
+                    if let Err(e) = data.send(&f).await {
+                        return end_of(e);
+                    }
+                }
+                Outgoing::End(r) => return r,
+            }
+        }
+        return loop_ended();
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Outgoing)>();
+    let stamper = async move {
+        while let Some(o) = out.recv().await {
+            if tx
+                .send((tokio::time::Instant::now() + shape.delay, o))
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let sender = async {
+        let mut pacer = Pacer::new(shape.rate_bytes_per_s);
+        while let Some((due, o)) = rx.recv().await {
+            let f = match o {
+                Outgoing::Frames(f) => f,
+                Outgoing::End(r) => return r,
+            };
+            tokio::time::sleep_until(due).await;
+            for piece in f.chunks(PIECE) {
+                let at = pacer.book(piece.len(), tokio::time::Instant::now());
+                tokio::time::sleep_until(at).await;
+                if let Err(e) = data.send(piece).await {
+                    return end_of(e);
+                }
+            }
+        }
+        loop_ended()
+    };
+    tokio::pin!(stamper);
+    tokio::pin!(sender);
+    tokio::select! {
+        why = &mut sender => why,
+        _ = &mut stamper => (&mut sender).await,
+    }
+}
+
+/// One session: data out, heartbeats both ways, acks in. Returns why it ended.
+async fn session(
+    cfg: &Config,
+    mut link: Link,
+    out: &mut mpsc::Receiver<Outgoing>,
+    events: &std_mpsc::Sender<NetEvent>,
+    stop: &AtomicBool,
+) -> EndReason {
+    let mut data = link.data_tx.take().expect("primary link has a data stream");
+    let mut tick = tokio::time::interval(cfg.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let t0 = Instant::now();
+    let mut last_heard = Instant::now();
+    let mut seq = 0u64;
+    let (ctl_tx, ctl_rx) = (&mut link.ctl_tx, &mut link.ctl_rx);
+    let delay = cfg.link.delay;
+    let loop_ended = || EndReason::Local("the epoch loop ended".into());
+    // Acks held for the emulated link's one-way delay.
+    let mut acks: DelayLine<u64> = DelayLine::new(delay);
+    let writer = writer(cfg, &mut data, out);
+    tokio::pin!(writer);
+    let why = loop {
+        tokio::select! {
+            why = &mut writer => break why,
+            _ = tokio::time::sleep_until(acks.next_due().unwrap_or_else(tokio::time::Instant::now)), if !acks.is_empty() => {
+                while let Some(epoch) = acks.pop_due(tokio::time::Instant::now()) {
+                    if events.send(NetEvent::Ack(epoch)).is_err() {
+                        break;
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                if stop.load(Ordering::Relaxed) {
+                    let reason = "primary shutting down".to_string();
+                    let _ = ctl_tx.send_message(&Message::Goodbye { reason: reason.clone() }).await;
+                    break EndReason::Local(reason);
+                }
+                if last_heard.elapsed() > cfg.backup_timeout {
+                    break EndReason::Silent(last_heard.elapsed());
+                }
+                seq += 1;
+                let sent_us = t0.elapsed().as_micros() as u64;
+                if let Err(e) = ctl_tx.send_message(&Message::Heartbeat { seq, sent_us }).await {
+                    break end_of(e);
+                }
+            }
+            m = ctl_rx.next() => match m {
+                Ok(Some(Message::Ack { epoch })) => {
+                    last_heard = Instant::now();
+                    if !delay.is_zero() {
+                        acks.push(epoch, tokio::time::Instant::now());
+                    } else if events.send(NetEvent::Ack(epoch)).is_err() {
+                        break loop_ended();
+                    }
+                }
+                Ok(Some(Message::HeartbeatEcho { seq, sent_us })) => {
+                    last_heard = Instant::now();
+                    let rtt_us = (t0.elapsed().as_micros() as u64).saturating_sub(sent_us);
+                    if seq.is_multiple_of(1000) {
+                        debug!(seq, rtt_us, "heartbeat round trip");
+                    }
+                }
+                Ok(Some(Message::Heartbeat { seq, sent_us })) => {
+                    last_heard = Instant::now();
+                    let _ = ctl_tx.send_message(&Message::HeartbeatEcho { seq, sent_us }).await;
+                }
+                Ok(Some(Message::Goodbye { reason })) => break EndReason::Goodbye(reason),
+                Ok(Some(other)) => break EndReason::Refused(format!("unexpected {} from the backup", other.name())),
+                Ok(None) => break EndReason::Broken("the backup closed the control stream".into()),
+                Err(e) => break end_of(e),
+            }
+        }
+    };
+    link.close(&why);
+    why
+}
