@@ -139,7 +139,7 @@ fn commands(metrics: Arc<Metrics>, log: Arc<ConsoleLog>, origin: Origin) -> node
             metrics.reset();
             Some("ok: figures reset".into())
         }
-        "takeover" => Some("error: this node runs the guest; send takeover to its backup".into()),
+        "takeover" => Some("error: this node is the primary; send takeover to its backup".into()),
         _ => None,
     })
 }
