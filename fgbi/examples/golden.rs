@@ -30,7 +30,9 @@ fn fill_random(p: &mut [u8], r: &mut Rng) {
 }
 
 fn fill_text(p: &mut [u8], r: &mut Rng) {
-    const WORDS: &[&str] = &["the ", "replica ", "page ", "of ", "memory ", "epoch ", "a "];
+    const WORDS: &[&str] = &[
+        "the ", "replica ", "page ", "of ", "memory ", "epoch ", "a ",
+    ];
     let mut i = 0;
     while i < p.len() {
         let w = WORDS[r.below(WORDS.len())].as_bytes();

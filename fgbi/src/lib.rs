@@ -52,9 +52,15 @@
 //! as it stood before the record that contains it.
 
 mod apply;
+mod blocks;
 pub mod codec;
 mod digest;
 mod encoder;
+mod knowledge;
+mod pipeline;
+mod record;
+mod sharing;
+mod xbzrle;
 
 pub use apply::{apply, ApplyStats};
 pub use encoder::{EncodeStats, Encoder};
