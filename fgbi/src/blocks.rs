@@ -29,6 +29,18 @@ pub(crate) fn blocks_from_chunks(chunks: u64, bs: usize) -> u64 {
         .fold(0, |m, b| m | 1 << b)
 }
 
+/// The blocks of `bs` bytes all of whose 64-byte chunks are set in `chunks`.
+fn blocks_all_set(chunks: u64, bs: usize) -> u64 {
+    let per = bs / 64;
+    if per == 1 {
+        return chunks;
+    }
+    let block_mask = (1u64 << per) - 1;
+    (0..PAGE_SIZE / bs)
+        .filter(|b| (chunks >> (b * per)) & block_mask == block_mask)
+        .fold(0, |m, b| m | 1 << b)
+}
+
 /// The 64-byte chunks in which `new` differs from `old`.
 pub(crate) fn chunks_changed(old: &[u8; PAGE_SIZE], new: &[u8; PAGE_SIZE]) -> u64 {
     let (oc, _) = old.as_chunks::<64>();
@@ -75,9 +87,29 @@ impl BlockMasks {
     /// The masks for the `changed` blocks of `data`: each changed block is
     /// tested for zero once, here.
     pub(crate) fn new(changed: u64, data: &[u8; PAGE_SIZE], bs: usize) -> Self {
-        let zero = bits(changed)
-            .filter(|&b| is_zero(&data[b * bs..(b + 1) * bs]))
-            .fold(0, |m, b| m | 1 << b);
+        let (chunks, _) = data.as_chunks::<64>();
+        let per = bs / 64;
+        let nb = PAGE_SIZE / bs;
+        let zero = if changed == all_blocks(nb) {
+            // Every block changed (a rewritten or unknown page): one
+            // branch-free pass over the page.
+            let mut zc = 0u64;
+            for (i, c) in chunks.iter().enumerate() {
+                zc |= (chunk_eq(c, &[0; 64]) as u64) << i;
+            }
+            blocks_all_set(zc, bs)
+        } else {
+            let mut zero = 0u64;
+            for b in bits(changed) {
+                if chunks[b * per..(b + 1) * per]
+                    .iter()
+                    .all(|c| chunk_eq(c, &[0; 64]))
+                {
+                    zero |= 1 << b;
+                }
+            }
+            zero
+        };
         BlockMasks { changed, zero }
     }
 
@@ -196,6 +228,22 @@ mod tests {
             assert_eq!(bits(m.changed).collect::<Vec<_>>(), [0, 2, nb - 1]);
             assert!(!m.page_is_zero(&new, bs));
             assert_eq!(all_blocks(nb).count_ones() as usize, nb);
+            // Every block changed: the one-pass path gives the same zero mask.
+            let all = BlockMasks::new(all_blocks(nb), &new, bs);
+            for b in 0..nb {
+                assert_eq!(
+                    all.zero(b),
+                    is_zero(&new[b * bs..(b + 1) * bs]),
+                    "bs {bs} b {b}"
+                );
+            }
+            let mut z = new;
+            z[bs..].fill(0);
+            let all = BlockMasks::new(all_blocks(nb), &z, bs);
+            assert_eq!(all.zero, all_blocks(nb) & !1);
+            assert!(!all.page_is_zero(&z, bs));
+            z[..bs].fill(0);
+            assert!(BlockMasks::new(all_blocks(nb), &z, bs).page_is_zero(&z, bs));
         }
     }
 

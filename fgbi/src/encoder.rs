@@ -1,12 +1,11 @@
 //! The primary side: [`Encoder`] turns dirty pages into records, in the
 //! configured mode, and keeps the running totals.
 //!
-//! The encoder is a thin composition: [`crate::Mode::Remus`] sends every
-//! page raw and keeps nothing; [`crate::Mode::Xbzrle`] is
-//! [`crate::xbzrle::XbzrleCache`]; [`crate::Mode::Fgbi`] is
-//! [`crate::pipeline::FgbiPipeline`], itself built on the knowledge budget
-//! ([`crate::knowledge`]), the sharing index ([`crate::sharing`]) and the
-//! per-page block masks ([`crate::blocks`]).
+//! The encoder is a thin composition: remus sends every page raw and keeps
+//! nothing; xbzrle is the direct-mapped cache of `xbzrle.rs`; fgbi is the
+//! pipeline of `pipeline.rs`, itself built on the knowledge budget
+//! (`knowledge.rs`), the sharing index (`sharing.rs`) and the per-page block
+//! masks (`blocks.rs`).
 
 use crate::pipeline::FgbiPipeline;
 use crate::xbzrle::XbzrleCache;
@@ -131,5 +130,67 @@ impl Encoder {
             stats.unchanged += 1;
         }
         stats.bytes_out += (out.len() - start) as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_mode_counts_pages_and_stays_within_its_budget() {
+        let pages = 32u64;
+        let budget = 8 * PAGE_SIZE as u64;
+        for mode in [Mode::Remus, Mode::Xbzrle, Mode::Fgbi] {
+            let cfg = Config {
+                mode,
+                block_size: 128,
+                budget_bytes: budget,
+                key: [1; 32],
+            };
+            let mut enc = Encoder::new(cfg, pages).unwrap();
+            let mut out = Vec::new();
+            let mut s = 1u64;
+            for round in 0..4 {
+                for p in 0..pages {
+                    let mut data = [0u8; PAGE_SIZE];
+                    if round % 2 == 0 || p % 3 != 0 {
+                        for c in data.chunks_exact_mut(8) {
+                            s ^= s << 13;
+                            s ^= s >> 7;
+                            s ^= s << 17;
+                            c.copy_from_slice(&s.to_le_bytes());
+                        }
+                    }
+                    enc.encode_page(p, &data, &mut out);
+                    assert!(enc.memory_bytes() <= budget, "{mode}");
+                }
+            }
+            let st = enc.stats();
+            assert_eq!(st.pages, 4 * pages);
+            assert_eq!(st.bytes_out, out.len() as u64);
+            let records = st.zero_pages
+                + st.raw_pages
+                + st.lz4_pages
+                + st.xor_pages
+                + st.block_pages
+                + st.copy_pages;
+            assert_eq!(records + st.unchanged, st.pages, "{mode}");
+            if mode == Mode::Remus {
+                assert_eq!(st.raw_pages, st.pages);
+                assert_eq!(enc.memory_bytes(), 0);
+            }
+            assert!(format!("{enc:?}").contains(&format!("{mode:?}")));
+        }
+        let bad = Config {
+            mode: Mode::Fgbi,
+            block_size: 100,
+            budget_bytes: 0,
+            key: [0; 32],
+        };
+        assert_eq!(
+            Encoder::new(bad, 1).err(),
+            Some(ConfigError::BlockSize(100))
+        );
     }
 }

@@ -12,10 +12,10 @@
 //!    small (under 512 bytes): up to `blocks / 4` changed blocks that were
 //!    rewritten (not merely edited) and are not zero are looked up, first to
 //!    last, until one names a block the backup verifiably holds; that gives a
-//!    source page and a block offset. The sampled blocks' digests are
-//!    computed for the index.
-//! 4. **The record**: a `CopyPage` if the source is the same page content
-//!    at offset 0; else, with no source and no zeroed block, the whole-page
+//!    source page and a block offset. The digests of the sampled blocks
+//!    that were rewritten are computed, for the index.
+//! 4. **The record**: a `CopyPage` if the source is at offset 0, is another
+//!    page held as a copy, and equals this page; else, with no source and no zeroed block, the whole-page
 //!    XOR-RLE delta when it fit, or the whole page (lz4 or raw) when the page
 //!    was known but its delta did not fit; else a block list (zero blocks,
 //!    references to the source at the same offset, XOR-RLE or raw blocks)
@@ -354,4 +354,177 @@ fn mostly_changed(
         .filter(|(x, y)| x != y)
         .count();
     diff * 8 >= bs / 8 * 7
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply;
+    use crate::codec::get_varint;
+
+    const PAGES: u64 = 16;
+
+    fn random(seed: u64) -> [u8; PAGE_SIZE] {
+        let mut s = seed | 1;
+        let mut p = [0u8; PAGE_SIZE];
+        for c in p.chunks_exact_mut(8) {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            c.copy_from_slice(&s.to_le_bytes());
+        }
+        p
+    }
+
+    /// A pipeline, the primary's memory and the backup's replica.
+    struct Rig {
+        enc: FgbiPipeline,
+        stats: EncodeStats,
+        mem: Vec<u8>,
+        replica: Vec<u8>,
+        bs: usize,
+    }
+
+    impl Rig {
+        fn new(bs: usize, budget_pages: u64) -> Self {
+            let cfg = Config {
+                mode: crate::Mode::Fgbi,
+                block_size: bs,
+                budget_bytes: budget_pages * PAGE_SIZE as u64,
+                key: [5; 32],
+            };
+            Rig {
+                enc: FgbiPipeline::new(&cfg, PAGES),
+                stats: EncodeStats::default(),
+                mem: vec![0; PAGES as usize * PAGE_SIZE],
+                replica: vec![0; PAGES as usize * PAGE_SIZE],
+                bs,
+            }
+        }
+
+        fn page(&mut self, p: u64) -> &mut [u8] {
+            let p = p as usize;
+            &mut self.mem[p * PAGE_SIZE..(p + 1) * PAGE_SIZE]
+        }
+
+        /// Encodes page `p` alone, applies it, checks the replica; returns the
+        /// record.
+        fn send(&mut self, p: u64) -> Vec<u8> {
+            let mut out = Vec::new();
+            let data: [u8; PAGE_SIZE] = self.page(p).try_into().unwrap();
+            self.enc.encode(p, &data, &mut self.stats, &mut out);
+            assert!(out.len() <= 2 + PAGE_SIZE, "record of {} bytes", out.len());
+            apply(&mut self.replica, self.bs, &out).unwrap();
+            assert!(self.replica == self.mem, "replica differs after page {p}");
+            out
+        }
+    }
+
+    /// The record kind (after the page varint), or `None` for no record.
+    fn kind_of(rec: &[u8]) -> Option<u8> {
+        let mut pos = 0;
+        get_varint(rec, &mut pos).ok()?;
+        rec.get(pos).copied()
+    }
+
+    #[test]
+    fn each_kind_of_change_gets_its_record() {
+        let mut r = Rig::new(64, 2 * PAGES);
+        // A fresh replica is zero: an unchanged zero page sends nothing.
+        assert_eq!(kind_of(&r.send(0)), None);
+        // Random content over zero: raw (lz4 does not pay).
+        r.page(1).copy_from_slice(&random(1));
+        assert_eq!(kind_of(&r.send(1)), Some(kind::RAW_PAGE));
+        // Unchanged: nothing. A few words against the held copy: XOR page.
+        assert_eq!(kind_of(&r.send(1)), None);
+        r.page(1)[100..108].copy_from_slice(&[9; 8]);
+        let rec = r.send(1);
+        assert_eq!(kind_of(&rec), Some(kind::XOR_PAGE));
+        assert!(rec.len() < 20);
+        // An edit and a zeroed block: a block list.
+        r.page(1)[8..16].copy_from_slice(&[7; 8]);
+        r.page(1)[640..704].fill(0);
+        assert_eq!(kind_of(&r.send(1)), Some(kind::BLOCKS));
+        // A duplicate of a held page: CopyPage.
+        let dup: [u8; PAGE_SIZE] = r.page(1).try_into().unwrap();
+        r.page(2).copy_from_slice(&dup);
+        assert_eq!(kind_of(&r.send(2)), Some(kind::COPY_PAGE));
+        // Compressible content: lz4.
+        let text: Vec<u8> = (0..PAGE_SIZE).map(|i| b"the page "[i % 9]).collect();
+        r.page(3).copy_from_slice(&text);
+        assert_eq!(kind_of(&r.send(3)), Some(kind::LZ4_PAGE));
+        // Zeroed: ZeroPage, then nothing.
+        r.page(1).fill(0);
+        assert_eq!(kind_of(&r.send(1)), Some(kind::ZERO_PAGE));
+        assert_eq!(kind_of(&r.send(1)), None);
+        let st = r.stats;
+        assert_eq!(
+            (st.raw_pages, st.xor_pages, st.block_pages, st.copy_pages),
+            (1, 1, 1, 1)
+        );
+        assert_eq!((st.lz4_pages, st.zero_pages), (1, 1));
+    }
+
+    #[test]
+    fn moved_content_becomes_references_to_the_source() {
+        for bs in [64, 256, 1024] {
+            let mut r = Rig::new(bs, 2 * PAGES);
+            r.page(4).copy_from_slice(&random(4));
+            r.send(4);
+            // Page 5 takes page 4's content shifted by one block, and a new
+            // last block. (The first `blocks / 4` rewritten blocks are looked
+            // up: with 1 KiB blocks, only the first.)
+            let src: [u8; PAGE_SIZE] = r.page(4).try_into().unwrap();
+            r.page(5)[..PAGE_SIZE - bs].copy_from_slice(&src[bs..]);
+            r.page(5)[PAGE_SIZE - bs..].copy_from_slice(&random(9)[..bs]);
+            let rec = r.send(5);
+            assert_eq!(kind_of(&rec), Some(kind::BLOCKS), "bs {bs}");
+            assert_eq!(r.stats.ref_blocks as usize, PAGE_SIZE / bs - 1, "bs {bs}");
+            assert!(rec.len() < 64 + bs + 8 * (PAGE_SIZE / bs), "bs {bs}");
+        }
+    }
+
+    #[test]
+    fn stale_index_entries_are_never_used() {
+        let mut r = Rig::new(64, 2 * PAGES);
+        r.page(6).copy_from_slice(&random(6));
+        r.send(6);
+        let old: [u8; PAGE_SIZE] = r.page(6).try_into().unwrap();
+        // Page 6 changes completely: the index still names its old blocks.
+        r.page(6).copy_from_slice(&random(60));
+        r.send(6);
+        // Page 7 takes page 6's *old* content: no reference may point at page 6.
+        r.page(7).copy_from_slice(&old);
+        let rec = r.send(7);
+        assert_ne!(kind_of(&rec), Some(kind::COPY_PAGE));
+        assert_eq!(r.stats.ref_blocks, 0);
+    }
+
+    #[test]
+    fn pages_known_by_digests_or_not_at_all_stay_exact() {
+        // No budget at all, and a budget of 2 copies or 11 digest sets for
+        // 16 pages (every page is touched, then 8 of them over and over).
+        for budget_pages in [0, 3] {
+            let mut r = Rig::new(64, budget_pages);
+            for p in 0..PAGES {
+                r.page(p).copy_from_slice(&random(p + 100));
+                r.send(p);
+            }
+            for round in 0..6u64 {
+                for p in 0..PAGES / 2 {
+                    let w = ((p * 37 + round * 11) % 512) as usize * 8;
+                    r.page(p)[w..w + 8].copy_from_slice(&(round + 1).to_le_bytes());
+                    r.send(p);
+                }
+            }
+            assert!(r.enc.bytes() <= budget_pages * PAGE_SIZE as u64);
+            if budget_pages == 0 {
+                assert_eq!(r.stats.digest_hits + r.stats.copy_hits, 0);
+            } else {
+                assert!(r.stats.digest_hits > 0 && r.stats.misses > 0);
+                // A known page with one changed word: one block, not the page.
+                assert!(r.stats.block_pages > 0);
+            }
+        }
+    }
 }
