@@ -1,7 +1,7 @@
 //! fgbi: what goes on the wire each epoch, and how the backup applies it.
 //!
 //! A pure library (no I/O, no threads). The primary's [`Encoder`] turns the
-//! pages dirtied in an epoch into the smallest exact description of the
+//! pages dirtied in an epoch into a small, exact description of the
 //! change relative to what the backup holds; the backup's [`apply`] makes its
 //! replica bit-identical to the primary's memory at that checkpoint.
 //!
@@ -10,19 +10,32 @@
 //!   blocks (64 B by default, 64–1024); only blocks whose content changed are
 //!   sent. Changed blocks are found by comparing with the previous copy where
 //!   one is held, and by keyed 128-bit blake3 digests where it is not.
-//! - **Block sharing**: a content index of blocks the backup already holds;
-//!   a changed block whose content is there (moved or duplicated content) is
-//!   sent as a reference. References are checked against what the encoder
-//!   knows the backup holds at that point of the stream (bytes where a copy is
-//!   held, digests otherwise), so a stale index entry is never used; the key
-//!   is per session and secret, so a guest cannot craft colliding blocks.
-//! - **Hybrid compression**: per page, the smallest of zero, XOR-RLE against
-//!   the previous version (XBZRLE-style), a block list, lz4, and raw. Output
-//!   is never larger than raw plus a few bytes of header.
+//! - **Block sharing**: a content index of sampled blocks (four per page)
+//!   the backup holds; a page whose rewritten blocks are found there (moved
+//!   or duplicated content) gets its blocks compared with the source page at
+//!   the same offset, and equal ones are sent as references (or the page as a
+//!   copy). References are checked against what the encoder knows the backup
+//!   holds at that point of the stream (bytes where a copy is held, digests
+//!   otherwise), so a stale index entry is never used; the key is per session
+//!   and secret, so a guest cannot craft colliding blocks.
+//! - **Hybrid compression**: per page, one of zero, XOR-RLE against the
+//!   previous version (XBZRLE-style), a block list, lz4, and raw: a block
+//!   list is compared with the whole page (lz4 or raw) and the smaller sent;
+//!   a small whole-page delta is sent without trying the others. Output is
+//!   never larger than raw plus a few bytes of header.
 //! - **Memory budget**: what the encoder keeps about the backup's memory
 //!   (copies, digests, the sharing index) stays within
-//!   [`Config::budget_bytes`]; past it the encoder stays exact and only sends
-//!   more bytes.
+//!   [`Config::budget_bytes`] (plus a few bytes a page of per-page state);
+//!   past it the encoder stays exact and only sends more bytes.
+//!
+//! # Modules
+//! [`Encoder`] dispatches on the mode. fgbi mode is the pipeline
+//! (`pipeline.rs`: the per-page choice of record) over the knowledge budget
+//! (`knowledge.rs`: zero / copy / digests / unknown per page, CLOCK and random
+//! eviction, the adaptive copy/digest split), the sharing index
+//! (`sharing.rs`) and per-page block masks and digests (`blocks.rs`);
+//! xbzrle mode is a direct-mapped cache (`xbzrle.rs`); record writers are in
+//! `record.rs`, the byte codecs in [`codec`], the backup side in [`apply()`].
 //!
 //! # Modes
 //! One encoder, three modes, so one run compares them side by side:
@@ -52,9 +65,15 @@
 //! as it stood before the record that contains it.
 
 mod apply;
+mod blocks;
 pub mod codec;
 mod digest;
 mod encoder;
+mod knowledge;
+mod pipeline;
+mod record;
+mod sharing;
+mod xbzrle;
 
 pub use apply::{apply, ApplyStats};
 pub use encoder::{EncodeStats, Encoder};
