@@ -20,7 +20,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::boot::{self, BootError};
 use crate::console::Console;
-use crate::memory::{self, GuestMem, MemoryError, PAGE_SIZE};
+use crate::memory::{self, GuestMem, MemoryError, VcpuLease, PAGE_SIZE};
 use crate::serial::{IrqTrigger, SerialDevice, COM1_GSI};
 use crate::state::{MachineState, VcpuState, VmState};
 use crate::vcpu::{self, Event, ExitReason, Request, Shared, VcpuError, VcpuThread};
@@ -192,6 +192,9 @@ pub struct Machine {
     paused: bool,
     exited: Option<ExitReason>,
     _serial_evt: EventFd,
+    /// Held until the vCPU threads are joined (in `Drop`, before the fields
+    /// drop): see [`memory::with_ram_mut`].
+    _vcpu_lease: VcpuLease,
 }
 
 struct Parts {
@@ -327,6 +330,7 @@ impl Machine {
         let t0 = Instant::now();
         let p = open_vm(&config.kvm_device, config.mem_bytes)?;
         let entry = boot::load(&p.mem, kernel, cmdline)?;
+        let lease = VcpuLease::acquire(&p.mem)?;
         let mut fds = Vec::new();
         for i in 0..config.vcpus {
             let fd =
@@ -359,7 +363,7 @@ impl Machine {
             vcpu::make_runnable(&fd, i)?;
             fds.push(fd);
         }
-        let m = Machine::start(p, fds, config.dirty_tracking, console, None)?;
+        let m = Machine::start(p, lease, fds, config.dirty_tracking, console, None)?;
         debug!(
             elapsed_us = t0.elapsed().as_micros() as u64,
             "machine booted"
@@ -445,6 +449,7 @@ impl Machine {
         };
         p.vm.set_clock(&clock)
             .map_err(kvm_err("restoring kvmclock"))?;
+        let lease = VcpuLease::acquire(&p.mem)?;
         let mut fds = Vec::new();
         for (i, s) in state.vcpus.iter().enumerate() {
             let i = i as u32;
@@ -455,7 +460,15 @@ impl Machine {
             fds.push(fd);
         }
         let console = Console::new(console_sink, state.console_offset);
-        let m = Machine::start_on(p, Some(slots), fds, dirty_tracking, console, Some(state));
+        let m = Machine::start_on(
+            p,
+            lease,
+            Some(slots),
+            fds,
+            dirty_tracking,
+            console,
+            Some(state),
+        );
         debug!(
             us = t0.elapsed().as_micros() as u64,
             "machine state restored onto a standby VM"
@@ -465,18 +478,20 @@ impl Machine {
 
     fn start(
         p: Parts,
+        lease: VcpuLease,
         fds: Vec<VcpuFd>,
         tracking: bool,
         console: Console,
         state: Option<&MachineState>,
     ) -> Result<Machine, MachineError> {
-        Machine::start_on(p, None, fds, tracking, console, state)
+        Machine::start_on(p, lease, None, fds, tracking, console, state)
     }
 
     /// Starts the vCPU threads; `registered`: the memory slots, if they are
     /// registered already (without dirty logging).
     fn start_on(
         p: Parts,
+        lease: VcpuLease,
         registered: Option<Vec<Slot>>,
         fds: Vec<VcpuFd>,
         tracking: bool,
@@ -551,6 +566,7 @@ impl Machine {
             paused: false,
             exited: None,
             _serial_evt: evt,
+            _vcpu_lease: lease,
         })
     }
 
