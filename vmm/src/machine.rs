@@ -541,10 +541,18 @@ impl Machine {
                 requests: req_rx,
                 msr_list: p.msr_list.clone(),
             };
-            let thread = std::thread::Builder::new()
+            let thread = match std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || t.run())
-                .map_err(|e| MachineError::Os("spawning a vCPU thread", e))?;
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    // The threads started so far run the guest: stop them
+                    // before the VM, its memory and the vCPU lease go.
+                    stop_vcpus(&shared, &mut vcpus);
+                    return Err(MachineError::Os("spawning a vCPU thread", e));
+                }
+            };
             vcpus.push(VcpuHandle {
                 thread: Some(thread),
                 requests: req_tx,
@@ -768,21 +776,26 @@ impl Machine {
 
     /// Stops the vCPU threads and waits for them.
     pub fn stop(&mut self) {
-        self.shared
-            .exit
-            .store(true, std::sync::atomic::Ordering::Release);
-        for v in &self.vcpus {
-            let _ = v.requests.send(Request::Exit);
-            if let Some(t) = &v.thread {
-                let _ = t.kill(vcpu::kick_signal());
-            }
-        }
-        for v in &mut self.vcpus {
-            if let Some(t) = v.thread.take() {
-                let _ = t.join();
-            }
-        }
+        stop_vcpus(&self.shared, &mut self.vcpus);
         self.console.flush();
+    }
+}
+
+/// Asks every vCPU thread to exit, kicks it out of `KVM_RUN` and joins it.
+fn stop_vcpus(shared: &Shared, vcpus: &mut [VcpuHandle]) {
+    shared
+        .exit
+        .store(true, std::sync::atomic::Ordering::Release);
+    for v in vcpus.iter() {
+        let _ = v.requests.send(Request::Exit);
+        if let Some(t) = &v.thread {
+            let _ = t.kill(vcpu::kick_signal());
+        }
+    }
+    for v in vcpus.iter_mut() {
+        if let Some(t) = v.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
