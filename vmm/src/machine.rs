@@ -303,9 +303,17 @@ fn register_slots(vm: &VmFd, slots: &[Slot], tracking: bool) -> Result<(), Machi
             memory_size: s.size,
             userspace_addr: s.host,
         };
-        // The GuestMem owning `host..host + size` outlives the VM: Machine
-        // declares (and so drops) its VM fd before its memory.
-        // SAFETY: `host..host + size` is a live mapping; regions don't overlap.
+        // The mapping must stay mapped while KVM may access it through this
+        // slot, i.e. while the VM lives. The VM lives while its fd or any of
+        // its vCPU fds is open. Machine joins its vCPU threads (which own the
+        // vCPU fds) in `Drop` (and when starting fails) before its fields
+        // drop, and declares its VM fd before its GuestMem; a Standby has no
+        // vCPUs and declares its VM fd before its GuestMem too (see `Parts`).
+        // The mapping itself is unmapped only when the last clone of the
+        // GuestMem drops, so it outlives that VM fd.
+        // SAFETY: `host..host + size` is a live read-write mapping of guest
+        // RAM that outlives the VM (above); the slots don't overlap (the
+        // layout's regions are disjoint).
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_err("registering guest memory"))?;
     }
@@ -403,8 +411,9 @@ impl Machine {
 
     /// Creates a VM over `mem` ahead of a failover: the VM, its irqchip and
     /// PIT, and its memory slots (registering a slot is most of a restore's
-    /// cost here: 3.5-7.5 ms for 256 MiB on kvm_pvm). Nothing runs until
-    /// [`Machine::restore_standby`]; `mem` may change meanwhile.
+    /// cost here: 3.5-7.5 ms for 256 MiB on kvm_pvm). No vCPU exists until
+    /// [`Machine::restore_standby`], so `mem` may change meanwhile, also
+    /// through [`memory::with_ram_mut`].
     pub fn prepare_standby(mem: GuestMem, kvm_device: &Path) -> Result<Standby, MachineError> {
         let parts = open_vm_with(kvm_device, mem)?;
         let slots = slots_of(&parts.mem);
@@ -715,7 +724,9 @@ impl Machine {
     }
 
     /// Turns KVM's dirty log on or off for all of guest RAM. Turning it on
-    /// starts a fresh log (every page clean).
+    /// starts a fresh KVM log (every page clean); castor's own writes through
+    /// the GuestMemory API since the last harvest (e.g. loading the kernel)
+    /// are still reported by the next [`Machine::harvest_dirty`].
     pub fn set_dirty_tracking(&mut self, on: bool) -> Result<(), MachineError> {
         if on != self.tracking {
             register_slots(&self.vm, &self.slots, on)?;

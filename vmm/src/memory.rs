@@ -84,7 +84,7 @@ pub fn frame_limit(mem: &GuestMem) -> u64 {
 /// Being the one piece of per-region state castor owns that every clone of a
 /// [`GuestMem`] shares (clones share their regions, `Arc`ed), it also carries
 /// the region's lease word: whether a [`with_ram_mut`] slice is lent out, and
-/// how many machines may run vCPUs over the region (see [`VcpuLease`]).
+/// how many machines may run vCPUs over the region.
 #[derive(Debug)]
 pub struct VmmWriteBitmap {
     words: Vec<AtomicU64>,
@@ -226,7 +226,9 @@ impl Drop for VcpuLease {
 
 /// Runs `f` over guest RAM as one mutable byte slice, indexed by guest
 /// page number × 4096. Needs a single region (guests of at most 3 GiB): the
-/// backup applies checkpoints to its replica this way.
+/// backup applies checkpoints to its replica this way. Writes through the
+/// slice are recorded neither in the [`VmmWriteBitmap`] nor in KVM's dirty
+/// log.
 ///
 /// # Soundness
 ///
@@ -295,7 +297,7 @@ pub fn with_ram_mut<R>(
     Ok(f(slice))
 }
 
-/// Bounded-size description of a page set: frame numbers in ascending order.
+/// The frame numbers whose bits are set in `bitmap`, ascending.
 pub fn frames_of(bitmap: &[u64]) -> impl Iterator<Item = u64> + '_ {
     bitmap.iter().enumerate().flat_map(|(i, &w)| {
         let mut b = w;
