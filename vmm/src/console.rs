@@ -3,7 +3,8 @@
 //!
 //! Two devices feed it: the 8250 UART (ring-0 guest code, any kernel) and
 //! castor's MMIO console window ([`MMIO_CONSOLE_BASE`]), which castor's guest
-//! uses from ring 3 because kvm_pvm does not let ring 3 do port I/O. A store of
+//! uses from ring 3 because under kvm_pvm its ring 3 does not get IOPL 3, so a
+//! ring-3 `out` faults (docs/design.md, "What kvm_pvm decides"). A store of
 //! the 8-byte word at `MMIO_CONSOLE_BASE + 8 * (n - 1)` appends its first `n`
 //! bytes (1..=8) to the stream.
 //!

@@ -20,7 +20,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::boot::{self, BootError};
 use crate::console::Console;
-use crate::memory::{self, GuestMem, MemoryError, PAGE_SIZE};
+use crate::memory::{self, GuestMem, MemoryError, VcpuLease, PAGE_SIZE};
 use crate::serial::{IrqTrigger, SerialDevice, COM1_GSI};
 use crate::state::{MachineState, VcpuState, VmState};
 use crate::vcpu::{self, Event, ExitReason, Request, Shared, VcpuError, VcpuThread};
@@ -192,6 +192,9 @@ pub struct Machine {
     paused: bool,
     exited: Option<ExitReason>,
     _serial_evt: EventFd,
+    /// Held until the vCPU threads are joined (in `Drop`, before the fields
+    /// drop): see [`memory::with_ram_mut`].
+    _vcpu_lease: VcpuLease,
 }
 
 struct Parts {
@@ -300,9 +303,17 @@ fn register_slots(vm: &VmFd, slots: &[Slot], tracking: bool) -> Result<(), Machi
             memory_size: s.size,
             userspace_addr: s.host,
         };
-        // The GuestMem owning `host..host + size` outlives the VM: Machine
-        // declares (and so drops) its VM fd before its memory.
-        // SAFETY: `host..host + size` is a live mapping; regions don't overlap.
+        // The mapping must stay mapped while KVM may access it through this
+        // slot, i.e. while the VM lives. The VM lives while its fd or any of
+        // its vCPU fds is open. Machine joins its vCPU threads (which own the
+        // vCPU fds) in `Drop` (and when starting fails) before its fields
+        // drop, and declares its VM fd before its GuestMem; a Standby has no
+        // vCPUs and declares its VM fd before its GuestMem too (see `Parts`).
+        // The mapping itself is unmapped only when the last clone of the
+        // GuestMem drops, so it outlives that VM fd.
+        // SAFETY: `host..host + size` is a live read-write mapping of guest
+        // RAM that outlives the VM (above); the slots don't overlap (the
+        // layout's regions are disjoint).
         unsafe { vm.set_user_memory_region(region) }
             .map_err(kvm_err("registering guest memory"))?;
     }
@@ -327,6 +338,7 @@ impl Machine {
         let t0 = Instant::now();
         let p = open_vm(&config.kvm_device, config.mem_bytes)?;
         let entry = boot::load(&p.mem, kernel, cmdline)?;
+        let lease = VcpuLease::acquire(&p.mem)?;
         let mut fds = Vec::new();
         for i in 0..config.vcpus {
             let fd =
@@ -359,7 +371,7 @@ impl Machine {
             vcpu::make_runnable(&fd, i)?;
             fds.push(fd);
         }
-        let m = Machine::start(p, fds, config.dirty_tracking, console, None)?;
+        let m = Machine::start(p, lease, fds, config.dirty_tracking, console, None)?;
         debug!(
             elapsed_us = t0.elapsed().as_micros() as u64,
             "machine booted"
@@ -399,8 +411,9 @@ impl Machine {
 
     /// Creates a VM over `mem` ahead of a failover: the VM, its irqchip and
     /// PIT, and its memory slots (registering a slot is most of a restore's
-    /// cost here: 3.5-7.5 ms for 256 MiB on kvm_pvm). Nothing runs until
-    /// [`Machine::restore_standby`]; `mem` may change meanwhile.
+    /// cost here: 3.5-7.5 ms for 256 MiB on kvm_pvm). No vCPU exists until
+    /// [`Machine::restore_standby`], so `mem` may change meanwhile, also
+    /// through [`memory::with_ram_mut`].
     pub fn prepare_standby(mem: GuestMem, kvm_device: &Path) -> Result<Standby, MachineError> {
         let parts = open_vm_with(kvm_device, mem)?;
         let slots = slots_of(&parts.mem);
@@ -445,6 +458,7 @@ impl Machine {
         };
         p.vm.set_clock(&clock)
             .map_err(kvm_err("restoring kvmclock"))?;
+        let lease = VcpuLease::acquire(&p.mem)?;
         let mut fds = Vec::new();
         for (i, s) in state.vcpus.iter().enumerate() {
             let i = i as u32;
@@ -455,7 +469,15 @@ impl Machine {
             fds.push(fd);
         }
         let console = Console::new(console_sink, state.console_offset);
-        let m = Machine::start_on(p, Some(slots), fds, dirty_tracking, console, Some(state));
+        let m = Machine::start_on(
+            p,
+            lease,
+            Some(slots),
+            fds,
+            dirty_tracking,
+            console,
+            Some(state),
+        );
         debug!(
             us = t0.elapsed().as_micros() as u64,
             "machine state restored onto a standby VM"
@@ -465,18 +487,20 @@ impl Machine {
 
     fn start(
         p: Parts,
+        lease: VcpuLease,
         fds: Vec<VcpuFd>,
         tracking: bool,
         console: Console,
         state: Option<&MachineState>,
     ) -> Result<Machine, MachineError> {
-        Machine::start_on(p, None, fds, tracking, console, state)
+        Machine::start_on(p, lease, None, fds, tracking, console, state)
     }
 
     /// Starts the vCPU threads; `registered`: the memory slots, if they are
     /// registered already (without dirty logging).
     fn start_on(
         p: Parts,
+        lease: VcpuLease,
         registered: Option<Vec<Slot>>,
         fds: Vec<VcpuFd>,
         tracking: bool,
@@ -526,10 +550,18 @@ impl Machine {
                 requests: req_rx,
                 msr_list: p.msr_list.clone(),
             };
-            let thread = std::thread::Builder::new()
+            let thread = match std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || t.run())
-                .map_err(|e| MachineError::Os("spawning a vCPU thread", e))?;
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    // The threads started so far run the guest: stop them
+                    // before the VM, its memory and the vCPU lease go.
+                    stop_vcpus(&shared, &mut vcpus);
+                    return Err(MachineError::Os("spawning a vCPU thread", e));
+                }
+            };
             vcpus.push(VcpuHandle {
                 thread: Some(thread),
                 requests: req_tx,
@@ -551,6 +583,7 @@ impl Machine {
             paused: false,
             exited: None,
             _serial_evt: evt,
+            _vcpu_lease: lease,
         })
     }
 
@@ -691,7 +724,9 @@ impl Machine {
     }
 
     /// Turns KVM's dirty log on or off for all of guest RAM. Turning it on
-    /// starts a fresh log (every page clean).
+    /// starts a fresh KVM log (every page clean); castor's own writes through
+    /// the GuestMemory API since the last harvest (e.g. loading the kernel)
+    /// are still reported by the next [`Machine::harvest_dirty`].
     pub fn set_dirty_tracking(&mut self, on: bool) -> Result<(), MachineError> {
         if on != self.tracking {
             register_slots(&self.vm, &self.slots, on)?;
@@ -752,21 +787,26 @@ impl Machine {
 
     /// Stops the vCPU threads and waits for them.
     pub fn stop(&mut self) {
-        self.shared
-            .exit
-            .store(true, std::sync::atomic::Ordering::Release);
-        for v in &self.vcpus {
-            let _ = v.requests.send(Request::Exit);
-            if let Some(t) = &v.thread {
-                let _ = t.kill(vcpu::kick_signal());
-            }
-        }
-        for v in &mut self.vcpus {
-            if let Some(t) = v.thread.take() {
-                let _ = t.join();
-            }
-        }
+        stop_vcpus(&self.shared, &mut self.vcpus);
         self.console.flush();
+    }
+}
+
+/// Asks every vCPU thread to exit, kicks it out of `KVM_RUN` and joins it.
+fn stop_vcpus(shared: &Shared, vcpus: &mut [VcpuHandle]) {
+    shared
+        .exit
+        .store(true, std::sync::atomic::Ordering::Release);
+    for v in vcpus.iter() {
+        let _ = v.requests.send(Request::Exit);
+        if let Some(t) = &v.thread {
+            let _ = t.kill(vcpu::kick_signal());
+        }
+    }
+    for v in vcpus.iter_mut() {
+        if let Some(t) = v.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

@@ -5,7 +5,11 @@
 //! - `state.bin`: the encoded [`MachineState`] (magic, version, CRC).
 //!
 //! Both are written to temporary names and renamed; `state.bin` last, so a
-//! directory with a `state.bin` holds a complete snapshot.
+//! new directory with a `state.bin` holds a complete snapshot. Rewriting a
+//! snapshot in place is not atomic: an interruption between the two renames
+//! leaves the new `memory.bin` beside the old `state.bin` (undetected when the
+//! RAM size is the same). Only `memory.bin` is fsynced; neither `state.bin`
+//! nor the directory is.
 
 use std::fs::{self, File};
 use std::io::{Seek, SeekFrom, Write};

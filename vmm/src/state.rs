@@ -36,12 +36,17 @@
 //! ```
 //! Decoding checks, in order, the magic, the version, the length, the
 //! checksum, the payload's structure and then the values' ranges; each failure
-//! has its own [`StateError`] variant.
+//! has its own [`StateError`] variant. While the payload is decoded, each list
+//! is refused from its declared length if that is over its limit (the limits
+//! [`MachineState::validate`] checks: the error is then
+//! [`StateError::Invalid`]), before anything is allocated for it, and each
+//! kvm struct must come with exactly its size in bytes.
 
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
+use serde::de::{self, DeserializeOwned, Deserializer, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 /// First bytes of an encoded machine state.
@@ -52,30 +57,43 @@ pub const VERSION: u32 = 1;
 pub const MAX_PAYLOAD: u64 = 16 << 20;
 /// Most vCPUs a state may describe.
 pub const MAX_VCPUS: usize = 64;
+const MAX_CPUID: usize = 512;
+const MAX_MSRS: usize = 2048;
+const MAX_SERIAL_IN: usize = 64;
 const HEADER: usize = 32;
 
 /// One vCPU's architectural state.
 #[derive(Serialize, Deserialize)]
 pub struct VcpuState {
     /// The CPUID table the vCPU was given.
+    #[serde(deserialize_with = "cpuid_entries")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
     /// Runnable, halted, waiting for SIPI, ...
+    #[serde(deserialize_with = "kvm_struct")]
     pub mp_state: kvm_mp_state,
     /// General-purpose registers, RIP, RFLAGS.
+    #[serde(deserialize_with = "kvm_struct")]
     pub regs: kvm_regs,
     /// Segment, control and descriptor-table registers, EFER, APIC base.
+    #[serde(deserialize_with = "kvm_struct")]
     pub sregs: kvm_sregs,
     /// FPU/SSE/AVX state (the 4 KiB legacy area).
+    #[serde(deserialize_with = "kvm_struct")]
     pub xsave: kvm_xsave,
     /// Extended control registers (XCR0).
+    #[serde(deserialize_with = "kvm_struct")]
     pub xcrs: kvm_xcrs,
     /// Debug registers.
+    #[serde(deserialize_with = "kvm_struct")]
     pub debugregs: kvm_debugregs,
     /// Local APIC registers (timer included).
+    #[serde(deserialize_with = "kvm_struct")]
     pub lapic: kvm_lapic_state,
     /// Serializable MSRs, sorted by index.
+    #[serde(deserialize_with = "msr_entries")]
     pub msrs: Vec<kvm_msr_entry>,
     /// Pending exceptions, interrupts, NMIs, SMIs.
+    #[serde(deserialize_with = "kvm_struct")]
     pub events: kvm_vcpu_events,
     /// TSC frequency in kHz.
     pub tsc_khz: u32,
@@ -85,14 +103,19 @@ pub struct VcpuState {
 #[derive(Serialize, Deserialize)]
 pub struct VmState {
     /// 8259 master.
+    #[serde(deserialize_with = "kvm_struct")]
     pub pic_master: kvm_irqchip,
     /// 8259 slave.
+    #[serde(deserialize_with = "kvm_struct")]
     pub pic_slave: kvm_irqchip,
     /// IOAPIC.
+    #[serde(deserialize_with = "kvm_struct")]
     pub ioapic: kvm_irqchip,
     /// 8254 PIT.
+    #[serde(deserialize_with = "kvm_struct")]
     pub pit: kvm_pit_state2,
     /// kvmclock.
+    #[serde(deserialize_with = "kvm_struct")]
     pub clock: kvm_clock_data,
 }
 
@@ -118,6 +141,7 @@ pub struct SerialRegs {
     /// Scratch register.
     pub scratch: u8,
     /// Received bytes not yet read by the guest (at most 64).
+    #[serde(deserialize_with = "serial_input")]
     pub in_buffer: Vec<u8>,
 }
 
@@ -125,8 +149,10 @@ pub struct SerialRegs {
 #[derive(Serialize, Deserialize)]
 pub struct MachineState {
     /// Guest RAM regions as (guest physical address, size in bytes).
+    #[serde(deserialize_with = "memory_regions")]
     pub memory: Vec<(u64, u64)>,
     /// vCPUs, by index.
+    #[serde(deserialize_with = "vcpu_list")]
     pub vcpus: Vec<VcpuState>,
     /// VM-wide devices.
     pub vm: VmState,
@@ -177,6 +203,109 @@ pub enum StateError {
     /// Values out of range.
     #[error("machine state is inconsistent: {0}")]
     Invalid(String),
+}
+
+// Checks made while the payload is decoded, before anything is built from
+// it: a list longer than its limit is refused from its declared length
+// (before allocating: a few payload bytes can describe kilobytes of state),
+// and a kvm struct must come with exactly its size in bytes (kvm-bindings
+// would silently zero-pad or cut it). postcard drops the messages of such
+// errors, so the refusal is kept here for `decode` to return.
+thread_local! {
+    static REFUSAL: std::cell::RefCell<Option<StateError>> = const { std::cell::RefCell::new(None) };
+}
+
+fn refuse<E: de::Error>(why: StateError) -> E {
+    let e = E::custom(&why);
+    REFUSAL.with(|r| *r.borrow_mut() = Some(why));
+    e
+}
+
+struct BoundedVec<T> {
+    max: usize,
+    what: &'static str,
+    elem: std::marker::PhantomData<T>,
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for BoundedVec<T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "at most {} {}", self.max, self.what)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let too_many = |n: usize| {
+            refuse(StateError::Invalid(format!(
+                "{n} {} ({} at most)",
+                self.what, self.max
+            )))
+        };
+        let declared = seq.size_hint().unwrap_or(0);
+        if declared > self.max {
+            return Err(too_many(declared));
+        }
+        let mut v = Vec::with_capacity(declared);
+        while let Some(x) = seq.next_element()? {
+            if v.len() == self.max {
+                return Err(too_many(v.len() + 1));
+            }
+            v.push(x);
+        }
+        Ok(v)
+    }
+}
+
+macro_rules! bounded_vec {
+    ($name:ident, $max:expr, $what:literal) => {
+        fn $name<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+            d.deserialize_seq(BoundedVec {
+                max: $max,
+                what: $what,
+                elem: std::marker::PhantomData,
+            })
+        }
+    };
+}
+
+bounded_vec!(memory_regions, 2, "memory regions");
+bounded_vec!(vcpu_list, MAX_VCPUS, "vCPUs");
+bounded_vec!(cpuid_entries, MAX_CPUID, "CPUID entries");
+bounded_vec!(msr_entries, MAX_MSRS, "MSRs");
+bounded_vec!(
+    serial_input,
+    MAX_SERIAL_IN,
+    "bytes in the serial input buffer"
+);
+
+struct ExactBytes<T>(std::marker::PhantomData<T>);
+
+impl<T: DeserializeOwned> Visitor<'_> for ExactBytes<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} bytes", std::mem::size_of::<T>())
+    }
+
+    fn visit_bytes<E: de::Error>(self, b: &[u8]) -> Result<T, E> {
+        let want = std::mem::size_of::<T>();
+        if b.len() != want {
+            let name = std::any::type_name::<T>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("?");
+            return Err(refuse(StateError::Malformed(format!(
+                "{name} of {} bytes, expected {want}",
+                b.len()
+            ))));
+        }
+        T::deserialize(de::value::BytesDeserializer::<E>::new(b))
+    }
+}
+
+/// A kvm-bindings struct, which must come with exactly its size in bytes.
+fn kvm_struct<'de, D: Deserializer<'de>, T: DeserializeOwned>(d: D) -> Result<T, D::Error> {
+    d.deserialize_bytes(ExactBytes(std::marker::PhantomData))
 }
 
 impl std::fmt::Debug for MachineState {
@@ -238,8 +367,12 @@ impl MachineState {
         if expected != found {
             return Err(StateError::BadChecksum { expected, found });
         }
-        let (state, rest): (MachineState, _) =
-            postcard::take_from_bytes(payload).map_err(|e| StateError::Malformed(e.to_string()))?;
+        REFUSAL.with(|r| r.borrow_mut().take());
+        let (state, rest): (MachineState, _) = postcard::take_from_bytes(payload).map_err(|e| {
+            REFUSAL
+                .with(|r| r.borrow_mut().take())
+                .unwrap_or_else(|| StateError::Malformed(e.to_string()))
+        })?;
         if !rest.is_empty() {
             return Err(StateError::Malformed(format!(
                 "{} trailing bytes",
@@ -262,7 +395,12 @@ impl MachineState {
         if self.memory.is_empty() || self.memory.len() > 2 {
             return bad(format!("{} memory regions", self.memory.len()));
         }
-        let size: u64 = self.memory.iter().map(|r| r.1).sum();
+        let Some(size) = self.memory.iter().try_fold(0u64, |a, r| a.checked_add(r.1)) else {
+            return bad(format!(
+                "memory regions {:x?} add up to more than 2^64 bytes",
+                self.memory
+            ));
+        };
         match crate::memory::layout(size) {
             Ok(l)
                 if l.iter()
@@ -276,7 +414,7 @@ impl MachineState {
             }
         }
         for (i, v) in self.vcpus.iter().enumerate() {
-            if v.msrs.len() > 2048 || v.cpuid.len() > 512 {
+            if v.msrs.len() > MAX_MSRS || v.cpuid.len() > MAX_CPUID {
                 return bad(format!(
                     "vCPU {i}: {} MSRs, {} CPUID entries",
                     v.msrs.len(),
@@ -284,7 +422,7 @@ impl MachineState {
                 ));
             }
         }
-        if self.serial.in_buffer.len() > 64 {
+        if self.serial.in_buffer.len() > MAX_SERIAL_IN {
             return bad(format!(
                 "serial input buffer of {} bytes",
                 self.serial.in_buffer.len()
@@ -293,9 +431,10 @@ impl MachineState {
         Ok(())
     }
 
-    /// Total guest RAM in bytes.
+    /// Total guest RAM in bytes (saturating: [`MachineState::validate`]
+    /// refuses region sizes whose sum overflows).
     pub fn memory_size(&self) -> u64 {
-        self.memory.iter().map(|r| r.1).sum()
+        self.memory.iter().fold(0, |a, r| a.saturating_add(r.1))
     }
 }
 
@@ -476,25 +615,240 @@ pub(crate) mod tests {
         ));
     }
 
+    /// A xorshift64 generator: deterministic, no dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// Iterations of the mutation tests: `CASTOR_STATE_FUZZ_ITERS`, or `default`.
+    fn iterations(default: usize) -> usize {
+        std::env::var("CASTOR_STATE_FUZZ_ITERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
+    /// Damages `payload` in one of several ways: overwritten bytes (random or
+    /// boundary values), a planted large varint (postcard lengths and integers
+    /// are varints), inserted or deleted bytes, truncation.
+    fn mutate(payload: &mut Vec<u8>, rng: &mut Rng) {
+        for _ in 0..=rng.below(4) {
+            let pos = rng.below(payload.len());
+            match rng.below(7) {
+                0 | 1 => payload[pos] = rng.next() as u8,
+                2 => payload[pos] = [0x00, 0x01, 0x7F, 0x80, 0xFF][rng.below(5)],
+                3 => {
+                    let v: &[u8] = match rng.below(4) {
+                        0 => &[0xFF, 0xFF, 0xFF, 0xFF, 0x0F],
+                        1 => &[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01],
+                        2 => &[
+                            0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80,
+                        ],
+                        _ => &[0x80, 0x80, 0x04],
+                    };
+                    let end = (pos + v.len()).min(payload.len());
+                    payload[pos..end].copy_from_slice(&v[..end - pos]);
+                }
+                4 => {
+                    let n = 1 + rng.below(16);
+                    let bytes: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+                    payload.splice(pos..pos, bytes);
+                }
+                5 => {
+                    let end = (pos + 1 + rng.below(64)).min(payload.len());
+                    payload.drain(pos..end);
+                }
+                _ => payload.truncate(pos),
+            }
+            if payload.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// Frames `payload` with a correct header (length and CRC), as `encode` does.
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(HEADER + payload.len());
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        b.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(payload);
+        b
+    }
+
+    /// Mutated payloads in a valid frame reach the payload decoder and the
+    /// range checks; none may panic, and each is either refused with a
+    /// reason or decodes to a state that passes `validate`.
+    #[test]
+    fn mutated_payloads_reach_the_decoder_and_never_panic() {
+        let good = sample().encode();
+        assert_eq!(frame(&good[HEADER..]), good, "frame() matches encode()");
+        let mut rng = Rng(0x1234_5678_9abc_def0);
+        let (mut ok, mut malformed, mut invalid) = (0usize, 0usize, 0usize);
+        for _ in 0..iterations(20_000) {
+            let mut payload = good[HEADER..].to_vec();
+            mutate(&mut payload, &mut rng);
+            match MachineState::decode(&frame(&payload)) {
+                Ok(s) => {
+                    s.validate().expect("decode returns only valid states");
+                    ok += 1;
+                }
+                Err(StateError::Malformed(m)) => {
+                    assert!(!m.is_empty());
+                    malformed += 1;
+                }
+                Err(StateError::Invalid(m)) => {
+                    assert!(!m.is_empty());
+                    invalid += 1;
+                }
+                Err(e) => panic!("a valid frame was refused by the frame checks: {e}"),
+            }
+        }
+        eprintln!("mutated payloads: {ok} decoded, {malformed} malformed, {invalid} invalid");
+        assert!(malformed > 0 && ok + invalid > 0, "the decoder was reached");
+    }
+
+    /// The same mutations without fixing the header: the frame checks refuse
+    /// them (length, then CRC) before the payload decoder sees a byte.
+    #[test]
+    fn mutated_payloads_without_a_new_crc_are_refused_by_the_frame() {
+        let good = sample().encode();
+        let mut rng = Rng(0x0fed_cba9_8765_4321);
+        for _ in 0..iterations(20_000) / 4 {
+            let mut payload = good[HEADER..].to_vec();
+            mutate(&mut payload, &mut rng);
+            if payload == good[HEADER..] {
+                continue;
+            }
+            let mut b = good[..HEADER].to_vec();
+            b.extend_from_slice(&payload);
+            match MachineState::decode(&b) {
+                Err(StateError::BadChecksum { .. }) => {
+                    assert_eq!(payload.len(), good.len() - HEADER)
+                }
+                Err(StateError::LengthMismatch { .. }) => {
+                    assert_ne!(payload.len(), good.len() - HEADER)
+                }
+                other => panic!("damage not caught by the frame: {other:?}"),
+            }
+        }
+    }
+
+    /// Arbitrary bytes, and damaged headers, never panic either.
     #[test]
     fn random_bytes_never_panic() {
         let good = sample().encode();
-        let mut x = 0x1234_5678_9abc_def0u64;
-        for i in 0..2000 {
+        let mut rng = Rng(0x1234_5678_9abc_def0);
+        for i in 0..iterations(20_000) / 4 {
             let mut b = good.clone();
             for _ in 0..(i % 8 + 1) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let pos = (x as usize) % b.len();
-                b[pos] = (x >> 32) as u8;
+                let pos = rng.below(b.len());
+                b[pos] = rng.next() as u8;
             }
             let cut = if i % 3 == 0 {
-                (x as usize >> 8) % b.len()
+                rng.below(b.len())
             } else {
                 b.len()
             };
             let _ = MachineState::decode(&b[..cut]);
+            let n = rng.below(256);
+            let noise: Vec<u8> = (0..n).map(|_| rng.next() as u8).collect();
+            let _ = MachineState::decode(&noise);
+            let _ = MachineState::decode(&frame(&noise));
         }
+    }
+
+    /// A hand-made payload: `vcpus` vCPUs and the VM with every kvm struct
+    /// given as `kvm_len` bytes (0xAA), no CPUID entries or MSRs.
+    fn handmade(vcpus: usize, kvm_len: usize) -> Vec<u8> {
+        fn varint(out: &mut Vec<u8>, mut v: u64) {
+            while v >= 0x80 {
+                out.push(v as u8 | 0x80);
+                v >>= 7;
+            }
+            out.push(v as u8);
+        }
+        let kvm = |out: &mut Vec<u8>| {
+            varint(out, kvm_len as u64);
+            out.extend(std::iter::repeat_n(0xAA, kvm_len));
+        };
+        let mut p = Vec::new();
+        varint(&mut p, 1); // memory: one region
+        varint(&mut p, 0);
+        varint(&mut p, 64 << 20);
+        varint(&mut p, vcpus as u64);
+        for _ in 0..vcpus {
+            varint(&mut p, 0); // cpuid
+            for _ in 0..7 {
+                kvm(&mut p); // mp_state, regs, sregs, xsave, xcrs, debugregs, lapic
+            }
+            varint(&mut p, 0); // msrs
+            kvm(&mut p); // events
+            varint(&mut p, 2_600_000); // tsc_khz
+        }
+        for _ in 0..5 {
+            kvm(&mut p); // pic master, pic slave, ioapic, pit, clock
+        }
+        p.extend_from_slice(&[0; 9]); // serial registers
+        varint(&mut p, 0); // serial input buffer
+        varint(&mut p, 0); // console offset
+        p
+    }
+
+    #[test]
+    fn region_sizes_that_overflow_are_refused() {
+        let mut s = sample();
+        s.memory = vec![(0, u64::MAX / 2 + 1), (HIGH, u64::MAX / 2 + 1)];
+        assert!(matches!(
+            MachineState::decode(&s.encode()),
+            Err(StateError::Invalid(_))
+        ));
+        assert_eq!(s.memory_size(), u64::MAX);
+    }
+    const HIGH: u64 = crate::memory::HIGH_RAM_START;
+
+    #[test]
+    fn counts_over_the_limits_are_refused_before_allocating() {
+        // 1 MiB of payload that claims 100 000 vCPUs: ~11 bytes each, but
+        // ~6 KiB each once decoded; refused at the count.
+        let p = handmade(100_000, 0);
+        assert!(p.len() < 2 << 20);
+        let e = MachineState::decode(&frame(&p)).unwrap_err();
+        // Refused by the decoder from the declared count, not by `validate`
+        // after decoding ("(1..=64 supported)").
+        assert_eq!(
+            e,
+            StateError::Invalid("100000 vCPUs (64 at most)".into()),
+            "{e}"
+        );
+        // A declared count within the limit, but more elements than that.
+        let mut p = handmade(65, 0);
+        p[3] = 1; // the vCPU count varint (65 is one byte): claims 1
+        assert!(MachineState::decode(&frame(&p)).is_err());
+    }
+
+    #[test]
+    fn kvm_structs_of_the_wrong_size_are_refused() {
+        // Empty and over-long byte strings where a kvm struct belongs.
+        assert_eq!(
+            MachineState::decode(&frame(&handmade(1, 0))).unwrap_err(),
+            StateError::Malformed("kvm_mp_state of 0 bytes, expected 4".into())
+        );
+        assert_eq!(
+            MachineState::decode(&frame(&handmade(1, 5000))).unwrap_err(),
+            StateError::Malformed("kvm_mp_state of 5000 bytes, expected 4".into())
+        );
     }
 }

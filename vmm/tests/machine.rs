@@ -260,3 +260,58 @@ fn every_workload_makes_progress_and_verify_finds_no_corruption() {
         }
     }
 }
+
+/// The backup's use of the replica: a standby VM registered over the RAM while
+/// checkpoints are written into it through `with_ram_mut`, then a failover.
+#[test]
+fn replica_slice_coexists_with_a_standby_but_not_with_running_vcpus() {
+    let sink = MemorySink::default();
+    let mut m = boot("counter", 1, 64 << 20, false, &sink);
+    std::thread::sleep(Duration::from_millis(200));
+    m.pause().unwrap();
+    let state = m.capture().unwrap();
+    let ram = copy_ram(m.memory());
+    // While a machine runs over its RAM, no slice of it is lent.
+    let mut running = m.memory().clone();
+    assert!(matches!(
+        castor_vmm::memory::with_ram_mut(&mut running, |_| ()),
+        Err(castor_vmm::memory::MemoryError::InUse(_))
+    ));
+    drop(m);
+    castor_vmm::memory::with_ram_mut(&mut running, |_| ()).unwrap();
+
+    let mut replica = castor_vmm::memory::create(state.memory_size()).unwrap();
+    let kvm = std::path::Path::new("/dev/kvm");
+    let standby = Machine::prepare_standby(replica.clone(), kvm).unwrap();
+    castor_vmm::memory::with_ram_mut(&mut replica, |r| {
+        r.copy_from_slice(&ram[0].1);
+    })
+    .unwrap();
+    // A machine cannot start over RAM whose slice is lent.
+    let sink2 = MemorySink::default();
+    let mut standby = Some(standby);
+    let refused = castor_vmm::memory::with_ram_mut(&mut replica, |_| {
+        let sb = standby.take().unwrap();
+        Machine::restore_standby(sb, &state, Box::new(sink2.clone()), false).err()
+    })
+    .unwrap();
+    assert!(
+        matches!(
+            refused,
+            Some(castor_vmm::MachineError::Memory(
+                castor_vmm::memory::MemoryError::InUse(_)
+            ))
+        ),
+        "{refused:?}"
+    );
+    let r =
+        Machine::restore_on(&state, replica.clone(), Box::new(sink2.clone()), false, kvm).unwrap();
+    assert!(matches!(
+        castor_vmm::memory::with_ram_mut(&mut replica, |_| ()),
+        Err(castor_vmm::memory::MemoryError::InUse(_))
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    drop(r);
+    castor_vmm::memory::with_ram_mut(&mut replica, |_| ()).unwrap();
+    assert!(!sink2.contents().is_empty(), "the restored guest ran");
+}
