@@ -21,3 +21,23 @@ pub mod primary;
 pub use backup::{BackupAction, BackupCore, BackupInput, TakeoverAnswer, Timeouts};
 pub use primary::{PrimaryAction, PrimaryCore, PrimaryInput};
 pub use protocol::EndReason;
+
+/// The witness's answer to a claim: a compare-and-swap of the VM's owner
+/// and fencing token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This node owns the VM now, with this token.
+    Won {
+        /// The new token (the old one plus one).
+        token: u64,
+    },
+    /// Another node changed the owner first.
+    Lost {
+        /// The owner now.
+        owner: String,
+        /// Its token.
+        token: u64,
+    },
+    /// The witness did not answer: nothing changed, ask again.
+    Unreachable,
+}

@@ -11,6 +11,8 @@ use std::collections::VecDeque;
 
 use protocol::EndReason;
 
+use super::Claim;
+
 /// What happened, as the primary role sees it. `T` is what the shell keeps
 /// with each checkpoint in flight (its timings), handed back on its ack.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +36,8 @@ pub enum PrimaryInput<T> {
     },
     /// The session ended.
     Ended(EndReason),
+    /// The witness answered a [`PrimaryAction::Claim`].
+    Claimed(Claim),
 }
 
 /// What the primary role must do.
@@ -60,6 +64,16 @@ pub enum PrimaryAction<T> {
     /// Another node runs the guest: stop this one's guest at once and never
     /// release the output it holds.
     Fence(EndReason),
+    /// Ask the witness to make this node the VM's owner if its token is
+    /// still `expected` (compare-and-swap); answer with
+    /// [`PrimaryInput::Claimed`]. `retry`: the last attempt did not reach
+    /// the witness; wait a little first.
+    Claim {
+        /// The token this node holds.
+        expected: u64,
+        /// A retry after an unreachable witness.
+        retry: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -69,25 +83,57 @@ struct Session<T> {
     last_sent: u64,
 }
 
+/// A session ended and the witness has not answered yet.
+#[derive(Debug)]
+struct Claiming {
+    /// Why the session ended.
+    reason: EndReason,
+    /// A backup connected meanwhile: start its session once the claim is won.
+    connected: bool,
+}
+
 /// The primary role's state machine.
 #[derive(Debug)]
 pub struct PrimaryCore<T> {
     max_in_flight: usize,
+    witness: bool,
+    token: u64,
     session: Option<Session<T>>,
+    claiming: Option<Claiming>,
     protected: bool,
     fenced: bool,
 }
 
 impl<T> PrimaryCore<T> {
     /// A primary without a backup yet; at most `max_in_flight` checkpoints
-    /// unacknowledged.
-    pub fn new(max_in_flight: usize) -> Self {
+    /// unacknowledged. `witness`: role changes need the witness, and this
+    /// node holds the VM's fencing token `token` (it won it at start or at
+    /// its takeover); without one, `token` is 0.
+    pub fn new(max_in_flight: usize, witness: bool, token: u64) -> Self {
         PrimaryCore {
             max_in_flight: max_in_flight.max(1),
+            witness,
+            token,
             session: None,
+            claiming: None,
             protected: false,
             fenced: false,
         }
+    }
+
+    /// The fencing token this node holds (sent in its hello).
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// Output must stay held: a session is open, or a claim is pending.
+    pub fn holding(&self) -> bool {
+        self.session.is_some() || self.claiming.is_some()
+    }
+
+    /// A claim is pending at the witness.
+    pub fn claiming(&self) -> bool {
+        self.claiming.is_some()
     }
 
     /// A session is open (checkpoints are to be taken and sent).
@@ -124,15 +170,12 @@ impl<T> PrimaryCore<T> {
         }
         match input {
             PrimaryInput::Connected => {
-                // A new session replaces any earlier one: all it held was
-                // released when that one ended.
-                self.session = Some(Session {
-                    in_flight: VecDeque::new(),
-                    last_acked: 0,
-                    last_sent: 0,
-                });
-                self.protected = false;
-                vec![PrimaryAction::StartSession]
+                if let Some(c) = self.claiming.as_mut() {
+                    // Not before the witness confirms this node still owns the VM.
+                    c.connected = true;
+                    return Vec::new();
+                }
+                self.start()
             }
             PrimaryInput::Sent {
                 epoch,
@@ -148,6 +191,49 @@ impl<T> PrimaryCore<T> {
             }
             PrimaryInput::Ack { epoch } => self.ack(epoch),
             PrimaryInput::Ended(reason) => self.ended(reason),
+            PrimaryInput::Claimed(claim) => self.claimed(claim),
+        }
+    }
+
+    fn start(&mut self) -> Vec<PrimaryAction<T>> {
+        // A new session replaces any earlier one: what that one held was
+        // released, or is sent again in this one's resync.
+        self.session = Some(Session {
+            in_flight: VecDeque::new(),
+            last_acked: 0,
+            last_sent: 0,
+        });
+        self.protected = false;
+        vec![PrimaryAction::StartSession]
+    }
+
+    fn claimed(&mut self, claim: Claim) -> Vec<PrimaryAction<T>> {
+        let Some(c) = self.claiming.take() else {
+            return Vec::new();
+        };
+        match claim {
+            Claim::Won { token } => {
+                self.token = token;
+                let mut out = vec![PrimaryAction::Unprotected(c.reason)];
+                if c.connected {
+                    out.extend(self.start());
+                }
+                out
+            }
+            Claim::Lost { owner, token } => {
+                self.fenced = true;
+                vec![PrimaryAction::Fence(EndReason::Refused(format!(
+                    "the witness gives the VM to {owner} (token {token})"
+                )))]
+            }
+            Claim::Unreachable => {
+                let expected = self.token;
+                self.claiming = Some(c);
+                vec![PrimaryAction::Claim {
+                    expected,
+                    retry: true,
+                }]
+            }
         }
     }
 
@@ -190,11 +276,20 @@ impl<T> PrimaryCore<T> {
             return vec![PrimaryAction::Fence(reason)];
         }
         self.protected = false;
-        if self.session.take().is_some() {
-            vec![PrimaryAction::Unprotected(reason)]
-        } else {
-            Vec::new()
+        if self.session.take().is_none() {
+            return Vec::new();
         }
+        if !self.witness {
+            return vec![PrimaryAction::Unprotected(reason)];
+        }
+        self.claiming = Some(Claiming {
+            reason,
+            connected: false,
+        });
+        vec![PrimaryAction::Claim {
+            expected: self.token,
+            retry: false,
+        }]
     }
 }
 
@@ -217,7 +312,7 @@ mod tests {
 
     #[test]
     fn output_is_released_only_on_the_ack_of_its_epoch() {
-        let mut p = PrimaryCore::new(4);
+        let mut p = PrimaryCore::new(4, false, 0);
         assert!(!p.in_session() && !p.may_send());
         assert_eq!(p.on(I::Connected), vec![A::StartSession]);
         sent(&mut p, 1, 100);
@@ -248,7 +343,7 @@ mod tests {
 
     #[test]
     fn in_flight_is_bounded() {
-        let mut p = PrimaryCore::new(2);
+        let mut p = PrimaryCore::new(2, false, 0);
         p.on(I::Connected);
         sent(&mut p, 1, 1);
         sent(&mut p, 2, 2);
@@ -260,7 +355,7 @@ mod tests {
     #[test]
     fn an_ack_for_an_unknown_epoch_ends_the_session_and_releases_nothing() {
         for bad in [0, 1, 5] {
-            let mut p = PrimaryCore::new(4);
+            let mut p = PrimaryCore::new(4, false, 0);
             p.on(I::Connected);
             sent(&mut p, 1, 10);
             sent(&mut p, 2, 20);
@@ -272,18 +367,18 @@ mod tests {
             );
         }
         // An ack before anything was sent.
-        let mut p: PrimaryCore<u64> = PrimaryCore::new(4);
+        let mut p: PrimaryCore<u64> = PrimaryCore::new(4, false, 0);
         p.on(I::Connected);
         assert!(matches!(&p.on(I::Ack { epoch: 1 })[..], [A::EndSession(_)]));
         // An ack with no session at all is ignored.
-        let mut p: PrimaryCore<u64> = PrimaryCore::new(4);
+        let mut p: PrimaryCore<u64> = PrimaryCore::new(4, false, 0);
         assert!(p.on(I::Ack { epoch: 1 }).is_empty());
     }
 
     #[test]
     fn a_fencing_end_stops_the_guest_and_holds_output_for_ever() {
         for reason in [EndReason::TakenOver, EndReason::AlreadyTakenOver] {
-            let mut p = PrimaryCore::new(4);
+            let mut p = PrimaryCore::new(4, false, 0);
             p.on(I::Connected);
             sent(&mut p, 1, 10);
             sent(&mut p, 2, 20);
@@ -305,7 +400,7 @@ mod tests {
             EndReason::Broken("reset".into()),
             EndReason::Local("the epoch loop ended".into()),
         ] {
-            let mut p = PrimaryCore::new(4);
+            let mut p = PrimaryCore::new(4, false, 0);
             p.on(I::Connected);
             sent(&mut p, 1, 10);
             p.on(I::Ack { epoch: 1 });
@@ -332,9 +427,72 @@ mod tests {
         }
     }
 
+    /// A witnessed primary with token 5 whose session (epochs 1, 2 sent,
+    /// 1 acked) just ended for `reason`.
+    fn lost_session(reason: EndReason) -> (PrimaryCore<u64>, Vec<PrimaryAction<u64>>) {
+        let mut p = PrimaryCore::new(4, true, 5);
+        p.on(I::Connected);
+        sent(&mut p, 1, 10);
+        p.on(I::Ack { epoch: 1 });
+        sent(&mut p, 2, 20);
+        let a = p.on(I::Ended(reason));
+        (p, a)
+    }
+
+    #[test]
+    fn with_a_witness_output_stays_held_until_the_claim_is_won() {
+        let reason = EndReason::Broken("reset".into());
+        let (mut p, a) = lost_session(reason.clone());
+        assert_eq!(a, vec![A::Claim { expected: 5, retry: false }]);
+        assert!(p.holding() && p.claiming() && !p.in_session());
+        // A late ack releases nothing.
+        assert!(p.on(I::Ack { epoch: 2 }).is_empty());
+        // A backup that connects meanwhile waits for the claim.
+        assert!(p.on(I::Connected).is_empty());
+        assert_eq!(
+            p.on(I::Claimed(Claim::Won { token: 6 })),
+            vec![A::Unprotected(reason), A::StartSession]
+        );
+        assert_eq!(p.token(), 6);
+        assert!(p.in_session() && !p.claiming());
+    }
+
+    #[test]
+    fn a_lost_claim_fences() {
+        let (mut p, _) = lost_session(EndReason::Silent(std::time::Duration::from_secs(1)));
+        let a = p.on(I::Claimed(Claim::Lost { owner: "node-b".into(), token: 6 }));
+        assert!(matches!(&a[..], [A::Fence(r)] if r.to_string().contains("node-b")), "{a:?}");
+        assert!(p.fenced() && !p.holding());
+        assert!(p.on(I::Connected).is_empty());
+    }
+
+    #[test]
+    fn an_unreachable_witness_changes_nothing_and_is_asked_again() {
+        let (mut p, _) = lost_session(EndReason::Refused("bad epoch".into()));
+        for _ in 0..3 {
+            assert_eq!(
+                p.on(I::Claimed(Claim::Unreachable)),
+                vec![A::Claim { expected: 5, retry: true }]
+            );
+            assert!(p.holding() && !p.fenced());
+        }
+        assert_eq!(p.on(I::Claimed(Claim::Won { token: 6 })).len(), 1);
+        assert!(!p.holding());
+        // An answer nobody asked for is ignored.
+        assert!(p.on(I::Claimed(Claim::Won { token: 9 })).is_empty());
+        assert_eq!(p.token(), 6);
+    }
+
+    #[test]
+    fn with_a_witness_a_fencing_end_still_fences_at_once() {
+        let (p, a) = lost_session(EndReason::TakenOver);
+        assert_eq!(a, vec![A::Fence(EndReason::TakenOver)]);
+        assert!(p.fenced());
+    }
+
     #[test]
     fn a_new_connection_during_a_session_restarts_it_unprotected() {
-        let mut p = PrimaryCore::new(4);
+        let mut p = PrimaryCore::new(4, false, 0);
         p.on(I::Connected);
         sent(&mut p, 1, 10);
         p.on(I::Ack { epoch: 1 });
