@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use castor::cli::{parse_duration, parse_size, parse_workload};
-use castor::pair::{self, DemoArgs, DrillArgs};
+use lab::cli::{parse_duration, parse_size, parse_workload};
+use lab::pair::{self, DemoArgs, DrillArgs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -85,7 +85,7 @@ enum Command {
     /// targets checked; writes points.csv, points.json, failover.csv,
     /// summary.md and PNG plots into --out. `--quick` (the CI smoke test)
     /// takes under 3 minutes, the full default matrix under 20.
-    Bench(castor::bench::BenchArgs),
+    Bench(lab::bench::BenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -142,8 +142,8 @@ struct ProtectArgs {
     /// Emulated link (benchmarks): limit the replication traffic to this
     /// rate, e.g. 1gbit, 100mbit, 50MB; `none` for no limit. Applied by the
     /// primary to its checkpoint stream (see docs/design.md).
-    #[arg(long, default_value = "none", value_parser = castor::cli::parse_rate)]
-    link_rate: castor::cli::LinkRate,
+    #[arg(long, default_value = "none", value_parser = lab::cli::parse_rate)]
+    link_rate: lab::cli::LinkRate,
     /// Emulated link: one-way delay added to checkpoints and acks, e.g. 100us, 1ms.
     #[arg(long, default_value = "0ms", value_parser = parse_duration)]
     link_delay: Duration,
@@ -680,7 +680,7 @@ fn main() -> ExitCode {
         Command::Takeover(a) => takeover_cmd(a),
         Command::Demo(a) => pair::demo(a),
         Command::Drill(a) => pair::drill(a),
-        Command::Bench(a) => castor::bench::bench(a),
+        Command::Bench(a) => lab::bench::bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use castor::pair::{
+use lab::pair::{
     continuity, field, free_port, read_console, start_backup, start_primary, status, wait_status,
     Daemon, Node,
 };
