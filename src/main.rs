@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use lab::cli::{parse_duration, parse_size, parse_workload};
-use lab::pair::{self, DemoArgs, DrillArgs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,12 +69,12 @@ enum Command {
     /// primary, and reports: epochs, pause p50/p99, bytes per epoch vs raw,
     /// failover time (SIGKILL to the first console byte from the survivor),
     /// and whether the console stream stayed gap- and duplicate-free.
-    Demo(DemoArgs),
+    Demo(lab::DemoArgs),
     /// Failover drill: repeatedly SIGKILL the current primary at a random
     /// moment, let the backup take over, start a new backup where the dead
     /// primary was, and wait for re-protection. Reports every round and fails
     /// on any console gap or duplicate.
-    Drill(DrillArgs),
+    Drill(lab::DrillArgs),
     /// The measurement suite: the real pair on loopback over workloads x
     /// modes (remus, xbzrle, fgbi) x epoch lengths, each beside the same
     /// guest unprotected and with dirty tracking only, over an emulated
@@ -85,7 +84,7 @@ enum Command {
     /// targets checked; writes points.csv, points.json, failover.csv,
     /// summary.md and PNG plots into --out. `--quick` (the CI smoke test)
     /// takes under 3 minutes, the full default matrix under 20.
-    Bench(lab::bench::BenchArgs),
+    Bench(lab::BenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -678,9 +677,9 @@ fn main() -> ExitCode {
         Command::Backup(a) => backup_cmd(a),
         Command::Status(a) => status_cmd(a),
         Command::Takeover(a) => takeover_cmd(a),
-        Command::Demo(a) => pair::demo(a),
-        Command::Drill(a) => pair::drill(a),
-        Command::Bench(a) => lab::bench::bench(a),
+        Command::Demo(a) => lab::demo(a),
+        Command::Drill(a) => lab::drill(a),
+        Command::Bench(a) => lab::bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -27,10 +27,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use serde::{Deserialize, Serialize};
+use indicatif::{ProgressBar, ProgressStyle};
+use node::stats::percentile;
+use node::{PrimaryStatus, Role};
 
 use crate::cli::{parse_duration, parse_rate, parse_size, parse_workload};
-use crate::pair::{self, castor_exe, field, free_port, read_console, status, wait_status, Node};
+use crate::console::progress_lines;
+use crate::drill::{run_drill, DrillPlan};
+use crate::model::{Failover, Point, Results, Settings};
+use crate::pair::{self, castor_exe, make_certs, read_console, wait_status, Pair};
 
 /// `castor bench` settings.
 #[derive(Args, Debug)]
@@ -123,204 +128,6 @@ fn guest_load(label: &str, spec: &str) -> Result<Load> {
     })
 }
 
-/// Figures of one point of the matrix.
-/// (Figures not measured are NaN, written as `null` in JSON.)
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Point {
-    /// Workload label.
-    pub workload: String,
-    /// `unprotected`, `tracking`, or the mode of a protected run.
-    pub config: String,
-    /// Epoch length (0 when unprotected).
-    pub epoch_ms: u64,
-    /// Guest operations per second in the window (sum over vCPUs).
-    pub ops_per_s: f64,
-    /// Throughput / unprotected throughput.
-    pub vs_unprotected: f64,
-    /// Throughput / tracking-only throughput at the same epoch length.
-    pub vs_tracking: f64,
-    /// Checkpoints in the window.
-    pub epochs: f64,
-    /// Pause p50, µs.
-    pub pause_p50_us: f64,
-    /// Pause p99, µs.
-    pub pause_p99_us: f64,
-    /// Pause max, µs.
-    pub pause_max_us: f64,
-    /// Harvest p50, µs.
-    pub harvest_p50_us: f64,
-    /// Page copy p50, µs.
-    pub copy_p50_us: f64,
-    /// State capture p50, µs.
-    pub capture_p50_us: f64,
-    /// Encode p50, µs (after resume).
-    pub encode_p50_us: f64,
-    /// Encode p99, µs.
-    pub encode_p99_us: f64,
-    /// Dirty pages per epoch.
-    pub dirty_pages: f64,
-    /// Bytes sent per epoch.
-    pub bytes_per_epoch: f64,
-    /// Raw bytes of the dirty pages per epoch.
-    pub raw_per_epoch: f64,
-    /// Ack latency p50, µs (commit sent → ack).
-    pub ack_p50_us: f64,
-    /// Ack latency p99, µs.
-    pub ack_p99_us: f64,
-    /// Output-commit delay p50, µs (end of epoch → output released).
-    pub release_p50_us: f64,
-    /// Output-commit delay p99, µs.
-    pub release_p99_us: f64,
-    /// Epochs that waited for acks (link or backup too slow).
-    pub epochs_waited: f64,
-    /// Dirty pages per epoch copied before the pause (pre-copy).
-    pub precopied: f64,
-    /// Share of the window the guest's vCPU threads ran on a CPU (from
-    /// /proc/PID/task/TID/schedstat; per vCPU, summed).
-    pub vcpu_ran: f64,
-    /// Share of the window they were runnable but waited for a CPU.
-    pub vcpu_waited: f64,
-    /// Why the point failed, if it did.
-    pub error: Option<String>,
-}
-
-impl Default for Point {
-    fn default() -> Self {
-        let nan = f64::NAN;
-        Point {
-            workload: String::new(),
-            config: String::new(),
-            epoch_ms: 0,
-            ops_per_s: nan,
-            vs_unprotected: nan,
-            vs_tracking: nan,
-            epochs: nan,
-            pause_p50_us: nan,
-            pause_p99_us: nan,
-            pause_max_us: nan,
-            harvest_p50_us: nan,
-            copy_p50_us: nan,
-            capture_p50_us: nan,
-            encode_p50_us: nan,
-            encode_p99_us: nan,
-            dirty_pages: nan,
-            bytes_per_epoch: nan,
-            raw_per_epoch: nan,
-            ack_p50_us: nan,
-            ack_p99_us: nan,
-            release_p50_us: nan,
-            release_p99_us: nan,
-            epochs_waited: nan,
-            precopied: nan,
-            vcpu_ran: nan,
-            vcpu_waited: nan,
-            error: None,
-        }
-    }
-}
-
-impl Point {
-    fn new(load: &Load, config: &str, epoch_ms: u64) -> Self {
-        Point {
-            workload: load.label.clone(),
-            config: config.into(),
-            epoch_ms,
-            ..Point::default()
-        }
-    }
-
-    /// Whether this is a protected (pair) point.
-    pub fn protected(&self) -> bool {
-        !matches!(self.config.as_str(), "unprotected" | "tracking")
-    }
-}
-
-/// One failover of the drills.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Failover {
-    /// Mode.
-    pub mode: String,
-    /// Round.
-    pub round: u32,
-    /// SIGKILL → first console byte from the survivor, ms.
-    pub ms: f64,
-}
-
-/// Everything a run produced.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Results {
-    /// The command line.
-    pub command: String,
-    /// When it ran (UTC, from the system clock).
-    pub started: String,
-    /// KVM flavour and host.
-    pub host: String,
-    /// Settings.
-    pub settings: Settings,
-    /// The matrix.
-    pub points: Vec<Point>,
-    /// The drills.
-    pub failovers: Vec<Failover>,
-    /// Failed drills.
-    pub failover_errors: Vec<String>,
-    /// Wall time of the whole run, s.
-    pub wall_s: f64,
-}
-
-impl Results {
-    /// The modes of the protected points, in the order they ran.
-    pub fn modes(&self) -> Vec<String> {
-        let mut m: Vec<String> = Vec::new();
-        for p in self.points.iter().filter(|p| p.protected()) {
-            if !m.contains(&p.config) {
-                m.push(p.config.clone());
-            }
-        }
-        m
-    }
-
-    /// The epoch lengths of the protected points, ascending.
-    pub fn epochs(&self) -> Vec<u64> {
-        let mut e: Vec<u64> = self
-            .points
-            .iter()
-            .filter(|p| p.protected())
-            .map(|p| p.epoch_ms)
-            .collect();
-        e.sort_unstable();
-        e.dedup();
-        e
-    }
-
-    /// The epoch length the targets and plots are about: 25 ms if it ran.
-    pub fn main_epoch(&self) -> u64 {
-        let e = self.epochs();
-        if e.contains(&25) {
-            25
-        } else {
-            e.first().copied().unwrap_or(25)
-        }
-    }
-}
-
-/// The run's settings, as recorded with the results.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Settings {
-    /// Guest RAM, MiB.
-    pub mem_mib: u64,
-    /// vCPUs.
-    pub vcpus: u32,
-    /// Emulated link.
-    pub link: String,
-    /// Warm-up per point, ms.
-    pub warmup_ms: u64,
-    /// Window per point, ms.
-    pub measure_ms: u64,
-    /// Workloads: label → spec.
-    pub workloads: Vec<(String, String)>,
-}
-
 struct Plan {
     loads: Vec<Load>,
     modes: Vec<fgbi::Mode>,
@@ -332,7 +139,9 @@ struct Plan {
     link_args: Vec<String>,
 }
 
-fn plan(a: &BenchArgs) -> Result<Plan> {
+/// The workloads of the matrix: the catalogue's (named, or all by
+/// default), then `--guest`s, then `--kernel`.
+fn loads(a: &BenchArgs) -> Result<Vec<Load>> {
     let mut loads = Vec::new();
     let names: Vec<String> = if !a.workloads.is_empty() {
         a.workloads.clone()
@@ -376,6 +185,11 @@ fn plan(a: &BenchArgs) -> Result<Plan> {
             ],
         });
     }
+    Ok(loads)
+}
+
+fn plan(a: &BenchArgs) -> Result<Plan> {
+    let loads = loads(a)?;
     if a.modes.is_empty() {
         bail!("--modes: give at least one of remus, xbzrle, fgbi");
     }
@@ -462,13 +276,6 @@ fn throughput(lines: &[guest::Progress], from_us: u64, to_us: u64) -> f64 {
     }
 }
 
-fn progress_lines(bytes: &[u8]) -> Vec<guest::Progress> {
-    String::from_utf8_lossy(bytes)
-        .lines()
-        .filter_map(guest::Progress::parse)
-        .collect()
-}
-
 /// CPU time and run-queue wait (ns) of a process's vCPU threads, summed.
 fn vcpu_sched(pid: u32) -> Option<(u64, u64)> {
     let mut run = 0;
@@ -522,7 +329,7 @@ fn baseline(a: &BenchArgs, p: &Plan, load: &Load, track_ms: Option<u64>, log: &P
     } else {
         "unprotected"
     };
-    let mut pt = Point::new(load, config, track_ms.unwrap_or(0));
+    let mut pt = Point::new(&load.label, config, track_ms.unwrap_or(0));
     let r = (|| -> Result<(f64, (f64, f64))> {
         let total = p.warmup + p.measure + Duration::from_millis(300);
         let mut cmd = Command::new(castor_exe()?);
@@ -580,6 +387,9 @@ fn baseline(a: &BenchArgs, p: &Plan, load: &Load, track_ms: Option<u64>, log: &P
     pt
 }
 
+/// The names of the pair's nodes in every point.
+const NODES: [&str; 2] = ["node-a", "node-b"];
+
 /// The pair: a backup and a primary, figures over the window.
 fn protected(
     a: &BenchArgs,
@@ -590,135 +400,134 @@ fn protected(
     certs: &Path,
     dir: &Path,
 ) -> Point {
-    let mut pt = Point::new(load, &mode.to_string(), epoch_ms);
-    let tag = format!("{}-{}-{}", load.label, mode, epoch_ms);
-    let r = (|| -> Result<()> {
-        let port_a = free_port(true)?;
-        let port_b = free_port(true)?;
-        let a_node = Node {
-            certs,
-            name: "node-a",
-            peer: "node-b",
-        };
-        let b_node = Node {
-            certs,
-            name: "node-b",
-            peer: "node-a",
-        };
-        let mut common: Vec<String> = vec![
-            "--mode".into(),
-            mode.to_string(),
-            "--epoch-ms".into(),
-            epoch_ms.to_string(),
-        ];
-        common.extend(p.link_args.iter().cloned());
-        let backup = pair::start_backup(
-            &b_node,
-            port_b,
-            port_a,
-            &common,
-            dir.join(format!("{tag}.backup.log")),
-        )?;
-        let mut args: Vec<String> = vec![
-            "--mem".into(),
-            format!("{}M", a.mem >> 20),
-            "--vcpus".into(),
-            a.vcpus.to_string(),
-        ];
-        args.extend(load.args.iter().cloned());
-        args.extend(common);
-        let primary = pair::start_primary(
-            &a_node,
-            port_b,
-            &args,
-            dir.join(format!("{tag}.primary.log")),
-        )?;
-        wait_status(
-            &primary,
-            "the primary to be protected",
-            Duration::from_secs(90),
-            |s| s.contains("\"protected\":true"),
-        )?;
-        std::thread::sleep(p.warmup);
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let said = rt
-            .block_on(node::console::command(primary.console, "reset"))
-            .context("resetting the primary's figures")?;
-        if !said.starts_with("ok") {
-            bail!("the primary refused to reset its figures: {said}");
-        }
-        let start = status(primary.console).context("the primary stopped answering")?;
-        let offset = field(&start, "console_released").unwrap_or(0.0) as u64;
-        let mut buf = Vec::new();
-        let sched = SchedWindow::start(primary.child.id());
-        let window = Instant::now();
-        read_console(
-            primary.console,
-            offset,
-            &mut buf,
-            Instant::now() + p.measure,
-            u64::MAX,
-        )?;
-        sched.finish(primary.child.id(), &mut pt);
-        // A window cut short means the primary stopped: a failover, which
-        // with both daemons alive is a false takeover. Not a measurement.
-        let b = status(backup.console).unwrap_or_default();
-        if b.contains("after failover") {
-            bail!(
-                "the backup took over during the window although the primary was alive (a false takeover); see {} and {}",
-                primary.log.display(),
-                backup.log.display()
-            );
-        }
-        if window.elapsed() < p.measure.mul_f64(0.9) {
-            bail!(
-                "the primary's console ended {:?} into the window; see {}",
-                window.elapsed(),
-                primary.log.display()
-            );
-        }
-        let s = status(primary.console).context("the primary stopped answering")?;
-        if !s.contains("\"protected\":true") {
-            bail!(
-                "the primary lost its backup during the window; see {}",
-                primary.log.display()
-            );
-        }
-        drop(backup);
-        drop(primary);
-        let f = |k: &str| field(&s, k).unwrap_or(f64::NAN);
-        pt.epochs = f("samples");
-        pt.pause_p50_us = f("pause_p50_us");
-        pt.pause_p99_us = f("pause_p99_us");
-        pt.pause_max_us = f("pause_max_us");
-        pt.harvest_p50_us = f("harvest_p50_us");
-        pt.copy_p50_us = f("copy_p50_us");
-        pt.capture_p50_us = f("capture_p50_us");
-        pt.encode_p50_us = f("encode_p50_us");
-        pt.encode_p99_us = f("encode_p99_us");
-        pt.dirty_pages = f("dirty_pages_mean");
-        pt.bytes_per_epoch = f("bytes_per_epoch");
-        pt.raw_per_epoch = f("raw_bytes_per_epoch");
-        pt.ack_p50_us = f("ack_p50_us");
-        pt.ack_p99_us = f("ack_p99_us");
-        pt.release_p50_us = f("release_p50_us");
-        pt.release_p99_us = f("release_p99_us");
-        pt.epochs_waited = f("epochs_waited");
-        pt.precopied = f("precopied_mean");
-        // Guest time of the window: from the first line's clock on.
-        let lines = progress_lines(&buf);
-        pt.ops_per_s = throughput(&lines, 0, u64::MAX);
-        if pt.epochs < 1.0 {
-            bail!("no checkpoint in the window");
-        }
-        Ok(())
-    })();
+    let mut pt = Point::new(&load.label, &mode.to_string(), epoch_ms);
+    let r = measure_pair(a, p, load, mode, certs, dir, &mut pt);
     if let Err(e) = r {
         pt.error = Some(format!("{e:#}"));
     }
     pt
+}
+
+/// Runs the pair of one point: starts it, warms up, resets the primary's
+/// figures, reads the console over the window and fills `pt`.
+fn measure_pair(
+    a: &BenchArgs,
+    p: &Plan,
+    load: &Load,
+    mode: fgbi::Mode,
+    certs: &Path,
+    dir: &Path,
+    pt: &mut Point,
+) -> Result<()> {
+    let tag = format!("{}-{}-{}", load.label, mode, pt.epoch_ms);
+    let pair = Pair::new(certs, NODES, dir)?;
+    let mut common: Vec<String> = vec![
+        "--mode".into(),
+        mode.to_string(),
+        "--epoch-ms".into(),
+        pt.epoch_ms.to_string(),
+    ];
+    common.extend(p.link_args.iter().cloned());
+    let mut guest: Vec<String> = vec![
+        "--mem".into(),
+        format!("{}M", a.mem >> 20),
+        "--vcpus".into(),
+        a.vcpus.to_string(),
+    ];
+    guest.extend(load.args.iter().cloned());
+    let (backup, primary) = pair.start(
+        &common,
+        &guest,
+        [&format!("{tag}.backup.log"), &format!("{tag}.primary.log")],
+    )?;
+    wait_status(
+        &primary,
+        "the primary to be protected",
+        Duration::from_secs(90),
+        pair::protected,
+    )?;
+    std::thread::sleep(p.warmup);
+    reset_figures(primary.console)?;
+    let start = primary.status().context("the primary stopped answering")?;
+    let mut buf = Vec::new();
+    let sched = SchedWindow::start(primary.child.id());
+    let window = Instant::now();
+    read_console(
+        primary.console,
+        start.console_released,
+        &mut buf,
+        Instant::now() + p.measure,
+        u64::MAX,
+    )?;
+    sched.finish(primary.child.id(), pt);
+    // A window cut short means the primary stopped: a failover, which
+    // with both daemons alive is a false takeover. Not a measurement.
+    if backup.status().is_some_and(|s| s.role == Role::TakenOver) {
+        bail!(
+            "the backup took over during the window although the primary was alive (a false takeover); see {} and {}",
+            primary.log.display(),
+            backup.log.display()
+        );
+    }
+    if window.elapsed() < p.measure.mul_f64(0.9) {
+        bail!(
+            "the primary's console ended {:?} into the window; see {}",
+            window.elapsed(),
+            primary.log.display()
+        );
+    }
+    let s = primary.status().context("the primary stopped answering")?;
+    if !s.protected() {
+        bail!(
+            "the primary lost its backup during the window; see {}",
+            primary.log.display()
+        );
+    }
+    drop(backup);
+    drop(primary);
+    set_figures(pt, &s.figures());
+    // Guest time of the window: from the first line's clock on.
+    pt.ops_per_s = throughput(&progress_lines(&buf), 0, u64::MAX);
+    if pt.epochs < 1.0 {
+        bail!("no checkpoint in the window");
+    }
+    Ok(())
+}
+
+/// Asks the primary to reset its figures (the window starts).
+fn reset_figures(console: std::net::SocketAddr) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let said = rt
+        .block_on(node::console::command(console, "reset"))
+        .context("resetting the primary's figures")?;
+    if !said.starts_with("ok") {
+        bail!("the primary refused to reset its figures: {said}");
+    }
+    Ok(())
+}
+
+/// A point's checkpoint figures from the primary's over the window.
+fn set_figures(pt: &mut Point, f: &PrimaryStatus) {
+    pt.epochs = f.samples as f64;
+    pt.pause_p50_us = f.pause_p50_us;
+    pt.pause_p99_us = f.pause_p99_us;
+    pt.pause_max_us = f.pause_max_us;
+    pt.harvest_p50_us = f.harvest_p50_us;
+    pt.copy_p50_us = f.copy_p50_us;
+    pt.capture_p50_us = f.capture_p50_us;
+    pt.encode_p50_us = f.encode_p50_us;
+    pt.encode_p99_us = f.encode_p99_us;
+    pt.dirty_pages = f.dirty_pages_mean;
+    pt.bytes_per_epoch = f.bytes_per_epoch;
+    pt.raw_per_epoch = f.raw_bytes_per_epoch;
+    pt.ack_p50_us = f.ack_p50_us;
+    pt.ack_p99_us = f.ack_p99_us;
+    pt.release_p50_us = f.release_p50_us;
+    pt.release_p99_us = f.release_p99_us;
+    pt.epochs_waited = f.epochs_waited as f64;
+    pt.precopied = f.precopied_mean;
 }
 
 fn now_utc() -> String {
@@ -747,246 +556,285 @@ fn host() -> String {
     )
 }
 
-/// The kind of each workload (sparse, pages, ...) from the recorded
-/// settings (`--workload KIND,...`).
-fn kinds_of(settings: &Settings) -> Vec<(String, String)> {
-    settings
-        .workloads
-        .iter()
-        .map(|(label, args)| {
-            let kind = args
-                .strip_prefix("--workload ")
-                .and_then(|w| w.split(',').next())
-                .unwrap_or("kernel");
-            (label.clone(), kind.to_string())
-        })
-        .collect()
-}
-
-fn rerender(a: &BenchArgs, from: &Path) -> Result<()> {
-    let text =
-        std::fs::read_to_string(from).with_context(|| format!("cannot read {}", from.display()))?;
-    let bad = || {
-        format!(
-            "{} is not the points.json of a castor bench run",
-            from.display()
-        )
-    };
-    let mut v: serde_json::Value = serde_json::from_str(&text).with_context(bad)?;
-    // NaN figures were written as null: drop them so that they read back as NaN.
-    if let Some(points) = v.get_mut("points").and_then(|p| p.as_array_mut()) {
-        for p in points.iter_mut().filter_map(|p| p.as_object_mut()) {
-            p.retain(|_, x| !x.is_null());
-        }
-    }
-    let results: Results = serde_json::from_value(v).with_context(bad)?;
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("creating the output directory {}", a.out.display()))?;
-    crate::report::write_all(&a.out, &results, &kinds_of(&results.settings))?;
+/// Writes the report (and the plots unless `--no-plots`) into `--out` and
+/// prints the summary.
+fn render(a: &BenchArgs, results: &Results) -> Result<()> {
+    crate::report::write_all(&a.out, results)?;
     if !a.no_plots {
-        crate::plots::draw_all(&a.out, &results)?;
+        crate::plots::draw_all(&a.out, results)?;
     }
     println!("{}", std::fs::read_to_string(a.out.join("summary.md"))?);
     Ok(())
 }
 
+fn create_out(out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating the output directory {}", out.display()))
+}
+
+/// `--from-json`: the report and plots again from an earlier run's points.json.
+fn rerender(a: &BenchArgs, from: &Path) -> Result<()> {
+    let text =
+        std::fs::read_to_string(from).with_context(|| format!("cannot read {}", from.display()))?;
+    let results = Results::from_json(&text).with_context(|| {
+        format!(
+            "{} is not the points.json of a castor bench run",
+            from.display()
+        )
+    })?;
+    create_out(&a.out)?;
+    render(a, &results)
+}
+
+/// The progress bar, and the lines printed above it.
+struct Ui {
+    pb: ProgressBar,
+}
+
+impl Ui {
+    fn new(total: u64) -> Ui {
+        let pb = ProgressBar::new(total);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] {pos}/{len} eta {eta} {msg}",
+            )
+            .expect("template")
+            .progress_chars("=> "),
+        );
+        Ui { pb }
+    }
+
+    /// Prints a line (above the bar, or plainly when there is no terminal).
+    fn say(&self, s: String) {
+        if self.pb.is_hidden() {
+            println!("{s}");
+        } else {
+            self.pb.println(s);
+        }
+    }
+
+    /// Prints a finished point and advances the bar.
+    fn point(&self, pt: &Point) {
+        self.say(point_line(pt));
+        self.pb.inc(1);
+    }
+}
+
+/// The progress line of a finished point.
+fn point_line(pt: &Point) -> String {
+    match &pt.error {
+        Some(e) => format!(
+            "  {:<11} {:<11} {:>3} ms  FAILED: {e}",
+            pt.workload, pt.config, pt.epoch_ms
+        ),
+        None if pt.protected() => format!(
+            "  {:<11} {:<11} {:>3} ms  {:>10.0} ops/s  pause p50 {:>6.2} p99 {:>6.2} ms  {:>9.0} B/epoch ({:.0} dirty pages)",
+            pt.workload,
+            pt.config,
+            pt.epoch_ms,
+            pt.ops_per_s,
+            pt.pause_p50_us / 1e3,
+            pt.pause_p99_us / 1e3,
+            pt.bytes_per_epoch,
+            pt.dirty_pages
+        ),
+        None => format!(
+            "  {:<11} {:<11} {:>3} ms  {:>10.0} ops/s",
+            pt.workload, pt.config, pt.epoch_ms, pt.ops_per_s
+        ),
+    }
+}
+
+/// Where the points' daemons log.
+struct Dirs<'a> {
+    /// The pair's certificates.
+    certs: &'a Path,
+    /// The logs directory in `--out`.
+    logs: &'a Path,
+}
+
+/// The matrix: every workload unprotected, then per epoch length tracking
+/// only and every mode.
+fn run_matrix(a: &BenchArgs, p: &Plan, dirs: &Dirs<'_>, ui: &Ui) -> Vec<Point> {
+    let mut points = Vec::new();
+    for load in &p.loads {
+        run_load(a, p, load, dirs, ui, &mut points);
+    }
+    points
+}
+
+/// One workload's points.
+fn run_load(
+    a: &BenchArgs,
+    p: &Plan,
+    load: &Load,
+    dirs: &Dirs<'_>,
+    ui: &Ui,
+    points: &mut Vec<Point>,
+) {
+    ui.pb.set_message(format!("{} unprotected", load.label));
+    let log = |name: String| dirs.logs.join(format!("{}-{name}.log", load.label));
+    let base = baseline(a, p, load, None, &log("unprotected".into()));
+    ui.point(&base);
+    let unprotected = base.ops_per_s;
+    points.push(base);
+    for &e in &p.epochs {
+        ui.pb.set_message(format!("{} tracking {e} ms", load.label));
+        let mut tr = baseline(a, p, load, Some(e), &log(format!("tracking-{e}")));
+        tr.vs_unprotected = tr.ops_per_s / unprotected;
+        ui.point(&tr);
+        let tracking = tr.ops_per_s;
+        points.push(tr);
+        for &m in &p.modes {
+            ui.pb.set_message(format!("{} {m} {e} ms", load.label));
+            let mut pt = protected(a, p, load, m, e, dirs.certs, dirs.logs);
+            pt.vs_unprotected = pt.ops_per_s / unprotected;
+            pt.vs_tracking = pt.ops_per_s / tracking;
+            ui.point(&pt);
+            points.push(pt);
+        }
+    }
+}
+
+/// The failover drills, outside the post-resync grace (see docs/design.md):
+/// the failovers measured, and the drills that failed.
+fn run_drills(a: &BenchArgs, p: &Plan, ui: &Ui) -> (Vec<Failover>, Vec<String>) {
+    let mut failovers = Vec::new();
+    let mut failover_errors = Vec::new();
+    if p.failovers == 0 {
+        return (failovers, failover_errors);
+    }
+    for &m in &p.failover_modes {
+        let (got, r) = drill_mode(a, p, m, ui);
+        failovers.extend(got);
+        if let Err(e) = r {
+            ui.say(format!("  failover    {m}: FAILED: {e:#}"));
+            failover_errors.push(format!("{m}: {e:#}"));
+        }
+    }
+    (failovers, failover_errors)
+}
+
+/// The drill of one mode: its failovers, and whether it ran to the end.
+fn drill_mode(a: &BenchArgs, p: &Plan, m: fgbi::Mode, ui: &Ui) -> (Vec<Failover>, Result<()>) {
+    ui.pb.set_message(format!("failover drill {m}"));
+    let epoch = p.epochs[0];
+    let mut args = vec![
+        "--mode".to_string(),
+        m.to_string(),
+        "--epoch-ms".into(),
+        epoch.to_string(),
+    ];
+    args.extend(p.link_args.iter().cloned());
+    let plan = DrillPlan {
+        rounds: p.failovers,
+        workload: parse_workload("sparse,rate=50000,interval_ms=2").expect("valid workload"),
+        mem: a.mem,
+        vcpus: a.vcpus,
+        protect_args: args,
+        settle: Duration::from_millis(2500),
+    };
+    let mut got = Vec::new();
+    let r = run_drill(&plan, &mut |r| {
+        ui.pb.inc(1);
+        if let Some(ms) = r.failover_ms.filter(|_| r.ok()) {
+            got.push(Failover {
+                mode: m.to_string(),
+                round: r.round,
+                ms,
+            });
+        }
+    });
+    let mut v: Vec<f64> = got.iter().map(|f| f.ms).collect();
+    let figures = if v.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ": p50 {:.1} ms, p99 {:.1} ms",
+            percentile(&mut v, 0.5),
+            percentile(&mut v, 0.99)
+        )
+    };
+    ui.say(format!(
+        "  failover    {:<11} {epoch:>3} ms  {} rounds{figures}",
+        m.to_string(),
+        got.len(),
+    ));
+    (got, r.map(|_| ()))
+}
+
+/// The settings recorded with the results.
+fn settings(a: &BenchArgs, p: &Plan) -> Settings {
+    Settings {
+        mem_mib: a.mem >> 20,
+        vcpus: a.vcpus,
+        link: link(a).to_string(),
+        warmup_ms: p.warmup.as_millis() as u64,
+        measure_ms: p.measure.as_millis() as u64,
+        workloads: p
+            .loads
+            .iter()
+            .map(|l| (l.label.clone(), l.args.join(" ")))
+            .collect(),
+    }
+}
+
+fn link(a: &BenchArgs) -> protocol::link::LinkShape {
+    protocol::link::LinkShape {
+        rate_bytes_per_s: a.link_rate.0,
+        delay: a.link_delay,
+    }
+}
+
 /// `castor bench`.
 pub fn bench(a: BenchArgs) -> Result<()> {
-    use indicatif::{ProgressBar, ProgressStyle};
     if let Some(from) = &a.from_json {
         return rerender(&a, from);
     }
     let p = plan(&a)?;
     let t0 = Instant::now();
-    std::fs::create_dir_all(&a.out)
-        .with_context(|| format!("creating the output directory {}", a.out.display()))?;
+    create_out(&a.out)?;
     let logs = a.out.join("logs");
     let _ = std::fs::remove_dir_all(&logs);
     std::fs::create_dir_all(&logs)?;
     let tmp = tempfile::tempdir()?;
-    let certs = tmp.path().join("pki");
-    protocol::certs::create(&certs, &["node-a".into(), "node-b".into()], false)?;
+    let certs = make_certs(&tmp.path().join("pki"), NODES)?;
 
     let per_load = 1 + p.epochs.len() * (1 + p.modes.len());
     let total =
         (p.loads.len() * per_load) as u64 + p.failovers as u64 * p.failover_modes.len() as u64;
-    let pb = ProgressBar::new(total);
-    pb.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} eta {eta} {msg}")
-            .expect("template")
-            .progress_chars("=> "),
-    );
-    let say = |pb: &ProgressBar, s: String| {
-        if pb.is_hidden() {
-            println!("{s}");
-        } else {
-            pb.println(s);
-        }
+    let ui = Ui::new(total);
+    ui.say(format!(
+        "castor bench: {} workloads x {} modes x {:?} ms epochs, {} MiB, {} vCPU(s), link {}; window {:?} after {:?} warm-up; results in {}",
+        p.loads.len(),
+        p.modes.len(),
+        p.epochs,
+        a.mem >> 20,
+        a.vcpus,
+        link(&a),
+        p.measure,
+        p.warmup,
+        a.out.display()
+    ));
+    let dirs = Dirs {
+        certs: &certs,
+        logs: &logs,
     };
-    let link = protocol::link::LinkShape {
-        rate_bytes_per_s: a.link_rate.0,
-        delay: a.link_delay,
-    };
-    say(
-        &pb,
-        format!(
-            "castor bench: {} workloads x {} modes x {:?} ms epochs, {} MiB, {} vCPU(s), link {link}; window {:?} after {:?} warm-up; results in {}",
-            p.loads.len(),
-            p.modes.len(),
-            p.epochs,
-            a.mem >> 20,
-            a.vcpus,
-            p.measure,
-            p.warmup,
-            a.out.display()
-        ),
-    );
-    let mut points: Vec<Point> = Vec::new();
-    let report = |pb: &ProgressBar, pt: &Point| {
-        let line = match &pt.error {
-            Some(e) => format!(
-                "  {:<11} {:<11} {:>3} ms  FAILED: {e}",
-                pt.workload, pt.config, pt.epoch_ms
-            ),
-            None if pt.protected() => format!(
-                "  {:<11} {:<11} {:>3} ms  {:>10.0} ops/s  pause p50 {:>6.2} p99 {:>6.2} ms  {:>9.0} B/epoch ({:.0} dirty pages)",
-                pt.workload,
-                pt.config,
-                pt.epoch_ms,
-                pt.ops_per_s,
-                pt.pause_p50_us / 1e3,
-                pt.pause_p99_us / 1e3,
-                pt.bytes_per_epoch,
-                pt.dirty_pages
-            ),
-            None => format!(
-                "  {:<11} {:<11} {:>3} ms  {:>10.0} ops/s",
-                pt.workload, pt.config, pt.epoch_ms, pt.ops_per_s
-            ),
-        };
-        say(pb, line);
-    };
-    for load in &p.loads {
-        pb.set_message(format!("{} unprotected", load.label));
-        let base = baseline(
-            &a,
-            &p,
-            load,
-            None,
-            &logs.join(format!("{}-unprotected.log", load.label)),
-        );
-        report(&pb, &base);
-        pb.inc(1);
-        let unprotected = base.ops_per_s;
-        points.push(base);
-        for &e in &p.epochs {
-            pb.set_message(format!("{} tracking {e} ms", load.label));
-            let mut tr = baseline(
-                &a,
-                &p,
-                load,
-                Some(e),
-                &logs.join(format!("{}-tracking-{e}.log", load.label)),
-            );
-            tr.vs_unprotected = tr.ops_per_s / unprotected;
-            report(&pb, &tr);
-            pb.inc(1);
-            let tracking = tr.ops_per_s;
-            points.push(tr);
-            for &m in &p.modes {
-                pb.set_message(format!("{} {m} {e} ms", load.label));
-                let mut pt = protected(&a, &p, load, m, e, &certs, &logs);
-                pt.vs_unprotected = pt.ops_per_s / unprotected;
-                pt.vs_tracking = pt.ops_per_s / tracking;
-                report(&pb, &pt);
-                pb.inc(1);
-                points.push(pt);
-            }
-        }
-    }
-
-    // Failover drills, outside the post-resync grace (see docs/design.md).
-    let mut failovers = Vec::new();
-    let mut failover_errors = Vec::new();
-    let drill_load = parse_workload("sparse,rate=50000,interval_ms=2").expect("valid workload");
-    let epoch = p.epochs[0];
-    for &m in &p.failover_modes {
-        if p.failovers == 0 {
-            break;
-        }
-        pb.set_message(format!("failover drill {m}"));
-        let mut args = vec![
-            "--mode".to_string(),
-            m.to_string(),
-            "--epoch-ms".into(),
-            epoch.to_string(),
-        ];
-        args.extend(p.link_args.iter().cloned());
-        let plan = pair::DrillPlan {
-            rounds: p.failovers,
-            workload: drill_load.clone(),
-            mem: a.mem,
-            vcpus: a.vcpus,
-            protect_args: args,
-            settle: Duration::from_millis(2500),
-        };
-        let mut got = Vec::new();
-        let r = pair::run_drill(&plan, &mut |r| {
-            pb.inc(1);
-            if let Some(ms) = r.failover_ms.filter(|_| r.ok()) {
-                got.push(Failover {
-                    mode: m.to_string(),
-                    round: r.round,
-                    ms,
-                });
-            }
-        });
-        let mut v: Vec<f64> = got.iter().map(|f| f.ms).collect();
-        say(
-            &pb,
-            format!(
-                "  failover    {:<11} {epoch:>3} ms  {} rounds: p50 {:.1} ms, p99 {:.1} ms",
-                m.to_string(),
-                got.len(),
-                pair::pct(&mut v.clone(), 0.5),
-                pair::pct(&mut v, 0.99)
-            ),
-        );
-        failovers.extend(got);
-        if let Err(e) = r {
-            say(&pb, format!("  failover    {m}: FAILED: {e:#}"));
-            failover_errors.push(format!("{m}: {e:#}"));
-        }
-    }
-    pb.finish_and_clear();
+    let points = run_matrix(&a, &p, &dirs, &ui);
+    let (failovers, failover_errors) = run_drills(&a, &p, &ui);
+    ui.pb.finish_and_clear();
 
     let results = Results {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         started: now_utc(),
         host: host(),
-        settings: Settings {
-            mem_mib: a.mem >> 20,
-            vcpus: a.vcpus,
-            link: link.to_string(),
-            warmup_ms: p.warmup.as_millis() as u64,
-            measure_ms: p.measure.as_millis() as u64,
-            workloads: p
-                .loads
-                .iter()
-                .map(|l| (l.label.clone(), l.args.join(" ")))
-                .collect(),
-        },
+        settings: settings(&a, &p),
         points,
         failovers,
         failover_errors,
         wall_s: t0.elapsed().as_secs_f64(),
     };
-    crate::report::write_all(&a.out, &results, &kinds_of(&results.settings))?;
-    if !a.no_plots {
-        crate::plots::draw_all(&a.out, &results)?;
-    }
-    let md = std::fs::read_to_string(a.out.join("summary.md"))?;
-    println!("{md}");
+    render(&a, &results)?;
     println!(
         "castor bench: {} points, {} failovers in {:.0} s; results in {}",
         results.points.len(),
@@ -994,15 +842,11 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         results.wall_s,
         a.out.display()
     );
-    let failed: Vec<&Point> = results
-        .points
-        .iter()
-        .filter(|p| p.error.is_some())
-        .collect();
-    if !failed.is_empty() || !results.failover_errors.is_empty() {
+    let failed = results.points.iter().filter(|p| !p.ok()).count();
+    if failed > 0 || !results.failover_errors.is_empty() {
         bail!(
             "{} points and {} drills failed (see summary.md and {})",
-            failed.len(),
+            failed,
             results.failover_errors.len(),
             logs.display()
         );

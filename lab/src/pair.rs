@@ -1,10 +1,8 @@
-//! `castor demo`: a local HA pair on loopback, a failover, and its report.
-//!
-//! Runs two castor processes (backup, then primary) with certificates made
-//! in a temporary directory, attaches a console client to the primary,
-//! SIGKILLs the primary, re-attaches the client to the survivor at the next
-//! byte offset, and reports what happened. It also serves as the building
-//! block of `castor drill` and of the end-to-end tests.
+//! The local HA pair: a backup and a primary as child processes of the
+//! castor binary on loopback, with certificates in a directory of their own,
+//! free ports and a log file each. `castor demo`, `castor drill`,
+//! `castor bench` and the end-to-end tests all start their pairs here, and
+//! read the daemons' typed [`Status`] through [`status`] and [`wait_status`].
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -13,64 +11,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use node::Status;
 
-use clap::Args;
-
-use guest::Workload;
-
-use crate::cli::{parse_duration, parse_size, parse_workload};
-
-/// `castor demo` settings.
-#[derive(Args)]
-pub struct DemoArgs {
-    /// How long the pair runs before the primary is killed.
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
-    pub run_for: Duration,
-    /// How long the survivor is watched after the failover.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    pub watch_for: Duration,
-    /// Workload of the guest.
-    #[arg(long, default_value = "counter", value_parser = parse_workload)]
-    pub workload: Workload,
-    /// Guest RAM.
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    pub mem: u64,
-    /// vCPUs.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
-    /// Encoding.
-    #[arg(long, default_value = "fgbi")]
-    pub mode: fgbi::Mode,
-    /// Epoch length in milliseconds.
-    #[arg(long, default_value_t = 25)]
-    pub epoch_ms: u64,
-}
-
-/// `castor drill` settings.
-#[derive(Args)]
-pub struct DrillArgs {
-    /// Number of failovers.
-    #[arg(long, default_value_t = 5)]
-    pub rounds: u32,
-    /// Workload of the guest.
-    #[arg(long, default_value = "counter", value_parser = parse_workload)]
-    pub workload: Workload,
-    /// Guest RAM.
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    pub mem: u64,
-    /// vCPUs.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
-    /// Encoding.
-    #[arg(long, default_value = "fgbi")]
-    pub mode: fgbi::Mode,
-    /// Send memory digests with every checkpoint and count mismatches.
-    #[arg(long)]
-    pub verify: bool,
-}
-
-/// Picks a free port on loopback (UDP or TCP).
-/// A free loopback port.
+/// A free loopback port (UDP for a daemon's QUIC endpoint, TCP for a
+/// console service).
 pub fn free_port(udp: bool) -> Result<SocketAddr> {
     Ok(if udp {
         std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?
@@ -79,7 +23,23 @@ pub fn free_port(udp: bool) -> Result<SocketAddr> {
     })
 }
 
-/// A daemon child process that is killed when dropped.
+/// The castor binary: `CASTOR_BIN` if set (the end-to-end tests point it at
+/// the binary under test), else the running executable.
+pub fn castor_exe() -> Result<PathBuf> {
+    match std::env::var_os("CASTOR_BIN") {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => std::env::current_exe().context("locating the castor binary"),
+    }
+}
+
+/// Makes a certificate authority and a certificate for each of `names` in
+/// `dir` (see `castor certs`); returns `dir`.
+pub fn make_certs(dir: &Path, names: [&str; 2]) -> Result<PathBuf> {
+    protocol::certs::create(dir, &names.map(String::from), false)?;
+    Ok(dir.to_path_buf())
+}
+
+/// A daemon child process, SIGKILLed when dropped.
 pub struct Daemon {
     /// The process.
     pub child: Child,
@@ -91,8 +51,7 @@ pub struct Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -102,14 +61,21 @@ impl Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// The daemon's status, or None if it does not answer.
+    pub fn status(&self) -> Option<Status> {
+        status(self.console)
+    }
 }
 
-/// The castor binary: this one, or CASTOR_BIN (tests run from their own binary).
-pub fn castor_exe() -> Result<PathBuf> {
-    match std::env::var_os("CASTOR_BIN") {
-        Some(p) => Ok(PathBuf::from(p)),
-        None => std::env::current_exe().context("locating the castor binary"),
-    }
+/// One daemon of a pair: its certificates, its name and its peer's.
+pub struct Node<'a> {
+    /// Directory made by `castor certs`.
+    pub certs: &'a Path,
+    /// Its name.
+    pub name: &'a str,
+    /// Its peer's name.
+    pub peer: &'a str,
 }
 
 fn spawn(args: &[String], console: SocketAddr, log: PathBuf) -> Result<Daemon> {
@@ -129,16 +95,6 @@ fn spawn(args: &[String], console: SocketAddr, log: PathBuf) -> Result<Daemon> {
         console,
         log,
     })
-}
-
-/// Settings of one daemon of the local pair.
-pub struct Node<'a> {
-    /// Certificates.
-    pub certs: &'a Path,
-    /// Its name.
-    pub name: &'a str,
-    /// Its peer's name.
-    pub peer: &'a str,
 }
 
 /// Starts `castor ROLE` as node `n` with `role_args`, a fresh console port
@@ -198,34 +154,133 @@ pub fn start_primary(
     )
 }
 
-/// One line of JSON from a daemon, or None if it does not answer.
-pub fn status(console: SocketAddr) -> Option<String> {
+/// Two nodes on loopback that can back each other up: their certificates,
+/// names and QUIC ports, and the directory of their logs. Node 0 starts as
+/// the primary, node 1 as its backup; after a failover either may be
+/// started again in either role.
+pub struct Pair {
+    /// Directory made by `castor certs` holding both nodes' certificates.
+    pub certs: PathBuf,
+    /// The nodes' names.
+    pub names: [String; 2],
+    /// The nodes' QUIC ports (node `i` listens on `ports[i]` as a backup).
+    pub ports: [SocketAddr; 2],
+    /// Where the daemons' logs go.
+    pub logs: PathBuf,
+}
+
+impl Pair {
+    /// Nodes `names` using the certificates in `certs`, on two free ports,
+    /// logging into `logs`.
+    pub fn new(certs: &Path, names: [&str; 2], logs: &Path) -> Result<Pair> {
+        Ok(Pair {
+            certs: certs.to_path_buf(),
+            names: names.map(String::from),
+            ports: [free_port(true)?, free_port(true)?],
+            logs: logs.to_path_buf(),
+        })
+    }
+
+    /// Nodes `names` with new certificates made in `dir/pki`, logging into `dir`.
+    pub fn in_dir(dir: &Path, names: [&str; 2]) -> Result<Pair> {
+        let certs = make_certs(&dir.join("pki"), names)?;
+        Pair::new(&certs, names, dir)
+    }
+
+    /// Node `i` (0 or 1).
+    pub fn node(&self, i: usize) -> Node<'_> {
+        Node {
+            certs: &self.certs,
+            name: &self.names[i],
+            peer: &self.names[1 - i],
+        }
+    }
+
+    /// Starts node `i` as a backup on its port that, after a takeover,
+    /// protects toward the other node's port; `extra` flags, log file `log`
+    /// in the log directory.
+    pub fn start_backup(&self, i: usize, extra: &[String], log: &str) -> Result<Daemon> {
+        start_backup(
+            &self.node(i),
+            self.ports[i],
+            self.ports[1 - i],
+            extra,
+            self.logs.join(log),
+        )
+    }
+
+    /// Starts node `i` as a primary sending to the other node's port.
+    pub fn start_primary(&self, i: usize, extra: &[String], log: &str) -> Result<Daemon> {
+        start_primary(&self.node(i), self.ports[1 - i], extra, self.logs.join(log))
+    }
+
+    /// Starts node 1 as the backup (log `logs[0]`), then node 0 as its
+    /// primary (log `logs[1]`): `both` flags go to both daemons, then
+    /// `primary` flags to the primary alone. Returns (backup, primary).
+    pub fn start(
+        &self,
+        both: &[String],
+        primary: &[String],
+        logs: [&str; 2],
+    ) -> Result<(Daemon, Daemon)> {
+        let backup = self.start_backup(1, both, logs[0])?;
+        let mut args = both.to_vec();
+        args.extend(primary.iter().cloned());
+        let primary = self.start_primary(0, &args, logs[1])?;
+        Ok((backup, primary))
+    }
+}
+
+/// `castor primary`/`castor run` flags for castor's guest: RAM, vCPUs and
+/// workload.
+pub fn guest_args(mem: u64, vcpus: u32, workload: &guest::Workload) -> Vec<String> {
+    vec![
+        "--mem".into(),
+        format!("{}M", mem >> 20),
+        "--vcpus".into(),
+        vcpus.to_string(),
+        "--workload".into(),
+        workload.to_string(),
+    ]
+}
+
+/// The status of the daemon whose console service is at `console`, or None
+/// if it does not answer with a status.
+pub fn status(console: SocketAddr) -> Option<Status> {
     let mut s = TcpStream::connect_timeout(&console, Duration::from_millis(200)).ok()?;
     s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
     s.write_all(b"status\n").ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
-    Some(out.trim().to_string())
+    Status::from_json(&out).ok()
 }
 
-/// A number field of a status line.
-pub fn field(status: &str, key: &str) -> Option<f64> {
-    let i = status.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let rest = &status[i..];
-    let end = rest.find([',', '}']).unwrap_or(rest.len());
-    rest[..end].trim().trim_matches('"').parse().ok()
+/// The node runs the guest and a backup holds a committed checkpoint.
+pub fn protected(s: &Status) -> bool {
+    s.protected()
 }
 
-/// Waits until `pred` holds for the daemon's status.
+/// The node runs the guest as a primary that has no backup.
+pub fn unprotected(s: &Status) -> bool {
+    s.primary.as_ref().is_some_and(|p| !p.protected)
+}
+
+/// The node is protected and has checkpointed at least `n` epochs.
+pub fn protected_after(n: u64) -> impl Fn(&Status) -> bool {
+    move |s| s.protected() && s.figures().epochs >= n
+}
+
+/// Waits until `pred` holds for the daemon's status and returns that status;
+/// after `timeout`, fails with the last status and the tail of its log.
 pub fn wait_status(
     d: &Daemon,
     what: &str,
     timeout: Duration,
-    pred: impl Fn(&str) -> bool,
-) -> Result<String> {
+    pred: impl Fn(&Status) -> bool,
+) -> Result<Status> {
     let t = Instant::now();
     loop {
-        if let Some(s) = status(d.console) {
+        if let Some(s) = d.status() {
             if pred(&s) {
                 return Ok(s);
             }
@@ -235,7 +290,7 @@ pub fn wait_status(
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
             bail!(
                 "timed out after {timeout:?} waiting for {what}; last status {:?}; {} ends with:\n{}",
-                status(d.console),
+                d.status().map(|s| s.to_json()),
                 d.log.display(),
                 tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
@@ -284,376 +339,43 @@ pub fn read_console(
     }
 }
 
-/// Checks the guest's progress lines: every vCPU's seq goes up by exactly one.
-/// Returns (lines, problems).
-pub fn continuity(stream: &[u8]) -> (usize, Vec<String>) {
-    let text = String::from_utf8_lossy(stream);
-    let mut last: std::collections::HashMap<u32, u64> = Default::default();
-    let mut problems = Vec::new();
-    let mut n = 0;
-    for line in text.lines() {
-        let Some(p) = guest::Progress::parse(line) else {
-            continue;
-        };
-        n += 1;
-        if let Some(prev) = last.insert(p.cpu, p.seq) {
-            if p.seq != prev + 1 {
-                problems.push(format!("vCPU {}: seq {} follows {}", p.cpu, p.seq, prev));
-            }
-        }
-    }
-    (n, problems)
+/// A failover seen from a console client: when the primary was killed, and
+/// when the survivor's first byte past what the backup had committed came.
+#[derive(Debug, Clone, Copy)]
+pub struct Takeover {
+    /// The SIGKILL.
+    pub killed: Instant,
+    /// The first console byte the survivor produced, if it did in time.
+    pub first: Option<Instant>,
 }
 
-/// `castor demo`.
-pub fn demo(a: DemoArgs) -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path();
-    protocol::certs::create(&dir.join("pki"), &["node-a".into(), "node-b".into()], false)?;
-    let certs = dir.join("pki");
-    let (port_a, port_b) = (free_port(true)?, free_port(true)?);
-    let a_node = Node {
-        certs: &certs,
-        name: "node-a",
-        peer: "node-b",
-    };
-    let b_node = Node {
-        certs: &certs,
-        name: "node-b",
-        peer: "node-a",
-    };
-    println!(
-        "castor demo: a local HA pair on loopback (certificates in {})",
-        certs.display()
-    );
-    let _backup = start_backup(&b_node, port_b, port_a, &[], dir.join("backup.log"))?;
-    let guest_args: Vec<String> = vec![
-        "--mem".into(),
-        format!("{}M", a.mem >> 20),
-        "--vcpus".into(),
-        a.vcpus.to_string(),
-        "--workload".into(),
-        a.workload.to_string(),
-        "--mode".into(),
-        a.mode.to_string(),
-        "--epoch-ms".into(),
-        a.epoch_ms.to_string(),
-    ];
-    let mut primary = start_primary(&a_node, port_b, &guest_args, dir.join("primary.log"))?;
-    let mut backup = _backup;
-    let t_start = Instant::now();
-    println!("  primary (node-a) and backup (node-b) starting; waiting for protection ...");
-    wait_status(
-        &primary,
-        "the primary to be protected",
-        Duration::from_secs(60),
-        |s| s.contains("\"protected\":true"),
-    )?;
-    println!(
-        "  protected after {:.1} s; running for {:?}",
-        t_start.elapsed().as_secs_f64(),
-        a.run_for
-    );
+impl Takeover {
+    /// SIGKILL → first console byte from the survivor, ms.
+    pub fn ms(&self) -> Option<f64> {
+        self.first.map(|t| (t - self.killed).as_secs_f64() * 1e3)
+    }
+}
 
-    let mut stream = Vec::new();
-    let reader_until = Instant::now() + a.run_for;
-    read_console(primary.console, 0, &mut stream, reader_until, u64::MAX)?;
-    let before = status(primary.console).unwrap_or_default();
-
+/// SIGKILLs `primary` and follows the console on `backup` from the end of
+/// `stream` for `watch`: bytes up to what the backup had committed when the
+/// primary died may be served at once; the failover ends with the first
+/// byte after them.
+pub fn kill_and_follow(
+    primary: &mut Daemon,
+    backup: &Daemon,
+    stream: &mut Vec<u8>,
+    watch: Duration,
+) -> Result<Takeover> {
     let killed = Instant::now();
     primary.kill();
-    // What the backup had committed when the primary died: bytes up to there
-    // may be served at once; the failover ends with the first byte after it.
-    let committed = status(backup.console)
-        .and_then(|s| field(&s, "console_end"))
-        .unwrap_or(0.0) as u64;
+    let committed = backup.status().map_or(0, |s| s.console_end);
     let offset = stream.len() as u64;
-    let watch_until = Instant::now() + a.watch_for;
-    let first = read_console(backup.console, offset, &mut stream, watch_until, committed)?;
-    let after = status(backup.console).unwrap_or_default();
-
-    let (lines, problems) = continuity(&stream);
-    let f = |k: &str| field(&before, k).unwrap_or(f64::NAN);
-    println!();
-    println!("castor demo report");
-    println!(
-        "  workload            {} on {} vCPU(s), {} MiB, mode {}, {} ms epochs",
-        a.workload,
-        a.vcpus,
-        a.mem >> 20,
-        a.mode,
-        a.epoch_ms
-    );
-    println!("  epochs              {:.0}", f("epochs"));
-    println!(
-        "  pause               p50 {:.0} us, p99 {:.0} us, max {:.0} us",
-        f("pause_p50_us"),
-        f("pause_p99_us"),
-        f("pause_max_us")
-    );
-    println!(
-        "  bytes per epoch     {:.0} sent vs {:.0} raw ({:.1}x fewer), {:.1} dirty pages",
-        f("bytes_per_epoch"),
-        f("raw_bytes_per_epoch"),
-        f("raw_bytes_per_epoch") / f("bytes_per_epoch").max(1.0),
-        f("dirty_pages_mean")
-    );
-    println!(
-        "  ack latency         p50 {:.0} us, p99 {:.0} us",
-        f("ack_p50_us"),
-        f("ack_p99_us")
-    );
-    match first {
-        Some(t) => println!(
-            "  failover            {:.1} ms (SIGKILL of the primary -> first console byte the survivor produced)",
-            (t - killed).as_secs_f64() * 1e3
-        ),
-        None => println!("  failover            NO console output from the survivor within {:?}", a.watch_for),
-    }
-    println!("  survivor            {after}");
-    println!(
-        "  console             {} bytes, {} progress lines, {} before the kill",
-        stream.len(),
-        lines,
-        offset
-    );
-    if problems.is_empty() && first.is_some() {
-        println!("  continuity          OK: no gap, no duplicate on any vCPU");
-    } else {
-        for p in problems.iter().take(10) {
-            println!("  continuity          BROKEN: {p}");
-        }
-    }
-    backup.kill();
-    if std::env::var_os("CASTOR_DEMO_KEEP").is_some() {
-        println!("  logs                {}", tmp.keep().display());
-        return Ok(());
-    }
-    if !problems.is_empty() || first.is_none() {
-        bail!(
-            "the demo failed: see the logs in {} (kept)",
-            tmp.keep().display()
-        );
-    }
-    Ok(())
-}
-
-/// Percentile of a sample (nearest rank; NaN when empty).
-pub fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
-/// One failover of a drill.
-#[derive(Debug, Clone)]
-pub struct Round {
-    /// Round number, from 1.
-    pub round: u32,
-    /// The node whose primary was killed.
-    pub killed: &'static str,
-    /// How long after re-protection (and the settle time) it was killed.
-    pub ran_for: Duration,
-    /// Failover time: SIGKILL → first console byte the survivor produced.
-    pub failover_ms: Option<f64>,
-    /// Console gaps or duplicates seen so far.
-    pub problems: Vec<String>,
-    /// Replica mismatches the survivor reports (with --verify).
-    pub mismatches: f64,
-}
-
-impl Round {
-    /// Whether the round passed: output from the survivor, a continuous
-    /// console and no mismatch.
-    pub fn ok(&self) -> bool {
-        self.failover_ms.is_some() && self.problems.is_empty() && self.mismatches == 0.0
-    }
-}
-
-/// What a drill does.
-#[derive(Debug, Clone)]
-pub struct DrillPlan {
-    /// Number of failovers.
-    pub rounds: u32,
-    /// Guest workload.
-    pub workload: Workload,
-    /// Guest RAM.
-    pub mem: u64,
-    /// vCPUs.
-    pub vcpus: u32,
-    /// Flags for both daemons (mode, epoch, verify, link ...).
-    pub protect_args: Vec<String>,
-    /// Each kill happens this long after re-protection, plus a random 0.3-1.5 s.
-    pub settle: Duration,
-}
-
-/// Runs a drill; `on_round` sees every round as it ends. Stops at the first
-/// failed round and returns an error naming the kept logs.
-pub fn run_drill(p: &DrillPlan, on_round: &mut dyn FnMut(&Round)) -> Result<Vec<Round>> {
-    use rand::Rng;
-    let tmp = tempfile::tempdir()?;
-    let dir = tmp.path();
-    let certs = dir.join("pki");
-    protocol::certs::create(&certs, &["node-a".into(), "node-b".into()], false)?;
-    let names = ["node-a", "node-b"];
-    let ports = [free_port(true)?, free_port(true)?];
-    let extra = &p.protect_args;
-    let node = |i: usize| Node {
-        certs: &certs,
-        name: names[i],
-        peer: names[1 - i],
-    };
-    // Node b backs up node a, and after a takeover protects toward node a's port.
-    let mut backup = start_backup(&node(1), ports[1], ports[0], extra, dir.join("b-0.log"))?;
-    let mut guest_args = vec![
-        "--mem".to_string(),
-        format!("{}M", p.mem >> 20),
-        "--vcpus".into(),
-        p.vcpus.to_string(),
-        "--workload".into(),
-        p.workload.to_string(),
-    ];
-    guest_args.extend(extra.iter().cloned());
-    let mut primary = start_primary(&node(0), ports[1], &guest_args, dir.join("a-0.log"))?;
-    let mut primary_idx = 0usize;
-    let mut stream = Vec::new();
-    let mut rounds = Vec::new();
-    let mut rng = rand::rng();
-    for round in 1..=p.rounds {
-        let protected = wait_status(
-            &primary,
-            "the primary to be protected",
-            Duration::from_secs(60),
-            |s| s.contains("\"protected\":true") && field(s, "epochs").unwrap_or(0.0) >= 10.0,
-        );
-        if let Err(e) = protected {
-            let _ = std::fs::write(dir.join("console.bin"), &stream);
-            bail!("round {round}: {e}\nlogs kept in {}", tmp.keep().display());
-        }
-        let run_for = p.settle + Duration::from_millis(rng.random_range(300..1500));
-        let offset = stream.len() as u64;
-        read_console(
-            primary.console,
-            offset,
-            &mut stream,
-            Instant::now() + run_for,
-            u64::MAX,
-        )?;
-        let killed = Instant::now();
-        primary.kill();
-        let committed = status(backup.console)
-            .and_then(|s| field(&s, "console_end"))
-            .unwrap_or(0.0) as u64;
-        let offset = stream.len() as u64;
-        let first = read_console(
-            backup.console,
-            offset,
-            &mut stream,
-            Instant::now() + Duration::from_millis(700),
-            committed,
-        )?;
-        let (_, problems) = continuity(&stream);
-        let survivor = status(backup.console).unwrap_or_default();
-        let r = Round {
-            round,
-            killed: names[primary_idx],
-            ran_for: run_for,
-            failover_ms: first.map(|t| (t - killed).as_secs_f64() * 1e3),
-            problems,
-            mismatches: field(&survivor, "verify_mismatches").unwrap_or(0.0),
-        };
-        on_round(&r);
-        let ok = r.ok();
-        rounds.push(r);
-        if !ok {
-            drop(primary);
-            drop(backup);
-            let _ = std::fs::write(dir.join("console.bin"), &stream);
-            bail!(
-                "drill round {round} failed: logs and the console stream (console.bin) kept in {}",
-                tmp.keep().display()
-            );
-        }
-        // The survivor is the primary now; a new backup starts where the dead primary was.
-        let dead = primary_idx;
-        primary_idx = 1 - primary_idx;
-        let new_backup = start_backup(
-            &node(dead),
-            ports[dead],
-            ports[1 - dead],
-            extra,
-            dir.join(format!("{}-{round}.log", &names[dead][5..])),
-        )?;
-        primary = std::mem::replace(&mut backup, new_backup);
-    }
-    if std::env::var_os("CASTOR_KEEP_LOGS").is_some() {
-        println!("drill logs kept in {}", tmp.keep().display());
-    }
-    Ok(rounds)
-}
-
-/// `castor drill`.
-pub fn drill(a: DrillArgs) -> Result<()> {
-    let mut extra: Vec<String> = vec!["--mode".into(), a.mode.to_string()];
-    if a.verify {
-        extra.push("--verify".into());
-    }
-    println!(
-        "castor drill: {} rounds, {} on {} vCPU(s), mode {}{}",
-        a.rounds,
-        a.workload,
-        a.vcpus,
-        a.mode,
-        if a.verify { ", verifying" } else { "" }
-    );
-    let plan = DrillPlan {
-        rounds: a.rounds,
-        workload: a.workload.clone(),
-        mem: a.mem,
-        vcpus: a.vcpus,
-        protect_args: extra,
-        settle: Duration::ZERO,
-    };
-    let mut seen = Vec::new();
-    let result = run_drill(&plan, &mut |r| {
-        match r.failover_ms {
-            Some(ms) => println!(
-                "  round {:>3}: primary {} killed after {:>4} ms, failover {ms:6.1} ms, {}",
-                r.round,
-                r.killed,
-                r.ran_for.as_millis(),
-                if r.ok() {
-                    "console continuous"
-                } else {
-                    "CONSOLE BROKEN"
-                }
-            ),
-            None => println!(
-                "  round {:>3}: primary {} killed, NO OUTPUT from the survivor",
-                r.round, r.killed
-            ),
-        }
-        for p in r.problems.iter().take(5) {
-            println!("             {p}");
-        }
-        if r.mismatches > 0.0 {
-            println!("             VERIFY: {} replica mismatches", r.mismatches);
-        }
-        if r.ok() {
-            seen.extend(r.failover_ms);
-        }
-    });
-    let mut f = seen.clone();
-    println!();
-    println!(
-        "castor drill: {} of {} rounds passed; failover p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-        seen.len(),
-        a.rounds,
-        pct(&mut f, 0.5),
-        pct(&mut f, 0.99),
-        seen.iter().cloned().fold(0.0, f64::max),
-    );
-    result.map(|_| ())
+    let first = read_console(
+        backup.console,
+        offset,
+        stream,
+        Instant::now() + watch,
+        committed,
+    )?;
+    Ok(Takeover { killed, first })
 }
