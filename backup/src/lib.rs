@@ -176,7 +176,11 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<(), BackupError> {
             let taken_over = s.failed_over.load(Ordering::Relaxed);
             let r = s.lock();
             let status = node::Status {
-                role: if taken_over { node::Role::TakenOver } else { node::Role::Backup },
+                role: if taken_over {
+                    node::Role::TakenOver
+                } else {
+                    node::Role::Backup
+                },
                 console_released: log.released(),
                 console_end: log.end(),
                 resumed_at: taken_over.then(|| s.resumed_at.load(Ordering::Relaxed)),

@@ -179,7 +179,10 @@ mod tests {
         assert_eq!(Status::from_json(&line).unwrap(), s);
         assert!(Status::from_json(&line).unwrap().protected());
         let e = Status::from_json("error: nothing committed yet").unwrap_err();
-        assert!(e.to_string().contains("error: nothing committed yet"), "{e}");
+        assert!(
+            e.to_string().contains("error: nothing committed yet"),
+            "{e}"
+        );
         assert_eq!(Role::TakenOver.to_string(), "primary (after failover)");
     }
 }

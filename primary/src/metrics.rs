@@ -196,5 +196,4 @@ impl Metrics {
                 .count() as u64,
         }
     }
-
 }
