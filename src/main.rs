@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use castor::cli::{parse_duration, parse_size, parse_workload};
-use castor::pair::{self, DemoArgs, DrillArgs};
+use lab::cli::{parse_duration, parse_size, parse_workload};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,12 +69,12 @@ enum Command {
     /// primary, and reports: epochs, pause p50/p99, bytes per epoch vs raw,
     /// failover time (SIGKILL to the first console byte from the survivor),
     /// and whether the console stream stayed gap- and duplicate-free.
-    Demo(DemoArgs),
+    Demo(lab::DemoArgs),
     /// Failover drill: repeatedly SIGKILL the current primary at a random
     /// moment, let the backup take over, start a new backup where the dead
     /// primary was, and wait for re-protection. Reports every round and fails
     /// on any console gap or duplicate.
-    Drill(DrillArgs),
+    Drill(lab::DrillArgs),
     /// The measurement suite: the real pair on loopback over workloads x
     /// modes (remus, xbzrle, fgbi) x epoch lengths, each beside the same
     /// guest unprotected and with dirty tracking only, over an emulated
@@ -85,7 +84,7 @@ enum Command {
     /// targets checked; writes points.csv, points.json, failover.csv,
     /// summary.md and PNG plots into --out. `--quick` (the CI smoke test)
     /// takes under 3 minutes, the full default matrix under 20.
-    Bench(castor::bench::BenchArgs),
+    Bench(lab::BenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -142,8 +141,8 @@ struct ProtectArgs {
     /// Emulated link (benchmarks): limit the replication traffic to this
     /// rate, e.g. 1gbit, 100mbit, 50MB; `none` for no limit. Applied by the
     /// primary to its checkpoint stream (see docs/design.md).
-    #[arg(long, default_value = "none", value_parser = castor::cli::parse_rate)]
-    link_rate: castor::cli::LinkRate,
+    #[arg(long, default_value = "none", value_parser = lab::cli::parse_rate)]
+    link_rate: lab::cli::LinkRate,
     /// Emulated link: one-way delay added to checkpoints and acks, e.g. 100us, 1ms.
     #[arg(long, default_value = "0ms", value_parser = parse_duration)]
     link_delay: Duration,
@@ -704,9 +703,9 @@ fn main() -> ExitCode {
         Command::Backup(a) => backup_cmd(a),
         Command::Status(a) => status_cmd(a),
         Command::Takeover(a) => takeover_cmd(a),
-        Command::Demo(a) => pair::demo(a),
-        Command::Drill(a) => pair::drill(a),
-        Command::Bench(a) => castor::bench::bench(a),
+        Command::Demo(a) => lab::demo(a),
+        Command::Drill(a) => lab::drill(a),
+        Command::Bench(a) => lab::bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,14 +12,7 @@ fn bench(args: &[&str], out: &Path) -> (bool, String) {
         .args(args)
         .output()
         .unwrap();
-    (
-        o.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
+    common::outcome(&o)
 }
 
 fn points(out: &Path) -> Vec<serde_json::Value> {

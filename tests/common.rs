@@ -1,15 +1,27 @@
-//! Helpers shared by the end-to-end tests: running the castor binary and
-//! reading the guest's progress lines.
+//! Helpers shared by the end-to-end tests: running the castor binary under
+//! test, directly or through the lab's local pair (`lab::pair`), and
+//! checking the guest's progress lines with the lab's continuity check.
 #![allow(dead_code)]
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::sync::Once;
 
 use guest::Progress;
 
-/// The castor binary under test.
+/// The castor binary under test. Also sets `CASTOR_BIN` to it, so that the
+/// lab's pair helper (`lab::pair::castor_exe`) starts this binary and not
+/// the test executable.
+pub fn castor_bin() -> &'static str {
+    static SET: Once = Once::new();
+    let bin = env!("CARGO_BIN_EXE_castor");
+    SET.call_once(|| std::env::set_var("CASTOR_BIN", bin));
+    bin
+}
+
+/// The castor binary under test, as a command.
 pub fn castor() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_castor"));
+    let mut c = Command::new(castor_bin());
     c.env("RUST_LOG", "info");
     c
 }
@@ -19,34 +31,27 @@ pub fn run(args: &[&str]) -> Output {
     castor().args(args).output().expect("spawn castor")
 }
 
+/// Whether a finished castor succeeded, and its stdout then stderr.
+pub fn outcome(o: &Output) -> (bool, String) {
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
 /// Progress lines of a console stream.
 pub fn progress(bytes: &[u8]) -> Vec<Progress> {
-    String::from_utf8_lossy(bytes)
-        .lines()
-        .filter_map(Progress::parse)
-        .collect()
+    lab::console::progress_lines(bytes)
 }
 
 /// Asserts that every vCPU's sequence numbers start at 1 and go up by one.
 pub fn assert_gap_free(stream: &[Progress], vcpus: u32) {
-    for cpu in 0..vcpus {
-        let seqs: Vec<u64> = stream
-            .iter()
-            .filter(|p| p.cpu == cpu)
-            .map(|p| p.seq)
-            .collect();
-        assert!(!seqs.is_empty(), "no lines from vCPU {cpu}");
-        assert_eq!(seqs[0], 1, "vCPU {cpu} starts at 1");
-        for w in seqs.windows(2) {
-            assert_eq!(
-                w[1],
-                w[0] + 1,
-                "vCPU {cpu}: gap or duplicate between {} and {}",
-                w[0],
-                w[1]
-            );
-        }
-    }
+    let c = lab::console::check(stream, Some(vcpus));
+    assert!(c.ok(), "the console is not continuous: {:?}", c.problems);
 }
 
 /// Waits up to `secs` for `path` to exist.

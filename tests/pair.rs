@@ -1,35 +1,36 @@
 //! The HA pair end to end: real daemons, real KVM, real QUIC on loopback.
 
+mod common;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use castor::pair::{
-    continuity, field, free_port, read_console, start_backup, start_primary, status, wait_status,
-    Daemon, Node,
-};
+use common::{castor_bin, outcome, run};
+use lab::console::continuity;
+use lab::pair::{self, kill_and_follow, read_console, status, wait_status, Daemon, Node, Pair};
 
-fn castor_bin() {
-    std::env::set_var("CASTOR_BIN", env!("CARGO_BIN_EXE_castor"));
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
 }
 
-fn run(args: &[&str]) -> (bool, String) {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_castor"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        o.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ),
-    )
+/// Nodes "a" and "b" with certificates in `dir/pki`, started from the
+/// castor binary under test.
+fn pair_in(dir: &Path) -> Pair {
+    castor_bin();
+    Pair::in_dir(dir, ["a", "b"]).unwrap()
+}
+
+/// A backup "b" and a primary "a" on loopback: `both` go to both daemons,
+/// `primary` to the primary alone.
+fn start_pair(dir: &Path, both: &[&str], primary: &[&str]) -> (Daemon, Daemon) {
+    pair_in(dir)
+        .start(&strings(both), &strings(primary), ["b.log", "a.log"])
+        .unwrap()
 }
 
 #[test]
 fn drill_failovers_keep_the_console_continuous() {
-    let (ok, out) = run(&["drill", "--rounds", "3"]);
+    let (ok, out) = outcome(&run(&["drill", "--rounds", "3"]));
     assert!(ok, "{out}");
     assert!(out.contains("3 of 3 rounds passed"), "{out}");
     assert_eq!(out.matches("console continuous").count(), 3, "{out}");
@@ -37,7 +38,6 @@ fn drill_failovers_keep_the_console_continuous() {
 
 #[test]
 fn verification_finds_no_mismatch_in_any_mode() {
-    castor_bin();
     for mode in ["remus", "xbzrle", "fgbi"] {
         let tmp = tempfile::tempdir().unwrap();
         let both = ["--verify", "--mode", mode];
@@ -54,134 +54,87 @@ fn verification_finds_no_mismatch_in_any_mode() {
             ],
         );
         wait_status(&primary, "40 epochs", Duration::from_secs(60), |s| {
-            field(s, "epochs").unwrap_or(0.0) >= 40.0
+            s.figures().epochs >= 40
         })
         .unwrap();
-        let s = status(backup.console).unwrap();
-        assert!(s.contains("\"verifying\":true"), "{mode}: {s}");
+        let s = backup.status().unwrap();
+        let b = s.backup.as_ref().unwrap();
+        assert!(b.verifying, "{mode}: {s:?}");
+        assert!(b.checkpoints_applied >= 30, "{mode}: {s:?}");
+        assert_eq!(b.verify_mismatches, 0, "{mode}: {s:?}");
+        let p = primary.status().unwrap().figures();
         assert!(
-            field(&s, "checkpoints_applied").unwrap() >= 30.0,
-            "{mode}: {s}"
-        );
-        assert_eq!(field(&s, "verify_mismatches"), Some(0.0), "{mode}: {s}");
-        let p = status(primary.console).unwrap();
-        assert!(
-            field(&p, "dirty_pages_mean").unwrap() > 10.0,
-            "{mode}: the workload dirtied memory: {p}"
+            p.dirty_pages_mean > 10.0,
+            "{mode}: the workload dirtied memory: {p:?}"
         );
         // Most pages were copied by the pre-copy, before the pause: the
         // verified replicas include pages copied while the guest ran.
         assert!(
-            field(&p, "precopied_mean").unwrap() > 0.5 * field(&p, "dirty_pages_mean").unwrap(),
-            "{mode}: the pre-copy took part: {p}"
+            p.precopied_mean > 0.5 * p.dirty_pages_mean,
+            "{mode}: the pre-copy took part: {p:?}"
         );
     }
 }
 
 fn console_grows(console: std::net::SocketAddr) -> bool {
-    let end = |s: &str| field(s, "console_released").unwrap_or(0.0);
-    let a = end(&status(console).unwrap_or_default());
+    let end = || status(console).map_or(0, |s| s.console_released);
+    let a = end();
     std::thread::sleep(Duration::from_millis(300));
-    end(&status(console).unwrap_or_default()) > a
-}
-
-/// A backup "b" and a primary "a" on loopback: `both` go to both daemons,
-/// `primary` to the primary alone.
-fn start_pair(dir: &Path, both: &[&str], primary: &[&str]) -> (Daemon, Daemon) {
-    let certs = certs_for(dir);
-    let (pa, pb) = (free_port(true).unwrap(), free_port(true).unwrap());
-    let both: Vec<String> = both.iter().map(|s| s.to_string()).collect();
-    let backup = start_backup(
-        &Node {
-            certs: &certs,
-            name: "b",
-            peer: "a",
-        },
-        pb,
-        pa,
-        &both,
-        dir.join("b.log"),
-    )
-    .unwrap();
-    let mut args = both.clone();
-    args.extend(primary.iter().map(|s| s.to_string()));
-    let primary = start_primary(
-        &Node {
-            certs: &certs,
-            name: "a",
-            peer: "b",
-        },
-        pb,
-        &args,
-        dir.join("a.log"),
-    )
-    .unwrap();
-    (backup, primary)
-}
-
-fn certs_for(dir: &Path) -> std::path::PathBuf {
-    let certs = dir.join("pki");
-    transport::certs::create(&certs, &["a".into(), "b".into()], false).unwrap();
-    certs
+    end() > a
 }
 
 #[test]
 fn the_primary_survives_its_backup_and_reprotects() {
-    castor_bin();
     let tmp = tempfile::tempdir().unwrap();
-    let certs = certs_for(tmp.path());
-    let (pa, pb) = (free_port(true).unwrap(), free_port(true).unwrap());
-    let b = Node {
-        certs: &certs,
-        name: "b",
-        peer: "a",
-    };
-    let mut backup = start_backup(&b, pb, pa, &[], tmp.path().join("b1.log")).unwrap();
-    let primary = start_primary(
-        &Node {
-            certs: &certs,
-            name: "a",
-            peer: "b",
-        },
-        pb,
-        &[
-            "--mem".into(),
-            "128M".into(),
-            "--vcpus".into(),
-            "1".into(),
-            "--backup-timeout-ms".into(),
-            "300".into(),
-        ],
-        tmp.path().join("a.log"),
+    let pair = pair_in(tmp.path());
+    let mut backup = pair.start_backup(1, &[], "b1.log").unwrap();
+    let primary = pair
+        .start_primary(
+            0,
+            &strings(&[
+                "--mem",
+                "128M",
+                "--vcpus",
+                "1",
+                "--backup-timeout-ms",
+                "300",
+            ]),
+            "a.log",
+        )
+        .unwrap();
+    wait_status(
+        &primary,
+        "protection",
+        Duration::from_secs(60),
+        pair::protected,
     )
-    .unwrap();
-    wait_status(&primary, "protection", Duration::from_secs(60), |s| {
-        s.contains("\"protected\":true")
-    })
     .unwrap();
     backup.kill();
     wait_status(
         &primary,
         "the primary to notice",
         Duration::from_secs(10),
-        |s| s.contains("\"protected\":false"),
+        pair::unprotected,
     )
     .unwrap();
     assert!(
         console_grows(primary.console),
         "the unprotected guest keeps running and its output flows"
     );
-    let log = std::fs::read_to_string(tmp.path().join("a.log")).unwrap();
+    let log = std::fs::read_to_string(&primary.log).unwrap();
     assert!(
         log.contains("UNPROTECTED: lost the backup"),
         "says so loudly:\n{log}"
     );
     // A new backup comes: full resync, protected again.
-    let _backup2 = start_backup(&b, pb, pa, &[], tmp.path().join("b2.log")).unwrap();
+    let _backup2 = pair.start_backup(1, &[], "b2.log").unwrap();
     let t = Instant::now();
-    wait_status(&primary, "re-protection", Duration::from_secs(30), |s| {
-        s.contains("\"protected\":true")
-    })
+    wait_status(
+        &primary,
+        "re-protection",
+        Duration::from_secs(30),
+        pair::protected,
+    )
     .unwrap();
     assert!(t.elapsed() < Duration::from_secs(30));
     assert!(console_grows(primary.console));
@@ -189,49 +142,39 @@ fn the_primary_survives_its_backup_and_reprotects() {
 
 #[test]
 fn a_backup_with_the_wrong_certificate_is_refused_and_the_primary_stays_up() {
-    castor_bin();
     let tmp = tempfile::tempdir().unwrap();
-    let certs = certs_for(tmp.path());
+    let pair = pair_in(tmp.path());
     let other = tmp.path().join("other");
     transport::certs::create(&other, &["b".into()], false).unwrap();
     // The impostor presents "b" from another CA (trusting ours to get that far).
-    std::fs::copy(certs.join("ca.pem"), other.join("ca.pem")).unwrap();
-    let (pa, pb) = (free_port(true).unwrap(), free_port(true).unwrap());
-    let _impostor = start_backup(
+    std::fs::copy(pair.certs.join("ca.pem"), other.join("ca.pem")).unwrap();
+    let _impostor = pair::start_backup(
         &Node {
             certs: &other,
             name: "b",
             peer: "a",
         },
-        pb,
-        pa,
+        pair.ports[1],
+        pair.ports[0],
         &[],
         tmp.path().join("impostor.log"),
     )
     .unwrap();
-    let primary = start_primary(
-        &Node {
-            certs: &certs,
-            name: "a",
-            peer: "b",
-        },
-        pb,
-        &["--mem".into(), "128M".into(), "--vcpus".into(), "1".into()],
-        tmp.path().join("a.log"),
-    )
-    .unwrap();
+    let primary = pair
+        .start_primary(0, &strings(&["--mem", "128M", "--vcpus", "1"]), "a.log")
+        .unwrap();
     wait_status(
         &primary,
         "the primary to run",
         Duration::from_secs(30),
-        |s| field(s, "console_released").unwrap_or(0.0) > 0.0,
+        |s| s.console_released > 0,
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    let s = status(primary.console).unwrap();
-    assert!(s.contains("\"protected\":false"), "{s}");
+    let s = primary.status().unwrap();
+    assert!(pair::unprotected(&s), "{s:?}");
     assert!(console_grows(primary.console), "the primary stays up");
-    let log = std::fs::read_to_string(tmp.path().join("a.log")).unwrap();
+    let log = std::fs::read_to_string(&primary.log).unwrap();
     assert!(
         log.contains("cannot reach the backup"),
         "the refusal is logged:\n{log}"
@@ -240,7 +183,6 @@ fn a_backup_with_the_wrong_certificate_is_refused_and_the_primary_stays_up() {
 
 #[test]
 fn the_console_continues_across_a_failover_in_every_mode() {
-    castor_bin();
     for mode in ["remus", "xbzrle", "fgbi"] {
         let tmp = tempfile::tempdir().unwrap();
         let primary_args = [
@@ -252,9 +194,12 @@ fn the_console_continues_across_a_failover_in_every_mode() {
             "verify,rate=2000,mib=4,interval_ms=20",
         ];
         let (backup, mut primary) = start_pair(tmp.path(), &["--mode", mode], &primary_args);
-        wait_status(&primary, "protection", Duration::from_secs(60), |s| {
-            s.contains("\"protected\":true")
-        })
+        wait_status(
+            &primary,
+            "protection",
+            Duration::from_secs(60),
+            pair::protected,
+        )
         .unwrap();
         let mut stream = Vec::new();
         read_console(
@@ -265,21 +210,17 @@ fn the_console_continues_across_a_failover_in_every_mode() {
             u64::MAX,
         )
         .unwrap();
-        primary.kill();
-        let committed = field(&status(backup.console).unwrap(), "console_end").unwrap() as u64;
-        let off = stream.len() as u64;
-        let first = read_console(
-            backup.console,
-            off,
+        let t = kill_and_follow(
+            &mut primary,
+            &backup,
             &mut stream,
-            Instant::now() + Duration::from_millis(1000),
-            committed,
+            Duration::from_millis(1000),
         )
         .unwrap();
-        assert!(first.is_some(), "{mode}: the survivor produced output");
-        let (lines, problems) = continuity(&stream);
-        assert!(problems.is_empty(), "{mode}: {problems:?}");
-        assert!(lines > 40, "{mode}: {lines} lines");
+        assert!(t.first.is_some(), "{mode}: the survivor produced output");
+        let c = continuity(&stream);
+        assert!(c.ok(), "{mode}: {:?}", c.problems);
+        assert!(c.lines > 40, "{mode}: {} lines", c.lines);
         let text = String::from_utf8_lossy(&stream);
         assert!(
             !text.contains("CORRUPT"),
@@ -291,22 +232,9 @@ fn the_console_continues_across_a_failover_in_every_mode() {
 
 #[test]
 fn a_config_file_and_a_takeover_on_command() {
-    castor_bin();
     let tmp = tempfile::tempdir().unwrap();
-    let certs = certs_for(tmp.path());
-    let (pa, pb) = (free_port(true).unwrap(), free_port(true).unwrap());
-    let backup = start_backup(
-        &Node {
-            certs: &certs,
-            name: "b",
-            peer: "a",
-        },
-        pb,
-        pa,
-        &[],
-        tmp.path().join("b.log"),
-    )
-    .unwrap();
+    let pair = pair_in(tmp.path());
+    let backup = pair.start_backup(1, &[], "b.log").unwrap();
     let cfg = tmp.path().join("primary.toml");
     std::fs::write(&cfg, "mem = \"128M\"\nvcpus = 1\nworkload = \"counter\"\nmode = \"xbzrle\"\nepoch-ms = 20\nverify = true\n").unwrap();
     // The command line overrides the file: epoch 20 -> 30.
@@ -316,26 +244,17 @@ fn a_config_file_and_a_takeover_on_command() {
         "--epoch-ms".into(),
         "30".into(),
     ];
-    let mut primary = start_primary(
-        &Node {
-            certs: &certs,
-            name: "a",
-            peer: "b",
-        },
-        pb,
-        &args,
-        tmp.path().join("a.log"),
+    let mut primary = pair.start_primary(0, &args, "a.log").unwrap();
+    let s = wait_status(
+        &primary,
+        "protection",
+        Duration::from_secs(60),
+        pair::protected,
     )
     .unwrap();
-    let s = wait_status(&primary, "protection", Duration::from_secs(60), |s| {
-        s.contains("\"protected\":true")
-    })
-    .unwrap();
-    assert!(s.contains("\"mode\":\"xbzrle\""), "{s}");
-    assert!(s.contains("\"epoch_ms\":30"), "{s}");
-    assert!(status(backup.console)
-        .unwrap()
-        .contains("\"verifying\":true"));
+    assert_eq!(s.figures().mode, "xbzrle", "{s:?}");
+    assert_eq!(s.figures().epoch_ms, 30, "{s:?}");
+    assert!(backup.status().unwrap().backup.unwrap().verifying);
     let mut stream = Vec::new();
     read_console(
         primary.console,
@@ -347,9 +266,17 @@ fn a_config_file_and_a_takeover_on_command() {
     .unwrap();
 
     // The primary refuses; the backup takes over.
-    let (ok, out) = run(&["takeover", "--console", &primary.console.to_string()]);
+    let (ok, out) = outcome(&run(&[
+        "takeover",
+        "--console",
+        &primary.console.to_string(),
+    ]));
     assert!(!ok && out.contains("this node is the primary"), "{out}");
-    let (ok, out) = run(&["takeover", "--console", &backup.console.to_string()]);
+    let (ok, out) = outcome(&run(&[
+        "takeover",
+        "--console",
+        &backup.console.to_string(),
+    ]));
     assert!(ok && out.contains("ok: taking over"), "{out}");
     // The old primary is fenced: its guest stops and the process exits.
     let t = Instant::now();
@@ -364,7 +291,7 @@ fn a_config_file_and_a_takeover_on_command() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(!code.success());
-    let log = std::fs::read_to_string(tmp.path().join("a.log")).unwrap();
+    let log = std::fs::read_to_string(&primary.log).unwrap();
     assert!(log.contains("FENCED"), "{log}");
     // Its console, then the survivor's: continuous.
     read_console(
@@ -385,9 +312,11 @@ fn a_config_file_and_a_takeover_on_command() {
     )
     .unwrap();
     assert!(first.is_some(), "the survivor produced output");
-    let (lines, problems) = continuity(&stream);
+    let c = continuity(&stream);
     assert!(
-        problems.is_empty() && lines > 20,
-        "{lines} lines, {problems:?}"
+        c.ok() && c.lines > 20,
+        "{} lines, {:?}",
+        c.lines,
+        c.problems
     );
 }

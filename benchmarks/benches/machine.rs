@@ -16,6 +16,7 @@
 use std::time::{Duration, Instant};
 
 use guest::{Progress, Workload};
+use node::stats::percentile;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::console::{Console, MemorySink, MMIO_CONSOLE_BASE};
 use vmm::{host_tsc_khz, Machine, MachineConfig};
@@ -35,14 +36,6 @@ fn boot(workload: &str, mem: u64, vcpus: u32, tracking: bool, sink: &MemorySink)
         Console::new(Box::new(sink.clone()), 0),
     )
     .expect("boot")
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 fn us(d: Duration) -> f64 {
@@ -66,7 +59,12 @@ fn startup() {
     }
     println!("| runs | p50 ms | max ms |\n|---|---|---|");
     let max = v.iter().cloned().fold(0.0, f64::max);
-    println!("| {} | {:.1} | {:.1} |\n", v.len(), pct(&mut v, 0.5), max);
+    println!(
+        "| {} | {:.1} | {:.1} |\n",
+        v.len(),
+        percentile(&mut v, 0.5),
+        max
+    );
 }
 
 struct EpochFigures {
@@ -141,10 +139,11 @@ fn pause_table(n: usize) {
         ("pages 5k/s, 256 MiB", "pages,rate=5000,mib=256"),
     ] {
         let mut f = epochs(w, n);
-        let pp = |v: &mut Vec<f64>| format!("{:.0} / {:.0}", pct(v, 0.5), pct(v, 0.99));
+        let pp =
+            |v: &mut Vec<f64>| format!("{:.0} / {:.0}", percentile(v, 0.5), percentile(v, 0.99));
         println!(
             "| {name} | {:.0} | {} | {} | {} | {} | **{}** | {} |",
-            pct(&mut f.dirty, 0.5),
+            percentile(&mut f.dirty, 0.5),
             pp(&mut f.pause),
             pp(&mut f.harvest),
             pp(&mut f.capture),
@@ -203,9 +202,9 @@ fn restore_table() {
     println!("| restore total p50 ms | of which RAM fill (1 GiB copy) p50 ms | KVM restore (VM, vCPUs, state) p50 ms |\n|---|---|---|");
     println!(
         "| {:.1} | {:.1} | {:.1} |\n",
-        pct(&mut total, 0.5),
-        pct(&mut fill, 0.5),
-        pct(&mut kvm_only, 0.5)
+        percentile(&mut total, 0.5),
+        percentile(&mut fill, 0.5),
+        percentile(&mut kvm_only, 0.5)
     );
 }
 

@@ -9,6 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use node::stats::percentile;
 use protocol::message::MAX_RECORDS_CHUNK;
 use protocol::{FrameDecoder, Message};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -23,11 +24,6 @@ fn chunk_frame() -> Vec<u8> {
         data: vec![0x5A; MAX_RECORDS_CHUNK],
     }
     .to_frame()
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
 fn now_us(t0: Instant) -> u64 {
@@ -288,8 +284,8 @@ fn main() {
         let max = rtt.iter().cloned().fold(0.0, f64::max);
         println!(
             "| {name} | {gbs:.2} | {n} | {:.2} | {:.2} | {:.2} |",
-            pct(&mut rtt, 0.5) / 1e3,
-            pct(&mut rtt, 0.99) / 1e3,
+            percentile(&mut rtt, 0.5) / 1e3,
+            percentile(&mut rtt, 0.99) / 1e3,
             max / 1e3
         );
     }

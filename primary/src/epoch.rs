@@ -175,6 +175,7 @@ impl EpochLoop<'_> {
                     error!("UNPROTECTED: lost the backup ({reason}); the guest keeps running, output is released at once; waiting for a backup to re-protect");
                     self.log.set_hold(false);
                 }
+                PrimaryAction::Claim { .. } => unreachable!("claims need a witness"),
                 PrimaryAction::Fence(reason) => {
                     // Held output stays held: the other node continues from
                     // its last committed checkpoint; this guest must not be seen.

@@ -93,7 +93,7 @@ pub fn protect(
         log: log.clone(),
         metrics: metrics.clone(),
         out: out_tx,
-        core: PrimaryCore::new(cfg.max_in_flight),
+        core: PrimaryCore::new(cfg.max_in_flight, false, 0),
         pages,
         session: None,
         staging: copy::Staging::new(pages),

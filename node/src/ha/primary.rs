@@ -443,7 +443,13 @@ mod tests {
     fn with_a_witness_output_stays_held_until_the_claim_is_won() {
         let reason = EndReason::Broken("reset".into());
         let (mut p, a) = lost_session(reason.clone());
-        assert_eq!(a, vec![A::Claim { expected: 5, retry: false }]);
+        assert_eq!(
+            a,
+            vec![A::Claim {
+                expected: 5,
+                retry: false
+            }]
+        );
         assert!(p.holding() && p.claiming() && !p.in_session());
         // A late ack releases nothing.
         assert!(p.on(I::Ack { epoch: 2 }).is_empty());
@@ -460,8 +466,14 @@ mod tests {
     #[test]
     fn a_lost_claim_fences() {
         let (mut p, _) = lost_session(EndReason::Silent(std::time::Duration::from_secs(1)));
-        let a = p.on(I::Claimed(Claim::Lost { owner: "node-b".into(), token: 6 }));
-        assert!(matches!(&a[..], [A::Fence(r)] if r.to_string().contains("node-b")), "{a:?}");
+        let a = p.on(I::Claimed(Claim::Lost {
+            owner: "node-b".into(),
+            token: 6,
+        }));
+        assert!(
+            matches!(&a[..], [A::Fence(r)] if r.to_string().contains("node-b")),
+            "{a:?}"
+        );
         assert!(p.fenced() && !p.holding());
         assert!(p.on(I::Connected).is_empty());
     }
@@ -472,7 +484,10 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(
                 p.on(I::Claimed(Claim::Unreachable)),
-                vec![A::Claim { expected: 5, retry: true }]
+                vec![A::Claim {
+                    expected: 5,
+                    retry: true
+                }]
             );
             assert!(p.holding() && !p.fenced());
         }

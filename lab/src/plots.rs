@@ -8,7 +8,7 @@ use std::sync::Once;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
-use crate::bench::{Point, Results};
+use crate::model::{Point, Results};
 
 static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
 
@@ -39,20 +39,6 @@ fn colour(config: &str) -> RGBColor {
     }
 }
 
-fn loads(r: &Results) -> Vec<String> {
-    let mut l: Vec<String> = Vec::new();
-    for p in &r.points {
-        if !l.contains(&p.workload) {
-            l.push(p.workload.clone());
-        }
-    }
-    l
-}
-
-fn ok(p: &Point) -> bool {
-    p.error.is_none()
-}
-
 /// Draws every plot into `out`.
 pub fn draw_all(out: &Path, r: &Results) -> Result<()> {
     register_font()?;
@@ -67,7 +53,7 @@ fn pause_vs_dirty(path: &Path, r: &Results) -> Result<()> {
     let pts: Vec<&Point> = r
         .points
         .iter()
-        .filter(|p| p.protected() && ok(p) && p.pause_p50_us.is_finite())
+        .filter(|p| p.protected() && p.ok() && p.pause_p50_us.is_finite())
         .collect();
     let xmax = pts.iter().map(|p| p.dirty_pages).fold(10.0, f64::max) * 2.0;
     let ymax = pts.iter().map(|p| p.pause_p99_us / 1e3).fold(1.0, f64::max) * 2.0;
@@ -230,15 +216,12 @@ fn bytes_per_epoch(path: &Path, r: &Results) -> Result<()> {
             let mut runs: Vec<&Point> = r
                 .points
                 .iter()
-                .filter(|p| p.workload == w && p.epoch_ms == e && p.protected() && ok(p))
+                .filter(|p| p.workload == w && p.epoch_ms == e && p.protected() && p.ok())
                 .collect();
             runs.sort_by_key(|p| p.config != "fgbi");
             return runs.first().map(|p| p.raw_per_epoch);
         }
-        r.points
-            .iter()
-            .find(|p| p.workload == w && p.config == s && p.epoch_ms == e && ok(p))
-            .map(|p| p.bytes_per_epoch)
+        r.point(w, s, e).map(|p| p.bytes_per_epoch)
     };
     grouped_bars(
         path,
@@ -256,7 +239,7 @@ fn bytes_per_epoch(path: &Path, r: &Results) -> Result<()> {
                 }
             },
         },
-        &loads(r),
+        &r.workloads(),
         &series,
         &get,
     )
@@ -266,12 +249,7 @@ fn overhead(path: &Path, r: &Results) -> Result<()> {
     let e = r.main_epoch();
     let mut series = vec!["tracking".to_string()];
     series.extend(r.modes());
-    let get = |w: &str, s: &str| -> Option<f64> {
-        r.points
-            .iter()
-            .find(|p| p.workload == w && p.config == s && p.epoch_ms == e && ok(p))
-            .map(|p| p.vs_unprotected)
-    };
+    let get = |w: &str, s: &str| -> Option<f64> { r.point(w, s, e).map(|p| p.vs_unprotected) };
     grouped_bars(
         path,
         &format!("Guest throughput as a share of the unprotected guest ({e} ms epochs)"),
@@ -286,7 +264,7 @@ fn overhead(path: &Path, r: &Results) -> Result<()> {
                 }
             },
         },
-        &loads(r),
+        &r.workloads(),
         &series,
         &get,
     )
@@ -313,19 +291,8 @@ fn failover(path: &Path, r: &Results) -> Result<()> {
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(pe)?;
-    let mut ms: Vec<String> = Vec::new();
-    for f in &r.failovers {
-        if !ms.contains(&f.mode) {
-            ms.push(f.mode.clone());
-        }
-    }
-    for m in ms {
-        let mut v: Vec<f64> = r
-            .failovers
-            .iter()
-            .filter(|f| f.mode == m)
-            .map(|f| f.ms)
-            .collect();
+    for m in r.failover_modes() {
+        let mut v = r.failover_ms(Some(&m));
         v.sort_by(|a, b| a.total_cmp(b));
         let n = v.len() as f64;
         let mut steps = vec![(0.0, 0.0)];

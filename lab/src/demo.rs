@@ -1,0 +1,189 @@
+//! `castor demo`: a local HA pair on loopback, a failover, and its report.
+//!
+//! Runs two castor processes (backup, then primary) with certificates made
+//! in a temporary directory, attaches a console client to the primary,
+//! SIGKILLs the primary, re-attaches the client to the survivor at the next
+//! byte offset, and reports what happened.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use clap::Args;
+use guest::Workload;
+use node::{PrimaryStatus, Status};
+
+use crate::cli::{parse_duration, parse_size, parse_workload};
+use crate::console::{continuity, Continuity};
+use crate::pair::{self, guest_args, kill_and_follow, read_console, wait_status, Pair, Takeover};
+
+/// `castor demo` settings.
+#[derive(Args)]
+pub struct DemoArgs {
+    /// How long the pair runs before the primary is killed.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub run_for: Duration,
+    /// How long the survivor is watched after the failover.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub watch_for: Duration,
+    /// Workload of the guest.
+    #[arg(long, default_value = "counter", value_parser = parse_workload)]
+    pub workload: Workload,
+    /// Guest RAM.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub mem: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Encoding.
+    #[arg(long, default_value = "fgbi")]
+    pub mode: fgbi::Mode,
+    /// Epoch length in milliseconds.
+    #[arg(long, default_value_t = 25)]
+    pub epoch_ms: u64,
+}
+
+/// What the demo saw.
+struct Seen {
+    /// The primary's figures just before the kill (NaN when it did not answer).
+    before: Option<PrimaryStatus>,
+    /// The survivor's status after the watch.
+    after: Option<Status>,
+    takeover: Takeover,
+    /// The whole console stream.
+    stream: Vec<u8>,
+    /// Bytes read from the primary before the kill.
+    offset: u64,
+    continuity: Continuity,
+}
+
+/// `castor demo`.
+pub fn demo(a: DemoArgs) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let pair = Pair::in_dir(tmp.path(), ["node-a", "node-b"])?;
+    println!(
+        "castor demo: a local HA pair on loopback (certificates in {})",
+        pair.certs.display()
+    );
+    let seen = run(&a, &pair)?;
+    print_report(&a, &seen);
+    let failed = !seen.continuity.ok() || seen.takeover.first.is_none();
+    if std::env::var_os("CASTOR_DEMO_KEEP").is_some() {
+        println!("  logs                {}", tmp.keep().display());
+        return Ok(());
+    }
+    if failed {
+        bail!(
+            "the demo failed: see the logs in {} (kept)",
+            tmp.keep().display()
+        );
+    }
+    Ok(())
+}
+
+/// Starts the pair, runs it, kills the primary and watches the survivor.
+fn run(a: &DemoArgs, pair: &Pair) -> Result<Seen> {
+    let mut args = guest_args(a.mem, a.vcpus, &a.workload);
+    args.extend([
+        "--mode".into(),
+        a.mode.to_string(),
+        "--epoch-ms".into(),
+        a.epoch_ms.to_string(),
+    ]);
+    let (mut backup, mut primary) = pair.start(&[], &args, ["backup.log", "primary.log"])?;
+    let t_start = Instant::now();
+    println!("  primary (node-a) and backup (node-b) starting; waiting for protection ...");
+    wait_status(
+        &primary,
+        "the primary to be protected",
+        Duration::from_secs(60),
+        pair::protected,
+    )?;
+    println!(
+        "  protected after {:.1} s; running for {:?}",
+        t_start.elapsed().as_secs_f64(),
+        a.run_for
+    );
+    let mut stream = Vec::new();
+    read_console(
+        primary.console,
+        0,
+        &mut stream,
+        Instant::now() + a.run_for,
+        u64::MAX,
+    )?;
+    let before = primary.status().map(|s| s.figures());
+    let offset = stream.len() as u64;
+    let takeover = kill_and_follow(&mut primary, &backup, &mut stream, a.watch_for)?;
+    let after = backup.status();
+    backup.kill();
+    let continuity = continuity(&stream);
+    Ok(Seen {
+        before,
+        after,
+        takeover,
+        stream,
+        offset,
+        continuity,
+    })
+}
+
+fn print_report(a: &DemoArgs, seen: &Seen) {
+    let nan = f64::NAN;
+    let f = |g: fn(&PrimaryStatus) -> f64| seen.before.as_ref().map_or(nan, g);
+    println!();
+    println!("castor demo report");
+    println!(
+        "  workload            {} on {} vCPU(s), {} MiB, mode {}, {} ms epochs",
+        a.workload,
+        a.vcpus,
+        a.mem >> 20,
+        a.mode,
+        a.epoch_ms
+    );
+    println!("  epochs              {:.0}", f(|p| p.epochs as f64));
+    println!(
+        "  pause               p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+        f(|p| p.pause_p50_us),
+        f(|p| p.pause_p99_us),
+        f(|p| p.pause_max_us)
+    );
+    let (sent, raw) = (f(|p| p.bytes_per_epoch), f(|p| p.raw_bytes_per_epoch));
+    println!(
+        "  bytes per epoch     {:.0} sent vs {:.0} raw ({:.1}x fewer), {:.1} dirty pages",
+        sent,
+        raw,
+        raw / sent.max(1.0),
+        f(|p| p.dirty_pages_mean)
+    );
+    println!(
+        "  ack latency         p50 {:.0} us, p99 {:.0} us",
+        f(|p| p.ack_p50_us),
+        f(|p| p.ack_p99_us)
+    );
+    match seen.takeover.ms() {
+        Some(ms) => println!(
+            "  failover            {ms:.1} ms (SIGKILL of the primary -> first console byte the survivor produced)"
+        ),
+        None => println!(
+            "  failover            NO console output from the survivor within {:?}",
+            a.watch_for
+        ),
+    }
+    println!(
+        "  survivor            {}",
+        seen.after.as_ref().map(|s| s.to_json()).unwrap_or_default()
+    );
+    println!(
+        "  console             {} bytes, {} progress lines, {} before the kill",
+        seen.stream.len(),
+        seen.continuity.lines,
+        seen.offset
+    );
+    if seen.continuity.ok() && seen.takeover.first.is_some() {
+        println!("  continuity          OK: no gap, no duplicate on any vCPU");
+    } else {
+        for p in seen.continuity.problems.iter().take(10) {
+            println!("  continuity          BROKEN: {p}");
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! castor's lab: everything that runs castor rather than being castor.
+//!
+//! - [`pair`]: the local HA pair (a backup and a primary as child processes
+//!   of the castor binary, certificates, ports, logs) and its typed status
+//!   readers; used by demo, drill, bench and the end-to-end tests.
+//! - [`console`]: the guest's progress lines and the one continuity check.
+//! - [`demo`]: `castor demo`, one failover with its report.
+//! - [`drill`]: `castor drill`, repeated failovers (also the bench's drills).
+//! - [`bench`]: `castor bench`, the measurement matrix; produces a
+//!   [`model::Results`].
+//! - [`model`]: the results model that the report and the plots read.
+//! - [`report`]: CSV, JSON and the markdown summary.
+//! - [`plots`]: the PNG plots.
+//! - [`cli`]: parsers of command-line values, shared with the daemons'
+//!   commands.
+//!
+//! Percentiles come from [`node::stats::percentile`] throughout.
+
+pub mod bench;
+pub mod cli;
+pub mod console;
+pub mod demo;
+pub mod drill;
+pub mod model;
+pub mod pair;
+pub mod plots;
+pub mod report;
+
+pub use bench::{bench, BenchArgs};
+pub use demo::{demo, DemoArgs};
+pub use drill::{drill, DrillArgs};

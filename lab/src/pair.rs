@@ -1,0 +1,381 @@
+//! The local HA pair: a backup and a primary as child processes of the
+//! castor binary on loopback, with certificates in a directory of their own,
+//! free ports and a log file each. `castor demo`, `castor drill`,
+//! `castor bench` and the end-to-end tests all start their pairs here, and
+//! read the daemons' typed [`Status`] through [`status`] and [`wait_status`].
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use node::Status;
+
+/// A free loopback port (UDP for a daemon's QUIC endpoint, TCP for a
+/// console service).
+pub fn free_port(udp: bool) -> Result<SocketAddr> {
+    Ok(if udp {
+        std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?
+    } else {
+        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?
+    })
+}
+
+/// The castor binary: `CASTOR_BIN` if set (the end-to-end tests point it at
+/// the binary under test), else the running executable.
+pub fn castor_exe() -> Result<PathBuf> {
+    match std::env::var_os("CASTOR_BIN") {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => std::env::current_exe().context("locating the castor binary"),
+    }
+}
+
+/// Makes a certificate authority and a certificate for each of `names` in
+/// `dir` (see `castor certs`); returns `dir`.
+pub fn make_certs(dir: &Path, names: [&str; 2]) -> Result<PathBuf> {
+    transport::certs::create(dir, &names.map(String::from), false)?;
+    Ok(dir.to_path_buf())
+}
+
+/// A daemon child process, SIGKILLed when dropped.
+pub struct Daemon {
+    /// The process.
+    pub child: Child,
+    /// Its console service.
+    pub console: SocketAddr,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Daemon {
+    /// Sends SIGKILL and waits.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The daemon's status, or None if it does not answer.
+    pub fn status(&self) -> Option<Status> {
+        status(self.console)
+    }
+}
+
+/// One daemon of a pair: its certificates, its name and its peer's.
+pub struct Node<'a> {
+    /// Directory made by `castor certs`.
+    pub certs: &'a Path,
+    /// Its name.
+    pub name: &'a str,
+    /// Its peer's name.
+    pub peer: &'a str,
+}
+
+fn spawn(args: &[String], console: SocketAddr, log: PathBuf) -> Result<Daemon> {
+    let child = Command::new(castor_exe()?)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("starting a castor daemon")?;
+    Ok(Daemon {
+        child,
+        console,
+        log,
+    })
+}
+
+/// Starts `castor ROLE` as node `n` with `role_args`, a fresh console port
+/// and `extra` flags, logging to `log`.
+fn start(
+    role: &str,
+    n: &Node<'_>,
+    role_args: &[String],
+    extra: &[String],
+    log: PathBuf,
+) -> Result<Daemon> {
+    let console = free_port(false)?;
+    let mut a: Vec<String> = vec![role.into(), "--certs".into(), n.certs.display().to_string()];
+    a.extend([
+        "--node".into(),
+        n.name.into(),
+        "--peer".into(),
+        n.peer.into(),
+    ]);
+    a.extend(["--console".into(), console.to_string()]);
+    a.extend(role_args.iter().cloned());
+    a.extend(extra.iter().cloned());
+    spawn(&a, console, log)
+}
+
+/// Starts a backup listening on `listen` that, after failover, protects
+/// toward `then_protect`.
+pub fn start_backup(
+    n: &Node<'_>,
+    listen: SocketAddr,
+    then_protect: SocketAddr,
+    extra: &[String],
+    log: PathBuf,
+) -> Result<Daemon> {
+    let role = [
+        "--listen".into(),
+        listen.to_string(),
+        "--then-protect".into(),
+        then_protect.to_string(),
+    ];
+    start("backup", n, &role, extra, log)
+}
+
+/// Starts a primary sending to `backup`.
+pub fn start_primary(
+    n: &Node<'_>,
+    backup: SocketAddr,
+    extra: &[String],
+    log: PathBuf,
+) -> Result<Daemon> {
+    start(
+        "primary",
+        n,
+        &["--backup".into(), backup.to_string()],
+        extra,
+        log,
+    )
+}
+
+/// Two nodes on loopback that can back each other up: their certificates,
+/// names and QUIC ports, and the directory of their logs. Node 0 starts as
+/// the primary, node 1 as its backup; after a failover either may be
+/// started again in either role.
+pub struct Pair {
+    /// Directory made by `castor certs` holding both nodes' certificates.
+    pub certs: PathBuf,
+    /// The nodes' names.
+    pub names: [String; 2],
+    /// The nodes' QUIC ports (node `i` listens on `ports[i]` as a backup).
+    pub ports: [SocketAddr; 2],
+    /// Where the daemons' logs go.
+    pub logs: PathBuf,
+}
+
+impl Pair {
+    /// Nodes `names` using the certificates in `certs`, on two free ports,
+    /// logging into `logs`.
+    pub fn new(certs: &Path, names: [&str; 2], logs: &Path) -> Result<Pair> {
+        Ok(Pair {
+            certs: certs.to_path_buf(),
+            names: names.map(String::from),
+            ports: [free_port(true)?, free_port(true)?],
+            logs: logs.to_path_buf(),
+        })
+    }
+
+    /// Nodes `names` with new certificates made in `dir/pki`, logging into `dir`.
+    pub fn in_dir(dir: &Path, names: [&str; 2]) -> Result<Pair> {
+        let certs = make_certs(&dir.join("pki"), names)?;
+        Pair::new(&certs, names, dir)
+    }
+
+    /// Node `i` (0 or 1).
+    pub fn node(&self, i: usize) -> Node<'_> {
+        Node {
+            certs: &self.certs,
+            name: &self.names[i],
+            peer: &self.names[1 - i],
+        }
+    }
+
+    /// Starts node `i` as a backup on its port that, after a takeover,
+    /// protects toward the other node's port; `extra` flags, log file `log`
+    /// in the log directory.
+    pub fn start_backup(&self, i: usize, extra: &[String], log: &str) -> Result<Daemon> {
+        start_backup(
+            &self.node(i),
+            self.ports[i],
+            self.ports[1 - i],
+            extra,
+            self.logs.join(log),
+        )
+    }
+
+    /// Starts node `i` as a primary sending to the other node's port.
+    pub fn start_primary(&self, i: usize, extra: &[String], log: &str) -> Result<Daemon> {
+        start_primary(&self.node(i), self.ports[1 - i], extra, self.logs.join(log))
+    }
+
+    /// Starts node 1 as the backup (log `logs[0]`), then node 0 as its
+    /// primary (log `logs[1]`): `both` flags go to both daemons, then
+    /// `primary` flags to the primary alone. Returns (backup, primary).
+    pub fn start(
+        &self,
+        both: &[String],
+        primary: &[String],
+        logs: [&str; 2],
+    ) -> Result<(Daemon, Daemon)> {
+        let backup = self.start_backup(1, both, logs[0])?;
+        let mut args = both.to_vec();
+        args.extend(primary.iter().cloned());
+        let primary = self.start_primary(0, &args, logs[1])?;
+        Ok((backup, primary))
+    }
+}
+
+/// `castor primary`/`castor run` flags for castor's guest: RAM, vCPUs and
+/// workload.
+pub fn guest_args(mem: u64, vcpus: u32, workload: &guest::Workload) -> Vec<String> {
+    vec![
+        "--mem".into(),
+        format!("{}M", mem >> 20),
+        "--vcpus".into(),
+        vcpus.to_string(),
+        "--workload".into(),
+        workload.to_string(),
+    ]
+}
+
+/// The status of the daemon whose console service is at `console`, or None
+/// if it does not answer with a status.
+pub fn status(console: SocketAddr) -> Option<Status> {
+    let mut s = TcpStream::connect_timeout(&console, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    s.write_all(b"status\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Status::from_json(&out).ok()
+}
+
+/// The node runs the guest and a backup holds a committed checkpoint.
+pub fn protected(s: &Status) -> bool {
+    s.protected()
+}
+
+/// The node runs the guest as a primary that has no backup.
+pub fn unprotected(s: &Status) -> bool {
+    s.primary.as_ref().is_some_and(|p| !p.protected)
+}
+
+/// The node is protected and has checkpointed at least `n` epochs.
+pub fn protected_after(n: u64) -> impl Fn(&Status) -> bool {
+    move |s| s.protected() && s.figures().epochs >= n
+}
+
+/// Waits until `pred` holds for the daemon's status and returns that status;
+/// after `timeout`, fails with the last status and the tail of its log.
+pub fn wait_status(
+    d: &Daemon,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Status) -> bool,
+) -> Result<Status> {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = d.status() {
+            if pred(&s) {
+                return Ok(s);
+            }
+        }
+        if t.elapsed() > timeout {
+            let log = std::fs::read_to_string(&d.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            bail!(
+                "timed out after {timeout:?} waiting for {what}; last status {:?}; {} ends with:\n{}",
+                d.status().map(|s| s.to_json()),
+                d.log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Reads a console from `offset` into `buf` (which holds the stream up to
+/// `offset`) until the connection ends or `until` passes; returns when the
+/// stream first went past offset `mark`, if it did.
+pub fn read_console(
+    addr: SocketAddr,
+    offset: u64,
+    buf: &mut Vec<u8>,
+    until: Instant,
+    mark: u64,
+) -> Result<Option<Instant>> {
+    let mut s =
+        TcpStream::connect(addr).with_context(|| format!("attaching to the console at {addr}"))?;
+    s.set_nodelay(true)?;
+    s.write_all(format!("{offset}\n").as_bytes())?;
+    let mut first = None;
+    let mut chunk = [0u8; 8192];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(first);
+        }
+        s.set_read_timeout(Some(left.min(Duration::from_millis(100))))?;
+        match s.read(&mut chunk) {
+            Ok(0) => return Ok(first),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() as u64 > mark {
+                    first.get_or_insert_with(Instant::now);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Ok(first),
+        }
+    }
+}
+
+/// A failover seen from a console client: when the primary was killed, and
+/// when the survivor's first byte past what the backup had committed came.
+#[derive(Debug, Clone, Copy)]
+pub struct Takeover {
+    /// The SIGKILL.
+    pub killed: Instant,
+    /// The first console byte the survivor produced, if it did in time.
+    pub first: Option<Instant>,
+}
+
+impl Takeover {
+    /// SIGKILL → first console byte from the survivor, ms.
+    pub fn ms(&self) -> Option<f64> {
+        self.first.map(|t| (t - self.killed).as_secs_f64() * 1e3)
+    }
+}
+
+/// SIGKILLs `primary` and follows the console on `backup` from the end of
+/// `stream` for `watch`: bytes up to what the backup had committed when the
+/// primary died may be served at once; the failover ends with the first
+/// byte after them.
+pub fn kill_and_follow(
+    primary: &mut Daemon,
+    backup: &Daemon,
+    stream: &mut Vec<u8>,
+    watch: Duration,
+) -> Result<Takeover> {
+    let killed = Instant::now();
+    primary.kill();
+    let committed = backup.status().map_or(0, |s| s.console_end);
+    let offset = stream.len() as u64;
+    let first = read_console(
+        backup.console,
+        offset,
+        stream,
+        Instant::now() + watch,
+        committed,
+    )?;
+    Ok(Takeover { killed, first })
+}

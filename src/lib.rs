@@ -1,9 +1,0 @@
-//! The `castor` package's library side: the local-pair orchestration behind
-//! `castor demo` and `castor drill`, shared with the end-to-end tests, and
-//! the `castor bench` suite with its report and plots.
-
-pub mod bench;
-pub mod cli;
-pub mod pair;
-pub mod plots;
-pub mod report;
