@@ -122,6 +122,7 @@ fn hello() -> protocol::Hello {
         memory_bytes: 1 << 30,
         vcpus: 1,
         output_offset: 0,
+        token: 0,
     }
 }
 

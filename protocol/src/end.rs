@@ -18,6 +18,9 @@ pub enum EndReason {
     /// The node connected to has already taken over: the primary that
     /// connects is stale and must stop.
     AlreadyTakenOver,
+    /// The primary's fencing token is older than one the backup has seen:
+    /// another node has owned the VM since, and this primary must stop.
+    Superseded,
     /// The peer stopped on purpose (it said goodbye): no takeover.
     Goodbye(String),
     /// The peer refused what it received (a protocol violation, a refused
@@ -39,6 +42,7 @@ mod code {
     pub const SILENT: u32 = 3;
     pub const TAKEN_OVER: u32 = 7;
     pub const ALREADY_TAKEN_OVER: u32 = 8;
+    pub const SUPERSEDED: u32 = 9;
 }
 
 impl EndReason {
@@ -47,6 +51,7 @@ impl EndReason {
         match self {
             EndReason::TakenOver => code::TAKEN_OVER,
             EndReason::AlreadyTakenOver => code::ALREADY_TAKEN_OVER,
+            EndReason::Superseded => code::SUPERSEDED,
             EndReason::Goodbye(_) => code::GOODBYE,
             EndReason::Refused(_) => code::REFUSED,
             EndReason::Silent(_) => code::SILENT,
@@ -64,6 +69,7 @@ impl EndReason {
         match code {
             code::TAKEN_OVER => EndReason::TakenOver,
             code::ALREADY_TAKEN_OVER => EndReason::AlreadyTakenOver,
+            code::SUPERSEDED => EndReason::Superseded,
             code::GOODBYE => EndReason::Goodbye(text),
             code::REFUSED => EndReason::Refused(text),
             code::SILENT => EndReason::Refused(format!("the peer stopped waiting: {text}")),
@@ -74,7 +80,10 @@ impl EndReason {
     /// The receiver of this reason must stop running the guest: another
     /// node runs it.
     pub fn fences(&self) -> bool {
-        matches!(self, EndReason::TakenOver | EndReason::AlreadyTakenOver)
+        matches!(
+            self,
+            EndReason::TakenOver | EndReason::AlreadyTakenOver | EndReason::Superseded
+        )
     }
 
     /// The peer meant it (goodbye or refusal): it is alive.
@@ -88,6 +97,9 @@ impl fmt::Display for EndReason {
         match self {
             EndReason::TakenOver => f.write_str("the backup has taken over"),
             EndReason::AlreadyTakenOver => f.write_str("that node has already taken over"),
+            EndReason::Superseded => {
+                f.write_str("a newer owner of the VM exists (this node's fencing token is stale)")
+            }
             EndReason::Goodbye(r) => write!(f, "the peer said goodbye: {r}"),
             EndReason::Refused(r) => write!(f, "refused: {r}"),
             EndReason::Silent(d) => write!(f, "no answer for {} ms", d.as_millis()),
@@ -106,6 +118,7 @@ mod tests {
         let cases = [
             (EndReason::TakenOver, EndReason::TakenOver),
             (EndReason::AlreadyTakenOver, EndReason::AlreadyTakenOver),
+            (EndReason::Superseded, EndReason::Superseded),
             (
                 EndReason::Goodbye("stop".into()),
                 EndReason::Goodbye("stop".into()),

@@ -11,7 +11,7 @@ use crate::codec::{Reader, Writer};
 use crate::WireError;
 
 /// The protocol version this castor speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// Largest frame: the largest message (a machine state) plus headers.
 pub const MAX_FRAME: usize = MAX_STATE + 1024;
 /// Largest chunk of fgbi records in one message.
@@ -51,6 +51,10 @@ pub struct Hello {
     pub vcpus: u32,
     /// Console stream offset of the first output byte this session sends.
     pub output_offset: u64,
+    /// The primary's fencing token: the generation of the VM's ownership it
+    /// won at the witness (0 without a witness). A backup refuses a token
+    /// older than one it has seen.
+    pub token: u64,
 }
 
 /// A message of the replication protocol.
@@ -223,6 +227,7 @@ impl Message {
                 w.u64(h.memory_bytes);
                 w.u32(h.vcpus);
                 w.u64(h.output_offset);
+                w.u64(h.token);
                 ty::HELLO
             }
             Message::EpochStart {
@@ -337,6 +342,7 @@ impl Message {
                     memory_bytes: r.u64("Hello.memory_bytes")?,
                     vcpus: r.u32("Hello.vcpus")?,
                     output_offset: r.u64("Hello.output_offset")?,
+                    token: r.u64("Hello.token")?,
                 })
             }
             ty::EPOCH_START => Message::EpochStart {

@@ -17,6 +17,7 @@ fn hello(caps: u64) -> Hello {
         memory_bytes: 1 << 30,
         vcpus: 2,
         output_offset: 100,
+        token: 3,
     }
 }
 
@@ -34,7 +35,7 @@ fn message() -> impl Strategy<Value = Message> {
             any::<u32>(),
             any::<u64>(),
             any::<u32>(),
-            any::<u64>()
+            (any::<u64>(), any::<u64>())
         )
             .prop_map(
                 |(
@@ -45,7 +46,7 @@ fn message() -> impl Strategy<Value = Message> {
                     block_size,
                     memory_bytes,
                     vcpus,
-                    output_offset,
+                    (output_offset, token),
                 )| {
                     Message::Hello(Hello {
                         version: VERSION,
@@ -57,6 +58,7 @@ fn message() -> impl Strategy<Value = Message> {
                         memory_bytes,
                         vcpus,
                         output_offset,
+                        token,
                     })
                 }
             ),

@@ -29,6 +29,7 @@ fn hello() -> Hello {
         memory_bytes: 64 << 20,
         vcpus: 1,
         output_offset: 0,
+        token: 0,
     }
 }
 

@@ -9,10 +9,22 @@
 //! released its held output and will resync. An operator may ask for a
 //! takeover, which skips the wait. A node that has taken over refuses every
 //! later session, so a stale primary that reconnects is fenced.
+//!
+//! With a witness, a takeover happens only after winning the witness's
+//! compare-and-swap from the token of the primary it follows
+//! ([`BackupAction::Claim`]). While the claim is pending the replica is
+//! frozen ([`BackupCore::frozen`]: nothing more is committed or acked, so
+//! the primary releases nothing the takeover would not continue from). A
+//! lost claim means the primary carries on: the backup waits for its next
+//! session. An unreachable witness changes nothing: the claim is retried.
+//! A session whose token is older than one already seen is refused
+//! ([`EndReason::Superseded`]).
 
 use std::time::Duration;
 
 use protocol::EndReason;
+
+use super::Claim;
 
 /// The failure detector's timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +45,8 @@ pub enum BackupInput {
     SessionStarted {
         /// The session id.
         session: u64,
+        /// The primary's fencing token (its hello's).
+        token: u64,
         /// Now.
         now: Duration,
     },
@@ -60,6 +74,8 @@ pub enum BackupInput {
     ReplicaInvalid,
     /// An operator asked for a takeover.
     TakeoverAsked,
+    /// The witness answered a [`BackupAction::Claim`].
+    Claimed(Claim),
     /// The clock. `late`: the shell's own timer fired late (the backup was
     /// starved itself, and the primary's packets may be waiting unread).
     Tick {
@@ -85,9 +101,22 @@ pub enum BackupAction {
         silent: Duration,
         /// An operator asked.
         asked: bool,
+        /// The fencing token this node now holds (0 without a witness).
+        token: u64,
     },
-    /// Refuse a session: this node has taken over.
+    /// Refuse a session (this node has taken over, or the primary's token
+    /// is stale).
     Refuse(EndReason),
+    /// Ask the witness to make this node the VM's owner if the token is
+    /// still `expected` (the followed primary's); answer with
+    /// [`BackupInput::Claimed`]. `retry`: the last attempt did not reach the
+    /// witness; wait a little first. The replica stays frozen meanwhile.
+    Claim {
+        /// The followed primary's token.
+        expected: u64,
+        /// A retry after an unreachable witness.
+        retry: bool,
+    },
 }
 
 /// An answer to an operator's takeover request.
@@ -105,6 +134,11 @@ pub enum TakeoverAnswer {
 #[derive(Debug)]
 pub struct BackupCore {
     timeouts: Timeouts,
+    witness: bool,
+    /// The newest token seen in a hello.
+    token: u64,
+    /// A claim is pending: (silence when decided, asked).
+    claiming: Option<(Duration, bool)>,
     session: u64,
     committed: Option<u64>,
     last_heard: Duration,
@@ -117,10 +151,14 @@ pub struct BackupCore {
 }
 
 impl BackupCore {
-    /// A backup with nothing committed.
-    pub fn new(timeouts: Timeouts) -> Self {
+    /// A backup with nothing committed; `witness`: a takeover needs the
+    /// witness.
+    pub fn new(timeouts: Timeouts, witness: bool) -> Self {
         BackupCore {
             timeouts,
+            witness,
+            token: 0,
+            claiming: None,
             session: 0,
             committed: None,
             last_heard: Duration::ZERO,
@@ -139,6 +177,12 @@ impl BackupCore {
     /// This node has taken over.
     pub fn taken_over(&self) -> bool {
         self.taken_over
+    }
+
+    /// Nothing may be committed or acked: a takeover was decided or is
+    /// being claimed.
+    pub fn frozen(&self) -> bool {
+        self.taken_over || self.claiming.is_some()
     }
 
     /// An operator's takeover request: answers at once, acts at the next tick.
@@ -174,7 +218,21 @@ impl BackupCore {
             };
         }
         match input {
-            BackupInput::SessionStarted { session, now } => {
+            BackupInput::SessionStarted { token, .. } if token < self.token => {
+                vec![BackupAction::Refuse(EndReason::Superseded)]
+            }
+            BackupInput::SessionStarted { .. } if self.claiming.is_some() => {
+                // Not while the witness decides who owns the VM.
+                vec![BackupAction::Refuse(EndReason::Refused(
+                    "the backup is claiming the VM at the witness".into(),
+                ))]
+            }
+            BackupInput::SessionStarted {
+                session,
+                token,
+                now,
+            } => {
+                self.token = token;
                 self.session = session;
                 self.committed = None;
                 self.resync_at = None;
@@ -184,6 +242,10 @@ impl BackupCore {
             }
             BackupInput::Heard { now } => {
                 self.last_heard = self.last_heard.max(now);
+                Vec::new()
+            }
+            BackupInput::Committed { .. } if self.claiming.is_some() => {
+                debug_assert!(false, "the shell commits nothing while frozen");
                 Vec::new()
             }
             BackupInput::Committed { epoch, now } => {
@@ -212,14 +274,55 @@ impl BackupCore {
                 self.ask_takeover();
                 Vec::new()
             }
+            BackupInput::Claimed(claim) => self.claimed(claim),
             BackupInput::Tick { now, late } => self.tick(now, late),
         }
     }
 
-    fn tick(&mut self, now: Duration, late: bool) -> Vec<BackupAction> {
+    fn claimed(&mut self, claim: Claim) -> Vec<BackupAction> {
+        let Some((silent, asked)) = self.claiming else {
+            return Vec::new();
+        };
+        match claim {
+            Claim::Won { token } => {
+                self.claiming = None;
+                self.token = token;
+                self.take_over(silent, asked)
+            }
+            Claim::Lost { token, .. } => {
+                // The primary (or another node) owns the VM: it carries on,
+                // and this backup waits for its next session.
+                self.claiming = None;
+                self.asked = false;
+                self.no_takeover = true;
+                self.token = self.token.max(token);
+                Vec::new()
+            }
+            Claim::Unreachable => vec![BackupAction::Claim {
+                expected: self.token,
+                retry: true,
+            }],
+        }
+    }
+
+    fn take_over(&mut self, silent: Duration, asked: bool) -> Vec<BackupAction> {
         let Some(epoch) = self.committed else {
             return Vec::new();
         };
+        self.taken_over = true;
+        vec![BackupAction::TakeOver {
+            epoch,
+            session: self.session,
+            silent,
+            asked,
+            token: self.token,
+        }]
+    }
+
+    fn tick(&mut self, now: Duration, late: bool) -> Vec<BackupAction> {
+        if self.committed.is_none() || self.claiming.is_some() {
+            return Vec::new();
+        }
         if !self.asked && (late || self.no_takeover) {
             return Vec::new();
         }
@@ -232,13 +335,14 @@ impl BackupCore {
         if silent < limit {
             return Vec::new();
         }
-        self.taken_over = true;
-        vec![BackupAction::TakeOver {
-            epoch,
-            session: self.session,
-            silent,
-            asked: self.asked,
-        }]
+        if self.witness {
+            self.claiming = Some((silent, self.asked));
+            return vec![BackupAction::Claim {
+                expected: self.token,
+                retry: false,
+            }];
+        }
+        self.take_over(silent, self.asked)
     }
 }
 
@@ -268,9 +372,10 @@ mod tests {
     /// A backup with session 7 committed up to epoch 3, the resync at 0 ms,
     /// last heard at `heard` ms.
     fn following(heard: u64) -> BackupCore {
-        let mut b = BackupCore::new(T);
+        let mut b = BackupCore::new(T, false);
         b.on(I::SessionStarted {
             session: 7,
+            token: 0,
             now: ms(0),
         });
         b.on(I::Committed {
@@ -298,7 +403,8 @@ mod tests {
                 epoch: 3,
                 session: 7,
                 silent: ms(30),
-                asked: false
+                asked: false,
+                token: 0
             }]
         );
         assert!(b.taken_over());
@@ -319,10 +425,11 @@ mod tests {
 
     #[test]
     fn nothing_committed_means_no_takeover() {
-        let mut b = BackupCore::new(T);
+        let mut b = BackupCore::new(T, false);
         assert!(tick(&mut b, 10_000).is_empty());
         b.on(I::SessionStarted {
             session: 1,
+            token: 0,
             now: ms(0),
         });
         // Silence during the full resync: nothing to take over from.
@@ -394,6 +501,7 @@ mod tests {
         });
         b.on(I::SessionStarted {
             session: 8,
+            token: 0,
             now: ms(4000),
         });
         assert_eq!(b.committed(), None);
@@ -408,7 +516,8 @@ mod tests {
                 epoch: 1,
                 session: 8,
                 silent: ms(500),
-                asked: false
+                asked: false,
+                token: 0
             }]
         );
     }
@@ -439,7 +548,8 @@ mod tests {
                 epoch: 3,
                 session: 7,
                 silent: ms(0),
-                asked: true
+                asked: true,
+                token: 0
             }]
         );
         assert_eq!(b.ask_takeover(), TakeoverAnswer::AlreadyTakenOver);
@@ -452,6 +562,7 @@ mod tests {
         assert_eq!(
             b.on(I::SessionStarted {
                 session: 9,
+                token: 0,
                 now: ms(4001)
             }),
             vec![A::Refuse(EndReason::AlreadyTakenOver)]
@@ -463,5 +574,142 @@ mod tests {
             })
             .is_empty());
         assert_eq!(b.committed(), Some(3));
+    }
+
+    /// A witnessed backup following session 7 of a primary with token 4,
+    /// committed up to epoch 3, last heard at 3000 ms.
+    fn witnessed() -> BackupCore {
+        let mut b = BackupCore::new(T, true);
+        b.on(I::SessionStarted {
+            session: 7,
+            token: 4,
+            now: ms(0),
+        });
+        b.on(I::Committed {
+            epoch: 1,
+            now: ms(0),
+        });
+        b.on(I::Committed {
+            epoch: 3,
+            now: ms(3000),
+        });
+        b
+    }
+
+    #[test]
+    fn with_a_witness_the_takeover_waits_for_the_claim_and_freezes_the_replica() {
+        let mut b = witnessed();
+        assert_eq!(
+            tick(&mut b, 3030),
+            vec![A::Claim {
+                expected: 4,
+                retry: false
+            }]
+        );
+        assert!(b.frozen() && !b.taken_over());
+        // Ticks decide nothing more while the witness answers.
+        assert!(tick(&mut b, 4000).is_empty());
+        // A session attempt meanwhile is refused without fencing.
+        let r = b.on(I::SessionStarted {
+            session: 8,
+            token: 4,
+            now: ms(4001),
+        });
+        assert!(matches!(&r[..], [A::Refuse(e)] if !e.fences()), "{r:?}");
+        assert_eq!(
+            b.on(I::Claimed(Claim::Won { token: 5 })),
+            vec![A::TakeOver {
+                epoch: 3,
+                session: 7,
+                silent: ms(30),
+                asked: false,
+                token: 5
+            }]
+        );
+        assert!(b.taken_over());
+    }
+
+    #[test]
+    fn a_lost_claim_means_the_primary_carries_on() {
+        let mut b = witnessed();
+        tick(&mut b, 3030);
+        assert!(b
+            .on(I::Claimed(Claim::Lost {
+                owner: "a".into(),
+                token: 5
+            }))
+            .is_empty());
+        assert!(!b.frozen() && !b.taken_over());
+        assert!(tick(&mut b, 60_000).is_empty());
+        // The primary's next session (token 5) is followed; an older token is refused.
+        assert_eq!(
+            b.on(I::SessionStarted {
+                session: 9,
+                token: 4,
+                now: ms(60_001)
+            }),
+            vec![A::Refuse(EndReason::Superseded)]
+        );
+        assert!(b
+            .on(I::SessionStarted {
+                session: 9,
+                token: 5,
+                now: ms(60_001)
+            })
+            .is_empty());
+        b.on(I::Committed {
+            epoch: 1,
+            now: ms(60_002),
+        });
+        assert_eq!(
+            tick(&mut b, 61_000),
+            vec![A::Claim {
+                expected: 5,
+                retry: false
+            }]
+        );
+    }
+
+    #[test]
+    fn an_unreachable_witness_means_no_takeover_until_it_answers() {
+        let mut b = witnessed();
+        tick(&mut b, 3030);
+        for _ in 0..3 {
+            assert_eq!(
+                b.on(I::Claimed(Claim::Unreachable)),
+                vec![A::Claim {
+                    expected: 4,
+                    retry: true
+                }]
+            );
+            assert!(b.frozen() && !b.taken_over());
+        }
+        assert_eq!(b.on(I::Claimed(Claim::Won { token: 5 })).len(), 1);
+    }
+
+    #[test]
+    fn an_operator_takeover_also_needs_the_witness() {
+        let mut b = witnessed();
+        assert_eq!(b.ask_takeover(), TakeoverAnswer::Accepted);
+        assert_eq!(
+            b.on(I::Tick {
+                now: ms(3001),
+                late: true
+            }),
+            vec![A::Claim {
+                expected: 4,
+                retry: false
+            }]
+        );
+        assert_eq!(
+            b.on(I::Claimed(Claim::Won { token: 5 })),
+            vec![A::TakeOver {
+                epoch: 3,
+                session: 7,
+                silent: ms(1),
+                asked: true,
+                token: 5
+            }]
+        );
     }
 }
