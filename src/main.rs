@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use vmm::console::{Console, StdoutSink, MMIO_CONSOLE_BASE};
 use vmm::{ExitReason, KvmKind, Machine, MachineConfig};
@@ -106,6 +106,16 @@ struct PairArgs {
     /// Console service address (clients send an offset, get the stream).
     #[arg(long, default_value = "127.0.0.1:0")]
     console: std::net::SocketAddr,
+    /// Who decides which node owns the VM: `etcd=http://HOST:PORT[,http://HOST:PORT…]`
+    /// (a backup takes over, and a primary carries on without its backup,
+    /// only after winning a compare-and-swap there), or `none` (a single-machine
+    /// demo: a paused, slow or cut-off primary and its backup can then both
+    /// run the guest). Both nodes must name the same witness.
+    #[arg(long, value_parser = witness::parse_spec, value_name = "etcd=URLS|none")]
+    witness: witness::Spec,
+    /// The protected VM's name: its key at the witness. Both nodes must agree.
+    #[arg(long, default_value = "castor")]
+    vm: String,
 }
 
 #[derive(Args, Clone)]
@@ -458,14 +468,28 @@ fn restore(args: RestoreArgs) -> Result<()> {
     )
 }
 
+/// The witness of a pair's flags, and the one-line warning of `none`.
+fn witness_of(pair: &PairArgs) -> Result<Option<witness::Etcd>> {
+    match &pair.witness {
+        witness::Spec::None => {
+            warn!("--witness none: only a crashed primary is handled safely; a paused, slow or cut-off primary and a backup that took over can both run the guest and release output");
+            Ok(None)
+        }
+        witness::Spec::Etcd(endpoints) => Ok(Some(witness::Etcd::new(endpoints, &pair.vm)?)),
+    }
+}
+
 fn primary_config(
     pair: &PairArgs,
     p: &ProtectArgs,
     backup: Option<std::net::SocketAddr>,
+    witness: Option<witness::Etcd>,
 ) -> Result<primary::Config> {
     fgbi::check_block_size(p.block_size)?;
     let tls = transport::NodeTls::from_dir(&pair.certs, &pair.node, &pair.peer)?;
     Ok(primary::Config {
+        witness,
+        hold_limit: HOLD_LIMIT,
         budget_bytes: p.budget,
         node: pair.node.clone(),
         backup,
@@ -545,10 +569,22 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
             a.workload.cmdline(m.vcpus, tsc, Some(MMIO_CONSOLE_BASE)),
         ),
     };
-    let cfg = primary_config(&a.pair, &a.protect, Some(a.backup))?;
-    if machine.mem_bytes > vmm::memory::MMIO_HOLE_START {
-        return Err(primary::PrimaryError::Layout.into());
-    }
+    let witness = witness_of(&a.pair)?;
+    // A primary that boots the VM starts a new generation of its ownership.
+    let token = match &witness {
+        Some(w) => {
+            let token = w.acquire(&a.pair.node).with_context(|| {
+                format!(
+                    "{}: a primary does not start without its witness",
+                    w.describe()
+                )
+            })?;
+            info!(token, witness = %w.describe(), "this node owns the VM");
+            token
+        }
+        None => 0,
+    };
+    let cfg = primary_config(&a.pair, &a.protect, Some(a.backup), witness)?;
     let stop = stop_after(a.duration)?;
     let node = services("castor-net", a.pair.console)?;
     let vm = Machine::boot(
@@ -557,7 +593,7 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
         &cmdline,
         Console::new(node::console::sink(node.log.clone()), 0),
     )?;
-    let metrics = primary::protect(&cfg, &node, vm, primary::Origin::Booted, stop)?;
+    let metrics = primary::protect(&cfg, &node, vm, primary::Origin::Booted { token }, stop)?;
     metrics.log_summary("primary stopped");
     Ok(())
 }
@@ -568,7 +604,8 @@ fn backup_cmd(a: BackupArgs) -> Result<()> {
     let tls = transport::NodeTls::from_dir(&a.pair.certs, &a.pair.node, &a.pair.peer)?;
     // What the node does as a primary if it takes over (no backup: it runs
     // the guest unprotected).
-    let then = primary_config(&a.pair, &a.protect, a.then_protect)?;
+    let witness = witness_of(&a.pair)?;
+    let then = primary_config(&a.pair, &a.protect, a.then_protect, witness.clone())?;
     let cfg = backup::Config {
         listen: a.listen,
         tls,
@@ -579,6 +616,8 @@ fn backup_cmd(a: BackupArgs) -> Result<()> {
         },
         kvm_device: a.kvm_device,
         max_epoch_bytes: 4 << 30,
+        node: a.pair.node.clone(),
+        witness,
     };
     let stop = stop_flag()?;
     let node = services("castor-backup", a.pair.console)?;
@@ -587,6 +626,7 @@ fn backup_cmd(a: BackupArgs) -> Result<()> {
         backup::Outcome::TookOver(t) => {
             let origin = primary::Origin::TookOver {
                 resumed_at: t.resumed_at,
+                token: t.token,
             };
             let metrics = primary::protect(&then, &node, t.machine, origin, stop)?;
             metrics.log_summary("primary (after failover) stopped");
@@ -595,6 +635,10 @@ fn backup_cmd(a: BackupArgs) -> Result<()> {
     node.log.close();
     Ok(())
 }
+
+/// Console bytes a primary holds while the witness decides before it
+/// pauses the guest.
+const HOLD_LIMIT: u64 = 4 << 20;
 
 /// How long after a full resync the longer failure-detector timeout applies.
 const RESYNC_GRACE: Duration = Duration::from_secs(2);

@@ -153,6 +153,7 @@ fn a_backup_with_the_wrong_certificate_is_refused_and_the_primary_stays_up() {
             certs: &other,
             name: "b",
             peer: "a",
+            witness: "none",
         },
         pair.ports[1],
         pair.ports[0],

@@ -19,6 +19,11 @@ pub struct Config {
     pub kvm_device: PathBuf,
     /// Most bytes one checkpoint may stage.
     pub max_epoch_bytes: usize,
+    /// This node's name (it becomes the VM's owner at the witness when it
+    /// takes over).
+    pub node: String,
+    /// The witness; `None`: take over on silence alone (`--witness none`).
+    pub witness: Option<witness::Etcd>,
 }
 
 /// Errors of the backup.

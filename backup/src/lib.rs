@@ -54,6 +54,8 @@ pub struct Takeover {
     pub epoch: u64,
     /// The console offset it resumed at: the first byte of its history here.
     pub resumed_at: u64,
+    /// The fencing token it won (0 without a witness).
+    pub token: u64,
 }
 
 /// Runs the backup role on `services` until `stop` is set or it takes over.
@@ -62,7 +64,7 @@ pub fn run(
     services: &Services,
     stop: Arc<AtomicBool>,
 ) -> Result<Outcome, BackupError> {
-    let shared = Shared::new(BackupCore::new(cfg.timeouts));
+    let shared = Shared::new(BackupCore::new(cfg.timeouts, cfg.witness.is_some()));
     let log = services.log.clone();
     services
         .commands
@@ -79,9 +81,10 @@ pub fn run(
         cfg.tls.peer_name.clone(),
         cfg.max_epoch_bytes,
     ));
+    let witness = cfg.witness.clone().map(|w| (w, cfg.node.clone()));
     services
         .rt
-        .spawn(watch::watchdog(shared.clone(), decided_tx));
+        .spawn(watch::watchdog(shared.clone(), witness, decided_tx));
 
     // Wait for a takeover or a stop; meanwhile keep a standby VM over the
     // session's replica RAM.
@@ -102,6 +105,7 @@ pub fn run(
         console_offset = resumed_at,
         silent_ms = decision.silent.as_millis() as u64,
         asked = decision.asked,
+        token = decision.token,
         restore_ms = t.elapsed().as_secs_f64() * 1e3,
         "FAILOVER: the primary is lost; the guest runs here from the last committed checkpoint"
     );
@@ -109,6 +113,7 @@ pub fn run(
         machine,
         epoch: decision.epoch,
         resumed_at,
+        token: decision.token,
     })))
 }
 

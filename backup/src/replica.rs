@@ -82,10 +82,11 @@ impl Shared {
         let mut r = self.replica();
         let refused = self.core().on(BackupInput::SessionStarted {
             session: h.session,
+            token: h.token,
             now: self.now(),
         });
-        if !refused.is_empty() {
-            return Err(EndReason::AlreadyTakenOver);
+        if let Some(node::ha::BackupAction::Refuse(why)) = refused.into_iter().next() {
+            return Err(why);
         }
         *r = Replica {
             mem: Some(mem),
@@ -111,9 +112,18 @@ impl Shared {
             .map_err(|e| refuse(e.to_string()))?;
         let state = MachineState::decode(&raw).map_err(|e| refuse(e.to_string()))?;
         let mut r = self.replica();
-        if self.core().taken_over() {
-            // The replica stays at the checkpoint the takeover chose.
-            return Err(EndReason::TakenOver);
+        {
+            let core = self.core();
+            if core.taken_over() {
+                // The replica stays at the checkpoint the takeover chose.
+                return Err(EndReason::TakenOver);
+            }
+            if core.frozen() {
+                // Nothing more is committed (or acked) while the witness decides.
+                return Err(EndReason::Refused(
+                    "the backup is claiming the VM at the witness".into(),
+                ));
+            }
         }
         let bs = r.block_size;
         let Some(mem) = r.mem.as_mut() else {

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use node::ha::{BackupAction, BackupInput};
+use node::ha::{BackupAction, BackupInput, Claim};
 use protocol::EndReason;
+use tracing::{info, warn};
 
 use crate::replica::Shared;
 
@@ -16,18 +17,41 @@ pub(crate) struct Decision {
     pub epoch: u64,
     pub silent: Duration,
     pub asked: bool,
+    pub token: u64,
 }
 
-/// Ticks until the core decides to take over; then ends the session with
+/// The wait before asking an unreachable witness again.
+const CLAIM_RETRY: Duration = Duration::from_millis(100);
+
+/// Ticks until the core decides to take over (after the witness's yes, if
+/// there is a witness); then ends the session with
 /// [`EndReason::TakenOver`] (a live primary learns it is fenced and stops
 /// its guest) and reports the decision.
-pub(crate) async fn watchdog(shared: Arc<Shared>, decided: std::sync::mpsc::Sender<Decision>) {
+pub(crate) async fn watchdog(
+    shared: Arc<Shared>,
+    witness: Option<(witness::Etcd, String)>,
+    decided: std::sync::mpsc::Sender<Decision>,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_rx = 0u64;
     let mut last_tick = Instant::now();
+    let (claimed_tx, mut claimed) = tokio::sync::mpsc::unbounded_channel::<Claim>();
     loop {
-        tick.tick().await;
+        let actions = tokio::select! {
+            _ = tick.tick() => None,
+            Some(c) = claimed.recv() => {
+                let _r = shared.replica();
+                Some(shared.core().on(BackupInput::Claimed(c)))
+            }
+        };
+        if let Some(actions) = actions {
+            if let Some(d) = act(&shared, actions, &witness, &claimed_tx) {
+                let _ = decided.send(d);
+                return;
+            }
+            continue;
+        }
         // A watchdog that woke late was starved itself: the primary's
         // packets may be waiting unread.
         let late = last_tick.elapsed() > Duration::from_millis(5);
@@ -52,24 +76,68 @@ pub(crate) async fn watchdog(shared: Arc<Shared>, decided: std::sync::mpsc::Send
             let now = shared.now();
             shared.core().on(BackupInput::Tick { now, late })
         };
-        for action in actions {
-            if let BackupAction::TakeOver {
+        if let Some(d) = act(&shared, actions, &witness, &claimed_tx) {
+            let _ = decided.send(d);
+            return;
+        }
+    }
+}
+
+/// Carries out the core's actions; a takeover ends the session with
+/// [`EndReason::TakenOver`] and is returned.
+fn act(
+    shared: &Shared,
+    actions: Vec<BackupAction>,
+    witness: &Option<(witness::Etcd, String)>,
+    claimed: &tokio::sync::mpsc::UnboundedSender<Claim>,
+) -> Option<Decision> {
+    for action in actions {
+        match action {
+            BackupAction::TakeOver {
                 epoch,
                 silent,
                 asked,
+                token,
                 ..
-            } = action
-            {
-                if let Some(c) = closer.as_ref() {
+            } => {
+                let closer = shared
+                    .closer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let Some(c) = closer {
                     c.close(&EndReason::TakenOver);
                 }
-                let _ = decided.send(Decision {
+                return Some(Decision {
                     epoch,
                     silent,
                     asked,
+                    token,
                 });
-                return;
             }
+            BackupAction::Claim { expected, retry } => {
+                let Some((w, me)) = witness.clone() else {
+                    unreachable!("the core claims only with a witness");
+                };
+                if !retry {
+                    warn!(
+                        expected,
+                        "the primary is silent: claiming the VM at the witness"
+                    );
+                }
+                let answer = claimed.clone();
+                tokio::task::spawn_blocking(move || {
+                    if retry {
+                        std::thread::sleep(CLAIM_RETRY);
+                    }
+                    let c = w.claim(&me, expected);
+                    info!(expected, claim = ?c, "witness claim");
+                    let _ = answer.send(c);
+                });
+            }
+            // Sessions are refused where they start (backup/src/net.rs).
+            BackupAction::Refuse(_) => {}
         }
     }
+    None
 }

@@ -68,7 +68,8 @@ impl Daemon {
     }
 }
 
-/// One daemon of a pair: its certificates, its name and its peer's.
+/// One daemon of a pair: its certificates, its name and its peer's, and
+/// the witness both name.
 pub struct Node<'a> {
     /// Directory made by `castor certs`.
     pub certs: &'a Path,
@@ -76,6 +77,8 @@ pub struct Node<'a> {
     pub name: &'a str,
     /// Its peer's name.
     pub peer: &'a str,
+    /// `--witness` (`none` or `etcd=URL`).
+    pub witness: &'a str,
 }
 
 fn spawn(args: &[String], console: SocketAddr, log: PathBuf) -> Result<Daemon> {
@@ -115,6 +118,7 @@ fn start(
         n.peer.into(),
     ]);
     a.extend(["--console".into(), console.to_string()]);
+    a.extend(["--witness".into(), n.witness.into()]);
     a.extend(role_args.iter().cloned());
     a.extend(extra.iter().cloned());
     spawn(&a, console, log)
@@ -167,6 +171,8 @@ pub struct Pair {
     pub ports: [SocketAddr; 2],
     /// Where the daemons' logs go.
     pub logs: PathBuf,
+    /// `--witness` for both nodes: `none` unless set.
+    pub witness: String,
 }
 
 impl Pair {
@@ -178,7 +184,14 @@ impl Pair {
             names: names.map(String::from),
             ports: [free_port(true)?, free_port(true)?],
             logs: logs.to_path_buf(),
+            witness: "none".into(),
         })
+    }
+
+    /// Both nodes use the etcd at `endpoint` as their witness.
+    pub fn with_etcd(mut self, endpoint: &str) -> Pair {
+        self.witness = format!("etcd={endpoint}");
+        self
     }
 
     /// Nodes `names` with new certificates made in `dir/pki`, logging into `dir`.
@@ -193,6 +206,7 @@ impl Pair {
             certs: &self.certs,
             name: &self.names[i],
             peer: &self.names[1 - i],
+            witness: &self.witness,
         }
     }
 

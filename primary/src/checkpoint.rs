@@ -38,6 +38,7 @@ impl Session {
         pages: u64,
         vcpus: u32,
         out_start: u64,
+        token: u64,
     ) -> Result<(Session, Vec<u8>), PrimaryError> {
         let hello = Hello {
             version: VERSION,
@@ -49,6 +50,7 @@ impl Session {
             memory_bytes: pages * 4096,
             vcpus,
             output_offset: out_start,
+            token,
         };
         let encoder = Encoder::new(
             fgbi::Config {

@@ -41,6 +41,12 @@ pub struct Config {
     /// far are harvested and copied while the guest runs, so that the pause
     /// copies only the pages dirtied since. Zero: everything in the pause.
     pub precopy: Duration,
+    /// The witness that decides who owns the VM; `None`: no witness
+    /// (`--witness none`), a lost backup means carrying on at once.
+    pub witness: Option<witness::Etcd>,
+    /// Console bytes a primary may hold while the witness decides; past
+    /// this the guest is paused until it has.
+    pub hold_limit: u64,
 }
 
 /// Primary errors.

@@ -27,6 +27,9 @@ use crate::{Config, EpochFigures, Metrics, PrimaryError};
 /// network threads have 10).
 const PAUSE_PRIORITY: i32 = 5;
 
+/// The wait before asking an unreachable witness again.
+const CLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What the shell keeps with a checkpoint in flight: when it was committed
 /// to the network, and when its pause began.
 #[derive(Debug, Clone, Copy)]
@@ -47,6 +50,12 @@ pub(crate) struct EpochLoop<'a> {
     pub staging: Staging,
     /// This thread is at real-time priority for the pause.
     pub rt_pause: bool,
+    /// Where the witness's answers go (the loop's own event channel).
+    pub claims: std_mpsc::Sender<NetEvent>,
+    /// The runtime that runs claims (blocking calls to the witness).
+    pub rt: tokio::runtime::Handle,
+    /// The guest is paused because the hold is full while the witness decides.
+    pub held_pause: bool,
 }
 
 impl EpochLoop<'_> {
@@ -59,6 +68,7 @@ impl EpochLoop<'_> {
         let mut next = Instant::now() + self.cfg.epoch;
         self.log.set_hold(false);
         warn!("UNPROTECTED: no backup yet; the guest runs, output is released at once");
+
         let mut pre_done = false;
         let mut waited = Duration::ZERO;
         while !stop.load(Ordering::Relaxed) {
@@ -145,8 +155,46 @@ impl EpochLoop<'_> {
             NetEvent::Connected => PrimaryInput::Connected,
             NetEvent::Ack(epoch) => PrimaryInput::Ack { epoch },
             NetEvent::Ended(reason) => PrimaryInput::Ended(reason),
+            NetEvent::Claimed(claim) => PrimaryInput::Claimed(claim),
         };
-        self.feed(input)
+        self.feed(input)?;
+        self.bound_the_hold()
+    }
+
+    /// While the witness decides, output is held and the guest runs on; when
+    /// the hold is full the guest is paused until the decision.
+    fn bound_the_hold(&mut self) -> Result<(), PrimaryError> {
+        let held = self.log.end() - self.log.released();
+        if self.core.claiming() && !self.held_pause && held > self.cfg.hold_limit {
+            warn!(
+                held,
+                "the witness has not decided and the output hold is full: pausing the guest"
+            );
+            self.machine.pause()?;
+            self.held_pause = true;
+        } else if !self.core.claiming() && self.held_pause {
+            info!("the witness decided: the guest runs again");
+            self.machine.resume()?;
+            self.held_pause = false;
+        }
+        Ok(())
+    }
+
+    /// Asks the witness, off this thread; the answer comes back as an event.
+    fn claim(&self, expected: u64, retry: bool) {
+        let Some(w) = self.cfg.witness.clone() else {
+            unreachable!("the core claims only with a witness");
+        };
+        let me = self.cfg.node.clone();
+        let answer = self.claims.clone();
+        self.rt.spawn_blocking(move || {
+            if retry {
+                std::thread::sleep(CLAIM_RETRY);
+            }
+            let claim = w.claim(&me, expected);
+            info!(expected, ?claim, "witness claim");
+            let _ = answer.send(NetEvent::Claimed(claim));
+        });
     }
 
     /// Gives the core an input and carries out its actions.
@@ -175,7 +223,12 @@ impl EpochLoop<'_> {
                     error!("UNPROTECTED: lost the backup ({reason}); the guest keeps running, output is released at once; waiting for a backup to re-protect");
                     self.log.set_hold(false);
                 }
-                PrimaryAction::Claim { .. } => unreachable!("claims need a witness"),
+                PrimaryAction::Claim { expected, retry } => {
+                    if !retry {
+                        warn!("lost the backup: asking the witness whether this node may carry on alone; output is held meanwhile");
+                    }
+                    self.claim(expected, retry);
+                }
                 PrimaryAction::Fence(reason) => {
                     // Held output stays held: the other node continues from
                     // its last committed checkpoint; this guest must not be seen.
@@ -194,7 +247,8 @@ impl EpochLoop<'_> {
         self.log.set_hold(true);
         let out_start = self.log.released();
         let vcpus = self.machine.vcpu_count() as u32;
-        let (session, hello) = Session::start(self.cfg, self.pages, vcpus, out_start)?;
+        let token = self.core.token();
+        let (session, hello) = Session::start(self.cfg, self.pages, vcpus, out_start, token)?;
         if self.out.blocking_send(Outgoing::Frames(hello)).is_err() {
             self.log.set_hold(false);
             return Ok(());

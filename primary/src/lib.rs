@@ -45,12 +45,25 @@ pub use metrics::{EpochFigures, Metrics};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
     /// This node booted it.
-    Booted,
-    /// This node took it over as a backup; it resumed at this console offset.
+    Booted {
+        /// The fencing token it acquired at the witness (0 without one).
+        token: u64,
+    },
+    /// This node took it over as a backup.
     TookOver {
         /// The console offset of the first byte of this node's history.
         resumed_at: u64,
+        /// The fencing token it won at the witness (0 without one).
+        token: u64,
     },
+}
+
+impl Origin {
+    fn token(self) -> u64 {
+        match self {
+            Origin::Booted { token } | Origin::TookOver { token, .. } => token,
+        }
+    }
 }
 
 /// Protects `machine`, whose console goes to `services.log`, until `stop`
@@ -77,23 +90,23 @@ pub fn protect(
     // waiting for KVM to re-register its memory with dirty logging.
     let (out_tx, out_rx) = mpsc::channel(cfg.max_in_flight.max(1) + 1);
     let (events_tx, events_rx) = std_mpsc::channel();
-    // Without a backup nothing sends events; the loop runs unprotected
-    // until stopped (the sender is kept so the channel stays open).
-    let _no_backup = match cfg.backup {
-        Some(backup) => {
-            let net = net::run(cfg.clone(), backup, out_rx, events_tx, stop.clone());
-            services.rt.spawn(net);
-            None
-        }
-        None => Some(events_tx),
-    };
+    let claims = events_tx.clone();
+    // Without a backup only claims send events; the loop runs unprotected
+    // until stopped.
+    if let Some(backup) = cfg.backup {
+        let net = net::run(cfg.clone(), backup, out_rx, events_tx, stop.clone());
+        services.rt.spawn(net);
+    }
     let mut lp = epoch::EpochLoop {
         cfg,
         machine,
         log: log.clone(),
         metrics: metrics.clone(),
         out: out_tx,
-        core: PrimaryCore::new(cfg.max_in_flight, false, 0),
+        core: PrimaryCore::new(cfg.max_in_flight, cfg.witness.is_some(), origin.token()),
+        claims,
+        rt: services.rt.handle().clone(),
+        held_pause: false,
         pages,
         session: None,
         staging: copy::Staging::new(pages),
@@ -121,14 +134,14 @@ fn commands(metrics: Arc<Metrics>, log: Arc<ConsoleLog>, origin: Origin) -> node
         "status" => Some(
             Status {
                 role: match origin {
-                    Origin::Booted => Role::Primary,
+                    Origin::Booted { .. } => Role::Primary,
                     Origin::TookOver { .. } => Role::TakenOver,
                 },
                 console_released: log.released(),
                 console_end: log.end(),
                 resumed_at: match origin {
-                    Origin::Booted => None,
-                    Origin::TookOver { resumed_at } => Some(resumed_at),
+                    Origin::Booted { .. } => None,
+                    Origin::TookOver { resumed_at, .. } => Some(resumed_at),
                 },
                 primary: Some(metrics.figures()),
                 backup: None,

@@ -26,6 +26,8 @@ pub(crate) enum NetEvent {
     Ack(u64),
     /// The session ended.
     Ended(EndReason),
+    /// The witness answered a claim.
+    Claimed(node::ha::Claim),
 }
 
 /// What the epoch loop tells the network.

@@ -244,6 +244,30 @@ impl Etcd {
     }
 }
 
+/// A witness as given on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Spec {
+    /// No witness (`none`).
+    None,
+    /// etcd members (`etcd=http://HOST:PORT[,…]`).
+    Etcd(Vec<String>),
+}
+
+/// Parses `none` or `etcd=http://HOST:PORT[,http://HOST:PORT…]`.
+pub fn parse_spec(s: &str) -> Result<Spec, String> {
+    if s == "none" {
+        return Ok(Spec::None);
+    }
+    let Some(urls) = s.strip_prefix("etcd=") else {
+        return Err(format!(
+            "unknown witness '{s}': give etcd=http://HOST:PORT[,http://HOST:PORT…] or none"
+        ));
+    };
+    let endpoints: Vec<String> = urls.split(',').map(str::to_string).collect();
+    Etcd::new(&endpoints, "check").map_err(|e| e.to_string())?;
+    Ok(Spec::Etcd(endpoints))
+}
+
 /// An int64 of the gateway's JSON (a string) or a plain number.
 fn number(v: Option<&Value>) -> Option<i64> {
     match v? {
@@ -275,6 +299,21 @@ mod tests {
         assert_eq!(e.claim("a", 0), Claim::Unreachable);
         assert!(e.acquire("a").is_err());
         assert!(t.elapsed() < Duration::from_secs(3));
+    }
+
+    #[test]
+    fn specs_parse_or_say_what_is_wrong() {
+        assert_eq!(parse_spec("none").unwrap(), Spec::None);
+        assert_eq!(
+            parse_spec("etcd=http://a:1,http://b:2").unwrap(),
+            Spec::Etcd(vec!["http://a:1".into(), "http://b:2".into()])
+        );
+        assert!(parse_spec("zookeeper=x")
+            .unwrap_err()
+            .contains("unknown witness"));
+        assert!(parse_spec("etcd=a:1")
+            .unwrap_err()
+            .contains("http://HOST:PORT"));
     }
 
     #[test]
