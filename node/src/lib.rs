@@ -9,9 +9,11 @@
 //! - [`status`]: the one typed status both roles report.
 //! - [`stats`]: percentiles for figures.
 //! - [`ha`]: the HA decisions of both roles, as pure state machines.
+//! - [`sim`]: a deterministic simulator of the pair driving those machines.
 
 pub mod console;
 pub mod services;
+pub mod sim;
 pub mod stats;
 pub mod status;
 

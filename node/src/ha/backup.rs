@@ -179,6 +179,17 @@ impl BackupCore {
         self.taken_over
     }
 
+    /// The newest fencing token it has seen (its primary's, or its own
+    /// after a takeover).
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// It would take over from its replica if the primary went silent now.
+    pub fn can_take_over(&self) -> bool {
+        self.committed.is_some() && !self.no_takeover && !self.taken_over
+    }
+
     /// Nothing may be committed or acked: a takeover was decided or is
     /// being claimed.
     pub fn frozen(&self) -> bool {
@@ -211,6 +222,16 @@ impl BackupCore {
     pub fn on(&mut self, input: BackupInput) -> Vec<BackupAction> {
         if self.taken_over {
             return match input {
+                // A primary older than this node's takeover is stale and
+                // must stop; a newer one (this node's own new backup that
+                // took over from it meanwhile) must not be fenced by this
+                // node's leftover listener.
+                BackupInput::SessionStarted { token, .. } if token > self.token => {
+                    vec![BackupAction::Refuse(EndReason::Refused(format!(
+                        "this node runs the guest itself (token {}) and is not a backup",
+                        self.token
+                    )))]
+                }
                 BackupInput::SessionStarted { .. } => {
                     vec![BackupAction::Refuse(EndReason::AlreadyTakenOver)]
                 }
@@ -685,6 +706,30 @@ mod tests {
             assert!(b.frozen() && !b.taken_over());
         }
         assert_eq!(b.on(I::Claimed(Claim::Won { token: 5 })).len(), 1);
+    }
+
+    #[test]
+    fn after_a_takeover_only_older_primaries_are_fenced() {
+        let mut b = witnessed();
+        tick(&mut b, 3030);
+        b.on(I::Claimed(Claim::Won { token: 5 }));
+        for old in [0, 4, 5] {
+            assert_eq!(
+                b.on(I::SessionStarted {
+                    session: 9,
+                    token: old,
+                    now: ms(4000)
+                }),
+                vec![A::Refuse(EndReason::AlreadyTakenOver)],
+                "{old}"
+            );
+        }
+        let a = b.on(I::SessionStarted {
+            session: 9,
+            token: 6,
+            now: ms(4000),
+        });
+        assert!(matches!(&a[..], [A::Refuse(e)] if !e.fences()), "{a:?}");
     }
 
     #[test]
