@@ -7,15 +7,7 @@ cd "$(dirname "$0")/.."
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
-need() { command -v "$1" >/dev/null 2>&1; }
-if ! need gcc || ! need ld || ! need objcopy; then
-    echo "installing gcc and binutils (castor's guest is built from source)"
-    apt-get update -qq && apt-get install -y -qq gcc binutils
-fi
-if [ ! -e /dev/kvm ]; then
-    echo "error: /dev/kvm is missing: castor's tests run real KVM guests" >&2
-    exit 1
-fi
+source scripts/setup.sh
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -q -- -D warnings

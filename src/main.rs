@@ -208,6 +208,10 @@ struct BackupArgs {
     /// KVM device for the VM after failover.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// Most bytes one checkpoint may stage; a larger one is refused (the
+    /// session ends, the primary resyncs).
+    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    max_epoch_bytes: u64,
 }
 
 #[derive(Args)]
@@ -615,7 +619,7 @@ fn backup_cmd(a: BackupArgs) -> Result<()> {
             resync_grace: RESYNC_GRACE,
         },
         kvm_device: a.kvm_device,
-        max_epoch_bytes: 4 << 30,
+        max_epoch_bytes: usize::try_from(a.max_epoch_bytes).unwrap_or(usize::MAX),
         node: a.pair.node.clone(),
         witness,
     };

@@ -1,7 +1,8 @@
 //! The backup's network shell: accepts the primary, reads its checkpoints
 //! and heartbeats, acks what is committed, and reports each session's end
-//! to the core. A node that has taken over refuses every session with
-//! [`EndReason::AlreadyTakenOver`], which fences a stale primary.
+//! to the core. A node that has taken over refuses every session: with
+//! [`EndReason::AlreadyTakenOver`], which fences it, a primary whose token
+//! is not newer than its own.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,11 +35,6 @@ pub(crate) async fn accept_loop(
             }
         };
         let peer = link.remote();
-        if shared.core().taken_over() {
-            warn!(%peer, "refusing a session: this node has taken over");
-            link.close(&EndReason::AlreadyTakenOver);
-            continue;
-        }
         shared.heard();
         *shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(link.closer());
         shared.connected.store(true, Ordering::Relaxed);
@@ -100,9 +96,6 @@ async fn session(
                 Err(e) => return end_of(e),
             };
             shared.heard();
-            if shared.core().taken_over() {
-                return EndReason::TakenOver;
-            }
             match rx.on_message(m) {
                 Ok(Event::Hello(h)) => {
                     if h.node != peer_name {
@@ -113,6 +106,7 @@ async fn session(
                     }
                     info!(node = %h.node, session = h.session, memory_mib = h.memory_bytes >> 20, mode = %h.mode, "new session: full resync");
                     if let Err(why) = shared.start_session(&h) {
+                        warn!(%peer_name, token = h.token, "refusing the session: {why}");
                         return why;
                     }
                     log.reset(h.output_offset);

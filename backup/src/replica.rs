@@ -77,8 +77,6 @@ impl Shared {
 
     /// A new session: a fresh replica of the hello's size, nothing committed.
     pub fn start_session(&self, h: &Hello) -> Result<(), EndReason> {
-        let mem = vmm::memory::create(h.memory_bytes)
-            .map_err(|e| EndReason::Refused(format!("cannot allocate the replica: {e}")))?;
         let mut r = self.replica();
         let refused = self.core().on(BackupInput::SessionStarted {
             session: h.session,
@@ -88,6 +86,8 @@ impl Shared {
         if let Some(node::ha::BackupAction::Refuse(why)) = refused.into_iter().next() {
             return Err(why);
         }
+        let mem = vmm::memory::create(h.memory_bytes)
+            .map_err(|e| EndReason::Refused(format!("cannot allocate the replica: {e}")))?;
         *r = Replica {
             mem: Some(mem),
             state: None,

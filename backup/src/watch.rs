@@ -131,7 +131,13 @@ fn act(
                         std::thread::sleep(CLAIM_RETRY);
                     }
                     let c = w.claim(&me, expected);
-                    info!(expected, claim = ?c, "witness claim");
+                    if c == Claim::Unreachable {
+                        if !retry {
+                            warn!(witness = %w.describe(), "the witness does not answer; no takeover until it does");
+                        }
+                    } else {
+                        info!(expected, claim = ?c, "witness claim");
+                    }
                     let _ = answer.send(c);
                 });
             }

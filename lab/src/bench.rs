@@ -733,6 +733,7 @@ fn drill_mode(a: &BenchArgs, p: &Plan, m: fgbi::Mode, ui: &Ui) -> (Vec<Failover>
         vcpus: a.vcpus,
         protect_args: args,
         settle: Duration::from_millis(2500),
+        witness: crate::pair::WitnessKind::Etcd,
     };
     let mut got = Vec::new();
     let r = run_drill(&plan, &mut |r| {

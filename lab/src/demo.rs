@@ -14,7 +14,10 @@ use node::{PrimaryStatus, Status};
 
 use crate::cli::{parse_duration, parse_size, parse_workload};
 use crate::console::{continuity, Continuity};
-use crate::pair::{self, guest_args, kill_and_follow, read_console, wait_status, Pair, Takeover};
+use crate::pair::{
+    self, guest_args, kill_and_follow, read_console, start_witness, wait_status, Pair, Takeover,
+    WitnessKind,
+};
 
 /// `castor demo` settings.
 #[derive(Args)]
@@ -40,6 +43,9 @@ pub struct DemoArgs {
     /// Epoch length in milliseconds.
     #[arg(long, default_value_t = 25)]
     pub epoch_ms: u64,
+    /// The pair's witness: a local etcd started for the demo, or none.
+    #[arg(long, value_enum, default_value = "etcd")]
+    pub witness: WitnessKind,
 }
 
 /// What the demo saw.
@@ -60,9 +66,12 @@ struct Seen {
 pub fn demo(a: DemoArgs) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let pair = Pair::in_dir(tmp.path(), ["node-a", "node-b"])?;
+    let (pair, etcd) = start_witness(a.witness, pair, tmp.path())?;
     println!(
-        "castor demo: a local HA pair on loopback (certificates in {})",
-        pair.certs.display()
+        "castor demo: a local HA pair on loopback (certificates in {}; witness: {})",
+        pair.certs.display(),
+        etcd.as_ref()
+            .map_or("none".to_string(), |e| format!("etcd at {}", e.endpoint()))
     );
     let seen = run(&a, &pair)?;
     print_report(&a, &seen);
@@ -171,7 +180,14 @@ fn print_report(a: &DemoArgs, seen: &Seen) {
     }
     println!(
         "  survivor            {}",
-        seen.after.as_ref().map(|s| s.to_json()).unwrap_or_default()
+        seen.after
+            .as_ref()
+            .map_or("did not answer".into(), |s| format!(
+                "{}, resumed at console offset {}, {} bytes released since",
+                s.role,
+                s.resumed_at.unwrap_or_default(),
+                s.console_released - s.resumed_at.unwrap_or_default()
+            ))
     );
     println!(
         "  console             {} bytes, {} progress lines, {} before the kill",

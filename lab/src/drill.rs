@@ -13,7 +13,9 @@ use rand::Rng;
 
 use crate::cli::{parse_size, parse_workload};
 use crate::console::continuity;
-use crate::pair::{self, guest_args, kill_and_follow, read_console, wait_status, Pair};
+use crate::pair::{
+    self, guest_args, kill_and_follow, read_console, start_witness, wait_status, Pair, WitnessKind,
+};
 
 /// `castor drill` settings.
 #[derive(Args)]
@@ -36,6 +38,9 @@ pub struct DrillArgs {
     /// Send memory digests with every checkpoint and count mismatches.
     #[arg(long)]
     pub verify: bool,
+    /// The pair's witness: a local etcd started for the drill, or none.
+    #[arg(long, value_enum, default_value = "etcd")]
+    pub witness: WitnessKind,
 }
 
 /// One failover of a drill.
@@ -78,6 +83,8 @@ pub struct DrillPlan {
     pub protect_args: Vec<String>,
     /// Each kill happens this long after re-protection, plus a random 0.3-1.5 s.
     pub settle: Duration,
+    /// The pair's witness.
+    pub witness: WitnessKind,
 }
 
 /// Runs a drill; `on_round` sees every round as it ends. Stops at the first
@@ -86,6 +93,7 @@ pub fn run_drill(p: &DrillPlan, on_round: &mut dyn FnMut(&Round)) -> Result<Vec<
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     let pair = Pair::in_dir(dir, ["node-a", "node-b"])?;
+    let (pair, _etcd) = start_witness(p.witness, pair, dir)?;
     let extra = &p.protect_args;
     // Node b backs up node a, and after a takeover protects toward node a's port.
     let guest = guest_args(p.mem, p.vcpus, &p.workload);
@@ -167,11 +175,12 @@ pub fn drill(a: DrillArgs) -> Result<()> {
         extra.push("--verify".into());
     }
     println!(
-        "castor drill: {} rounds, {} on {} vCPU(s), mode {}{}",
+        "castor drill: {} rounds, {} on {} vCPU(s), mode {}, witness {:?}{}",
         a.rounds,
         a.workload,
         a.vcpus,
         a.mode,
+        a.witness,
         if a.verify { ", verifying" } else { "" }
     );
     let plan = DrillPlan {
@@ -181,6 +190,7 @@ pub fn drill(a: DrillArgs) -> Result<()> {
         vcpus: a.vcpus,
         protect_args: extra,
         settle: Duration::ZERO,
+        witness: a.witness,
     };
     let mut seen = Vec::new();
     let result = run_drill(&plan, &mut |r| {

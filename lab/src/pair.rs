@@ -13,6 +13,32 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use node::Status;
 
+/// Which witness a lab pair uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WitnessKind {
+    /// A local etcd, started for the run (Debian's etcd-server).
+    Etcd,
+    /// None: safe against crashes only.
+    None,
+}
+
+/// A pair's witness for a run: a local etcd in `dir` (kept running while
+/// the returned server lives), or none.
+pub fn start_witness(
+    kind: WitnessKind,
+    pair: Pair,
+    dir: &Path,
+) -> Result<(Pair, Option<witness::server::EtcdServer>)> {
+    match kind {
+        WitnessKind::None => Ok((pair, None)),
+        WitnessKind::Etcd => {
+            let etcd = witness::server::EtcdServer::start(&dir.join("etcd"))
+                .context("starting the witness (a local etcd)")?;
+            Ok((pair.with_etcd(&etcd.endpoint()), Some(etcd)))
+        }
+    }
+}
+
 /// A free loopback port (UDP for a daemon's QUIC endpoint, TCP for a
 /// console service).
 pub fn free_port(udp: bool) -> Result<SocketAddr> {

@@ -192,7 +192,13 @@ impl EpochLoop<'_> {
                 std::thread::sleep(CLAIM_RETRY);
             }
             let claim = w.claim(&me, expected);
-            info!(expected, ?claim, "witness claim");
+            if claim == node::ha::Claim::Unreachable {
+                if !retry {
+                    warn!(witness = %w.describe(), "the witness does not answer; holding output and asking again");
+                }
+            } else {
+                info!(expected, ?claim, "witness claim");
+            }
             let _ = answer.send(NetEvent::Claimed(claim));
         });
     }
@@ -225,6 +231,8 @@ impl EpochLoop<'_> {
                 }
                 PrimaryAction::Claim { expected, retry } => {
                     if !retry {
+                        self.session = None;
+                        self.metrics.set_protected(false);
                         warn!("lost the backup: asking the witness whether this node may carry on alone; output is held meanwhile");
                     }
                     self.claim(expected, retry);

@@ -168,6 +168,7 @@ impl Metrics {
         let mut acks: Vec<f64> = i.acks.iter().map(|d| us(*d)).collect();
         let mut rel: Vec<f64> = i.releases.iter().map(|d| us(*d)).collect();
         let n = steady.len().max(1) as f64;
+        // (+ 0.0: an empty sum is -0.0, which prints as "-0")
         PrimaryStatus {
             protected: i.protected,
             mode: self.mode.to_string(),
@@ -176,9 +177,9 @@ impl Metrics {
             pause_max_us: pause.iter().cloned().fold(0.0, f64::max),
             pause_p50_us: pct(&mut pause, 0.5),
             pause_p99_us: pct(&mut pause, 0.99),
-            dirty_pages_mean: steady.iter().map(|f| f.dirty_pages as f64).sum::<f64>() / n,
-            bytes_per_epoch: steady.iter().map(|f| f.bytes as f64).sum::<f64>() / n,
-            raw_bytes_per_epoch: steady.iter().map(|f| f.raw_bytes as f64).sum::<f64>() / n,
+            dirty_pages_mean: steady.iter().map(|f| f.dirty_pages as f64).sum::<f64>() / n + 0.0,
+            bytes_per_epoch: steady.iter().map(|f| f.bytes as f64).sum::<f64>() / n + 0.0,
+            raw_bytes_per_epoch: steady.iter().map(|f| f.raw_bytes as f64).sum::<f64>() / n + 0.0,
             encode_p50_us: pct(&mut enc, 0.5),
             encode_p99_us: pct(&mut enc, 0.99),
             harvest_p50_us: pct(&mut part(|f| f.harvest), 0.5),
@@ -187,7 +188,7 @@ impl Metrics {
             release_p50_us: pct(&mut rel, 0.5),
             release_p99_us: pct(&mut rel, 0.99),
             samples: steady.len() as u64,
-            precopied_mean: steady.iter().map(|f| f.precopied as f64).sum::<f64>() / n,
+            precopied_mean: steady.iter().map(|f| f.precopied as f64).sum::<f64>() / n + 0.0,
             ack_p50_us: pct(&mut acks, 0.5),
             ack_p99_us: pct(&mut acks, 0.99),
             epochs_waited: steady

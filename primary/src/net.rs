@@ -172,18 +172,25 @@ async fn session(
                 }
             }
             _ = tick.tick() => {
+                // No send here may wait longer than the backup has left to
+                // answer: a dead backup's full windows must not hide its silence.
+                let left = cfg.backup_timeout.saturating_sub(last_heard.elapsed());
                 if stop.load(Ordering::Relaxed) {
                     let reason = "primary shutting down".to_string();
-                    let _ = ctl_tx.send_message(&Message::Goodbye { reason: reason.clone() }).await;
+                    let bye = Message::Goodbye { reason: reason.clone() };
+                    let _ = tokio::time::timeout(left, ctl_tx.send_message(&bye)).await;
                     break EndReason::Local(reason);
                 }
-                if last_heard.elapsed() > cfg.backup_timeout {
+                if left.is_zero() {
                     break EndReason::Silent(last_heard.elapsed());
                 }
                 seq += 1;
                 let sent_us = t0.elapsed().as_micros() as u64;
-                if let Err(e) = ctl_tx.send_message(&Message::Heartbeat { seq, sent_us }).await {
-                    break end_of(e);
+                let beat = Message::Heartbeat { seq, sent_us };
+                match tokio::time::timeout(left, ctl_tx.send_message(&beat)).await {
+                    Err(_) => break EndReason::Silent(last_heard.elapsed()),
+                    Ok(Err(e)) => break end_of(e),
+                    Ok(Ok(())) => {}
                 }
             }
             m = ctl_rx.next() => match m {
@@ -204,7 +211,8 @@ async fn session(
                 }
                 Ok(Some(Message::Heartbeat { seq, sent_us })) => {
                     last_heard = Instant::now();
-                    let _ = ctl_tx.send_message(&Message::HeartbeatEcho { seq, sent_us }).await;
+                    let echo = Message::HeartbeatEcho { seq, sent_us };
+                    let _ = tokio::time::timeout(cfg.backup_timeout, ctl_tx.send_message(&echo)).await;
                 }
                 Ok(Some(Message::Goodbye { reason })) => break EndReason::Goodbye(reason),
                 Ok(Some(other)) => break EndReason::Refused(format!("unexpected {} from the backup", other.name())),

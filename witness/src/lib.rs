@@ -24,7 +24,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tracing::{debug, warn};
+use tracing::debug;
 
 pub use node::ha::Claim;
 
@@ -184,7 +184,7 @@ impl Etcd {
         match self.try_claim(me, expected) {
             Ok(c) => c,
             Err(e) => {
-                warn!("witness: {e}");
+                debug!("witness: {e}");
                 Claim::Unreachable
             }
         }

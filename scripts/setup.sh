@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# What castor's two commands need on a fresh machine of this kind (Debian,
+# Rust, /dev/kvm): gcc and binutils build castor's guest from source, and
+# Debian's etcd-server is the witness that the demo, the drills and the
+# tests start. Sourced by scripts/demo.sh and scripts/test.sh.
+need() { command -v "$1" >/dev/null 2>&1; }
+missing=()
+need gcc && need ld && need objcopy || missing+=(gcc binutils)
+need etcd || missing+=(etcd-server)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]} (castor's guest is built from source; etcd is the witness)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+if [ ! -e /dev/kvm ]; then
+    echo "error: /dev/kvm is missing: castor runs real KVM guests" >&2
+    exit 1
+fi

@@ -1,0 +1,228 @@
+//! One primary at a time under pauses, a backup's own refusal and a witness
+//! outage: real daemons, real KVM, a real etcd (Debian's etcd-server,
+//! started here).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::castor_bin;
+use lab::console::continuity;
+use lab::pair::{self, read_console, wait_status, Daemon, Pair};
+use node::{Role, Status};
+use witness::server::EtcdServer;
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+const GUEST: &[&str] = &[
+    "--mem",
+    "128M",
+    "--vcpus",
+    "1",
+    "--workload",
+    "counter,interval_ms=2",
+];
+
+/// A pair "a" (primary) and "b" (backup) with a local etcd as witness, protected.
+fn protected_pair(dir: &std::path::Path, both: &[&str]) -> (EtcdServer, Pair, Daemon, Daemon) {
+    castor_bin();
+    let etcd = EtcdServer::start(&dir.join("etcd")).expect("etcd starts");
+    let pair = Pair::in_dir(dir, ["a", "b"])
+        .unwrap()
+        .with_etcd(&etcd.endpoint());
+    let (backup, primary) = pair
+        .start(&strings(both), &strings(GUEST), ["b.log", "a.log"])
+        .unwrap();
+    wait_status(
+        &primary,
+        "protection",
+        Duration::from_secs(60),
+        pair::protected_after(20),
+    )
+    .unwrap();
+    (etcd, pair, backup, primary)
+}
+
+fn signal(d: &Daemon, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &d.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+/// The process has exited (fenced or stopped).
+fn exited(d: &mut Daemon, within: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if d.child.try_wait().unwrap().is_some() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// The console of `d` from offset 0 for `for_`.
+fn console(d: &Daemon, for_: Duration) -> Vec<u8> {
+    let mut s = Vec::new();
+    let _ = read_console(d.console, 0, &mut s, Instant::now() + for_, u64::MAX);
+    s
+}
+
+/// Two consoles that agree at every offset both have.
+fn agree(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len().min(b.len());
+    a[..n] == b[..n]
+}
+
+fn runs_guest(s: &Option<Status>) -> bool {
+    s.as_ref().is_some_and(|s| s.role.runs_guest())
+}
+
+#[test]
+fn a_paused_primary_ends_with_one_primary_and_one_history() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_etcd, _pair, backup, mut primary) = protected_pair(tmp.path(), &[]);
+    // What clients saw from the primary before the pause.
+    let seen = console(&primary, Duration::from_millis(300));
+    signal(&primary, "-STOP");
+    // The backup claims the VM at the witness and takes over.
+    wait_status(&backup, "the takeover", Duration::from_secs(10), |s| {
+        s.role == Role::TakenOver
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(&primary, "-CONT");
+    // The old primary learns it was replaced and stops, releasing nothing more.
+    assert!(
+        exited(&mut primary, Duration::from_secs(5)),
+        "the paused primary kept running"
+    );
+    let log = std::fs::read_to_string(&primary.log).unwrap();
+    assert!(log.contains("FENCED"), "{log}");
+    let survivor = console(&backup, Duration::from_millis(500));
+    assert!(agree(&seen, &survivor), "two histories");
+    assert!(survivor.len() > seen.len());
+    let c = continuity(&survivor);
+    assert!(c.ok(), "{:?}", c.problems);
+}
+
+#[test]
+fn a_paused_backup_never_makes_a_second_primary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_etcd, _pair, mut backup, primary) = protected_pair(tmp.path(), &[]);
+    signal(&backup, "-STOP");
+    // The primary loses its backup (1 s), wins the witness and carries on alone.
+    wait_status(
+        &primary,
+        "carrying on alone",
+        Duration::from_secs(10),
+        pair::unprotected,
+    )
+    .unwrap();
+    let before = primary.status().unwrap().console_released;
+    signal(&backup, "-CONT");
+    // The backup wakes to a silent primary: its claim from the old token loses.
+    std::thread::sleep(Duration::from_secs(2));
+    let b = backup.status();
+    assert!(!runs_guest(&b), "the paused backup took over: {b:?}");
+    let p = primary.status();
+    assert!(runs_guest(&p), "the primary stopped: {p:?}");
+    assert!(
+        p.unwrap().console_released > before,
+        "the primary's output stalled"
+    );
+    let blog = std::fs::read_to_string(&backup.log).unwrap();
+    assert!(!blog.contains("FAILOVER"), "{blog}");
+    // ... and the pair is protected again (a new session, a full resync).
+    wait_status(
+        &primary,
+        "re-protection",
+        Duration::from_secs(30),
+        pair::protected,
+    )
+    .unwrap();
+    assert!(!exited(&mut backup, Duration::ZERO));
+    let c = continuity(&console(&primary, Duration::from_millis(300)));
+    assert!(c.ok(), "{:?}", c.problems);
+}
+
+#[test]
+fn a_backup_that_refuses_a_checkpoint_never_makes_a_second_primary() {
+    let tmp = tempfile::tempdir().unwrap();
+    castor_bin();
+    let etcd = EtcdServer::start(&tmp.path().join("etcd")).unwrap();
+    let pair = Pair::in_dir(tmp.path(), ["a", "b"])
+        .unwrap()
+        .with_etcd(&etcd.endpoint());
+    // Its staging limit is below a full resync: it ends every session itself.
+    let backup = pair
+        .start_backup(1, &strings(&["--max-epoch-bytes", "1K"]), "b.log")
+        .unwrap();
+    let primary = pair.start_primary(0, &strings(GUEST), "a.log").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let blog = std::fs::read_to_string(&backup.log).unwrap();
+    assert!(blog.contains("staging limit"), "{blog}");
+    assert!(!blog.contains("FAILOVER"), "{blog}");
+    assert!(!runs_guest(&backup.status()));
+    let p = primary.status();
+    assert!(runs_guest(&p), "{p:?}");
+    let c = continuity(&console(&primary, Duration::from_millis(300)));
+    assert!(c.ok() && c.lines > 100, "{:?}", c.problems);
+}
+
+#[test]
+fn with_the_witness_down_nothing_changes_until_it_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut etcd, _pair, backup, mut primary) = protected_pair(tmp.path(), &[]);
+    let seen = console(&primary, Duration::from_millis(300));
+    etcd.kill();
+    // The primary dies while the witness is down: the backup may not take over.
+    primary.kill();
+    std::thread::sleep(Duration::from_secs(2));
+    let b = backup.status().unwrap();
+    assert_eq!(b.role, Role::Backup, "took over without the witness");
+    let blog = std::fs::read_to_string(&backup.log).unwrap();
+    assert!(blog.contains("claiming the VM"), "{blog}");
+    assert!(!blog.contains("FAILOVER"), "{blog}");
+    // The witness returns: the backup takes over from its committed checkpoint.
+    etcd.restart().unwrap();
+    wait_status(&backup, "the takeover", Duration::from_secs(10), |s| {
+        s.role == Role::TakenOver
+    })
+    .unwrap();
+    let survivor = console(&backup, Duration::from_millis(500));
+    assert!(agree(&seen, &survivor), "two histories");
+    let c = continuity(&survivor);
+    assert!(c.ok(), "{:?}", c.problems);
+}
+
+#[test]
+fn a_primary_without_its_backup_and_witness_holds_its_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut etcd, _pair, mut backup, primary) = protected_pair(tmp.path(), &[]);
+    etcd.kill();
+    backup.kill();
+    // The primary cannot ask the witness: it holds its output (and pauses
+    // the guest once the hold is full), whatever the wait.
+    std::thread::sleep(Duration::from_millis(1500));
+    let a = primary.status().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let b = primary.status().unwrap();
+    assert_eq!(
+        a.console_released, b.console_released,
+        "output released without the witness"
+    );
+    let plog = std::fs::read_to_string(&primary.log).unwrap();
+    assert!(plog.contains("asking the witness"), "{plog}");
+    // The witness returns: the primary wins it and carries on alone.
+    etcd.restart().unwrap();
+    wait_status(&primary, "output again", Duration::from_secs(10), |s| {
+        s.console_released > b.console_released
+    })
+    .unwrap();
+}
