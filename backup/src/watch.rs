@@ -20,6 +20,12 @@ pub(crate) struct Decision {
     pub token: u64,
 }
 
+/// The failure detector's period.
+const TICK: Duration = Duration::from_millis(1);
+/// A tick later than this after the previous one means this process
+/// stalled (paused, starved): the time does not count as silence.
+const STALL: Duration = Duration::from_millis(5);
+
 /// The wait before asking an unreachable witness again.
 const CLAIM_RETRY: Duration = Duration::from_millis(100);
 
@@ -32,7 +38,7 @@ pub(crate) async fn watchdog(
     witness: Option<(witness::Etcd, String)>,
     decided: std::sync::mpsc::Sender<Decision>,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_rx = 0u64;
     let mut last_tick = Instant::now();
@@ -54,7 +60,12 @@ pub(crate) async fn watchdog(
         }
         // A watchdog that woke late was starved itself: the primary's
         // packets may be waiting unread.
-        let late = last_tick.elapsed() > Duration::from_millis(5);
+        let gap = last_tick.elapsed();
+        let stalled = if gap > STALL {
+            gap - TICK
+        } else {
+            Duration::ZERO
+        };
         last_tick = Instant::now();
         // Any packet from the primary proves it alive, even while its
         // heartbeat waits behind checkpoint data on a busy host.
@@ -74,7 +85,7 @@ pub(crate) async fn watchdog(
         let actions = {
             let _r = shared.replica();
             let now = shared.now();
-            shared.core().on(BackupInput::Tick { now, late })
+            shared.core().on(BackupInput::Tick { now, stalled })
         };
         if let Some(d) = act(&shared, actions, &witness, &claimed_tx) {
             let _ = decided.send(d);

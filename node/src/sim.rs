@@ -909,13 +909,14 @@ impl Sim {
         self.at(WATCH_TICK, Ev::Watch(n));
         let now = self.now;
         let b = self.backup(n);
-        let late = now - b.last_tick > 5 * MS;
+        let gap = now - b.last_tick;
+        let stalled = if gap > 5 * MS { gap - WATCH_TICK } else { 0 };
         b.last_tick = now;
         self.backup_feed(
             n,
             BackupInput::Tick {
                 now: Duration::from_micros(now),
-                late,
+                stalled: Duration::from_micros(stalled),
             },
         )
     }

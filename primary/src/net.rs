@@ -221,6 +221,7 @@ async fn session(
             }
         }
     };
+    info!(backup = %link.remote(), "session ended ({why}); connection: {}", link.stats());
     link.close(&why);
     why
 }

@@ -499,4 +499,19 @@ impl Link {
     pub fn rtt(&self) -> Duration {
         self.conn.rtt()
     }
+
+    /// The connection's loss and congestion figures, for logs.
+    pub fn stats(&self) -> String {
+        let s = self.conn.stats();
+        format!(
+            "rtt {:?}, cwnd {} B, congestion events {}, lost {} packets ({} B) of {} sent, {} datagrams received",
+            s.path.rtt,
+            s.path.cwnd,
+            s.path.congestion_events,
+            s.path.lost_packets,
+            s.path.lost_bytes,
+            s.path.sent_packets,
+            s.udp_rx.datagrams
+        )
+    }
 }

@@ -76,13 +76,15 @@ pub enum BackupInput {
     TakeoverAsked,
     /// The witness answered a [`BackupAction::Claim`].
     Claimed(Claim),
-    /// The clock. `late`: the shell's own timer fired late (the backup was
-    /// starved itself, and the primary's packets may be waiting unread).
+    /// The clock. `stalled`: how much later than due the shell's own timer
+    /// fired (zero when on time). The backup was paused or starved itself
+    /// for that long and the primary's packets may be waiting unread: that
+    /// time does not count as the primary's silence.
     Tick {
         /// Now.
         now: Duration,
-        /// The tick came late.
-        late: bool,
+        /// How late the tick came.
+        stalled: Duration,
     },
 }
 
@@ -296,7 +298,7 @@ impl BackupCore {
                 Vec::new()
             }
             BackupInput::Claimed(claim) => self.claimed(claim),
-            BackupInput::Tick { now, late } => self.tick(now, late),
+            BackupInput::Tick { now, stalled } => self.tick(now, stalled),
         }
     }
 
@@ -340,11 +342,13 @@ impl BackupCore {
         }]
     }
 
-    fn tick(&mut self, now: Duration, late: bool) -> Vec<BackupAction> {
+    fn tick(&mut self, now: Duration, stalled: Duration) -> Vec<BackupAction> {
+        // The backup's own stall is not the primary's silence.
+        self.last_heard = (self.last_heard + stalled).min(now);
         if self.committed.is_none() || self.claiming.is_some() {
             return Vec::new();
         }
-        if !self.asked && (late || self.no_takeover) {
+        if !self.asked && (!stalled.is_zero() || self.no_takeover) {
             return Vec::new();
         }
         let silent = now.saturating_sub(self.last_heard);
@@ -386,7 +390,7 @@ mod tests {
     fn tick(b: &mut BackupCore, at: u64) -> Vec<BackupAction> {
         b.on(I::Tick {
             now: ms(at),
-            late: false,
+            stalled: Duration::ZERO,
         })
     }
 
@@ -471,15 +475,31 @@ mod tests {
     }
 
     #[test]
-    fn a_late_tick_decides_nothing() {
+    fn the_backups_own_stall_is_not_the_primarys_silence() {
+        // Heard at 3000; the backup itself stopped from 3010 to 5010.
         let mut b = following(3000);
         assert!(b
             .on(I::Tick {
-                now: ms(5000),
-                late: true
+                now: ms(5010),
+                stalled: ms(2000)
             })
             .is_empty());
-        assert_eq!(tick(&mut b, 5001).len(), 1);
+        // 10 ms before and 19 after its stall: 29 ms of silence, not 2 s.
+        assert!(tick(&mut b, 5029).is_empty());
+        assert_eq!(tick(&mut b, 5030).len(), 1);
+    }
+
+    #[test]
+    fn a_late_tick_decides_nothing_but_real_silence_still_counts() {
+        // Heard at 3000; silent 40 ms, of which the backup itself stalled 10.
+        let mut b = following(3000);
+        assert!(b
+            .on(I::Tick {
+                now: ms(3040),
+                stalled: ms(10)
+            })
+            .is_empty());
+        assert_eq!(tick(&mut b, 3041).len(), 1);
     }
 
     #[test]
@@ -563,7 +583,7 @@ mod tests {
         assert_eq!(
             b.on(I::Tick {
                 now: ms(3000),
-                late: true
+                stalled: ms(2000)
             }),
             vec![A::TakeOver {
                 epoch: 3,
@@ -739,7 +759,7 @@ mod tests {
         assert_eq!(
             b.on(I::Tick {
                 now: ms(3001),
-                late: true
+                stalled: ms(2000)
             }),
             vec![A::Claim {
                 expected: 4,
@@ -751,7 +771,7 @@ mod tests {
             vec![A::TakeOver {
                 epoch: 3,
                 session: 7,
-                silent: ms(1),
+                silent: ms(0),
                 asked: true,
                 token: 5
             }]
