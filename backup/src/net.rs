@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use node::console::ConsoleLog;
 use node::ha::BackupInput;
+use protocol::beat::{Beat, BeatWindow};
 use protocol::{EndReason, Event, Message, Receiver};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -63,6 +64,7 @@ async fn session(
     max_epoch_bytes: usize,
 ) -> EndReason {
     let mut data = link.data_rx.take().expect("backup link has a data stream");
+    let primary_ip = link.remote().ip();
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let mut rx = Receiver::new(max_epoch_bytes);
     let (ctl_tx, ctl_rx) = (&mut link.ctl_tx, &mut link.ctl_rx);
@@ -89,6 +91,7 @@ async fn session(
         }
     };
     let receive = async {
+        let mut _beats: Option<AbortOnDrop> = None;
         loop {
             let m = match data.next().await {
                 Ok(Some(m)) => m,
@@ -108,6 +111,14 @@ async fn session(
                     if let Err(why) = shared.start_session(&h) {
                         warn!(%peer_name, token = h.token, "refusing the session: {why}");
                         return why;
+                    }
+                    if h.beat_port != 0 {
+                        let to = std::net::SocketAddr::new(primary_ip, h.beat_port);
+                        _beats = Some(AbortOnDrop(tokio::spawn(beats(
+                            shared.clone(),
+                            to,
+                            h.beat_key,
+                        ))));
                     }
                     log.reset(h.output_offset);
                 }
@@ -141,3 +152,57 @@ async fn session(
     link.close(&why);
     why
 }
+
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The backup's end of the heartbeat path ([`protocol::beat`]): a datagram
+/// to the primary every [`BEAT_PERIOD`] from a socket of its own, and the
+/// primary's datagrams, each proof that it is alive.
+async fn beats(shared: Arc<Shared>, primary: std::net::SocketAddr, key: [u8; 32]) {
+    let any: std::net::SocketAddr = if primary.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = match tokio::net::UdpSocket::bind(any).await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("no heartbeat path ({e}); heartbeats on the connection only");
+            return;
+        }
+    };
+    let t0 = std::time::Instant::now();
+    let mut tick = tokio::time::interval(BEAT_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let (mut seq, mut window, mut buf) = (0u64, BeatWindow::default(), [0u8; 64]);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                seq += 1;
+                let b = Beat { seq, sent_us: t0.elapsed().as_micros() as u64 };
+                let _ = sock.try_send_to(&b.seal(&key), primary);
+            }
+            r = sock.recv_from(&mut buf) => {
+                if let Ok((n, from)) = r {
+                    if from == primary {
+                        if let Ok(b) = Beat::open(&key, &buf[..n]) {
+                            if window.accept(&b) {
+                                shared.heard();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The backup's heartbeat period on the heartbeat path.
+const BEAT_PERIOD: std::time::Duration = std::time::Duration::from_millis(5);

@@ -39,6 +39,7 @@ impl Session {
         vcpus: u32,
         out_start: u64,
         token: u64,
+        beat: (u16, [u8; 32]),
     ) -> Result<(Session, Vec<u8>), PrimaryError> {
         let hello = Hello {
             version: VERSION,
@@ -51,6 +52,8 @@ impl Session {
             vcpus,
             output_offset: out_start,
             token,
+            beat_port: beat.0,
+            beat_key: beat.1,
         };
         let encoder = Encoder::new(
             fgbi::Config {

@@ -64,6 +64,9 @@ pub enum PrimaryError {
     /// Building a checkpoint broke the protocol (a bug).
     #[error(transparent)]
     Protocol(#[from] protocol::ProtocolError),
+    /// The heartbeat path's socket.
+    #[error("binding the heartbeat socket: {0}")]
+    Beat(std::io::Error),
     /// The guest stopped.
     #[error("the guest stopped: {0:?}")]
     GuestStopped(vmm::ExitReason),

@@ -56,6 +56,8 @@ pub(crate) struct EpochLoop<'a> {
     pub rt: tokio::runtime::Handle,
     /// The guest is paused because the hold is full while the witness decides.
     pub held_pause: bool,
+    /// The heartbeat path's port and key (for the hello).
+    pub beat: (u16, [u8; 32]),
 }
 
 impl EpochLoop<'_> {
@@ -256,7 +258,8 @@ impl EpochLoop<'_> {
         let out_start = self.log.released();
         let vcpus = self.machine.vcpu_count() as u32;
         let token = self.core.token();
-        let (session, hello) = Session::start(self.cfg, self.pages, vcpus, out_start, token)?;
+        let (session, hello) =
+            Session::start(self.cfg, self.pages, vcpus, out_start, token, self.beat)?;
         if self.out.blocking_send(Outgoing::Frames(hello)).is_err() {
             self.log.set_hold(false);
             return Ok(());

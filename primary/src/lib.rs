@@ -27,6 +27,7 @@ mod epoch;
 mod metrics;
 mod net;
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
@@ -93,8 +94,22 @@ pub fn protect(
     let claims = events_tx.clone();
     // Without a backup only claims send events; the loop runs unprotected
     // until stopped.
+    let mut beat = (0, [0u8; 32]);
     if let Some(backup) = cfg.backup {
-        let net = net::run(cfg.clone(), backup, out_rx, events_tx, stop.clone());
+        // The heartbeat path: a UDP socket of its own, a key for the hello.
+        let any: SocketAddr = if backup.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let sock = std::net::UdpSocket::bind(any).map_err(PrimaryError::Beat)?;
+        sock.set_nonblocking(true).map_err(PrimaryError::Beat)?;
+        beat = (
+            sock.local_addr().map_err(PrimaryError::Beat)?.port(),
+            rand::random(),
+        );
+        let path = net::BeatPath { sock, key: beat.1 };
+        let net = net::run(cfg.clone(), backup, path, out_rx, events_tx, stop.clone());
         services.rt.spawn(net);
     }
     let mut lp = epoch::EpochLoop {
@@ -107,6 +122,7 @@ pub fn protect(
         claims,
         rt: services.rt.handle().clone(),
         held_pause: false,
+        beat,
         pages,
         session: None,
         staging: copy::Staging::new(pages),

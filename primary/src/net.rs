@@ -9,6 +9,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use protocol::beat::{Beat, BeatWindow};
 use protocol::{EndReason, Message};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -39,15 +40,35 @@ pub(crate) enum Outgoing {
     End(EndReason),
 }
 
+/// The primary's end of the heartbeat path ([`protocol::beat`]).
+pub(crate) struct BeatPath {
+    /// Its socket (non-blocking).
+    pub sock: std::net::UdpSocket,
+    /// The key in the hello.
+    pub key: [u8; 32],
+}
+
 /// Connects to `backup` again and again until `stop`; each session's
 /// events go to `events`.
 pub(crate) async fn run(
     cfg: Config,
     backup: SocketAddr,
+    beat: BeatPath,
     mut out: mpsc::Receiver<Outgoing>,
     events: std_mpsc::Sender<NetEvent>,
     stop: Arc<AtomicBool>,
 ) {
+    let key = beat.key;
+    let beat = match tokio::net::UdpSocket::from_std(beat.sock) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = events.send(NetEvent::Ended(EndReason::Local(format!(
+                "the heartbeat socket: {e}"
+            ))));
+            return;
+        }
+    };
+    let mut seq = 0u64;
     let mut warned = false;
     while !stop.load(Ordering::Relaxed) {
         let link = match transport::connect(backup, &cfg.tls).await {
@@ -68,7 +89,8 @@ pub(crate) async fn run(
         if events.send(NetEvent::Connected).is_err() {
             return;
         }
-        let why = session(&cfg, link, &mut out, &events, &stop).await;
+        let path = (&beat, &key, &mut seq);
+        let why = session(&cfg, link, path, &mut out, &events, &stop).await;
         debug!("session ended: {why}");
         let _ = events.send(NetEvent::Ended(why));
     }
@@ -144,6 +166,7 @@ async fn writer(
 async fn session(
     cfg: &Config,
     mut link: Link,
+    (beat, key, beat_seq): (&tokio::net::UdpSocket, &[u8; 32], &mut u64),
     out: &mut mpsc::Receiver<Outgoing>,
     events: &std_mpsc::Sender<NetEvent>,
     stop: &AtomicBool,
@@ -154,11 +177,17 @@ async fn session(
     let t0 = Instant::now();
     let mut last_heard = Instant::now();
     let mut seq = 0u64;
+    let backup_ip = link.remote().ip();
     let (ctl_tx, ctl_rx) = (&mut link.ctl_tx, &mut link.ctl_rx);
     let delay = cfg.link.delay;
     let loop_ended = || EndReason::Local("the epoch loop ended".into());
     // Acks held for the emulated link's one-way delay.
     let mut acks: DelayLine<u64> = DelayLine::new(delay);
+    // The heartbeat path: the backup's datagrams prove it alive, and say
+    // where to send ours.
+    let mut beat_peer: Option<SocketAddr> = None;
+    let mut window = BeatWindow::default();
+    let mut buf = [0u8; 64];
     let writer = writer(cfg, &mut data, out);
     tokio::pin!(writer);
     let why = loop {
@@ -171,7 +200,22 @@ async fn session(
                     }
                 }
             }
+            r = beat.recv_from(&mut buf) => {
+                if let Ok((n, from)) = r {
+                    if let Ok(b) = Beat::open(key, &buf[..n]) {
+                        if from.ip() == backup_ip && window.accept(&b) {
+                            last_heard = Instant::now();
+                            beat_peer = Some(from);
+                        }
+                    }
+                }
+            }
             _ = tick.tick() => {
+                if let Some(peer) = beat_peer {
+                    *beat_seq += 1;
+                    let b = Beat { seq: *beat_seq, sent_us: t0.elapsed().as_micros() as u64 };
+                    let _ = beat.try_send_to(&b.seal(key), peer);
+                }
                 // No send here may wait longer than the backup has left to
                 // answer: a dead backup's full windows must not hide its silence.
                 let left = cfg.backup_timeout.saturating_sub(last_heard.elapsed());

@@ -6,11 +6,13 @@
 //! - [`payload`]: what is inside the messages: the machine state's
 //!   compression, the memory digest, the mode byte.
 //! - [`end`]: the typed reason for every end of a session, and its close code.
+//! - [`beat`]: heartbeat datagrams on their own path, authenticated.
 //!
 //! This crate does no I/O: the daemons feed it bytes and take bytes out. The
 //! mutual-TLS QUIC transport that carries the frames is `castor-transport`.
 //! The format is described in `docs/protocol.md`.
 
+pub mod beat;
 pub mod codec;
 pub mod end;
 pub mod message;

@@ -55,6 +55,11 @@ pub struct Hello {
     /// won at the witness (0 without a witness). A backup refuses a token
     /// older than one it has seen.
     pub token: u64,
+    /// UDP port of the primary's heartbeat path ([`crate::beat`]) on the
+    /// primary's address; 0: none.
+    pub beat_port: u16,
+    /// The key that authenticates heartbeat datagrams both ways.
+    pub beat_key: [u8; 32],
 }
 
 /// A message of the replication protocol.
@@ -228,6 +233,8 @@ impl Message {
                 w.u32(h.vcpus);
                 w.u64(h.output_offset);
                 w.u64(h.token);
+                w.u16(h.beat_port);
+                w.raw(&h.beat_key);
                 ty::HELLO
             }
             Message::EpochStart {
@@ -343,6 +350,8 @@ impl Message {
                     vcpus: r.u32("Hello.vcpus")?,
                     output_offset: r.u64("Hello.output_offset")?,
                     token: r.u64("Hello.token")?,
+                    beat_port: r.u16("Hello.beat_port")?,
+                    beat_key: r.array("Hello.beat_key")?,
                 })
             }
             ty::EPOCH_START => Message::EpochStart {

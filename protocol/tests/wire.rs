@@ -18,6 +18,8 @@ fn hello(caps: u64) -> Hello {
         vcpus: 2,
         output_offset: 100,
         token: 3,
+        beat_port: 7,
+        beat_key: [9; 32],
     }
 }
 
@@ -35,7 +37,7 @@ fn message() -> impl Strategy<Value = Message> {
             any::<u32>(),
             any::<u64>(),
             any::<u32>(),
-            (any::<u64>(), any::<u64>())
+            (any::<u64>(), any::<u64>(), any::<u16>(), any::<[u8; 32]>())
         )
             .prop_map(
                 |(
@@ -46,7 +48,7 @@ fn message() -> impl Strategy<Value = Message> {
                     block_size,
                     memory_bytes,
                     vcpus,
-                    (output_offset, token),
+                    (output_offset, token, beat_port, beat_key),
                 )| {
                     Message::Hello(Hello {
                         version: VERSION,
@@ -59,6 +61,8 @@ fn message() -> impl Strategy<Value = Message> {
                         vcpus,
                         output_offset,
                         token,
+                        beat_port,
+                        beat_key,
                     })
                 }
             ),

@@ -30,6 +30,8 @@ fn hello() -> Hello {
         vcpus: 1,
         output_offset: 0,
         token: 0,
+        beat_port: 0,
+        beat_key: [0; 32],
     }
 }
 
