@@ -37,6 +37,30 @@ fn drill_failovers_keep_the_console_continuous() {
 }
 
 #[test]
+fn a_fault_drill_keeps_one_history_and_one_primary() {
+    let (ok, out) = outcome(&run(&[
+        "drill",
+        "--faults",
+        "kill,pause-primary,pause-backup,kill-backup,witness-down",
+        "--rounds",
+        "5",
+        "--mem",
+        "128M",
+    ]));
+    assert!(ok, "{out}");
+    assert_eq!(out.matches("one history, one primary").count(), 5, "{out}");
+    for f in [
+        "Kill ",
+        "PausePrimary",
+        "PauseBackup",
+        "KillBackup",
+        "WitnessDown",
+    ] {
+        assert!(out.contains(&format!("{f}")), "{out}");
+    }
+}
+
+#[test]
 fn verification_finds_no_mismatch_in_any_mode() {
     for mode in ["remus", "xbzrle", "fgbi"] {
         let tmp = tempfile::tempdir().unwrap();

@@ -17,7 +17,11 @@ use transport::{Link, Listener, TransportError};
 
 use crate::replica::Shared;
 
-/// Accepts primaries until the listener closes.
+/// Accepts primaries until the listener closes. One session at a time: a
+/// new connection from the primary ends the current session first (the
+/// primary gave up on it; its close may have been lost while this node was
+/// paused, and waiting for the connection's idle timeout would leave the
+/// pair unprotected for seconds).
 pub(crate) async fn accept_loop(
     listener: Listener,
     shared: Arc<Shared>,
@@ -25,6 +29,7 @@ pub(crate) async fn accept_loop(
     peer_name: String,
     max_epoch_bytes: usize,
 ) {
+    let mut current: Option<(transport::Closer, tokio::task::JoinHandle<()>)> = None;
     loop {
         let link = match listener.accept().await {
             Ok(l) => l,
@@ -35,18 +40,49 @@ pub(crate) async fn accept_loop(
                 continue;
             }
         };
-        let peer = link.remote();
+        if let Some((closer, task)) = current.take() {
+            closer.close(&EndReason::Local(
+                "a new connection from the primary replaces this session".into(),
+            ));
+            let mut task = task;
+            if tokio::time::timeout(std::time::Duration::from_secs(2), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
         shared.heard();
-        *shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(link.closer());
-        shared.connected.store(true, Ordering::Relaxed);
-        let why = session(link, &shared, &log, &peer_name, max_epoch_bytes).await;
-        shared.connected.store(false, Ordering::Relaxed);
-        *shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        shared.core().on(BackupInput::SessionEnded {
-            reason: why.clone(),
-        });
-        warn!(%peer, "session with the primary ended: {why}");
+        let closer = link.closer();
+        let task = tokio::spawn(run_session(
+            link,
+            shared.clone(),
+            log.clone(),
+            peer_name.clone(),
+            max_epoch_bytes,
+        ));
+        current = Some((closer, task));
     }
+}
+
+/// One session and its bookkeeping.
+async fn run_session(
+    link: Link,
+    shared: Arc<Shared>,
+    log: Arc<ConsoleLog>,
+    peer_name: String,
+    max_epoch_bytes: usize,
+) {
+    let peer = link.remote();
+    *shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(link.closer());
+    shared.connected.store(true, Ordering::Relaxed);
+    let why = session(link, &shared, &log, &peer_name, max_epoch_bytes).await;
+    shared.connected.store(false, Ordering::Relaxed);
+    *shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    shared.core().on(BackupInput::SessionEnded {
+        reason: why.clone(),
+    });
+    warn!(%peer, "session with the primary ended: {why}");
 }
 
 fn end_of(e: TransportError) -> EndReason {

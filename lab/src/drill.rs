@@ -8,14 +8,15 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use clap::Args;
 use guest::Workload;
-use node::stats::percentile;
 use rand::Rng;
 
 use crate::cli::{parse_size, parse_workload};
 use crate::console::continuity;
+use crate::faults::{self, Fault, FaultRound};
 use crate::pair::{
     self, guest_args, kill_and_follow, read_console, start_witness, wait_status, Pair, WitnessKind,
 };
+use node::stats::percentile;
 
 /// `castor drill` settings.
 #[derive(Args)]
@@ -41,6 +42,11 @@ pub struct DrillArgs {
     /// The pair's witness: a local etcd started for the drill, or none.
     #[arg(long, value_enum, default_value = "etcd")]
     pub witness: WitnessKind,
+    /// Instead of killing the primary every round, inject these faults in
+    /// turn (with an etcd witness and --verify): kill, kill-backup,
+    /// pause-primary, pause-backup, witness-down.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub faults: Vec<Fault>,
 }
 
 /// One failover of a drill.
@@ -168,8 +174,64 @@ pub fn run_drill(p: &DrillPlan, on_round: &mut dyn FnMut(&Round)) -> Result<Vec<
     Ok(rounds)
 }
 
+/// `castor drill --faults …`.
+fn fault_drill(a: &DrillArgs) -> Result<()> {
+    let names: Vec<String> = a.faults.iter().map(|f| format!("{f:?}")).collect();
+    println!(
+        "castor drill: {} rounds of {} on {} on {} vCPU(s), mode {}, etcd witness, verifying",
+        a.rounds,
+        names.join(", "),
+        a.workload,
+        a.vcpus,
+        a.mode
+    );
+    let tmp = tempfile::tempdir()?;
+    let guest = guest_args(a.mem, a.vcpus, &a.workload);
+    let extra = vec!["--mode".to_string(), a.mode.to_string()];
+    let mut seen: Vec<FaultRound> = Vec::new();
+    let result = faults::run(tmp.path(), &a.faults, a.rounds, &guest, &extra, &mut |r| {
+        let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
+        println!(
+            "  round {:>3}  {:<13} serving again after {:>9}, protected again after {:>10}  {}",
+            r.round,
+            format!("{:?}", r.fault),
+            f(r.recovered_ms),
+            f(r.protected_ms),
+            if r.problems.is_empty() {
+                "one history, one primary".to_string()
+            } else {
+                r.problems.join("; ")
+            }
+        );
+        seen.push(r.clone());
+    });
+    println!();
+    for f in &a.faults {
+        let rs: Vec<&FaultRound> = seen.iter().filter(|r| r.fault == *f).collect();
+        let ok = rs.iter().filter(|r| r.problems.is_empty()).count();
+        let mut rec: Vec<f64> = rs.iter().filter_map(|r| r.recovered_ms).collect();
+        let mut pro: Vec<f64> = rs.iter().filter_map(|r| r.protected_ms).collect();
+        println!(
+            "  {:<13} {ok} of {} rounds passed; serving again p50 {:.1} / p99 {:.1} ms; protected again p50 {:.0} / p99 {:.0} ms",
+            format!("{f:?}"),
+            rs.len(),
+            percentile(&mut rec.clone(), 0.5),
+            percentile(&mut rec, 0.99),
+            percentile(&mut pro.clone(), 0.5),
+            percentile(&mut pro, 0.99),
+        );
+    }
+    if result.is_err() {
+        println!("logs kept in {}", tmp.keep().display());
+    }
+    result.map(|_| ())
+}
+
 /// `castor drill`.
 pub fn drill(a: DrillArgs) -> Result<()> {
+    if !a.faults.is_empty() {
+        return fault_drill(&a);
+    }
     let mut extra: Vec<String> = vec!["--mode".into(), a.mode.to_string()];
     if a.verify {
         extra.push("--verify".into());

@@ -6,6 +6,8 @@
 //! - [`console`]: the guest's progress lines and the one continuity check.
 //! - [`demo`]: `castor demo`, one failover with its report.
 //! - [`drill`]: `castor drill`, repeated failovers (also the bench's drills).
+//! - [`faults`]: `castor drill --faults …`, rounds of kills, pauses and
+//!   witness outages, each checked for one history and one primary.
 //! - [`bench`]: `castor bench`, the measurement matrix; produces a
 //!   [`model::Results`].
 //! - [`model`]: the results model that the report and the plots read.
@@ -21,6 +23,7 @@ pub mod cli;
 pub mod console;
 pub mod demo;
 pub mod drill;
+pub mod faults;
 pub mod model;
 pub mod pair;
 pub mod plots;

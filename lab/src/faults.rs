@@ -1,0 +1,285 @@
+//! `castor drill --faults …`: rounds of faults on a real pair with a real
+//! etcd witness, each checked as a user of an HA system would check it.
+//!
+//! Each round injects one fault into the protected pair — a SIGKILL or a
+//! SIGSTOP of either node, or the witness killed for a while — then waits
+//! until exactly one node runs the guest, restarts the node that died as a
+//! backup, and checks:
+//! - one history: the console stream a client followed across the round is
+//!   gap- and duplicate-free on every vCPU, and the serving node's console
+//!   agrees with it byte for byte where they overlap;
+//! - the replica verifies (the daemons run with `--verify`; a mismatch fails
+//!   the round);
+//! - exactly one node runs the guest at the end, and the pair is protected
+//!   again.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rand::Rng as _;
+
+use crate::console::continuity;
+use crate::pair::{read_console, status, wait_status, Daemon, Pair};
+
+/// A fault a round injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fault {
+    /// SIGKILL the primary.
+    Kill,
+    /// SIGKILL the backup.
+    KillBackup,
+    /// SIGSTOP the primary for 2 s.
+    PausePrimary,
+    /// SIGSTOP the backup for 2 s.
+    PauseBackup,
+    /// Kill the witness (etcd) for 2 s while the pair runs.
+    WitnessDown,
+}
+
+/// What one round saw.
+#[derive(Debug, Clone)]
+pub struct FaultRound {
+    /// Round number, from 1.
+    pub round: u32,
+    /// The fault.
+    pub fault: Fault,
+    /// Fault → exactly one node serving and its first new console byte, ms.
+    pub recovered_ms: Option<f64>,
+    /// Fault → protected again, ms.
+    pub protected_ms: Option<f64>,
+    /// What went wrong, if anything.
+    pub problems: Vec<String>,
+}
+
+struct Nodes {
+    pair: Pair,
+    d: [Option<Daemon>; 2],
+    /// The node that runs the guest.
+    primary: usize,
+    extra: Vec<String>,
+    logs: u32,
+}
+
+impl Nodes {
+    fn primary(&self) -> &Daemon {
+        self.d[self.primary].as_ref().expect("a primary")
+    }
+
+    fn restart_backup(&mut self, i: usize) -> Result<()> {
+        self.logs += 1;
+        let log = format!("{}-{}.log", self.pair.names[i], self.logs);
+        self.d[i] = Some(self.pair.start_backup(i, &self.extra, &log)?);
+        Ok(())
+    }
+}
+
+fn signal(d: &Daemon, sig: &str) -> Result<()> {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &d.child.id().to_string()])
+        .status()?
+        .success();
+    if !ok {
+        bail!("kill {sig} {} failed", d.child.id());
+    }
+    Ok(())
+}
+
+/// Runs `rounds` rounds cycling through `faults` on a pair of `guest` with
+/// `extra` flags for both daemons; `on_round` sees every round.
+pub fn run(
+    dir: &Path,
+    faults: &[Fault],
+    rounds: u32,
+    guest: &[String],
+    extra: &[String],
+    on_round: &mut dyn FnMut(&FaultRound),
+) -> Result<Vec<FaultRound>> {
+    let pair = Pair::in_dir(dir, ["node-a", "node-b"])?;
+    let mut etcd = witness::server::EtcdServer::start(&dir.join("etcd"))
+        .context("starting the witness (a local etcd)")?;
+    let pair = pair.with_etcd(&etcd.endpoint());
+    let mut extra = extra.to_vec();
+    extra.push("--verify".into());
+    let (b, p) = pair.start(&extra, guest, ["node-b-0.log", "node-a-0.log"])?;
+    let mut n = Nodes {
+        pair,
+        d: [Some(p), Some(b)],
+        primary: 0,
+        extra,
+        logs: 0,
+    };
+    let mut stream = Vec::new();
+    let mut out = Vec::new();
+    let mut rng = rand::rng();
+    for round in 1..=rounds {
+        let fault = faults[(round as usize - 1) % faults.len()];
+        wait_status(
+            n.primary(),
+            "the primary to be protected",
+            Duration::from_secs(60),
+            crate::pair::protected_after(10),
+        )
+        .with_context(|| format!("round {round}: before the fault"))?;
+        let offset = stream.len() as u64;
+        let run_for = Duration::from_millis(rng.random_range(300..1200));
+        read_console(
+            n.primary().console,
+            offset,
+            &mut stream,
+            Instant::now() + run_for,
+            u64::MAX,
+        )?;
+        let r = round_of(&mut n, &mut etcd, fault, round, &mut stream)?;
+        on_round(&r);
+        let ok = r.problems.is_empty();
+        out.push(r);
+        if !ok {
+            let _ = std::fs::write(dir.join("console.bin"), &stream);
+            bail!("round {round} ({fault:?}) failed");
+        }
+    }
+    Ok(out)
+}
+
+fn round_of(
+    n: &mut Nodes,
+    etcd: &mut witness::server::EtcdServer,
+    fault: Fault,
+    round: u32,
+    stream: &mut Vec<u8>,
+) -> Result<FaultRound> {
+    let (p, b) = (n.primary, 1 - n.primary);
+    let t = Instant::now();
+    let mark = stream.len() as u64;
+    match fault {
+        Fault::Kill => {
+            if let Some(mut d) = n.d[p].take() {
+                d.kill();
+            }
+        }
+        Fault::KillBackup => {
+            if let Some(mut d) = n.d[b].take() {
+                d.kill();
+            }
+        }
+        Fault::PausePrimary | Fault::PauseBackup => {
+            let who = if fault == Fault::PausePrimary { p } else { b };
+            let d = n.d[who].as_ref().expect("running");
+            signal(d, "-STOP")?;
+            std::thread::sleep(Duration::from_secs(2));
+            signal(d, "-CONT")?;
+        }
+        Fault::WitnessDown => {
+            etcd.kill();
+            std::thread::sleep(Duration::from_secs(2));
+            etcd.restart()?;
+        }
+    }
+    let mut problems = Vec::new();
+    // Exactly one node runs the guest; a fenced one exits.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let server = loop {
+        for i in 0..2 {
+            let exited = n.d[i]
+                .as_mut()
+                .is_some_and(|d| d.child.try_wait().ok().flatten().is_some());
+            if exited {
+                n.d[i] = None;
+            }
+        }
+        let running: Vec<usize> = (0..2)
+            .filter(|&i| {
+                n.d[i]
+                    .as_ref()
+                    .is_some_and(|d| status(d.console).is_some_and(|s| s.role.runs_guest()))
+            })
+            .collect();
+        if running.len() == 1 {
+            break Some(running[0]);
+        }
+        if Instant::now() > deadline {
+            problems.push(format!(
+                "{} nodes run the guest 15 s after the fault",
+                running.len()
+            ));
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut recovered_ms = None;
+    if let Some(s) = server {
+        n.primary = s;
+        let d = n.d[s].as_ref().expect("serving");
+        let first = read_console(
+            d.console,
+            stream.len() as u64,
+            stream,
+            Instant::now() + Duration::from_millis(2500),
+            mark,
+        )?;
+        recovered_ms = first.map(|f| (f - t).as_secs_f64() * 1e3);
+        // The serving node's own console agrees with what the client saw.
+        let from = stream.len().saturating_sub(4 << 10) as u64;
+        let mut theirs = stream[..from as usize].to_vec();
+        read_console(
+            d.console,
+            from,
+            &mut theirs,
+            Instant::now() + Duration::from_millis(200),
+            u64::MAX,
+        )?;
+        let k = theirs.len().min(stream.len());
+        let refused = theirs[from as usize..].starts_with(b"error: offset");
+        if !refused && theirs[..k] != stream[..k] {
+            problems.push("the serving node's console differs from the client's stream".into());
+        }
+        if let Some(m) = status(d.console)
+            .and_then(|s| s.backup)
+            .map(|b| b.verify_mismatches)
+            .filter(|&m| m > 0)
+        {
+            problems.push(format!("{m} replica mismatches"));
+        }
+    }
+    let c = continuity(stream);
+    problems.extend(c.problems);
+    // The dead node comes back as a backup; protection returns.
+    let mut protected_ms = None;
+    if problems.is_empty() {
+        for i in 0..2 {
+            if n.d[i].is_none() {
+                n.restart_backup(i)?;
+            }
+        }
+        let ok = wait_status(
+            n.primary(),
+            "protection again",
+            Duration::from_secs(60),
+            crate::pair::protected,
+        );
+        match ok {
+            Ok(_) => protected_ms = Some(t.elapsed().as_secs_f64() * 1e3),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+        let both: Vec<bool> = (0..2)
+            .map(|i| {
+                n.d[i]
+                    .as_ref()
+                    .is_some_and(|d| status(d.console).is_some_and(|s| s.role.runs_guest()))
+            })
+            .collect();
+        if both.iter().filter(|&&r| r).count() != 1 {
+            problems.push(format!(
+                "at the end of the round, nodes running the guest: {both:?}"
+            ));
+        }
+    }
+    Ok(FaultRound {
+        round,
+        fault,
+        recovered_ms,
+        protected_ms,
+        problems,
+    })
+}
