@@ -56,7 +56,7 @@ fn a_fault_drill_keeps_one_history_and_one_primary() {
         "KillBackup",
         "WitnessDown",
     ] {
-        assert!(out.contains(&format!("{f}")), "{out}");
+        assert!(out.contains(f), "{out}");
     }
 }
 
