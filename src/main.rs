@@ -610,12 +610,20 @@ fn backup_cmd(a: BackupArgs) -> Result<()> {
     // the guest unprotected).
     let witness = witness_of(&a.pair)?;
     let then = primary_config(&a.pair, &a.protect, a.then_protect, witness.clone())?;
+    let silence = Duration::from_millis(a.heartbeat_timeout_ms.max(1));
     let cfg = backup::Config {
         listen: a.listen,
         tls,
         timeouts: node::ha::Timeouts {
-            silence: Duration::from_millis(a.heartbeat_timeout_ms.max(1)),
-            after_resync: RESYNC_TIMEOUT,
+            silence,
+            // Without a witness a false takeover splits the VM, so the
+            // detector is patient while a resync's backlog drains; with one
+            // it is safe (the loser is fenced) and the detector stays quick.
+            after_resync: if witness.is_some() {
+                silence
+            } else {
+                RESYNC_TIMEOUT
+            },
             resync_grace: RESYNC_GRACE,
         },
         kvm_device: a.kvm_device,
@@ -646,8 +654,8 @@ const HOLD_LIMIT: u64 = 4 << 20;
 
 /// How long after a full resync the longer failure-detector timeout applies.
 const RESYNC_GRACE: Duration = Duration::from_secs(2);
-/// The failure detector's timeout during that time: the primary catches up
-/// a backlog after a resync (its guest was paused for it).
+/// The failure detector's timeout during that time without a witness: the
+/// primary catches up a backlog after a resync (its guest was paused for it).
 const RESYNC_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn status_cmd(a: StatusArgs) -> Result<()> {
