@@ -244,14 +244,34 @@ fn round_of(
     }
     let c = continuity(stream);
     problems.extend(c.problems);
-    // The dead node comes back as a backup; protection returns.
+    // The other node settles — a backup, or gone (a fenced primary exits
+    // once it learns it lost) — and a gone node comes back as a backup;
+    // protection returns.
     let mut protected_ms = None;
-    if problems.is_empty() {
-        for i in 0..2 {
-            if n.d[i].is_none() {
-                n.restart_backup(i)?;
+    if let (true, Some(s)) = (problems.is_empty(), server) {
+        let other = 1 - s;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let gone = n.d[other]
+                .as_mut()
+                .is_none_or(|d| d.child.try_wait().ok().flatten().is_some());
+            if gone {
+                n.d[other] = None;
+                n.restart_backup(other)?;
+                break;
             }
+            let d = n.d[other].as_ref().expect("running");
+            if status(d.console).is_some_and(|st| st.role == node::Role::Backup) {
+                break;
+            }
+            if Instant::now() > deadline {
+                problems.push("the other node neither became a backup nor exited".into());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
+    }
+    if problems.is_empty() {
         let ok = wait_status(
             n.primary(),
             "protection again",
