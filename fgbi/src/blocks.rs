@@ -192,17 +192,7 @@ impl PageDigests {
 mod tests {
     use super::*;
 
-    fn page(seed: u64) -> [u8; PAGE_SIZE] {
-        let mut s = seed | 1;
-        let mut p = [0u8; PAGE_SIZE];
-        for c in p.chunks_exact_mut(8) {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            c.copy_from_slice(&s.to_le_bytes());
-        }
-        p
-    }
+    use crate::testing::random_page as page;
 
     #[test]
     fn masks_match_a_block_by_block_comparison() {

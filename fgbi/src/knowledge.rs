@@ -370,17 +370,7 @@ impl Knowledge {
 mod tests {
     use super::*;
 
-    fn page(seed: u64) -> [u8; PAGE_SIZE] {
-        let mut s = seed | 1;
-        let mut p = [0u8; PAGE_SIZE];
-        for c in p.chunks_exact_mut(8) {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            c.copy_from_slice(&s.to_le_bytes());
-        }
-        p
-    }
+    use crate::testing::random_page as page;
 
     /// Random stores, zeroes, hits and misses against many budgets: the
     /// invariants hold after every step.

@@ -75,6 +75,25 @@ mod record;
 mod sharing;
 mod xbzrle;
 
+/// Shared by the modules' tests.
+#[cfg(test)]
+mod testing {
+    use crate::PAGE_SIZE;
+
+    /// A page of xorshift noise from `seed`.
+    pub fn random_page(seed: u64) -> [u8; PAGE_SIZE] {
+        let mut s = seed | 1;
+        let mut p = [0u8; PAGE_SIZE];
+        for c in p.chunks_exact_mut(8) {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            c.copy_from_slice(&s.to_le_bytes());
+        }
+        p
+    }
+}
+
 pub use apply::{apply, ApplyStats};
 pub use encoder::{EncodeStats, Encoder};
 

@@ -364,17 +364,7 @@ mod tests {
 
     const PAGES: u64 = 16;
 
-    fn random(seed: u64) -> [u8; PAGE_SIZE] {
-        let mut s = seed | 1;
-        let mut p = [0u8; PAGE_SIZE];
-        for c in p.chunks_exact_mut(8) {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            c.copy_from_slice(&s.to_le_bytes());
-        }
-        p
-    }
+    use crate::testing::random_page as random;
 
     /// A pipeline, the primary's memory and the backup's replica.
     struct Rig {

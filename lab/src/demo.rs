@@ -9,14 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use clap::Args;
-use guest::Workload;
 use node::{PrimaryStatus, Status};
 
-use crate::cli::{parse_duration, parse_size, parse_workload};
+use crate::cli::parse_duration;
 use crate::console::{continuity, Continuity};
 use crate::pair::{
-    self, guest_args, kill_and_follow, read_console, start_witness, wait_status, Pair, Takeover,
-    WitnessKind,
+    self, guest_args, kill_and_follow, read_console, start_witness, wait_status, GuestArgs, Pair,
+    Takeover, WitnessKind,
 };
 
 /// `castor demo` settings.
@@ -28,18 +27,9 @@ pub struct DemoArgs {
     /// How long the survivor is watched after the failover.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub watch_for: Duration,
-    /// Workload of the guest.
-    #[arg(long, default_value = "counter", value_parser = parse_workload)]
-    pub workload: Workload,
-    /// Guest RAM.
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    pub mem: u64,
-    /// vCPUs.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
-    /// Encoding.
-    #[arg(long, default_value = "fgbi")]
-    pub mode: fgbi::Mode,
+    /// The guest and its encoding.
+    #[command(flatten)]
+    pub guest: GuestArgs,
     /// Epoch length in milliseconds.
     #[arg(long, default_value_t = 25)]
     pub epoch_ms: u64,
@@ -91,10 +81,10 @@ pub fn demo(a: DemoArgs) -> Result<()> {
 
 /// Starts the pair, runs it, kills the primary and watches the survivor.
 fn run(a: &DemoArgs, pair: &Pair) -> Result<Seen> {
-    let mut args = guest_args(a.mem, a.vcpus, &a.workload);
+    let mut args = guest_args(a.guest.mem, a.guest.vcpus, &a.guest.workload);
     args.extend([
         "--mode".into(),
-        a.mode.to_string(),
+        a.guest.mode.to_string(),
         "--epoch-ms".into(),
         a.epoch_ms.to_string(),
     ]);
@@ -143,10 +133,10 @@ fn print_report(a: &DemoArgs, seen: &Seen) {
     println!("castor demo report");
     println!(
         "  workload            {} on {} vCPU(s), {} MiB, mode {}, {} ms epochs",
-        a.workload,
-        a.vcpus,
-        a.mem >> 20,
-        a.mode,
+        a.guest.workload,
+        a.guest.vcpus,
+        a.guest.mem >> 20,
+        a.guest.mode,
         a.epoch_ms
     );
     println!("  epochs              {:.0}", f(|p| p.epochs as f64));

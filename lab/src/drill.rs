@@ -10,11 +10,11 @@ use clap::Args;
 use guest::Workload;
 use rand::Rng;
 
-use crate::cli::{parse_size, parse_workload};
 use crate::console::continuity;
 use crate::faults::{self, Fault, FaultRound};
 use crate::pair::{
-    self, guest_args, kill_and_follow, read_console, start_witness, wait_status, Pair, WitnessKind,
+    self, guest_args, kill_and_follow, read_console, start_witness, wait_status, GuestArgs, Pair,
+    WitnessKind,
 };
 use node::stats::percentile;
 
@@ -24,18 +24,9 @@ pub struct DrillArgs {
     /// Number of failovers.
     #[arg(long, default_value_t = 5)]
     pub rounds: u32,
-    /// Workload of the guest.
-    #[arg(long, default_value = "counter", value_parser = parse_workload)]
-    pub workload: Workload,
-    /// Guest RAM.
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    pub mem: u64,
-    /// vCPUs.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
-    /// Encoding.
-    #[arg(long, default_value = "fgbi")]
-    pub mode: fgbi::Mode,
+    /// The guest and its encoding.
+    #[command(flatten)]
+    pub guest: GuestArgs,
     /// Send memory digests with every checkpoint and count mismatches.
     #[arg(long)]
     pub verify: bool,
@@ -181,13 +172,13 @@ fn fault_drill(a: &DrillArgs) -> Result<()> {
         "castor drill: {} rounds of {} on {} on {} vCPU(s), mode {}, etcd witness, verifying",
         a.rounds,
         names.join(", "),
-        a.workload,
-        a.vcpus,
-        a.mode
+        a.guest.workload,
+        a.guest.vcpus,
+        a.guest.mode
     );
     let tmp = tempfile::tempdir()?;
-    let guest = guest_args(a.mem, a.vcpus, &a.workload);
-    let extra = vec!["--mode".to_string(), a.mode.to_string()];
+    let guest = guest_args(a.guest.mem, a.guest.vcpus, &a.guest.workload);
+    let extra = vec!["--mode".to_string(), a.guest.mode.to_string()];
     let mut seen: Vec<FaultRound> = Vec::new();
     let result = faults::run(tmp.path(), &a.faults, a.rounds, &guest, &extra, &mut |r| {
         let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
@@ -232,24 +223,24 @@ pub fn drill(a: DrillArgs) -> Result<()> {
     if !a.faults.is_empty() {
         return fault_drill(&a);
     }
-    let mut extra: Vec<String> = vec!["--mode".into(), a.mode.to_string()];
+    let mut extra: Vec<String> = vec!["--mode".into(), a.guest.mode.to_string()];
     if a.verify {
         extra.push("--verify".into());
     }
     println!(
         "castor drill: {} rounds, {} on {} vCPU(s), mode {}, witness {:?}{}",
         a.rounds,
-        a.workload,
-        a.vcpus,
-        a.mode,
+        a.guest.workload,
+        a.guest.vcpus,
+        a.guest.mode,
         a.witness,
         if a.verify { ", verifying" } else { "" }
     );
     let plan = DrillPlan {
         rounds: a.rounds,
-        workload: a.workload.clone(),
-        mem: a.mem,
-        vcpus: a.vcpus,
+        workload: a.guest.workload.clone(),
+        mem: a.guest.mem,
+        vcpus: a.guest.vcpus,
         protect_args: extra,
         settle: Duration::ZERO,
         witness: a.witness,

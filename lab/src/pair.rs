@@ -13,6 +13,23 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use node::Status;
 
+/// The guest of a lab pair and its encoding (`castor demo`, `castor drill`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct GuestArgs {
+    /// Workload of the guest.
+    #[arg(long, default_value = "counter", value_parser = crate::cli::parse_workload)]
+    pub workload: guest::Workload,
+    /// Guest RAM.
+    #[arg(long, default_value = "256M", value_parser = crate::cli::parse_size)]
+    pub mem: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Encoding.
+    #[arg(long, default_value = "fgbi")]
+    pub mode: fgbi::Mode,
+}
+
 /// Which witness a lab pair uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum WitnessKind {
