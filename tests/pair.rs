@@ -178,6 +178,7 @@ fn a_backup_with_the_wrong_certificate_is_refused_and_the_primary_stays_up() {
             name: "b",
             peer: "a",
             witness: "none",
+            place: None,
         },
         pair.ports[1],
         pair.ports[0],

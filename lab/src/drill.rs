@@ -35,7 +35,8 @@ pub struct DrillArgs {
     pub witness: WitnessKind,
     /// Instead of killing the primary every round, inject these faults in
     /// turn (with an etcd witness and --verify): kill, kill-backup,
-    /// pause-primary, pause-backup, witness-down.
+    /// pause-primary, pause-backup, witness-down, partition (the nodes then
+    /// run in network namespaces; needs root).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub faults: Vec<Fault>,
 }
@@ -197,7 +198,11 @@ fn fault_drill(a: &DrillArgs) -> Result<()> {
         seen.push(r.clone());
     });
     println!();
-    for f in &a.faults {
+    let mut kinds = a.faults.clone();
+    kinds.dedup();
+    kinds.sort_by_key(|f| a.faults.iter().position(|g| g == f));
+    kinds.dedup();
+    for f in &kinds {
         let rs: Vec<&FaultRound> = seen.iter().filter(|r| r.fault == *f).collect();
         let ok = rs.iter().filter(|r| r.problems.is_empty()).count();
         let mut rec: Vec<f64> = rs.iter().filter_map(|r| r.recovered_ms).collect();

@@ -35,6 +35,9 @@ pub enum Fault {
     PauseBackup,
     /// Kill the witness (etcd) for 2 s while the pair runs.
     WitnessDown,
+    /// Cut the replication link for 2 s (the nodes run in network
+    /// namespaces; both still reach the witness).
+    Partition,
 }
 
 /// What one round saw.
@@ -96,9 +99,19 @@ pub fn run(
     on_round: &mut dyn FnMut(&FaultRound),
 ) -> Result<Vec<FaultRound>> {
     let pair = Pair::in_dir(dir, ["node-a", "node-b"])?;
-    let mut etcd = witness::server::EtcdServer::start(&dir.join("etcd"))
+    // Partitions need the nodes in network namespaces of their own.
+    let net = faults
+        .contains(&Fault::Partition)
+        .then(crate::netns::Net::create)
+        .transpose()?
+        .map(std::sync::Arc::new);
+    let also = net.as_ref().map(|n| n.root_addrs()).unwrap_or_default();
+    let mut etcd = witness::server::EtcdServer::start_on(&dir.join("etcd"), &also)
         .context("starting the witness (a local etcd)")?;
-    let pair = pair.with_etcd(&etcd.endpoint());
+    let pair = match &net {
+        Some(net) => pair.in_namespaces(net.clone(), &etcd),
+        None => pair.with_etcd(&etcd.endpoint()),
+    };
     let mut extra = extra.to_vec();
     extra.push("--verify".into());
     let (b, p) = pair.start(&extra, guest, ["node-b-0.log", "node-a-0.log"])?;
@@ -174,6 +187,12 @@ fn round_of(
             etcd.kill();
             std::thread::sleep(Duration::from_secs(2));
             etcd.restart()?;
+        }
+        Fault::Partition => {
+            let net = n.pair.net.clone().expect("a pair in namespaces");
+            net.cut()?;
+            std::thread::sleep(Duration::from_secs(2));
+            net.heal()?;
         }
     }
     let mut problems = Vec::new();

@@ -10,6 +10,7 @@
 //!   witness outages, each checked for one history and one primary.
 //! - [`bench`]: `castor bench`, the measurement matrix; produces a
 //!   [`model::Results`].
+//! - [`netns`]: two network namespaces whose replication link can be cut.
 //! - [`model`]: the results model that the report and the plots read.
 //! - [`report`]: CSV, JSON and the markdown summary.
 //! - [`plots`]: the PNG plots.
@@ -25,6 +26,7 @@ pub mod demo;
 pub mod drill;
 pub mod faults;
 pub mod model;
+pub mod netns;
 pub mod pair;
 pub mod plots;
 pub mod report;

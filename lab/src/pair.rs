@@ -122,10 +122,22 @@ pub struct Node<'a> {
     pub peer: &'a str,
     /// `--witness` (`none` or `etcd=URL`).
     pub witness: &'a str,
+    /// Its network namespace and console address, when the pair runs in
+    /// namespaces (`crate::netns`); else loopback.
+    pub place: Option<&'a crate::netns::Place>,
 }
 
-fn spawn(args: &[String], console: SocketAddr, log: PathBuf) -> Result<Daemon> {
-    let child = Command::new(castor_exe()?)
+fn spawn(args: &[String], ns: Option<&str>, console: SocketAddr, log: PathBuf) -> Result<Daemon> {
+    let mut cmd = match ns {
+        // `ip netns exec` execs the daemon: the child is castor itself.
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(castor_exe()?);
+            c
+        }
+        None => Command::new(castor_exe()?),
+    };
+    let child = cmd
         .args(args)
         .env(
             "RUST_LOG",
@@ -152,7 +164,10 @@ fn start(
     extra: &[String],
     log: PathBuf,
 ) -> Result<Daemon> {
-    let console = free_port(false)?;
+    let mut console = free_port(false)?;
+    if let Some(p) = n.place {
+        console.set_ip(p.access);
+    }
     let mut a: Vec<String> = vec![role.into(), "--certs".into(), n.certs.display().to_string()];
     a.extend([
         "--node".into(),
@@ -164,7 +179,7 @@ fn start(
     a.extend(["--witness".into(), n.witness.into()]);
     a.extend(role_args.iter().cloned());
     a.extend(extra.iter().cloned());
-    spawn(&a, console, log)
+    spawn(&a, n.place.map(|p| p.ns.as_str()), console, log)
 }
 
 /// Starts a backup listening on `listen` that, after failover, protects
@@ -214,8 +229,10 @@ pub struct Pair {
     pub ports: [SocketAddr; 2],
     /// Where the daemons' logs go.
     pub logs: PathBuf,
-    /// `--witness` for both nodes: `none` unless set.
-    pub witness: String,
+    /// `--witness` of each node: `none` unless set.
+    pub witness: [String; 2],
+    /// The namespaces the nodes run in, if any.
+    pub net: Option<std::sync::Arc<crate::netns::Net>>,
 }
 
 impl Pair {
@@ -227,13 +244,31 @@ impl Pair {
             names: names.map(String::from),
             ports: [free_port(true)?, free_port(true)?],
             logs: logs.to_path_buf(),
-            witness: "none".into(),
+            witness: ["none".into(), "none".into()],
+            net: None,
         })
     }
 
     /// Both nodes use the etcd at `endpoint` as their witness.
     pub fn with_etcd(mut self, endpoint: &str) -> Pair {
-        self.witness = format!("etcd={endpoint}");
+        self.witness = [format!("etcd={endpoint}"), format!("etcd={endpoint}")];
+        self
+    }
+
+    /// The nodes run in the namespaces of `net` (their QUIC listeners on the
+    /// replication link, their consoles on their access links), each with
+    /// `etcd` as its witness through its own access link.
+    pub fn in_namespaces(
+        mut self,
+        net: std::sync::Arc<crate::netns::Net>,
+        etcd: &witness::server::EtcdServer,
+    ) -> Pair {
+        for i in 0..2 {
+            let p = &net.places[i];
+            self.ports[i].set_ip(p.rep);
+            self.witness[i] = format!("etcd={}", etcd.endpoint_on(p.root));
+        }
+        self.net = Some(net);
         self
     }
 
@@ -249,7 +284,8 @@ impl Pair {
             certs: &self.certs,
             name: &self.names[i],
             peer: &self.names[1 - i],
-            witness: &self.witness,
+            witness: &self.witness[i],
+            place: self.net.as_ref().map(|n| &n.places[i]),
         }
     }
 

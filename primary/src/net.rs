@@ -188,82 +188,96 @@ async fn session(
     let mut beat_peer: Option<SocketAddr> = None;
     let mut window = BeatWindow::default();
     let mut buf = [0u8; 64];
-    let writer = writer(cfg, &mut data, out);
-    tokio::pin!(writer);
-    let why = loop {
-        tokio::select! {
-            why = &mut writer => break why,
-            _ = tokio::time::sleep_until(acks.next_due().unwrap_or_else(tokio::time::Instant::now)), if !acks.is_empty() => {
-                while let Some(epoch) = acks.pop_due(tokio::time::Instant::now()) {
-                    if events.send(NetEvent::Ack(epoch)).is_err() {
-                        break;
-                    }
+    // (A block: the pinned futures borrow the link's streams until it ends.)
+    let why = {
+        let writer = writer(cfg, &mut data, out);
+        tokio::pin!(writer);
+        // The control stream is written by a future of its own, fed through a
+        // queue: no send on the connection (whose window a flood of checkpoint
+        // data can fill) ever holds up this loop, which must keep reading the
+        // heartbeat path and keep time.
+        let (ctl_q, mut ctl_in) = mpsc::channel::<Message>(64);
+        let ctl_writer = async {
+            while let Some(m) = ctl_in.recv().await {
+                if let Err(e) = ctl_tx.send_message(&m).await {
+                    return end_of(e);
                 }
             }
-            r = beat.recv_from(&mut buf) => {
-                if let Ok((n, from)) = r {
-                    if let Ok(b) = Beat::open(key, &buf[..n]) {
-                        if from.ip() == backup_ip && window.accept(&b) {
-                            last_heard = Instant::now();
-                            beat_peer = Some(from);
+            loop_ended()
+        };
+        tokio::pin!(ctl_writer);
+        let why = loop {
+            tokio::select! {
+                why = &mut writer => break why,
+                why = &mut ctl_writer => break why,
+                _ = tokio::time::sleep_until(acks.next_due().unwrap_or_else(tokio::time::Instant::now)), if !acks.is_empty() => {
+                    while let Some(epoch) = acks.pop_due(tokio::time::Instant::now()) {
+                        if events.send(NetEvent::Ack(epoch)).is_err() {
+                            break;
                         }
                     }
                 }
-            }
-            _ = tick.tick() => {
-                if let Some(peer) = beat_peer {
-                    *beat_seq += 1;
-                    let b = Beat { seq: *beat_seq, sent_us: t0.elapsed().as_micros() as u64 };
-                    let _ = beat.try_send_to(&b.seal(key), peer);
-                }
-                // No send here may wait longer than the backup has left to
-                // answer: a dead backup's full windows must not hide its silence.
-                let left = cfg.backup_timeout.saturating_sub(last_heard.elapsed());
-                if stop.load(Ordering::Relaxed) {
-                    let reason = "primary shutting down".to_string();
-                    let bye = Message::Goodbye { reason: reason.clone() };
-                    let _ = tokio::time::timeout(left, ctl_tx.send_message(&bye)).await;
-                    break EndReason::Local(reason);
-                }
-                if left.is_zero() {
-                    break EndReason::Silent(last_heard.elapsed());
-                }
-                seq += 1;
-                let sent_us = t0.elapsed().as_micros() as u64;
-                let beat = Message::Heartbeat { seq, sent_us };
-                match tokio::time::timeout(left, ctl_tx.send_message(&beat)).await {
-                    Err(_) => break EndReason::Silent(last_heard.elapsed()),
-                    Ok(Err(e)) => break end_of(e),
-                    Ok(Ok(())) => {}
-                }
-            }
-            m = ctl_rx.next() => match m {
-                Ok(Some(Message::Ack { epoch })) => {
-                    last_heard = Instant::now();
-                    if !delay.is_zero() {
-                        acks.push(epoch, tokio::time::Instant::now());
-                    } else if events.send(NetEvent::Ack(epoch)).is_err() {
-                        break loop_ended();
+                r = beat.recv_from(&mut buf) => {
+                    if let Ok((n, from)) = r {
+                        if let Ok(b) = Beat::open(key, &buf[..n]) {
+                            if from.ip() == backup_ip && window.accept(&b) {
+                                last_heard = Instant::now();
+                                beat_peer = Some(from);
+                            }
+                        }
                     }
                 }
-                Ok(Some(Message::HeartbeatEcho { seq, sent_us })) => {
-                    last_heard = Instant::now();
-                    let rtt_us = (t0.elapsed().as_micros() as u64).saturating_sub(sent_us);
-                    if seq.is_multiple_of(1000) {
-                        debug!(seq, rtt_us, "heartbeat round trip");
+                _ = tick.tick() => {
+                    if let Some(peer) = beat_peer {
+                        *beat_seq += 1;
+                        let b = Beat { seq: *beat_seq, sent_us: t0.elapsed().as_micros() as u64 };
+                        let _ = beat.try_send_to(&b.seal(key), peer);
                     }
+                    if stop.load(Ordering::Relaxed) {
+                        let reason = "primary shutting down".to_string();
+                        let _ = ctl_q.try_send(Message::Goodbye { reason: reason.clone() });
+                        break EndReason::Local(reason);
+                    }
+                    if last_heard.elapsed() > cfg.backup_timeout {
+                        break EndReason::Silent(last_heard.elapsed());
+                    }
+                    seq += 1;
+                    let sent_us = t0.elapsed().as_micros() as u64;
+                    // A full queue means the stream is stuck: the heartbeat path
+                    // and the timeout above decide, not this send.
+                    let _ = ctl_q.try_send(Message::Heartbeat { seq, sent_us });
                 }
-                Ok(Some(Message::Heartbeat { seq, sent_us })) => {
-                    last_heard = Instant::now();
-                    let echo = Message::HeartbeatEcho { seq, sent_us };
-                    let _ = tokio::time::timeout(cfg.backup_timeout, ctl_tx.send_message(&echo)).await;
+                m = ctl_rx.next() => match m {
+                    Ok(Some(Message::Ack { epoch })) => {
+                        last_heard = Instant::now();
+                        if !delay.is_zero() {
+                            acks.push(epoch, tokio::time::Instant::now());
+                        } else if events.send(NetEvent::Ack(epoch)).is_err() {
+                            break loop_ended();
+                        }
+                    }
+                    Ok(Some(Message::HeartbeatEcho { seq, sent_us })) => {
+                        last_heard = Instant::now();
+                        let rtt_us = (t0.elapsed().as_micros() as u64).saturating_sub(sent_us);
+                        if seq.is_multiple_of(1000) {
+                            debug!(seq, rtt_us, "heartbeat round trip");
+                        }
+                    }
+                    Ok(Some(Message::Heartbeat { seq, sent_us })) => {
+                        last_heard = Instant::now();
+                        let _ = ctl_q.try_send(Message::HeartbeatEcho { seq, sent_us });
+                    }
+                    Ok(Some(Message::Goodbye { reason })) => break EndReason::Goodbye(reason),
+                    Ok(Some(other)) => break EndReason::Refused(format!("unexpected {} from the backup", other.name())),
+                    Ok(None) => break EndReason::Broken("the backup closed the control stream".into()),
+                    Err(e) => break end_of(e),
                 }
-                Ok(Some(Message::Goodbye { reason })) => break EndReason::Goodbye(reason),
-                Ok(Some(other)) => break EndReason::Refused(format!("unexpected {} from the backup", other.name())),
-                Ok(None) => break EndReason::Broken("the backup closed the control stream".into()),
-                Err(e) => break end_of(e),
             }
-        }
+        };
+        // What is queued (a goodbye) goes out if the stream lets it, briefly.
+        drop(ctl_q);
+        let _ = tokio::time::timeout(Duration::from_millis(200), &mut ctl_writer).await;
+        why
     };
     info!(backup = %link.remote(), "session ended ({why}); connection: {}", link.stats());
     link.close(&why);

@@ -15,6 +15,8 @@ use crate::{Etcd, WitnessError};
 pub struct EtcdServer {
     child: Option<Child>,
     dir: PathBuf,
+    /// More addresses it listens on, beside 127.0.0.1.
+    also: Vec<std::net::IpAddr>,
     client: u16,
     peer: u16,
 }
@@ -40,10 +42,16 @@ fn free_port() -> std::io::Result<u16> {
 impl EtcdServer {
     /// Starts etcd with its data and log under `dir`, and waits until it answers.
     pub fn start(dir: &Path) -> Result<EtcdServer, ServerError> {
+        Self::start_on(dir, &[])
+    }
+
+    /// Starts etcd listening on 127.0.0.1 and on `also` (the same port).
+    pub fn start_on(dir: &Path, also: &[std::net::IpAddr]) -> Result<EtcdServer, ServerError> {
         std::fs::create_dir_all(dir)?;
         let mut s = EtcdServer {
             child: None,
             dir: dir.to_path_buf(),
+            also: also.to_vec(),
             client: free_port()?,
             peer: free_port()?,
         };
@@ -56,13 +64,17 @@ impl EtcdServer {
             .create(true)
             .append(true)
             .open(self.log())?;
-        let client = format!("http://127.0.0.1:{}", self.client);
+        let advertise = format!("http://127.0.0.1:{}", self.client);
+        let mut client = advertise.clone();
+        for ip in &self.also {
+            client.push_str(&format!(",http://{ip}:{}", self.client));
+        }
         let peer = format!("http://127.0.0.1:{}", self.peer);
         let child = Command::new("etcd")
             .args(["--name", "castor", "--data-dir"])
             .arg(self.dir.join("data"))
             .args(["--listen-client-urls", &client])
-            .args(["--advertise-client-urls", &client])
+            .args(["--advertise-client-urls", &advertise])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("castor={peer}")])
@@ -94,6 +106,11 @@ impl EtcdServer {
     /// Its log file.
     pub fn log(&self) -> PathBuf {
         self.dir.join("etcd.log")
+    }
+
+    /// Its client endpoint on `ip`, one of the addresses it was started on.
+    pub fn endpoint_on(&self, ip: std::net::IpAddr) -> String {
+        format!("http://{ip}:{}", self.client)
     }
 
     /// Its process id.
