@@ -41,9 +41,9 @@ fn a_fault_drill_keeps_one_history_and_one_primary() {
     let (ok, out) = outcome(&run(&[
         "drill",
         "--faults",
-        "kill,pause-primary,pause-backup,kill-backup,witness-down",
+        "kill,pause-primary,pause-backup,kill-backup,witness-down,partition",
         "--rounds",
-        "5",
+        "6",
         "--mem",
         "128M",
     ]));

@@ -35,7 +35,7 @@ use crate::cli::{parse_duration, parse_rate, parse_size, parse_workload};
 use crate::console::progress_lines;
 use crate::drill::{run_drill, DrillPlan};
 use crate::model::{Failover, Point, Results, Settings};
-use crate::pair::{self, castor_exe, make_certs, read_console, wait_status, Pair};
+use crate::pair::{self, castor_exe, make_certs, read_console, wait_status, Pair, WitnessKind};
 
 /// `castor bench` settings.
 #[derive(Args, Debug)]
@@ -704,20 +704,46 @@ fn run_drills(a: &BenchArgs, p: &Plan, ui: &Ui) -> (Vec<Failover>, Vec<String>) 
     if p.failovers == 0 {
         return (failovers, failover_errors);
     }
-    for &m in &p.failover_modes {
-        let (got, r) = drill_mode(a, p, m, ui);
+    // Every mode with the etcd witness (the product's default); the first
+    // also without one, to show what the witness costs.
+    let mut runs: Vec<(fgbi::Mode, WitnessKind)> = p
+        .failover_modes
+        .iter()
+        .map(|&m| (m, WitnessKind::Etcd))
+        .collect();
+    if let Some(&m) = p.failover_modes.first() {
+        runs.push((m, WitnessKind::None));
+    }
+    for (m, w) in runs {
+        let (got, r) = drill_mode(a, p, m, w, ui);
         failovers.extend(got);
         if let Err(e) = r {
-            ui.say(format!("  failover    {m}: FAILED: {e:#}"));
-            failover_errors.push(format!("{m}: {e:#}"));
+            let label = failover_label(m, w);
+            ui.say(format!("  failover    {label}: FAILED: {e:#}"));
+            failover_errors.push(format!("{label}: {e:#}"));
         }
     }
     (failovers, failover_errors)
 }
 
+/// A drill's row in the results: the mode, and "no witness" without one.
+fn failover_label(m: fgbi::Mode, w: WitnessKind) -> String {
+    match w {
+        WitnessKind::Etcd => m.to_string(),
+        WitnessKind::None => format!("{m}, no witness"),
+    }
+}
+
 /// The drill of one mode: its failovers, and whether it ran to the end.
-fn drill_mode(a: &BenchArgs, p: &Plan, m: fgbi::Mode, ui: &Ui) -> (Vec<Failover>, Result<()>) {
-    ui.pb.set_message(format!("failover drill {m}"));
+fn drill_mode(
+    a: &BenchArgs,
+    p: &Plan,
+    m: fgbi::Mode,
+    witness: WitnessKind,
+    ui: &Ui,
+) -> (Vec<Failover>, Result<()>) {
+    let label = failover_label(m, witness);
+    ui.pb.set_message(format!("failover drill {label}"));
     let epoch = p.epochs[0];
     let mut args = vec![
         "--mode".to_string(),
@@ -733,14 +759,14 @@ fn drill_mode(a: &BenchArgs, p: &Plan, m: fgbi::Mode, ui: &Ui) -> (Vec<Failover>
         vcpus: a.vcpus,
         protect_args: args,
         settle: Duration::from_millis(2500),
-        witness: crate::pair::WitnessKind::Etcd,
+        witness,
     };
     let mut got = Vec::new();
     let r = run_drill(&plan, &mut |r| {
         ui.pb.inc(1);
         if let Some(ms) = r.failover_ms.filter(|_| r.ok()) {
             got.push(Failover {
-                mode: m.to_string(),
+                mode: label.clone(),
                 round: r.round,
                 ms,
             });
@@ -758,7 +784,7 @@ fn drill_mode(a: &BenchArgs, p: &Plan, m: fgbi::Mode, ui: &Ui) -> (Vec<Failover>
     };
     ui.say(format!(
         "  failover    {:<11} {epoch:>3} ms  {} rounds{figures}",
-        m.to_string(),
+        label,
         got.len(),
     ));
     (got, r.map(|_| ()))
@@ -802,8 +828,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let certs = make_certs(&tmp.path().join("pki"), NODES)?;
 
     let per_load = 1 + p.epochs.len() * (1 + p.modes.len());
-    let total =
-        (p.loads.len() * per_load) as u64 + p.failovers as u64 * p.failover_modes.len() as u64;
+    // (The first failover mode is drilled twice: with and without a witness.)
+    let drills = p.failover_modes.len() + usize::from(!p.failover_modes.is_empty());
+    let total = (p.loads.len() * per_load) as u64 + p.failovers as u64 * drills as u64;
     let ui = Ui::new(total);
     ui.say(format!(
         "castor bench: {} workloads x {} modes x {:?} ms epochs, {} MiB, {} vCPU(s), link {}; window {:?} after {:?} warm-up; results in {}",
