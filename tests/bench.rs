@@ -76,7 +76,9 @@ fn quick_bench_measures_every_point_and_writes_its_outputs() {
         .skip(1)
         .map(|l| l.rsplit(',').next().unwrap().parse().unwrap())
         .collect();
-    assert_eq!(times.len(), 3, "{fo}");
+    // 3 fgbi drills with the etcd witness, 3 without one.
+    assert_eq!(times.len(), 6, "{fo}");
+    assert_eq!(fo.matches("fgbi (no witness),").count(), 3, "{fo}");
     assert!(times.iter().all(|&t| t > 0.0 && t < 1000.0), "{fo}");
     let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
     for s in [

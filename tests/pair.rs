@@ -48,13 +48,14 @@ fn a_fault_drill_keeps_one_history_and_one_primary() {
         "128M",
     ]));
     assert!(ok, "{out}");
-    assert_eq!(out.matches("one history, one primary").count(), 5, "{out}");
+    assert_eq!(out.matches("one history, one primary").count(), 6, "{out}");
     for f in [
         "Kill ",
         "PausePrimary",
         "PauseBackup",
         "KillBackup",
         "WitnessDown",
+        "Partition",
     ] {
         assert!(out.contains(f), "{out}");
     }

@@ -726,11 +726,12 @@ fn run_drills(a: &BenchArgs, p: &Plan, ui: &Ui) -> (Vec<Failover>, Vec<String>) 
     (failovers, failover_errors)
 }
 
-/// A drill's row in the results: the mode, and "no witness" without one.
+/// A drill's row in the results: the mode, and "(no witness)" without one
+/// (no comma: it is a CSV field).
 fn failover_label(m: fgbi::Mode, w: WitnessKind) -> String {
     match w {
         WitnessKind::Etcd => m.to_string(),
-        WitnessKind::None => format!("{m}, no witness"),
+        WitnessKind::None => format!("{m} (no witness)"),
     }
 }
 
