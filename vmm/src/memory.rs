@@ -284,7 +284,7 @@ pub fn with_ram_mut<R>(
     }
     let _lent = Lent(word);
     let (ptr, len) = (r.as_ptr(), r.len() as usize);
-    // SAFETY: `ptr..ptr + len` is the live, writable (PROT_READ|PROT_WRITE),
+    // `ptr..ptr + len` is the live, writable (PROT_READ|PROT_WRITE),
     // page-aligned mapping of `mem`'s only region, kept mapped by the borrow
     // of `mem` for as long as the slice lives (the slice cannot escape `f`).
     // No other access aliases it while `f` runs: the lease word (set above,
@@ -293,6 +293,7 @@ pub fn with_ram_mut<R>(
     // it again; the remaining condition — nothing else in this process reads
     // or writes the RAM meanwhile — is this function's documented contract
     // (see "Soundness" above).
+    // SAFETY: a live, exclusively lent mapping of `len` bytes (see above).
     let slice = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
     Ok(f(slice))
 }

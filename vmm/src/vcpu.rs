@@ -245,12 +245,13 @@ pub(crate) fn restore(fd: &VcpuFd, index: u32, s: &VcpuState) -> Result<(), Vcpu
     fd.set_mp_state(s.mp_state).map_err(set("MP state"))?;
     fd.set_regs(&s.regs).map_err(set("regs"))?;
     fd.set_sregs(&s.sregs).map_err(set("sregs"))?;
+    // KVM_SET_XSAVE copies the vCPU's uabi XSAVE size, which exceeds 4 KiB
+    // only for dynamically enabled XSTATE features (e.g. AMX), and those need
+    // the process to ask for them with arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM),
+    // which castor never does. (KVM_CAP_XSAVE2 is only queried for that
+    // size; castor does not query it.)
     // SAFETY: `s.xsave` is a whole 4 KiB `kvm_xsave` (read with KVM_GET_XSAVE,
-    // or decoded from exactly that many bytes). KVM_SET_XSAVE copies the
-    // vCPU's uabi XSAVE size, which exceeds 4 KiB only for dynamically enabled
-    // XSTATE features (e.g. AMX), and those need the process to ask for them
-    // with arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM), which castor never does.
-    // (KVM_CAP_XSAVE2 is only queried for that size; castor does not query it.)
+    // or decoded from exactly that many bytes), no less than KVM reads (above).
     unsafe { fd.set_xsave(&s.xsave) }.map_err(set("xsave"))?;
     fd.set_xcrs(&s.xcrs).map_err(set("xcrs"))?;
     fd.set_debug_regs(&s.debugregs)
