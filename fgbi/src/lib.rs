@@ -95,7 +95,8 @@ mod testing {
 }
 
 pub use apply::{apply, ApplyStats};
-pub use encoder::{EncodeStats, Encoder};
+pub use encoder::Encoder;
+pub use record::EncodeStats;
 
 /// Guest page size: the unit of dirty tracking.
 pub const PAGE_SIZE: usize = 4096;

@@ -32,8 +32,8 @@ use crate::blocks::{
 };
 use crate::codec::{put_varint, xor_rle_encode, xor_rle_encode_mask};
 use crate::digest::Digester;
-use crate::encoder::EncodeStats;
 use crate::knowledge::{Know, Knowledge};
+use crate::record::EncodeStats;
 use crate::record::{self, WholePage};
 use crate::sharing::{SharingIndex, ENTRY_BYTES};
 use crate::{kind, Config, PAGE_SIZE};

@@ -2,8 +2,39 @@
 //! shared by every mode. Each writer counts its record in [`EncodeStats`].
 
 use crate::codec::put_varint;
-use crate::encoder::EncodeStats;
 use crate::{kind, PAGE_SIZE};
+
+/// Running totals of the encoder.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EncodeStats {
+    /// Pages given to [`crate::Encoder::encode_page`].
+    pub pages: u64,
+    /// Bytes of records produced.
+    pub bytes_out: u64,
+    /// Pages whose content had not changed (no record).
+    pub unchanged: u64,
+    /// `ZeroPage` records.
+    pub zero_pages: u64,
+    /// `RawPage` records.
+    pub raw_pages: u64,
+    /// `Lz4Page` records.
+    pub lz4_pages: u64,
+    /// `XorPage` records.
+    pub xor_pages: u64,
+    /// `Blocks` records.
+    pub block_pages: u64,
+    /// Blocks sent as references.
+    pub ref_blocks: u64,
+    /// `CopyPage` records (whole duplicated pages).
+    pub copy_pages: u64,
+    /// Pages encoded against a held copy (fgbi mode only).
+    pub copy_hits: u64,
+    /// Pages encoded against held digests (fgbi mode only).
+    pub digest_hits: u64,
+    /// Pages the encoder had forgotten, encoded with every block counted as
+    /// changed (fgbi mode only).
+    pub misses: u64,
+}
 
 /// Appends a record header: the page and the record kind.
 pub(crate) fn header(page: u64, k: u8, out: &mut Vec<u8>) {

@@ -14,7 +14,7 @@
 //! - A page marked zero is zero on the backup.
 
 use crate::codec::{is_zero, xor_rle_encode};
-use crate::encoder::EncodeStats;
+use crate::record::EncodeStats;
 use crate::{record, PAGE_SIZE};
 
 const NONE: u64 = u64::MAX;
