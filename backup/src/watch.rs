@@ -66,7 +66,6 @@ pub(crate) async fn watchdog(
         } else {
             Duration::ZERO
         };
-        last_tick = Instant::now();
         // Any packet from the primary proves it alive, even while its
         // heartbeat waits behind checkpoint data on a busy host.
         let closer = shared
@@ -87,6 +86,10 @@ pub(crate) async fn watchdog(
             let now = shared.now();
             shared.core().on(BackupInput::Tick { now, stalled })
         };
+        // The next gap is measured from here: waiting above for a
+        // checkpoint being applied is not a stall (the primary's packets
+        // are read meanwhile), and must not be credited as one.
+        last_tick = Instant::now();
         if let Some(d) = act(&shared, actions, &witness, &claimed_tx) {
             let _ = decided.send(d);
             return;
