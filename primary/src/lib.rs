@@ -136,10 +136,10 @@ pub fn protect(
         .rt
         .block_on(async move { tokio::time::sleep(pause).await });
     lp.machine.stop();
-    if result.is_ok() {
-        // A planned stop: the backup does not take over, the output stands.
-        log.release(log.end());
-    }
+    // Held output stays held, also on a planned stop: the goodbye may not
+    // reach a backup whose link is full, and a backup that takes over
+    // continues from its last committed checkpoint, which may not contain
+    // it. (Unprotected, nothing is held.)
     log.close();
     result.map(|()| metrics)
 }
