@@ -85,13 +85,6 @@ async fn run_session(
     warn!(%peer, "session with the primary ended: {why}");
 }
 
-fn end_of(e: TransportError) -> EndReason {
-    match e {
-        TransportError::Ended(r) => r,
-        other => EndReason::Broken(other.to_string()),
-    }
-}
-
 async fn session(
     mut link: Link,
     shared: &Arc<Shared>,
@@ -108,20 +101,20 @@ async fn session(
         loop {
             tokio::select! {
                 a = ack_rx.recv() => match a {
-                    Some(f) => if let Err(e) = ctl_tx.send(&f).await { return end_of(e) },
+                    Some(f) => if let Err(e) = ctl_tx.send(&f).await { return e.end_reason() },
                     None => return EndReason::Local("session over".into()),
                 },
                 m = ctl_rx.next() => match m {
                     Ok(Some(Message::Heartbeat { seq, sent_us })) => {
                         shared.heard();
                         if let Err(e) = ctl_tx.send_message(&Message::HeartbeatEcho { seq, sent_us }).await {
-                            return end_of(e);
+                            return e.end_reason();
                         }
                     }
                     Ok(Some(Message::Goodbye { reason })) => return EndReason::Goodbye(reason),
                     Ok(Some(_)) => shared.heard(),
                     Ok(None) => return EndReason::Broken("the primary closed the control stream".into()),
-                    Err(e) => return end_of(e),
+                    Err(e) => return e.end_reason(),
                 },
             }
         }
@@ -132,7 +125,7 @@ async fn session(
             let m = match data.next().await {
                 Ok(Some(m)) => m,
                 Ok(None) => return EndReason::Broken("the primary closed the data stream".into()),
-                Err(e) => return end_of(e),
+                Err(e) => return e.end_reason(),
             };
             shared.heard();
             match rx.on_message(m) {
@@ -202,12 +195,7 @@ impl Drop for AbortOnDrop {
 /// to the primary every [`BEAT_PERIOD`] from a socket of its own, and the
 /// primary's datagrams, each proof that it is alive.
 async fn beats(shared: Arc<Shared>, primary: std::net::SocketAddr, key: [u8; 32]) {
-    let any: std::net::SocketAddr = if primary.is_ipv4() {
-        ([0, 0, 0, 0], 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let sock = match tokio::net::UdpSocket::bind(any).await {
+    let sock = match tokio::net::UdpSocket::bind(transport::any_addr_for(primary)).await {
         Ok(s) => s,
         Err(e) => {
             warn!("no heartbeat path ({e}); heartbeats on the connection only");

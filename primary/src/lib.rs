@@ -27,7 +27,6 @@ mod epoch;
 mod metrics;
 mod net;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
@@ -97,11 +96,7 @@ pub fn protect(
     let mut beat = (0, [0u8; 32]);
     if let Some(backup) = cfg.backup {
         // The heartbeat path: a UDP socket of its own, a key for the hello.
-        let any: SocketAddr = if backup.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
+        let any = transport::any_addr_for(backup);
         let sock = std::net::UdpSocket::bind(any).map_err(PrimaryError::Beat)?;
         sock.set_nonblocking(true).map_err(PrimaryError::Beat)?;
         beat = (

@@ -14,7 +14,7 @@ use protocol::{EndReason, Message};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use transport::link::{DelayLine, Pacer, PIECE};
-use transport::{Link, TransportError};
+use transport::Link;
 
 use crate::Config;
 
@@ -96,13 +96,6 @@ pub(crate) async fn run(
     }
 }
 
-fn end_of(e: TransportError) -> EndReason {
-    match e {
-        TransportError::Ended(r) => r,
-        other => EndReason::Broken(other.to_string()),
-    }
-}
-
 /// Writes the data stream: frames as they come, or through the emulated
 /// link (held for the one-way delay, then paced to the rate in pieces).
 async fn writer(
@@ -117,7 +110,7 @@ async fn writer(
             match o {
                 Outgoing::Frames(f) => {
                     if let Err(e) = data.send(&f).await {
-                        return end_of(e);
+                        return e.end_reason();
                     }
                 }
                 Outgoing::End(r) => return r,
@@ -148,7 +141,7 @@ async fn writer(
                 let at = pacer.book(piece.len(), tokio::time::Instant::now());
                 tokio::time::sleep_until(at).await;
                 if let Err(e) = data.send(piece).await {
-                    return end_of(e);
+                    return e.end_reason();
                 }
             }
         }
@@ -200,7 +193,7 @@ async fn session(
         let ctl_writer = async {
             while let Some(m) = ctl_in.recv().await {
                 if let Err(e) = ctl_tx.send_message(&m).await {
-                    return end_of(e);
+                    return e.end_reason();
                 }
             }
             loop_ended()
@@ -270,7 +263,7 @@ async fn session(
                     Ok(Some(Message::Goodbye { reason })) => break EndReason::Goodbye(reason),
                     Ok(Some(other)) => break EndReason::Refused(format!("unexpected {} from the backup", other.name())),
                     Ok(None) => break EndReason::Broken("the backup closed the control stream".into()),
-                    Err(e) => break end_of(e),
+                    Err(e) => break e.end_reason(),
                 }
             }
         };

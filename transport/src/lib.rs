@@ -393,6 +393,26 @@ impl FrameWriter {
     }
 }
 
+impl TransportError {
+    /// Why the session ended: the peer's typed reason, or a broken session.
+    pub fn end_reason(self) -> EndReason {
+        match self {
+            TransportError::Ended(r) => r,
+            other => EndReason::Broken(other.to_string()),
+        }
+    }
+}
+
+/// The unspecified address of `peer`'s family, port 0: where to bind a
+/// socket that talks to `peer` (the heartbeat path).
+pub fn any_addr_for(peer: SocketAddr) -> SocketAddr {
+    if peer.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    }
+}
+
 /// What a connection's end means to castor: the peer's typed reason when it
 /// closed the connection on purpose, otherwise a broken session.
 fn ended(e: quinn::ConnectionError) -> TransportError {
