@@ -138,8 +138,11 @@ struct ProtectArgs {
     /// Heartbeat period in milliseconds.
     #[arg(long, default_value_t = 5)]
     heartbeat_ms: u64,
-    /// Declare the backup lost after this many milliseconds without an answer.
-    #[arg(long, default_value_t = 1000)]
+    /// Declare the backup lost after this many milliseconds without an answer
+    /// (heartbeats travel on their own UDP path, so a full link does not delay
+    /// them). Output is held meanwhile; a false alarm costs a full resync, not
+    /// safety: with a witness the primary then claims the VM first.
+    #[arg(long, default_value_t = 200)]
     backup_timeout_ms: u64,
     /// Send a memory digest with each checkpoint for the backup to verify.
     #[arg(long)]

@@ -184,7 +184,7 @@ fn fault_drill(a: &DrillArgs) -> Result<()> {
     let result = faults::run(tmp.path(), &a.faults, a.rounds, &guest, &extra, &mut |r| {
         let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
         println!(
-            "  round {:>3}  {:<13} serving again after {:>9}, protected again after {:>10}  {}",
+            "  round {:>3}  {:<13} serving again after {:>9}, protected {:>10} after it ended  {}",
             r.round,
             format!("{:?}", r.fault),
             f(r.recovered_ms),
@@ -208,7 +208,7 @@ fn fault_drill(a: &DrillArgs) -> Result<()> {
         let mut rec: Vec<f64> = rs.iter().filter_map(|r| r.recovered_ms).collect();
         let mut pro: Vec<f64> = rs.iter().filter_map(|r| r.protected_ms).collect();
         println!(
-            "  {:<13} {ok} of {} rounds passed; serving again p50 {:.1} / p99 {:.1} ms; protected again p50 {:.0} / p99 {:.0} ms",
+            "  {:<13} {ok} of {} rounds passed; serving again p50 {:.1} / p99 {:.1} ms; protected again (after the fault) p50 {:.0} / p99 {:.0} ms",
             format!("{f:?}"),
             rs.len(),
             percentile(&mut rec.clone(), 0.5),

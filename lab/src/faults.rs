@@ -20,7 +20,11 @@ use anyhow::{bail, Context, Result};
 use rand::Rng as _;
 
 use crate::console::continuity;
-use crate::pair::{read_console, status, wait_status, Daemon, Pair};
+use crate::pair::{read_console, status, wait_status, Daemon, Follower, Pair};
+
+/// How long both consoles are followed from a fault's start: the longest
+/// fault (2 s, plus an etcd restart) and a takeover after it.
+const FOLLOW: Duration = Duration::from_millis(4500);
 
 /// A fault a round injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -47,9 +51,10 @@ pub struct FaultRound {
     pub round: u32,
     /// The fault.
     pub fault: Fault,
-    /// Fault → exactly one node serving and its first new console byte, ms.
+    /// The fault's start → the serving node's first new console byte, ms.
     pub recovered_ms: Option<f64>,
-    /// Fault → protected again, ms.
+    /// The fault's end (a kill ends at once; a pause, a partition or the
+    /// witness's outage after 2 s) → protected again, ms.
     pub protected_ms: Option<f64>,
     /// What went wrong, if anything.
     pub problems: Vec<String>,
@@ -165,15 +170,23 @@ fn round_of(
     let (p, b) = (n.primary, 1 - n.primary);
     let t = Instant::now();
     let mark = stream.len() as u64;
+    // Both consoles are followed from the client's offset while the fault
+    // runs, so "serving again" is when the serving node's first new byte
+    // came, not when the fault's injection ended.
+    let followers: Vec<Option<Follower>> = (0..2)
+        .map(|i| {
+            n.d[i]
+                .as_ref()
+                .map(|d| Follower::start(d.console, stream.clone(), t + FOLLOW))
+        })
+        .collect();
     match fault {
-        Fault::Kill => {
-            if let Some(mut d) = n.d[p].take() {
-                d.kill();
-            }
-        }
-        Fault::KillBackup => {
-            if let Some(mut d) = n.d[b].take() {
-                d.kill();
+        // SIGKILL only: the loop below reaps the process, so a large
+        // guest's exit is not counted as time to serve again.
+        Fault::Kill | Fault::KillBackup => {
+            let who = if fault == Fault::Kill { p } else { b };
+            if let Some(d) = n.d[who].as_mut() {
+                let _ = d.child.kill();
             }
         }
         Fault::PausePrimary | Fault::PauseBackup => {
@@ -195,6 +208,7 @@ fn round_of(
             net.heal()?;
         }
     }
+    let ended = Instant::now();
     let mut problems = Vec::new();
     // Exactly one node runs the guest; a fenced one exits.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -230,14 +244,40 @@ fn round_of(
     if let Some(s) = server {
         n.primary = s;
         let d = n.d[s].as_ref().expect("serving");
-        let first = read_console(
+        // The survivor of a takeover serves the committed replica, then its
+        // own history from where it resumed; the old primary, what it
+        // releases past the client's offset.
+        let new_from = if s == p {
+            mark
+        } else {
+            status(d.console)
+                .and_then(|st| st.resumed_at)
+                .unwrap_or(mark)
+                .max(mark)
+        };
+        let mut followers = followers;
+        if let Some(f) = followers[s].take() {
+            while f.first_past(new_from).is_none() && Instant::now() < t + FOLLOW {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            recovered_ms = f
+                .first_past(new_from)
+                .map(|at| (at - t).as_secs_f64() * 1e3);
+            let seen = f.finish();
+            if seen.len() > stream.len() {
+                *stream = seen;
+            }
+        }
+        for f in followers.into_iter().flatten() {
+            f.finish();
+        }
+        read_console(
             d.console,
             stream.len() as u64,
             stream,
-            Instant::now() + Duration::from_millis(2500),
-            mark,
+            Instant::now() + Duration::from_millis(300),
+            u64::MAX,
         )?;
-        recovered_ms = first.map(|f| (f - t).as_secs_f64() * 1e3);
         // The serving node's own console agrees with what the client saw.
         let from = stream.len().saturating_sub(4 << 10) as u64;
         let mut theirs = stream[..from as usize].to_vec();
@@ -298,7 +338,7 @@ fn round_of(
             crate::pair::protected,
         );
         match ok {
-            Ok(_) => protected_ms = Some(t.elapsed().as_secs_f64() * 1e3),
+            Ok(_) => protected_ms = Some(ended.elapsed().as_secs_f64() * 1e3),
             Err(e) => problems.push(format!("{e:#}")),
         }
         let both: Vec<bool> = (0..2)

@@ -8,6 +8,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -402,34 +404,118 @@ pub fn read_console(
     until: Instant,
     mark: u64,
 ) -> Result<Option<Instant>> {
+    let arrivals = follow_console(addr, offset, buf, until)?;
+    Ok(first_past(&arrivals, mark))
+}
+
+/// Reads a console from `offset` into `buf` like [`read_console`] and
+/// returns when each chunk came: (stream length after it, arrival time).
+pub fn follow_console(
+    addr: SocketAddr,
+    offset: u64,
+    buf: &mut Vec<u8>,
+    until: Instant,
+) -> Result<Vec<(u64, Instant)>> {
+    let mut arrivals = Vec::new();
+    follow(addr, offset, buf, until, None, &mut |end, at| {
+        arrivals.push((end, at))
+    })?;
+    Ok(arrivals)
+}
+
+/// The read loop of a console client: from `offset` into `buf` until the
+/// connection ends, `until` passes or `stop` is set; `arrived` sees the
+/// stream's length after every chunk and when it came.
+fn follow(
+    addr: SocketAddr,
+    offset: u64,
+    buf: &mut Vec<u8>,
+    until: Instant,
+    stop: Option<&AtomicBool>,
+    arrived: &mut dyn FnMut(u64, Instant),
+) -> Result<()> {
     let mut s =
         TcpStream::connect(addr).with_context(|| format!("attaching to the console at {addr}"))?;
     s.set_nodelay(true)?;
     s.write_all(format!("{offset}\n").as_bytes())?;
-    let mut first = None;
     let mut chunk = [0u8; 8192];
+    let poll = if stop.is_some() { 10 } else { 100 };
     loop {
         let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Ok(first);
+        if left.is_zero() || stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+            return Ok(());
         }
-        s.set_read_timeout(Some(left.min(Duration::from_millis(100))))?;
+        s.set_read_timeout(Some(left.min(Duration::from_millis(poll))))?;
         match s.read(&mut chunk) {
-            Ok(0) => return Ok(first),
+            Ok(0) => return Ok(()),
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
-                if buf.len() as u64 > mark {
-                    first.get_or_insert_with(Instant::now);
-                }
+                arrived(buf.len() as u64, Instant::now());
             }
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) => {}
-            Err(_) => return Ok(first),
+            Err(_) => return Ok(()),
         }
     }
+}
+
+/// A console client on a thread of its own, for watching a node while
+/// something else happens: [`Follower::first_past`] tells what came so far,
+/// [`Follower::finish`] stops it and returns the stream.
+pub struct Follower {
+    stop: Arc<AtomicBool>,
+    arrivals: Arc<Mutex<Vec<(u64, Instant)>>>,
+    thread: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl Follower {
+    /// Follows the console at `addr` from the end of `stream` (a copy of
+    /// the stream up to there) until `until` or [`Follower::finish`].
+    pub fn start(addr: SocketAddr, mut stream: Vec<u8>, until: Instant) -> Follower {
+        let stop = Arc::new(AtomicBool::new(false));
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
+        let (s, a) = (stop.clone(), arrivals.clone());
+        let thread = std::thread::spawn(move || {
+            let offset = stream.len() as u64;
+            let _ = follow(
+                addr,
+                offset,
+                &mut stream,
+                until,
+                Some(&s),
+                &mut |end, at| a.lock().expect("follower").push((end, at)),
+            );
+            stream
+        });
+        Follower {
+            stop,
+            arrivals,
+            thread,
+        }
+    }
+
+    /// When the stream first went past `mark`, so far.
+    pub fn first_past(&self, mark: u64) -> Option<Instant> {
+        first_past(&self.arrivals.lock().expect("follower"), mark)
+    }
+
+    /// Stops following; the stream as followed.
+    pub fn finish(self) -> Vec<u8> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
+/// When the stream first went past offset `mark`, from [`follow_console`]'s
+/// arrivals.
+pub fn first_past(arrivals: &[(u64, Instant)], mark: u64) -> Option<Instant> {
+    arrivals
+        .iter()
+        .find(|(end, _)| *end > mark)
+        .map(|(_, t)| *t)
 }
 
 /// A failover seen from a console client: when the primary was killed, and
@@ -450,9 +536,11 @@ impl Takeover {
 }
 
 /// SIGKILLs `primary` and follows the console on `backup` from the end of
-/// `stream` for `watch`: bytes up to what the backup had committed when the
-/// primary died may be served at once; the failover ends with the first
-/// byte after them.
+/// `stream` for `watch`. The failover ends with the first byte past the
+/// offset the survivor resumed from (its own history's first byte; bytes
+/// before it are the committed replica's, served at once). The killed
+/// process is reaped only after the watch: a large guest's exit takes tens
+/// of milliseconds that are not the failover's.
 pub fn kill_and_follow(
     primary: &mut Daemon,
     backup: &Daemon,
@@ -460,15 +548,12 @@ pub fn kill_and_follow(
     watch: Duration,
 ) -> Result<Takeover> {
     let killed = Instant::now();
-    primary.kill();
-    let committed = backup.status().map_or(0, |s| s.console_end);
+    let _ = primary.child.kill();
     let offset = stream.len() as u64;
-    let first = read_console(
-        backup.console,
-        offset,
-        stream,
-        Instant::now() + watch,
-        committed,
-    )?;
+    let arrivals = follow_console(backup.console, offset, stream, Instant::now() + watch);
+    let _ = primary.child.wait();
+    let arrivals = arrivals?;
+    let resumed_at = backup.status().and_then(|s| s.resumed_at);
+    let first = resumed_at.and_then(|r| first_past(&arrivals, r));
     Ok(Takeover { killed, first })
 }
