@@ -106,6 +106,17 @@ struct PairArgs {
     /// Console service address (clients send an offset, get the stream).
     #[arg(long, default_value = "127.0.0.1:0")]
     console: std::net::SocketAddr,
+    /// The control socket (status, takeover, reset; owner only). Default:
+    /// /run/castor/NODE.sock.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off by default).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+    /// Console history kept for clients, released bytes (held output is
+    /// bounded separately); older offsets get a clear error.
+    #[arg(long, value_parser = parse_size, default_value = "64M")]
+    console_keep: u64,
     /// Who decides which node owns the VM: `etcd=http://HOST:PORT[,http://HOST:PORT…]`
     /// (a backup takes over, and a primary carries on without its backup,
     /// only after winning a compare-and-swap there), or `none` (a single-machine
@@ -219,9 +230,25 @@ struct BackupArgs {
 
 #[derive(Args)]
 struct StatusArgs {
-    /// The daemon's console service address.
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", conflicts_with = "node")]
+    control: Option<PathBuf>,
+    /// The daemon's node name: its control socket is /run/castor/NODE.sock.
     #[arg(long)]
-    console: std::net::SocketAddr,
+    node: Option<String>,
+    /// Print the typed status as one line of JSON instead of a summary.
+    #[arg(long)]
+    json: bool,
+}
+
+impl StatusArgs {
+    fn socket(&self) -> Result<PathBuf> {
+        match (&self.control, &self.node) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Some(n)) => Ok(node::control::default_path(n)),
+            (None, None) => bail!("say which daemon: --control PATH or --node NAME"),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -523,16 +550,44 @@ fn primary_config(
 /// The runtime and console service of a daemon; its threads run at
 /// real-time priority so that heartbeats, acks and the failure detector are
 /// not starved by a spinning guest.
-fn services(name: &str, console: std::net::SocketAddr) -> Result<node::Services> {
+fn services(name: &str, pair: &PairArgs) -> Result<node::Services> {
+    raise_fd_limit();
+    let at = node::services::Endpoints {
+        console: pair.console,
+        control: pair
+            .control
+            .clone()
+            .unwrap_or_else(|| node::control::default_path(&pair.node)),
+        metrics: pair.metrics,
+        console_keep: usize::try_from(pair.console_keep).unwrap_or(usize::MAX),
+    };
     node::Services::start(
         name,
-        console,
-        std::sync::Arc::new(|_: &str| Some("error: starting".to_string())),
+        &at,
+        std::sync::Arc::new(|_: &node::control::Request| {
+            node::control::Response::Error("starting".into())
+        }),
         || {
             let _ = vmm::set_current_thread_realtime(10);
         },
     )
-    .context("starting the console service")
+    .context("starting the node's services")
+}
+
+/// Raises the soft limit on open files to the hard one: console clients
+/// each hold one, and a failover needs some (vCPUs, the VM, sockets).
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        let raised = Rlimit {
+            current: l.maximum,
+            maximum: l.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            warn!("cannot raise the open-file limit: {e}");
+        }
+    }
 }
 
 fn stop_after(duration: Option<Duration>) -> Result<Arc<AtomicBool>> {
@@ -593,7 +648,7 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
     };
     let cfg = primary_config(&a.pair, &a.protect, Some(a.backup), witness)?;
     let stop = stop_after(a.duration)?;
-    let node = services("castor-net", a.pair.console)?;
+    let node = services("castor-net", &a.pair)?;
     let vm = Machine::boot(
         &machine,
         &kernel,
@@ -635,7 +690,7 @@ fn backup_cmd(a: BackupArgs) -> Result<()> {
         witness,
     };
     let stop = stop_flag()?;
-    let node = services("castor-backup", a.pair.console)?;
+    let node = services("castor-backup", &a.pair)?;
     match backup::run(&cfg, &node, stop.clone())? {
         backup::Outcome::Stopped => {}
         backup::Outcome::TookOver(t) => {
@@ -661,27 +716,26 @@ const RESYNC_GRACE: Duration = Duration::from_secs(2);
 /// primary catches up a backlog after a resync (its guest was paused for it).
 const RESYNC_TIMEOUT: Duration = Duration::from_millis(500);
 
+fn control(a: &StatusArgs, req: node::control::Request) -> Result<node::control::Response> {
+    let path = a.socket()?;
+    Ok(node::control::request(&path, &req, Duration::from_secs(10))?)
+}
+
 fn status_cmd(a: StatusArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let s = rt
-        .block_on(node::console::command(a.console, "status"))
-        .with_context(|| format!("no castor daemon answers at {}", a.console))?;
-    println!("{s}");
+    match control(&a, node::control::Request::Status)? {
+        node::control::Response::Status(s) if a.json => println!("{}", s.to_json()),
+        node::control::Response::Status(s) => print!("{}", s.summary()),
+        node::control::Response::Ok(m) => println!("{m}"),
+        node::control::Response::Error(e) => bail!("{e}"),
+    }
     Ok(())
 }
 
 fn takeover_cmd(a: StatusArgs) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let s = rt
-        .block_on(node::console::command(a.console, "takeover"))
-        .with_context(|| format!("no castor daemon answers at {}", a.console))?;
-    println!("{s}");
-    if s.starts_with("error") {
-        bail!("{s}");
+    match control(&a, node::control::Request::Takeover)? {
+        node::control::Response::Ok(m) => println!("ok: {m}"),
+        node::control::Response::Status(s) => println!("{}", s.to_json()),
+        node::control::Response::Error(e) => bail!("{e}"),
     }
     Ok(())
 }

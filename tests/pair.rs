@@ -101,8 +101,8 @@ fn verification_finds_no_mismatch_in_any_mode() {
     }
 }
 
-fn console_grows(console: std::net::SocketAddr) -> bool {
-    let end = || status(console).map_or(0, |s| s.console_released);
+fn console_grows(control: &std::path::Path) -> bool {
+    let end = || status(control).map_or(0, |s| s.console_released);
     let a = end();
     std::thread::sleep(Duration::from_millis(300));
     end() > a
@@ -143,7 +143,7 @@ fn the_primary_survives_its_backup_and_reprotects() {
     )
     .unwrap();
     assert!(
-        console_grows(primary.console),
+        console_grows(&primary.control),
         "the unprotected guest keeps running and its output flows"
     );
     let log = std::fs::read_to_string(&primary.log).unwrap();
@@ -162,7 +162,7 @@ fn the_primary_survives_its_backup_and_reprotects() {
     )
     .unwrap();
     assert!(t.elapsed() < Duration::from_secs(30));
-    assert!(console_grows(primary.console));
+    assert!(console_grows(&primary.control));
 }
 
 #[test]
@@ -200,7 +200,7 @@ fn a_backup_with_the_wrong_certificate_is_refused_and_the_primary_stays_up() {
     std::thread::sleep(Duration::from_millis(1500));
     let s = primary.status().unwrap();
     assert!(pair::unprotected(&s), "{s:?}");
-    assert!(console_grows(primary.console), "the primary stays up");
+    assert!(console_grows(&primary.control), "the primary stays up");
     let log = std::fs::read_to_string(&primary.log).unwrap();
     assert!(
         log.contains("cannot reach the backup"),
@@ -295,14 +295,28 @@ fn a_config_file_and_a_takeover_on_command() {
     // The primary refuses; the backup takes over.
     let (ok, out) = outcome(&run(&[
         "takeover",
-        "--console",
-        &primary.console.to_string(),
+        "--control",
+        &primary.control.display().to_string(),
     ]));
-    assert!(!ok && out.contains("this node is the primary"), "{out}");
+    assert!(!ok && out.contains("this node runs the guest"), "{out}");
+    // The summary a person reads, and the typed status.
+    let (ok, out) = outcome(&run(&[
+        "status",
+        "--control",
+        &backup.control.display().to_string(),
+    ]));
+    assert!(ok && out.contains("role       backup") && out.contains("replica    epoch"), "{out}");
+    let (ok, out) = outcome(&run(&[
+        "status",
+        "--json",
+        "--control",
+        &backup.control.display().to_string(),
+    ]));
+    assert!(ok && node::Status::from_json(&out).is_ok(), "{out}");
     let (ok, out) = outcome(&run(&[
         "takeover",
-        "--console",
-        &backup.console.to_string(),
+        "--control",
+        &backup.control.display().to_string(),
     ]));
     assert!(ok && out.contains("ok: taking over"), "{out}");
     // The old primary is fenced: its guest stops and the process exits.

@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use node::control::{Request, Response};
 use node::ha::{BackupCore, TakeoverAnswer};
 use node::{BackupStatus, Role, Services, Status};
 use tracing::{info, warn};
@@ -67,8 +68,8 @@ pub fn run(
     let shared = Shared::new(BackupCore::new(cfg.timeouts, cfg.witness.is_some()));
     let log = services.log.clone();
     services
-        .commands
-        .replace(commands(shared.clone(), log.clone()));
+        .control
+        .replace(control(shared.clone(), log.clone()));
     let listener = services
         .rt
         .block_on(async { Listener::bind(cfg.listen, &cfg.tls) })?;
@@ -100,6 +101,7 @@ pub fn run(
     };
     let t = Instant::now();
     let (machine, resumed_at) = takeover::restore(&shared, standby, &log, &cfg.kvm_device)?;
+    services.metrics.takeovers.inc();
     warn!(
         epoch = decision.epoch,
         console_offset = resumed_at,
@@ -117,23 +119,25 @@ pub fn run(
     })))
 }
 
-/// The command words a backup answers.
-fn commands(shared: Arc<Shared>, log: Arc<node::console::ConsoleLog>) -> node::console::Handler {
-    Arc::new(move |word: &str| match word {
-        "takeover" => Some(
-            match shared.core().ask_takeover() {
-                TakeoverAnswer::Accepted => "ok: taking over from the last committed checkpoint",
-                TakeoverAnswer::AlreadyTakenOver => "error: this node has already taken over",
-                TakeoverAnswer::NothingCommitted => {
-                    "error: nothing committed yet; nothing to take over"
-                }
+/// The control requests a backup answers.
+fn control(shared: Arc<Shared>, log: Arc<node::console::ConsoleLog>) -> node::control::Handler {
+    Arc::new(move |req: &Request| match req {
+        Request::Takeover => match shared.core().ask_takeover() {
+            TakeoverAnswer::Accepted => {
+                Response::Ok("taking over from the last committed checkpoint".into())
             }
-            .into(),
-        ),
-        "status" => {
+            TakeoverAnswer::AlreadyTakenOver => {
+                Response::Error("this node has already taken over".into())
+            }
+            TakeoverAnswer::NothingCommitted => {
+                Response::Error("nothing committed yet; nothing to take over".into())
+            }
+        },
+        Request::Reset => Response::Error("a backup has no figures to reset".into()),
+        Request::Status => {
             let r = shared.replica();
             let taken_over = shared.core().taken_over();
-            let status = Status {
+            Response::Status(Box::new(Status {
                 role: if taken_over {
                     Role::TakenOver
                 } else {
@@ -151,9 +155,7 @@ fn commands(shared: Arc<Shared>, log: Arc<node::console::ConsoleLog>) -> node::c
                     checkpoints_applied: shared.applied.load(Ordering::Relaxed),
                     verify_mismatches: shared.mismatches.load(Ordering::Relaxed),
                 }),
-            };
-            Some(status.to_json())
+            }))
         }
-        _ => None,
     })
 }

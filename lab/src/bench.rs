@@ -447,7 +447,7 @@ fn measure_pair(
         pair::protected,
     )?;
     std::thread::sleep(p.warmup);
-    reset_figures(primary.console)?;
+    reset_figures(&primary)?;
     let start = primary.status().context("the primary stopped answering")?;
     let mut buf = Vec::new();
     let sched = SchedWindow::start(primary.child.id());
@@ -495,17 +495,14 @@ fn measure_pair(
 }
 
 /// Asks the primary to reset its figures (the window starts).
-fn reset_figures(console: std::net::SocketAddr) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let said = rt
-        .block_on(node::console::command(console, "reset"))
-        .context("resetting the primary's figures")?;
-    if !said.starts_with("ok") {
-        bail!("the primary refused to reset its figures: {said}");
+fn reset_figures(primary: &pair::Daemon) -> Result<()> {
+    match primary
+        .control(&node::control::Request::Reset)
+        .context("resetting the primary's figures")?
+    {
+        node::control::Response::Ok(_) => Ok(()),
+        other => bail!("the primary refused to reset its figures: {other:?}"),
     }
-    Ok(())
 }
 
 /// A point's checkpoint figures from the primary's over the window.

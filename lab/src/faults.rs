@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use rand::Rng as _;
 
 use crate::console::continuity;
-use crate::pair::{read_console, status, wait_status, Daemon, Follower, Pair};
+use crate::pair::{read_console, wait_status, Daemon, Follower, Pair};
 
 /// How long both consoles are followed from a fault's start: the longest
 /// fault (2 s, plus an etcd restart) and a takeover after it.
@@ -225,7 +225,7 @@ fn round_of(
             .filter(|&i| {
                 n.d[i]
                     .as_ref()
-                    .is_some_and(|d| status(d.console).is_some_and(|s| s.role.runs_guest()))
+                    .is_some_and(|d| d.status().is_some_and(|s| s.role.runs_guest()))
             })
             .collect();
         if running.len() == 1 {
@@ -250,7 +250,7 @@ fn round_of(
         let new_from = if s == p {
             mark
         } else {
-            status(d.console)
+            d.status()
                 .and_then(|st| st.resumed_at)
                 .unwrap_or(mark)
                 .max(mark)
@@ -293,7 +293,7 @@ fn round_of(
         if !refused && theirs[..k] != stream[..k] {
             problems.push("the serving node's console differs from the client's stream".into());
         }
-        if let Some(m) = status(d.console)
+        if let Some(m) = d.status()
             .and_then(|s| s.backup)
             .map(|b| b.verify_mismatches)
             .filter(|&m| m > 0)
@@ -320,7 +320,7 @@ fn round_of(
                 break;
             }
             let d = n.d[other].as_ref().expect("running");
-            if status(d.console).is_some_and(|st| st.role == node::Role::Backup) {
+            if d.status().is_some_and(|st| st.role == node::Role::Backup) {
                 break;
             }
             if Instant::now() > deadline {
@@ -345,7 +345,7 @@ fn round_of(
             .map(|i| {
                 n.d[i]
                     .as_ref()
-                    .is_some_and(|d| status(d.console).is_some_and(|s| s.role.runs_guest()))
+                    .is_some_and(|d| d.status().is_some_and(|s| s.role.runs_guest()))
             })
             .collect();
         if both.iter().filter(|&&r| r).count() != 1 {

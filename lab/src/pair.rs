@@ -90,6 +90,8 @@ pub struct Daemon {
     pub child: Child,
     /// Its console service.
     pub console: SocketAddr,
+    /// Its control socket.
+    pub control: PathBuf,
     /// Its log file.
     pub log: PathBuf,
 }
@@ -109,7 +111,16 @@ impl Daemon {
 
     /// The daemon's status, or None if it does not answer.
     pub fn status(&self) -> Option<Status> {
-        status(self.console)
+        status(&self.control)
+    }
+
+    /// Sends `req` to the daemon's control socket.
+    pub fn control(&self, req: &node::control::Request) -> Result<node::control::Response> {
+        Ok(node::control::request(
+            &self.control,
+            req,
+            Duration::from_secs(10),
+        )?)
     }
 }
 
@@ -129,7 +140,13 @@ pub struct Node<'a> {
     pub place: Option<&'a crate::netns::Place>,
 }
 
-fn spawn(args: &[String], ns: Option<&str>, console: SocketAddr, log: PathBuf) -> Result<Daemon> {
+fn spawn(
+    args: &[String],
+    ns: Option<&str>,
+    console: SocketAddr,
+    control: PathBuf,
+    log: PathBuf,
+) -> Result<Daemon> {
     let mut cmd = match ns {
         // `ip netns exec` execs the daemon: the child is castor itself.
         Some(ns) => {
@@ -153,6 +170,7 @@ fn spawn(args: &[String], ns: Option<&str>, console: SocketAddr, log: PathBuf) -
     Ok(Daemon {
         child,
         console,
+        control,
         log,
     })
 }
@@ -177,11 +195,15 @@ fn start(
         "--peer".into(),
         n.peer.into(),
     ]);
+    // The control socket sits beside the log (a file path: it works the
+    // same inside a network namespace).
+    let control = log.with_extension("sock");
     a.extend(["--console".into(), console.to_string()]);
+    a.extend(["--control".into(), control.display().to_string()]);
     a.extend(["--witness".into(), n.witness.into()]);
     a.extend(role_args.iter().cloned());
     a.extend(extra.iter().cloned());
-    spawn(&a, n.place.map(|p| p.ns.as_str()), console, log)
+    spawn(&a, n.place.map(|p| p.ns.as_str()), console, control, log)
 }
 
 /// Starts a backup listening on `listen` that, after failover, protects
@@ -341,13 +363,11 @@ pub fn guest_args(mem: u64, vcpus: u32, workload: &guest::Workload) -> Vec<Strin
 
 /// The status of the daemon whose console service is at `console`, or None
 /// if it does not answer with a status.
-pub fn status(console: SocketAddr) -> Option<Status> {
-    let mut s = TcpStream::connect_timeout(&console, Duration::from_millis(200)).ok()?;
-    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
-    s.write_all(b"status\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Status::from_json(&out).ok()
+pub fn status(control: &Path) -> Option<Status> {
+    match node::control::request(control, &node::control::Request::Status, Duration::from_millis(500)) {
+        Ok(node::control::Response::Status(s)) => Some(*s),
+        _ => None,
+    }
 }
 
 /// The node runs the guest and a backup holds a committed checkpoint.

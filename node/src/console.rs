@@ -9,18 +9,29 @@
 //! the next offset and sees no gap and no duplicate.
 //!
 //! Client protocol, over TCP: send a line with a decimal offset; receive the
-//! console bytes from that offset on, live, until the daemon goes. Or send
-//! `status` and receive one line of JSON. An offset older than the log keeps
-//! (the last [`ConsoleLog::CAPACITY`] bytes) gets `error: …` and the line ends.
+//! console bytes from that offset on, live, until the daemon goes. An offset
+//! older than the log keeps (the last `--console-keep` bytes, by default
+//! [`ConsoleLog::CAPACITY`]) gets
+//! `error: …` and the connection ends. The port takes no commands (control
+//! is on the owner-only socket of [`crate::control`]); it streams to at most
+//! [`MAX_CLIENTS`] clients at once, holds at most [`MAX_PENDING`] connections
+//! that have not sent their offset, gives each [`REQUEST_TIMEOUT`] to send
+//! it, drops a client that stops reading, and outlives accept errors such
+//! as running out of file descriptors.
+//!
+//! The log is bounded: it keeps the last `--console-keep` bytes that
+//! are released, plus what is held (a primary bounds what it holds by
+//! pausing its guest).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
-use tracing::{debug, info};
+use tokio::sync::{Notify, Semaphore};
+use tracing::{debug, info, warn};
 
 #[derive(Debug)]
 struct Inner {
@@ -29,6 +40,23 @@ struct Inner {
     released: u64,
     closed: bool,
     hold: bool,
+    capacity: usize,
+}
+
+impl Inner {
+    /// Forgets the oldest released bytes beyond the capacity. Held bytes
+    /// are never dropped: they are not checkpointed yet.
+    fn trim(&mut self) {
+        let cap = self.capacity;
+        if self.data.len() > cap && self.base < self.released {
+            let n = (self.data.len() - cap).min((self.released - self.base) as usize);
+            self.data.drain(..n);
+            self.base += n as u64;
+            if self.data.capacity() > 2 * cap {
+                self.data.shrink_to(cap + (cap >> 2));
+            }
+        }
+    }
 }
 
 /// The console stream of one guest, with its release point.
@@ -60,11 +88,17 @@ pub enum Read {
 }
 
 impl ConsoleLog {
-    /// Bytes of history kept.
+    /// Bytes of released history kept by default.
     pub const CAPACITY: usize = 64 << 20;
 
-    /// A log whose first byte has offset `base`.
+    /// A log whose first byte has offset `base`, keeping
+    /// [`ConsoleLog::CAPACITY`] bytes of released history.
     pub fn new(base: u64) -> Arc<Self> {
+        Self::with_capacity(base, Self::CAPACITY)
+    }
+
+    /// A log keeping `capacity` bytes of released history (at least 4 KiB).
+    pub fn with_capacity(base: u64, capacity: usize) -> Arc<Self> {
         Arc::new(ConsoleLog {
             inner: Mutex::new(Inner {
                 base,
@@ -72,6 +106,7 @@ impl ConsoleLog {
                 released: base,
                 closed: false,
                 hold: true,
+                capacity: capacity.max(4096),
             }),
             notify: Notify::new(),
         })
@@ -110,16 +145,14 @@ impl ConsoleLog {
     pub fn append(&self, bytes: &[u8]) {
         let mut i = self.lock();
         i.data.extend(bytes);
-        if !i.hold {
+        let released = !i.hold;
+        if released {
             i.released = i.base + i.data.len() as u64;
-            drop(i);
-            self.notify.notify_waiters();
-            return;
         }
-        while i.data.len() > Self::CAPACITY && i.base < i.released {
-            let drop = (i.data.len() - Self::CAPACITY).min((i.released - i.base) as usize);
-            i.data.drain(..drop);
-            i.base += drop as u64;
+        i.trim();
+        drop(i);
+        if released {
+            self.notify.notify_waiters();
         }
     }
 
@@ -139,8 +172,14 @@ impl ConsoleLog {
             let mut i = self.lock();
             let end = i.base + i.data.len() as u64;
             i.released = i.released.max(offset.min(end));
+            i.trim();
         }
         self.notify.notify_waiters();
+    }
+
+    /// Bytes of released history kept.
+    pub fn capacity(&self) -> usize {
+        self.lock().capacity
     }
 
     /// Offset one past the last byte appended.
@@ -214,56 +253,42 @@ pub fn sink(log: Arc<ConsoleLog>) -> Box<dyn vmm::console::ConsoleSink> {
     Box::new(LogSink(log))
 }
 
-/// A handler of command words; `None` for a word it does not know.
-pub type Handler = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+/// Console clients streamed at once; more are told so and disconnected.
+pub const MAX_CLIENTS: usize = 1024;
+/// Connections that have not sent their offset yet, at once; more are
+/// closed at once, so idle connections cannot hold every slot for long.
+pub const MAX_PENDING: usize = 256;
+/// How long a client has to send its offset line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one write to a client may take before it is dropped (a client
+/// that stopped reading).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Answers command words (`status`, `takeover`, …) for the console service.
-/// The handler is replaced when the node changes role (a backup that takes
-/// over answers as a primary from then on).
-pub struct Commands(std::sync::RwLock<Handler>);
-
-impl Commands {
-    /// Commands answered by `handler`.
-    pub fn new(handler: Handler) -> Arc<Self> {
-        Arc::new(Commands(std::sync::RwLock::new(handler)))
-    }
-
-    /// From now on, `handler` answers.
-    pub fn replace(&self, handler: Handler) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = handler;
-    }
-
-    /// The answer to `word`, `None` if unknown.
-    pub fn answer(&self, word: &str) -> Option<String> {
-        let h = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
-        h(word)
-    }
-}
-
-impl std::fmt::Debug for Commands {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Commands")
-    }
-}
-
-/// Serves `log` to console clients on `addr`; `commands` answers command
-/// words such as `status`. Returns the bound address.
-pub async fn serve(
-    addr: SocketAddr,
-    log: Arc<ConsoleLog>,
-    commands: Arc<Commands>,
-) -> std::io::Result<SocketAddr> {
+/// Serves `log` to console clients on `addr`. Returns the bound address.
+pub async fn serve(addr: SocketAddr, log: Arc<ConsoleLog>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     info!(%bound, "console service listening");
+    let pending = Arc::new(Semaphore::new(MAX_PENDING));
+    let streaming = Arc::new(Semaphore::new(MAX_CLIENTS));
     tokio::spawn(async move {
         loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                return;
+            let (stream, peer) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors, say: wait and go on.
+                    warn!("console service: accept failed: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
-            let (log, commands) = (log.clone(), commands.clone());
+            let Ok(slot) = pending.clone().try_acquire_owned() else {
+                debug!(%peer, "console: too many connections without an offset; closed");
+                continue;
+            };
+            let (log, streaming) = (log.clone(), streaming.clone());
             tokio::spawn(async move {
-                if let Err(e) = client(stream, log, commands).await {
+                if let Err(e) = client(stream, log, slot, streaming).await {
                     debug!(%peer, "console client ended: {e}");
                 }
             });
@@ -275,55 +300,65 @@ pub async fn serve(
 async fn client(
     stream: TcpStream,
     log: Arc<ConsoleLog>,
-    commands: Arc<Commands>,
+    pending: tokio::sync::OwnedSemaphorePermit,
+    streaming: Arc<Semaphore>,
 ) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(rd.take(64)).read_line(&mut line).await?;
+    let mut rd = BufReader::new(rd.take(64));
+    let read = rd.read_line(&mut line);
+    if tokio::time::timeout(REQUEST_TIMEOUT, read).await.is_err() {
+        drop(pending);
+        let msg = format!(
+            "error: no offset within {} s\n",
+            REQUEST_TIMEOUT.as_secs()
+        );
+        return write(&mut wr, msg.as_bytes()).await;
+    }
+    drop(pending);
     let req = line.trim();
     let Ok(mut at) = req.parse::<u64>() else {
-        let answer = commands.answer(req).unwrap_or_else(|| {
-            format!("error: unknown request '{req}': send a console offset (a number), 'status' or 'takeover'")
-        });
-        wr.write_all(format!("{answer}\n").as_bytes()).await?;
-        return Ok(());
+        let msg = format!(
+            "error: '{req}' is not a console offset: send a decimal offset and a newline \
+             (status, takeover and reset are on the control socket: castor status --help)\n"
+        );
+        return write(&mut wr, msg.as_bytes()).await;
+    };
+    let Ok(_slot) = streaming.try_acquire_owned() else {
+        let msg = format!("error: too many console clients (at most {MAX_CLIENTS})\n");
+        return write(&mut wr, msg.as_bytes()).await;
     };
     loop {
         match log.read_wait(at, 64 << 10).await {
             Read::Bytes(b) => {
-                wr.write_all(&b).await?;
+                write(&mut wr, &b).await?;
                 at += b.len() as u64;
             }
             Read::Gone { oldest } => {
-                wr.write_all(
-                    format!("error: offset {at} is older than the oldest kept, {oldest}\n")
-                        .as_bytes(),
-                )
-                .await?;
-                return Ok(());
+                let msg = format!(
+                    "error: offset {at} is older than the oldest kept, {oldest} (the log keeps the last {} bytes: --console-keep)\n",
+                    log.capacity()
+                );
+                return write(&mut wr, msg.as_bytes()).await;
             }
             Read::Future { end } => {
-                wr.write_all(
-                    format!("error: offset {at} is beyond the end of the stream, {end}\n")
-                        .as_bytes(),
-                )
-                .await?;
-                return Ok(());
+                let msg = format!("error: offset {at} is beyond the end of the stream, {end}\n");
+                return write(&mut wr, msg.as_bytes()).await;
             }
             Read::Closed | Read::Wait => return Ok(()),
         }
     }
 }
 
-/// Sends a command word (`status`, `takeover`) to a daemon's console service
-/// and returns its one-line answer.
-pub async fn command(addr: SocketAddr, word: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(addr).await?;
-    s.write_all(format!("{word}\n").as_bytes()).await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out.trim().to_string())
+async fn write(wr: &mut tokio::net::tcp::OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client stopped reading",
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -345,5 +380,39 @@ mod tests {
         assert_eq!(log.slice(106, 108), b"wo".to_vec());
         log.close();
         assert_eq!(log.read(111, 10), Read::Closed);
+    }
+
+    #[test]
+    fn the_log_stays_bounded_whether_released_or_not_held() {
+        const CAP: usize = 64 << 10;
+        let chunk = vec![b'x'; 1 << 10];
+        // Released at once (an unprotected primary, a survivor) or released
+        // after appending (a backup's commits, a protected primary).
+        for hold in [false, true] {
+            let log = ConsoleLog::with_capacity(0, CAP);
+            log.set_hold(hold);
+            for _ in 0..3 * CAP / chunk.len() {
+                log.append(&chunk);
+                if hold {
+                    log.release(log.end());
+                }
+            }
+            let end = log.end();
+            assert_eq!(end, 3 * CAP as u64);
+            assert!(log.lock().data.len() <= CAP);
+            assert!(log.lock().data.capacity() <= 2 * CAP);
+            let oldest = end - CAP as u64;
+            assert_eq!(log.read(oldest - 1, 1), Read::Gone { oldest });
+            assert_eq!(log.read(oldest, 1), Read::Bytes(b"x".to_vec()));
+        }
+        // Held bytes are kept beyond the capacity until released.
+        let log = ConsoleLog::with_capacity(0, CAP);
+        for _ in 0..2 * CAP / chunk.len() {
+            log.append(&chunk);
+        }
+        assert_eq!(log.read(0, 1), Read::Wait);
+        assert_eq!(log.slice(0, 1), b"x".to_vec());
+        log.release(log.end());
+        assert!(matches!(log.read(0, 1), Read::Gone { .. }));
     }
 }

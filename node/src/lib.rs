@@ -4,14 +4,19 @@
 //!
 //! - [`console`]: the guest's console stream with byte offsets and output
 //!   commit, served over TCP.
-//! - [`services`]: the runtime, console log and command words a node keeps
-//!   across a change of role.
+//! - [`control`]: status, takeover and reset as typed JSON on an owner-only
+//!   Unix socket.
+//! - [`metrics`]: Prometheus metrics, served when asked for.
+//! - [`services`]: the runtime, console log, control socket and metrics a
+//!   node keeps across a change of role.
 //! - [`status`]: the one typed status both roles report.
 //! - [`stats`]: percentiles for figures.
 //! - [`ha`]: the HA decisions of both roles, as pure state machines.
 //! - [`sim`]: a deterministic simulator of the pair driving those machines.
 
 pub mod console;
+pub mod control;
+pub mod metrics;
 pub mod services;
 pub mod sim;
 pub mod stats;

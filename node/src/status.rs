@@ -152,6 +152,78 @@ impl Status {
     pub fn protected(&self) -> bool {
         self.primary.as_ref().is_some_and(|p| p.protected)
     }
+
+    /// A few lines for a person (`castor status`): role, protection,
+    /// console, pause, bytes and the last failover.
+    pub fn summary(&self) -> String {
+        use std::fmt::Write as _;
+        let mut o = String::new();
+        let ms = |us: f64| format!("{:.2} ms", us / 1e3);
+        let _ = write!(o, "role       {}", self.role);
+        if let Some(p) = &self.primary {
+            let _ = write!(
+                o,
+                ", {}",
+                if p.protected {
+                    "protected"
+                } else {
+                    "UNPROTECTED (no backup holds a committed checkpoint)"
+                }
+            );
+        }
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "console    {} bytes released, {} held",
+            self.console_released,
+            self.console_end.saturating_sub(self.console_released)
+        );
+        if let Some(p) = &self.primary {
+            let _ = writeln!(
+                o,
+                "epochs     {} ({}, {} ms); pause p50 {}, p99 {}, max {}",
+                p.epochs,
+                p.mode,
+                p.epoch_ms,
+                ms(p.pause_p50_us),
+                ms(p.pause_p99_us),
+                ms(p.pause_max_us)
+            );
+            let _ = writeln!(
+                o,
+                "bytes      {:.1} KiB per epoch (raw {:.1} KiB, {:.0} dirty pages); ack p50 {}, p99 {}",
+                p.bytes_per_epoch / 1024.0,
+                p.raw_bytes_per_epoch / 1024.0,
+                p.dirty_pages_mean,
+                ms(p.ack_p50_us),
+                ms(p.ack_p99_us)
+            );
+        }
+        if let Some(b) = &self.backup {
+            let _ = writeln!(
+                o,
+                "replica    epoch {} of session {}; primary {}; {} checkpoints applied{}",
+                b.committed_epoch,
+                b.session,
+                if b.connected { "connected" } else { "NOT connected" },
+                b.checkpoints_applied,
+                if b.verifying {
+                    format!("; verified, {} mismatches", b.verify_mismatches)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        let _ = writeln!(
+            o,
+            "failover   {}",
+            match self.resumed_at {
+                Some(at) => format!("this node took over, resuming the guest at console offset {at}"),
+                None => "none on this node".into(),
+            }
+        );
+        o
+    }
 }
 
 #[cfg(test)]
@@ -184,5 +256,9 @@ mod tests {
             "{e}"
         );
         assert_eq!(Role::TakenOver.to_string(), "primary (after failover)");
+        let text = s.summary();
+        assert!(text.starts_with("role       primary (after failover), protected\n"), "{text}");
+        assert!(text.contains("pause p50 0.00 ms, p99 0.70 ms"), "{text}");
+        assert!(text.contains("resuming the guest at console offset 7"), "{text}");
     }
 }

@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use node::console::ConsoleLog;
+use node::control::{Request, Response};
 use node::ha::PrimaryCore;
 use node::{Role, Services, Status};
 use tokio::sync::mpsc;
@@ -68,7 +69,7 @@ impl Origin {
 
 /// Protects `machine`, whose console goes to `services.log`, until `stop`
 /// is set, the guest stops, or this node is fenced. Answers `status` and
-/// `reset` on the node's console service from now on.
+/// `reset` on the node's control socket from now on.
 pub fn protect(
     cfg: &Config,
     services: &Services,
@@ -79,10 +80,10 @@ pub fn protect(
     if vmm::memory::ram_size(machine.memory()) > vmm::memory::MMIO_HOLE_START {
         return Err(PrimaryError::Layout);
     }
-    let metrics = Arc::new(Metrics::new(cfg.mode, cfg.epoch));
+    let metrics = Arc::new(Metrics::new(cfg.mode, cfg.epoch, services.metrics.clone()));
     services
-        .commands
-        .replace(commands(metrics.clone(), services.log.clone(), origin));
+        .control
+        .replace(control(metrics.clone(), services.log.clone(), origin));
     let pages = vmm::memory::ram_size(machine.memory()) / 4096;
     let log = services.log.clone();
     // Dirty tracking starts with the first session (a full resync copies
@@ -139,31 +140,29 @@ pub fn protect(
     result.map(|()| metrics)
 }
 
-/// The command words a node running the guest answers.
-fn commands(metrics: Arc<Metrics>, log: Arc<ConsoleLog>, origin: Origin) -> node::console::Handler {
-    Arc::new(move |word: &str| match word {
-        "status" => Some(
-            Status {
-                role: match origin {
-                    Origin::Booted { .. } => Role::Primary,
-                    Origin::TookOver { .. } => Role::TakenOver,
-                },
-                console_released: log.released(),
-                console_end: log.end(),
-                resumed_at: match origin {
-                    Origin::Booted { .. } => None,
-                    Origin::TookOver { resumed_at, .. } => Some(resumed_at),
-                },
-                primary: Some(metrics.figures()),
-                backup: None,
-            }
-            .to_json(),
-        ),
-        "reset" => {
+/// The control requests a node running the guest answers.
+fn control(metrics: Arc<Metrics>, log: Arc<ConsoleLog>, origin: Origin) -> node::control::Handler {
+    Arc::new(move |req: &Request| match req {
+        Request::Status => Response::Status(Box::new(Status {
+            role: match origin {
+                Origin::Booted { .. } => Role::Primary,
+                Origin::TookOver { .. } => Role::TakenOver,
+            },
+            console_released: log.released(),
+            console_end: log.end(),
+            resumed_at: match origin {
+                Origin::Booted { .. } => None,
+                Origin::TookOver { resumed_at, .. } => Some(resumed_at),
+            },
+            primary: Some(metrics.figures()),
+            backup: None,
+        })),
+        Request::Reset => {
             metrics.reset();
-            Some("ok: figures reset".into())
+            Response::Ok("figures reset".into())
         }
-        "takeover" => Some("error: this node is the primary; send takeover to its backup".into()),
-        _ => None,
+        Request::Takeover => Response::Error(
+            "this node runs the guest; a takeover is asked of its backup".into(),
+        ),
     })
 }

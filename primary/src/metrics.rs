@@ -1,6 +1,6 @@
 //! Per-epoch figures of the primary, their summary, and the status line.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use node::stats::percentile as pct;
@@ -50,17 +50,20 @@ pub struct Metrics {
     mode: fgbi::Mode,
     epoch_len: Duration,
     inner: Mutex<Inner>,
+    /// The node's Prometheus metrics, fed from here.
+    exported: Arc<node::metrics::Metrics>,
 }
 
 const KEEP: usize = 1 << 16;
 
 impl Metrics {
-    /// Empty figures.
-    pub fn new(mode: fgbi::Mode, epoch_len: Duration) -> Self {
+    /// Empty figures, which also feed the node's `exported` metrics.
+    pub fn new(mode: fgbi::Mode, epoch_len: Duration, exported: Arc<node::metrics::Metrics>) -> Self {
         Metrics {
             mode,
             epoch_len,
             inner: Mutex::new(Inner::default()),
+            exported,
         }
     }
 
@@ -83,6 +86,7 @@ impl Metrics {
             wait_us = f.wait.as_micros() as u64,
             "epoch"
         );
+        self.exported.epoch(f.pause, f.bytes, f.dirty_pages);
         let mut i = self.lock();
         if i.epochs.len() >= KEEP {
             i.epochs.drain(..KEEP / 2);
@@ -111,6 +115,7 @@ impl Metrics {
 
     /// Records an ack's latency (commit → ack).
     pub fn ack(&self, d: Duration) {
+        self.exported.ack.observe(d.as_secs_f64());
         let mut i = self.lock();
         if i.acks.len() >= KEEP {
             i.acks.drain(..KEEP / 2);
