@@ -91,7 +91,8 @@ enum Command {
 struct PairArgs {
     /// Read settings from a TOML file: keys are these long flag names
     /// (`backup = "10.0.0.2:7400"`, `epoch-ms = 25`, `verify = true`);
-    /// flags on the command line override the file.
+    /// flags on the command line override the file. Default:
+    /// /etc/castor/primary.toml or /etc/castor/backup.toml, if it exists.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Directory made by `castor certs`.
@@ -201,6 +202,12 @@ struct PrimaryArgs {
     /// Stop after this long; default: run until SIGINT/SIGTERM.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
+    /// Boot a new generation of the VM here even though the witness says
+    /// another node owns it (it booted the VM or took it over, and may be
+    /// running it: its guest is then fenced and its state lost). Without
+    /// this, such a start is refused.
+    #[arg(long)]
+    take_ownership: bool,
 }
 
 #[derive(Args)]
@@ -632,21 +639,34 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
         ),
     };
     let witness = witness_of(&a.pair)?;
+    // Local configuration first (certificates, sizes): a bad one fails
+    // before anything changes at the witness.
+    let cfg = primary_config(&a.pair, &a.protect, Some(a.backup), witness.clone())?;
     // A primary that boots the VM starts a new generation of its ownership.
     let token = match &witness {
         Some(w) => {
-            let token = w.acquire(&a.pair.node).with_context(|| {
-                format!(
-                    "{}: a primary does not start without its witness",
-                    w.describe()
-                )
-            })?;
+            let token = match w.acquire(&a.pair.node, a.take_ownership) {
+                Ok(t) => t,
+                Err(e @ witness::WitnessError::OwnedBy { .. }) => bail!(
+                    "{e}: it booted or took over the VM and may be running it; this node does not \
+                     boot a new generation over it. Start this node as its backup instead \
+                     (castor backup), or pass --take-ownership if that node is gone for good \
+                     or its guest may be discarded"
+                ),
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "{}: a primary does not start without its witness",
+                            w.describe()
+                        )
+                    })
+                }
+            };
             info!(token, witness = %w.describe(), "this node owns the VM");
             token
         }
         None => 0,
     };
-    let cfg = primary_config(&a.pair, &a.protect, Some(a.backup), witness)?;
     let stop = stop_after(a.duration)?;
     let node = services("castor-net", &a.pair)?;
     let vm = Machine::boot(
@@ -718,7 +738,11 @@ const RESYNC_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn control(a: &StatusArgs, req: node::control::Request) -> Result<node::control::Response> {
     let path = a.socket()?;
-    Ok(node::control::request(&path, &req, Duration::from_secs(10))?)
+    Ok(node::control::request(
+        &path,
+        &req,
+        Duration::from_secs(10),
+    )?)
 }
 
 fn status_cmd(a: StatusArgs) -> Result<()> {
@@ -743,11 +767,24 @@ fn takeover_cmd(a: StatusArgs) -> Result<()> {
 /// Expands `--config FILE` (TOML: keys are long flag names, e.g.
 /// `epoch-ms = 25`, `verify = true`) into flags placed before the others, so
 /// that flags given on the command line win.
+///
+/// Without `--config`, `castor primary` and `castor backup` read
+/// `/etc/castor/ROLE.toml` when it exists (`$CASTOR_CONFIG_DIR` instead of
+/// `/etc/castor` if set), as a service manager would start them.
 fn expand_config(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString>> {
-    let Some(i) = args.iter().position(|a| a == "--config") else {
-        return Ok(args);
+    let (i, path) = match args.iter().position(|a| a == "--config") {
+        Some(i) => (
+            Some(i),
+            args.get(i + 1).context("--config needs a file")?.clone(),
+        ),
+        None => match default_config(&args) {
+            Some(p) => {
+                eprintln!("castor: reading {}", p.display());
+                (None, p.into_os_string())
+            }
+            None => return Ok(args),
+        },
     };
-    let path = args.get(i + 1).context("--config needs a file")?.clone();
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read the config file {}", path.to_string_lossy()))?;
     let table: toml::Table = text
@@ -776,10 +813,23 @@ fn expand_config(args: Vec<std::ffi::OsString>) -> Result<Vec<std::ffi::OsString
         args[2.min(args.len())..]
             .iter()
             .enumerate()
-            .filter(|(j, _)| *j + 2 != i && *j + 2 != i + 1)
+            .filter(|(j, _)| i.is_none_or(|i| *j + 2 != i && *j + 2 != i + 1))
             .map(|(_, a)| a.clone()),
     );
     Ok(out)
+}
+
+/// `/etc/castor/ROLE.toml` for `castor primary|backup`, if it exists.
+fn default_config(args: &[std::ffi::OsString]) -> Option<PathBuf> {
+    let role = args.get(1)?.to_str()?;
+    if !matches!(role, "primary" | "backup") || args.iter().any(|a| a == "--help" || a == "-h") {
+        return None;
+    }
+    let dir = std::env::var_os("CASTOR_CONFIG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/etc/castor"));
+    let p = dir.join(format!("{role}.toml"));
+    p.is_file().then_some(p)
 }
 
 fn certs(args: CertsArgs) -> Result<()> {

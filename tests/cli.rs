@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::run;
+use common::{castor, outcome, run};
 
 fn fails_with(args: &[&str], expect: &str) {
     let o = run(args);
@@ -165,4 +165,34 @@ fn certs_makes_a_ca_and_node_certificates() {
         ],
         "not usable as a DNS name",
     );
+}
+
+/// The sample configurations in deploy/ are accepted flag for flag, also
+/// from the conventional place (/etc/castor, here $CASTOR_CONFIG_DIR): the
+/// daemons get as far as loading the certificates the samples name.
+#[test]
+fn the_deploy_samples_are_valid_configs() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    for role in ["primary", "backup"] {
+        let sample = format!("{root}/deploy/{role}.toml");
+        let o = castor().args([role, "--config", &sample]).output().unwrap();
+        let (ok, out) = outcome(&o);
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains("/etc/castor/pki") && !out.contains("unexpected argument"),
+            "{role}: {out}"
+        );
+        let o = castor()
+            .arg(role)
+            .env("CASTOR_CONFIG_DIR", format!("{root}/deploy"))
+            .output()
+            .unwrap();
+        let (ok, out) = outcome(&o);
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains(&format!("reading {root}/deploy/{role}.toml"))
+                && out.contains("/etc/castor/pki"),
+            "{role}: {out}"
+        );
+    }
 }

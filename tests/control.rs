@@ -33,6 +33,18 @@ fn status_as_nobody(control: &Path) -> (bool, String) {
     )
 }
 
+/// GET /metrics from `addr`: the whole HTTP response.
+fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 #[test]
 fn a_control_request_from_another_user_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
@@ -71,7 +83,12 @@ fn a_control_request_from_another_user_is_refused() {
 fn idle_console_connections_do_not_stop_a_failover() {
     let tmp = tempfile::tempdir().unwrap();
     let pair = pair_in(tmp.path());
-    let guest = ["--mem", "128M", "--workload", "counter"].map(String::from);
+    let metrics = pair::free_port(false).unwrap();
+    let guest = ["--mem", "128M", "--workload", "counter"]
+        .into_iter()
+        .map(String::from)
+        .chain(["--metrics".into(), metrics.to_string()])
+        .collect::<Vec<_>>();
     let (backup, mut primary) = pair.start(&[], &guest, ["b.log", "a.log"]).unwrap();
     wait_status(
         &primary,
@@ -80,6 +97,25 @@ fn idle_console_connections_do_not_stop_a_failover() {
         pair::protected_after(10),
     )
     .unwrap();
+
+    // The primary's Prometheus endpoint agrees with its status.
+    let text = scrape(metrics);
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    for want in [
+        "castor_role{role=\"primary\"} 1",
+        "castor_protected 1",
+        "castor_pause_seconds_bucket",
+        "castor_ack_seconds_count",
+        "# EOF",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+    let epochs: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("castor_epochs_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("castor_epochs_total");
+    assert!(epochs > 10, "{epochs} epochs counted");
 
     // 2,000 connections that never send an offset: 1,000 to each node.
     let mut idle = Vec::new();

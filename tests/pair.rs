@@ -305,7 +305,10 @@ fn a_config_file_and_a_takeover_on_command() {
         "--control",
         &backup.control.display().to_string(),
     ]));
-    assert!(ok && out.contains("role       backup") && out.contains("replica    epoch"), "{out}");
+    assert!(
+        ok && out.contains("role       backup") && out.contains("replica    epoch"),
+        "{out}"
+    );
     let (ok, out) = outcome(&run(&[
         "status",
         "--json",

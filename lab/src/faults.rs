@@ -293,7 +293,8 @@ fn round_of(
         if !refused && theirs[..k] != stream[..k] {
             problems.push("the serving node's console differs from the client's stream".into());
         }
-        if let Some(m) = d.status()
+        if let Some(m) = d
+            .status()
             .and_then(|s| s.backup)
             .map(|b| b.verify_mismatches)
             .filter(|&m| m > 0)

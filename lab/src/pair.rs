@@ -364,7 +364,11 @@ pub fn guest_args(mem: u64, vcpus: u32, workload: &guest::Workload) -> Vec<Strin
 /// The status of the daemon whose console service is at `console`, or None
 /// if it does not answer with a status.
 pub fn status(control: &Path) -> Option<Status> {
-    match node::control::request(control, &node::control::Request::Status, Duration::from_millis(500)) {
+    match node::control::request(
+        control,
+        &node::control::Request::Status,
+        Duration::from_millis(500),
+    ) {
         Ok(node::control::Response::Status(s)) => Some(*s),
         _ => None,
     }

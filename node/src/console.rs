@@ -310,10 +310,7 @@ async fn client(
     let read = rd.read_line(&mut line);
     if tokio::time::timeout(REQUEST_TIMEOUT, read).await.is_err() {
         drop(pending);
-        let msg = format!(
-            "error: no offset within {} s\n",
-            REQUEST_TIMEOUT.as_secs()
-        );
+        let msg = format!("error: no offset within {} s\n", REQUEST_TIMEOUT.as_secs());
         return write(&mut wr, msg.as_bytes()).await;
     }
     drop(pending);

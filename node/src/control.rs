@@ -164,7 +164,9 @@ pub fn serve(path: &Path, control: Arc<Control>) -> Result<Bound, ControlError> 
     let listener = UnixListener::bind(path).map_err(io("binding"))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(io("making it owner-only"))?;
-    let owner = std::fs::metadata(path).map_err(io("reading its owner"))?.uid();
+    let owner = std::fs::metadata(path)
+        .map_err(io("reading its owner"))?
+        .uid();
     info!(path = %path.display(), "control socket (owner only)");
     tokio::spawn(accept_loop(listener, control, owner));
     Ok(Bound {
@@ -201,10 +203,7 @@ async fn accept_loop(listener: UnixListener, control: Arc<Control>, owner: u32) 
 async fn client(mut stream: UnixStream, control: Arc<Control>, owner: u32) -> std::io::Result<()> {
     let uid = stream.peer_cred()?.uid();
     let answer = if uid != owner && uid != 0 {
-        warn!(
-            uid,
-            owner, "control request from another user refused"
-        );
+        warn!(uid, owner, "control request from another user refused");
         Response::Error(format!(
             "refused: control is for the daemon's own user (uid {owner}), not uid {uid}"
         ))
@@ -277,12 +276,11 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response
         path: path.to_path_buf(),
         source,
     };
-    let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|source| {
-        RequestError::Connect {
+    let mut s =
+        std::os::unix::net::UnixStream::connect(path).map_err(|source| RequestError::Connect {
             path: path.to_path_buf(),
             source,
-        }
-    })?;
+        })?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     s.set_write_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_string(req).map_err(|e| io(std::io::Error::other(e)))?;
@@ -333,10 +331,16 @@ mod tests {
             Request::Reset => Response::Ok("reset".into()),
             _ => Response::Error("not here".into()),
         }));
-        let bound = rt.block_on(async { serve(&path, control.clone()) }).unwrap();
+        let bound = rt
+            .block_on(async { serve(&path, control.clone()) })
+            .unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "the socket is owner-only");
-        let dmode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+        let dmode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(dmode, 0o700, "a directory it made is private");
         let t = Duration::from_secs(5);
         assert_eq!(
@@ -352,7 +356,10 @@ mod tests {
         let mut answer = String::new();
         BufReader::new(s).read_line(&mut answer).unwrap();
         let r: Response = serde_json::from_str(answer.trim()).unwrap();
-        assert!(matches!(&r, Response::Error(e) if e.contains(r#"{"op":"status"}"#)), "{r:?}");
+        assert!(
+            matches!(&r, Response::Error(e) if e.contains(r#"{"op":"status"}"#)),
+            "{r:?}"
+        );
         drop(bound);
         assert!(!path.exists(), "the socket is removed with the service");
         // A stale socket file (no one answers) is replaced.

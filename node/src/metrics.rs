@@ -211,11 +211,9 @@ pub async fn serve(
             };
             let (metrics, control) = (metrics.clone(), control.clone());
             tokio::spawn(async move {
-                let r = tokio::time::timeout(
-                    Duration::from_secs(10),
-                    scrape(stream, metrics, control),
-                )
-                .await;
+                let r =
+                    tokio::time::timeout(Duration::from_secs(10), scrape(stream, metrics, control))
+                        .await;
                 if let Ok(Err(e)) = r {
                     debug!("metrics client: {e}");
                 }

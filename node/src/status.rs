@@ -205,7 +205,11 @@ impl Status {
                 "replica    epoch {} of session {}; primary {}; {} checkpoints applied{}",
                 b.committed_epoch,
                 b.session,
-                if b.connected { "connected" } else { "NOT connected" },
+                if b.connected {
+                    "connected"
+                } else {
+                    "NOT connected"
+                },
                 b.checkpoints_applied,
                 if b.verifying {
                     format!("; verified, {} mismatches", b.verify_mismatches)
@@ -218,7 +222,8 @@ impl Status {
             o,
             "failover   {}",
             match self.resumed_at {
-                Some(at) => format!("this node took over, resuming the guest at console offset {at}"),
+                Some(at) =>
+                    format!("this node took over, resuming the guest at console offset {at}"),
                 None => "none on this node".into(),
             }
         );
@@ -257,8 +262,14 @@ mod tests {
         );
         assert_eq!(Role::TakenOver.to_string(), "primary (after failover)");
         let text = s.summary();
-        assert!(text.starts_with("role       primary (after failover), protected\n"), "{text}");
+        assert!(
+            text.starts_with("role       primary (after failover), protected\n"),
+            "{text}"
+        );
         assert!(text.contains("pause p50 0.00 ms, p99 0.70 ms"), "{text}");
-        assert!(text.contains("resuming the guest at console offset 7"), "{text}");
+        assert!(
+            text.contains("resuming the guest at console offset 7"),
+            "{text}"
+        );
     }
 }

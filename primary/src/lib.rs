@@ -161,8 +161,8 @@ fn control(metrics: Arc<Metrics>, log: Arc<ConsoleLog>, origin: Origin) -> node:
             metrics.reset();
             Response::Ok("figures reset".into())
         }
-        Request::Takeover => Response::Error(
-            "this node runs the guest; a takeover is asked of its backup".into(),
-        ),
+        Request::Takeover => {
+            Response::Error("this node runs the guest; a takeover is asked of its backup".into())
+        }
     })
 }

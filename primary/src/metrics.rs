@@ -58,7 +58,11 @@ const KEEP: usize = 1 << 16;
 
 impl Metrics {
     /// Empty figures, which also feed the node's `exported` metrics.
-    pub fn new(mode: fgbi::Mode, epoch_len: Duration, exported: Arc<node::metrics::Metrics>) -> Self {
+    pub fn new(
+        mode: fgbi::Mode,
+        epoch_len: Duration,
+        exported: Arc<node::metrics::Metrics>,
+    ) -> Self {
         Metrics {
             mode,
             epoch_len,

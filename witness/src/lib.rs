@@ -54,6 +54,15 @@ pub enum WitnessError {
     /// A bad witness address.
     #[error("bad witness endpoint '{0}': give http://HOST:PORT")]
     BadEndpoint(String),
+    /// Another node owns the VM: it booted it or took it over and may be
+    /// running it.
+    #[error("the VM is owned by {owner} (token {token}) according to the witness")]
+    OwnedBy {
+        /// The owner.
+        owner: String,
+        /// Its token.
+        token: u64,
+    },
 }
 
 /// The VM's key in an etcd cluster.
@@ -223,12 +232,23 @@ impl Etcd {
         }))
     }
 
-    /// Makes `me` the owner whoever owns the VM now, with the next token: a
-    /// node that boots the VM afresh (`castor primary`) starts a new
-    /// generation. Returns the token.
-    pub fn acquire(&self, me: &str) -> Result<u64, WitnessError> {
+    /// Makes `me` the owner with the next token: a node that boots the VM
+    /// afresh (`castor primary`) starts a new generation. Refused with
+    /// [`WitnessError::OwnedBy`] when another node owns the VM, unless
+    /// `over_another`: that node may be running the guest (it took over),
+    /// and a new generation would fence it and throw its guest's state away.
+    /// Returns the token.
+    pub fn acquire(&self, me: &str, over_another: bool) -> Result<u64, WitnessError> {
         for _ in 0..8 {
             let cur = self.read()?;
+            if let Some((o, _)) = &cur {
+                if o.owner != me && !over_another {
+                    return Err(WitnessError::OwnedBy {
+                        owner: o.owner.clone(),
+                        token: o.token,
+                    });
+                }
+            }
             let token = cur.as_ref().map_or(0, |(o, _)| o.token) + 1;
             let new = Owner {
                 owner: me.to_string(),
@@ -297,7 +317,7 @@ mod tests {
         let e = Etcd::new(&["http://127.0.0.1:9".into()], "vm").unwrap();
         let t = std::time::Instant::now();
         assert_eq!(e.claim("a", 0), Claim::Unreachable);
-        assert!(e.acquire("a").is_err());
+        assert!(e.acquire("a", false).is_err());
         assert!(t.elapsed() < Duration::from_secs(3));
     }
 

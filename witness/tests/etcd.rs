@@ -10,7 +10,7 @@ fn claims_are_compare_and_swap_on_the_token() {
     let a = etcd.client("vm1").unwrap();
     assert_eq!(a.read().unwrap(), None);
     // A primary boots: token 1.
-    assert_eq!(a.acquire("node-a").unwrap(), 1);
+    assert_eq!(a.acquire("node-a", false).unwrap(), 1);
     let (owner, _) = a.read().unwrap().unwrap();
     assert_eq!(
         owner,
@@ -58,4 +58,26 @@ fn claims_are_compare_and_swap_on_the_token() {
     let (owner, _) = a.read().unwrap().unwrap();
     assert_eq!(owner.token, 3);
     assert!(owner.owner.starts_with("racer-"));
+}
+
+#[test]
+fn a_primary_does_not_boot_over_a_node_that_took_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdServer::start(dir.path()).expect("etcd starts");
+    let a = etcd.client("vm1").unwrap();
+    assert_eq!(a.acquire("node-a", false).unwrap(), 1);
+    // Booting again on the same node is a new generation of its own.
+    assert_eq!(a.acquire("node-a", false).unwrap(), 2);
+    // Its backup takes over.
+    assert_eq!(a.claim("node-b", 2), Claim::Won { token: 3 });
+    // node-a restarted as a primary (by hand, or a service manager) must
+    // not fence the survivor by booting a new generation.
+    let e = a.acquire("node-a", false).unwrap_err();
+    assert!(
+        matches!(&e, castor_witness::WitnessError::OwnedBy { owner, token: 3 } if owner == "node-b"),
+        "{e}"
+    );
+    assert_eq!(a.read().unwrap().unwrap().0.token, 3, "nothing changed");
+    // Only when told to.
+    assert_eq!(a.acquire("node-a", true).unwrap(), 4);
 }
