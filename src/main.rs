@@ -56,7 +56,9 @@ enum Command {
     /// Run the backup of an HA pair: keep a replica at the last committed
     /// checkpoint and take over when the primary is lost.
     Backup(BackupArgs),
-    /// Print a running daemon's status (one line of JSON), via its console service.
+    /// Print a running daemon's status: role, protection, pause, bytes, the
+    /// last failover (`--json`: the typed status, one line), via its control
+    /// socket.
     Status(StatusArgs),
     /// Ask a backup to take over now (a planned switchover or an operator's
     /// decision): it restores the last committed checkpoint and runs the

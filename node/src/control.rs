@@ -105,7 +105,7 @@ pub enum ControlError {
     #[error("{0} exists and is not a socket; remove it or choose another --control path")]
     NotASocket(PathBuf),
     /// An I/O error, with what was being done.
-    #[error("control socket {path}: {what}: {source}")]
+    #[error("control socket {path}: {what}")]
     Io {
         /// The socket's path.
         path: PathBuf,
@@ -242,7 +242,7 @@ async fn client(mut stream: UnixStream, control: Arc<Control>, owner: u32) -> st
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
     /// Nothing answers at the path.
-    #[error("no castor daemon answers on the control socket {path}: {source}")]
+    #[error("no castor daemon answers on the control socket {path}")]
     Connect {
         /// The socket's path.
         path: PathBuf,
@@ -250,7 +250,7 @@ pub enum RequestError {
         source: std::io::Error,
     },
     /// The exchange failed.
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}")]
     Io {
         /// The socket's path.
         path: PathBuf,
@@ -258,7 +258,7 @@ pub enum RequestError {
         source: std::io::Error,
     },
     /// The answer was not a [`Response`].
-    #[error("control socket {path}: unreadable answer {answer:?}: {source}")]
+    #[error("control socket {path}: unreadable answer {answer:?}")]
     Answer {
         /// The socket's path.
         path: PathBuf,

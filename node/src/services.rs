@@ -49,7 +49,7 @@ pub struct Services {
 #[derive(Debug, thiserror::Error)]
 pub enum ServicesError {
     /// The runtime or a listener.
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         /// What failed.
         what: String,
