@@ -212,15 +212,21 @@ async fn session(
                 }
                 r = beat.recv_from(&mut buf) => {
                     if let Ok((n, from)) = r {
-                        if let Ok(b) = Beat::open(key, &buf[..n]) {
-                            if from.ip() == backup_ip && window.accept(&b) {
-                                last_heard = Instant::now();
-                                beat_peer = Some(from);
-                            }
+                        if is_beat(key, backup_ip, &mut window, &buf[..n], from) {
+                            last_heard = Instant::now();
+                            beat_peer = Some(from);
                         }
                     }
                 }
                 _ = tick.tick() => {
+                    // Datagrams that queued while this loop was not running
+                    // count first: its own stall is not the backup's silence.
+                    while let Ok((n, from)) = beat.try_recv_from(&mut buf) {
+                        if is_beat(key, backup_ip, &mut window, &buf[..n], from) {
+                            last_heard = Instant::now();
+                            beat_peer = Some(from);
+                        }
+                    }
                     if let Some(peer) = beat_peer {
                         *beat_seq += 1;
                         let b = Beat { seq: *beat_seq, sent_us: t0.elapsed().as_micros() as u64 };
@@ -275,4 +281,15 @@ async fn session(
     info!(backup = %link.remote(), "session ended ({why}); connection: {}", link.stats());
     link.close(&why);
     why
+}
+
+/// A fresh, authentic heartbeat datagram from the backup's host.
+fn is_beat(
+    key: &[u8; 32],
+    backup_ip: std::net::IpAddr,
+    window: &mut BeatWindow,
+    data: &[u8],
+    from: SocketAddr,
+) -> bool {
+    from.ip() == backup_ip && Beat::open(key, data).is_ok_and(|b| window.accept(&b))
 }
