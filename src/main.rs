@@ -473,11 +473,11 @@ fn run(args: RunArgs) -> Result<()> {
 fn restore(args: RestoreArgs) -> Result<()> {
     info!("{}", KvmKind::detect().describe());
     let t0 = Instant::now();
-    let state = vmm::snapshot::read_state(&args.dir)?;
-    let dir = args.dir.clone();
+    let snap = vmm::snapshot::Snapshot::open(&args.dir)?;
+    let state = &snap.state;
     let mut machine = Machine::restore(
-        &state,
-        |mem| vmm::snapshot::fill_memory(&dir, mem),
+        state,
+        |mem| snap.fill_memory(mem).map_err(std::io::Error::other),
         Box::new(StdoutSink),
         false,
         &args.kvm_device,
