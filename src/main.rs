@@ -45,10 +45,13 @@ enum Command {
     Restore(RestoreArgs),
     /// Make the pair's certificate authority and a certificate for each node.
     ///
-    /// Writes ca.pem (trusted by every node), ca.key, and NODE.pem / NODE.key
-    /// for each name in --nodes. Keys are written mode 0600. Each daemon is
-    /// then given its own NODE files, ca.pem, and the name its peer must have;
-    /// anyone else is refused during the TLS handshake.
+    /// Writes into --dir what the daemons load: ca.pem (trusted by every node)
+    /// and NODE.pem / NODE.key for each name in --nodes. The CA's private key
+    /// goes to --ca-dir (DIR/ca by default), never into --dir: no daemon needs
+    /// it, keep it offline. Certificates expire after --days. Keys are mode
+    /// 0600; every file is written atomically. Each daemon is then given its
+    /// own NODE files, ca.pem, and the name its peer must have; anyone else is
+    /// refused during the TLS handshake.
     Certs(CertsArgs),
     /// Run the guest as the primary of an HA pair: checkpoint it every epoch
     /// to the backup, hold its console output until the backup acks.
@@ -268,9 +271,29 @@ struct CertsArgs {
     /// Node names, comma separated (DNS-name syntax).
     #[arg(long, value_delimiter = ',', default_value = "primary,backup")]
     nodes: Vec<String>,
+    /// Where to write the CA's private key (created mode 0700 if missing);
+    /// default DIR/ca. No daemon reads it: keep it offline.
+    #[arg(long, value_name = "DIR")]
+    ca_dir: Option<PathBuf>,
+    /// Days every certificate is valid for, from now (1..=36500).
+    #[arg(long, default_value_t = transport::certs::DEFAULT_DAYS, value_parser = parse_days)]
+    days: u32,
     /// Replace an existing CA in --dir (every node then needs new files).
     #[arg(long)]
     force: bool,
+}
+
+fn parse_days(s: &str) -> std::result::Result<u32, String> {
+    let days: u32 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of days"))?;
+    transport::certs::check_days(days).map_err(|_| {
+        format!(
+            "a certificate must be valid for 1 to {} days",
+            transport::certs::MAX_DAYS
+        )
+    })?;
+    Ok(days)
 }
 
 #[derive(Args)]
@@ -486,11 +509,11 @@ fn run(args: RunArgs) -> Result<()> {
 fn restore(args: RestoreArgs) -> Result<()> {
     info!("{}", KvmKind::detect().describe());
     let t0 = Instant::now();
-    let state = vmm::snapshot::read_state(&args.dir)?;
-    let dir = args.dir.clone();
+    let snap = vmm::snapshot::Snapshot::open(&args.dir)?;
+    let state = &snap.state;
     let mut machine = Machine::restore(
-        &state,
-        |mem| vmm::snapshot::fill_memory(&dir, mem),
+        state,
+        |mem| snap.fill_memory(mem).map_err(std::io::Error::other),
         Box::new(StdoutSink),
         false,
         &args.kvm_device,
@@ -835,11 +858,33 @@ fn default_config(args: &[std::ffi::OsString]) -> Option<PathBuf> {
 }
 
 fn certs(args: CertsArgs) -> Result<()> {
-    let files = transport::certs::create(&args.dir, &args.nodes, args.force)?;
-    for f in &files {
-        println!("{}", f.display());
+    let made = transport::certs::create_with(&transport::certs::Options {
+        dir: args.dir.clone(),
+        ca_dir: args.ca_dir.clone(),
+        nodes: args.nodes.clone(),
+        days: args.days,
+        force: args.force,
+    })?;
+    let until = transport::certs::date(made.not_after);
+    println!(
+        "node files, in {} (each node needs ca.pem and its own NODE.pem, NODE.key):",
+        args.dir.display()
+    );
+    for f in &made.node_files {
+        println!("  {}", f.display());
     }
-    info!(dir = %args.dir.display(), nodes = ?args.nodes, "certificate authority and node certificates written");
+    println!("valid until {until} ({} days)", args.days);
+    println!(
+        "CA private key: {}\n  no daemon needs it; keep it offline (it signs certificates any node will trust)",
+        made.ca_key.display()
+    );
+    if let Some(old) = &made.removed_legacy_ca_key {
+        println!(
+            "removed the old CA key {} from the node directory",
+            old.display()
+        );
+    }
+    info!(dir = %args.dir.display(), nodes = ?args.nodes, days = args.days, "certificate authority and node certificates written");
     Ok(())
 }
 

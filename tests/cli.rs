@@ -137,7 +137,7 @@ fn certs_makes_a_ca_and_node_certificates() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for f in [
         "ca.pem",
-        "ca.key",
+        "ca/ca.key",
         "alpha.pem",
         "alpha.key",
         "beta.pem",
@@ -145,12 +145,27 @@ fn certs_makes_a_ca_and_node_certificates() {
     ] {
         assert!(dir.join(f).exists(), "{f} missing");
     }
+    assert!(
+        !dir.join("ca.key").exists(),
+        "the CA key is where the nodes load"
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!(
+            "CA private key: {}",
+            dir.join("ca/ca.key").display()
+        )) && out.contains("keep it offline")
+            && out.contains("valid until"),
+        "{out}"
+    );
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir.join("alpha.key"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o077, 0, "private keys are not readable by others");
+    for key in ["alpha.key", "beta.key", "ca/ca.key"] {
+        let mode = std::fs::metadata(dir.join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key} is not owner-only");
+    }
     // Usable by the transport.
     transport::NodeTls::from_dir(&dir, "alpha", "beta").unwrap();
     fails_with(&["certs", "--dir", dir.to_str().unwrap()], "already exists");
@@ -164,6 +179,34 @@ fn certs_makes_a_ca_and_node_certificates() {
             "--force",
         ],
         "not usable as a DNS name",
+    );
+    for bad in ["0", "36501", "soon"] {
+        let o = run(&[
+            "certs",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--force",
+            "--days",
+            bad,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains("--days") && err.contains(bad),
+            "--days {bad}: {err}"
+        );
+    }
+    let o = run(&[
+        "certs",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--force",
+        "--days",
+        "0",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("valid for 1 to 36500 days"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
     );
 }
 

@@ -96,10 +96,9 @@ fn interrupt_driven_counter_continues_after_snapshot_kill_restore() {
     snapshot_kill_restore("counter,irq=1");
 }
 
-#[test]
-fn damaged_snapshots_are_refused_with_the_reason() {
-    let tmp = tempfile::tempdir().unwrap();
-    let snap = tmp.path().join("snap");
+/// Takes a snapshot of a 64 MiB, 1-vCPU counter guest `at` after boot;
+/// returns what the guest printed.
+fn take_snapshot(dir: &std::path::Path, at: &str) -> Vec<u8> {
     let o = castor()
         .args([
             "run",
@@ -110,25 +109,42 @@ fn damaged_snapshots_are_refused_with_the_reason() {
             "--duration",
             "1s",
             "--snapshot-at",
-            "200ms",
+            at,
             "--snapshot-dir",
         ])
-        .arg(&snap)
+        .arg(dir)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let restore_err = |dir: &std::path::Path| {
-        let o = castor()
-            .args(["restore", "--duration", "1s"])
-            .arg(dir)
-            .output()
-            .unwrap();
-        assert!(
-            !o.status.success(),
-            "restore of a damaged snapshot succeeded"
-        );
-        String::from_utf8_lossy(&o.stderr).to_string()
-    };
+    o.stdout
+}
+
+/// `castor restore DIR`'s error, which must be a refusal, not a panic.
+fn restore_err(dir: &std::path::Path) -> String {
+    let o = castor()
+        .args(["restore", "--duration", "1s"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        !o.status.success(),
+        "restore of a damaged snapshot succeeded"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        o.stdout.is_empty(),
+        "the guest ran: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    err
+}
+
+#[test]
+fn damaged_snapshots_are_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = tmp.path().join("snap");
+    take_snapshot(&snap, "200ms");
     // Not a snapshot at all.
     let empty = tmp.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
@@ -139,7 +155,18 @@ fn damaged_snapshots_are_refused_with_the_reason() {
     std::fs::copy(snap.join("state.bin"), t.join("state.bin")).unwrap();
     let mem = std::fs::read(snap.join("memory.bin")).unwrap();
     std::fs::write(t.join("memory.bin"), &mem[..mem.len() / 2]).unwrap();
-    assert!(restore_err(&t).contains("truncated"));
+    let e = restore_err(&t);
+    assert!(e.contains("memory.bin is truncated"), "{e}");
+    // One flipped bit in the RAM (in the guest's kernel, the first non-zero page).
+    let first = mem.iter().position(|&b| b != 0).unwrap();
+    let mut m = mem.clone();
+    m[first] ^= 1;
+    std::fs::write(t.join("memory.bin"), &m).unwrap();
+    let e = restore_err(&t);
+    assert!(
+        e.contains("memory.bin is corrupted") && e.contains("blake3"),
+        "{e}"
+    );
     // A flipped bit in the machine state.
     let c = tmp.path().join("corrupt");
     std::fs::create_dir(&c).unwrap();
@@ -152,4 +179,49 @@ fn damaged_snapshots_are_refused_with_the_reason() {
     // A truncated machine state.
     std::fs::write(c.join("state.bin"), &st[..n / 3]).unwrap();
     assert!(restore_err(&c).contains("truncated"));
+}
+
+#[test]
+fn mixed_snapshots_are_refused_and_each_whole_one_restores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let printed = [take_snapshot(&a, "200ms"), take_snapshot(&b, "600ms")];
+    // Same machine, same RAM size: only the RAM's identity tells them apart.
+    assert_eq!(
+        std::fs::metadata(a.join("memory.bin")).unwrap().len(),
+        std::fs::metadata(b.join("memory.bin")).unwrap().len()
+    );
+    let mixed = tmp.path().join("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    std::fs::copy(a.join("state.bin"), mixed.join("state.bin")).unwrap();
+    std::fs::copy(b.join("memory.bin"), mixed.join("memory.bin")).unwrap();
+    let e = restore_err(&mixed);
+    assert!(
+        e.contains("memory.bin belongs to another snapshot than")
+            && e.contains(&mixed.join("state.bin").display().to_string()),
+        "{e}"
+    );
+    // Each whole snapshot restores, and its guest continues at exactly the
+    // line after the last one it had printed when the snapshot was taken.
+    for (dir, printed) in [&a, &b].into_iter().zip(&printed) {
+        let state = vmm::snapshot::read_state(dir).unwrap();
+        let before = progress(&printed[..state.console_offset as usize]);
+        let last = before.last().map_or(0, |p| p.seq);
+        let o = castor()
+            .args(["restore", "--duration", "1500ms"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let after = progress(&o.stdout);
+        assert!(
+            after.len() > 20,
+            "{}: the restored guest printed {} lines",
+            dir.display(),
+            after.len()
+        );
+        let seqs: Vec<u64> = after.iter().map(|p| p.seq).collect();
+        let want: Vec<u64> = (last + 1..last + 1 + seqs.len() as u64).collect();
+        assert_eq!(seqs, want, "{}: not a continuation", dir.display());
+    }
 }

@@ -69,6 +69,8 @@ mod blocks;
 pub mod codec;
 mod digest;
 mod encoder;
+#[doc(hidden)]
+pub mod fuzzing;
 mod knowledge;
 mod pipeline;
 mod record;

@@ -2,31 +2,15 @@
 //! stream, fed in pieces. It must never panic and never buffer more than one
 //! frame's worth plus the piece just fed.
 //!
-//! Run: `cargo +nightly fuzz run protocol_frames fuzz/seeds/protocol_frames -- -runs=1000000`
-//! (from `fuzz/`: `seeds/protocol_frames`; the seeds are a valid session).
+//! The body is `protocol::fuzzing::frames_target`, which
+//! `protocol/tests/fuzz_corpus.rs` also runs over the seeds on stable.
+//!
+//! Run (from `fuzz/`): `cargo +nightly fuzz run protocol_frames seeds/protocol_frames -- -runs=1000000`
+//! (the seeds are valid sessions).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use protocol::message::MAX_FRAME;
-use protocol::{FrameDecoder, Receiver};
 
 fuzz_target!(|data: &[u8]| {
-    let mut d = FrameDecoder::new();
-    let mut rx = Receiver::new(1 << 20);
-    let piece = 1 + data.first().copied().unwrap_or(0) as usize;
-    for chunk in data.chunks(piece) {
-        d.push(chunk);
-        assert!(d.buffered() <= MAX_FRAME + 4 + piece, "decoder buffered {} bytes", d.buffered());
-        loop {
-            match d.next_message() {
-                Ok(Some(m)) => {
-                    if rx.on_message(m).is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(_) => return,
-            }
-        }
-    }
+    let _ = protocol::fuzzing::frames_target(data);
 });

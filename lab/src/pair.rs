@@ -78,7 +78,8 @@ pub fn castor_exe() -> Result<PathBuf> {
 }
 
 /// Makes a certificate authority and a certificate for each of `names` in
-/// `dir` (see `castor certs`); returns `dir`.
+/// `dir` (see `castor certs`): `dir` holds what the daemons load, the CA's
+/// private key goes to `dir/ca`, which no daemon reads; returns `dir`.
 pub fn make_certs(dir: &Path, names: [&str; 2]) -> Result<PathBuf> {
     transport::certs::create(dir, &names.map(String::from), false)?;
     Ok(dir.to_path_buf())

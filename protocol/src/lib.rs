@@ -15,6 +15,8 @@
 pub mod beat;
 pub mod codec;
 pub mod end;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod message;
 pub mod payload;
 pub mod session;

@@ -101,18 +101,25 @@ pub struct NodeTls {
 }
 
 impl NodeTls {
-    /// Loads `NODE.pem`, `NODE.key` and `ca.pem` from a `castor certs` directory.
+    /// Loads `NODE.pem`, `NODE.key` and `ca.pem` from a `castor certs`
+    /// directory ([`certs::node_files`]), and nothing else. Warns when a CA
+    /// private key lies in that directory (the layout of older castors: the
+    /// daemons never need it).
     pub fn from_dir(
         dir: &std::path::Path,
         node: &str,
         peer_name: &str,
     ) -> Result<Self, TransportError> {
-        Self::from_files(
-            &dir.join(format!("{node}.pem")),
-            &dir.join(format!("{node}.key")),
-            &dir.join("ca.pem"),
-            peer_name,
-        )
+        let stray = dir.join(certs::CA_KEY);
+        if stray.exists() {
+            tracing::warn!(
+                file = %stray.display(),
+                "a CA private key is in the directory this node loads; no daemon needs it: \
+                 move it offline (`castor certs` now keeps it in a separate CA directory)"
+            );
+        }
+        let [cert, key, ca] = certs::node_files(dir, node);
+        Self::from_files(&cert, &key, &ca, peer_name)
     }
 
     /// Loads from explicit files.
@@ -127,8 +134,10 @@ impl NodeTls {
         for c in certs::load_certs(ca)? {
             roots.add(c)?;
         }
+        let chain = certs::load_certs(cert)?;
+        certs::check_validity(cert, &chain[0], std::time::SystemTime::now())?;
         Ok(NodeTls {
-            chain: certs::load_certs(cert)?,
+            chain,
             key: Arc::new(certs::load_key(key)?),
             roots: Arc::new(roots),
             peer_name: peer_name.to_string(),

@@ -276,3 +276,177 @@ async fn a_backup_that_stops_reading_holds_the_primary_back() {
     link.close(&protocol::EndReason::Local("done".into()));
     let _ = server.await;
 }
+
+/// The mode bits of a file.
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn a_key_written_over_a_world_readable_file_ends_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    pair(tmp.path());
+    let key = tmp.path().join("primary.key");
+    let ca_key = tmp.path().join("ca").join("ca.key");
+    for k in [&key, &ca_key] {
+        std::fs::set_permissions(k, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(mode(k), 0o644);
+    }
+    let old = std::fs::read(&key).unwrap();
+    certs::create(tmp.path(), &["primary".into(), "backup".into()], true).unwrap();
+    assert_ne!(
+        std::fs::read(&key).unwrap(),
+        old,
+        "the key was not replaced"
+    );
+    for k in [&key, &ca_key, &tmp.path().join("backup.key")] {
+        assert_eq!(mode(k), 0o600, "{}", k.display());
+    }
+    assert_eq!(mode(&tmp.path().join("ca")), 0o700);
+    // No temporary file is left behind.
+    for d in [tmp.path().to_path_buf(), tmp.path().join("ca")] {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().to_string();
+            assert!(!name.contains(".tmp"), "left behind: {name}");
+        }
+    }
+    NodeTls::from_dir(tmp.path(), "primary", "backup").unwrap();
+}
+
+#[test]
+fn the_ca_key_is_not_in_what_a_node_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let made = certs::create(tmp.path(), &["primary".into(), "backup".into()], false).unwrap();
+    let ca_key = std::fs::read_to_string(&made.ca_key).unwrap();
+    assert!(ca_key.contains("PRIVATE KEY"));
+    assert_ne!(
+        made.ca_key.parent(),
+        Some(tmp.path()),
+        "the CA key is in the node directory: {}",
+        made.ca_key.display()
+    );
+    // Nothing in the node directory itself holds the CA key.
+    for e in std::fs::read_dir(tmp.path()).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert!(
+                !text.contains(ca_key.trim()),
+                "{} holds the CA key",
+                p.display()
+            );
+        }
+    }
+    // What a node loads is exactly its own files and ca.pem: copied alone to
+    // a fresh directory, they are enough.
+    let node = tmp.path().join("node-only");
+    std::fs::create_dir(&node).unwrap();
+    for f in certs::node_files(tmp.path(), "primary") {
+        assert!(!f.starts_with(tmp.path().join("ca")), "{}", f.display());
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(
+            !text.contains(ca_key.trim()),
+            "{} holds the CA key",
+            f.display()
+        );
+        std::fs::copy(&f, node.join(f.file_name().unwrap())).unwrap();
+    }
+    NodeTls::from_dir(&node, "primary", "backup").unwrap();
+    assert!(made
+        .node_files
+        .iter()
+        .all(|f| f.parent() == Some(tmp.path())));
+
+    // A separate --ca-dir.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let offline = tmp2.path().join("offline-ca");
+    let made = certs::create_with(&certs::Options {
+        ca_dir: Some(offline.clone()),
+        ..certs::Options::new(&tmp2.path().join("nodes"), &["primary".into()])
+    })
+    .unwrap();
+    assert_eq!(made.ca_key, offline.join("ca.key"));
+    assert!(!tmp2.path().join("nodes").join("ca").exists());
+    assert_eq!(mode(&made.ca_key), 0o600);
+
+    // The old layout's CA key, left in the node directory, is removed by --force.
+    std::fs::write(tmp.path().join("ca.key"), "old CA key").unwrap();
+    let made = certs::create(tmp.path(), &["primary".into()], true).unwrap();
+    assert_eq!(made.removed_legacy_ca_key, Some(tmp.path().join("ca.key")));
+    assert!(!tmp.path().join("ca.key").exists());
+}
+
+#[test]
+fn certificates_expire_after_the_days_asked_for() {
+    use x509_parser::prelude::*;
+    for days in [1u32, 30, 365] {
+        let tmp = tempfile::tempdir().unwrap();
+        let made = certs::create_with(&certs::Options {
+            days,
+            ..certs::Options::new(tmp.path(), &["primary".into()])
+        })
+        .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let want = now + i64::from(days) * 86_400;
+        for f in ["primary.pem", "ca.pem"] {
+            let path = tmp.path().join(f);
+            let der = certs::load_certs(&path).unwrap().remove(0);
+            let (_, cert) = parse_x509_certificate(der.as_ref()).unwrap();
+            let v = cert.validity();
+            let until = v.not_after.timestamp();
+            assert!(
+                (until - want).abs() < 120,
+                "{f} with --days {days}: notAfter {} is {} s from now + {days} days",
+                v.not_after,
+                until - want
+            );
+            assert!(v.not_before.timestamp() <= now, "{f} not yet valid");
+            assert!(cert.validity().is_valid(), "{f} is not valid now");
+        }
+        let reported = made
+            .not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!((reported - want).abs() < 120);
+    }
+}
+
+#[test]
+fn bad_days_and_expired_certificates_are_refused_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    for days in [0, certs::MAX_DAYS + 1] {
+        let e = certs::create_with(&certs::Options {
+            days,
+            ..certs::Options::new(tmp.path(), &["primary".into()])
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(&format!("--days {days}")) && e.contains("valid for 1 to"),
+            "{e}"
+        );
+    }
+    assert!(!tmp.path().join("ca.pem").exists(), "nothing is written");
+    // A node's own certificate checked at load: expired or not yet valid.
+    pair(tmp.path());
+    let path = tmp.path().join("primary.pem");
+    let cert = certs::load_certs(&path).unwrap().remove(0);
+    let now = std::time::SystemTime::now();
+    certs::check_validity(&path, &cert, now).unwrap();
+    let later = now + std::time::Duration::from_secs(400 * 86_400);
+    let e = certs::check_validity(&path, &cert, later)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("primary.pem") && e.contains("expired on"), "{e}");
+    let earlier = now - std::time::Duration::from_secs(2 * 86_400);
+    let e = certs::check_validity(&path, &cert, earlier)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("valid only from"), "{e}");
+}
