@@ -78,8 +78,7 @@ pub fn run(
         listener,
         shared.clone(),
         log.clone(),
-        cfg.tls.peer_name.clone(),
-        cfg.max_epoch_bytes,
+        cfg.limits(),
     ));
     let witness = cfg.witness.clone().map(|w| (w, cfg.node.clone()));
     services
@@ -120,16 +119,10 @@ pub fn run(
 /// The command words a backup answers.
 fn commands(shared: Arc<Shared>, log: Arc<node::console::ConsoleLog>) -> node::console::Handler {
     Arc::new(move |word: &str| match word {
-        "takeover" => Some(
-            match shared.core().ask_takeover() {
-                TakeoverAnswer::Accepted => "ok: taking over from the last committed checkpoint",
-                TakeoverAnswer::AlreadyTakenOver => "error: this node has already taken over",
-                TakeoverAnswer::NothingCommitted => {
-                    "error: nothing committed yet; nothing to take over"
-                }
-            }
-            .into(),
-        ),
+        "takeover" => {
+            let answer: TakeoverAnswer = shared.core().ask_takeover();
+            Some(answer.to_string())
+        }
         "status" => {
             let r = shared.replica();
             let taken_over = shared.core().taken_over();

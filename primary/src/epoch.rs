@@ -131,6 +131,16 @@ impl EpochLoop<'_> {
         Ok(())
     }
 
+    /// A planned stop (or the loop's end): the network task says goodbye
+    /// after the checkpoints already queued, naming the last one, so that
+    /// the backup ends the session only once it has committed it. Waits
+    /// while the queue is full (bounded: a stopping network task gives up
+    /// after [`crate::net::GOODBYE_WAIT`] and drops the queue).
+    pub fn goodbye(&self) {
+        let last_epoch = self.session.as_ref().map_or(0, Session::last_epoch);
+        let _ = self.out.blocking_send(Outgoing::Goodbye { last_epoch });
+    }
+
     /// Bounded in-flight checkpoints: waits (handling events) until the core
     /// lets another one go. False: stop, or the network task is gone.
     fn wait_in_flight(

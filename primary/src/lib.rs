@@ -94,6 +94,7 @@ pub fn protect(
     // Without a backup only claims send events; the loop runs unprotected
     // until stopped.
     let mut beat = (0, [0u8; 32]);
+    let mut net_task = None;
     if let Some(backup) = cfg.backup {
         // The heartbeat path: a UDP socket of its own, a key for the hello.
         let any = transport::any_addr_for(backup);
@@ -105,7 +106,7 @@ pub fn protect(
         );
         let path = net::BeatPath { sock, key: beat.1 };
         let net = net::run(cfg.clone(), backup, path, out_rx, events_tx, stop.clone());
-        services.rt.spawn(net);
+        net_task = Some(services.rt.spawn(net));
     }
     let mut lp = epoch::EpochLoop {
         cfg,
@@ -124,12 +125,18 @@ pub fn protect(
         rt_pause: false,
     };
     let result = lp.run(&events_rx, &stop);
-    // Let the network task tell the backup this is a planned stop.
+    // A planned stop: the network task says goodbye behind the checkpoints
+    // already queued and keeps the session — heartbeats included — until
+    // the backup has committed the last one and ended it, or
+    // `GOODBYE_WAIT` passes. Until then silence would mean a takeover.
     stop.store(true, Ordering::Relaxed);
-    let pause = cfg.heartbeat * 4 + Duration::from_millis(20);
-    services
-        .rt
-        .block_on(async move { tokio::time::sleep(pause).await });
+    if let Some(task) = net_task {
+        lp.goodbye();
+        let wait = net::GOODBYE_WAIT + Duration::from_millis(500);
+        let _ = services
+            .rt
+            .block_on(async move { tokio::time::timeout(wait, task).await });
+    }
     lp.machine.stop();
     // Held output stays held, also on a planned stop: the goodbye may not
     // reach a backup whose link is full, and a backup that takes over

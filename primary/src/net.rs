@@ -38,6 +38,30 @@ pub(crate) enum Outgoing {
     Frames(Vec<u8>),
     /// End the current session with this reason.
     End(EndReason),
+    /// A planned stop: after the frames before it are written, say goodbye
+    /// naming `last_epoch` (the last checkpoint of the session) and keep
+    /// the session (heartbeats included) until the backup confirms it, or
+    /// [`GOODBYE_WAIT`] passes.
+    Goodbye {
+        /// The last epoch sent in this session (0: none).
+        last_epoch: u64,
+    },
+}
+
+/// How long a stopping primary waits for its backup to commit its last
+/// checkpoint and confirm the goodbye, heartbeating meanwhile, before it
+/// closes the session anyway (as a goodbye: the backup stands down).
+pub(crate) const GOODBYE_WAIT: Duration = Duration::from_secs(2);
+
+/// Why a stopping primary's session ends.
+const STOPPING: &str = "primary shutting down";
+
+/// How the data stream's writer ended.
+enum Written {
+    /// Everything before a goodbye naming this epoch is written.
+    Goodbye(u64),
+    /// The session ended.
+    Ended(EndReason),
 }
 
 /// The primary's end of the heartbeat path ([`protocol::beat`]).
@@ -102,18 +126,23 @@ async fn writer(
     cfg: &Config,
     data: &mut transport::FrameWriter,
     out: &mut mpsc::Receiver<Outgoing>,
-) -> EndReason {
+) -> Written {
     let shape = cfg.link;
-    let loop_ended = || EndReason::Local("the epoch loop ended".into());
+    let loop_ended = || Written::Ended(EndReason::Local("the epoch loop ended".into()));
     if !shape.is_shaped() {
         while let Some(o) = out.recv().await {
             match o {
                 Outgoing::Frames(f) => {
                     if let Err(e) = data.send(&f).await {
-                        return e.end_reason();
+                        return Written::Ended(e.end_reason());
                     }
                 }
-                Outgoing::End(r) => return r,
+                Outgoing::End(r) => return Written::Ended(r),
+                Outgoing::Goodbye { last_epoch } => {
+                    // Nothing more on this stream: the backup reads its end.
+                    let _ = data.0.finish();
+                    return Written::Goodbye(last_epoch);
+                }
             }
         }
         return loop_ended();
@@ -134,14 +163,18 @@ async fn writer(
         while let Some((due, o)) = rx.recv().await {
             let f = match o {
                 Outgoing::Frames(f) => f,
-                Outgoing::End(r) => return r,
+                Outgoing::End(r) => return Written::Ended(r),
+                Outgoing::Goodbye { last_epoch } => {
+                    let _ = data.0.finish();
+                    return Written::Goodbye(last_epoch);
+                }
             };
             tokio::time::sleep_until(due).await;
             for piece in f.chunks(PIECE) {
                 let at = pacer.book(piece.len(), tokio::time::Instant::now());
                 tokio::time::sleep_until(at).await;
                 if let Err(e) = data.send(piece).await {
-                    return e.end_reason();
+                    return Written::Ended(e.end_reason());
                 }
             }
         }
@@ -181,6 +214,10 @@ async fn session(
     let mut beat_peer: Option<SocketAddr> = None;
     let mut window = BeatWindow::default();
     let mut buf = [0u8; 64];
+    // A planned stop: when it began, and whether the goodbye is sent (the
+    // data stream is then written out and finished).
+    let mut stopping: Option<Instant> = None;
+    let mut said_goodbye = false;
     // (A block: the pinned futures borrow the link's streams until it ends.)
     let why = {
         let writer = writer(cfg, &mut data, out);
@@ -201,7 +238,18 @@ async fn session(
         tokio::pin!(ctl_writer);
         let why = loop {
             tokio::select! {
-                why = &mut writer => break why,
+                w = &mut writer, if !said_goodbye => match w {
+                    Written::Ended(why) => break why,
+                    Written::Goodbye(last_epoch) => {
+                        // Behind every checkpoint on the data stream, but on
+                        // the control stream: it names the last epoch, and
+                        // the backup ends the session once that is committed.
+                        said_goodbye = true;
+                        stopping.get_or_insert_with(Instant::now);
+                        info!(last_epoch, "stopping: goodbye sent; waiting for the backup to commit checkpoint {last_epoch}");
+                        let _ = ctl_q.try_send(Message::Goodbye { last_epoch, reason: STOPPING.into() });
+                    }
+                },
                 why = &mut ctl_writer => break why,
                 _ = tokio::time::sleep_until(acks.next_due().unwrap_or_else(tokio::time::Instant::now)), if !acks.is_empty() => {
                     while let Some(epoch) = acks.pop_due(tokio::time::Instant::now()) {
@@ -226,10 +274,19 @@ async fn session(
                         let b = Beat { seq: *beat_seq, sent_us: t0.elapsed().as_micros() as u64 };
                         let _ = beat.try_send_to(&b.seal(key), peer);
                     }
+                    // Heartbeats go on while stopping: until the backup has
+                    // the goodbye, silence would mean a takeover.
                     if stop.load(Ordering::Relaxed) {
-                        let reason = "primary shutting down".to_string();
-                        let _ = ctl_q.try_send(Message::Goodbye { reason: reason.clone() });
-                        break EndReason::Local(reason);
+                        let since = *stopping.get_or_insert_with(Instant::now);
+                        if since.elapsed() > GOODBYE_WAIT {
+                            // Closed as a goodbye: the backup stands down,
+                            // from whatever it committed (this node releases
+                            // nothing it did not ack).
+                            break EndReason::Goodbye(format!(
+                                "{STOPPING}; the backup did not confirm within {} ms",
+                                GOODBYE_WAIT.as_millis()
+                            ));
+                        }
                     }
                     if last_heard.elapsed() > cfg.backup_timeout {
                         break EndReason::Silent(last_heard.elapsed());
@@ -260,10 +317,16 @@ async fn session(
                         last_heard = Instant::now();
                         let _ = ctl_q.try_send(Message::HeartbeatEcho { seq, sent_us });
                     }
-                    Ok(Some(Message::Goodbye { reason })) => break EndReason::Goodbye(reason),
+                    Ok(Some(Message::Goodbye { reason, .. })) => break EndReason::Goodbye(reason),
                     Ok(Some(other)) => break EndReason::Refused(format!("unexpected {} from the backup", other.name())),
                     Ok(None) => break EndReason::Broken("the backup closed the control stream".into()),
-                    Err(e) => break e.end_reason(),
+                    Err(e) => {
+                        let why = e.end_reason();
+                        if said_goodbye && matches!(why, EndReason::Goodbye(_)) {
+                            info!("the backup committed the last checkpoint and ended the session");
+                        }
+                        break why;
+                    }
                 }
             }
         };
