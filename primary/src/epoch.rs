@@ -132,12 +132,14 @@ impl EpochLoop<'_> {
     }
 
     /// A planned stop (or the loop's end): the network task says goodbye
-    /// after the checkpoints already queued, naming the last one, so that
-    /// the backup ends the session only once it has committed it. Waits
-    /// while the queue is full (bounded: a stopping network task gives up
-    /// after [`crate::net::GOODBYE_WAIT`] and drops the queue).
-    pub fn goodbye(&self) {
+    /// naming the last checkpoint queued, so that the backup ends the
+    /// session only once it has committed it, and finishes the data stream
+    /// behind it. Waits while the queue is full (bounded: a stopping
+    /// network task gives up after [`crate::net::GOODBYE_WAIT`] and drops
+    /// the queue).
+    pub fn goodbye(&self, farewell: &crate::net::Farewell) {
         let last_epoch = self.session.as_ref().map_or(0, Session::last_epoch);
+        farewell.set(last_epoch);
         let _ = self.out.blocking_send(Outgoing::Goodbye { last_epoch });
     }
 

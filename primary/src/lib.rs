@@ -95,6 +95,7 @@ pub fn protect(
     // until stopped.
     let mut beat = (0, [0u8; 32]);
     let mut net_task = None;
+    let farewell = net::Farewell::new();
     if let Some(backup) = cfg.backup {
         // The heartbeat path: a UDP socket of its own, a key for the hello.
         let any = transport::any_addr_for(backup);
@@ -105,7 +106,15 @@ pub fn protect(
             rand::random(),
         );
         let path = net::BeatPath { sock, key: beat.1 };
-        let net = net::run(cfg.clone(), backup, path, out_rx, events_tx, stop.clone());
+        let net = net::run(
+            cfg.clone(),
+            backup,
+            path,
+            out_rx,
+            events_tx,
+            stop.clone(),
+            farewell.clone(),
+        );
         net_task = Some(services.rt.spawn(net));
     }
     let mut lp = epoch::EpochLoop {
@@ -125,13 +134,13 @@ pub fn protect(
         rt_pause: false,
     };
     let result = lp.run(&events_rx, &stop);
-    // A planned stop: the network task says goodbye behind the checkpoints
-    // already queued and keeps the session — heartbeats included — until
-    // the backup has committed the last one and ended it, or
-    // `GOODBYE_WAIT` passes. Until then silence would mean a takeover.
+    // A planned stop: the network task says goodbye naming the last
+    // checkpoint queued and keeps the session — heartbeats included — until
+    // the backup has committed it and ended the session, or `GOODBYE_WAIT`
+    // passes. Until the goodbye arrives, silence would mean a takeover.
     stop.store(true, Ordering::Relaxed);
     if let Some(task) = net_task {
-        lp.goodbye();
+        lp.goodbye(&farewell);
         let wait = net::GOODBYE_WAIT + Duration::from_millis(500);
         let _ = services
             .rt

@@ -4,7 +4,7 @@
 //! [`node::ha::PrimaryCore`] does.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,14 +38,40 @@ pub(crate) enum Outgoing {
     Frames(Vec<u8>),
     /// End the current session with this reason.
     End(EndReason),
-    /// A planned stop: after the frames before it are written, say goodbye
-    /// naming `last_epoch` (the last checkpoint of the session) and keep
-    /// the session (heartbeats included) until the backup confirms it, or
-    /// [`GOODBYE_WAIT`] passes.
+    /// A planned stop, behind the session's last frames: finish the data
+    /// stream (the backup reads its end once it has everything). The
+    /// goodbye itself goes on the control stream at once ([`Farewell`]).
     Goodbye {
-        /// The last epoch sent in this session (0: none).
+        /// The last epoch queued in this session (0: none).
         last_epoch: u64,
     },
+}
+
+/// The epoch loop's last word on a planned stop: the last epoch it queued
+/// ([`Farewell::NONE`] until it has stopped). The network task sends the
+/// goodbye naming it on the control stream as soon as it is set — it may
+/// overtake those checkpoints, and the backup waits for them — and keeps
+/// the session (and heartbeats) until the backup ends it, or
+/// [`GOODBYE_WAIT`] passes.
+#[derive(Debug, Clone)]
+pub(crate) struct Farewell(Arc<AtomicU64>);
+
+impl Farewell {
+    const NONE: u64 = u64::MAX;
+
+    /// Not stopped yet.
+    pub fn new() -> Farewell {
+        Farewell(Arc::new(AtomicU64::new(Self::NONE)))
+    }
+
+    /// The epoch loop stopped after queuing `last_epoch`.
+    pub fn set(&self, last_epoch: u64) {
+        self.0.store(last_epoch, Ordering::Release);
+    }
+
+    fn get(&self) -> Option<u64> {
+        Some(self.0.load(Ordering::Acquire)).filter(|&e| e != Self::NONE)
+    }
 }
 
 /// How long a stopping primary waits for its backup to commit its last
@@ -81,6 +107,7 @@ pub(crate) async fn run(
     mut out: mpsc::Receiver<Outgoing>,
     events: std_mpsc::Sender<NetEvent>,
     stop: Arc<AtomicBool>,
+    farewell: Farewell,
 ) {
     let key = beat.key;
     let beat = match tokio::net::UdpSocket::from_std(beat.sock) {
@@ -114,7 +141,7 @@ pub(crate) async fn run(
             return;
         }
         let path = (&beat, &key, &mut seq);
-        let why = session(&cfg, link, path, &mut out, &events, &stop).await;
+        let why = session(&cfg, link, path, &mut out, &events, (&stop, &farewell)).await;
         debug!("session ended: {why}");
         let _ = events.send(NetEvent::Ended(why));
     }
@@ -195,7 +222,7 @@ async fn session(
     (beat, key, beat_seq): (&tokio::net::UdpSocket, &[u8; 32], &mut u64),
     out: &mut mpsc::Receiver<Outgoing>,
     events: &std_mpsc::Sender<NetEvent>,
-    stop: &AtomicBool,
+    (stop, farewell): (&AtomicBool, &Farewell),
 ) -> EndReason {
     let mut data = link.data_tx.take().expect("primary link has a data stream");
     let mut tick = tokio::time::interval(cfg.heartbeat);
@@ -214,10 +241,11 @@ async fn session(
     let mut beat_peer: Option<SocketAddr> = None;
     let mut window = BeatWindow::default();
     let mut buf = [0u8; 64];
-    // A planned stop: when it began, and whether the goodbye is sent (the
-    // data stream is then written out and finished).
+    // A planned stop: when it began, whether the goodbye is sent, and
+    // whether the data stream is written out and finished.
     let mut stopping: Option<Instant> = None;
     let mut said_goodbye = false;
+    let mut written = false;
     // (A block: the pinned futures borrow the link's streams until it ends.)
     let why = {
         let writer = writer(cfg, &mut data, out);
@@ -238,16 +266,11 @@ async fn session(
         tokio::pin!(ctl_writer);
         let why = loop {
             tokio::select! {
-                w = &mut writer, if !said_goodbye => match w {
+                w = &mut writer, if !written => match w {
                     Written::Ended(why) => break why,
                     Written::Goodbye(last_epoch) => {
-                        // Behind every checkpoint on the data stream, but on
-                        // the control stream: it names the last epoch, and
-                        // the backup ends the session once that is committed.
-                        said_goodbye = true;
-                        stopping.get_or_insert_with(Instant::now);
-                        info!(last_epoch, "stopping: goodbye sent; waiting for the backup to commit checkpoint {last_epoch}");
-                        let _ = ctl_q.try_send(Message::Goodbye { last_epoch, reason: STOPPING.into() });
+                        written = true;
+                        debug!(last_epoch, "stopping: every checkpoint is written to the data stream");
                     }
                 },
                 why = &mut ctl_writer => break why,
@@ -278,6 +301,15 @@ async fn session(
                     // the goodbye, silence would mean a takeover.
                     if stop.load(Ordering::Relaxed) {
                         let since = *stopping.get_or_insert_with(Instant::now);
+                        if let (false, Some(last_epoch)) = (said_goodbye, farewell.get()) {
+                            // On the control stream, so it is not stuck
+                            // behind the checkpoints it names: the backup
+                            // stands down at once, and ends the session once
+                            // it has committed `last_epoch`.
+                            said_goodbye = true;
+                            info!(last_epoch, "stopping: goodbye sent; waiting for the backup to commit checkpoint {last_epoch}");
+                            let _ = ctl_q.try_send(Message::Goodbye { last_epoch, reason: STOPPING.into() });
+                        }
                         if since.elapsed() > GOODBYE_WAIT {
                             // Closed as a goodbye: the backup stands down,
                             // from whatever it committed (this node releases
