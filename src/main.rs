@@ -235,9 +235,31 @@ struct BackupArgs {
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
     /// Most bytes one checkpoint may stage; a larger one is refused (the
-    /// session ends, the primary resyncs).
+    /// session ends, the primary resyncs). For a small guest the bound is
+    /// lower: its RAM as raw records, plus 16 MiB of machine state and
+    /// 64 MiB of console output.
     #[arg(long, default_value = "4G", value_parser = parse_size)]
     max_epoch_bytes: u64,
+    /// Largest guest RAM this backup replicates (e.g. 2G); a primary with
+    /// more is refused at its hello (and logs why). Default: this host's
+    /// physical RAM (MemTotal in /proc/meminfo).
+    #[arg(long, value_parser = parse_size)]
+    max_memory: Option<u64>,
+    /// Most vCPUs of a guest this backup replicates; a primary with more is
+    /// refused at its hello.
+    #[arg(long, default_value_t = 64)]
+    max_vcpus: u32,
+}
+
+/// This host's physical RAM (`MemTotal`), the default `--max-memory`.
+fn host_memory() -> Result<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo")?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| anyhow::anyhow!("no MemTotal in /proc/meminfo; give --max-memory"))
 }
 
 #[derive(Args)]
@@ -731,6 +753,11 @@ fn backup_cmd(a: BackupArgs) -> Result<()> {
         },
         kvm_device: a.kvm_device,
         max_epoch_bytes: usize::try_from(a.max_epoch_bytes).unwrap_or(usize::MAX),
+        max_memory_bytes: match a.max_memory {
+            Some(m) => m,
+            None => host_memory()?,
+        },
+        max_vcpus: a.max_vcpus,
         node: a.pair.node.clone(),
         witness,
     };

@@ -17,13 +17,31 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// The KVM device for the VM after a takeover.
     pub kvm_device: PathBuf,
-    /// Most bytes one checkpoint may stage.
+    /// Most bytes one checkpoint may stage (less for a small guest:
+    /// [`protocol::staging_bound`] of its RAM).
     pub max_epoch_bytes: usize,
+    /// Largest guest RAM this backup accepts to replicate.
+    pub max_memory_bytes: u64,
+    /// Most vCPUs of a guest this backup accepts.
+    pub max_vcpus: u32,
     /// This node's name (it becomes the VM's owner at the witness when it
     /// takes over).
     pub node: String,
     /// The witness; `None`: take over on silence alone (`--witness none`).
     pub witness: Option<witness::Etcd>,
+}
+
+impl Config {
+    /// What a primary's hello is checked against: these limits, and the
+    /// peer name its certificate was verified for.
+    pub fn limits(&self) -> protocol::Limits {
+        protocol::Limits {
+            max_epoch_bytes: self.max_epoch_bytes,
+            max_memory_bytes: self.max_memory_bytes,
+            max_vcpus: self.max_vcpus,
+            peer_name: Some(self.tls.peer_name.clone()),
+        }
+    }
 }
 
 /// Errors of the backup.

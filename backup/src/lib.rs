@@ -79,8 +79,7 @@ pub fn run(
         listener,
         shared.clone(),
         log.clone(),
-        cfg.tls.peer_name.clone(),
-        cfg.max_epoch_bytes,
+        cfg.limits(),
     ));
     let witness = cfg.witness.clone().map(|w| (w, cfg.node.clone()));
     services
@@ -122,17 +121,16 @@ pub fn run(
 /// The control requests a backup answers.
 fn control(shared: Arc<Shared>, log: Arc<node::console::ConsoleLog>) -> node::control::Handler {
     Arc::new(move |req: &Request| match req {
-        Request::Takeover => match shared.core().ask_takeover() {
-            TakeoverAnswer::Accepted => {
-                Response::Ok("taking over from the last committed checkpoint".into())
+        Request::Takeover => {
+            let answer: TakeoverAnswer = shared.core().ask_takeover();
+            let text = answer.to_string();
+            match answer {
+                TakeoverAnswer::Accepted => {
+                    Response::Ok(text.trim_start_matches("ok: ").to_string())
+                }
+                _ => Response::Error(text.trim_start_matches("error: ").to_string()),
             }
-            TakeoverAnswer::AlreadyTakenOver => {
-                Response::Error("this node has already taken over".into())
-            }
-            TakeoverAnswer::NothingCommitted => {
-                Response::Error("nothing committed yet; nothing to take over".into())
-            }
-        },
+        }
         Request::Reset => Response::Error("a backup has no figures to reset".into()),
         Request::Status => {
             let r = shared.replica();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use node::console::ConsoleLog;
 use node::ha::BackupInput;
 use protocol::beat::{Beat, BeatWindow};
-use protocol::{EndReason, Event, Message, Receiver};
+use protocol::{EndReason, Event, Limits, Message, Receiver};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 use transport::{Link, Listener, TransportError};
@@ -26,8 +26,7 @@ pub(crate) async fn accept_loop(
     listener: Listener,
     shared: Arc<Shared>,
     log: Arc<ConsoleLog>,
-    peer_name: String,
-    max_epoch_bytes: usize,
+    limits: Limits,
 ) {
     let mut current: Option<(transport::Closer, tokio::task::JoinHandle<()>)> = None;
     loop {
@@ -58,25 +57,18 @@ pub(crate) async fn accept_loop(
             link,
             shared.clone(),
             log.clone(),
-            peer_name.clone(),
-            max_epoch_bytes,
+            limits.clone(),
         ));
         current = Some((closer, task));
     }
 }
 
 /// One session and its bookkeeping.
-async fn run_session(
-    link: Link,
-    shared: Arc<Shared>,
-    log: Arc<ConsoleLog>,
-    peer_name: String,
-    max_epoch_bytes: usize,
-) {
+async fn run_session(link: Link, shared: Arc<Shared>, log: Arc<ConsoleLog>, limits: Limits) {
     let peer = link.remote();
     *shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = Some(link.closer());
     shared.connected.store(true, Ordering::Relaxed);
-    let why = session(link, &shared, &log, &peer_name, max_epoch_bytes).await;
+    let why = session(link, &shared, &log, limits).await;
     shared.connected.store(false, Ordering::Relaxed);
     *shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = None;
     shared.core().on(BackupInput::SessionEnded {
@@ -85,17 +77,24 @@ async fn run_session(
     warn!(%peer, "session with the primary ended: {why}");
 }
 
+/// One session: the primary's checkpoints committed and acked, its
+/// heartbeats echoed, until it ends. A goodbye on the control stream stands
+/// the backup down at once, but ends the session only once the epoch it
+/// names is committed (the goodbye can overtake checkpoints still on the
+/// data stream), or when the data stream ends.
 async fn session(
     mut link: Link,
     shared: &Arc<Shared>,
     log: &Arc<ConsoleLog>,
-    peer_name: &str,
-    max_epoch_bytes: usize,
+    limits: Limits,
 ) -> EndReason {
     let mut data = link.data_rx.take().expect("backup link has a data stream");
     let primary_ip = link.remote().ip();
+    let certificate = link.closer();
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let mut rx = Receiver::new(max_epoch_bytes);
+    // The goodbye, from the control stream to the data path's receiver.
+    let (bye_tx, mut bye_rx) = mpsc::unbounded_channel::<Message>();
+    let mut rx = Receiver::with_limits(limits);
     let (ctl_tx, ctl_rx) = (&mut link.ctl_tx, &mut link.ctl_rx);
     let control = async {
         loop {
@@ -111,7 +110,12 @@ async fn session(
                             return e.end_reason();
                         }
                     }
-                    Ok(Some(Message::Goodbye { reason })) => return EndReason::Goodbye(reason),
+                    Ok(Some(m @ Message::Goodbye { .. })) => {
+                        // The primary keeps heartbeating until this session
+                        // ends; the data path decides when.
+                        shared.heard();
+                        let _ = bye_tx.send(m);
+                    }
                     Ok(Some(_)) => shared.heard(),
                     Ok(None) => return EndReason::Broken("the primary closed the control stream".into()),
                     Err(e) => return e.end_reason(),
@@ -121,24 +125,49 @@ async fn session(
     };
     let receive = async {
         let mut _beats: Option<AbortOnDrop> = None;
+        let mut data_open = true;
         loop {
-            let m = match data.next().await {
-                Ok(Some(m)) => m,
-                Ok(None) => return EndReason::Broken("the primary closed the data stream".into()),
-                Err(e) => return e.end_reason(),
+            let m = tokio::select! {
+                m = data.next(), if data_open => match m {
+                    Ok(Some(m)) => m,
+                    Ok(None) if rx.goodbye().is_some() => {
+                        // Everything the primary sent was read: a half-sent
+                        // epoch (if any) is discarded.
+                        return EndReason::Goodbye(rx.goodbye().unwrap_or_default().to_string());
+                    }
+                    Ok(None) => {
+                        // A finished data stream without a goodbye yet: the
+                        // goodbye may still be on the control stream.
+                        data_open = false;
+                        continue;
+                    }
+                    Err(e) => return e.end_reason(),
+                },
+                Some(bye) = bye_rx.recv() => {
+                    if rx.hello().is_none() {
+                        // A goodbye before the hello: nothing to wait for.
+                        let Message::Goodbye { reason, .. } = bye else { unreachable!() };
+                        return EndReason::Goodbye(reason);
+                    }
+                    bye
+                }
             };
             shared.heard();
             match rx.on_message(m) {
                 Ok(Event::Hello(h)) => {
-                    if h.node != peer_name {
-                        return EndReason::Refused(format!(
-                            "the hello names node '{}', but the peer's certificate is for '{peer_name}'",
+                    // The receiver checked the name against the one the TLS
+                    // layer pinned; check it against the certificate itself.
+                    if !certificate.peer_is_named(&h.node) {
+                        let why = EndReason::Incompatible(format!(
+                            "the hello names node '{}', but the peer's certificate is not valid for that name",
                             h.node
                         ));
+                        warn!("refusing the session: {why}");
+                        return why;
                     }
-                    info!(node = %h.node, session = h.session, memory_mib = h.memory_bytes >> 20, mode = %h.mode, "new session: full resync");
+                    info!(node = %h.node, session = h.session, memory_mib = h.memory_bytes >> 20, vcpus = h.vcpus, mode = %h.mode, staging_limit_mib = rx.max_epoch_bytes() >> 20, "new session: full resync");
                     if let Err(why) = shared.start_session(&h) {
-                        warn!(%peer_name, token = h.token, "refusing the session: {why}");
+                        warn!(token = h.token, "refusing the session: {why}");
                         return why;
                     }
                     if h.beat_port != 0 {
@@ -164,12 +193,33 @@ async fn session(
                         }
                     }
                     let _ = ack_tx.send(rx.ack(epoch));
+                    if let Some(reason) = rx.goodbye_due() {
+                        info!(epoch, "the primary's last checkpoint is committed: ending its session (goodbye)");
+                        return EndReason::Goodbye(reason.to_string());
+                    }
                 }
-                Ok(Event::Goodbye(reason)) => return EndReason::Goodbye(reason),
+                Ok(Event::Leaving { last_epoch }) => {
+                    shared.core().on(BackupInput::Leaving { last_epoch });
+                    info!(
+                        last_epoch,
+                        committed = rx.last_committed(),
+                        "the primary is stopping: standing down; committing its last checkpoints first"
+                    );
+                    if !data_open {
+                        return EndReason::Goodbye(rx.goodbye().unwrap_or_default().to_string());
+                    }
+                }
+                Ok(Event::Goodbye(reason)) => {
+                    shared.core().on(BackupInput::Leaving {
+                        last_epoch: rx.last_committed(),
+                    });
+                    return EndReason::Goodbye(reason);
+                }
                 Ok(_) => {}
                 Err(e) => {
-                    error!("protocol violation from the primary: {e}");
-                    return EndReason::Refused(e.to_string());
+                    let why = EndReason::for_protocol_error(&e);
+                    error!("refusing the primary's session: {why}");
+                    return why;
                 }
             }
         }

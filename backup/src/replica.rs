@@ -150,11 +150,12 @@ impl Shared {
                 // The RAM was written: the replica is at no checkpoint now.
                 r.state = None;
                 r.mem = None;
-                self.core().on(BackupInput::ReplicaInvalid);
+                self.core()
+                    .on(BackupInput::ReplicaInvalid { epoch: c.epoch });
                 self.mismatches.fetch_add(1, Ordering::Relaxed);
                 error!(
                     epoch = c.epoch,
-                    "VERIFY: replica differs from the primary after checkpoint {}", c.epoch
+                    "VERIFY: replica differs from the primary after checkpoint {}; no takeover until the next session's full resync commits", c.epoch
                 );
                 return Err(EndReason::Refused(format!(
                     "replica mismatch at epoch {}",

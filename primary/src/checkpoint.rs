@@ -75,6 +75,11 @@ impl Session {
         Ok((session, hello))
     }
 
+    /// The last epoch sent in full in this session (0: none yet).
+    pub fn last_epoch(&self) -> u64 {
+        self.sender.last_committed()
+    }
+
     /// Encodes the staged pages, the machine state (`state`, encoded) and
     /// the console bytes up to `out_end` as the next checkpoint.
     pub fn checkpoint(

@@ -131,6 +131,18 @@ impl EpochLoop<'_> {
         Ok(())
     }
 
+    /// A planned stop (or the loop's end): the network task says goodbye
+    /// naming the last checkpoint queued, so that the backup ends the
+    /// session only once it has committed it, and finishes the data stream
+    /// behind it. Waits while the queue is full (bounded: a stopping
+    /// network task gives up after [`crate::net::GOODBYE_WAIT`] and drops
+    /// the queue).
+    pub fn goodbye(&self, farewell: &crate::net::Farewell) {
+        let last_epoch = self.session.as_ref().map_or(0, Session::last_epoch);
+        farewell.set(last_epoch);
+        let _ = self.out.blocking_send(Outgoing::Goodbye { last_epoch });
+    }
+
     /// Bounded in-flight checkpoints: waits (handling events) until the core
     /// lets another one go. False: stop, or the network task is gone.
     fn wait_in_flight(

@@ -95,6 +95,8 @@ pub fn protect(
     // Without a backup only claims send events; the loop runs unprotected
     // until stopped.
     let mut beat = (0, [0u8; 32]);
+    let mut net_task = None;
+    let farewell = net::Farewell::new();
     if let Some(backup) = cfg.backup {
         // The heartbeat path: a UDP socket of its own, a key for the hello.
         let any = transport::any_addr_for(backup);
@@ -105,8 +107,16 @@ pub fn protect(
             rand::random(),
         );
         let path = net::BeatPath { sock, key: beat.1 };
-        let net = net::run(cfg.clone(), backup, path, out_rx, events_tx, stop.clone());
-        services.rt.spawn(net);
+        let net = net::run(
+            cfg.clone(),
+            backup,
+            path,
+            out_rx,
+            events_tx,
+            stop.clone(),
+            farewell.clone(),
+        );
+        net_task = Some(services.rt.spawn(net));
     }
     let mut lp = epoch::EpochLoop {
         cfg,
@@ -125,12 +135,18 @@ pub fn protect(
         rt_pause: false,
     };
     let result = lp.run(&events_rx, &stop);
-    // Let the network task tell the backup this is a planned stop.
+    // A planned stop: the network task says goodbye naming the last
+    // checkpoint queued and keeps the session — heartbeats included — until
+    // the backup has committed it and ended the session, or `GOODBYE_WAIT`
+    // passes. Until the goodbye arrives, silence would mean a takeover.
     stop.store(true, Ordering::Relaxed);
-    let pause = cfg.heartbeat * 4 + Duration::from_millis(20);
-    services
-        .rt
-        .block_on(async move { tokio::time::sleep(pause).await });
+    if let Some(task) = net_task {
+        lp.goodbye(&farewell);
+        let wait = net::GOODBYE_WAIT + Duration::from_millis(500);
+        let _ = services
+            .rt
+            .block_on(async move { tokio::time::timeout(wait, task).await });
+    }
     lp.machine.stop();
     // Held output stays held, also on a planned stop: the goodbye may not
     // reach a backup whose link is full, and a backup that takes over

@@ -4,7 +4,7 @@
 //! [`node::ha::PrimaryCore`] does.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +38,56 @@ pub(crate) enum Outgoing {
     Frames(Vec<u8>),
     /// End the current session with this reason.
     End(EndReason),
+    /// A planned stop, behind the session's last frames: finish the data
+    /// stream (the backup reads its end once it has everything). The
+    /// goodbye itself goes on the control stream at once ([`Farewell`]).
+    Goodbye {
+        /// The last epoch queued in this session (0: none).
+        last_epoch: u64,
+    },
+}
+
+/// The epoch loop's last word on a planned stop: the last epoch it queued
+/// ([`Farewell::NONE`] until it has stopped). The network task sends the
+/// goodbye naming it on the control stream as soon as it is set — it may
+/// overtake those checkpoints, and the backup waits for them — and keeps
+/// the session (and heartbeats) until the backup ends it, or
+/// [`GOODBYE_WAIT`] passes.
+#[derive(Debug, Clone)]
+pub(crate) struct Farewell(Arc<AtomicU64>);
+
+impl Farewell {
+    const NONE: u64 = u64::MAX;
+
+    /// Not stopped yet.
+    pub fn new() -> Farewell {
+        Farewell(Arc::new(AtomicU64::new(Self::NONE)))
+    }
+
+    /// The epoch loop stopped after queuing `last_epoch`.
+    pub fn set(&self, last_epoch: u64) {
+        self.0.store(last_epoch, Ordering::Release);
+    }
+
+    fn get(&self) -> Option<u64> {
+        Some(self.0.load(Ordering::Acquire)).filter(|&e| e != Self::NONE)
+    }
+}
+
+/// How long a stopping primary waits for its backup to commit its last
+/// checkpoint and confirm the goodbye, heartbeating meanwhile, before it
+/// closes the session anyway (as a goodbye: the backup stands down).
+pub(crate) const GOODBYE_WAIT: Duration = Duration::from_secs(2);
+
+/// Why a stopping primary's session ends.
+const STOPPING: &str = "primary shutting down";
+
+/// How the data stream's writer ended.
+enum Written {
+    /// Everything before a goodbye naming this epoch is written.
+    Goodbye(u64),
+    /// The session ended.
+    Ended(EndReason),
 }
 
 /// The primary's end of the heartbeat path ([`protocol::beat`]).
@@ -57,6 +107,7 @@ pub(crate) async fn run(
     mut out: mpsc::Receiver<Outgoing>,
     events: std_mpsc::Sender<NetEvent>,
     stop: Arc<AtomicBool>,
+    farewell: Farewell,
 ) {
     let key = beat.key;
     let beat = match tokio::net::UdpSocket::from_std(beat.sock) {
@@ -90,7 +141,7 @@ pub(crate) async fn run(
             return;
         }
         let path = (&beat, &key, &mut seq);
-        let why = session(&cfg, link, path, &mut out, &events, &stop).await;
+        let why = session(&cfg, link, path, &mut out, &events, (&stop, &farewell)).await;
         debug!("session ended: {why}");
         let _ = events.send(NetEvent::Ended(why));
     }
@@ -102,18 +153,23 @@ async fn writer(
     cfg: &Config,
     data: &mut transport::FrameWriter,
     out: &mut mpsc::Receiver<Outgoing>,
-) -> EndReason {
+) -> Written {
     let shape = cfg.link;
-    let loop_ended = || EndReason::Local("the epoch loop ended".into());
+    let loop_ended = || Written::Ended(EndReason::Local("the epoch loop ended".into()));
     if !shape.is_shaped() {
         while let Some(o) = out.recv().await {
             match o {
                 Outgoing::Frames(f) => {
                     if let Err(e) = data.send(&f).await {
-                        return e.end_reason();
+                        return Written::Ended(e.end_reason());
                     }
                 }
-                Outgoing::End(r) => return r,
+                Outgoing::End(r) => return Written::Ended(r),
+                Outgoing::Goodbye { last_epoch } => {
+                    // Nothing more on this stream: the backup reads its end.
+                    let _ = data.0.finish();
+                    return Written::Goodbye(last_epoch);
+                }
             }
         }
         return loop_ended();
@@ -134,14 +190,18 @@ async fn writer(
         while let Some((due, o)) = rx.recv().await {
             let f = match o {
                 Outgoing::Frames(f) => f,
-                Outgoing::End(r) => return r,
+                Outgoing::End(r) => return Written::Ended(r),
+                Outgoing::Goodbye { last_epoch } => {
+                    let _ = data.0.finish();
+                    return Written::Goodbye(last_epoch);
+                }
             };
             tokio::time::sleep_until(due).await;
             for piece in f.chunks(PIECE) {
                 let at = pacer.book(piece.len(), tokio::time::Instant::now());
                 tokio::time::sleep_until(at).await;
                 if let Err(e) = data.send(piece).await {
-                    return e.end_reason();
+                    return Written::Ended(e.end_reason());
                 }
             }
         }
@@ -162,7 +222,7 @@ async fn session(
     (beat, key, beat_seq): (&tokio::net::UdpSocket, &[u8; 32], &mut u64),
     out: &mut mpsc::Receiver<Outgoing>,
     events: &std_mpsc::Sender<NetEvent>,
-    stop: &AtomicBool,
+    (stop, farewell): (&AtomicBool, &Farewell),
 ) -> EndReason {
     let mut data = link.data_tx.take().expect("primary link has a data stream");
     let mut tick = tokio::time::interval(cfg.heartbeat);
@@ -181,6 +241,11 @@ async fn session(
     let mut beat_peer: Option<SocketAddr> = None;
     let mut window = BeatWindow::default();
     let mut buf = [0u8; 64];
+    // A planned stop: when it began, whether the goodbye is sent, and
+    // whether the data stream is written out and finished.
+    let mut stopping: Option<Instant> = None;
+    let mut said_goodbye = false;
+    let mut written = false;
     // (A block: the pinned futures borrow the link's streams until it ends.)
     let why = {
         let writer = writer(cfg, &mut data, out);
@@ -201,7 +266,13 @@ async fn session(
         tokio::pin!(ctl_writer);
         let why = loop {
             tokio::select! {
-                why = &mut writer => break why,
+                w = &mut writer, if !written => match w {
+                    Written::Ended(why) => break why,
+                    Written::Goodbye(last_epoch) => {
+                        written = true;
+                        debug!(last_epoch, "stopping: every checkpoint is written to the data stream");
+                    }
+                },
                 why = &mut ctl_writer => break why,
                 _ = tokio::time::sleep_until(acks.next_due().unwrap_or_else(tokio::time::Instant::now)), if !acks.is_empty() => {
                     while let Some(epoch) = acks.pop_due(tokio::time::Instant::now()) {
@@ -232,10 +303,28 @@ async fn session(
                         let b = Beat { seq: *beat_seq, sent_us: t0.elapsed().as_micros() as u64 };
                         let _ = beat.try_send_to(&b.seal(key), peer);
                     }
+                    // Heartbeats go on while stopping: until the backup has
+                    // the goodbye, silence would mean a takeover.
                     if stop.load(Ordering::Relaxed) {
-                        let reason = "primary shutting down".to_string();
-                        let _ = ctl_q.try_send(Message::Goodbye { reason: reason.clone() });
-                        break EndReason::Local(reason);
+                        let since = *stopping.get_or_insert_with(Instant::now);
+                        if let (false, Some(last_epoch)) = (said_goodbye, farewell.get()) {
+                            // On the control stream, so it is not stuck
+                            // behind the checkpoints it names: the backup
+                            // stands down at once, and ends the session once
+                            // it has committed `last_epoch`.
+                            said_goodbye = true;
+                            info!(last_epoch, "stopping: goodbye sent; waiting for the backup to commit checkpoint {last_epoch}");
+                            let _ = ctl_q.try_send(Message::Goodbye { last_epoch, reason: STOPPING.into() });
+                        }
+                        if since.elapsed() > GOODBYE_WAIT {
+                            // Closed as a goodbye: the backup stands down,
+                            // from whatever it committed (this node releases
+                            // nothing it did not ack).
+                            break EndReason::Goodbye(format!(
+                                "{STOPPING}; the backup did not confirm within {} ms",
+                                GOODBYE_WAIT.as_millis()
+                            ));
+                        }
                     }
                     if last_heard.elapsed() > cfg.backup_timeout {
                         break EndReason::Silent(last_heard.elapsed());
@@ -266,10 +355,16 @@ async fn session(
                         last_heard = Instant::now();
                         let _ = ctl_q.try_send(Message::HeartbeatEcho { seq, sent_us });
                     }
-                    Ok(Some(Message::Goodbye { reason })) => break EndReason::Goodbye(reason),
+                    Ok(Some(Message::Goodbye { reason, .. })) => break EndReason::Goodbye(reason),
                     Ok(Some(other)) => break EndReason::Refused(format!("unexpected {} from the backup", other.name())),
                     Ok(None) => break EndReason::Broken("the backup closed the control stream".into()),
-                    Err(e) => break e.end_reason(),
+                    Err(e) => {
+                        let why = e.end_reason();
+                        if said_goodbye && matches!(why, EndReason::Goodbye(_)) {
+                            info!("the backup committed the last checkpoint and ended the session");
+                        }
+                        break why;
+                    }
                 }
             }
         };

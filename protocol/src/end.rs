@@ -26,6 +26,12 @@ pub enum EndReason {
     /// The peer refused what it received (a protocol violation, a refused
     /// checkpoint, a replica mismatch, a bad ack). The peer is alive.
     Refused(String),
+    /// The backup cannot protect this primary's VM as described by its
+    /// hello (another protocol version, a node name that is not the
+    /// certificate's, a machine over the backup's limits, an unknown mode).
+    /// The peer is alive; the same hello will be refused again until the
+    /// configuration changes.
+    Incompatible(String),
     /// No answer from the peer for this long.
     Silent(Duration),
     /// The connection broke (a transport error or an unknown close).
@@ -40,6 +46,7 @@ mod code {
     pub const GOODBYE: u32 = 1;
     pub const REFUSED: u32 = 2;
     pub const SILENT: u32 = 3;
+    pub const INCOMPATIBLE: u32 = 4;
     pub const TAKEN_OVER: u32 = 7;
     pub const ALREADY_TAKEN_OVER: u32 = 8;
     pub const SUPERSEDED: u32 = 9;
@@ -55,6 +62,7 @@ impl EndReason {
             EndReason::Goodbye(_) => code::GOODBYE,
             EndReason::Refused(_) => code::REFUSED,
             EndReason::Silent(_) => code::SILENT,
+            EndReason::Incompatible(_) => code::INCOMPATIBLE,
             EndReason::Broken(_) | EndReason::Local(_) => code::LOCAL,
         }
     }
@@ -79,6 +87,10 @@ impl EndReason {
                     .map_or(text.clone(), str::to_string),
             ),
             code::SILENT => EndReason::Refused(format!("the peer stopped waiting: {text}")),
+            code::INCOMPATIBLE => EndReason::Incompatible(
+                text.strip_prefix("incompatible: ")
+                    .map_or(text.clone(), str::to_string),
+            ),
             _ => EndReason::Broken(format!("the peer closed the connection: {text}")),
         }
     }
@@ -92,9 +104,23 @@ impl EndReason {
         )
     }
 
-    /// The peer meant it (goodbye or refusal): it is alive.
+    /// The peer meant it (goodbye, refusal, incompatible hello): it is alive.
     pub fn peer_alive(&self) -> bool {
-        matches!(self, EndReason::Goodbye(_) | EndReason::Refused(_))
+        matches!(
+            self,
+            EndReason::Goodbye(_) | EndReason::Refused(_) | EndReason::Incompatible(_)
+        )
+    }
+
+    /// How a backup ends a session whose primary broke the protocol or sent
+    /// a hello it cannot accept: [`EndReason::Incompatible`] for the hello
+    /// (version, name, limits, mode), [`EndReason::Refused`] for the rest.
+    pub fn for_protocol_error(e: &crate::ProtocolError) -> EndReason {
+        if e.is_incompatible() {
+            EndReason::Incompatible(e.to_string())
+        } else {
+            EndReason::Refused(e.to_string())
+        }
     }
 }
 
@@ -108,6 +134,7 @@ impl fmt::Display for EndReason {
             }
             EndReason::Goodbye(r) => write!(f, "the peer said goodbye: {r}"),
             EndReason::Refused(r) => write!(f, "refused: {r}"),
+            EndReason::Incompatible(r) => write!(f, "incompatible: {r}"),
             EndReason::Silent(d) => write!(f, "no answer for {} ms", d.as_millis()),
             EndReason::Broken(r) => write!(f, "connection broken: {r}"),
             EndReason::Local(r) => f.write_str(r),
@@ -133,6 +160,10 @@ mod tests {
                 EndReason::Refused("bad".into()),
                 EndReason::Refused("bad".into()),
             ),
+            (
+                EndReason::Incompatible("too big".into()),
+                EndReason::Incompatible("too big".into()),
+            ),
         ];
         for (sent, read) in cases {
             let text = sent.to_string();
@@ -140,6 +171,7 @@ mod tests {
             // The reason's own words cross too, once.
             assert_eq!(got, read);
             assert_eq!(got.fences(), sent.fences());
+            assert_eq!(got.peer_alive(), sent.peer_alive());
         }
         let silent = EndReason::Silent(Duration::from_millis(30));
         let got = EndReason::from_close(silent.code(), silent.to_string().as_bytes());

@@ -23,7 +23,7 @@ pub mod session;
 
 pub use end::EndReason;
 pub use message::{FrameDecoder, Hello, Message, VERSION};
-pub use session::{Checkpoint, Event, Receiver, Sender};
+pub use session::{staging_bound, Checkpoint, Event, Limits, Receiver, Sender};
 
 /// A frame or message that does not decode.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -105,13 +105,63 @@ pub enum ProtocolError {
         /// The open epoch.
         current: u64,
     },
-    /// Epoch numbers must increase.
-    #[error("epoch {got} does not follow the last committed epoch {last}")]
-    EpochNotIncreasing {
+    /// Epochs must be consecutive: every mode sends only the pages dirtied
+    /// since the previous epoch, so a missing epoch is a replica missing
+    /// writes (and an old one would roll it back).
+    #[error(
+        "epoch {got} does not follow the last committed epoch {last}: only epoch {} may come next (each checkpoint carries only the pages dirtied since the one before)",
+        .last + 1
+    )]
+    EpochNotNext {
         /// The epoch received.
         got: u64,
         /// The last committed.
         last: u64,
+    },
+    /// The hello names another node than the certificate was checked for.
+    #[error("the hello names node '{hello}', but the peer's certificate is for '{certificate}'")]
+    WrongNode {
+        /// The hello's name.
+        hello: String,
+        /// The name the certificate was verified for.
+        certificate: String,
+    },
+    /// The protected machine's RAM exceeds what this backup accepts.
+    #[error("the primary's guest has {memory_bytes} bytes of RAM, over this backup's limit of {limit} (--max-memory)")]
+    MemoryOverLimit {
+        /// The hello's `memory_bytes`.
+        memory_bytes: u64,
+        /// The backup's limit.
+        limit: u64,
+    },
+    /// A RAM size that is not a positive number of 4 KiB pages.
+    #[error("the hello's memory size {0} is not a positive multiple of 4096 bytes")]
+    BadMemorySize(u64),
+    /// More vCPUs than this backup accepts.
+    #[error(
+        "the primary's guest has {vcpus} vCPUs, over this backup's limit of {limit} (--max-vcpus)"
+    )]
+    VcpusOverLimit {
+        /// The hello's `vcpus`.
+        vcpus: u32,
+        /// The backup's limit.
+        limit: u32,
+    },
+    /// The goodbye names an epoch older than one already committed.
+    #[error("the goodbye names epoch {last_epoch} as the last sent, but epoch {committed} was committed")]
+    GoodbyeBehind {
+        /// The goodbye's last epoch.
+        last_epoch: u64,
+        /// The last committed.
+        committed: u64,
+    },
+    /// An epoch after the goodbye's last one.
+    #[error("epoch {got} after a goodbye whose last epoch is {last_epoch}")]
+    EpochAfterGoodbye {
+        /// The epoch received.
+        got: u64,
+        /// The goodbye's last epoch.
+        last_epoch: u64,
     },
     /// Messages in the wrong order within an epoch.
     #[error("protocol order violated: {0}")]
@@ -148,4 +198,34 @@ pub enum ProtocolError {
     /// Capabilities this castor does not know.
     #[error("unknown capabilities {0:#x}")]
     UnknownCapabilities(u64),
+}
+
+impl WireError {
+    /// The error is in a hello's content (its version or a field's value):
+    /// the peer describes a session this castor cannot accept, as opposed
+    /// to sending malformed bytes.
+    pub fn is_incompatible(&self) -> bool {
+        match self {
+            WireError::UnsupportedVersion { .. } => true,
+            WireError::BadValue { field, .. } => field.starts_with("Hello."),
+            _ => false,
+        }
+    }
+}
+
+impl ProtocolError {
+    /// The hello describes a session this backup does not accept (version,
+    /// capabilities, node name, machine size, mode): ends the session with
+    /// [`EndReason::Incompatible`] rather than a refusal.
+    pub fn is_incompatible(&self) -> bool {
+        match self {
+            ProtocolError::Wire(w) => w.is_incompatible(),
+            ProtocolError::WrongNode { .. }
+            | ProtocolError::MemoryOverLimit { .. }
+            | ProtocolError::BadMemorySize(_)
+            | ProtocolError::VcpusOverLimit { .. }
+            | ProtocolError::UnknownCapabilities(_) => true,
+            _ => false,
+        }
+    }
 }

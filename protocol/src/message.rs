@@ -11,7 +11,7 @@ use crate::codec::{Reader, Writer};
 use crate::WireError;
 
 /// The protocol version this castor speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Largest frame: the largest message (a machine state) plus headers.
 pub const MAX_FRAME: usize = MAX_STATE + 1024;
 /// Largest chunk of fgbi records in one message.
@@ -37,7 +37,8 @@ pub struct Hello {
     /// Random session id: a new one for every full resync.
     pub session: u64,
     /// The sender's node name. The backup refuses a hello whose name is not
-    /// the peer name its certificate was checked against.
+    /// the peer name its certificate was checked against
+    /// ([`crate::session::Limits::peer_name`]).
     pub node: String,
     /// Capability bits ([`CAP_VERIFY`]).
     pub capabilities: u64,
@@ -128,8 +129,13 @@ pub enum Message {
         /// The heartbeat's `sent_us`.
         sent_us: u64,
     },
-    /// Orderly end of the session.
+    /// Orderly end of the session (primary → backup, on the control
+    /// stream): the primary stops on purpose after checkpoint `last_epoch`.
+    /// The backup stands down (no takeover) and ends the session once it
+    /// has committed `last_epoch`, or when the data stream ends.
     Goodbye {
+        /// The last epoch the primary sent in this session (0: none).
+        last_epoch: u64,
         /// Why.
         reason: String,
     },
@@ -177,7 +183,10 @@ impl fmt::Debug for Message {
             Message::Ack { epoch } => write!(f, "Ack {{ epoch: {epoch} }}"),
             Message::Heartbeat { seq, .. } => write!(f, "Heartbeat {{ seq: {seq} }}"),
             Message::HeartbeatEcho { seq, .. } => write!(f, "HeartbeatEcho {{ seq: {seq} }}"),
-            Message::Goodbye { reason } => write!(f, "Goodbye {{ reason: {reason:?} }}"),
+            Message::Goodbye { last_epoch, reason } => write!(
+                f,
+                "Goodbye {{ last_epoch: {last_epoch}, reason: {reason:?} }}"
+            ),
         }
     }
 }
@@ -306,9 +315,14 @@ impl Message {
                 w.u64(*sent_us);
                 ty::HEARTBEAT_ECHO
             }
-            Message::Goodbye { reason } => {
-                let r = &reason.as_bytes()[..reason.len().min(MAX_REASON)];
-                w.bytes(r);
+            Message::Goodbye { last_epoch, reason } => {
+                // Cut at a character boundary within the limit.
+                let mut n = reason.len().min(MAX_REASON);
+                while !reason.is_char_boundary(n) {
+                    n -= 1;
+                }
+                w.u64(*last_epoch);
+                w.bytes(&reason.as_bytes()[..n]);
                 ty::GOODBYE
             }
         };
@@ -398,6 +412,7 @@ impl Message {
                 sent_us: r.u64("HeartbeatEcho.sent_us")?,
             },
             ty::GOODBYE => Message::Goodbye {
+                last_epoch: r.u64("Goodbye.last_epoch")?,
                 reason: string(&mut r, "Goodbye.reason", MAX_REASON)?,
             },
             other => return Err(WireError::UnknownType(other)),

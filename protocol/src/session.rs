@@ -5,9 +5,14 @@
 //!
 //! Order on the data stream: `Hello`, then for each epoch `EpochStart`,
 //! any number of `Records`, at most one `State` (exactly one before the
-//! commit), any number of `Output`, then `Commit`. Epochs strictly increase;
-//! console output offsets are contiguous across epochs. Acks travel back on
-//! the control stream, in epoch order.
+//! commit), any number of `Output`, then `Commit`. Epochs are consecutive
+//! from 1 (the full resync): every mode sends only the pages dirtied since
+//! the previous epoch, and xbzrle and fgbi encode against the replica as
+//! the previous epoch left it, so a missing epoch would leave the replica
+//! without writes. Console output offsets are contiguous across epochs.
+//! Acks travel back on the control stream, in epoch order. A `Goodbye`
+//! (on the control stream) names the last epoch sent; the receiver ends
+//! the session on it only once that epoch is committed.
 //!
 //! The commit digest is blake3 over, for each content message in order, its
 //! type name, epoch, offset (output only), length and bytes.
@@ -59,7 +64,7 @@ impl Sender {
         &self.hello
     }
 
-    /// Begins epoch `epoch` (greater than every earlier one).
+    /// Begins epoch `epoch`: the one after the last committed (1 first).
     pub fn begin(
         &mut self,
         epoch: u64,
@@ -72,8 +77,8 @@ impl Sender {
                 "an epoch began before the previous one was committed",
             ));
         }
-        if epoch <= self.last_committed {
-            return Err(ProtocolError::EpochNotIncreasing {
+        if epoch != self.last_committed + 1 {
+            return Err(ProtocolError::EpochNotNext {
                 got: epoch,
                 last: self.last_committed,
             });
@@ -227,14 +232,76 @@ pub enum Event {
         /// The original timestamp.
         sent_us: u64,
     },
-    /// The peer ends the session.
+    /// The primary stops on purpose after epoch `last_epoch`, which is not
+    /// committed yet: stand down (no takeover), keep committing, and end
+    /// the session once [`Receiver::goodbye_due`] says so (or the data
+    /// stream ends).
+    Leaving {
+        /// The last epoch the primary sent.
+        last_epoch: u64,
+    },
+    /// The primary stops on purpose and everything it sent is committed:
+    /// end the session (no takeover).
     Goodbye(String),
+}
+
+/// What a backup accepts from a primary: checked against its hello, and
+/// the bound on one epoch's staging.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Most bytes one epoch may stage (records, state and output together);
+    /// lowered further to [`staging_bound`] of the hello's machine.
+    pub max_epoch_bytes: usize,
+    /// Largest guest RAM accepted.
+    pub max_memory_bytes: u64,
+    /// Most vCPUs accepted.
+    pub max_vcpus: u32,
+    /// The name the peer's certificate was verified for (the TLS layer pins
+    /// it): the hello must name the same node. `None`: not checked (tests).
+    pub peer_name: Option<String>,
+}
+
+impl Limits {
+    /// No limit but the staging bound; any node name.
+    pub fn staging_only(max_epoch_bytes: usize) -> Limits {
+        Limits {
+            max_epoch_bytes,
+            max_memory_bytes: u64::MAX,
+            max_vcpus: u32::MAX,
+            peer_name: None,
+        }
+    }
+}
+
+/// Most bytes of console output one epoch may carry in the staging bound
+/// (a guest printing flat out through the MMIO console writes well under
+/// this in an epoch).
+pub const MAX_EPOCH_OUTPUT: usize = 64 << 20;
+
+/// Most bytes of fgbi records per page: a raw page (4096 bytes) plus its
+/// varint page number and kind. No record is larger (the encoder always
+/// has the raw page as a candidate), and each page has one record an epoch.
+pub const MAX_RECORD_PER_PAGE: usize = 4096 + 16;
+
+/// The most one epoch of a machine with `memory_bytes` of RAM can stage:
+/// every page as a raw record, the largest machine state, and
+/// [`MAX_EPOCH_OUTPUT`] of console output. A backup stages no more than
+/// this, whatever its `--max-epoch-bytes`.
+pub fn staging_bound(memory_bytes: u64) -> usize {
+    let pages = usize::try_from(memory_bytes.div_ceil(4096)).unwrap_or(usize::MAX);
+    pages
+        .saturating_mul(MAX_RECORD_PER_PAGE)
+        .saturating_add(crate::message::MAX_STATE)
+        .saturating_add(MAX_EPOCH_OUTPUT)
 }
 
 /// The backup's side of a session.
 #[derive(Debug)]
 pub struct Receiver {
+    limits: Limits,
     max_epoch_bytes: usize,
+    /// The primary's goodbye: (reason, last epoch sent).
+    goodbye: Option<(String, u64)>,
     hello: Option<Hello>,
     last_committed: u64,
     staging: Option<Staging>,
@@ -259,10 +326,20 @@ impl Staging {
 
 impl Receiver {
     /// A receiver staging at most `max_epoch_bytes` of one epoch's content
-    /// (records, state and output together).
+    /// (records, state and output together), with no other limit
+    /// ([`Limits::staging_only`]).
     pub fn new(max_epoch_bytes: usize) -> Self {
+        Self::with_limits(Limits::staging_only(max_epoch_bytes))
+    }
+
+    /// A receiver that refuses a hello beyond `limits`, and stages at most
+    /// `limits.max_epoch_bytes` of one epoch, or less for a small machine
+    /// ([`staging_bound`]).
+    pub fn with_limits(limits: Limits) -> Self {
         Receiver {
-            max_epoch_bytes,
+            max_epoch_bytes: limits.max_epoch_bytes,
+            limits,
+            goodbye: None,
             hello: None,
             last_committed: 0,
             staging: None,
@@ -278,6 +355,65 @@ impl Receiver {
     /// Last epoch handed over.
     pub fn last_committed(&self) -> u64 {
         self.last_committed
+    }
+
+    /// The staging bound in force: the limit's, or for the hello's machine
+    /// [`staging_bound`] when that is smaller.
+    pub fn max_epoch_bytes(&self) -> usize {
+        self.max_epoch_bytes
+    }
+
+    /// The primary said goodbye (its reason), whether or not its last epoch
+    /// is committed yet.
+    pub fn goodbye(&self) -> Option<&str> {
+        self.goodbye.as_ref().map(|(r, _)| r.as_str())
+    }
+
+    /// The primary said goodbye and every epoch it sent is committed: the
+    /// session may end now (its reason).
+    pub fn goodbye_due(&self) -> Option<&str> {
+        match &self.goodbye {
+            Some((r, last)) if self.last_committed >= *last => Some(r),
+            _ => None,
+        }
+    }
+
+    fn check_hello(&self, h: &Hello) -> Result<(), ProtocolError> {
+        if h.version != VERSION {
+            return Err(ProtocolError::Wire(crate::WireError::UnsupportedVersion {
+                got: h.version,
+                supported: VERSION,
+            }));
+        }
+        if h.capabilities & !CAP_VERIFY != 0 {
+            return Err(ProtocolError::UnknownCapabilities(
+                h.capabilities & !CAP_VERIFY,
+            ));
+        }
+        if let Some(name) = &self.limits.peer_name {
+            if h.node != *name {
+                return Err(ProtocolError::WrongNode {
+                    hello: h.node.clone(),
+                    certificate: name.clone(),
+                });
+            }
+        }
+        if h.memory_bytes == 0 || !h.memory_bytes.is_multiple_of(4096) {
+            return Err(ProtocolError::BadMemorySize(h.memory_bytes));
+        }
+        if h.memory_bytes > self.limits.max_memory_bytes {
+            return Err(ProtocolError::MemoryOverLimit {
+                memory_bytes: h.memory_bytes,
+                limit: self.limits.max_memory_bytes,
+            });
+        }
+        if h.vcpus > self.limits.max_vcpus {
+            return Err(ProtocolError::VcpusOverLimit {
+                vcpus: h.vcpus,
+                limit: self.limits.max_vcpus,
+            });
+        }
+        Ok(())
     }
 
     /// Whether an epoch is partly received (it is discarded if the session ends).
@@ -320,17 +456,11 @@ impl Receiver {
         if self.hello.is_none() {
             return match m {
                 Message::Hello(h) => {
-                    if h.version != VERSION {
-                        return Err(ProtocolError::Wire(crate::WireError::UnsupportedVersion {
-                            got: h.version,
-                            supported: VERSION,
-                        }));
-                    }
-                    if h.capabilities & !CAP_VERIFY != 0 {
-                        return Err(ProtocolError::UnknownCapabilities(
-                            h.capabilities & !CAP_VERIFY,
-                        ));
-                    }
+                    self.check_hello(&h)?;
+                    self.max_epoch_bytes = self
+                        .limits
+                        .max_epoch_bytes
+                        .min(staging_bound(h.memory_bytes));
                     self.output_next = h.output_offset;
                     self.hello = Some(h.clone());
                     Ok(Event::Hello(h))
@@ -354,8 +484,16 @@ impl Receiver {
                         current: s.epoch,
                     });
                 }
-                if epoch <= self.last_committed {
-                    return Err(ProtocolError::EpochNotIncreasing {
+                if let Some((_, last_epoch)) = self.goodbye {
+                    if epoch > last_epoch {
+                        return Err(ProtocolError::EpochAfterGoodbye {
+                            got: epoch,
+                            last_epoch,
+                        });
+                    }
+                }
+                if epoch != self.last_committed + 1 {
+                    return Err(ProtocolError::EpochNotNext {
                         got: epoch,
                         last: self.last_committed,
                     });
@@ -444,9 +582,33 @@ impl Receiver {
             }),
             Message::Heartbeat { seq, sent_us } => Ok(Event::Heartbeat { seq, sent_us }),
             Message::HeartbeatEcho { seq, sent_us } => Ok(Event::HeartbeatEcho { seq, sent_us }),
-            Message::Goodbye { reason } => {
-                self.staging = None;
-                Ok(Event::Goodbye(reason))
+            Message::Goodbye { last_epoch, reason } => {
+                if self.goodbye.is_some() {
+                    return Err(ProtocolError::Unexpected {
+                        message: "Goodbye",
+                        state: "after a Goodbye",
+                    });
+                }
+                if last_epoch < self.last_committed {
+                    return Err(ProtocolError::GoodbyeBehind {
+                        last_epoch,
+                        committed: self.last_committed,
+                    });
+                }
+                if let Some(s) = &self.staging {
+                    if s.epoch > last_epoch {
+                        return Err(ProtocolError::EpochAfterGoodbye {
+                            got: s.epoch,
+                            last_epoch,
+                        });
+                    }
+                }
+                self.goodbye = Some((reason.clone(), last_epoch));
+                if last_epoch == self.last_committed {
+                    Ok(Event::Goodbye(reason))
+                } else {
+                    Ok(Event::Leaving { last_epoch })
+                }
             }
         }
     }

@@ -1,8 +1,9 @@
 //! The wire format and the session state machines, without sockets.
 
-use castor_protocol::message::{CAP_VERIFY, MAX_FRAME, MAX_RECORDS_CHUNK};
+use castor_protocol::message::{CAP_VERIFY, MAX_FRAME, MAX_RECORDS_CHUNK, MAX_STATE};
 use castor_protocol::{
-    Event, FrameDecoder, Hello, Message, ProtocolError, Receiver, Sender, WireError, VERSION,
+    staging_bound, EndReason, Event, FrameDecoder, Hello, Limits, Message, ProtocolError, Receiver,
+    Sender, WireError, VERSION,
 };
 use proptest::prelude::*;
 
@@ -93,7 +94,8 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<u64>(), any::<u64>()).prop_map(|(seq, sent_us)| Message::Heartbeat { seq, sent_us }),
         (any::<u64>(), any::<u64>())
             .prop_map(|(seq, sent_us)| Message::HeartbeatEcho { seq, sent_us }),
-        "[ -~]{0,100}".prop_map(|reason| Message::Goodbye { reason }),
+        (any::<u64>(), "[ -~]{0,100}")
+            .prop_map(|(last_epoch, reason)| Message::Goodbye { last_epoch, reason }),
     ]
 }
 
@@ -236,11 +238,12 @@ fn out_of_order_and_oversized_input_is_refused() {
     let (mut tx, h) = Sender::new(hello(0));
     let mut rx = Receiver::new(1 << 20);
     deliver(&mut rx, &h).unwrap();
-    deliver(&mut rx, &epoch_frames(&mut tx, 3)).unwrap();
+    for epoch in 1..=3 {
+        deliver(&mut rx, &epoch_frames(&mut tx, epoch)).unwrap();
+    }
     // A replayed (old) epoch.
-    let (mut old, _) = Sender::new(hello(0));
-    let e = deliver(&mut rx, &epoch_frames(&mut old, 2)).unwrap_err();
-    assert_eq!(e, ProtocolError::EpochNotIncreasing { got: 2, last: 3 });
+    let e = deliver(&mut rx, &frames_of(2)).unwrap_err();
+    assert_eq!(e, ProtocolError::EpochNotNext { got: 2, last: 3 });
 
     // Tampered content: the commit digest no longer matches.
     let mut f = epoch_frames(&mut tx, 4);
@@ -332,4 +335,294 @@ fn output_must_be_contiguous() {
             expected: 100
         }
     );
+}
+
+/// Epoch `epoch`'s frames as a sender that has committed every epoch
+/// before it would send them.
+fn frames_of(epoch: u64) -> Vec<u8> {
+    let (mut tx, _) = Sender::new(hello(0));
+    for e in 1..epoch {
+        epoch_frames(&mut tx, e);
+    }
+    epoch_frames(&mut tx, epoch)
+}
+
+#[test]
+fn an_epoch_gap_is_refused_and_the_next_session_starts_from_a_full_resync() {
+    let (mut tx, h) = Sender::new(hello(0));
+    let mut rx = Receiver::new(1 << 20);
+    deliver(&mut rx, &h).unwrap();
+    for epoch in 1..=3 {
+        deliver(&mut rx, &epoch_frames(&mut tx, epoch)).unwrap();
+    }
+    // Epoch 4 never arrives; epoch 5 is whole and its digest matches.
+    let e = deliver(&mut rx, &frames_of(5)).unwrap_err();
+    assert_eq!(e, ProtocolError::EpochNotNext { got: 5, last: 3 });
+    let text = e.to_string();
+    assert!(
+        text.contains("epoch 5") && text.contains("epoch 3") && text.contains("only epoch 4"),
+        "{text}"
+    );
+    // Nothing of epoch 5 was staged or handed over: the replica stays at 3.
+    assert_eq!((rx.last_committed(), rx.in_epoch()), (3, None));
+    // The backup ends the session with a refusal (the primary is alive).
+    let why = EndReason::for_protocol_error(&e);
+    assert!(
+        matches!(why, EndReason::Refused(_)) && why.peer_alive(),
+        "{why:?}"
+    );
+    // The first epoch of a session must be 1 too: a session never starts
+    // from a delta.
+    let mut fresh = Receiver::new(1 << 20);
+    deliver(&mut fresh, &h).unwrap();
+    assert_eq!(
+        deliver(&mut fresh, &frames_of(2)).unwrap_err(),
+        ProtocolError::EpochNotNext { got: 2, last: 0 }
+    );
+    // The next session: a new hello, and its full resync (epoch 1) commits.
+    let (mut tx2, h2) = Sender::new(Hello {
+        session: 43,
+        ..hello(0)
+    });
+    let mut rx2 = Receiver::new(1 << 20);
+    deliver(&mut rx2, &h2).unwrap();
+    let ev = deliver(&mut rx2, &epoch_frames(&mut tx2, 1)).unwrap();
+    assert!(
+        matches!(ev.last(), Some(Event::Checkpoint(c)) if c.epoch == 1),
+        "{ev:?}"
+    );
+    // The sender cannot produce a gap either.
+    let mut f = Vec::new();
+    assert_eq!(
+        tx2.begin(3, 0, 0, &mut f).unwrap_err(),
+        ProtocolError::EpochNotNext { got: 3, last: 1 }
+    );
+}
+
+fn limits() -> Limits {
+    Limits {
+        max_epoch_bytes: 4 << 30,
+        max_memory_bytes: 1 << 30,
+        max_vcpus: 4,
+        peer_name: Some("primary".into()),
+    }
+}
+
+#[test]
+fn a_hello_beyond_the_backups_limits_is_refused_as_incompatible() {
+    let refused = |h: Hello| {
+        let mut rx = Receiver::with_limits(limits());
+        let e = rx.on_message(Message::Hello(h)).unwrap_err();
+        assert!(rx.hello().is_none());
+        let why = EndReason::for_protocol_error(&e);
+        assert!(
+            matches!(why, EndReason::Incompatible(_)) && why.peer_alive() && !why.fences(),
+            "{why:?}"
+        );
+        // The primary reads the same reason back from the close code.
+        assert_eq!(
+            EndReason::from_close(why.code(), why.to_string().as_bytes()),
+            why
+        );
+        e
+    };
+    // Within the limits: accepted.
+    let mut rx = Receiver::with_limits(limits());
+    assert_eq!(
+        rx.on_message(Message::Hello(hello(0))).unwrap(),
+        Event::Hello(hello(0))
+    );
+    // Another node's name than the certificate's.
+    let e = refused(Hello {
+        node: "mallory".into(),
+        ..hello(0)
+    });
+    assert_eq!(
+        e,
+        ProtocolError::WrongNode {
+            hello: "mallory".into(),
+            certificate: "primary".into()
+        }
+    );
+    assert!(e.to_string().contains("'mallory'") && e.to_string().contains("'primary'"));
+    // More RAM than --max-memory.
+    let e = refused(Hello {
+        memory_bytes: (1 << 30) + 4096,
+        ..hello(0)
+    });
+    assert_eq!(
+        e,
+        ProtocolError::MemoryOverLimit {
+            memory_bytes: (1 << 30) + 4096,
+            limit: 1 << 30
+        }
+    );
+    assert!(e.to_string().contains("--max-memory"), "{e}");
+    // No RAM, or not whole pages.
+    for m in [0, 4097] {
+        assert_eq!(
+            refused(Hello {
+                memory_bytes: m,
+                ..hello(0)
+            }),
+            ProtocolError::BadMemorySize(m)
+        );
+    }
+    // More vCPUs than --max-vcpus.
+    let e = refused(Hello {
+        vcpus: 5,
+        ..hello(0)
+    });
+    assert_eq!(e, ProtocolError::VcpusOverLimit { vcpus: 5, limit: 4 });
+    assert!(e.to_string().contains("--max-vcpus"), "{e}");
+    // Unknown capabilities.
+    assert_eq!(
+        refused(hello(1 << 9)),
+        ProtocolError::UnknownCapabilities(1 << 9)
+    );
+    // An unknown mode never decodes: refused, naming the field.
+    let mut f = Message::Hello(hello(0)).to_frame();
+    // length(4) type(1) version(2) session(8) node(4 + 7) capabilities(8)
+    let mode_at = 4 + 1 + 2 + 8 + 4 + "primary".len() + 8;
+    assert_eq!(f[mode_at], 2, "the fgbi mode byte");
+    f[mode_at] = 7;
+    let e = refused_frame(&f);
+    assert_eq!(
+        e,
+        ProtocolError::Wire(WireError::BadValue {
+            field: "Hello.mode",
+            value: 7
+        })
+    );
+    assert!(matches!(
+        EndReason::for_protocol_error(&e),
+        EndReason::Incompatible(_)
+    ));
+    // Other malformed bytes are a plain refusal.
+    assert!(matches!(
+        EndReason::for_protocol_error(&ProtocolError::Wire(WireError::UnknownType(99))),
+        EndReason::Refused(_)
+    ));
+}
+
+fn refused_frame(f: &[u8]) -> ProtocolError {
+    deliver(&mut Receiver::with_limits(limits()), f).unwrap_err()
+}
+
+#[test]
+fn staging_is_bounded_by_the_protected_machine() {
+    // A 16 MiB guest: a full resync of raw pages, the largest state and the
+    // output allowance fit; the backup's 4 GiB limit does not apply.
+    let small = Hello {
+        memory_bytes: 16 << 20,
+        ..hello(0)
+    };
+    let bound = staging_bound(16 << 20);
+    let raw_resync = (16 << 20) / 4096 * (4096 + 11);
+    assert!(
+        (raw_resync + MAX_STATE..4 << 30).contains(&bound),
+        "{bound}"
+    );
+    let mut rx = Receiver::with_limits(limits());
+    rx.on_message(Message::Hello(small.clone())).unwrap();
+    assert_eq!(rx.max_epoch_bytes(), bound);
+    // One byte over the bound is refused, naming the bound.
+    let (mut tx, _) = Sender::new(small);
+    let mut f = Vec::new();
+    tx.begin(1, 0, 0, &mut f).unwrap();
+    tx.records(&vec![0u8; bound + 1], &mut f).unwrap();
+    assert_eq!(
+        deliver(&mut rx, &f).unwrap_err(),
+        ProtocolError::EpochTooLarge { limit: bound }
+    );
+    // A backup limit below the machine's bound stays in force.
+    let mut rx = Receiver::with_limits(Limits {
+        max_epoch_bytes: 1 << 20,
+        ..limits()
+    });
+    rx.on_message(Message::Hello(hello(0))).unwrap();
+    assert_eq!(rx.max_epoch_bytes(), 1 << 20);
+    // Every page raw fits the bound of a 1 GiB machine.
+    assert!(staging_bound(1 << 30) >= (1 << 30) / 4096 * (4096 + 4));
+}
+
+#[test]
+fn a_goodbye_takes_effect_only_once_its_last_epoch_is_committed() {
+    let (mut tx, h) = Sender::new(hello(0));
+    let mut rx = Receiver::new(1 << 20);
+    deliver(&mut rx, &h).unwrap();
+    deliver(&mut rx, &epoch_frames(&mut tx, 1)).unwrap();
+    let (e2, e3) = (epoch_frames(&mut tx, 2), epoch_frames(&mut tx, 3));
+    // The goodbye (control stream) overtakes epochs 2 and 3 (data stream).
+    let bye = Message::Goodbye {
+        last_epoch: 3,
+        reason: "stopping".into(),
+    };
+    assert_eq!(
+        rx.on_message(bye.clone()).unwrap(),
+        Event::Leaving { last_epoch: 3 }
+    );
+    assert_eq!(rx.goodbye(), Some("stopping"));
+    assert_eq!(rx.goodbye_due(), None);
+    deliver(&mut rx, &e2).unwrap();
+    assert_eq!(rx.goodbye_due(), None, "epoch 3 is still on its way");
+    let ev = deliver(&mut rx, &e3).unwrap();
+    assert!(matches!(ev.last(), Some(Event::Checkpoint(c)) if c.epoch == 3));
+    assert_eq!(rx.goodbye_due(), Some("stopping"));
+    // Nothing after the goodbye's last epoch.
+    assert_eq!(
+        deliver(&mut rx, &epoch_frames(&mut tx, 4)).unwrap_err(),
+        ProtocolError::EpochAfterGoodbye {
+            got: 4,
+            last_epoch: 3
+        }
+    );
+
+    // A goodbye after everything it names is committed ends at once.
+    let (mut tx, h) = Sender::new(hello(0));
+    let mut rx = Receiver::new(1 << 20);
+    deliver(&mut rx, &h).unwrap();
+    deliver(&mut rx, &epoch_frames(&mut tx, 1)).unwrap();
+    assert_eq!(
+        rx.on_message(Message::Goodbye {
+            last_epoch: 1,
+            reason: "bye".into()
+        })
+        .unwrap(),
+        Event::Goodbye("bye".into())
+    );
+    // A goodbye naming less than what was committed is a violation.
+    let mut rx = Receiver::new(1 << 20);
+    let (mut tx, h) = Sender::new(hello(0));
+    deliver(&mut rx, &h).unwrap();
+    deliver(&mut rx, &epoch_frames(&mut tx, 1)).unwrap();
+    deliver(&mut rx, &epoch_frames(&mut tx, 2)).unwrap();
+    assert_eq!(
+        rx.on_message(Message::Goodbye {
+            last_epoch: 1,
+            reason: "bye".into()
+        })
+        .unwrap_err(),
+        ProtocolError::GoodbyeBehind {
+            last_epoch: 1,
+            committed: 2
+        }
+    );
+}
+
+#[test]
+fn a_long_goodbye_reason_is_cut_at_a_character_boundary() {
+    let reason = "é".repeat(1000); // 2000 bytes
+    let f = Message::Goodbye {
+        last_epoch: 9,
+        reason,
+    }
+    .to_frame();
+    let mut d = FrameDecoder::new();
+    d.push(&f);
+    let Some(Message::Goodbye { last_epoch, reason }) = d.next_message().unwrap() else {
+        panic!()
+    };
+    assert_eq!(last_epoch, 9);
+    assert_eq!(reason, "é".repeat(512));
 }

@@ -403,10 +403,16 @@ impl FrameWriter {
 }
 
 impl TransportError {
-    /// Why the session ended: the peer's typed reason, or a broken session.
+    /// Why the session ended: the peer's typed reason; bytes that are not
+    /// valid frames are refused (the peer is alive and sent them: a hello
+    /// field such as an unknown mode as [`EndReason::Incompatible`]);
+    /// otherwise a broken session.
     pub fn end_reason(self) -> EndReason {
         match self {
             TransportError::Ended(r) => r,
+            TransportError::Wire(w) => {
+                EndReason::for_protocol_error(&protocol::ProtocolError::Wire(w))
+            }
             other => EndReason::Broken(other.to_string()),
         }
     }
@@ -456,6 +462,29 @@ impl Closer {
     /// checkpoint data.
     pub fn datagrams_received(&self) -> u64 {
         self.0.stats().udp_rx.datagrams
+    }
+
+    /// The certificate the peer presented in the handshake is valid for the
+    /// DNS name `name`. (The backup's verifier already pinned the expected
+    /// primary's name; this checks a name the peer claims, such as its
+    /// hello's, against the certificate itself.)
+    pub fn peer_is_named(&self, name: &str) -> bool {
+        let Some(identity) = self.0.peer_identity() else {
+            return false;
+        };
+        let Ok(certs) = identity.downcast::<Vec<CertificateDer<'static>>>() else {
+            return false;
+        };
+        let Some(leaf) = certs.first() else {
+            return false;
+        };
+        let (Ok(cert), Ok(name)) = (
+            webpki::EndEntityCert::try_from(leaf),
+            ServerName::try_from(name.to_string()),
+        ) else {
+            return false;
+        };
+        cert.verify_is_valid_for_subject_name(&name).is_ok()
     }
 }
 

@@ -49,6 +49,12 @@ async fn a_session_over_mutual_tls_quic() {
     let (listener, addr) = listen(tmp.path());
     let backup = tokio::spawn(async move {
         let mut link = listener.accept().await.unwrap();
+        // The certificate the primary presented is valid for its name only:
+        // what a hello's node name is checked against.
+        let cert = link.closer();
+        assert!(cert.peer_is_named("primary"));
+        assert!(!cert.peer_is_named("mallory") && !cert.peer_is_named("backup"));
+        assert!(!cert.peer_is_named("not a name"));
         let mut data = link.data_rx.take().unwrap();
         let mut rx = Receiver::new(64 << 20);
         let mut committed = Vec::new();
@@ -88,6 +94,7 @@ async fn a_session_over_mutual_tls_quic() {
         data.send(&f).await.unwrap();
     }
     data.send_message(&Message::Goodbye {
+        last_epoch: 3,
         reason: "done".into(),
     })
     .await

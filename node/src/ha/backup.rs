@@ -6,9 +6,13 @@
 //! full resync, while the primary catches up). It never takes over from a
 //! primary that said goodbye, nor after ending a session itself (it refused
 //! an epoch or found its replica differs): that primary is alive, has
-//! released its held output and will resync. An operator may ask for a
-//! takeover, which skips the wait. A node that has taken over refuses every
-//! later session, so a stale primary that reconnects is fenced.
+//! released its held output and will resync. A primary's goodbye stands the
+//! backup down as soon as it arrives ([`BackupInput::Leaving`]), although the
+//! shell keeps committing the epochs the goodbye names. A replica found to
+//! differ from the primary (`--verify`) is taken over by no one, not even an
+//! operator, until a new session's full resync commits. An operator may ask
+//! for a takeover, which skips the wait. A node that has taken over refuses
+//! every later session, so a stale primary that reconnects is fenced.
 //!
 //! With a witness, a takeover happens only after winning the witness's
 //! compare-and-swap from the token of the primary it follows
@@ -68,10 +72,20 @@ pub enum BackupInput {
         /// Why.
         reason: EndReason,
     },
-    /// The replica no longer holds the committed checkpoint (a checkpoint
-    /// was written but its digest did not match): nothing to take over from
-    /// until the next session's resync.
-    ReplicaInvalid,
+    /// The replica no longer holds the committed checkpoint (checkpoint
+    /// `epoch` was written but its memory digest did not match): nothing to
+    /// take over from until the next session's full resync commits.
+    ReplicaInvalid {
+        /// The checkpoint whose digest did not match.
+        epoch: u64,
+    },
+    /// The primary said goodbye: it stops on purpose after `last_epoch`.
+    /// The backup stands down at once (no takeover on its silence), and
+    /// keeps committing up to `last_epoch` before the session ends.
+    Leaving {
+        /// The last epoch the primary sent.
+        last_epoch: u64,
+    },
     /// An operator asked for a takeover.
     TakeoverAsked,
     /// The witness answered a [`BackupAction::Claim`].
@@ -130,6 +144,32 @@ pub enum TakeoverAnswer {
     AlreadyTakenOver,
     /// No checkpoint is committed: nothing to take over from.
     NothingCommitted,
+    /// The replica differs from the primary (a `--verify` mismatch at
+    /// this checkpoint): it is unusable until a new session's full resync
+    /// commits.
+    ReplicaInvalid {
+        /// The checkpoint whose memory digest did not match.
+        epoch: u64,
+    },
+}
+
+impl std::fmt::Display for TakeoverAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TakeoverAnswer::Accepted => {
+                f.write_str("ok: taking over from the last committed checkpoint")
+            }
+            TakeoverAnswer::AlreadyTakenOver => f.write_str("error: this node has already taken over"),
+            TakeoverAnswer::NothingCommitted => {
+                f.write_str("error: nothing committed yet; nothing to take over")
+            }
+            TakeoverAnswer::ReplicaInvalid { epoch } => write!(
+                f,
+                "error: the replica differs from the primary since checkpoint {epoch} (verify mismatch); \
+                 no takeover until a new session's full resync commits"
+            ),
+        }
+    }
 }
 
 /// The backup role's state machine.
@@ -143,6 +183,9 @@ pub struct BackupCore {
     claiming: Option<(Duration, bool)>,
     session: u64,
     committed: Option<u64>,
+    /// The replica failed verification at this checkpoint; until a new
+    /// session, nothing is committed or taken over.
+    invalid: Option<u64>,
     last_heard: Duration,
     resync_at: Option<Duration>,
     /// The primary is alive and stopped the session on purpose (goodbye),
@@ -163,6 +206,7 @@ impl BackupCore {
             claiming: None,
             session: 0,
             committed: None,
+            invalid: None,
             last_heard: Duration::ZERO,
             resync_at: None,
             no_takeover: false,
@@ -189,7 +233,13 @@ impl BackupCore {
 
     /// It would take over from its replica if the primary went silent now.
     pub fn can_take_over(&self) -> bool {
-        self.committed.is_some() && !self.no_takeover && !self.taken_over
+        self.committed.is_some() && self.invalid.is_none() && !self.no_takeover && !self.taken_over
+    }
+
+    /// The checkpoint at which the replica failed verification, if it did
+    /// in the current session (no takeover until the next full resync).
+    pub fn replica_invalid(&self) -> Option<u64> {
+        self.invalid
     }
 
     /// Nothing may be committed or acked: a takeover was decided or is
@@ -202,6 +252,8 @@ impl BackupCore {
     pub fn ask_takeover(&mut self) -> TakeoverAnswer {
         if self.taken_over {
             TakeoverAnswer::AlreadyTakenOver
+        } else if let Some(epoch) = self.invalid {
+            TakeoverAnswer::ReplicaInvalid { epoch }
         } else if self.committed.is_none() {
             TakeoverAnswer::NothingCommitted
         } else {
@@ -258,6 +310,7 @@ impl BackupCore {
                 self.token = token;
                 self.session = session;
                 self.committed = None;
+                self.invalid = None;
                 self.resync_at = None;
                 self.no_takeover = false;
                 self.last_heard = now;
@@ -269,6 +322,10 @@ impl BackupCore {
             }
             BackupInput::Committed { .. } if self.claiming.is_some() => {
                 debug_assert!(false, "the shell commits nothing while frozen");
+                Vec::new()
+            }
+            BackupInput::Committed { .. } if self.invalid.is_some() => {
+                debug_assert!(false, "the shell commits nothing to an invalid replica");
                 Vec::new()
             }
             BackupInput::Committed { epoch, now } => {
@@ -289,8 +346,18 @@ impl BackupCore {
                 }
                 Vec::new()
             }
-            BackupInput::ReplicaInvalid => {
+            BackupInput::ReplicaInvalid { epoch } => {
                 self.committed = None;
+                self.invalid = Some(epoch);
+                self.asked = false;
+                Vec::new()
+            }
+            BackupInput::Leaving { .. } => {
+                // Stand down now: the primary stops on purpose and releases
+                // nothing more; its goodbye must not turn into a takeover
+                // while the last checkpoints drain (or if the connection
+                // breaks before they do).
+                self.no_takeover = true;
                 Vec::new()
             }
             BackupInput::TakeoverAsked => {
@@ -329,7 +396,7 @@ impl BackupCore {
     }
 
     fn take_over(&mut self, silent: Duration, asked: bool) -> Vec<BackupAction> {
-        let Some(epoch) = self.committed else {
+        let Some(epoch) = self.committed.filter(|_| self.invalid.is_none()) else {
             return Vec::new();
         };
         self.taken_over = true;
@@ -345,7 +412,7 @@ impl BackupCore {
     fn tick(&mut self, now: Duration, stalled: Duration) -> Vec<BackupAction> {
         // The backup's own stall is not the primary's silence.
         self.last_heard = (self.last_heard + stalled).min(now);
-        if self.committed.is_none() || self.claiming.is_some() {
+        if self.committed.is_none() || self.invalid.is_some() || self.claiming.is_some() {
             return Vec::new();
         }
         if !self.asked && (!stalled.is_zero() || self.no_takeover) {
@@ -564,15 +631,80 @@ mod tests {
     }
 
     #[test]
-    fn an_invalid_replica_is_never_taken_over() {
+    fn an_invalid_replica_is_never_taken_over_until_a_resync_commits() {
         let mut b = following(3000);
-        b.on(I::ReplicaInvalid);
+        // An operator's request already accepted does not survive the mismatch.
+        assert_eq!(b.ask_takeover(), TakeoverAnswer::Accepted);
+        b.on(I::ReplicaInvalid { epoch: 4 });
         b.on(I::SessionEnded {
             reason: EndReason::Refused("replica mismatch".into()),
         });
         assert_eq!(b.committed(), None);
-        assert_eq!(b.ask_takeover(), TakeoverAnswer::NothingCommitted);
+        assert_eq!(b.replica_invalid(), Some(4));
+        assert!(!b.can_take_over());
+        let answer = b.ask_takeover();
+        assert_eq!(answer, TakeoverAnswer::ReplicaInvalid { epoch: 4 });
+        let text = answer.to_string();
+        assert!(
+            text.starts_with("error:") && text.contains("checkpoint 4") && text.contains("resync"),
+            "{text}"
+        );
         assert!(tick(&mut b, 60_000).is_empty());
+        // Silence after a broken session decides nothing either.
+        b.on(I::SessionEnded {
+            reason: EndReason::Broken("reset".into()),
+        });
+        assert!(tick(&mut b, 120_000).is_empty());
+        // A new session: still nothing until its full resync commits...
+        b.on(I::SessionStarted {
+            session: 8,
+            token: 0,
+            now: ms(130_000),
+        });
+        assert_eq!(b.replica_invalid(), None);
+        assert_eq!(b.ask_takeover(), TakeoverAnswer::NothingCommitted);
+        assert!(tick(&mut b, 131_000).is_empty());
+        // ...then the replica is usable again.
+        b.on(I::Committed {
+            epoch: 1,
+            now: ms(131_000),
+        });
+        assert_eq!(b.ask_takeover(), TakeoverAnswer::Accepted);
+        assert_eq!(
+            tick(&mut b, 131_001),
+            vec![A::TakeOver {
+                epoch: 1,
+                session: 8,
+                silent: ms(1),
+                asked: true,
+                token: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn a_goodbye_stands_the_backup_down_before_the_session_ends() {
+        let mut b = following(3000);
+        // The goodbye arrives; the epochs it names are still draining, and
+        // the primary then falls silent (or its connection breaks).
+        b.on(I::Leaving { last_epoch: 5 });
+        assert!(!b.can_take_over());
+        b.on(I::Committed {
+            epoch: 4,
+            now: ms(3010),
+        });
+        assert!(tick(&mut b, 3100).is_empty());
+        b.on(I::SessionEnded {
+            reason: EndReason::Broken("reset".into()),
+        });
+        assert!(tick(&mut b, 60_000).is_empty());
+        assert_eq!(b.committed(), Some(4));
+        // An operator may still take over, from what was committed.
+        assert_eq!(b.ask_takeover(), TakeoverAnswer::Accepted);
+        assert!(matches!(
+            tick(&mut b, 60_001)[..],
+            [A::TakeOver { epoch: 4, .. }]
+        ));
     }
 
     #[test]
