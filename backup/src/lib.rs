@@ -65,7 +65,10 @@ pub fn run(
     services: &Services,
     stop: Arc<AtomicBool>,
 ) -> Result<Outcome, BackupError> {
-    let shared = Shared::new(BackupCore::new(cfg.timeouts, cfg.witness.is_some()));
+    let shared = Shared::new(
+        BackupCore::new(cfg.timeouts, cfg.witness.is_some()),
+        services.metrics.clone(),
+    );
     let log = services.log.clone();
     services
         .control

@@ -34,10 +34,14 @@ pub(crate) struct Shared {
     pub applied: AtomicU64,
     /// Ends the current session from the watchdog (a takeover).
     pub closer: Mutex<Option<transport::Closer>>,
+    /// The node's metrics.
+    pub metrics: Arc<node::metrics::Metrics>,
+    /// The token of the last stale primary refused, so each counts once.
+    stale_token: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(core: BackupCore) -> Arc<Shared> {
+    pub fn new(core: BackupCore, metrics: Arc<node::metrics::Metrics>) -> Arc<Shared> {
         Arc::new(Shared {
             replica: Mutex::new(Replica {
                 mem: None,
@@ -53,6 +57,8 @@ impl Shared {
             mismatches: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             closer: Mutex::new(None),
+            metrics,
+            stale_token: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -84,6 +90,14 @@ impl Shared {
             now: self.now(),
         });
         if let Some(node::ha::BackupAction::Refuse(why)) = refused.into_iter().next() {
+            // The primary this node took over from is alive: the takeover
+            // was for a pause, a partition or a false alarm. Counted once
+            // per stale primary (it retries every 200 ms).
+            if why == EndReason::AlreadyTakenOver
+                && self.stale_token.swap(h.token, Ordering::Relaxed) != h.token
+            {
+                self.metrics.false_takeovers.inc();
+            }
             return Err(why);
         }
         let mem = vmm::memory::create(h.memory_bytes)

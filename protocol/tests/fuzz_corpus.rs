@@ -63,6 +63,7 @@ fn session(verify: bool) -> (Vec<u8>, Vec<u8>) {
     }
     Message::Heartbeat { seq: 1, sent_us: 2 }.encode(&mut out);
     Message::Goodbye {
+        last_epoch: 2,
         reason: "bye".into(),
     }
     .encode(&mut out);
