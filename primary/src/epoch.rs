@@ -272,7 +272,7 @@ impl EpochLoop<'_> {
         let token = self.core.token();
         let (session, hello) =
             Session::start(self.cfg, self.pages, vcpus, out_start, token, self.beat)?;
-        if self.out.blocking_send(Outgoing::Frames(hello)).is_err() {
+        if self.out.blocking_send(Outgoing::Hello(hello)).is_err() {
             self.log.set_hold(false);
             return Ok(());
         }

@@ -34,6 +34,8 @@ pub(crate) enum NetEvent {
 /// What the epoch loop tells the network.
 #[derive(Debug)]
 pub(crate) enum Outgoing {
+    /// A new session's first frames (its hello).
+    Hello(Vec<u8>),
     /// Frames of the current session, in order.
     Frames(Vec<u8>),
     /// End the current session with this reason.
@@ -156,10 +158,21 @@ async fn writer(
 ) -> Written {
     let shape = cfg.link;
     let loop_ended = || Written::Ended(EndReason::Local("the epoch loop ended".into()));
+    // A connection starts with a hello: frames and ends queued for an
+    // earlier session (the epoch loop had not yet heard that it ended) are
+    // dropped, or the backup would read a checkpoint before any hello.
+    let mut started = false;
+    let mut current = |o: &Outgoing| {
+        started |= matches!(o, Outgoing::Hello(_));
+        started || matches!(o, Outgoing::Goodbye { .. })
+    };
     if !shape.is_shaped() {
         while let Some(o) = out.recv().await {
+            if !current(&o) {
+                continue;
+            }
             match o {
-                Outgoing::Frames(f) => {
+                Outgoing::Hello(f) | Outgoing::Frames(f) => {
                     if let Err(e) = data.send(&f).await {
                         return Written::Ended(e.end_reason());
                     }
@@ -177,6 +190,9 @@ async fn writer(
     let (tx, mut rx) = mpsc::unbounded_channel::<(tokio::time::Instant, Outgoing)>();
     let stamper = async move {
         while let Some(o) = out.recv().await {
+            if !current(&o) {
+                continue;
+            }
             if tx
                 .send((tokio::time::Instant::now() + shape.delay, o))
                 .is_err()
@@ -189,7 +205,7 @@ async fn writer(
         let mut pacer = Pacer::new(shape.rate_bytes_per_s);
         while let Some((due, o)) = rx.recv().await {
             let f = match o {
-                Outgoing::Frames(f) => f,
+                Outgoing::Hello(f) | Outgoing::Frames(f) => f,
                 Outgoing::End(r) => return Written::Ended(r),
                 Outgoing::Goodbye { last_epoch } => {
                     let _ = data.0.finish();
