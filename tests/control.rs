@@ -115,7 +115,7 @@ fn idle_console_connections_do_not_stop_a_failover() {
         .find_map(|l| l.strip_prefix("castor_epochs_total "))
         .and_then(|v| v.trim().parse().ok())
         .expect("castor_epochs_total");
-    assert!(epochs > 10, "{epochs} epochs counted");
+    assert!(epochs >= 10, "{epochs} epochs counted");
 
     // 2,000 connections that never send an offset: 1,000 to each node.
     let mut idle = Vec::new();

@@ -205,8 +205,6 @@ fn mixed_snapshots_are_refused_and_each_whole_one_restores() {
     // line after the last one it had printed when the snapshot was taken.
     for (dir, printed) in [&a, &b].into_iter().zip(&printed) {
         let state = vmm::snapshot::read_state(dir).unwrap();
-        let before = progress(&printed[..state.console_offset as usize]);
-        let last = before.last().map_or(0, |p| p.seq);
         let o = castor()
             .args(["restore", "--duration", "1500ms"])
             .arg(dir)
@@ -220,8 +218,10 @@ fn mixed_snapshots_are_refused_and_each_whole_one_restores() {
             dir.display(),
             after.len()
         );
-        let seqs: Vec<u64> = after.iter().map(|p| p.seq).collect();
-        let want: Vec<u64> = (last + 1..last + 1 + seqs.len() as u64).collect();
-        assert_eq!(seqs, want, "{}: not a continuation", dir.display());
+        // The snapshot may cut a line: what was printed up to its console
+        // offset, then what the restored guest prints, is one stream from
+        // boot with no gap and no duplicate.
+        let joined = [&printed[..state.console_offset as usize], &o.stdout[..]].concat();
+        assert_gap_free(&progress(&joined), 1);
     }
 }

@@ -202,21 +202,20 @@ async fn accept_loop(listener: UnixListener, control: Arc<Control>, owner: u32) 
 
 async fn client(mut stream: UnixStream, control: Arc<Control>, owner: u32) -> std::io::Result<()> {
     let uid = stream.peer_cred()?.uid();
+    // The request line first, whoever asks (a refusal sent before it is
+    // read could break the client's write).
+    let (rd, _) = stream.split();
+    let mut line = String::new();
+    let mut rd = tokio::io::BufReader::new(rd.take(MAX_LINE));
+    let read = tokio::time::timeout(TIMEOUT, rd.read_line(&mut line)).await;
     let answer = if uid != owner && uid != 0 {
         warn!(uid, owner, "control request from another user refused");
         Response::Error(format!(
             "refused: control is for the daemon's own user (uid {owner}), not uid {uid}"
         ))
     } else {
-        let (rd, _) = stream.split();
-        let mut line = String::new();
-        let mut rd = tokio::io::BufReader::new(rd.take(MAX_LINE));
-        let read = rd.read_line(&mut line);
-        match tokio::time::timeout(TIMEOUT, read).await {
-            Err(_) => Response::Error(format!(
-                "no request within {} s",
-                TIMEOUT.as_secs()
-            )),
+        match read {
+            Err(_) => Response::Error(format!("no request within {} s", TIMEOUT.as_secs())),
             Ok(Err(e)) => return Err(e),
             Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
                 Ok(req) => {
@@ -285,12 +284,22 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Response
     s.set_write_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_string(req).map_err(|e| io(std::io::Error::other(e)))?;
     line.push('\n');
-    s.write_all(line.as_bytes()).map_err(io)?;
+    // A daemon may answer (a refusal) and close before reading everything:
+    // its answer counts even if this write broke.
+    let wrote = s.write_all(line.as_bytes());
     let mut answer = String::new();
     // A status is a few kilobytes; anything far longer is not an answer.
-    BufReader::new(std::io::Read::take(s, 1 << 20))
-        .read_line(&mut answer)
-        .map_err(io)?;
+    let read = BufReader::new(std::io::Read::take(s, 1 << 20)).read_line(&mut answer);
+    match (wrote, read) {
+        (_, Ok(n)) if n > 0 => {}
+        (Err(e), _) | (Ok(()), Err(e)) => return Err(io(e)),
+        (Ok(()), Ok(_)) => {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the daemon closed the connection without an answer",
+            )))
+        }
+    }
     serde_json::from_str(answer.trim()).map_err(|source| RequestError::Answer {
         path: path.to_path_buf(),
         answer,

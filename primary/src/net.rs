@@ -123,6 +123,7 @@ pub(crate) async fn run(
     };
     let mut seq = 0u64;
     let mut warned = false;
+    let mut backoff = REFUSED_BACKOFF;
     while !stop.load(Ordering::Relaxed) {
         let link = match transport::connect(backup, &cfg.tls).await {
             Ok(l) => l,
@@ -143,11 +144,31 @@ pub(crate) async fn run(
             return;
         }
         let path = (&beat, &key, &mut seq);
+        let began = Instant::now();
         let why = session(&cfg, link, path, &mut out, &events, (&stop, &farewell)).await;
         debug!("session ended: {why}");
-        let _ = events.send(NetEvent::Ended(why));
+        // A backup that refused a session soon after it began will refuse
+        // the next one too (a limit, a bad replica): back off, doubling up
+        // to REFUSED_BACKOFF_MAX, rather than pause the guest for a full
+        // resync into the same refusal every 200 ms.
+        let refused = matches!(why, EndReason::Refused(_) | EndReason::Incompatible(_))
+            && began.elapsed() < REFUSED_BACKOFF_MAX;
+        if events.send(NetEvent::Ended(why)).is_err() {
+            return;
+        }
+        if refused {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(REFUSED_BACKOFF_MAX);
+        } else {
+            backoff = REFUSED_BACKOFF;
+        }
     }
 }
+
+/// The first wait before connecting again to a backup that refused.
+const REFUSED_BACKOFF: Duration = Duration::from_millis(200);
+/// The longest.
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Writes the data stream: frames as they come, or through the emulated
 /// link (held for the one-way delay, then paced to the rate in pieces).
