@@ -168,7 +168,7 @@ pub(crate) async fn run(
 /// The first wait before connecting again to a backup that refused.
 const REFUSED_BACKOFF: Duration = Duration::from_millis(200);
 /// The longest.
-const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(5);
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Writes the data stream: frames as they come, or through the emulated
 /// link (held for the one-way delay, then paced to the rate in pieces).
