@@ -53,4 +53,7 @@ pub enum BackupError {
     /// The restored machine failed to start.
     #[error("failover failed: {0}")]
     Failover(#[from] vmm::MachineError),
+    /// The failure detector's thread did not start.
+    #[error("starting the failure detector's thread: {0}")]
+    Watchdog(std::io::Error),
 }

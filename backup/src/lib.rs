@@ -85,9 +85,17 @@ pub fn run(
         cfg.limits(),
     ));
     let witness = cfg.witness.clone().map(|w| (w, cfg.node.clone()));
-    services
-        .rt
-        .spawn(watch::watchdog(shared.clone(), witness, decided_tx));
+    let (sh, st) = (shared.clone(), stop.clone());
+    let watchdog = std::thread::Builder::new()
+        .name("castor-watchdog".into())
+        .spawn(move || {
+            // As the heartbeat threads: a spinning guest must not delay it.
+            let _ = vmm::set_current_thread_realtime(10);
+            watch::watchdog(sh, witness, decided_tx, st)
+        })
+        .map_err(BackupError::Watchdog)?;
+    // It ends by itself: when it decides, or when `stop` is set.
+    drop(watchdog);
 
     // Wait for a takeover or a stop; meanwhile keep a standby VM over the
     // session's replica RAM.

@@ -1,6 +1,6 @@
-//! The failure detector's shell: a 1 ms timer that feeds the
-//! [`node::ha::BackupCore`] the time and the connection's liveness, and
-//! carries out its takeover decision.
+//! The failure detector's shell: a 1 ms timer on a thread of its own that
+//! feeds the [`node::ha::BackupCore`] the time and the connection's
+//! liveness, and carries out its takeover decision.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,26 +32,29 @@ const CLAIM_RETRY: Duration = Duration::from_millis(100);
 /// Ticks until the core decides to take over (after the witness's yes, if
 /// there is a witness); then ends the session with
 /// [`EndReason::TakenOver`] (a live primary learns it is fenced and stops
-/// its guest) and reports the decision.
-pub(crate) async fn watchdog(
+/// its guest) and reports the decision. Returns when `stop` is set.
+///
+/// It runs on a thread of its own, not on the network runtime: it decides
+/// under the replica lock, which a full resync being applied holds for
+/// seconds, and a runtime worker blocked there would leave heartbeats and
+/// the connection one worker to share — long enough, under a flat-out
+/// writer's resync, for this very detector to find the primary silent.
+pub(crate) fn watchdog(
     shared: Arc<Shared>,
     witness: Option<(witness::Etcd, String)>,
     decided: std::sync::mpsc::Sender<Decision>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_rx = 0u64;
     let mut last_tick = Instant::now();
-    let (claimed_tx, mut claimed) = tokio::sync::mpsc::unbounded_channel::<Claim>();
-    loop {
-        let actions = tokio::select! {
-            _ = tick.tick() => None,
-            Some(c) = claimed.recv() => {
+    let (claimed_tx, claimed) = std::sync::mpsc::channel::<Claim>();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(TICK);
+        if let Ok(c) = claimed.try_recv() {
+            let actions = {
                 let _r = shared.replica();
-                Some(shared.core().on(BackupInput::Claimed(c)))
-            }
-        };
-        if let Some(actions) = actions {
+                shared.core().on(BackupInput::Claimed(c))
+            };
             if let Some(d) = act(&shared, actions, &witness, &claimed_tx) {
                 let _ = decided.send(d);
                 return;
@@ -103,7 +106,7 @@ fn act(
     shared: &Shared,
     actions: Vec<BackupAction>,
     witness: &Option<(witness::Etcd, String)>,
-    claimed: &tokio::sync::mpsc::UnboundedSender<Claim>,
+    claimed: &std::sync::mpsc::Sender<Claim>,
 ) -> Option<Decision> {
     for action in actions {
         match action {
@@ -140,7 +143,7 @@ fn act(
                     );
                 }
                 let answer = claimed.clone();
-                tokio::task::spawn_blocking(move || {
+                std::thread::spawn(move || {
                     if retry {
                         std::thread::sleep(CLAIM_RETRY);
                     }
