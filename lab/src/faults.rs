@@ -70,6 +70,17 @@ struct Nodes {
 }
 
 impl Nodes {
+    /// Forgets the nodes whose process has exited.
+    fn reap(&mut self) {
+        for d in &mut self.d {
+            if d.as_mut()
+                .is_some_and(|d| d.child.try_wait().ok().flatten().is_some())
+            {
+                *d = None;
+            }
+        }
+    }
+
     fn primary(&self) -> &Daemon {
         self.d[self.primary].as_ref().expect("a primary")
     }
@@ -213,14 +224,7 @@ fn round_of(
     // Exactly one node runs the guest; a fenced one exits.
     let deadline = Instant::now() + Duration::from_secs(15);
     let server = loop {
-        for i in 0..2 {
-            let exited = n.d[i]
-                .as_mut()
-                .is_some_and(|d| d.child.try_wait().ok().flatten().is_some());
-            if exited {
-                n.d[i] = None;
-            }
-        }
+        n.reap();
         let running: Vec<usize> = (0..2)
             .filter(|&i| {
                 n.d[i]
@@ -312,11 +316,8 @@ fn round_of(
         let other = 1 - s;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let gone = n.d[other]
-                .as_mut()
-                .is_none_or(|d| d.child.try_wait().ok().flatten().is_some());
-            if gone {
-                n.d[other] = None;
+            n.reap();
+            if n.d[other].is_none() {
                 n.restart_backup(other)?;
                 break;
             }
@@ -339,14 +340,7 @@ fn round_of(
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut two_since: Option<Instant> = None;
         loop {
-            for i in 0..2 {
-                if n.d[i]
-                    .as_mut()
-                    .is_some_and(|d| d.child.try_wait().ok().flatten().is_some())
-                {
-                    n.d[i] = None;
-                }
-            }
+            n.reap();
             let st: Vec<Option<node::Status>> = (0..2)
                 .map(|i| n.d[i].as_ref().and_then(|d| d.status()))
                 .collect();

@@ -31,7 +31,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 #[derive(Debug)]
 struct Inner {
@@ -276,9 +276,7 @@ pub async fn serve(addr: SocketAddr, log: Arc<ConsoleLog>) -> std::io::Result<So
             let (stream, peer) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
-                    // Out of file descriptors, say: wait and go on.
-                    warn!("console service: accept failed: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    crate::accept_failed("console service", e).await;
                     continue;
                 }
             };

@@ -180,10 +180,7 @@ async fn accept_loop(listener: UnixListener, control: Arc<Control>, owner: u32) 
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
-                // Out of file descriptors, say: wait and go on; control must
-                // outlive a bad moment.
-                warn!("control socket: accept failed: {e}; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                crate::accept_failed("control socket", e).await;
                 continue;
             }
         };

@@ -25,3 +25,11 @@ pub mod status;
 pub use services::Services;
 pub use status::{BackupStatus, PrimaryStatus, Role, Status};
 pub mod ha;
+
+/// What every listening service does when an accept fails (out of file
+/// descriptors, say): log it, wait a moment, and go on accepting — a
+/// service must outlive a bad moment, and a failover needs descriptors too.
+pub(crate) async fn accept_failed(service: &str, e: std::io::Error) {
+    tracing::warn!("{service}: accept failed: {e}; retrying");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}

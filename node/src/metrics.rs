@@ -22,7 +22,7 @@ use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::control::{Control, Request, Response};
 use crate::status::{Role, Status};
@@ -201,8 +201,7 @@ pub async fn serve(
             let stream = match listener.accept().await {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    warn!("metrics: accept failed: {e}; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    crate::accept_failed("metrics", e).await;
                     continue;
                 }
             };
