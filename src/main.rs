@@ -464,6 +464,7 @@ fn run(args: RunArgs) -> Result<()> {
         vcpus: m.vcpus,
         dirty_tracking: args.track_ms.is_some(),
         kvm_device: m.kvm_device.clone(),
+        net: None,
     };
     let t0 = Instant::now();
     let mut machine = Machine::boot(
@@ -673,6 +674,7 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
         vcpus: m.vcpus,
         dirty_tracking: true,
         kvm_device: m.kvm_device.clone(),
+        net: None,
     };
     let (kernel, cmdline) = match &a.kernel {
         Some(path) => (

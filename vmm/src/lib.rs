@@ -9,6 +9,7 @@
 //!   dirty harvest, restore.
 //! - [`state`]: the one list of saved state, its order and its encoding.
 //! - [`snapshot`]: machine state plus RAM in a directory.
+//! - [`virtio_net`], [`tap`]: the network card and its host side.
 //! - [`boot`], [`memory`], [`console`], [`serial`], [`msr`]: the parts.
 
 pub mod boot;
@@ -19,7 +20,9 @@ pub mod msr;
 pub mod serial;
 pub mod snapshot;
 pub mod state;
+pub mod tap;
 mod vcpu;
+pub mod virtio_net;
 
 pub use machine::{
     host_tsc_khz, DirtyPages, KvmKind, Machine, MachineConfig, MachineError, Standby,
