@@ -10,10 +10,13 @@
 //! - [`state`]: the one list of saved state, its order and its encoding.
 //! - [`snapshot`]: machine state plus RAM in a directory.
 //! - [`virtio_net`], [`tap`]: the network card and its host side.
+//! - [`image`]: guest RAM in a file that outlives the process, with per-page
+//!   generations (memory reuse).
 //! - [`boot`], [`memory`], [`console`], [`serial`], [`msr`]: the parts.
 
 pub mod boot;
 pub mod console;
+pub mod image;
 pub mod machine;
 pub mod memory;
 pub mod msr;
