@@ -176,6 +176,15 @@ struct ProtectArgs {
     /// Emulated link: one-way delay added to checkpoints and acks, e.g. 100us, 1ms.
     #[arg(long, default_value = "0ms", value_parser = parse_duration)]
     link_delay: Duration,
+    /// Keep the guest's RAM and its per-page generations in files under
+    /// DIR/VM/NODE.{ram,gen} (tmpfs: /dev/shm/castor is a good place) that
+    /// outlive this process: a node that died, was fenced or stopped still
+    /// holds the VM's last image, and started again as the backup with
+    /// --reuse it gets only the pages that differ instead of a full
+    /// resync. Without it RAM is anonymous memory (a backup still reuses
+    /// its replica when its primary reconnects).
+    #[arg(long, value_name = "DIR")]
+    image_dir: Option<PathBuf>,
     /// Pre-copy window in milliseconds: this long before each epoch ends the
     /// pages dirtied so far are copied while the guest runs, so the pause
     /// only copies the pages dirtied since (0: copy everything in the
@@ -234,6 +243,12 @@ struct BackupArgs {
     /// KVM device for the VM after failover.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// Offer the primary the VM's image this node kept (from --image-dir,
+    /// /dev/shm/castor by default): after this node died, was fenced or
+    /// stopped, only the pages that changed since are sent, checked page by
+    /// page by digest, instead of a full resync.
+    #[arg(long)]
+    reuse: bool,
     /// This node's tap for the guest's network card after a takeover (the
     /// guest keeps its MAC; it is announced on this tap at once).
     #[arg(long, value_name = "NAME")]
@@ -517,6 +532,7 @@ fn run(args: RunArgs) -> Result<()> {
         dirty_tracking: args.track_ms.is_some(),
         kvm_device: m.kvm_device.clone(),
         net: m.net(args.kernel.is_none().then_some(&args.workload)),
+        ram_file: None,
     };
     let tap = open_tap(&m.tap)?;
     let t0 = Instant::now();
@@ -610,6 +626,15 @@ fn restore(args: RestoreArgs) -> Result<()> {
         Duration::from_millis(10),
         |_, _| Ok(()),
     )
+}
+
+/// Where this node keeps the VM's image (`--image-dir`), if anywhere.
+fn image_paths(pair: &PairArgs, p: &ProtectArgs) -> Result<Option<vmm::image::ImagePaths>> {
+    p.image_dir
+        .as_deref()
+        .map(|d| vmm::image::ImagePaths::new(d, &pair.vm, &pair.node))
+        .transpose()
+        .map_err(Into::into)
 }
 
 /// An unprotected guest's card sends straight to its tap (or nowhere).
@@ -739,12 +764,14 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
         );
     }
     let tsc = vmm::host_tsc_khz(&m.kvm_device)?;
+    let image = image_paths(&a.pair, &a.protect)?;
     let machine = MachineConfig {
         mem_bytes: m.mem,
         vcpus: m.vcpus,
         dirty_tracking: true,
         kvm_device: m.kvm_device.clone(),
         net: m.net(a.kernel.is_none().then_some(&a.workload)),
+        ram_file: image.as_ref().map(|p| p.ram.clone()),
     };
     let (kernel, cmdline) = match &a.kernel {
         Some(path) => (
@@ -800,7 +827,20 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
         &cmdline,
         Console::new(node::console::sink(node.log.clone()), 0),
     )?;
-    let metrics = primary::protect(&cfg, &node, vm, primary::Origin::Booted { token }, stop)?;
+    let gens = match &image {
+        Some(p) => Some(Arc::new(
+            vmm::image::GenTable::open(&p.gen, m.mem / 4096, false)?.0,
+        )),
+        None => None,
+    };
+    let metrics = primary::protect(
+        &cfg,
+        &node,
+        vm,
+        primary::Origin::Booted { token },
+        gens,
+        stop,
+    )?;
     metrics.log_summary("primary stopped");
     Ok(())
 }
@@ -844,6 +884,15 @@ fn backup_cmd(a: BackupArgs) -> Result<()> {
         max_vcpus: a.max_vcpus,
         node: a.pair.node.clone(),
         witness,
+        image: match (&a.protect.image_dir, a.reuse) {
+            (None, true) => Some(vmm::image::ImagePaths::new(
+                std::path::Path::new(vmm::image::DEFAULT_DIR),
+                &a.pair.vm,
+                &a.pair.node,
+            )?),
+            _ => image_paths(&a.pair, &a.protect)?,
+        },
+        reuse: a.reuse,
     };
     let stop = stop_flag()?;
     let node = services("castor-backup", &a.pair)?;
@@ -854,7 +903,7 @@ fn backup_cmd(a: BackupArgs) -> Result<()> {
                 resumed_at: t.resumed_at,
                 token: t.token,
             };
-            let metrics = primary::protect(&then, &node, t.machine, origin, stop)?;
+            let metrics = primary::protect(&then, &node, t.machine, origin, t.gens, stop)?;
             metrics.log_summary("primary (after failover) stopped");
         }
     }

@@ -29,6 +29,13 @@ pub struct Config {
     pub node: String,
     /// The witness; `None`: take over on silence alone (`--witness none`).
     pub witness: Option<witness::Etcd>,
+    /// Where this node keeps the VM's image (`--image-dir`): the replica's
+    /// RAM and generations in files that outlive the process. `None`: in
+    /// this process's memory.
+    pub image: Option<vmm::image::ImagePaths>,
+    /// Offer the image found in `image` at start-up to the primary
+    /// (`--reuse`), so that only the pages that differ are sent.
+    pub reuse: bool,
 }
 
 impl Config {

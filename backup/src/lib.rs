@@ -57,6 +57,9 @@ pub struct Takeover {
     pub resumed_at: u64,
     /// The fencing token it won (0 without a witness).
     pub token: u64,
+    /// The generations of the guest's pages (the replica's), which the
+    /// primary role continues.
+    pub gens: Option<Arc<vmm::image::GenTable>>,
 }
 
 /// Runs the backup role on `services` until `stop` is set or it takes over.
@@ -68,7 +71,13 @@ pub fn run(
     let shared = Shared::new(
         BackupCore::new(cfg.timeouts, cfg.witness.is_some()),
         services.metrics.clone(),
+        cfg.image.clone(),
     );
+    if cfg.reuse {
+        if let Some(paths) = &cfg.image {
+            shared.load_image(paths);
+        }
+    }
     let log = services.log.clone();
     services
         .control
@@ -110,7 +119,7 @@ pub fn run(
         standby.refresh(&shared, &cfg.kvm_device);
     };
     let t = Instant::now();
-    let (machine, resumed_at) = takeover::restore(&shared, standby, &log, &cfg.kvm_device)?;
+    let (machine, resumed_at, gens) = takeover::restore(&shared, standby, &log, &cfg.kvm_device)?;
     services.metrics.takeovers.inc();
     warn!(
         epoch = decision.epoch,
@@ -126,6 +135,7 @@ pub fn run(
         epoch: decision.epoch,
         resumed_at,
         token: decision.token,
+        gens,
     })))
 }
 

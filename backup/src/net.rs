@@ -165,10 +165,21 @@ async fn session(
                         warn!("refusing the session: {why}");
                         return why;
                     }
-                    info!(node = %h.node, session = h.session, memory_mib = h.memory_bytes >> 20, vcpus = h.vcpus, mode = %h.mode, staging_limit_mib = rx.max_epoch_bytes() >> 20, "new session: full resync");
-                    if let Err(why) = shared.start_session(&h) {
-                        warn!(token = h.token, "refusing the session: {why}");
-                        return why;
+                    info!(node = %h.node, session = h.session, memory_mib = h.memory_bytes >> 20, vcpus = h.vcpus, mode = %h.mode, staging_limit_mib = rx.max_epoch_bytes() >> 20, "new session");
+                    match shared.start_session(&h, shared.image.as_ref()) {
+                        Err(why) => {
+                            warn!(token = h.token, "refusing the session: {why}");
+                            return why;
+                        }
+                        Ok((answer, reuse)) => {
+                            if reuse.offered_pages == 0 && protocol::reuse::asks(h.capabilities) {
+                                info!("no image to offer ({}): a full resync", reuse.why_not);
+                            }
+                            for m in answer {
+                                let _ = ack_tx.send(m.to_frame());
+                            }
+                            *shared.reuse.lock().unwrap_or_else(|e| e.into_inner()) = reuse;
+                        }
                     }
                     if h.beat_port != 0 {
                         let to = std::net::SocketAddr::new(primary_ip, h.beat_port);

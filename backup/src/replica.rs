@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use node::ha::{BackupCore, BackupInput};
 use protocol::{payload, EndReason, Hello};
-use tracing::error;
+use tracing::{error, info, warn};
+use vmm::image::{GenTable, ImagePaths};
 use vmm::memory::GuestMem;
 use vmm::MachineState;
 
@@ -21,6 +22,21 @@ pub(crate) struct Replica {
     pub epoch: u64,
     pub session: u64,
     pub verifying: bool,
+    /// The generation of every page of `mem` (the tag of the checkpoint
+    /// that last wrote it).
+    pub gens: Option<Arc<GenTable>>,
+    /// `mem` was zeroed for this session: its full resync carries every
+    /// page, zero pages implicitly.
+    pub fresh: bool,
+}
+
+/// How the current session's replica was set up (for the log and status).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Reuse {
+    /// Pages offered (0: a fresh replica).
+    pub offered_pages: u64,
+    /// Why no image was offered.
+    pub why_not: String,
 }
 
 /// What the backup's tasks share.
@@ -38,10 +54,18 @@ pub(crate) struct Shared {
     pub metrics: Arc<node::metrics::Metrics>,
     /// The token of the last stale primary refused, so each counts once.
     stale_token: AtomicU64,
+    /// Where the replica's image files go (`--image-dir`).
+    pub image: Option<ImagePaths>,
+    /// How the current session's replica was set up.
+    pub reuse: Mutex<Reuse>,
 }
 
 impl Shared {
-    pub fn new(core: BackupCore, metrics: Arc<node::metrics::Metrics>) -> Arc<Shared> {
+    pub fn new(
+        core: BackupCore,
+        metrics: Arc<node::metrics::Metrics>,
+        image: Option<ImagePaths>,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             replica: Mutex::new(Replica {
                 mem: None,
@@ -50,6 +74,8 @@ impl Shared {
                 epoch: 0,
                 session: 0,
                 verifying: false,
+                gens: None,
+                fresh: false,
             }),
             core: Mutex::new(core),
             t0: Instant::now(),
@@ -59,6 +85,8 @@ impl Shared {
             closer: Mutex::new(None),
             metrics,
             stale_token: AtomicU64::new(u64::MAX),
+            image,
+            reuse: Mutex::new(Reuse::default()),
         })
     }
 
@@ -81,8 +109,52 @@ impl Shared {
         self.core().on(BackupInput::Heard { now });
     }
 
-    /// A new session: a fresh replica of the hello's size, nothing committed.
-    pub fn start_session(&self, h: &Hello) -> Result<(), EndReason> {
+    /// At start-up with `--reuse`: the image a previous run of this node
+    /// left in `paths` becomes the replica to offer (nothing is committed
+    /// from it: it cannot be taken over until a session's first checkpoint
+    /// commits over it).
+    pub fn load_image(&self, paths: &ImagePaths) {
+        let size = match std::fs::metadata(&paths.ram) {
+            Ok(m) => m.len(),
+            Err(e) => {
+                info!(ram = %paths.ram.display(), "no image to reuse ({e})");
+                return;
+            }
+        };
+        let loaded = vmm::image::ram_in_file(&paths.ram, size, true).and_then(|(mem, kept)| {
+            let pages = vmm::image::pages_of(&mem);
+            let (gens, valid) = GenTable::open(&paths.gen, pages, true)?;
+            Ok((mem, kept, gens, valid))
+        });
+        match loaded {
+            Ok((mem, true, gens, valid)) => {
+                let h = gens.header();
+                info!(
+                    ram = %paths.ram.display(),
+                    mib = size >> 20,
+                    generations = if !valid { "unknown" } else if h.clean { "clean" } else { "maybe stale" },
+                    "an image of the VM to offer the primary"
+                );
+                let mut r = self.replica();
+                r.mem = Some(mem);
+                r.gens = Some(Arc::new(gens));
+            }
+            Ok(_) => {
+                warn!(ram = %paths.ram.display(), "the image file is not a whole guest's RAM: not reused")
+            }
+            Err(e) => warn!("cannot open the image to reuse: {e}"),
+        }
+    }
+
+    /// A new session: the replica this node holds (the last session's, or
+    /// an image loaded at start-up) if the primary asks for a reuse offer
+    /// and it has the hello's size, else a fresh one, nothing committed.
+    /// Returns the messages answering the hello's reuse request, if any.
+    pub fn start_session(
+        &self,
+        h: &Hello,
+        image: Option<&ImagePaths>,
+    ) -> Result<(Vec<protocol::Message>, Reuse), EndReason> {
         let mut r = self.replica();
         let refused = self.core().on(BackupInput::SessionStarted {
             session: h.session,
@@ -100,17 +172,91 @@ impl Shared {
             }
             return Err(why);
         }
-        let mem = vmm::memory::create(h.memory_bytes)
-            .map_err(|e| EndReason::Refused(format!("cannot allocate the replica: {e}")))?;
+        let asks = protocol::reuse::asks(h.capabilities);
+        let kept = r.mem.take();
+        let kept_gens = r.gens.take();
+        let why_not = match &kept {
+            _ if !asks => "the primary did not ask".to_string(),
+            None => "no image of the VM on this node".to_string(),
+            Some(m) if vmm::memory::ram_size(m) != h.memory_bytes => format!(
+                "the image has {} MiB, the guest {} MiB",
+                vmm::memory::ram_size(m) >> 20,
+                h.memory_bytes >> 20
+            ),
+            Some(_) => String::new(),
+        };
+        let verifying = h.capabilities & protocol::message::CAP_VERIFY != 0;
+        if why_not.is_empty() {
+            let mut mem = kept.expect("checked above");
+            let pages = vmm::memory::ram_size(&mem) / 4096;
+            let gens = kept_gens.unwrap_or_else(|| Arc::new(GenTable::in_memory(pages)));
+            let t = Instant::now();
+            let digests = vmm::memory::with_ram_mut(&mut mem, |ram| vmm::image::page_digests(ram))
+                .map_err(|e| EndReason::Refused(format!("cannot read the image: {e}")))?;
+            let runs = vmm::image::runs(&gens.tags());
+            info!(
+                pages,
+                runs = runs.len(),
+                digest_ms = t.elapsed().as_secs_f64() * 1e3,
+                "offering the primary this node's image of the VM"
+            );
+            let offer = protocol::reuse::offer(h.session, runs, &digests);
+            *r = Replica {
+                mem: Some(mem),
+                state: None,
+                block_size: h.block_size as usize,
+                epoch: 0,
+                session: h.session,
+                verifying,
+                gens: Some(gens),
+                fresh: false,
+            };
+            return Ok((
+                offer,
+                Reuse {
+                    offered_pages: pages,
+                    why_not,
+                },
+            ));
+        }
+        drop(kept);
+        drop(kept_gens);
+        let (mem, gens) = match image {
+            Some(p) => {
+                let (mem, _) = vmm::image::ram_in_file(&p.ram, h.memory_bytes, false)
+                    .map_err(|e| EndReason::Refused(format!("cannot create the replica: {e}")))?;
+                let (gens, _) = GenTable::open(&p.gen, h.memory_bytes / 4096, false)
+                    .map_err(|e| EndReason::Refused(format!("cannot create the replica: {e}")))?;
+                (mem, gens)
+            }
+            None => (
+                vmm::memory::create(h.memory_bytes)
+                    .map_err(|e| EndReason::Refused(format!("cannot allocate the replica: {e}")))?,
+                GenTable::in_memory(h.memory_bytes / 4096),
+            ),
+        };
         *r = Replica {
             mem: Some(mem),
             state: None,
             block_size: h.block_size as usize,
             epoch: 0,
             session: h.session,
-            verifying: h.capabilities & protocol::message::CAP_VERIFY != 0,
+            verifying,
+            gens: Some(Arc::new(gens)),
+            fresh: true,
         };
-        Ok(())
+        let answer = if asks {
+            vec![protocol::reuse::no_offer(h.session, &why_not)]
+        } else {
+            Vec::new()
+        };
+        Ok((
+            answer,
+            Reuse {
+                offered_pages: 0,
+                why_not,
+            },
+        ))
     }
 
     /// Applies a committed checkpoint to the replica: whole, or not at all
@@ -140,12 +286,16 @@ impl Shared {
             }
         }
         let bs = r.block_size;
+        let (session, fresh, gens) = (r.session, r.fresh, r.gens.clone());
+        if let Some(g) = &gens {
+            g.set_header(false, session, r.epoch);
+        }
         let Some(mem) = r.mem.as_mut() else {
             return Err(refuse(
                 "no replica (before a session, or taken over)".into(),
             ));
         };
-        let (_, digest) = vmm::memory::with_ram_mut(mem, |ram| {
+        let (stats, digest) = vmm::memory::with_ram_mut(mem, |ram| {
             let stats = fgbi::apply(ram, bs, &c.records)?;
             let digest = c.memory_digest.map(|_| {
                 payload::memory_digest(
@@ -159,6 +309,17 @@ impl Shared {
         })
         .map_err(|e| refuse(format!("replica: {e}")))?
         .map_err(|e| refuse(format!("refused, replica unchanged: {e}")))?;
+        if let Some(g) = &gens {
+            let tag = vmm::image::tag(session, c.epoch);
+            if fresh && c.epoch == 1 {
+                // A full resync onto zeroed RAM: the zero pages it leaves
+                // out are equal too.
+                g.set_all(tag);
+            }
+            for &p in &stats.pages {
+                g.set(p, tag);
+            }
+        }
         if let (Some(want), Some(got)) = (c.memory_digest, digest) {
             if want != got {
                 // The RAM was written: the replica is at no checkpoint now.
@@ -184,6 +345,9 @@ impl Shared {
             epoch: c.epoch,
             now: self.now(),
         });
+        if let Some(g) = &gens {
+            g.set_header(true, session, c.epoch);
+        }
         r.state = Some(state);
         r.epoch = c.epoch;
         self.applied.fetch_add(1, Ordering::Relaxed);

@@ -4,7 +4,10 @@
 use std::path::Path;
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use tracing::{debug, warn};
+use vmm::image::GenTable;
 use vmm::Machine;
 
 use crate::replica::Shared;
@@ -46,22 +49,27 @@ impl Standby {
 }
 
 /// Restores the committed checkpoint and runs it: on the standby VM when it
-/// holds this session's RAM, on a new VM otherwise. Returns the machine and
-/// the console offset it resumes at.
+/// holds this session's RAM, on a new VM otherwise. Returns the machine, the
+/// console offset it resumes at and the replica's generations.
 pub(crate) fn restore(
     shared: &Shared,
     standby: Standby,
     log: &std::sync::Arc<node::console::ConsoleLog>,
     kvm_device: &Path,
-) -> Result<(Machine, u64), BackupError> {
-    let (mem, state, session) = {
+) -> Result<(Machine, u64, Option<Arc<GenTable>>), BackupError> {
+    let (mem, state, session, gens) = {
         let mut r = shared.replica();
         let session = r.session;
         let (Some(mem), Some(state)) = (r.mem.take(), r.state.take()) else {
             unreachable!("the core takes over only from a committed checkpoint");
         };
-        (mem, state, session)
+        (mem, state, session, r.gens.take())
     };
+    // The guest runs on this RAM from now on: the tags describe it only up
+    // to the checkpoint restored.
+    if let Some(g) = &gens {
+        g.set_header(false, session, g.header().epoch);
+    }
     let offset = state.console_offset;
     // Bytes after the committed offset cannot exist on the backup.
     debug_assert_eq!(log.end(), offset);
@@ -73,5 +81,5 @@ pub(crate) fn restore(
         }
         _ => Machine::restore_on(&state, mem, sink, false, kvm_device)?,
     };
-    Ok((machine, offset))
+    Ok((machine, offset, gens))
 }

@@ -25,7 +25,7 @@ pub mod stats;
 pub mod status;
 
 pub use services::Services;
-pub use status::{BackupStatus, PrimaryStatus, Role, Status};
+pub use status::{BackupStatus, PrimaryStatus, ResyncStatus, Role, Status};
 pub mod ha;
 
 /// What every listening service does when an accept fails (out of file

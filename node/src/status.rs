@@ -104,6 +104,35 @@ pub struct PrimaryStatus {
     /// The guest's network output, if it has a network card.
     #[serde(default)]
     pub net: Option<crate::packets::HoldFigures>,
+    /// The last session's first checkpoint: a full resync or a reuse of the
+    /// backup's image.
+    #[serde(default)]
+    pub last_resync: Option<ResyncStatus>,
+}
+
+/// How a session's first checkpoint went.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResyncStatus {
+    /// The backup offered an image and only the pages that differ were sent.
+    pub reused: bool,
+    /// Why there was a full resync (no image, a bad offer ...); empty if reused.
+    pub reason: String,
+    /// Pages of the guest.
+    pub pages: u64,
+    /// Pages sent.
+    pub pages_sent: u64,
+    /// Of those, pages whose generation differed (or was unknown).
+    pub by_generation: u64,
+    /// Of those, pages whose generation was equal but digest not.
+    pub stale: u64,
+    /// Bytes of the first checkpoint.
+    pub bytes: u64,
+    /// The guest's pause for it, ms.
+    pub pause_ms: f64,
+    /// Hello sent → the backup's offer complete, ms.
+    pub offer_ms: f64,
+    /// Hello sent → the first checkpoint acknowledged (protected), ms.
+    pub protected_ms: Option<f64>,
 }
 
 /// The backup role's figures.
@@ -200,6 +229,25 @@ impl Status {
                 p.dirty_pages_mean,
                 ms(p.ack_p50_us),
                 ms(p.ack_p99_us)
+            );
+        }
+        if let Some(r) = self.primary.as_ref().and_then(|p| p.last_resync.as_ref()) {
+            let _ = writeln!(
+                o,
+                "resync     {}: {} of {} pages sent ({} by generation, {} stale), {:.1} MiB, pause {:.1} ms, protected after {}",
+                if r.reused {
+                    "reused the backup's image".to_string()
+                } else {
+                    format!("full ({})", r.reason)
+                },
+                r.pages_sent,
+                r.pages,
+                r.by_generation,
+                r.stale,
+                r.bytes as f64 / (1 << 20) as f64,
+                r.pause_ms,
+                r.protected_ms
+                    .map_or("-".to_string(), |m| format!("{m:.0} ms"))
             );
         }
         if let Some(n) = self.primary.as_ref().and_then(|p| p.net) {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use fgbi::Encoder;
 use node::console::ConsoleLog;
-use protocol::message::CAP_VERIFY;
+use protocol::message::{CAP_REUSE, CAP_VERIFY};
 use protocol::{payload, Hello, Sender, VERSION};
 
 use crate::copy::Staging;
@@ -21,6 +21,8 @@ pub(crate) struct Session {
     /// Console offset where the next checkpoint's output starts.
     out_start: u64,
     verify: bool,
+    /// The hello's session id.
+    id: u64,
 }
 
 /// One encoded checkpoint.
@@ -41,11 +43,12 @@ impl Session {
         token: u64,
         beat: (u16, [u8; 32]),
     ) -> Result<(Session, Vec<u8>), PrimaryError> {
+        let id: u64 = rand::random();
         let hello = Hello {
             version: VERSION,
-            session: rand::random(),
+            session: id,
             node: cfg.node.clone(),
-            capabilities: if cfg.verify { CAP_VERIFY } else { 0 },
+            capabilities: CAP_REUSE | if cfg.verify { CAP_VERIFY } else { 0 },
             mode: cfg.mode,
             block_size: cfg.block_size as u32,
             memory_bytes: pages * 4096,
@@ -71,8 +74,20 @@ impl Session {
             next_epoch: 1,
             out_start,
             verify: cfg.verify,
+            id,
         };
         Ok((session, hello))
+    }
+
+    /// The session's id (the hello's).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The backup reuses an image: nothing is known of the pages the first
+    /// checkpoint does not carry (see `fgbi::Encoder::replica_unknown`).
+    pub fn replica_unknown(&mut self) {
+        self.encoder.replica_unknown();
     }
 
     /// The last epoch sent in full in this session (0: none yet).

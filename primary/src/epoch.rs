@@ -28,6 +28,17 @@ use crate::{Config, EpochFigures, Metrics, PrimaryError};
 /// network threads have 10).
 const PAUSE_PRIORITY: i32 = 5;
 
+/// How long a new session waits for the backup's reuse offer before it
+/// sends a full resync instead.
+const OFFER_WAIT: Duration = Duration::from_secs(10);
+
+/// A session whose hello is sent, waiting for the backup's reuse offer.
+pub(crate) struct Awaiting {
+    session: Session,
+    offer: protocol::reuse::Assembler,
+    hello_at: Instant,
+}
+
 /// The wait before asking an unreachable witness again.
 const CLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -65,6 +76,13 @@ pub(crate) struct EpochLoop<'a> {
     pub held_pause: bool,
     /// The heartbeat path's port and key (for the hello).
     pub beat: (u16, [u8; 32]),
+    /// The generation of every page: the tag of the checkpoint that last
+    /// carried it (`vmm::image`).
+    pub gens: Arc<vmm::image::GenTable>,
+    /// A session waiting for the backup's reuse offer.
+    pub awaiting: Option<Awaiting>,
+    /// When the current session's hello went out (for `protected_ms`).
+    pub hello_at: Option<Instant>,
 }
 
 impl EpochLoop<'_> {
@@ -83,6 +101,15 @@ impl EpochLoop<'_> {
         while !stop.load(Ordering::Relaxed) {
             if let Some(r) = self.machine.wait_exit(Duration::ZERO) {
                 return Err(PrimaryError::GuestStopped(r));
+            }
+            if self
+                .awaiting
+                .as_ref()
+                .is_some_and(|a| a.hello_at.elapsed() > OFFER_WAIT)
+            {
+                self.resync(protocol::reuse::Answer::None(format!(
+                    "the backup sent no reuse offer within {OFFER_WAIT:?}"
+                )))?;
             }
             // The next deadline: the pre-copy point, then the epoch's end.
             let pre_at = (!pre_done && self.session.is_some() && !self.cfg.precopy.is_zero())
@@ -177,6 +204,7 @@ impl EpochLoop<'_> {
             NetEvent::Ack(epoch) => PrimaryInput::Ack { epoch },
             NetEvent::Ended(reason) => PrimaryInput::Ended(reason),
             NetEvent::Claimed(claim) => PrimaryInput::Claimed(claim),
+            NetEvent::Offer(m) => return self.on_offer(m),
         };
         self.feed(input)?;
         self.bound_the_hold()
@@ -239,6 +267,10 @@ impl EpochLoop<'_> {
                 PrimaryAction::StartSession => self.start_session()?,
                 PrimaryAction::Protected => {
                     self.metrics.set_protected(true);
+                    if let Some(t) = self.hello_at.take() {
+                        self.metrics
+                            .resync_protected(t.elapsed().as_secs_f64() * 1e3);
+                    }
                     info!("PROTECTED: the backup committed the full resync");
                 }
                 PrimaryAction::Release { upto, acked } => {
@@ -254,16 +286,19 @@ impl EpochLoop<'_> {
                     }
                 }
                 PrimaryAction::EndSession(reason) => {
+                    self.awaiting = None;
                     warn!("ending the session with the backup: {reason}");
                     let _ = self.out.blocking_send(Outgoing::End(reason));
                 }
                 PrimaryAction::Unprotected(reason) => {
+                    self.awaiting = None;
                     self.session = None;
                     self.metrics.set_protected(false);
                     error!("UNPROTECTED: lost the backup ({reason}); the guest keeps running, output is released at once; waiting for a backup to re-protect");
                     self.set_hold(false);
                 }
                 PrimaryAction::Claim { expected, retry } => {
+                    self.awaiting = None;
                     if !retry {
                         self.session = None;
                         self.metrics.set_protected(false);
@@ -272,6 +307,7 @@ impl EpochLoop<'_> {
                     self.claim(expected, retry);
                 }
                 PrimaryAction::Fence(reason) => {
+                    self.awaiting = None;
                     // Held output stays held: the other node continues from
                     // its last committed checkpoint; this guest must not be seen.
                     self.session = None;
@@ -286,7 +322,8 @@ impl EpochLoop<'_> {
         Ok(())
     }
 
-    /// A new backup: new session, full resync as the first epoch.
+    /// A new backup: a new session, whose hello asks the backup for the
+    /// image it keeps; its first checkpoint follows the answer ([`Self::resync`]).
     fn start_session(&mut self) -> Result<(), PrimaryError> {
         // From here on output waits for acks; everything before is released.
         self.set_hold(true);
@@ -299,30 +336,141 @@ impl EpochLoop<'_> {
             self.set_hold(false);
             return Ok(());
         }
+        let now = Instant::now();
+        self.hello_at = Some(now);
+        self.awaiting = Some(Awaiting {
+            offer: protocol::reuse::Assembler::new(session.id(), self.pages),
+            session,
+            hello_at: now,
+        });
+        Ok(())
+    }
+
+    /// A piece of the backup's reuse offer.
+    fn on_offer(&mut self, m: protocol::Message) -> Result<(), PrimaryError> {
+        let Some(a) = self.awaiting.as_mut() else {
+            // An answer to a session that already ended or was resynced.
+            return Ok(());
+        };
+        match a.offer.on(m) {
+            Ok(None) => Ok(()),
+            Ok(Some(answer)) => self.resync(answer),
+            Err(why) => {
+                warn!("the backup's reuse offer is malformed ({why}): a full resync instead");
+                self.resync(protocol::reuse::Answer::None(format!(
+                    "malformed reuse offer: {why}"
+                )))
+            }
+        }
+    }
+
+    /// The session's first checkpoint, paused: every page (a full resync),
+    /// or over the backup's image only the pages that differ.
+    fn resync(&mut self, answer: protocol::reuse::Answer) -> Result<(), PrimaryError> {
+        let Some(a) = self.awaiting.take() else {
+            return Ok(());
+        };
+        let offer_ms = a.hello_at.elapsed().as_secs_f64() * 1e3;
+        let mut session = a.session;
+        let offer = match answer {
+            protocol::reuse::Answer::Image(o) => Some(o),
+            protocol::reuse::Answer::None(reason) => {
+                info!("full resync: {reason}");
+                self.metrics.resync(node::ResyncStatus {
+                    reason,
+                    ..Default::default()
+                });
+                None
+            }
+        };
+        if offer.is_some() {
+            session.replica_unknown();
+            // The offer's own transfer on an emulated link (the shaping
+            // applies to checkpoint data; this keeps measurements honest).
+            if let Some(rate) = self.cfg.link.rate_bytes_per_s.filter(|&r| r > 0) {
+                let bytes = self.pages * 8;
+                std::thread::sleep(Duration::from_secs_f64(bytes as f64 / rate as f64));
+            }
+        }
         self.session = Some(session);
-        // Full resync: every page, encoded while paused.
         let span = info_span!("resync");
         let _g = span.enter();
         let t = Instant::now();
         self.machine.set_dirty_tracking(true)?;
         self.machine.pause()?;
         let t0 = Instant::now();
+        let mut plan = None;
         let r = self
             .machine
             .harvest_dirty()
             .map_err(PrimaryError::from)
-            .and_then(|_| self.staging.everything(&self.machine))
+            .and_then(|_| match &offer {
+                None => self.staging.everything(&self.machine),
+                Some(o) => {
+                    let tags = self.gens.tags();
+                    let p = self.machine.with_ram_paused(|ram| {
+                        protocol::reuse::plan(&tags, o, |pg| {
+                            let at = pg as usize * 4096;
+                            vmm::image::page_digest(&ram[at..at + 4096])
+                        })
+                    })?;
+                    let copy = self.staging.in_pause(&self.machine, p.send.iter().copied());
+                    plan = Some(p);
+                    copy
+                }
+            })
             .and_then(|copy| self.checkpoint(t0, Duration::ZERO, copy, Duration::ZERO));
         self.staging.clear();
         if r.is_err() && self.machine.is_paused() {
             self.machine.resume()?;
         }
-        r?;
-        info!(
-            pages = self.pages,
-            elapsed_ms = t.elapsed().as_millis() as u64,
-            "full resync sent"
-        );
+        let (bytes, pause) = r?;
+        let mut status = node::ResyncStatus {
+            pages: self.pages,
+            pages_sent: self.pages,
+            bytes,
+            pause_ms: pause.as_secs_f64() * 1e3,
+            offer_ms,
+            ..Default::default()
+        };
+        match plan {
+            Some(p) => {
+                status.reused = true;
+                status.pages_sent = p.send.len() as u64;
+                status.by_generation = p.by_generation;
+                status.stale = p.stale;
+                if p.stale > 0 {
+                    warn!(
+                        stale = p.stale,
+                        "pages of the backup's image differ although their generation is equal (written after their generation was recorded, or changed behind castor's back): resent"
+                    );
+                }
+                info!(
+                    sent = p.send.len(),
+                    of = self.pages,
+                    by_generation = p.by_generation,
+                    stale = p.stale,
+                    bytes,
+                    elapsed_ms = t.elapsed().as_millis() as u64,
+                    "resync by reuse of the backup's image sent"
+                );
+            }
+            None => {
+                status.reason = self
+                    .metrics
+                    .figures()
+                    .last_resync
+                    .map(|r| r.reason)
+                    .unwrap_or_default();
+                info!(
+                    pages = self.pages,
+                    bytes,
+                    elapsed_ms = t.elapsed().as_millis() as u64,
+                    "full resync sent"
+                );
+            }
+        }
+        self.metrics.resync(status);
         Ok(())
     }
 
@@ -353,7 +501,7 @@ impl EpochLoop<'_> {
             .and_then(|dirty| {
                 let harvest = t1.elapsed();
                 let copy = self.staging.in_pause(&self.machine, dirty.frames())?;
-                self.checkpoint(t0, harvest, copy, wait)
+                self.checkpoint(t0, harvest, copy, wait).map(|_| ())
             });
         if r.is_err() && self.machine.is_paused() {
             self.machine.resume()?;
@@ -372,7 +520,7 @@ impl EpochLoop<'_> {
         harvest: Duration,
         copy: Duration,
         wait: Duration,
-    ) -> Result<(), PrimaryError> {
+    ) -> Result<(u64, Duration), PrimaryError> {
         let tcap = Instant::now();
         let state = self.machine.capture()?;
         let capture = tcap.elapsed();
@@ -386,6 +534,11 @@ impl EpochLoop<'_> {
 
         let session = self.session.as_mut().expect("a session");
         let built = session.checkpoint(&self.staging, &state.encode(), &self.log, out_end)?;
+        // These pages' contents are now those of this checkpoint.
+        let tag = vmm::image::tag(session.id(), built.epoch);
+        for &f in self.staging.frames() {
+            self.gens.set(f, tag);
+        }
         let sent = built.frames.len() as u64;
         let dirty = self.staging.frames().len() as u64;
         let in_flight = InFlight {
@@ -398,9 +551,10 @@ impl EpochLoop<'_> {
             .blocking_send(Outgoing::Frames(built.frames))
             .is_err()
         {
-            return self.feed(PrimaryInput::Ended(EndReason::Local(
+            self.feed(PrimaryInput::Ended(EndReason::Local(
                 "the network task ended".into(),
-            )));
+            )))?;
+            return Ok((sent, pause));
         }
         self.feed(PrimaryInput::Sent {
             epoch: built.epoch,
@@ -420,6 +574,6 @@ impl EpochLoop<'_> {
             wait,
             precopied: self.staging.precopied(),
         });
-        Ok(())
+        Ok((sent, pause))
     }
 }

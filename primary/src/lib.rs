@@ -74,11 +74,16 @@ impl Origin {
 /// Protects `machine`, whose console goes to `services.log`, until `stop`
 /// is set, the guest stops, or this node is fenced. Answers `status` and
 /// `reset` on the node's control socket from now on.
+///
+/// `gens` are the generations of the guest's pages (its image's table, or
+/// after a takeover the replica's); `None`: a table in memory, every page
+/// unknown until the first full resync.
 pub fn protect(
     cfg: &Config,
     services: &Services,
     machine: Machine,
     origin: Origin,
+    gens: Option<Arc<vmm::image::GenTable>>,
     stop: Arc<AtomicBool>,
 ) -> Result<Arc<Metrics>, PrimaryError> {
     if vmm::memory::ram_size(machine.memory()) > vmm::memory::MMIO_HOLE_START {
@@ -94,6 +99,12 @@ pub fn protect(
     ));
     let pages = vmm::memory::ram_size(machine.memory()) / 4096;
     let log = services.log.clone();
+    let gens = gens
+        .filter(|g| g.pages() == pages)
+        .unwrap_or_else(|| Arc::new(vmm::image::GenTable::in_memory(pages)));
+    // The guest runs on this RAM: the tags describe it only as sent.
+    let h = gens.header();
+    gens.set_header(false, h.session, h.epoch);
     // Dirty tracking starts with the first session (a full resync copies
     // everything anyway): after a failover the guest runs at once, without
     // waiting for KVM to re-register its memory with dirty logging.
@@ -139,6 +150,9 @@ pub fn protect(
         held_pause: false,
         beat,
         pages,
+        gens,
+        awaiting: None,
+        hello_at: None,
         session: None,
         staging: copy::Staging::new(pages),
         rt_pause: false,

@@ -42,6 +42,8 @@ struct Inner {
     protected: bool,
     /// Epochs up to this one are not samples (reset).
     reset_at: u64,
+    /// The last session's first checkpoint.
+    resync: Option<node::ResyncStatus>,
 }
 
 /// The primary's running figures.
@@ -157,6 +159,19 @@ impl Metrics {
         self.lock().protected
     }
 
+    /// Records how a session's first checkpoint went (its `protected_ms`
+    /// is filled in by [`Metrics::resync_protected`]).
+    pub fn resync(&self, r: node::ResyncStatus) {
+        self.lock().resync = Some(r);
+    }
+
+    /// The first checkpoint of the session was acknowledged `ms` after the hello.
+    pub fn resync_protected(&self, ms: f64) {
+        if let Some(r) = self.lock().resync.as_mut() {
+            r.protected_ms.get_or_insert(ms);
+        }
+    }
+
     /// Marks the pair protected or not.
     pub fn set_protected(&self, p: bool) {
         self.lock().protected = p;
@@ -205,6 +220,7 @@ impl Metrics {
                 .filter(|f| f.wait > Duration::from_micros(100))
                 .count() as u64,
             net: None,
+            last_resync: i.resync.clone(),
         }
     }
 }

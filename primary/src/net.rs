@@ -29,6 +29,9 @@ pub(crate) enum NetEvent {
     Ended(EndReason),
     /// The witness answered a claim.
     Claimed(node::ha::Claim),
+    /// Part of the backup's answer to the hello's reuse request
+    /// ([`Message::Reuse`], [`Message::Digests`]).
+    Offer(Message),
 }
 
 /// What the epoch loop tells the network.
@@ -393,6 +396,12 @@ async fn session(
                         let _ = ctl_q.try_send(Message::HeartbeatEcho { seq, sent_us });
                     }
                     Ok(Some(Message::Goodbye { reason, .. })) => break EndReason::Goodbye(reason),
+                    Ok(Some(m @ (Message::Reuse { .. } | Message::Digests { .. }))) => {
+                        last_heard = Instant::now();
+                        if events.send(NetEvent::Offer(m)).is_err() {
+                            break loop_ended();
+                        }
+                    }
                     Ok(Some(other)) => break EndReason::Refused(format!("unexpected {} from the backup", other.name())),
                     Ok(None) => break EndReason::Broken("the backup closed the control stream".into()),
                     Err(e) => {

@@ -215,6 +215,25 @@ impl std::fmt::Debug for GenTable {
 }
 
 impl GenTable {
+    /// A table for `pages` pages in this process's memory only (a node
+    /// without an image directory: its replica or guest can still be reused
+    /// while the process lives), every tag 0.
+    pub fn in_memory(pages: u64) -> GenTable {
+        let size = HEADER + 8 * pages;
+        let map =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
+                .expect("mapping anonymous memory for a generation table");
+        let t = GenTable {
+            map,
+            pages,
+            path: PathBuf::from("(memory)"),
+        };
+        t.write_u64(0, u64::from_le_bytes(MAGIC));
+        t.write_u64(8, VERSION);
+        t.write_u64(16, pages);
+        t
+    }
+
     /// The table for `pages` pages in `path`: the existing one if `keep` and
     /// it is valid for that many pages (returned true), else a new one with
     /// every tag 0 (unknown).

@@ -129,6 +129,9 @@ pub struct MachineConfig {
     pub kvm_device: PathBuf,
     /// A virtio-net card with this MAC address ([`crate::virtio_net`]).
     pub net: Option<[u8; 6]>,
+    /// Guest RAM in this file (created, or emptied, for the boot), which
+    /// outlives the process ([`crate::image`]); `None`: anonymous memory.
+    pub ram_file: Option<PathBuf>,
 }
 
 impl MachineConfig {
@@ -140,6 +143,7 @@ impl MachineConfig {
             dirty_tracking: false,
             kvm_device: PathBuf::from("/dev/kvm"),
             net: None,
+            ram_file: None,
         }
     }
 }
@@ -341,7 +345,14 @@ impl Machine {
             )));
         }
         let t0 = Instant::now();
-        let p = open_vm(&config.kvm_device, config.mem_bytes)?;
+        let p = match &config.ram_file {
+            Some(path) => {
+                let (mem, _) = crate::image::ram_in_file(path, config.mem_bytes, false)
+                    .map_err(|e| MachineError::Config(e.to_string()))?;
+                open_vm_with(&config.kvm_device, mem)?
+            }
+            None => open_vm(&config.kvm_device, config.mem_bytes)?,
+        };
         let entry = boot::load(&p.mem, kernel, cmdline)?;
         let lease = VcpuLease::acquire(&p.mem)?;
         let mut fds = Vec::new();
@@ -621,6 +632,31 @@ impl Machine {
     /// The network card, if the machine has one.
     pub fn net(&self) -> Option<&Arc<NetDevice>> {
         self.net.as_ref()
+    }
+
+    /// Reads guest RAM as one slice while the machine is paused (a guest of
+    /// at most 3 GiB: one region). For work over all of RAM in a pause,
+    /// such as digesting every page, without a copy.
+    pub fn with_ram_paused<R>(&self, f: impl FnOnce(&[u8]) -> R) -> Result<R, MachineError> {
+        if !self.paused {
+            return Err(MachineError::NotPaused);
+        }
+        if self.mem.num_regions() != 1 {
+            return Err(MemoryError::NotOneRegion(memory::ram_size(&self.mem)).into());
+        }
+        let r = self.mem.iter().next().expect("one region");
+        // `ptr..ptr + len` is the live mapping of the only region, kept
+        // mapped by the borrow of `self` (which owns a clone of the memory)
+        // for as long as the slice lives (it cannot escape `f`). Nothing
+        // writes it meanwhile: the vCPUs are parked outside KVM_RUN (paused,
+        // and `&self` keeps `resume` from being called), the network card is
+        // quiesced (no receive in progress, none until the resume), and the
+        // rest of castor writes guest RAM only through this machine while
+        // paused (`&self` excludes that) or through `with_ram_mut`, which
+        // refuses RAM a machine holds a vCPU lease on.
+        // SAFETY: a live mapping of `len` bytes with no writer while `f` runs.
+        let ram = unsafe { std::slice::from_raw_parts(r.as_ptr() as *const u8, r.len() as usize) };
+        Ok(f(ram))
     }
 
     /// Number of vCPUs.
