@@ -1124,3 +1124,53 @@ pub fn loadgen(args: LoadgenArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles_within_a_few_percent() {
+        let mut h = Histogram::new();
+        assert_eq!(h.quantile_ms(0.5), 0.0);
+        for us in 1..=10_000u64 {
+            h.record(Duration::from_micros(us));
+        }
+        let p50 = h.quantile_ms(0.5);
+        let p99 = h.quantile_ms(0.99);
+        assert!((p50 - 5.0).abs() / 5.0 < 0.04, "{p50}");
+        assert!((p99 - 9.9).abs() / 9.9 < 0.04, "{p99}");
+        assert_eq!(h.quantile_ms(1.0), 10.0);
+        h.record(Duration::from_secs(1 << 40));
+        assert!(h.quantile_ms(1.0) > 1e9);
+        for us in [0u64, 63, 64, 65, 1000, u64::MAX] {
+            let i = Histogram::index(us);
+            assert!(i < h.counts.len(), "{us}");
+            assert!(Histogram::value(i) <= us as f64 * 1.04 + 1.0);
+        }
+    }
+
+    #[test]
+    fn bad_configs_are_refused() {
+        for c in [
+            Config {
+                keys: 0,
+                ..Config::default()
+            },
+            Config {
+                put_ratio: 1.5,
+                ..Config::default()
+            },
+            Config {
+                concurrency: 0,
+                ..Config::default()
+            },
+            Config {
+                rate: f64::NAN,
+                ..Config::default()
+            },
+        ] {
+            assert!(Loadgen::start(c).is_err());
+        }
+    }
+}

@@ -415,3 +415,300 @@ impl Checker {
         self.counts
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const C: u64 = 0xc1;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn put(req: u64, key: u64, value: u64) -> Request {
+        Request {
+            op: Op::Put,
+            client: C,
+            req,
+            key,
+            value,
+        }
+    }
+
+    fn get(req: u64, key: u64) -> Request {
+        Request {
+            op: Op::Get,
+            client: C,
+            req,
+            key,
+            value: 0,
+        }
+    }
+
+    fn reply(q: &Request, value: u64, version: u64) -> Reply {
+        Reply {
+            op: q.op,
+            status: STATUS_OK,
+            client: q.client,
+            req: q.req,
+            key: q.key,
+            value,
+            version,
+        }
+    }
+
+    fn kinds(c: &Checker) -> Vec<ViolationKind> {
+        c.violations().iter().map(|v| v.kind).collect()
+    }
+
+    fn completed(o: ReplyOutcome) -> u32 {
+        match o {
+            ReplyOutcome::Completed { violations, .. } => violations,
+            other => panic!("not completed: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn clean_history_with_retries_duplicates_and_lost_replies() {
+        let mut c = Checker::new(C, 4, 10);
+        // A key written by an earlier run: its first GET sets the baseline.
+        let g0 = get(1, 1);
+        assert_eq!(c.on_send(&g0, ms(0)), SendOutcome::First);
+        assert_eq!(completed(c.on_reply(&reply(&g0, 77, 9), ms(1))), 0);
+        // A PUT whose first reply is lost: retried, the retry's reply
+        // (deduplicated by the server) acknowledges it.
+        let p1 = put(2, 1, 1000);
+        assert_eq!(c.on_send(&p1, ms(2)), SendOutcome::First);
+        assert_eq!(c.on_send(&p1, ms(52)), SendOutcome::Retry);
+        match c.on_reply(&reply(&p1, 1000, 10), ms(53)) {
+            ReplyOutcome::Completed {
+                latency,
+                violations,
+                ..
+            } => {
+                assert_eq!(latency, ms(51), "latency runs from the first send");
+                assert_eq!(violations, 0);
+            }
+            o => panic!("{o:?}"),
+        }
+        // The original's reply arrives late: a duplicate, consistent.
+        assert_eq!(
+            c.on_reply(&reply(&p1, 1000, 10), ms(54)),
+            ReplyOutcome::Duplicate { violations: 0 }
+        );
+        assert_eq!(c.acked(1).map(|a| (a.value, a.version)), Some((1000, 10)));
+        // GET reads it back, twice replied.
+        let g2 = get(3, 1);
+        c.on_send(&g2, ms(60));
+        c.on_send(&g2, ms(110));
+        assert_eq!(completed(c.on_reply(&reply(&g2, 1000, 10), ms(111))), 0);
+        assert_eq!(
+            c.on_reply(&reply(&g2, 1000, 10), ms(112)),
+            ReplyOutcome::Duplicate { violations: 0 }
+        );
+        // A fresh key: first PUT gives version 1, a GET shows it.
+        let p3 = put(4, 2, 5);
+        c.on_send(&p3, ms(120));
+        assert_eq!(completed(c.on_reply(&reply(&p3, 5, 1), ms(121))), 0);
+        let p4 = put(5, 2, 6);
+        c.on_send(&p4, ms(122));
+        assert_eq!(completed(c.on_reply(&reply(&p4, 6, 2), ms(123))), 0);
+        let g5 = get(6, 2);
+        c.on_send(&g5, ms(124));
+        assert_eq!(completed(c.on_reply(&reply(&g5, 6, 2), ms(125))), 0);
+        // A GET of a never-written key.
+        let g6 = get(7, 3);
+        c.on_send(&g6, ms(130));
+        assert_eq!(completed(c.on_reply(&reply(&g6, 0, 0), ms(131))), 0);
+        // A request whose reply never comes stays pending, harmlessly.
+        let p7 = put(8, 4, 9);
+        c.on_send(&p7, ms(140));
+        assert!(c.is_pending(8));
+        assert_eq!(c.violation_count(), 0, "{:?}", c.violations());
+        let n = c.counts();
+        assert_eq!((n.sent, n.retries, n.acked), (8, 2, 7));
+        assert_eq!(n.duplicate_replies, 2);
+        assert_eq!(c.acked_keys().collect::<Vec<_>>(), vec![1, 2]);
+    }
+
+    #[test]
+    fn a_get_concurrent_with_a_put_may_see_either() {
+        let mut c = Checker::new(C, 1, 10);
+        let p1 = put(1, 1, 11);
+        c.on_send(&p1, ms(0));
+        c.on_reply(&reply(&p1, 11, 1), ms(1));
+        // PUT 2 and a GET sent together; the GET is answered first with the
+        // old value, then with the new one (another GET): both fine.
+        let p2 = put(2, 1, 22);
+        let g = get(3, 1);
+        c.on_send(&p2, ms(2));
+        c.on_send(&g, ms(2));
+        assert_eq!(completed(c.on_reply(&reply(&g, 11, 1), ms(3))), 0);
+        let g2 = get(4, 1);
+        c.on_send(&g2, ms(3));
+        assert_eq!(completed(c.on_reply(&reply(&g2, 22, 2), ms(4))), 0);
+        assert_eq!(completed(c.on_reply(&reply(&p2, 22, 2), ms(5))), 0);
+        assert_eq!(c.violation_count(), 0, "{:?}", c.violations());
+    }
+
+    #[test]
+    fn stale_reply_is_detected() {
+        let mut c = Checker::new(C, 2, 10);
+        // Baseline from GETs (no acknowledged PUT): version 3, then 2.
+        let g1 = get(1, 1);
+        c.on_send(&g1, ms(0));
+        c.on_reply(&reply(&g1, 30, 3), ms(1));
+        let g2 = get(2, 1);
+        c.on_send(&g2, ms(2));
+        assert_eq!(completed(c.on_reply(&reply(&g2, 20, 2), ms(3))), 1);
+        assert_eq!(kinds(&c), vec![ViolationKind::StaleReply]);
+        let v = &c.violations()[0];
+        assert_eq!((v.key, v.req), (1, 2));
+        assert!(v.detail.contains("version 2"), "{}", v.detail);
+        // A late duplicate with a lower version than since seen also is.
+        let p = put(3, 2, 5);
+        c.on_send(&p, ms(4));
+        c.on_reply(&reply(&p, 5, 1), ms(5));
+        let p2 = put(4, 2, 6);
+        c.on_send(&p2, ms(6));
+        c.on_reply(&reply(&p2, 6, 2), ms(7));
+        assert_eq!(
+            c.on_reply(&reply(&p, 5, 1), ms(8)),
+            ReplyOutcome::Duplicate { violations: 1 }
+        );
+        assert_eq!(c.violation_count(), 2);
+    }
+
+    #[test]
+    fn lost_acknowledged_write_is_detected() {
+        let mut c = Checker::new(C, 1, 10);
+        let p1 = put(1, 1, 100);
+        c.on_send(&p1, ms(0));
+        c.on_reply(&reply(&p1, 100, 1), ms(1));
+        let p2 = put(2, 1, 200);
+        c.on_send(&p2, ms(2));
+        c.on_reply(&reply(&p2, 200, 2), ms(3));
+        // The service fails over to a state before PUT 2.
+        let g = get(3, 1);
+        c.on_send(&g, ms(10));
+        assert_eq!(completed(c.on_reply(&reply(&g, 100, 1), ms(11))), 2);
+        assert_eq!(
+            kinds(&c),
+            vec![ViolationKind::StaleReply, ViolationKind::LostWrite]
+        );
+        assert!(c.violations()[1].detail.contains("PUT req 2"));
+    }
+
+    #[test]
+    fn lost_write_same_version_other_value() {
+        // A failover to a state where another PUT produced the same version:
+        // only the value tells.
+        let mut c = Checker::new(C, 1, 10);
+        let p1 = put(1, 1, 100);
+        c.on_send(&p1, ms(0));
+        c.on_reply(&reply(&p1, 100, 1), ms(1));
+        let g = get(2, 1);
+        c.on_send(&g, ms(2));
+        assert_eq!(completed(c.on_reply(&reply(&g, 999, 1), ms(3))), 1);
+        assert_eq!(kinds(&c), vec![ViolationKind::LostWrite]);
+    }
+
+    #[test]
+    fn a_write_lost_after_a_get_was_sent_is_not_blamed_on_it() {
+        // The PUT's ack arrives after the GET was sent: the GET may show the
+        // older state (spec (b) only covers acks before the GET's send).
+        let mut c = Checker::new(C, 1, 10);
+        let p0 = put(1, 1, 1);
+        c.on_send(&p0, ms(0));
+        c.on_reply(&reply(&p0, 1, 1), ms(1));
+        let p1 = put(2, 1, 2);
+        let g = get(3, 1);
+        c.on_send(&p1, ms(2));
+        c.on_send(&g, ms(3));
+        assert_eq!(completed(c.on_reply(&reply(&g, 1, 1), ms(4))), 0);
+        assert_eq!(completed(c.on_reply(&reply(&p1, 2, 2), ms(5))), 0);
+        assert_eq!(c.violation_count(), 0);
+    }
+
+    #[test]
+    fn bad_put_reply_is_detected() {
+        let mut c = Checker::new(C, 1, 10);
+        let p1 = put(1, 1, 100);
+        c.on_send(&p1, ms(0));
+        assert_eq!(completed(c.on_reply(&reply(&p1, 101, 1), ms(1))), 1);
+        assert_eq!(kinds(&c), vec![ViolationKind::BadPutReply]);
+        // A PUT acknowledged without a new version: not applied.
+        let p2 = put(2, 1, 200);
+        c.on_send(&p2, ms(2));
+        assert_eq!(completed(c.on_reply(&reply(&p2, 200, 1), ms(3))), 1);
+        assert_eq!(c.violation_count(), 2);
+    }
+
+    #[test]
+    fn phantom_write_is_detected() {
+        let mut c = Checker::new(C, 1, 10);
+        let p1 = put(1, 1, 100);
+        c.on_send(&p1, ms(0));
+        c.on_reply(&reply(&p1, 100, 1), ms(1));
+        let g = get(2, 1);
+        c.on_send(&g, ms(2));
+        assert_eq!(completed(c.on_reply(&reply(&g, 100, 2), ms(3))), 1);
+        assert_eq!(kinds(&c), vec![ViolationKind::PhantomWrite]);
+    }
+
+    #[test]
+    fn errors_foreign_and_mismatched_replies_change_nothing() {
+        let mut c = Checker::new(C, 2, 10);
+        let p1 = put(1, 1, 100);
+        c.on_send(&p1, ms(0));
+        // Table full: completes, records nothing.
+        let mut r = reply(&p1, 0, 0);
+        r.status = super::super::wire::STATUS_TABLE_FULL;
+        assert!(matches!(
+            c.on_reply(&r, ms(1)),
+            ReplyOutcome::Completed { status: 1, .. }
+        ));
+        assert_eq!(c.acked(1), None);
+        let p2 = put(2, 1, 7);
+        c.on_send(&p2, ms(2));
+        let mut other = reply(&p2, 7, 1);
+        other.client = C + 1;
+        assert_eq!(c.on_reply(&other, ms(3)), ReplyOutcome::Foreign);
+        let mut far = reply(&p2, 7, 1);
+        far.key = 3;
+        assert_eq!(c.on_reply(&far, ms(3)), ReplyOutcome::Foreign);
+        let mut zero = reply(&p2, 7, 1);
+        zero.key = 0;
+        assert_eq!(c.on_reply(&zero, ms(3)), ReplyOutcome::Foreign);
+        let mut wrong_key = reply(&p2, 7, 1);
+        wrong_key.key = 2;
+        assert_eq!(c.on_reply(&wrong_key, ms(3)), ReplyOutcome::Mismatched);
+        let mut wrong_op = reply(&p2, 7, 1);
+        wrong_op.op = Op::Get;
+        assert_eq!(c.on_reply(&wrong_op, ms(3)), ReplyOutcome::Mismatched);
+        assert!(c.is_pending(2));
+        assert_eq!(completed(c.on_reply(&reply(&p2, 7, 1), ms(4))), 0);
+        // Bad sends are rejected.
+        assert_eq!(c.on_send(&put(9, 0, 1), ms(5)), SendOutcome::Rejected);
+        assert_eq!(c.on_send(&put(9, 3, 1), ms(5)), SendOutcome::Rejected);
+        c.on_send(&put(10, 2, 1), ms(5));
+        assert_eq!(c.on_send(&put(10, 2, 2), ms(6)), SendOutcome::Rejected);
+        assert_eq!(c.violation_count(), 0);
+        let n = c.counts();
+        assert_eq!((n.foreign_replies, n.mismatched_replies), (3, 2));
+        assert_eq!((n.error_replies, n.rejected_sends), (1, 3));
+    }
+
+    #[test]
+    fn violations_are_all_counted_but_few_kept() {
+        let mut c = Checker::new(C, 100, 3);
+        for k in 1..=10 {
+            let p = put(k, k, k);
+            c.on_send(&p, ms(k));
+            c.on_reply(&reply(&p, k + 1, 1), ms(k));
+        }
+        assert_eq!(c.violation_count(), 10);
+        assert_eq!(c.violations().len(), 3);
+    }
+}
