@@ -762,8 +762,9 @@ impl Runner {
             }
             self.send_new(now);
             self.retry(now);
-            // Sleep in recv until the next send, retry or command check.
-            let mut wake = now + Duration::from_millis(20);
+            // Sleep in recv until the next send, retry or command check (a
+            // command waits 5 ms at most).
+            let mut wake = now + Duration::from_millis(5);
             if matches!(self.mode, Mode::Running) && self.out.len() < self.config.concurrency {
                 wake = wake.min(self.next_send);
             }
@@ -793,8 +794,21 @@ impl Runner {
         }
     }
 
-    /// Moves between running, draining and verifying; true when done.
+    /// Moves between running, draining and verifying, as far as it can
+    /// now; true when done.
     fn advance(&mut self, now: Instant) -> bool {
+        loop {
+            let before = std::mem::discriminant(&self.mode);
+            if self.advance_once(now) {
+                return true;
+            }
+            if std::mem::discriminant(&self.mode) == before {
+                return false;
+            }
+        }
+    }
+
+    fn advance_once(&mut self, now: Instant) -> bool {
         match &mut self.mode {
             Mode::Running => {
                 if self.stopping || !self.waiters.is_empty() {
