@@ -62,7 +62,7 @@ pub fn handle(st: &mut State, b: &[u8]) -> Vec<Vec<u8>> {
     }
     st.requests += 1;
     let n = st.requests;
-    let every = |e: u64| e != 0 && n % e == 0;
+    let every = |e: u64| n.checked_rem(e) == Some(0);
     if every(st.drop_request_every) {
         return vec![];
     }
