@@ -24,6 +24,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -105,6 +106,21 @@ pub fn ip(args: &[&str]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs a deleting `ip ARGS…`; a device or namespace already gone is not
+/// an error.
+fn ip_del(args: &[&str]) -> Result<()> {
+    match ip(args) {
+        Err(e)
+            if ["Cannot find device", "No such file", "No such device"]
+                .iter()
+                .any(|m| format!("{e:#}").contains(m)) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
 }
 
 /// Whether `ip ARGS…` succeeds (a query such as `link show dev X`).
@@ -204,10 +220,15 @@ impl NetLab {
         if !inner_ok || !link_exists(&self.bridge_port) {
             // A half-made pair (one end gone with an old namespace): remake it.
             if link_exists(&self.bridge_port) {
-                ip(&["link", "del", "dev", &self.bridge_port])?;
+                ip_del(&["link", "del", "dev", &self.bridge_port])?;
             }
             if inner_ok {
-                ip(&["-n", ns, "link", "del", "dev", &self.client_if])?;
+                ip_del(&["-n", ns, "link", "del", "dev", &self.client_if])?;
+            }
+            // An end left by a deleted namespace goes away asynchronously.
+            let t = Instant::now();
+            while link_exists(&self.bridge_port) && t.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
             }
             ip(&[
                 "link",
@@ -245,17 +266,17 @@ impl NetLab {
         self.check_names()?;
         let mut failed = Vec::new();
         let mut run = |args: &[&str]| {
-            if let Err(e) = ip(args) {
+            if let Err(e) = ip_del(args) {
                 failed.push(format!("{e:#}"));
             }
         };
-        if netns_exists(&self.netns) {
-            // Deleting the namespace destroys the veth end inside it, and
-            // with it the peer on the bridge.
-            run(&["netns", "del", &self.netns]);
-        }
+        // The veth pair first (deleting one end deletes both): a namespace's
+        // devices are destroyed asynchronously after `ip netns del`.
         if link_exists(&self.bridge_port) {
             run(&["link", "del", "dev", &self.bridge_port]);
+        }
+        if netns_exists(&self.netns) {
+            run(&["netns", "del", &self.netns]);
         }
         for tap in &self.taps {
             if link_exists(tap) {
