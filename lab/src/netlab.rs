@@ -132,6 +132,12 @@ fn ip_ok(args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
+/// Turns IPv6 off on a device of the calling thread's namespace, if the
+/// kernel has IPv6 (errors are ignored).
+fn disable_ipv6(dev: &str) {
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{dev}/disable_ipv6"), "1");
+}
+
 /// Whether a network device exists in the current namespace.
 pub fn link_exists(dev: &str) -> bool {
     Path::new("/sys/class/net").join(dev).exists() || ip_ok(&["link", "show", "dev", dev])
@@ -256,6 +262,17 @@ impl NetLab {
             &self.client_if,
         ])?;
         ip(&["-n", ns, "link", "set", "dev", &self.client_if, "up"])?;
+        // No IPv6 on the guest network (best effort): its router
+        // solicitations and multicast reports would only be noise for the
+        // guest's IPv4-only stack and the output commit.
+        for dev in [br, &self.bridge_port]
+            .into_iter()
+            .chain(self.taps.iter().map(String::as_str))
+        {
+            disable_ipv6(dev);
+        }
+        let inner = self.client_if.clone();
+        let _ = in_netns(ns, move || disable_ipv6(&inner));
         Ok(())
     }
 

@@ -78,6 +78,10 @@ fn net_up_and_down() {
         "{out}"
     );
 
+    let v6 = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", lab.bridge);
+    if let Ok(v) = std::fs::read_to_string(&v6) {
+        assert_eq!(v.trim(), "1", "IPv6 left on {}", lab.bridge);
+    }
     // Idempotent, and completes a half-removed setup.
     lab.up().unwrap();
     Command::new("ip")
