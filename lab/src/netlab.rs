@@ -348,6 +348,35 @@ impl NetLab {
     }
 }
 
+/// A guest network that is removed when dropped (see [`NetLab::up_scoped`]).
+#[derive(Debug)]
+pub struct NetGuard(NetLab);
+
+impl std::ops::Deref for NetGuard {
+    type Target = NetLab;
+    fn deref(&self) -> &NetLab {
+        &self.0
+    }
+}
+
+impl Drop for NetGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.down() {
+            tracing::warn!("{e:#}");
+        }
+    }
+}
+
+impl NetLab {
+    /// [`NetLab::up`], removed again ([`NetLab::down`]) when the guard is
+    /// dropped: for tests and drills that own their network.
+    pub fn up_scoped(self) -> Result<NetGuard> {
+        let g = NetGuard(self);
+        g.0.up()?;
+        Ok(g)
+    }
+}
+
 /// Moves the calling thread into the named network namespace (`ip netns
 /// add NAME`, a file in /run/netns). Only for a thread of your own that
 /// stays there: sockets it makes afterwards belong to that namespace.
@@ -400,13 +429,23 @@ pub enum NetAction {
 /// Runs `castor net`.
 pub fn net(args: NetArgs) -> Result<()> {
     let lab = NetLab::default();
+    let root = rustix::process::geteuid().is_root();
+    let hint = |r: Result<()>| {
+        r.with_context(|| {
+            if root {
+                "castor net".to_string()
+            } else {
+                "castor net (not running as root: it needs root)".to_string()
+            }
+        })
+    };
     match args.action {
         NetAction::Up => {
-            lab.up()?;
+            hint(lab.up())?;
             println!("up: {}", lab.describe());
         }
         NetAction::Down => {
-            lab.down()?;
+            hint(lab.down())?;
             println!(
                 "down: removed {}, its taps and namespace {}",
                 lab.bridge, lab.netns

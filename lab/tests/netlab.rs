@@ -140,9 +140,7 @@ fn loadgen_runs_inside_the_client_namespace() {
         eprintln!("skipped: needs root");
         return;
     }
-    let lab = unique_lab(2);
-    let _cleanup = Cleanup(lab.clone());
-    lab.up().unwrap();
+    let lab = unique_lab(2).up_scoped().unwrap();
     // The "guest" here is a test server on the bridge's address.
     let server = common::Server::start(
         SocketAddr::from((lab.bridge_addr, 0)),
@@ -164,5 +162,7 @@ fn loadgen_runs_inside_the_client_namespace() {
     assert!(r.counts.acked > 100, "{text}");
     assert_eq!(r.wrong_source, 0, "{text}");
     drop(server);
-    lab.down().unwrap();
+    let names = (lab.bridge.clone(), lab.netns.clone());
+    drop(lab);
+    assert!(!link_exists(&names.0) && !netns_exists(&names.1));
 }
