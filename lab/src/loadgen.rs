@@ -15,7 +15,7 @@
 //!
 //! ```no_run
 //! # fn main() -> anyhow::Result<()> {
-//! use lab::loadgen::{Config, Loadgen};
+//! use castor_lab::loadgen::{Config, Loadgen};
 //! let lg = Loadgen::start(Config {
 //!     netns: Some("castor-client".into()),
 //!     ..Config::default()
