@@ -90,6 +90,17 @@ enum Command {
     /// summary.md and PNG plots into --out. `--quick` (the CI smoke test)
     /// takes under 3 minutes, the full default matrix under 20.
     Bench(lab::BenchArgs),
+    /// The guest network of a local pair (root): `up` makes the bridge
+    /// castor0 (10.77.0.254/24), the taps castor-tap-a/-b on it and the
+    /// client namespace castor-client (10.77.0.1/24) joined by a veth pair;
+    /// `down` removes them. The guest is 10.77.0.2, MAC 52:54:00:ca:57:02.
+    Net(lab::netlab::NetArgs),
+    /// Load generator and checker for the guest's key-value service (UDP):
+    /// PUTs and GETs at --rate with retries, at most one outstanding request
+    /// per key; reports latency, the longest gap between replies, and every
+    /// violation (a reply from state later lost, an acknowledged write lost),
+    /// then reads back every acknowledged key. Fails on any violation.
+    Loadgen(lab::loadgen::LoadgenArgs),
 }
 
 #[derive(Args, Clone)]
@@ -1076,6 +1087,8 @@ fn main() -> ExitCode {
         Command::Demo(a) => lab::demo(a),
         Command::Drill(a) => lab::drill(a),
         Command::Bench(a) => lab::bench(a),
+        Command::Net(a) => lab::netlab::net(a),
+        Command::Loadgen(a) => lab::loadgen::loadgen(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

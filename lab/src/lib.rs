@@ -11,6 +11,10 @@
 //! - [`bench`]: `castor bench`, the measurement matrix; produces a
 //!   [`model::Results`].
 //! - [`netns`]: two network namespaces whose replication link can be cut.
+//! - [`netlab`]: `castor net up|down`, the guest network (bridge, taps,
+//!   client namespace).
+//! - [`loadgen`]: `castor loadgen`, the key-value client and its checker
+//!   of acknowledged writes.
 //! - [`model`]: the results model that the report and the plots read.
 //! - [`report`]: CSV, JSON and the markdown summary.
 //! - [`plots`]: the PNG plots.
@@ -25,7 +29,9 @@ pub mod console;
 pub mod demo;
 pub mod drill;
 pub mod faults;
+pub mod loadgen;
 pub mod model;
+pub mod netlab;
 pub mod netns;
 pub mod pair;
 pub mod plots;
