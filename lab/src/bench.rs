@@ -758,18 +758,23 @@ fn drill_mode(
         protect_args: args,
         settle: Duration::from_millis(2500),
         witness,
+        reuse: false,
     };
     let mut got = Vec::new();
-    let r = run_drill(&plan, &mut |r| {
-        ui.pb.inc(1);
-        if let Some(ms) = r.failover_ms.filter(|_| r.ok()) {
-            got.push(Failover {
-                mode: label.clone(),
-                round: r.round,
-                ms,
-            });
-        }
-    });
+    let r = run_drill(
+        &plan,
+        &mut |r| {
+            ui.pb.inc(1);
+            if let Some(ms) = r.failover_ms.filter(|_| r.ok()) {
+                got.push(Failover {
+                    mode: label.clone(),
+                    round: r.round,
+                    ms,
+                });
+            }
+        },
+        &mut |_| {},
+    );
     let mut v: Vec<f64> = got.iter().map(|f| f.ms).collect();
     let figures = if v.is_empty() {
         String::new()

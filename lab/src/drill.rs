@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use guest::Workload;
 use rand::Rng;
@@ -39,6 +39,11 @@ pub struct DrillArgs {
     /// run in network namespaces; needs root).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub faults: Vec<Fault>,
+    /// Each killed node restarts as the new backup offering the image it
+    /// kept (`--image-dir`, `--reuse`): only the pages that changed since
+    /// are sent. Without it every re-protection is a full resync.
+    #[arg(long)]
+    pub reuse: bool,
 }
 
 /// One failover of a drill.
@@ -56,13 +61,57 @@ pub struct Round {
     pub problems: Vec<String>,
     /// Replica mismatches the survivor reports (with --verify).
     pub mismatches: u64,
+    /// With the `net` workload: what the client saw.
+    pub client: Option<ClientRound>,
+    /// The pair protected again after the failover (a new backup started
+    /// where the killed primary was).
+    pub reprotect: Option<Reprotect>,
+}
+
+/// Re-protection after a failover: the unprotected window.
+#[derive(Debug, Clone)]
+pub struct Reprotect {
+    /// SIGKILL of the primary → the survivor protected again, ms (the new
+    /// backup's start-up included).
+    pub after_kill_ms: f64,
+    /// The new session's first checkpoint: full, or by reuse of the
+    /// restarted node's image.
+    pub resync: Option<node::ResyncStatus>,
+}
+
+/// A round as the key-value client saw it (`net` workload).
+#[derive(Debug, Clone)]
+pub struct ClientRound {
+    /// Last reply before the kill → first reply after it, ms.
+    pub gap_ms: Option<f64>,
+    /// Violations so far: acknowledged writes lost, replies from lost state.
+    pub violations: u64,
+    /// Reading back every acknowledged key after the failover.
+    pub verify: Option<crate::loadgen::VerifyReport>,
+}
+
+impl ClientRound {
+    fn ok(&self) -> bool {
+        self.gap_ms.is_some()
+            && self.violations == 0
+            && self.verify.as_ref().is_some_and(|v| v.ok())
+    }
 }
 
 impl Round {
     /// Whether the round passed: output from the survivor, a continuous
     /// console and no mismatch.
     pub fn ok(&self) -> bool {
-        self.failover_ms.is_some() && self.problems.is_empty() && self.mismatches == 0
+        self.failed_over() && self.reprotect.is_some()
+    }
+
+    /// The failover part of [`Round::ok`]: output from the survivor, a
+    /// continuous console, no mismatch, the client's writes all there.
+    pub fn failed_over(&self) -> bool {
+        self.failover_ms.is_some()
+            && self.problems.is_empty()
+            && self.mismatches == 0
+            && self.client.as_ref().is_none_or(ClientRound::ok)
     }
 }
 
@@ -83,19 +132,54 @@ pub struct DrillPlan {
     pub settle: Duration,
     /// The pair's witness.
     pub witness: WitnessKind,
+    /// Restarted nodes offer the image they kept (`--image-dir`, `--reuse`):
+    /// re-protection sends only the pages that changed.
+    pub reuse: bool,
 }
 
 /// Runs a drill; `on_round` sees every round as it ends. Stops at the first
 /// failed round and returns an error naming the kept logs.
-pub fn run_drill(p: &DrillPlan, on_round: &mut dyn FnMut(&Round)) -> Result<Vec<Round>> {
+pub fn run_drill(
+    p: &DrillPlan,
+    on_round: &mut dyn FnMut(&Round),
+    on_client: &mut dyn FnMut(&crate::loadgen::Report),
+) -> Result<Vec<Round>> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path();
     let pair = Pair::in_dir(dir, ["node-a", "node-b"])?;
     let (pair, _etcd) = start_witness(p.witness, pair, dir)?;
-    let extra = &p.protect_args;
+    let mut extra = p.protect_args.clone();
+    if p.reuse {
+        extra.extend([
+            "--image-dir".to_string(),
+            dir.join("images").display().to_string(),
+        ]);
+    }
+    let extra = &extra;
+    // The net workload: a guest network with a client namespace, each node
+    // with a tap, and a key-value client checking every acknowledged write.
+    let mut workload = p.workload.clone();
+    let lab = if workload.kind == guest::Kind::Net {
+        let pid = std::process::id();
+        let lab = crate::netlab::NetLab::unique(
+            &format!("cd{}", pid % 100_000),
+            (79, (pid % 200 + 20) as u8),
+        )
+        .up_scoped()
+        .context("the net workload's drill sets up a guest network (needs root)")?;
+        workload.ip = Some(lab.guest_addr.octets());
+        Some(lab)
+    } else {
+        None
+    };
+    let pair = match &lab {
+        Some(l) => pair.with_taps([l.taps[0].clone(), l.taps[1].clone()]),
+        None => pair,
+    };
     // Node b backs up node a, and after a takeover protects toward node a's port.
-    let guest = guest_args(p.mem, p.vcpus, &p.workload);
+    let guest = guest_args(p.mem, p.vcpus, &workload);
     let (mut backup, mut primary) = pair.start(extra, &guest, ["b-0.log", "a-0.log"])?;
+    let mut client: Option<crate::loadgen::Handle> = None;
     let mut primary_idx = 0usize;
     let mut stream = Vec::new();
     let mut rounds = Vec::new();
@@ -111,6 +195,14 @@ pub fn run_drill(p: &DrillPlan, on_round: &mut dyn FnMut(&Round)) -> Result<Vec<
             let _ = std::fs::write(dir.join("console.bin"), &stream);
             bail!("round {round}: {e}\nlogs kept in {}", tmp.keep().display());
         }
+        if let (Some(l), None) = (&lab, &client) {
+            client = Some(crate::loadgen::Loadgen::start(crate::loadgen::Config {
+                target: l.guest_service(),
+                netns: Some(l.netns.clone()),
+                rate: 500.0,
+                ..Default::default()
+            })?);
+        }
         let run_for = p.settle + Duration::from_millis(rng.random_range(300..1500));
         let offset = stream.len() as u64;
         read_console(
@@ -120,15 +212,24 @@ pub fn run_drill(p: &DrillPlan, on_round: &mut dyn FnMut(&Round)) -> Result<Vec<
             Instant::now() + run_for,
             u64::MAX,
         )?;
+        let label = format!("kill round {round}");
+        let killed_at = Instant::now();
+        if let Some(c) = &client {
+            c.mark_at(label.clone(), killed_at);
+        }
         let takeover = kill_and_follow(
             &mut primary,
             &backup,
             &mut stream,
             Duration::from_millis(700),
         )?;
+        let client_round = match &client {
+            Some(c) => Some(client_round(c, &label)?),
+            None => None,
+        };
         let problems = continuity(&stream).problems;
         let survivor = backup.status();
-        let r = Round {
+        let mut r = Round {
             round,
             killed: pair.names[primary_idx].clone(),
             ran_for: run_for,
@@ -137,7 +238,36 @@ pub fn run_drill(p: &DrillPlan, on_round: &mut dyn FnMut(&Round)) -> Result<Vec<
             mismatches: survivor
                 .and_then(|s| s.backup)
                 .map_or(0, |b| b.verify_mismatches),
+            client: client_round,
+            reprotect: None,
         };
+        if r.failed_over() {
+            // The survivor is the primary now; a new backup starts where the
+            // dead primary was, and the pair is protected again.
+            let dead = primary_idx;
+            primary_idx = 1 - primary_idx;
+            let mut backup_args = extra.clone();
+            if p.reuse {
+                backup_args.push("--reuse".into());
+            }
+            let new_backup = pair.start_backup(
+                dead,
+                &backup_args,
+                &format!("{}-{round}.log", &pair.names[dead][5..]),
+            )?;
+            primary = std::mem::replace(&mut backup, new_backup);
+            if let Ok(s) = wait_status(
+                &primary,
+                "protected again",
+                Duration::from_secs(60),
+                pair::protected,
+            ) {
+                r.reprotect = Some(Reprotect {
+                    after_kill_ms: killed_at.elapsed().as_secs_f64() * 1e3,
+                    resync: s.primary.and_then(|p| p.last_resync),
+                });
+            }
+        }
         on_round(&r);
         let ok = r.ok();
         rounds.push(r);
@@ -150,20 +280,46 @@ pub fn run_drill(p: &DrillPlan, on_round: &mut dyn FnMut(&Round)) -> Result<Vec<
                 tmp.keep().display()
             );
         }
-        // The survivor is the primary now; a new backup starts where the dead primary was.
-        let dead = primary_idx;
-        primary_idx = 1 - primary_idx;
-        let new_backup = pair.start_backup(
-            dead,
-            extra,
-            &format!("{}-{round}.log", &pair.names[dead][5..]),
-        )?;
-        primary = std::mem::replace(&mut backup, new_backup);
+    }
+    if let Some(c) = client {
+        let r = c.stop();
+        on_client(&r);
+        if !r.ok() {
+            bail!(
+                "the key-value client saw {} violations: {:?}\nlogs kept in {}",
+                r.violations,
+                r.first_violations,
+                tmp.keep().display()
+            );
+        }
     }
     if std::env::var_os("CASTOR_KEEP_LOGS").is_some() {
         println!("drill logs kept in {}", tmp.keep().display());
     }
     Ok(rounds)
+}
+
+/// After a failover: waits (up to 10 s) for the client's first reply after
+/// the kill, then reads back every acknowledged key.
+fn client_round(c: &crate::loadgen::Handle, label: &str) -> Result<ClientRound> {
+    let t = Instant::now();
+    let gap = loop {
+        let r = c.report_so_far();
+        let m = r.marks.iter().find(|m| m.label == label).cloned();
+        if let Some(g) = m.as_ref().and_then(|m| m.gap_ms) {
+            break Some(g);
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let verify = c.verify_all().ok();
+    Ok(ClientRound {
+        gap_ms: gap,
+        violations: c.report_so_far().violations,
+        verify,
+    })
 }
 
 /// `castor drill --faults …`.
@@ -249,14 +405,24 @@ pub fn drill(a: DrillArgs) -> Result<()> {
         protect_args: extra,
         settle: Duration::ZERO,
         witness: a.witness,
+        reuse: a.reuse,
     };
     let mut seen = Vec::new();
-    let result = run_drill(&plan, &mut |r| {
-        print_round(r);
-        if r.ok() {
-            seen.extend(r.failover_ms);
-        }
-    });
+    let mut gaps = Vec::new();
+    let mut windows = Vec::new();
+    let mut client = None;
+    let result = run_drill(
+        &plan,
+        &mut |r| {
+            print_round(r);
+            if r.ok() {
+                seen.extend(r.failover_ms);
+                gaps.extend(r.client.as_ref().and_then(|c| c.gap_ms));
+                windows.extend(r.reprotect.as_ref().map(|p| p.after_kill_ms));
+            }
+        },
+        &mut |r| client = Some(r.clone()),
+    );
     println!();
     println!(
         "castor drill: {} of {} rounds passed{}",
@@ -264,6 +430,32 @@ pub fn drill(a: DrillArgs) -> Result<()> {
         a.rounds,
         failover_figures(&seen)
     );
+    if !windows.is_empty() {
+        println!(
+            "  unprotected window (SIGKILL -> protected again, the new backup's start included): p50 {:.0} ms, max {:.0} ms",
+            percentile(&mut windows.clone(), 0.5),
+            windows.iter().cloned().fold(0.0, f64::max)
+        );
+    }
+    if let Some(c) = client {
+        println!(
+            "  key-value client: {} requests acknowledged ({} PUTs), {} violations (acknowledged writes lost, replies from lost state), every acknowledged key read back after each failover: {}",
+            c.counts.acked,
+            c.counts.puts_acked,
+            c.violations,
+            if c.ok() { "yes" } else { "NO" }
+        );
+        if !gaps.is_empty() {
+            println!(
+                "  client-seen failover gap (last reply before the kill -> first after): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; latency p50 {:.2} ms, p99 {:.2} ms",
+                percentile(&mut gaps.clone(), 0.5),
+                percentile(&mut gaps.clone(), 0.99),
+                gaps.iter().cloned().fold(0.0, f64::max),
+                c.latency.p50_ms,
+                c.latency.p99_ms
+            );
+        }
+    }
     result.map(|_| ())
 }
 
@@ -274,16 +466,52 @@ fn print_round(r: &Round) {
             r.round,
             r.killed,
             r.ran_for.as_millis(),
-            if r.ok() {
+            if !r.problems.is_empty() {
+                "CONSOLE BROKEN"
+            } else if r.ok() {
                 "console continuous"
             } else {
-                "CONSOLE BROKEN"
+                "console continuous, ROUND FAILED"
             }
         ),
         None => println!(
             "  round {:>3}: primary {} killed, NO OUTPUT from the survivor",
             r.round, r.killed
         ),
+    }
+    if let Some(c) = &r.client {
+        println!(
+            "             client gap {}, {} violations, read back {}",
+            c.gap_ms.map_or("NONE".into(), |g| format!("{g:.1} ms")),
+            c.violations,
+            c.verify.as_ref().map_or("FAILED".into(), |v| format!(
+                "{}/{} keys{}",
+                v.checked,
+                v.keys,
+                if v.ok() { "" } else { " (MISMATCH)" }
+            ))
+        );
+    }
+    if let Some(p) = &r.reprotect {
+        let how = match &p.resync {
+            Some(s) if s.reused => format!(
+                "reuse: {} of {} pages sent ({} stale), {:.1} MiB",
+                s.pages_sent,
+                s.pages,
+                s.stale,
+                s.bytes as f64 / (1 << 20) as f64
+            ),
+            Some(s) => format!(
+                "full resync, {:.1} MiB ({})",
+                s.bytes as f64 / (1 << 20) as f64,
+                s.reason
+            ),
+            None => "?".into(),
+        };
+        println!(
+            "             protected again {:.0} ms after the kill ({how})",
+            p.after_kill_ms
+        );
     }
     for p in r.problems.iter().take(5) {
         println!("             {p}");

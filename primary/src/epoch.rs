@@ -440,9 +440,9 @@ impl EpochLoop<'_> {
                 status.by_generation = p.by_generation;
                 status.stale = p.stale;
                 if p.stale > 0 {
-                    warn!(
+                    info!(
                         stale = p.stale,
-                        "pages of the backup's image differ although their generation is equal (written after their generation was recorded, or changed behind castor's back): resent"
+                        "pages whose generation is equal on both nodes but whose content differs (written after their last checkpoint on either node, or changed behind castor's back): resent"
                     );
                 }
                 info!(

@@ -17,7 +17,9 @@
 //! The commit digest is blake3 over, for each content message in order, its
 //! type name, epoch, offset (output only), length and bytes.
 
-use crate::message::{Hello, Message, CAP_VERIFY, MAX_OUTPUT_CHUNK, MAX_RECORDS_CHUNK, VERSION};
+use crate::message::{
+    Hello, Message, CAP_REUSE, CAP_VERIFY, MAX_OUTPUT_CHUNK, MAX_RECORDS_CHUNK, VERSION,
+};
 use crate::ProtocolError;
 
 fn hash_content(h: &mut blake3::Hasher, kind: &str, epoch: u64, offset: u64, data: &[u8]) {
@@ -385,9 +387,9 @@ impl Receiver {
                 supported: VERSION,
             }));
         }
-        if h.capabilities & !CAP_VERIFY != 0 {
+        if h.capabilities & !(CAP_VERIFY | CAP_REUSE) != 0 {
             return Err(ProtocolError::UnknownCapabilities(
-                h.capabilities & !CAP_VERIFY,
+                h.capabilities & !(CAP_VERIFY | CAP_REUSE),
             ));
         }
         if let Some(name) = &self.limits.peer_name {
