@@ -1,6 +1,6 @@
-//! castor's KVM machine: boots a multiboot guest on KVM, runs its vCPUs on
-//! threads, serves its serial console, tracks the pages it dirties, and
-//! captures and restores its complete state.
+//! castor's KVM machine: boots a multiboot or Linux guest on KVM, runs its
+//! vCPUs on threads, serves its serial console, tracks the pages it dirties,
+//! and captures and restores its complete state.
 //!
 //! This is the only castor crate with `unsafe` code; every block carries a
 //! `// SAFETY:` comment (enforced by `clippy::undocumented_unsafe_blocks`).
@@ -9,10 +9,14 @@
 //!   dirty harvest, restore.
 //! - [`state`]: the one list of saved state, its order and its encoding.
 //! - [`snapshot`]: machine state plus RAM in a directory.
-//! - [`boot`], [`memory`], [`console`], [`serial`], [`msr`]: the parts.
+//! - [`boot`] (multiboot, and the dispatch by kernel format), [`linux`]
+//!   (bzImage and vmlinux, with [`acpi`] tables), [`memory`], [`console`],
+//!   [`serial`], [`msr`]: the parts.
 
+pub mod acpi;
 pub mod boot;
 pub mod console;
+pub mod linux;
 pub mod machine;
 pub mod memory;
 pub mod msr;
