@@ -198,12 +198,17 @@ struct PrimaryArgs {
     /// Workload of castor's guest (see `castor run --help`).
     #[arg(long, default_value = "counter", value_parser = parse_workload)]
     workload: guest::Workload,
-    /// Boot this multiboot v1 ELF kernel instead of castor's guest.
+    /// Boot this kernel instead of castor's guest: a multiboot v1 kernel, a
+    /// Linux bzImage or a 64-bit Linux vmlinux (ELF), recognised by content.
     #[arg(long, conflicts_with = "workload")]
     kernel: Option<PathBuf>,
-    /// Kernel command line (with --kernel).
+    /// Kernel command line (with --kernel), e.g. "console=ttyS0" for a Linux
+    /// kernel's console on castor's serial port.
     #[arg(long, requires = "kernel", default_value = "")]
     cmdline: String,
+    /// Initramfs for a Linux --kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
     /// Stop after this long; default: run until SIGINT/SIGTERM.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -342,12 +347,17 @@ struct RunArgs {
     /// timer-interrupt driven).
     #[arg(long, default_value = "counter", value_parser = parse_workload, verbatim_doc_comment)]
     workload: guest::Workload,
-    /// Boot this multiboot v1 ELF kernel instead of castor's guest.
+    /// Boot this kernel instead of castor's guest: a multiboot v1 kernel, a
+    /// Linux bzImage or a 64-bit Linux vmlinux (ELF), recognised by content.
     #[arg(long, conflicts_with = "workload")]
     kernel: Option<PathBuf>,
-    /// Kernel command line (with --kernel).
+    /// Kernel command line (with --kernel), e.g. "console=ttyS0" for a Linux
+    /// kernel's console on castor's serial port.
     #[arg(long, requires = "kernel", default_value = "")]
     cmdline: String,
+    /// Initramfs for a Linux --kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
     /// Stop after this long (e.g. 10s, 500ms, 2m); default: run until SIGINT/SIGTERM.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -423,6 +433,14 @@ fn supervise(
     Ok(())
 }
 
+/// Reads the --initrd file, if any.
+fn read_initrd(path: Option<&std::path::Path>) -> Result<Option<Vec<u8>>> {
+    path.map(|p| {
+        std::fs::read(p).with_context(|| format!("cannot read the initramfs {}", p.display()))
+    })
+    .transpose()
+}
+
 fn run(args: RunArgs) -> Result<()> {
     let kind = KvmKind::detect();
     info!("{}", kind.describe());
@@ -465,10 +483,12 @@ fn run(args: RunArgs) -> Result<()> {
         dirty_tracking: args.track_ms.is_some(),
         kvm_device: m.kvm_device.clone(),
     };
+    let initrd = read_initrd(args.initrd.as_deref())?;
     let t0 = Instant::now();
-    let mut machine = Machine::boot(
+    let mut machine = Machine::boot_image(
         &config,
         &image,
+        initrd.as_deref(),
         &cmdline,
         Console::new(Box::new(StdoutSink), 0),
     )?;
@@ -716,9 +736,11 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
     };
     let stop = stop_after(a.duration)?;
     let node = services("castor-net", &a.pair)?;
-    let vm = Machine::boot(
+    let initrd = read_initrd(a.initrd.as_deref())?;
+    let vm = Machine::boot_image(
         &machine,
         &kernel,
+        initrd.as_deref(),
         &cmdline,
         Console::new(node::console::sink(node.log.clone()), 0),
     )?;

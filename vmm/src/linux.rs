@@ -209,7 +209,9 @@ fn elf_segments(image: &[u8]) -> Result<Vec<Segment>, LinuxError> {
     let phentsize = le16(image, 54).ok_or_else(|| bad("ELF header".into()))? as u64;
     let phnum = le16(image, 56).ok_or_else(|| bad("ELF header".into()))? as u64;
     if phentsize != 56 || phnum == 0 {
-        return Err(LinuxError::UnknownFormat("ELF without a valid program header table"));
+        return Err(LinuxError::UnknownFormat(
+            "ELF without a valid program header table",
+        ));
     }
     (0..phnum)
         .map(|i| {
@@ -225,7 +227,10 @@ fn elf_segments(image: &[u8]) -> Result<Vec<Segment>, LinuxError> {
                 filesz: le64(image, at + 32).unwrap_or(0),
                 memsz: le64(image, at + 40).unwrap_or(0),
             };
-            if s.offset.checked_add(s.filesz).is_none_or(|e| e > image.len() as u64) {
+            if s.offset
+                .checked_add(s.filesz)
+                .is_none_or(|e| e > image.len() as u64)
+            {
                 return Err(bad(format!(
                     "segment {i} (file bytes {:#x}..{:#x}) lies past the end of the file",
                     s.offset,
@@ -281,7 +286,10 @@ struct Loaded {
 
 fn load_vmlinux(mem: &GuestMem, image: &[u8], have: u64) -> Result<Loaded, LinuxError> {
     let mut end = 0u64;
-    for s in elf_segments(image)?.iter().filter(|s| s.kind == ELF_PT_LOAD) {
+    for s in elf_segments(image)?
+        .iter()
+        .filter(|s| s.kind == ELF_PT_LOAD)
+    {
         if s.paddr < HIGH_MEMORY {
             return Err(LinuxError::BelowHighMemory(s.paddr));
         }
@@ -334,7 +342,11 @@ fn load_bzimage(mem: &GuestMem, image: &[u8], have: u64) -> Result<Loaded, Linux
     let load = le32(image, 0x214).unwrap_or(0) as u64; // code32_start
     let pref = le64(image, 0x258).unwrap_or(0);
     let init_size = le32(image, 0x260).unwrap_or(0) as u64;
-    fits("the compressed kernel", load + image.len() as u64 - setup_size, have)?;
+    fits(
+        "the compressed kernel",
+        load + image.len() as u64 - setup_size,
+        have,
+    )?;
     // The decompressor works in place from max(load address, preferred
     // address) for init_size bytes.
     let end = load.max(pref) + init_size;
@@ -356,11 +368,7 @@ fn load_bzimage(mem: &GuestMem, image: &[u8], have: u64) -> Result<Loaded, Linux
 /// reserved (ACPI tables), RAM from 1 MiB to the MMIO hole, castor's MMIO
 /// console window reserved, RAM above 4 GiB.
 pub fn e820_map(mem: &GuestMem) -> Vec<boot_e820_entry> {
-    let e = |addr, size, r#type| boot_e820_entry {
-        addr,
-        size,
-        r#type,
-    };
+    let e = |addr, size, r#type| boot_e820_entry { addr, size, r#type };
     let mut map = vec![
         e(0, EBDA_START, E820_RAM),
         e(EBDA_START, HIGH_MEMORY - EBDA_START, E820_RESERVED),
@@ -642,9 +650,20 @@ mod tests {
             detect(&vmlinux(0x100_0000, &[0xF4], 1, true)).unwrap(),
             KernelFormat::Vmlinux { pvh: true }
         );
-        assert_eq!(detect(&bzimage(&[0xF4; 64], 0x1000)).unwrap(), KernelFormat::BzImage);
-        for bad in [&b""[..], b"MZ", &[0u8; 8192], b"#!/bin/sh\necho not a kernel\n"] {
-            assert!(matches!(detect(bad), Err(LinuxError::UnknownFormat(_))), "{bad:?}");
+        assert_eq!(
+            detect(&bzimage(&[0xF4; 64], 0x1000)).unwrap(),
+            KernelFormat::BzImage
+        );
+        for bad in [
+            &b""[..],
+            b"MZ",
+            &[0u8; 8192],
+            b"#!/bin/sh\necho not a kernel\n",
+        ] {
+            assert!(
+                matches!(detect(bad), Err(LinuxError::UnknownFormat(_))),
+                "{bad:?}"
+            );
         }
         let mut elf32 = vmlinux(0x100_0000, &[0xF4], 1, false);
         elf32[4] = 1;
@@ -659,7 +678,15 @@ mod tests {
         let image = vmlinux(0x100_0000, &[0x90, 0xF4], 0x20_0000, true);
         let format = detect(&image).unwrap();
         let initrd = vec![0xA5u8; 10_000];
-        let e = load(&mem, format, &image, Some(&initrd), "console=ttyS0 quiet", 2).unwrap();
+        let e = load(
+            &mem,
+            format,
+            &image,
+            Some(&initrd),
+            "console=ttyS0 quiet",
+            2,
+        )
+        .unwrap();
         assert_eq!(e.rip, 0x100_0000);
         assert_eq!(e.zero_page, ZERO_PAGE_ADDR);
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x100_0001)).unwrap(), 0xF4);
@@ -738,7 +765,10 @@ mod tests {
         image.truncate(image.len() - 100);
         let e = detect(&image).and_then(|f| load(&mem, f, &image, None, "", 1));
         assert!(matches!(e, Err(LinuxError::Truncated(_))), "{e:?}");
-        assert!(e.unwrap_err().to_string().contains("truncated kernel image"));
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("truncated kernel image"));
         // Truncated bzImage.
         let mut image = bzimage(&[0xF4; 4096], 0x1000);
         image.truncate(3000);
@@ -761,7 +791,10 @@ mod tests {
         // A segment in the loader's area below 1 MiB.
         let image = vmlinux(0x8000, &[0x90; 16], 16, false);
         let e = load(&mem, detect(&image).unwrap(), &image, None, "", 1);
-        assert!(matches!(e, Err(LinuxError::BelowHighMemory(0x8000))), "{e:?}");
+        assert!(
+            matches!(e, Err(LinuxError::BelowHighMemory(0x8000))),
+            "{e:?}"
+        );
         // A 32-bit-only bzImage, an old boot protocol.
         let mut image = bzimage(&[0xF4; 64], 0x1000);
         image[0x236] = 0;
@@ -772,7 +805,14 @@ mod tests {
         assert!(matches!(e, Err(LinuxError::Unsupported(_))), "{e:?}");
         // Command line too long for the kernel.
         let image = vmlinux(0x100_0000, &[0x90; 16], 16, false);
-        let e = load(&mem, detect(&image).unwrap(), &image, None, &"x".repeat(3000), 1);
+        let e = load(
+            &mem,
+            detect(&image).unwrap(),
+            &image,
+            None,
+            &"x".repeat(3000),
+            1,
+        );
         assert!(matches!(e, Err(LinuxError::CmdlineTooLong { .. })), "{e:?}");
     }
 
@@ -788,7 +828,10 @@ mod tests {
         assert_eq!(sregs.cr0 & 0x8000_0001, 0x8000_0001);
         assert_eq!(sregs.cr3, PML4_ADDR);
         assert_eq!((sregs.cs.l, sregs.cs.db, sregs.cs.type_), (1, 0, 0xB));
-        assert_eq!((sregs.ds.limit, sregs.ds.g, sregs.ds.type_), (0xFFFF_FFFF, 1, 3));
+        assert_eq!(
+            (sregs.ds.limit, sregs.ds.g, sregs.ds.type_),
+            (0xFFFF_FFFF, 1, 3)
+        );
         assert_eq!((sregs.tr.type_, sregs.tr.s, sregs.tr.present), (0xB, 0, 1));
     }
 }

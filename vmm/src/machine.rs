@@ -350,8 +350,7 @@ impl Machine {
         }
         let t0 = Instant::now();
         let p = open_vm(&config.kvm_device, config.mem_bytes)?;
-        let (format, entry) =
-            boot::load_kernel(&p.mem, kernel, initrd, cmdline, config.vcpus)?;
+        let (format, entry) = boot::load_kernel(&p.mem, kernel, initrd, cmdline, config.vcpus)?;
         info!(%format, "kernel loaded");
         let lease = VcpuLease::acquire(&p.mem)?;
         let mut fds = Vec::new();
