@@ -433,6 +433,20 @@ fn supervise(
     Ok(())
 }
 
+/// On kvm_pvm, says what a stock Linux kernel needs and how far it gets.
+fn hint_linux_on_pvm(image: &[u8], cmdline: &str) {
+    let linux = matches!(
+        vmm::linux::detect(image),
+        Ok(vmm::linux::KernelFormat::BzImage | vmm::linux::KernelFormat::Vmlinux { .. })
+    );
+    if linux && KvmKind::detect() == KvmKind::Pvm {
+        if !(cmdline.contains("noxsave") && cmdline.contains("clearcpuid=smap")) {
+            warn!("kvm_pvm cannot emulate XSAVE or SMAP: add \"noxsave clearcpuid=smap\" to a stock Linux kernel's --cmdline");
+        }
+        info!("on kvm_pvm a stock Linux kernel runs its ring 0 emulated (~100x slower): a bzImage decompresses for minutes (boot the uncompressed vmlinux), and the kernel stops on an INT3 before user space");
+    }
+}
+
 /// Reads the --initrd file, if any.
 fn read_initrd(path: Option<&std::path::Path>) -> Result<Option<Vec<u8>>> {
     path.map(|p| {
@@ -484,6 +498,7 @@ fn run(args: RunArgs) -> Result<()> {
         kvm_device: m.kvm_device.clone(),
     };
     let initrd = read_initrd(args.initrd.as_deref())?;
+    hint_linux_on_pvm(&image, &cmdline);
     let t0 = Instant::now();
     let mut machine = Machine::boot_image(
         &config,
@@ -737,6 +752,7 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
     let stop = stop_after(a.duration)?;
     let node = services("castor-net", &a.pair)?;
     let initrd = read_initrd(a.initrd.as_deref())?;
+    hint_linux_on_pvm(&kernel, &cmdline);
     let vm = Machine::boot_image(
         &machine,
         &kernel,

@@ -153,43 +153,16 @@ fn vmlinux_of(kernel: &Path) -> Result<PathBuf, String> {
     Ok(out)
 }
 
-#[test]
-fn debian_cloud_kernel_boots_and_echoes_its_command_line() {
-    let (kernel, initrd) = match kernel_under_test() {
-        Ok(k) => k,
-        Err(why) => {
-            eprintln!("SKIPPED: no Linux kernel to boot ({why})");
-            return;
-        }
-    };
-    let vmlinux = match vmlinux_of(&kernel) {
-        Ok(v) => v,
-        Err(why) => {
-            eprintln!(
-                "SKIPPED: cannot extract a vmlinux from {}: {why}",
-                kernel.display()
-            );
-            return;
-        }
-    };
-    // noxsave, clearcpuid=smap: instructions kvm_pvm's emulator cannot run
-    // (harmless with hardware virtualization). earlyprintk: the log from
-    // the first lines on, before the 8250 console driver is up.
-    let cmdline = "console=ttyS0 earlyprintk=ttyS0 noxsave clearcpuid=smap castor.test=linux";
-    let mut args = vec![
-        "run".to_string(),
-        "--mem=512M".into(),
-        "--vcpus=2".into(),
-        format!("--kernel={}", vmlinux.display()),
-        format!("--cmdline={cmdline}"),
-        format!("--duration={}s", BUDGET.as_secs() + 5),
-    ];
-    if let Some(i) = &initrd {
-        args.push(format!("--initrd={}", i.display()));
-    }
+/// A console line and when it came, since `castor` was started.
+type Line = (Duration, String);
+
+/// Runs castor with `args` until every string of `wanted` appeared in a
+/// console line or `budget` passed, then kills it. Returns the console
+/// lines and castor's log.
+fn watch(args: &[String], wanted: &[&str], budget: Duration) -> (Vec<Line>, String) {
     let t0 = Instant::now();
     let mut child = common::castor()
-        .args(&args)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -209,61 +182,168 @@ fn debian_cloud_kernel_boots_and_echoes_its_command_line() {
         let _ = err.read_to_string(&mut s);
         s
     });
-
-    let echo = format!("Command line: {cmdline}");
-    let mut wanted: Vec<&str> = vec!["Linux version ", &echo, "smpboot: Allowing 2 CPUs"];
-    if initrd.is_some() {
-        wanted.push("RAMDISK: [mem ");
-    }
-    let mut seen: Vec<(Duration, String)> = Vec::new();
-    let mut first_line = None;
+    let mut seen: Vec<Line> = Vec::new();
     while wanted
         .iter()
         .any(|w| !seen.iter().any(|(_, l)| l.contains(w)))
     {
-        let left = BUDGET.saturating_sub(t0.elapsed());
-        match rx.recv_timeout(left) {
-            Ok((at, line)) => {
-                if first_line.is_none() && line.starts_with('[') {
-                    first_line = Some(at);
-                }
-                seen.push((at, line));
-            }
-            Err(_) => break,
+        match rx.recv_timeout(budget.saturating_sub(t0.elapsed())) {
+            Ok(line) => seen.push(line),
+            Err(mpsc::RecvTimeoutError::Timeout) => break,
+            // castor exited (e.g. --duration ran out).
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
     let _ = child.kill();
     let _ = child.wait();
-    let log = seen
+    (seen, stderr.join().unwrap())
+}
+
+fn show(lines: &[Line]) -> String {
+    lines
         .iter()
         .map(|(at, l)| format!("{:7.2}s {l}", at.as_secs_f64()))
         .collect::<Vec<_>>()
-        .join("\n");
-    let stderr = stderr.join().unwrap();
+        .join("\n")
+}
+
+fn first(lines: &[Line], w: &str) -> Option<f64> {
+    lines
+        .iter()
+        .find(|(_, l)| l.contains(w))
+        .map(|(t, _)| t.as_secs_f64())
+}
+
+/// The kernel, initrd and vmlinux to boot, or `None` (a skip, explained).
+fn linux_under_test() -> Option<(PathBuf, Option<PathBuf>, PathBuf)> {
+    let (kernel, initrd) = match kernel_under_test() {
+        Ok(k) => k,
+        Err(why) => {
+            eprintln!("SKIPPED: no Linux kernel to boot ({why})");
+            return None;
+        }
+    };
+    match vmlinux_of(&kernel) {
+        Ok(v) => Some((kernel, initrd, v)),
+        Err(why) => {
+            eprintln!(
+                "SKIPPED: cannot extract a vmlinux from {}: {why}",
+                kernel.display()
+            );
+            None
+        }
+    }
+}
+
+/// noxsave, clearcpuid=smap: instructions kvm_pvm's emulator cannot run
+/// (harmless with hardware virtualization). earlyprintk: the log from the
+/// first lines on, before the 8250 console driver is up.
+const CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 noxsave clearcpuid=smap castor.test=linux";
+
+fn run_args(vmlinux: &Path, initrd: Option<&Path>, extra: &[String]) -> Vec<String> {
+    let mut args = vec![
+        "run".to_string(),
+        "--mem=512M".into(),
+        "--vcpus=2".into(),
+        format!("--kernel={}", vmlinux.display()),
+        format!("--cmdline={CMDLINE}"),
+    ];
+    if let Some(i) = initrd {
+        args.push(format!("--initrd={}", i.display()));
+    }
+    args.extend_from_slice(extra);
+    args
+}
+
+#[test]
+fn debian_cloud_kernel_boots_and_echoes_its_command_line() {
+    let Some((kernel, initrd, vmlinux)) = linux_under_test() else {
+        return;
+    };
+    let args = run_args(
+        &vmlinux,
+        initrd.as_deref(),
+        &[format!("--duration={}s", BUDGET.as_secs() + 5)],
+    );
+    let echo = format!("Command line: {CMDLINE}");
+    let mut wanted: Vec<&str> = vec!["Linux version ", &echo, "smpboot: Allowing 2 CPUs"];
+    if initrd.is_some() {
+        wanted.push("RAMDISK: [mem ");
+    }
+    let (seen, stderr) = watch(&args, &wanted, BUDGET);
     for w in &wanted {
         assert!(
-            seen.iter().any(|(_, l)| l.contains(w)),
-            "no '{w}' on the console within {BUDGET:?}; console:\n{log}\ncastor's log:\n{stderr}"
+            first(&seen, w).is_some(),
+            "no '{w}' on the console within {BUDGET:?} (a loaded machine?); console:\n{}\ncastor's log:\n{stderr}",
+            show(&seen)
         );
     }
     assert!(
         stderr.contains("format=Linux vmlinux ELF"),
         "castor did not log the kernel format:\n{stderr}"
     );
-    let at = |w: &str| {
-        seen.iter()
-            .find(|(_, l)| l.contains(w))
-            .map(|(t, _)| t.as_secs_f64())
-            .unwrap()
-    };
+    let first_line = seen.iter().find(|(_, l)| l.starts_with('[')).unwrap().0;
     eprintln!(
         "{} (vmlinux ELF, 2 vCPUs, 512 MiB, initrd {}): first kernel line {:.1} s after `castor run`, \
          'Linux version' {:.1} s, command line echoed {:.1} s, 2 CPUs from the MADT {:.1} s",
         kernel.display(),
         initrd.as_ref().map_or("none".into(), |i| i.display().to_string()),
-        first_line.unwrap().as_secs_f64(),
-        at("Linux version "),
-        at(&echo),
-        at("smpboot: Allowing 2 CPUs"),
+        first_line.as_secs_f64(),
+        first(&seen, "Linux version ").unwrap(),
+        first(&seen, &echo).unwrap(),
+        first(&seen, "smpboot: Allowing 2 CPUs").unwrap(),
+    );
+}
+
+/// A Linux guest is captured like any other: snapshotted mid-boot, then
+/// restored in a new castor process, it boots on where it was.
+#[test]
+fn a_linux_guest_snapshotted_mid_boot_boots_on_after_restore() {
+    let Some((_, initrd, vmlinux)) = linux_under_test() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap");
+    let args = run_args(
+        &vmlinux,
+        initrd.as_deref(),
+        &[
+            "--snapshot-at=5s".into(),
+            format!("--snapshot-dir={}", snap.display()),
+            "--duration=6s".into(),
+        ],
+    );
+    // Runs to --duration: nothing is awaited on the console.
+    let (before, stderr) = watch(&args, &["castor: never printed"], Duration::from_secs(30));
+    assert!(
+        stderr.contains("snapshot written"),
+        "no snapshot:\n{stderr}"
+    );
+    // The banner and the MADT's vCPUs, on one console or the other.
+    let wanted: Vec<&str> = ["Linux version ", "smpboot: Allowing 2 CPUs"]
+        .into_iter()
+        .filter(|w| first(&before, w).is_none())
+        .collect();
+    let restore = vec![
+        "restore".to_string(),
+        snap.display().to_string(),
+        format!("--duration={}s", BUDGET.as_secs() + 5),
+    ];
+    let (after, stderr) = watch(&restore, &wanted, BUDGET);
+    for w in &wanted {
+        assert!(
+            first(&after, w).is_some(),
+            "no '{w}' after the restore within {BUDGET:?}; before the snapshot:\n{}\nafter the restore:\n{}\ncastor's log:\n{stderr}",
+            show(&before),
+            show(&after)
+        );
+    }
+    assert!(
+        wanted.is_empty() || after.iter().any(|(_, l)| l.starts_with('[')),
+        "the restored kernel printed nothing"
+    );
+    assert!(
+        stderr.contains("VM restored"),
+        "castor restore failed:\n{stderr}"
     );
 }
