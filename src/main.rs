@@ -239,6 +239,10 @@ struct BackupArgs {
     /// KVM device for the VM after failover.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// This node's tap for the guest's network card after a takeover (the
+    /// guest keeps its MAC; it is announced on this tap at once).
+    #[arg(long, value_name = "NAME")]
+    tap: Option<String>,
     /// Most bytes one checkpoint may stage; a larger one is refused (the
     /// session ends, the primary resyncs). For a small guest the bound is
     /// lower: its RAM as raw records, plus 16 MiB of machine state and
@@ -334,6 +338,51 @@ struct MachineArgs {
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// Give the guest a virtio-net card whose host side is this tap device
+    /// (an existing tap, e.g. one `castor net up` made, or a new transient
+    /// one). A protected guest's frames leave only after the backup has the
+    /// checkpoint of the epoch that sent them. The `net` workload gets a card
+    /// without this flag too (its frames then go nowhere).
+    #[arg(long, value_name = "NAME")]
+    tap: Option<String>,
+    /// The card's MAC address.
+    #[arg(long, default_value = "52:54:00:ca:57:02", value_parser = parse_mac)]
+    mac: [u8; 6],
+}
+
+impl MachineArgs {
+    /// The card's MAC, if the guest has one (`--tap`, or a workload that
+    /// needs one).
+    fn net(&self, workload: Option<&guest::Workload>) -> Option<[u8; 6]> {
+        (self.tap.is_some() || workload.is_some_and(|w| w.kind == guest::Kind::Net))
+            .then_some(self.mac)
+    }
+}
+
+/// Opens `--tap NAME`.
+fn open_tap(name: &Option<String>) -> Result<Option<Arc<vmm::tap::Tap>>> {
+    name.as_deref()
+        .map(|n| vmm::tap::Tap::open(n).map(Arc::new))
+        .transpose()
+        .map_err(Into::into)
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bad = || format!("'{s}' is not a MAC address such as 52:54:00:ca:57:02");
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "{s} is a multicast address: a card needs a unicast one"
+        ));
+    }
+    Ok(mac)
 }
 
 #[derive(Args)]
@@ -384,6 +433,9 @@ struct RestoreArgs {
     /// KVM device to use.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// The tap for the guest's network card, if the snapshot has one.
+    #[arg(long, value_name = "NAME")]
+    tap: Option<String>,
 }
 
 fn stop_flag() -> Result<Arc<AtomicBool>> {
@@ -496,9 +548,11 @@ fn run(args: RunArgs) -> Result<()> {
         vcpus: m.vcpus,
         dirty_tracking: args.track_ms.is_some(),
         kvm_device: m.kvm_device.clone(),
+        net: m.net(args.kernel.is_none().then_some(&args.workload)),
     };
     let initrd = read_initrd(args.initrd.as_deref())?;
     hint_linux_on_pvm(&image, &cmdline);
+    let tap = open_tap(&m.tap)?;
     let t0 = Instant::now();
     let mut machine = Machine::boot_image(
         &config,
@@ -507,6 +561,7 @@ fn run(args: RunArgs) -> Result<()> {
         &cmdline,
         Console::new(Box::new(StdoutSink), 0),
     )?;
+    attach_unprotected(&machine, tap);
     info!(
         mem_mib = m.mem >> 20,
         vcpus = m.vcpus,
@@ -575,6 +630,7 @@ fn restore(args: RestoreArgs) -> Result<()> {
         false,
         &args.kvm_device,
     )?;
+    attach_unprotected(&machine, open_tap(&args.tap)?);
     info!(
         dir = %args.dir.display(),
         vcpus = state.vcpus.len(),
@@ -589,6 +645,19 @@ fn restore(args: RestoreArgs) -> Result<()> {
         Duration::from_millis(10),
         |_, _| Ok(()),
     )
+}
+
+/// An unprotected guest's card sends straight to its tap (or nowhere).
+fn attach_unprotected(machine: &Machine, tap: Option<Arc<vmm::tap::Tap>>) {
+    if let Some(dev) = machine.net() {
+        match tap {
+            Some(t) => dev.attach(t.clone(), Some(t)),
+            None => {
+                warn!("the guest has a network card but no --tap: its frames go nowhere");
+                dev.attach(Arc::new(vmm::virtio_net::Discard), None)
+            }
+        }
+    }
 }
 
 /// The witness of a pair's flags, and the one-line warning of `none`.
@@ -607,10 +676,12 @@ fn primary_config(
     p: &ProtectArgs,
     backup: Option<std::net::SocketAddr>,
     witness: Option<witness::Etcd>,
+    tap: Option<Arc<vmm::tap::Tap>>,
 ) -> Result<primary::Config> {
     fgbi::check_block_size(p.block_size)?;
     let tls = transport::NodeTls::from_dir(&pair.certs, &pair.node, &pair.peer)?;
     Ok(primary::Config {
+        tap,
         witness,
         hold_limit: HOLD_LIMIT,
         budget_bytes: p.budget,
@@ -708,6 +779,7 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
         vcpus: m.vcpus,
         dirty_tracking: true,
         kvm_device: m.kvm_device.clone(),
+        net: m.net(a.kernel.is_none().then_some(&a.workload)),
     };
     let (kernel, cmdline) = match &a.kernel {
         Some(path) => (
@@ -723,7 +795,13 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
     let witness = witness_of(&a.pair)?;
     // Local configuration first (certificates, sizes): a bad one fails
     // before anything changes at the witness.
-    let cfg = primary_config(&a.pair, &a.protect, Some(a.backup), witness.clone())?;
+    let cfg = primary_config(
+        &a.pair,
+        &a.protect,
+        Some(a.backup),
+        witness.clone(),
+        open_tap(&m.tap)?,
+    )?;
     // A primary that boots the VM starts a new generation of its ownership.
     let token = match &witness {
         Some(w) => {
@@ -772,7 +850,13 @@ fn backup_cmd(a: BackupArgs) -> Result<()> {
     // What the node does as a primary if it takes over (no backup: it runs
     // the guest unprotected).
     let witness = witness_of(&a.pair)?;
-    let then = primary_config(&a.pair, &a.protect, a.then_protect, witness.clone())?;
+    let then = primary_config(
+        &a.pair,
+        &a.protect,
+        a.then_protect,
+        witness.clone(),
+        open_tap(&a.tap)?,
+    )?;
     let silence = Duration::from_millis(a.heartbeat_timeout_ms.max(1));
     let cfg = backup::Config {
         listen: a.listen,

@@ -378,23 +378,30 @@ fn a_protected_linux_guest_boots_on_at_the_backup_after_its_primary_dies() {
     // The console is released as checkpoints commit: wait for the banner.
     let t0 = Instant::now();
     let mut stream = Vec::new();
+    let mut errors = Vec::new();
     while !String::from_utf8_lossy(&stream).contains("Linux version ") && t0.elapsed() < BUDGET {
         let offset = stream.len() as u64;
-        lab::pair::read_console(
+        if let Err(e) = lab::pair::read_console(
             primary.console,
             offset,
             &mut stream,
             Instant::now() + Duration::from_secs(1),
             u64::MAX,
-        )
-        .unwrap();
+        ) {
+            errors.push(format!("{:.1} s: {e:#}", t0.elapsed().as_secs_f64()));
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     let banner_s = t0.elapsed().as_secs_f64();
     assert!(
         String::from_utf8_lossy(&stream).contains("Linux version "),
-        "no banner from the protected guest within {BUDGET:?}:\n{}",
-        String::from_utf8_lossy(&stream)
+        "no banner from the protected guest within {BUDGET:?}:\n{}\nconsole errors: {errors:?}\nprimary log:\n{}",
+        String::from_utf8_lossy(&stream),
+        std::fs::read_to_string(&primary.log).unwrap_or_default()
     );
+    if !errors.is_empty() {
+        eprintln!("console client errors while waiting for the banner: {errors:?}");
+    }
     let before = stream.len();
     let t = lab::pair::kill_and_follow(&mut primary, &backup, &mut stream, Duration::from_secs(10))
         .unwrap();

@@ -180,6 +180,7 @@ fn a_backup_with_the_wrong_certificate_is_refused_and_the_primary_stays_up() {
             peer: "a",
             witness: "none",
             place: None,
+            tap: None,
         },
         pair.ports[1],
         pair.ports[0],

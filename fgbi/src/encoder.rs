@@ -63,6 +63,19 @@ impl Encoder {
         })
     }
 
+    /// The replica is not zero at the start but an image the encoder has
+    /// never seen (memory reuse: the backup kept an older image and gets
+    /// only the pages that differ): every page's next change is encoded
+    /// whole, never against an assumed zero page. Call before the first
+    /// page is encoded.
+    pub fn replica_unknown(&mut self) {
+        match &mut self.engine {
+            Engine::Remus => {}
+            Engine::Xbzrle(c) => c.all_unknown(),
+            Engine::Fgbi(e) => e.all_unknown(),
+        }
+    }
+
     /// Totals so far.
     pub fn stats(&self) -> EncodeStats {
         self.stats
@@ -161,5 +174,40 @@ mod tests {
             Encoder::new(bad, 1).err(),
             Some(ConfigError::BlockSize(100))
         );
+    }
+
+    /// A replica that kept an older image: pages the primary never sends
+    /// stay as they are, and the first change of each page is encoded
+    /// whole — a page turning zero, or changing slightly, included.
+    #[test]
+    fn an_unknown_replica_is_never_assumed_zero() {
+        let pages = 8u64;
+        for mode in [Mode::Remus, Mode::Xbzrle, Mode::Fgbi] {
+            let cfg = Config {
+                mode,
+                block_size: 128,
+                budget_bytes: 64 * PAGE_SIZE as u64,
+                key: [2; 32],
+            };
+            // The backup's old image: every page 0x55.
+            let mut replica = vec![0x55u8; pages as usize * PAGE_SIZE];
+            // The primary: page 0 turned zero, page 1 changed one byte,
+            // page 2 is a fresh zero page over non-zero, the rest equal.
+            let mut primary = replica.clone();
+            primary[..PAGE_SIZE].fill(0);
+            primary[PAGE_SIZE + 7] = 1;
+            primary[2 * PAGE_SIZE..3 * PAGE_SIZE].fill(0);
+            let mut enc = Encoder::new(cfg.clone(), pages).unwrap();
+            enc.replica_unknown();
+            let mut out = Vec::new();
+            for p in 0..3u64 {
+                let page: &[u8; PAGE_SIZE] = primary[p as usize * PAGE_SIZE..][..PAGE_SIZE]
+                    .try_into()
+                    .unwrap();
+                enc.encode_page(p, page, &mut out);
+            }
+            crate::apply(&mut replica, cfg.block_size, &out).unwrap();
+            assert_eq!(replica, primary, "{mode}");
+        }
     }
 }

@@ -134,6 +134,13 @@ pub(crate) struct Knowledge {
 }
 
 impl Knowledge {
+    /// Forgets what every page holds, before anything was stored: the
+    /// replica is an image the encoder has not seen (memory reuse).
+    pub(crate) fn all_unknown(&mut self) {
+        debug_assert!(self.copies.len == 0 && self.digests.len == 0);
+        self.know.fill(Know::Unknown);
+    }
+
     /// Knowledge of `pages` pages, all zero, keeping copies and digest sets of
     /// `bs`-byte blocks within `budget_bytes`.
     pub(crate) fn new(pages: u64, bs: usize, budget_bytes: u64, digester: Digester) -> Self {

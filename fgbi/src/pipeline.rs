@@ -104,6 +104,11 @@ impl FgbiPipeline {
 
     /// Appends the record for `data`, the current content of `page`, if the
     /// backup does not hold it already.
+    /// See [`crate::Encoder::replica_unknown`].
+    pub(crate) fn all_unknown(&mut self) {
+        self.knowledge.all_unknown();
+    }
+
     pub(crate) fn encode(
         &mut self,
         page: u64,

@@ -43,6 +43,11 @@ impl XbzrleCache {
         }
     }
 
+    /// No page is known to be zero (a replica the encoder has not seen).
+    pub(crate) fn all_unknown(&mut self) {
+        self.zero.fill(false);
+    }
+
     /// Bytes the cache takes (every allocated slot).
     pub(crate) fn bytes(&self) -> u64 {
         (self.slots.iter().filter(|c| c.is_some()).count() * PAGE_SIZE) as u64

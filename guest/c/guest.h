@@ -18,6 +18,7 @@ enum workload {
     WL_KV,
     WL_LOG,
     WL_VERIFY,
+    WL_NET,
 };
 
 /* Set by the BSP in ring 0 before any CPU starts its workload; read-only after. */
@@ -35,6 +36,9 @@ struct config {
     u64 pool_end;
     u64 mem_bytes;
     u64 mmio_console;   /* castor's console window for ring 3; 0: use the 8250 */
+    u64 net_mmio;       /* the virtio-net card's virtio-mmio window (net workload) */
+    u64 net_ip;         /* the guest's IPv4 address, as the 4 bytes of a frame read as a little-endian u32 */
+    u64 net_port;       /* the key-value service's UDP port */
     char name[16];
 };
 
@@ -75,5 +79,8 @@ u64 parse_u64(const char *s, int *ok);
 
 /* user.c (ring 3) */
 void user_main(u64 cpu);
+
+/* net.c (ring 3) */
+void run_net_service(void (*progress)(u64 served, u64 rx, u64 tx), u64 pool, u64 pool_bytes);
 
 #endif

@@ -216,6 +216,27 @@ static void run_verify(struct ctx *c) {
     }
 }
 
+/* net: the key-value service over UDP (net.c) on vCPU 0; ops = requests served. */
+static struct ctx *net_ctx;
+
+static void net_progress(u64 served, u64 rx, u64 tx) {
+    struct ctx *c = net_ctx;
+    (void)tx;
+    c->ops = served;
+    u64 now = rdtsc();
+    if (now >= c->next_line) {
+        progress(c, now, "rx", rx);
+        c->next_line += c->period;
+        if (now >= c->next_line) c->next_line = now + c->period;
+    }
+}
+
+static void run_net(struct ctx *c) {
+    if (c->cpu != 0) run_counter(c);
+    net_ctx = c;
+    run_net_service(net_progress, (u64)c->base, c->words * 8);
+}
+
 void user_main(u64 cpu) {
     struct ctx c = {0};
     u64 slice = ((cfg.pool_end - cfg.pool_start) / cfg.cpus) & ~0xFFFUL;
@@ -236,6 +257,7 @@ void user_main(u64 cpu) {
     case WL_KV: run_kv(&c); break;
     case WL_LOG: run_log(&c); break;
     case WL_VERIFY: run_verify(&c); break;
+    case WL_NET: run_net(&c); break;
     }
     for (;;) cpu_relax();
 }

@@ -35,17 +35,22 @@ pub enum Kind {
     Log,
     /// A self-checksummed area: each operation checks one 4 KiB block and rewrites it.
     Verify,
+    /// A key-value service over UDP on the virtio-net card (vCPU 0; PUT and
+    /// GET with request ids, replies sent after the update is in memory);
+    /// `mib` MiB for the rings and the table, address `ip`, UDP `port`.
+    Net,
 }
 
 impl Kind {
     /// All workloads, in the order `--help` lists them.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Counter,
         Kind::Sparse,
         Kind::Pages,
         Kind::Kv,
         Kind::Log,
         Kind::Verify,
+        Kind::Net,
     ];
 
     /// The workload's name on the command line.
@@ -57,6 +62,7 @@ impl Kind {
             Kind::Kv => "kv",
             Kind::Log => "log",
             Kind::Verify => "verify",
+            Kind::Net => "net",
         }
     }
 
@@ -65,6 +71,7 @@ impl Kind {
         match self {
             Kind::Counter => &[],
             Kind::Log => &["rate", "mib", "record"],
+            Kind::Net => &["mib", "ip", "port"],
             _ => &["rate", "mib"],
         }
     }
@@ -87,13 +94,27 @@ pub struct Workload {
     pub seed: Option<u64>,
     /// Interrupt-driven mode: the counter runs in ring 0 on the local APIC timer.
     pub irq: bool,
+    /// `net`: the guest's IPv4 address (default [`DEFAULT_IP`]).
+    pub ip: Option<[u8; 4]>,
+    /// `net`: the service's UDP port (default [`DEFAULT_PORT`]).
+    pub port: Option<u16>,
 }
+
+/// Guest-physical address of the virtio-net card's window, as castor's VMM
+/// places it (`vmm::virtio_net::NET_MMIO_BASE`; a vmm test checks they agree).
+pub const NET_MMIO_BASE: u64 = 0xFEB0_1000;
+/// The `net` workload's address unless `ip=` says otherwise.
+pub const DEFAULT_IP: [u8; 4] = [10, 77, 0, 2];
+/// The `net` workload's UDP port unless `port=` says otherwise.
+pub const DEFAULT_PORT: u16 = 7000;
 
 /// Why a `--workload` value was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WorkloadError {
     /// The workload name is not one of ours.
-    #[error("unknown workload '{0}' (choose one of: counter, sparse, pages, kv, log, verify)")]
+    #[error(
+        "unknown workload '{0}' (choose one of: counter, sparse, pages, kv, log, verify, net)"
+    )]
     UnknownWorkload(String),
     /// A parameter this workload does not take.
     #[error("workload '{workload}' has no parameter '{param}' (it takes: {accepted})")]
@@ -130,6 +151,8 @@ impl Default for Workload {
             record: None,
             seed: None,
             irq: false,
+            ip: None,
+            port: None,
         }
     }
 }
@@ -208,6 +231,26 @@ impl Workload {
                     w.record = Some(v);
                 }
                 "seed" => w.seed = Some(num("expected a number")?),
+                "ip" => {
+                    let ip: std::net::Ipv4Addr =
+                        value.parse().map_err(|_| WorkloadError::BadValue {
+                            param: key.into(),
+                            value: value.into(),
+                            why: "expected an IPv4 address such as 10.77.0.2",
+                        })?;
+                    w.ip = Some(ip.octets());
+                }
+                "port" => {
+                    let v = num("expected a UDP port, 1..=65535")?;
+                    if !(1..=65535).contains(&v) {
+                        return Err(WorkloadError::BadValue {
+                            param: key.into(),
+                            value: value.into(),
+                            why: "expected a UDP port, 1..=65535",
+                        });
+                    }
+                    w.port = Some(v as u16);
+                }
                 "irq" => w.irq = num("expected 0 or 1")? != 0,
                 _ => unreachable!("checked against the accepted list above"),
             }
@@ -222,7 +265,7 @@ impl Workload {
     pub fn mib_per_vcpu(&self) -> u64 {
         self.mib.unwrap_or(match self.kind {
             Kind::Counter => 0,
-            Kind::Log | Kind::Verify => 16,
+            Kind::Log | Kind::Verify | Kind::Net => 16,
             _ => 64,
         })
     }
@@ -253,6 +296,14 @@ impl Workload {
         if self.irq {
             s.push_str(" irq=1");
         }
+        if self.kind == Kind::Net {
+            let ip = self.ip.unwrap_or(DEFAULT_IP);
+            s.push_str(&format!(
+                " net_mmio={NET_MMIO_BASE} ip={} port={}",
+                u32::from_le_bytes(ip),
+                self.port.unwrap_or(DEFAULT_PORT)
+            ));
+        }
         s
     }
 }
@@ -273,6 +324,12 @@ impl fmt::Display for Workload {
         }
         if self.irq {
             f.write_str(",irq=1")?;
+        }
+        if let Some(ip) = self.ip {
+            write!(f, ",ip={}", std::net::Ipv4Addr::from(ip))?;
+        }
+        if let Some(p) = self.port {
+            write!(f, ",port={p}")?;
         }
         Ok(())
     }

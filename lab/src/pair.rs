@@ -139,6 +139,8 @@ pub struct Node<'a> {
     /// Its network namespace and console address, when the pair runs in
     /// namespaces (`crate::netns`); else loopback.
     pub place: Option<&'a crate::netns::Place>,
+    /// Its tap for the guest's network card (`--tap`), if the guest has one.
+    pub tap: Option<&'a str>,
 }
 
 fn spawn(
@@ -202,6 +204,9 @@ fn start(
     a.extend(["--console".into(), console.to_string()]);
     a.extend(["--control".into(), control.display().to_string()]);
     a.extend(["--witness".into(), n.witness.into()]);
+    if let Some(t) = n.tap {
+        a.extend(["--tap".into(), t.into()]);
+    }
     a.extend(role_args.iter().cloned());
     a.extend(extra.iter().cloned());
     spawn(&a, n.place.map(|p| p.ns.as_str()), console, control, log)
@@ -258,6 +263,8 @@ pub struct Pair {
     pub witness: [String; 2],
     /// The namespaces the nodes run in, if any.
     pub net: Option<std::sync::Arc<crate::netns::Net>>,
+    /// Each node's tap for the guest's network card, if it has one.
+    pub taps: Option<[String; 2]>,
 }
 
 impl Pair {
@@ -271,7 +278,14 @@ impl Pair {
             logs: logs.to_path_buf(),
             witness: ["none".into(), "none".into()],
             net: None,
+            taps: None,
         })
+    }
+
+    /// Node `i` gives the guest's network card the tap `taps[i]`.
+    pub fn with_taps(mut self, taps: [String; 2]) -> Pair {
+        self.taps = Some(taps);
+        self
     }
 
     /// Both nodes use the etcd at `endpoint` as their witness.
@@ -311,6 +325,7 @@ impl Pair {
             peer: &self.names[1 - i],
             witness: &self.witness[i],
             place: self.net.as_ref().map(|n| &n.places[i]),
+            tap: self.taps.as_ref().map(|t| t[i].as_str()),
         }
     }
 

@@ -7,6 +7,7 @@
 //! - [`control`]: status, takeover and reset as typed JSON on an owner-only
 //!   Unix socket.
 //! - [`metrics`]: Prometheus metrics, served when asked for.
+//! - [`packets`]: output commit for the guest's network frames.
 //! - [`services`]: the runtime, console log, control socket and metrics a
 //!   node keeps across a change of role.
 //! - [`status`]: the one typed status both roles report.
@@ -17,6 +18,7 @@
 pub mod console;
 pub mod control;
 pub mod metrics;
+pub mod packets;
 pub mod services;
 pub mod sim;
 pub mod stats;

@@ -101,6 +101,9 @@ pub struct PrimaryStatus {
     pub release_p99_us: f64,
     /// Epochs that waited for acks (in-flight limit).
     pub epochs_waited: u64,
+    /// The guest's network output, if it has a network card.
+    #[serde(default)]
+    pub net: Option<crate::packets::HoldFigures>,
 }
 
 /// The backup role's figures.
@@ -197,6 +200,13 @@ impl Status {
                 p.dirty_pages_mean,
                 ms(p.ack_p50_us),
                 ms(p.ack_p99_us)
+            );
+        }
+        if let Some(n) = self.primary.as_ref().and_then(|p| p.net) {
+            let _ = writeln!(
+                o,
+                "network    {} frames sent by the guest, {} released, {} held ({} bytes), {} dropped (hold full), {} discarded (fenced)",
+                n.frames, n.released, n.held, n.held_bytes, n.dropped, n.discarded
             );
         }
         if let Some(b) = &self.backup {

@@ -47,6 +47,10 @@ pub struct Config {
     /// Console bytes a primary may hold while the witness decides; past
     /// this the guest is paused until it has.
     pub hold_limit: u64,
+    /// This node's tap for the guest's network card (`--tap`): its frames
+    /// leave through it after output commit, and frames from it reach the
+    /// guest. `None`: a card the guest has sends nowhere.
+    pub tap: Option<std::sync::Arc<vmm::tap::Tap>>,
 }
 
 /// Primary errors.

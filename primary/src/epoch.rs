@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use node::console::ConsoleLog;
 use node::ha::{PrimaryAction, PrimaryCore, PrimaryInput};
+use node::packets::PacketHold;
 use protocol::EndReason;
 use tokio::sync::mpsc;
 use tracing::{error, info, info_span, warn};
@@ -36,12 +37,18 @@ const CLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 pub(crate) struct InFlight {
     sent: Instant,
     paused: Instant,
+    /// The guest's network frames up to the end of this epoch: released
+    /// with its console bytes.
+    net_upto: u64,
 }
 
 pub(crate) struct EpochLoop<'a> {
     pub cfg: &'a Config,
     pub machine: Machine,
     pub log: Arc<ConsoleLog>,
+    /// The guest's network output, if it has a card: held and released
+    /// exactly as the console.
+    pub packets: Option<Arc<PacketHold>>,
     pub metrics: Arc<Metrics>,
     pub out: mpsc::Sender<Outgoing>,
     pub core: PrimaryCore<InFlight>,
@@ -68,7 +75,7 @@ impl EpochLoop<'_> {
         stop: &AtomicBool,
     ) -> Result<(), PrimaryError> {
         let mut next = Instant::now() + self.cfg.epoch;
-        self.log.set_hold(false);
+        self.set_hold(false);
         warn!("UNPROTECTED: no backup yet; the guest runs, output is released at once");
 
         let mut pre_done = false;
@@ -194,6 +201,14 @@ impl EpochLoop<'_> {
         Ok(())
     }
 
+    /// Holds (or releases and stops holding) the console and the network.
+    fn set_hold(&self, hold: bool) {
+        self.log.set_hold(hold);
+        if let Some(p) = &self.packets {
+            p.set_hold(hold);
+        }
+    }
+
     /// Asks the witness, off this thread; the answer comes back as an event.
     fn claim(&self, expected: u64, retry: bool) {
         let Some(w) = self.cfg.witness.clone() else {
@@ -228,6 +243,11 @@ impl EpochLoop<'_> {
                 }
                 PrimaryAction::Release { upto, acked } => {
                     self.log.release(upto);
+                    if let (Some(p), Some(net)) =
+                        (&self.packets, acked.iter().map(|(_, f)| f.net_upto).max())
+                    {
+                        p.release(net);
+                    }
                     for (_, f) in acked {
                         self.metrics.ack(f.sent.elapsed());
                         self.metrics.release(f.paused.elapsed());
@@ -241,7 +261,7 @@ impl EpochLoop<'_> {
                     self.session = None;
                     self.metrics.set_protected(false);
                     error!("UNPROTECTED: lost the backup ({reason}); the guest keeps running, output is released at once; waiting for a backup to re-protect");
-                    self.log.set_hold(false);
+                    self.set_hold(false);
                 }
                 PrimaryAction::Claim { expected, retry } => {
                     if !retry {
@@ -255,6 +275,9 @@ impl EpochLoop<'_> {
                     // Held output stays held: the other node continues from
                     // its last committed checkpoint; this guest must not be seen.
                     self.session = None;
+                    if let Some(p) = &self.packets {
+                        p.close();
+                    }
                     error!("FENCED: {reason}; stopping this guest");
                     return Err(PrimaryError::Fenced(reason));
                 }
@@ -266,14 +289,14 @@ impl EpochLoop<'_> {
     /// A new backup: new session, full resync as the first epoch.
     fn start_session(&mut self) -> Result<(), PrimaryError> {
         // From here on output waits for acks; everything before is released.
-        self.log.set_hold(true);
+        self.set_hold(true);
         let out_start = self.log.released();
         let vcpus = self.machine.vcpu_count() as u32;
         let token = self.core.token();
         let (session, hello) =
             Session::start(self.cfg, self.pages, vcpus, out_start, token, self.beat)?;
         if self.out.blocking_send(Outgoing::Hello(hello)).is_err() {
-            self.log.set_hold(false);
+            self.set_hold(false);
             return Ok(());
         }
         self.session = Some(session);
@@ -355,6 +378,8 @@ impl EpochLoop<'_> {
         let capture = tcap.elapsed();
         let out_end = self.log.end();
         debug_assert_eq!(out_end, state.console_offset);
+        // Paused: no frame is being sent, this is the epoch's exact end.
+        let net_upto = self.packets.as_ref().map_or(0, |p| p.end());
         self.machine.resume()?;
         let pause = t0.elapsed();
         self.end_rt_pause();
@@ -366,6 +391,7 @@ impl EpochLoop<'_> {
         let in_flight = InFlight {
             sent: Instant::now(),
             paused: t0,
+            net_upto,
         };
         if self
             .out

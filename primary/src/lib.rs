@@ -12,6 +12,8 @@
 //! - [`copy`](crate::copy): the copies of the dirty pages, with the pre-copy;
 //! - [`checkpoint`](crate::checkpoint): copies, state and console bytes
 //!   encoded into one checkpoint's frames;
+//! - [`net_output`]: the guest's network frames, held behind the same
+//!   output commit as its console ([`node::packets`]);
 //! - [`net`](crate::net): the connection to the backup (frames out, acks
 //!   in, heartbeats), which decides nothing;
 //! - [`metrics`]: the figures behind `castor status`.
@@ -35,8 +37,10 @@ use std::time::Duration;
 use node::console::ConsoleLog;
 use node::control::{Request, Response};
 use node::ha::PrimaryCore;
-use node::{Role, Services, Status};
+use node::packets::PacketHold;
+use node::{PrimaryStatus, Role, Services, Status};
 use tokio::sync::mpsc;
+use tracing::{info, warn};
 use vmm::Machine;
 
 pub use config::{Config, PrimaryError};
@@ -81,9 +85,13 @@ pub fn protect(
         return Err(PrimaryError::Layout);
     }
     let metrics = Arc::new(Metrics::new(cfg.mode, cfg.epoch, services.metrics.clone()));
-    services
-        .control
-        .replace(control(metrics.clone(), services.log.clone(), origin));
+    let packets = net_output(cfg, &machine, origin);
+    services.control.replace(control(
+        metrics.clone(),
+        services.log.clone(),
+        origin,
+        packets.clone(),
+    ));
     let pages = vmm::memory::ram_size(machine.memory()) / 4096;
     let log = services.log.clone();
     // Dirty tracking starts with the first session (a full resync copies
@@ -122,6 +130,7 @@ pub fn protect(
         cfg,
         machine,
         log: log.clone(),
+        packets: packets.clone(),
         metrics: metrics.clone(),
         out: out_tx,
         core: PrimaryCore::new(cfg.max_in_flight, cfg.witness.is_some(), origin.token()),
@@ -153,11 +162,63 @@ pub fn protect(
     // continues from its last committed checkpoint, which may not contain
     // it. (Unprotected, nothing is held.)
     log.close();
+    if let Some(p) = &packets {
+        p.close();
+    }
     result.map(|()| metrics)
 }
 
+/// The guest's network output: a hold in front of this node's tap (or of
+/// nothing, without `--tap`), attached to the machine's card; after a
+/// takeover the guest is announced on this node's port first.
+fn net_output(cfg: &Config, machine: &Machine, origin: Origin) -> Option<Arc<PacketHold>> {
+    let dev = machine.net()?;
+    let out: Arc<dyn node::packets::FrameOut> = match &cfg.tap {
+        Some(tap) => tap.clone(),
+        None => {
+            warn!("the guest has a network card but this node has no --tap: its frames go nowhere and it receives none");
+            Arc::new(NoWire)
+        }
+    };
+    if let (Some(tap), Origin::TookOver { .. }) = (&cfg.tap, origin) {
+        announce(tap.clone(), dev.announcement());
+    }
+    let hold = PacketHold::new(out);
+    dev.attach(hold.clone(), cfg.tap.clone());
+    Some(hold)
+}
+
+/// Sends the guest's announcement now and twice more (50 and 200 ms later),
+/// as QEMU does after a migration: switches learn the guest's new port.
+fn announce(tap: Arc<vmm::tap::Tap>, frame: Vec<u8>) {
+    tap.write_frame(&frame);
+    info!(
+        tap = tap.name(),
+        "announced the guest on this node's network port"
+    );
+    let _ = std::thread::Builder::new()
+        .name("castor-announce".into())
+        .spawn(move || {
+            for wait in [50, 150] {
+                std::thread::sleep(Duration::from_millis(wait));
+                tap.write_frame(&frame);
+            }
+        });
+}
+
+struct NoWire;
+
+impl node::packets::FrameOut for NoWire {
+    fn write(&self, _frame: &[u8]) {}
+}
+
 /// The control requests a node running the guest answers.
-fn control(metrics: Arc<Metrics>, log: Arc<ConsoleLog>, origin: Origin) -> node::control::Handler {
+fn control(
+    metrics: Arc<Metrics>,
+    log: Arc<ConsoleLog>,
+    origin: Origin,
+    packets: Option<Arc<PacketHold>>,
+) -> node::control::Handler {
     Arc::new(move |req: &Request| match req {
         Request::Status => Response::Status(Box::new(Status {
             role: match origin {
@@ -170,7 +231,10 @@ fn control(metrics: Arc<Metrics>, log: Arc<ConsoleLog>, origin: Origin) -> node:
                 Origin::Booted { .. } => None,
                 Origin::TookOver { resumed_at, .. } => Some(resumed_at),
             },
-            primary: Some(metrics.figures()),
+            primary: Some(PrimaryStatus {
+                net: packets.as_ref().map(|p| p.figures()),
+                ..metrics.figures()
+            }),
             backup: None,
         })),
         Request::Reset => {

@@ -204,6 +204,7 @@ impl Metrics {
                 .iter()
                 .filter(|f| f.wait > Duration::from_micros(100))
                 .count() as u64,
+            net: None,
         }
     }
 }

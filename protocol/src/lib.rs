@@ -7,6 +7,8 @@
 //!   compression, the memory digest, the mode byte.
 //! - [`end`]: the typed reason for every end of a session, and its close code.
 //! - [`beat`]: heartbeat datagrams on their own path, authenticated.
+//! - [`reuse`]: a backup's offer of the image it kept, and the primary's plan
+//!   of the pages that differ.
 //!
 //! This crate does no I/O: the daemons feed it bytes and take bytes out. The
 //! mutual-TLS QUIC transport that carries the frames is `castor-transport`.
@@ -19,6 +21,7 @@ pub mod end;
 pub mod fuzzing;
 pub mod message;
 pub mod payload;
+pub mod reuse;
 pub mod session;
 
 pub use end::EndReason;

@@ -11,7 +11,7 @@ use crate::codec::{Reader, Writer};
 use crate::WireError;
 
 /// The protocol version this castor speaks.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// Largest frame: the largest message (a machine state) plus headers.
 pub const MAX_FRAME: usize = MAX_STATE + 1024;
 /// Largest chunk of fgbi records in one message.
@@ -28,6 +28,14 @@ pub const MAX_REASON: usize = 1024;
 /// Capability: the primary sends a digest of the applied memory with each
 /// commit, and the backup checks its replica against it.
 pub const CAP_VERIFY: u64 = 1;
+/// Capability: the primary reads a reuse offer ([`Message::Reuse`],
+/// [`Message::Digests`]) before its first checkpoint, and sends only the
+/// pages the backup's image lacks.
+pub const CAP_REUSE: u64 = 2;
+/// Most generation runs in one [`Message::Reuse`].
+pub const MAX_RUNS: usize = 1 << 16;
+/// Most page digests in one [`Message::Digests`].
+pub const MAX_DIGESTS_CHUNK: usize = 1 << 17;
 
 /// First message on a connection, from the primary.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +147,30 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    /// The backup's answer to a hello with [`CAP_REUSE`] (backup → primary,
+    /// on the control stream): the image it keeps, as per-page generation
+    /// runs; its page digests follow in [`Message::Digests`]. `pages == 0`:
+    /// no image to offer, and `reason` says why (a full resync follows).
+    Reuse {
+        /// The hello's session.
+        session: u64,
+        /// Pages of the image (the hello's memory size in pages), or 0.
+        pages: u64,
+        /// Why there is no image (with `pages == 0`).
+        reason: String,
+        /// `(tag, count)` runs covering every page in order; empty when the
+        /// image's generations are unknown (digests alone then decide).
+        runs: Vec<(u64, u64)>,
+    },
+    /// Digests of the offered image's pages `first ..` (backup → primary).
+    Digests {
+        /// The hello's session.
+        session: u64,
+        /// The first page.
+        first: u64,
+        /// One xxh3-64 digest per page.
+        digests: Vec<u64>,
+    },
 }
 
 impl fmt::Debug for Message {
@@ -187,6 +219,25 @@ impl fmt::Debug for Message {
                 f,
                 "Goodbye {{ last_epoch: {last_epoch}, reason: {reason:?} }}"
             ),
+            Message::Reuse {
+                session,
+                pages,
+                reason,
+                runs,
+            } => write!(
+                f,
+                "Reuse {{ session: {session}, pages: {pages}, reason: {reason:?}, runs: {} }}",
+                runs.len()
+            ),
+            Message::Digests {
+                session,
+                first,
+                digests,
+            } => write!(
+                f,
+                "Digests {{ session: {session}, first: {first}, len: {} }}",
+                digests.len()
+            ),
         }
     }
 }
@@ -202,6 +253,26 @@ mod ty {
     pub const HEARTBEAT: u8 = 8;
     pub const HEARTBEAT_ECHO: u8 = 9;
     pub const GOODBYE: u8 = 10;
+    pub const REUSE: u8 = 11;
+    pub const DIGESTS: u8 = 12;
+}
+
+fn u64s(r: &mut Reader<'_>, f: &'static str, max: usize) -> Result<Vec<u64>, WireError> {
+    let b = r.bytes(f, max * 8)?;
+    if b.len() % 8 != 0 {
+        return Err(WireError::BadValue {
+            field: f,
+            value: b.len() as u64,
+        });
+    }
+    Ok(b.chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+fn put_u64s(w: &mut Writer, v: impl Iterator<Item = u64>) {
+    let b: Vec<u8> = v.flat_map(u64::to_le_bytes).collect();
+    w.bytes(&b);
 }
 
 fn string(r: &mut Reader<'_>, f: &'static str, max: usize) -> Result<String, WireError> {
@@ -222,6 +293,8 @@ impl Message {
             Message::Heartbeat { .. } => "Heartbeat",
             Message::HeartbeatEcho { .. } => "HeartbeatEcho",
             Message::Goodbye { .. } => "Goodbye",
+            Message::Reuse { .. } => "Reuse",
+            Message::Digests { .. } => "Digests",
         }
     }
 
@@ -325,6 +398,37 @@ impl Message {
                 w.bytes(&reason.as_bytes()[..n]);
                 ty::GOODBYE
             }
+            Message::Reuse {
+                session,
+                pages,
+                reason,
+                runs,
+            } => {
+                assert!(runs.len() <= MAX_RUNS, "reuse offer over {MAX_RUNS} runs");
+                let mut n = reason.len().min(MAX_REASON);
+                while !reason.is_char_boundary(n) {
+                    n -= 1;
+                }
+                w.u64(*session);
+                w.u64(*pages);
+                w.bytes(&reason.as_bytes()[..n]);
+                put_u64s(&mut w, runs.iter().flat_map(|&(t, c)| [t, c]));
+                ty::REUSE
+            }
+            Message::Digests {
+                session,
+                first,
+                digests,
+            } => {
+                assert!(
+                    digests.len() <= MAX_DIGESTS_CHUNK,
+                    "digests chunk over the limit"
+                );
+                w.u64(*session);
+                w.u64(*first);
+                put_u64s(&mut w, digests.iter().copied());
+                ty::DIGESTS
+            }
         };
         out.extend_from_slice(&((w.0.len() + 1) as u32).to_le_bytes());
         out.push(t);
@@ -414,6 +518,29 @@ impl Message {
             ty::GOODBYE => Message::Goodbye {
                 last_epoch: r.u64("Goodbye.last_epoch")?,
                 reason: string(&mut r, "Goodbye.reason", MAX_REASON)?,
+            },
+            ty::REUSE => {
+                let session = r.u64("Reuse.session")?;
+                let pages = r.u64("Reuse.pages")?;
+                let reason = string(&mut r, "Reuse.reason", MAX_REASON)?;
+                let flat = u64s(&mut r, "Reuse.runs", 2 * MAX_RUNS)?;
+                if flat.len() % 2 != 0 {
+                    return Err(WireError::BadValue {
+                        field: "Reuse.runs",
+                        value: flat.len() as u64,
+                    });
+                }
+                Message::Reuse {
+                    session,
+                    pages,
+                    reason,
+                    runs: flat.chunks_exact(2).map(|c| (c[0], c[1])).collect(),
+                }
+            }
+            ty::DIGESTS => Message::Digests {
+                session: r.u64("Digests.session")?,
+                first: r.u64("Digests.first")?,
+                digests: u64s(&mut r, "Digests.digests", MAX_DIGESTS_CHUNK)?,
             },
             other => return Err(WireError::UnknownType(other)),
         };

@@ -580,6 +580,14 @@ impl Receiver {
                 message: "Ack",
                 state: "on the backup",
             }),
+            Message::Reuse { .. } => Err(ProtocolError::Unexpected {
+                message: "Reuse",
+                state: "on the backup",
+            }),
+            Message::Digests { .. } => Err(ProtocolError::Unexpected {
+                message: "Digests",
+                state: "on the backup",
+            }),
             Message::Heartbeat { seq, sent_us } => Ok(Event::Heartbeat { seq, sent_us }),
             Message::HeartbeatEcho { seq, sent_us } => Ok(Event::HeartbeatEcho { seq, sent_us }),
             Message::Goodbye { last_epoch, reason } => {

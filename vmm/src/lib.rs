@@ -9,6 +9,9 @@
 //!   dirty harvest, restore.
 //! - [`state`]: the one list of saved state, its order and its encoding.
 //! - [`snapshot`]: machine state plus RAM in a directory.
+//! - [`virtio_net`], [`tap`]: the network card and its host side.
+//! - [`image`]: guest RAM in a file that outlives the process, with per-page
+//!   generations (memory reuse).
 //! - [`boot`] (multiboot, and the dispatch by kernel format), [`linux`]
 //!   (bzImage and vmlinux, with [`acpi`] tables), [`memory`], [`console`],
 //!   [`serial`], [`msr`]: the parts.
@@ -16,6 +19,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod console;
+pub mod image;
 pub mod linux;
 pub mod machine;
 pub mod memory;
@@ -23,7 +27,9 @@ pub mod msr;
 pub mod serial;
 pub mod snapshot;
 pub mod state;
+pub mod tap;
 mod vcpu;
+pub mod virtio_net;
 
 pub use machine::{
     host_tsc_khz, DirtyPages, KvmKind, Machine, MachineConfig, MachineError, Standby,

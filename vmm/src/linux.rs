@@ -30,6 +30,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::console::{MMIO_CONSOLE_BASE, MMIO_CONSOLE_LEN};
 use crate::memory::{GuestMem, MMIO_HOLE_START, PAGE_SIZE};
+use crate::virtio_net::{NET_MMIO_BASE, NET_MMIO_LEN};
 
 const GDT_ADDR: u64 = 0x500;
 const IDT_ADDR: u64 = 0x520;
@@ -366,7 +367,8 @@ fn load_bzimage(mem: &GuestMem, image: &[u8], have: u64) -> Result<Loaded, Linux
 
 /// The e820 map of a guest: RAM below the BIOS area, the BIOS area
 /// reserved (ACPI tables), RAM from 1 MiB to the MMIO hole, castor's MMIO
-/// console window reserved, RAM above 4 GiB.
+/// console window and virtio-net window reserved (a Linux guest finds the
+/// card with `virtio_mmio.device=4K@0xfeb01000:5`), RAM above 4 GiB.
 pub fn e820_map(mem: &GuestMem) -> Vec<boot_e820_entry> {
     let e = |addr, size, r#type| boot_e820_entry { addr, size, r#type };
     let mut map = vec![
@@ -383,6 +385,7 @@ pub fn e820_map(mem: &GuestMem) -> Vec<boot_e820_entry> {
     }
     let console_len = MMIO_CONSOLE_LEN.next_multiple_of(PAGE_SIZE);
     map.push(e(MMIO_CONSOLE_BASE, console_len, E820_RESERVED));
+    map.push(e(NET_MMIO_BASE, NET_MMIO_LEN, E820_RESERVED));
     map.sort_by_key(|e| e.addr);
     map
 }
@@ -707,7 +710,7 @@ mod tests {
         let mut back = vec![0u8; 10_000];
         mem.read_slice(&mut back, GuestAddress(rd)).unwrap();
         assert_eq!(back, initrd);
-        // e820: low RAM, BIOS area, RAM to the end, the console window.
+        // e820: low RAM, BIOS area, RAM to the end, castor's device windows.
         let map: Vec<(u64, u64, u32)> = p.e820_table[..p.e820_entries as usize]
             .iter()
             .map(|e| (e.addr, e.size, e.r#type))
@@ -719,6 +722,7 @@ mod tests {
                 (EBDA_START, HIGH_MEMORY - EBDA_START, E820_RESERVED),
                 (HIGH_MEMORY, (256 << 20) - HIGH_MEMORY, E820_RAM),
                 (MMIO_CONSOLE_BASE, PAGE_SIZE, E820_RESERVED),
+                (NET_MMIO_BASE, NET_MMIO_LEN, E820_RESERVED),
             ]
         );
         assert_eq!({ p.acpi_rsdp_addr }, crate::acpi::RSDP_ADDR);

@@ -24,6 +24,7 @@ use crate::memory::{self, GuestMem, MemoryError, VcpuLease, PAGE_SIZE};
 use crate::serial::{IrqTrigger, SerialDevice, COM1_GSI};
 use crate::state::{MachineState, VcpuState, VmState};
 use crate::vcpu::{self, Event, ExitReason, Request, Shared, VcpuError, VcpuThread};
+use crate::virtio_net::{NetDevice, NetState, NET_GSI};
 
 /// How long a vCPU may take to leave KVM_RUN before pausing is declared failed.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -126,6 +127,8 @@ pub struct MachineConfig {
     pub dirty_tracking: bool,
     /// The KVM device, normally `/dev/kvm`.
     pub kvm_device: PathBuf,
+    /// A virtio-net card with this MAC address ([`crate::virtio_net`]).
+    pub net: Option<[u8; 6]>,
 }
 
 impl MachineConfig {
@@ -136,6 +139,7 @@ impl MachineConfig {
             vcpus,
             dirty_tracking: false,
             kvm_device: PathBuf::from("/dev/kvm"),
+            net: None,
         }
     }
 }
@@ -192,6 +196,7 @@ pub struct Machine {
     paused: bool,
     exited: Option<ExitReason>,
     _serial_evt: EventFd,
+    net: Option<Arc<NetDevice>>,
     /// Held until the vCPU threads are joined (in `Drop`, before the fields
     /// drop): see [`memory::with_ram_mut`].
     _vcpu_lease: VcpuLease,
@@ -387,7 +392,17 @@ impl Machine {
             }
             fds.push(fd);
         }
-        let m = Machine::start(p, lease, fds, config.dirty_tracking, console, None)?;
+        let net = config.net.map(NetState::new);
+        let m = Machine::start_on(
+            p,
+            lease,
+            None,
+            fds,
+            config.dirty_tracking,
+            console,
+            None,
+            net,
+        )?;
         debug!(
             elapsed_us = t0.elapsed().as_micros() as u64,
             "machine booted"
@@ -493,6 +508,7 @@ impl Machine {
             dirty_tracking,
             console,
             Some(state),
+            state.net.clone(),
         );
         debug!(
             us = t0.elapsed().as_micros() as u64,
@@ -501,19 +517,10 @@ impl Machine {
         m
     }
 
-    fn start(
-        p: Parts,
-        lease: VcpuLease,
-        fds: Vec<VcpuFd>,
-        tracking: bool,
-        console: Console,
-        state: Option<&MachineState>,
-    ) -> Result<Machine, MachineError> {
-        Machine::start_on(p, lease, None, fds, tracking, console, state)
-    }
-
     /// Starts the vCPU threads; `registered`: the memory slots, if they are
-    /// registered already (without dirty logging).
+    /// registered already (without dirty logging); `net`: the network card's
+    /// state, if the machine has one.
+    #[allow(clippy::too_many_arguments)]
     fn start_on(
         p: Parts,
         lease: VcpuLease,
@@ -522,6 +529,7 @@ impl Machine {
         tracking: bool,
         console: Console,
         state: Option<&MachineState>,
+        net: Option<NetState>,
     ) -> Result<Machine, MachineError> {
         vcpu::install_kick_handler()
             .map_err(|e| MachineError::Os("installing the vCPU kick signal handler", e))?;
@@ -551,6 +559,17 @@ impl Machine {
             console.writer(),
             state.map(|s| &s.serial),
         )));
+        let net = match net {
+            Some(n) => {
+                let evt = EventFd::new(libc::EFD_NONBLOCK)
+                    .map_err(|e| MachineError::Os("creating an eventfd", e))?;
+                p.vm.register_irqfd(&evt, NET_GSI)
+                    .map_err(kvm_err("registering the network card's irqfd"))?;
+                let dev = NetDevice::new(&n, p.mem.clone(), evt).map_err(MachineError::Config)?;
+                Some(Arc::new(dev))
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared::default());
         let (ev_tx, ev_rx) = mpsc::channel();
         let mut vcpus = Vec::new();
@@ -562,6 +581,7 @@ impl Machine {
                 shared: shared.clone(),
                 serial: serial.clone(),
                 console: console.clone(),
+                net: net.clone(),
                 events: ev_tx.clone(),
                 requests: req_rx,
                 msr_list: p.msr_list.clone(),
@@ -599,6 +619,7 @@ impl Machine {
             paused: false,
             exited: None,
             _serial_evt: evt,
+            net,
             _vcpu_lease: lease,
         })
     }
@@ -611,6 +632,11 @@ impl Machine {
     /// The console stream.
     pub fn console(&self) -> &Console {
         &self.console
+    }
+
+    /// The network card, if the machine has one.
+    pub fn net(&self) -> Option<&Arc<NetDevice>> {
+        self.net.as_ref()
     }
 
     /// Number of vCPUs.
@@ -666,6 +692,11 @@ impl Machine {
                 }
             }
         }
+        // After the vCPUs: no frame is written into guest memory until the
+        // resume, so the queue positions captured match the rings.
+        if let Some(n) = &self.net {
+            n.set_paused(true);
+        }
         self.paused = true;
         self.console.flush();
         Ok(t0.elapsed())
@@ -680,6 +711,9 @@ impl Machine {
         self.shared
             .pause
             .store(false, std::sync::atomic::Ordering::Release);
+        if let Some(n) = &self.net {
+            n.set_paused(false);
+        }
         for v in &self.vcpus {
             let _ = v.requests.send(Request::Resume);
         }
@@ -716,6 +750,7 @@ impl Machine {
             vm,
             serial,
             console_offset: self.console.offset(),
+            net: self.net.as_ref().map(|n| n.state()),
         })
     }
 
@@ -804,6 +839,9 @@ impl Machine {
     /// Stops the vCPU threads and waits for them.
     pub fn stop(&mut self) {
         stop_vcpus(&self.shared, &mut self.vcpus);
+        if let Some(n) = &self.net {
+            n.stop();
+        }
         self.console.flush();
     }
 }

@@ -6,7 +6,7 @@
 //! |---|---|
 //! | each vCPU ([`VcpuState`]) | CPUID, MP state, regs, sregs, xsave, xcrs, debug registers, LAPIC, MSRs ([`crate::msr`]), vCPU events, TSC frequency |
 //! | the VM ([`VmState`]) | PIC master, PIC slave, IOAPIC, PIT2, kvmclock |
-//! | devices | the 8250 serial port's registers ([`SerialRegs`]), the console stream offset |
+//! | devices | the 8250 serial port's registers ([`SerialRegs`]), the console stream offset, the virtio-net device ([`crate::virtio_net::NetState`]: registers, features, queue addresses and ring positions) |
 //! | memory layout | the guest RAM regions (their contents travel separately) |
 //!
 //! # Order
@@ -52,7 +52,7 @@ use serde::{Deserialize, Serialize};
 /// First bytes of an encoded machine state.
 pub const MAGIC: [u8; 8] = *b"CASTORMS";
 /// The format version this castor writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest payload accepted (far above any real state: guards allocation).
 pub const MAX_PAYLOAD: u64 = 16 << 20;
 /// Most vCPUs a state may describe.
@@ -160,6 +160,8 @@ pub struct MachineState {
     pub serial: SerialRegs,
     /// Offset in the console stream of the next byte the guest writes.
     pub console_offset: u64,
+    /// The network card, if the machine has one.
+    pub net: Option<crate::virtio_net::NetState>,
 }
 
 /// Why an encoded machine state was refused.
@@ -422,6 +424,9 @@ impl MachineState {
                 ));
             }
         }
+        if let Some(n) = &self.net {
+            n.validate().map_err(StateError::Invalid)?;
+        }
         if self.serial.in_buffer.len() > MAX_SERIAL_IN {
             return bad(format!(
                 "serial input buffer of {} bytes",
@@ -454,6 +459,24 @@ pub(crate) mod tests {
                 ..Default::default()
             },
             console_offset: 4242,
+            net: Some(crate::virtio_net::NetState {
+                status: 15,
+                driver_features: 1 << 32,
+                queues: [
+                    crate::virtio_net::QueueRegs {
+                        size: 16,
+                        ready: true,
+                        desc: 0x1000,
+                        avail: 0x2000,
+                        used: 0x3000,
+                        next_avail: 7,
+                        next_used: 5,
+                    },
+                    Default::default(),
+                ],
+                guest_ipv4: Some([10, 77, 0, 2]),
+                ..crate::virtio_net::NetState::new([2, 0, 0, 0, 0, 1])
+            }),
         }
     }
 
@@ -555,6 +578,7 @@ pub(crate) mod tests {
         assert_eq!(d.vm.clock.clock, 123456);
         assert_eq!(d.serial, s.serial);
         assert_eq!(d.console_offset, 4242);
+        assert_eq!(d.net, s.net);
     }
 
     #[test]

@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 use crate::console::{Console, MMIO_CONSOLE_BASE, MMIO_CONSOLE_LEN};
 use crate::serial::SerialDevice;
 use crate::state::VcpuState;
+use crate::virtio_net::{NetDevice, NET_MMIO_BASE, NET_MMIO_LEN};
 
 /// Errors of vCPU set-up, save and restore; one variant per failing ioctl.
 #[derive(Debug, thiserror::Error)]
@@ -295,6 +296,7 @@ pub(crate) struct VcpuThread {
     pub shared: Arc<Shared>,
     pub serial: Arc<Mutex<SerialDevice>>,
     pub console: Console,
+    pub net: Option<Arc<NetDevice>>,
     pub events: Sender<Event>,
     pub requests: Receiver<Request>,
     pub msr_list: Arc<Vec<u32>>,
@@ -340,9 +342,13 @@ impl VcpuThread {
             }
             match self.fd.run() {
                 Ok(exit) => {
-                    if let Flow::Exit(r) =
-                        handle_exit(exit, self.index, &self.serial, &self.console)
-                    {
+                    if let Flow::Exit(r) = handle_exit(
+                        exit,
+                        self.index,
+                        &self.serial,
+                        &self.console,
+                        self.net.as_deref(),
+                    ) {
                         return r;
                     }
                 }
@@ -362,9 +368,13 @@ impl VcpuThread {
                 Err(e) if e.errno() == libc::EINTR => break,
                 Err(e) if e.errno() == libc::EAGAIN => {}
                 Ok(exit) => {
-                    if let Flow::Exit(r) =
-                        handle_exit(exit, self.index, &self.serial, &self.console)
-                    {
+                    if let Flow::Exit(r) = handle_exit(
+                        exit,
+                        self.index,
+                        &self.serial,
+                        &self.console,
+                        self.net.as_deref(),
+                    ) {
                         self.fd.set_kvm_immediate_exit(0);
                         return Some(r);
                     }
@@ -402,6 +412,7 @@ fn handle_exit(
     index: u32,
     serial: &Mutex<SerialDevice>,
     console: &Console,
+    net: Option<&NetDevice>,
 ) -> Flow {
     match exit {
         VcpuExit::IoOut(port, data) => {
@@ -420,14 +431,23 @@ fn handle_exit(
             data.fill(v);
             Flow::Continue
         }
-        VcpuExit::MmioRead(_, data) => {
-            data.fill(0xFF);
+        VcpuExit::MmioRead(addr, data) => {
+            match net {
+                Some(n) if (NET_MMIO_BASE..NET_MMIO_BASE + NET_MMIO_LEN).contains(&addr) => {
+                    n.mmio_read(addr - NET_MMIO_BASE, data)
+                }
+                _ => data.fill(0xFF),
+            }
             Flow::Continue
         }
         VcpuExit::MmioWrite(addr, data) => {
             if (MMIO_CONSOLE_BASE..MMIO_CONSOLE_BASE + MMIO_CONSOLE_LEN).contains(&addr) {
                 let n = ((addr - MMIO_CONSOLE_BASE) / 8 + 1) as usize;
                 console.write(&data[..n.min(data.len())]);
+            } else if let Some(n) = net {
+                if (NET_MMIO_BASE..NET_MMIO_BASE + NET_MMIO_LEN).contains(&addr) {
+                    n.mmio_write(addr - NET_MMIO_BASE, data);
+                }
             }
             Flow::Continue
         }
