@@ -218,12 +218,17 @@ struct PrimaryArgs {
     /// Workload of castor's guest (see `castor run --help`).
     #[arg(long, default_value = "counter", value_parser = parse_workload)]
     workload: guest::Workload,
-    /// Boot this multiboot v1 ELF kernel instead of castor's guest.
+    /// Boot this kernel instead of castor's guest: a multiboot v1 kernel, a
+    /// Linux bzImage or a 64-bit Linux vmlinux (ELF), recognised by content.
     #[arg(long, conflicts_with = "workload")]
     kernel: Option<PathBuf>,
-    /// Kernel command line (with --kernel).
+    /// Kernel command line (with --kernel), e.g. "console=ttyS0" for a Linux
+    /// kernel's console on castor's serial port.
     #[arg(long, requires = "kernel", default_value = "")]
     cmdline: String,
+    /// Initramfs for a Linux --kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
     /// Stop after this long; default: run until SIGINT/SIGTERM.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -417,12 +422,17 @@ struct RunArgs {
     /// timer-interrupt driven).
     #[arg(long, default_value = "counter", value_parser = parse_workload, verbatim_doc_comment)]
     workload: guest::Workload,
-    /// Boot this multiboot v1 ELF kernel instead of castor's guest.
+    /// Boot this kernel instead of castor's guest: a multiboot v1 kernel, a
+    /// Linux bzImage or a 64-bit Linux vmlinux (ELF), recognised by content.
     #[arg(long, conflicts_with = "workload")]
     kernel: Option<PathBuf>,
-    /// Kernel command line (with --kernel).
+    /// Kernel command line (with --kernel), e.g. "console=ttyS0" for a Linux
+    /// kernel's console on castor's serial port.
     #[arg(long, requires = "kernel", default_value = "")]
     cmdline: String,
+    /// Initramfs for a Linux --kernel.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
     /// Stop after this long (e.g. 10s, 500ms, 2m); default: run until SIGINT/SIGTERM.
     #[arg(long, value_parser = parse_duration)]
     duration: Option<Duration>,
@@ -501,6 +511,28 @@ fn supervise(
     Ok(())
 }
 
+/// On kvm_pvm, says what a stock Linux kernel needs and how far it gets.
+fn hint_linux_on_pvm(image: &[u8], cmdline: &str) {
+    let linux = matches!(
+        vmm::linux::detect(image),
+        Ok(vmm::linux::KernelFormat::BzImage | vmm::linux::KernelFormat::Vmlinux { .. })
+    );
+    if linux && KvmKind::detect() == KvmKind::Pvm {
+        if !(cmdline.contains("noxsave") && cmdline.contains("clearcpuid=smap")) {
+            warn!("kvm_pvm cannot emulate XSAVE or SMAP: add \"noxsave clearcpuid=smap\" to a stock Linux kernel's --cmdline");
+        }
+        info!("on kvm_pvm a stock Linux kernel runs its ring 0 emulated (~100x slower): a bzImage decompresses for minutes (boot the uncompressed vmlinux), and the kernel stops on an INT3 before user space");
+    }
+}
+
+/// Reads the --initrd file, if any.
+fn read_initrd(path: Option<&std::path::Path>) -> Result<Option<Vec<u8>>> {
+    path.map(|p| {
+        std::fs::read(p).with_context(|| format!("cannot read the initramfs {}", p.display()))
+    })
+    .transpose()
+}
+
 fn run(args: RunArgs) -> Result<()> {
     let kind = KvmKind::detect();
     info!("{}", kind.describe());
@@ -545,11 +577,14 @@ fn run(args: RunArgs) -> Result<()> {
         net: m.net(args.kernel.is_none().then_some(&args.workload)),
         ram_file: None,
     };
+    let initrd = read_initrd(args.initrd.as_deref())?;
+    hint_linux_on_pvm(&image, &cmdline);
     let tap = open_tap(&m.tap)?;
     let t0 = Instant::now();
-    let mut machine = Machine::boot(
+    let mut machine = Machine::boot_image(
         &config,
         &image,
+        initrd.as_deref(),
         &cmdline,
         Console::new(Box::new(StdoutSink), 0),
     )?;
@@ -832,9 +867,12 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
     };
     let stop = stop_after(a.duration)?;
     let node = services("castor-net", &a.pair)?;
-    let vm = Machine::boot(
+    let initrd = read_initrd(a.initrd.as_deref())?;
+    hint_linux_on_pvm(&kernel, &cmdline);
+    let vm = Machine::boot_image(
         &machine,
         &kernel,
+        initrd.as_deref(),
         &cmdline,
         Console::new(node::console::sink(node.log.clone()), 0),
     )?;

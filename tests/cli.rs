@@ -75,7 +75,34 @@ fn missing_kvm_and_bad_kernels_are_explained() {
     std::fs::write(&k, b"this is not a kernel").unwrap();
     fails_with(
         &["run", "--kernel", k.to_str().unwrap(), "--duration", "1s"],
-        "not a multiboot v1 kernel",
+        "unrecognised kernel image",
+    );
+    // A Linux image that ends before its header says: a bzImage cut short.
+    let mut bz = vec![0u8; 1024];
+    bz[0x1F1] = 4;
+    bz[0x1F4..0x1F8].copy_from_slice(&0x1000u32.to_le_bytes());
+    bz[0x1FE..0x200].copy_from_slice(&0xAA55u16.to_le_bytes());
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    bz[0x206..0x208].copy_from_slice(&0x020Fu16.to_le_bytes());
+    bz[0x236] = 1;
+    std::fs::write(&k, &bz).unwrap();
+    fails_with(
+        &["run", "--kernel", k.to_str().unwrap(), "--duration", "1s"],
+        "truncated kernel image",
+    );
+    fails_with(
+        &["run", "--initrd", k.to_str().unwrap()],
+        "--kernel <KERNEL>",
+    );
+    fails_with(
+        &[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initrd",
+            "/nonexistent/initrd",
+        ],
+        "cannot read the initramfs /nonexistent/initrd",
     );
 }
 

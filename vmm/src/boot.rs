@@ -9,6 +9,7 @@
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::linux::{KernelFormat, LinuxError};
 use crate::memory::{GuestMem, MMIO_HOLE_START};
 
 /// Multiboot header magic, in the kernel image.
@@ -53,6 +54,12 @@ pub enum BootError {
     /// Writing guest memory failed.
     #[error("writing the kernel into guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
+    /// Not a multiboot kernel, and not a Linux kernel castor can boot.
+    #[error(transparent)]
+    Linux(#[from] LinuxError),
+    /// An initramfs was given for a multiboot kernel.
+    #[error("an initramfs is only passed to Linux kernels; this is a multiboot kernel (castor passes no multiboot modules)")]
+    InitrdForMultiboot,
 }
 
 /// Where the kernel starts.
@@ -92,6 +99,11 @@ fn find_header(image: &[u8]) -> Option<(usize, u32)> {
         (magic == HEADER_MAGIC && magic.wrapping_add(flags).wrapping_add(sum) == 0)
             .then_some((off, flags))
     })
+}
+
+/// Whether `image` has a valid multiboot v1 header in its first 8 KiB.
+pub fn has_multiboot_header(image: &[u8]) -> bool {
+    find_header(image).is_some()
 }
 
 fn check_range(mem: &GuestMem, addr: u64, len: u64) -> Result<(), BootError> {
@@ -291,6 +303,55 @@ pub fn load(mem: &GuestMem, image: &[u8], cmdline: &str) -> Result<Entry, BootEr
         rip,
         mbi: MBI_ADDR as u32,
     })
+}
+
+/// Where and how the vCPUs start, per the kernel's boot protocol.
+#[derive(Debug, Clone, Copy)]
+pub enum BootEntry {
+    /// Multiboot: every vCPU starts in 32-bit protected mode (the others
+    /// with castor's AP convention).
+    Multiboot(Entry),
+    /// Linux: the boot vCPU starts at the 64-bit entry; the others wait for
+    /// the kernel's INIT/SIPI, as on real hardware.
+    Linux(crate::linux::Entry),
+}
+
+/// Recognises `image` by its content (see [`crate::linux::detect`]) and
+/// loads it: a multiboot kernel as [`load`] does, a Linux kernel with
+/// `initrd` and ACPI tables for `vcpus` vCPUs as [`crate::linux::load`] does.
+pub fn load_kernel(
+    mem: &GuestMem,
+    image: &[u8],
+    initrd: Option<&[u8]>,
+    cmdline: &str,
+    vcpus: u32,
+) -> Result<(KernelFormat, BootEntry), BootError> {
+    let format = crate::linux::detect(image)?;
+    let entry = match format {
+        KernelFormat::Multiboot => {
+            if initrd.is_some() {
+                return Err(BootError::InitrdForMultiboot);
+            }
+            BootEntry::Multiboot(load(mem, image, cmdline)?)
+        }
+        _ => BootEntry::Linux(crate::linux::load(
+            mem, format, image, initrd, cmdline, vcpus,
+        )?),
+    };
+    Ok((format, entry))
+}
+
+/// The initial registers of vCPU `index`, or `None` if it is to wait for
+/// INIT/SIPI (a Linux AP). `sregs`: the vCPU's current sregs.
+pub fn vcpu_start(
+    entry: &BootEntry,
+    index: u32,
+    sregs: kvm_sregs,
+) -> Option<(kvm_regs, kvm_sregs)> {
+    match entry {
+        BootEntry::Multiboot(e) => Some(initial_state(*e, index, sregs)),
+        BootEntry::Linux(e) => (index == 0).then(|| crate::linux::initial_state(*e, sregs)),
+    }
 }
 
 fn flat_segment(selector: u16, code: bool) -> kvm_segment {

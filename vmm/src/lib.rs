@@ -1,6 +1,6 @@
-//! castor's KVM machine: boots a multiboot guest on KVM, runs its vCPUs on
-//! threads, serves its serial console, tracks the pages it dirties, and
-//! captures and restores its complete state.
+//! castor's KVM machine: boots a multiboot or Linux guest on KVM, runs its
+//! vCPUs on threads, serves its serial console, tracks the pages it dirties,
+//! and captures and restores its complete state.
 //!
 //! This is the only castor crate with `unsafe` code; every block carries a
 //! `// SAFETY:` comment (enforced by `clippy::undocumented_unsafe_blocks`).
@@ -12,11 +12,15 @@
 //! - [`virtio_net`], [`tap`]: the network card and its host side.
 //! - [`image`]: guest RAM in a file that outlives the process, with per-page
 //!   generations (memory reuse).
-//! - [`boot`], [`memory`], [`console`], [`serial`], [`msr`]: the parts.
+//! - [`boot`] (multiboot, and the dispatch by kernel format), [`linux`]
+//!   (bzImage and vmlinux, with [`acpi`] tables), [`memory`], [`console`],
+//!   [`serial`], [`msr`]: the parts.
 
+pub mod acpi;
 pub mod boot;
 pub mod console;
 pub mod image;
+pub mod linux;
 pub mod machine;
 pub mod memory;
 pub mod msr;

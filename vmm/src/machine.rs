@@ -337,6 +337,19 @@ impl Machine {
         cmdline: &str,
         console: Console,
     ) -> Result<Machine, MachineError> {
+        Machine::boot_image(config, kernel, None, cmdline, console)
+    }
+
+    /// Boots `kernel` with `cmdline` on a fresh VM; the format is recognised
+    /// by content ([`boot::load_kernel`]): multiboot v1, or a Linux bzImage or
+    /// vmlinux with the initramfs `initrd`.
+    pub fn boot_image(
+        config: &MachineConfig,
+        kernel: &[u8],
+        initrd: Option<&[u8]>,
+        cmdline: &str,
+        console: Console,
+    ) -> Result<Machine, MachineError> {
         if config.vcpus == 0 || config.vcpus as usize > crate::state::MAX_VCPUS {
             return Err(MachineError::Config(format!(
                 "{} vCPUs (1..={} supported)",
@@ -345,7 +358,7 @@ impl Machine {
             )));
         }
         let t0 = Instant::now();
-        let p = match &config.ram_file {
+let p = match &config.ram_file {
             Some(path) => {
                 let (mem, _) = crate::image::ram_in_file(path, config.mem_bytes, false)
                     .map_err(|e| MachineError::Config(e.to_string()))?;
@@ -353,7 +366,8 @@ impl Machine {
             }
             None => open_vm(&config.kvm_device, config.mem_bytes)?,
         };
-        let entry = boot::load(&p.mem, kernel, cmdline)?;
+        let (format, entry) = boot::load_kernel(&p.mem, kernel, initrd, cmdline, config.vcpus)?;
+        info!(%format, "kernel loaded");
         let lease = VcpuLease::acquire(&p.mem)?;
         let mut fds = Vec::new();
         for i in 0..config.vcpus {
@@ -373,18 +387,20 @@ impl Machine {
                 what: "sregs",
                 err,
             })?;
-            let (regs, sregs) = boot::initial_state(entry, i, sregs);
-            fd.set_sregs(&sregs).map_err(|err| VcpuError::Set {
-                index: i,
-                what: "sregs",
-                err,
-            })?;
-            fd.set_regs(&regs).map_err(|err| VcpuError::Set {
-                index: i,
-                what: "regs",
-                err,
-            })?;
-            vcpu::make_runnable(&fd, i)?;
+            // A Linux AP stays as KVM created it, waiting for INIT/SIPI.
+            if let Some((regs, sregs)) = boot::vcpu_start(&entry, i, sregs) {
+                fd.set_sregs(&sregs).map_err(|err| VcpuError::Set {
+                    index: i,
+                    what: "sregs",
+                    err,
+                })?;
+                fd.set_regs(&regs).map_err(|err| VcpuError::Set {
+                    index: i,
+                    what: "regs",
+                    err,
+                })?;
+                vcpu::make_runnable(&fd, i)?;
+            }
             fds.push(fd);
         }
         let net = config.net.map(NetState::new);
