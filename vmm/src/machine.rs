@@ -358,7 +358,7 @@ impl Machine {
             )));
         }
         let t0 = Instant::now();
-let p = match &config.ram_file {
+        let p = match &config.ram_file {
             Some(path) => {
                 let (mem, _) = crate::image::ram_in_file(path, config.mem_bytes, false)
                     .map_err(|e| MachineError::Config(e.to_string()))?;
