@@ -92,6 +92,17 @@ pub struct BenchArgs {
     /// Skip the PNG plots.
     #[arg(long)]
     pub no_plots: bool,
+    /// Only the network section: the guest's key-value service with a
+    /// client in a network namespace — latency and rate unprotected and
+    /// protected (epochs from --epochs, default 10,25,50), their parts, the
+    /// floor, and the client-seen failover gap (root; --out/net.md).
+    #[arg(long, conflicts_with = "reuse")]
+    pub net: bool,
+    /// Only the memory-reuse section: re-protecting a 1 GiB guest after a
+    /// failover with 1 %, 10 % and 50 % of its pages changed, beside the
+    /// full resync (--out/reuse.md).
+    #[arg(long)]
+    pub reuse: bool,
     /// Do not measure: re-render summary.md and the plots into --out from
     /// the points.json of an earlier run.
     #[arg(long, value_name = "POINTS_JSON")]
@@ -822,6 +833,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         return rerender(&a, from);
     }
     let p = plan(&a)?;
+    if a.net {
+        return crate::netbench::net(&a, &p.link_args, a.link_rate.0);
+    }
+    if a.reuse {
+        return crate::netbench::reuse(&a, &p.link_args);
+    }
     let t0 = Instant::now();
     create_out(&a.out)?;
     let logs = a.out.join("logs");

@@ -315,6 +315,15 @@ fn client_round(c: &crate::loadgen::Handle, label: &str) -> Result<ClientRound> 
         std::thread::sleep(Duration::from_millis(20));
     };
     let verify = c.verify_all().ok();
+    // Read again: a reply already on its way at the kill may have come
+    // first, with the outage behind it.
+    let gap = gap.and(
+        c.report_so_far()
+            .marks
+            .iter()
+            .find(|m| m.label == label)
+            .and_then(|m| m.gap_ms),
+    );
     Ok(ClientRound {
         gap_ms: gap,
         violations: c.report_so_far().violations,

@@ -10,6 +10,8 @@
 //!   witness outages, each checked for one history and one primary.
 //! - [`bench`]: `castor bench`, the measurement matrix; produces a
 //!   [`model::Results`].
+//! - [`netbench`]: `castor bench --net` and `--reuse`, the network and
+//!   memory-reuse sections.
 //! - [`netns`]: two network namespaces whose replication link can be cut.
 //! - [`netlab`]: `castor net up|down`, the guest network (bridge, taps,
 //!   client namespace).
@@ -31,6 +33,7 @@ pub mod drill;
 pub mod faults;
 pub mod loadgen;
 pub mod model;
+pub mod netbench;
 pub mod netlab;
 pub mod netns;
 pub mod pair;

@@ -387,6 +387,27 @@ struct Mark {
     at: Duration,
     last_before: Option<Duration>,
     first_after: Option<Duration>,
+    /// The longest time between consecutive replies from `last_before` on,
+    /// within [`MARK_WINDOW`] after the mark: a reply already on its way at
+    /// the mark does not hide the outage behind it.
+    longest: Duration,
+    /// The last reply folded into `longest`.
+    prev: Option<Duration>,
+}
+
+/// How long after a mark its gap is tracked.
+const MARK_WINDOW: Duration = Duration::from_secs(10);
+
+impl Mark {
+    fn fold(&mut self, reply: Duration) {
+        if reply <= self.at || reply > self.at + MARK_WINDOW {
+            return;
+        }
+        let prev = self.prev.or(self.last_before).unwrap_or(self.at);
+        self.longest = self.longest.max(reply.saturating_sub(prev));
+        self.prev = Some(reply);
+        self.first_after.get_or_insert(reply);
+    }
 }
 
 /// Reply times kept to place marks made for a past instant.
@@ -427,22 +448,25 @@ impl Core {
             self.recent.pop_front();
         }
         self.recent.push_back(at);
-        for m in self.marks.iter_mut().filter(|m| m.first_after.is_none()) {
-            if at > m.at {
-                m.first_after = Some(at);
-            }
+        for m in self.marks.iter_mut() {
+            m.fold(at);
         }
     }
 
     fn mark(&mut self, label: String, at: Duration) {
         let last_before = self.recent.iter().rev().find(|&&t| t <= at).copied();
-        let first_after = self.recent.iter().find(|&&t| t > at).copied();
-        self.marks.push(Mark {
+        let mut m = Mark {
             label,
             at,
             last_before,
-            first_after,
-        });
+            first_after: None,
+            longest: Duration::ZERO,
+            prev: None,
+        };
+        for &t in self.recent.iter().filter(|&&t| t > at) {
+            m.fold(t);
+        }
+        self.marks.push(m);
     }
 
     fn report(&self) -> Report {
@@ -481,9 +505,7 @@ impl Core {
                     at_s: s(m.at),
                     last_reply_before_s: m.last_before.map(s),
                     first_reply_after_s: m.first_after.map(s),
-                    gap_ms: m
-                        .first_after
-                        .map(|f| ms(f.saturating_sub(m.last_before.unwrap_or_default()))),
+                    gap_ms: m.first_after.map(|_| ms(m.longest)),
                     after_mark_ms: m.first_after.map(|f| ms(f.saturating_sub(m.at))),
                 })
                 .collect(),

@@ -90,7 +90,7 @@ pub fn protect(
         return Err(PrimaryError::Layout);
     }
     let metrics = Arc::new(Metrics::new(cfg.mode, cfg.epoch, services.metrics.clone()));
-    let packets = net_output(cfg, &machine, origin);
+    let packets = net_output(cfg, &machine);
     services.control.replace(control(
         metrics.clone(),
         services.log.clone(),
@@ -184,8 +184,8 @@ pub fn protect(
 
 /// The guest's network output: a hold in front of this node's tap (or of
 /// nothing, without `--tap`), attached to the machine's card; after a
-/// takeover the guest is announced on this node's port first.
-fn net_output(cfg: &Config, machine: &Machine, origin: Origin) -> Option<Arc<PacketHold>> {
+/// takeover (and at boot) the guest is announced on this node's port first.
+fn net_output(cfg: &Config, machine: &Machine) -> Option<Arc<PacketHold>> {
     let dev = machine.net()?;
     let out: Arc<dyn node::packets::FrameOut> = match &cfg.tap {
         Some(tap) => tap.clone(),
@@ -194,7 +194,10 @@ fn net_output(cfg: &Config, machine: &Machine, origin: Origin) -> Option<Arc<Pac
             Arc::new(NoWire)
         }
     };
-    if let (Some(tap), Origin::TookOver { .. }) = (&cfg.tap, origin) {
+    // Switches learn the guest's port: after a takeover (a gratuitous ARP
+    // for the address the card learnt), and at boot too (a RARP), since a
+    // bridge may still point the guest's MAC at another node's port.
+    if let Some(tap) = &cfg.tap {
         announce(tap.clone(), dev.announcement());
     }
     let hold = PacketHold::new(out);

@@ -1,0 +1,415 @@
+//! Two sections of `castor bench` beside its matrix, each run on its own:
+//!
+//! - `--net`: the guest's key-value service over its virtio-net card, with
+//!   the load generator in a client namespace: request latency and rate
+//!   unprotected and protected at several epoch lengths, the parts of the
+//!   protected latency (pause, encode, ack, release), the floor it is
+//!   compared with (half an epoch, an ack round trip, the checkpoint's
+//!   transmission) and the client-seen failover gap of a SIGKILL.
+//! - `--reuse`: re-protection of a 1 GiB guest after a failover, when the
+//!   killed node comes back as the backup over the image it kept, with 1 %,
+//!   10 % and 50 % of the pages changed since, beside the full resync.
+//!
+//! Both print a Markdown table and write it to the output directory.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::bench::BenchArgs;
+use crate::loadgen::{Config as LoadConfig, Loadgen};
+use crate::netlab::NetLab;
+use crate::pair::{self, start_witness, wait_status, Pair, WitnessKind};
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// Requests per second the client offers in the network section.
+const RATE: f64 = 2000.0;
+/// The measurement window.
+const WINDOW: Duration = Duration::from_secs(5);
+
+/// One row of the network section.
+#[derive(Debug, Default)]
+struct NetRow {
+    setting: String,
+    epoch_ms: Option<u64>,
+    req_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    pause_p50_ms: f64,
+    encode_p50_ms: f64,
+    ack_p50_ms: f64,
+    release_p50_ms: f64,
+    bytes_per_epoch: f64,
+    gap_ms: Option<f64>,
+    violations: u64,
+}
+
+fn lab() -> Result<crate::netlab::NetGuard> {
+    let pid = std::process::id();
+    NetLab::unique(
+        &format!("cb{}", pid % 100_000),
+        (81, (pid % 200 + 20) as u8),
+    )
+    .up_scoped()
+    .context("the network section sets up a guest network (needs root)")
+}
+
+fn load(lab: &NetLab) -> LoadConfig {
+    LoadConfig {
+        target: lab.guest_service(),
+        netns: Some(lab.netns.clone()),
+        rate: RATE,
+        // Enough outstanding requests that the client never waits for a
+        // reply to send (open loop): at 2,000 req/s a 50 ms epoch holds 100.
+        concurrency: 256,
+        timeout: Duration::from_millis(100),
+        ..Default::default()
+    }
+}
+
+/// The unprotected guest: `castor run` with the tap, the client for a window.
+fn unprotected(a: &BenchArgs, lab: &NetLab, logs: &Path) -> Result<NetRow> {
+    let ip = lab.guest_addr.to_string();
+    let mut child = std::process::Command::new(pair::castor_exe()?)
+        .args([
+            "run",
+            "--mem",
+            &format!("{}M", a.mem >> 20),
+            "--vcpus",
+            "1",
+            "--workload",
+            &format!("net,ip={ip}"),
+            "--tap",
+            &lab.taps[0],
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(logs.join("net-unprotected.log"))?)
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let lg = Loadgen::start(load(lab))?;
+    std::thread::sleep(WINDOW);
+    let r = lg.stop();
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(NetRow {
+        setting: "unprotected (castor run)".into(),
+        req_per_s: r.requests_per_s,
+        p50_ms: r.latency.p50_ms,
+        p99_ms: r.latency.p99_ms,
+        violations: r.violations,
+        ..Default::default()
+    })
+}
+
+/// The protected pair at `epoch_ms`: a window of load, then a SIGKILL of the
+/// primary with the load running.
+fn protected(
+    a: &BenchArgs,
+    lab: &NetLab,
+    epoch_ms: u64,
+    dir: &Path,
+    link: &[String],
+) -> Result<NetRow> {
+    let pair = Pair::in_dir(dir, ["node-a", "node-b"])?
+        .with_taps([lab.taps[0].clone(), lab.taps[1].clone()]);
+    let (pair, _etcd) = start_witness(WitnessKind::Etcd, pair, dir)?;
+    let mut both = strings(&["--epoch-ms", &epoch_ms.to_string()]);
+    both.extend(link.iter().cloned());
+    let ip = lab.guest_addr.to_string();
+    let guest = strings(&[
+        "--mem",
+        &format!("{}M", a.mem >> 20),
+        "--vcpus",
+        "1",
+        "--workload",
+        &format!("net,ip={ip}"),
+    ]);
+    let (backup, mut primary) = pair.start(&both, &guest, ["b.log", "a.log"])?;
+    wait_status(
+        &primary,
+        "the primary to be protected",
+        Duration::from_secs(90),
+        pair::protected_after(20),
+    )?;
+    let lg = Loadgen::start(load(lab))?;
+    std::thread::sleep(Duration::from_secs(1));
+    primary.control(&node::control::Request::Reset)?;
+    let before = lg.report_so_far();
+    std::thread::sleep(WINDOW);
+    let mid = lg.report_so_far();
+    let s = primary.status().context("the primary stopped answering")?;
+    if !s.protected() {
+        bail!("the primary lost its backup during the window");
+    }
+    let f = s.figures();
+    // The failover, under load.
+    lg.mark_at("kill", Instant::now());
+    primary.kill();
+    let t = Instant::now();
+    let gap = loop {
+        let r = lg.report_so_far();
+        if let Some(g) = r.marks.first().and_then(|m| m.gap_ms) {
+            break Some(g);
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Replies keep coming a while: the gap is the longest silence from
+    // the last reply before the kill on.
+    std::thread::sleep(Duration::from_secs(1));
+    let gap = gap.and(lg.report_so_far().marks.first().and_then(|m| m.gap_ms));
+    let end = lg.stop();
+    drop(backup);
+    let acked = mid.counts.acked.saturating_sub(before.counts.acked);
+    Ok(NetRow {
+        setting: format!("protected, {epoch_ms} ms epochs"),
+        epoch_ms: Some(epoch_ms),
+        req_per_s: acked as f64 / WINDOW.as_secs_f64(),
+        // Latency over the whole run before the kill (the window and the
+        // second before it).
+        p50_ms: mid.latency.p50_ms,
+        p99_ms: mid.latency.p99_ms,
+        pause_p50_ms: f.pause_p50_us / 1e3,
+        encode_p50_ms: f.encode_p50_us / 1e3,
+        ack_p50_ms: f.ack_p50_us / 1e3,
+        release_p50_ms: f.release_p50_us / 1e3,
+        bytes_per_epoch: f.bytes_per_epoch,
+        gap_ms: gap,
+        violations: end.violations,
+    })
+}
+
+/// `castor bench --net`.
+pub fn net(a: &BenchArgs, link: &[String], link_bytes_per_s: Option<u64>) -> Result<()> {
+    std::fs::create_dir_all(&a.out)?;
+    let logs = a.out.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let lab = lab()?;
+    println!(
+        "castor bench --net: the guest's key-value service, {} MiB, 1 vCPU; client {} req/s (open loop: up to 256 outstanding, retry after 100 ms), in a network namespace; replication link {}",
+        a.mem >> 20,
+        RATE,
+        link.join(" ")
+    );
+    let mut rows = vec![unprotected(a, &lab, &logs)?];
+    println!("  {}", row_line(&rows[0], link_bytes_per_s));
+    let epochs = if a.epochs.is_empty() {
+        vec![10, 25, 50]
+    } else {
+        a.epochs.clone()
+    };
+    for e in epochs {
+        let tmp = tempfile::tempdir()?;
+        let r = protected(a, &lab, e, tmp.path(), link)
+            .with_context(|| format!("protected at {e} ms epochs"))?;
+        println!("  {}", row_line(&r, link_bytes_per_s));
+        rows.push(r);
+    }
+    let md = net_table(&rows, link_bytes_per_s);
+    println!("\n{md}");
+    std::fs::write(a.out.join("net.md"), &md)?;
+    if rows.iter().any(|r| r.violations > 0) {
+        bail!(
+            "the client saw violations: see {}",
+            a.out.join("net.md").display()
+        );
+    }
+    Ok(())
+}
+
+/// Half an epoch, an ack round trip and the checkpoint's transmission.
+fn floor_ms(r: &NetRow, rate: Option<u64>) -> Option<f64> {
+    let e = r.epoch_ms? as f64;
+    let tx = rate.map_or(0.0, |b| r.bytes_per_epoch / b as f64 * 1e3);
+    Some(e / 2.0 + r.pause_p50_ms + r.ack_p50_ms + tx)
+}
+
+fn row_line(r: &NetRow, rate: Option<u64>) -> String {
+    format!(
+        "{:<28} {:>7.0} req/s  latency p50 {:>6.2} ms, p99 {:>6.2} ms{}{}",
+        r.setting,
+        r.req_per_s,
+        r.p50_ms,
+        r.p99_ms,
+        floor_ms(r, rate).map_or(String::new(), |f| format!(" (floor {f:.2} ms)")),
+        r.gap_ms
+            .map_or(String::new(), |g| format!("; failover gap {g:.1} ms"))
+    )
+}
+
+fn net_table(rows: &[NetRow], rate: Option<u64>) -> String {
+    let mut s = String::from(
+        "| setting | req/s | latency p50 | p99 | floor | pause p50 | encode p50 | ack p50 | release p50 | wait for the epoch's end (p50 − release − pause) | client-seen failover gap | violations |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let ms = |v: f64| format!("{v:.2} ms");
+        let prot = r.epoch_ms.is_some();
+        s.push_str(&format!(
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.setting,
+            r.req_per_s,
+            ms(r.p50_ms),
+            ms(r.p99_ms),
+            floor_ms(r, rate).map_or("—".into(), ms),
+            if prot {
+                ms(r.pause_p50_ms)
+            } else {
+                "—".into()
+            },
+            if prot {
+                ms(r.encode_p50_ms)
+            } else {
+                "—".into()
+            },
+            if prot { ms(r.ack_p50_ms) } else { "—".into() },
+            if prot {
+                ms(r.release_p50_ms)
+            } else {
+                "—".into()
+            },
+            if prot {
+                ms((r.p50_ms - r.release_p50_ms - r.pause_p50_ms).max(0.0))
+            } else {
+                "—".into()
+            },
+            r.gap_ms.map_or("—".into(), |g| format!("{g:.1} ms")),
+            r.violations
+        ));
+    }
+    s
+}
+
+/// One row of the reuse section.
+#[derive(Debug)]
+struct ReuseRow {
+    changed: String,
+    reused: bool,
+    pages_sent: u64,
+    pages: u64,
+    bytes: u64,
+    pause_ms: f64,
+    offer_ms: f64,
+    protected_ms: Option<f64>,
+    window_ms: f64,
+}
+
+/// A 1 GiB pair whose guest rewrites `mib` MiB flat out; the primary is
+/// killed, the survivor runs 2 s alone, and the killed node comes back as
+/// the backup (over its image with `reuse`).
+fn reprotect(mib: u64, reuse: bool, dir: &Path, link: &[String]) -> Result<ReuseRow> {
+    let pair = Pair::in_dir(dir, ["node-a", "node-b"])?;
+    let (pair, _etcd) = start_witness(WitnessKind::Etcd, pair, dir)?;
+    let mut both = strings(&["--image-dir", &dir.join("images").display().to_string()]);
+    both.extend(link.iter().cloned());
+    let guest = strings(&[
+        "--mem",
+        "1G",
+        "--vcpus",
+        "1",
+        "--workload",
+        &format!("pages,rate=0,mib={mib}"),
+    ]);
+    let (backup, mut primary) = pair.start(&both, &guest, ["b-0.log", "a-0.log"])?;
+    wait_status(
+        &primary,
+        "the primary to be protected",
+        Duration::from_secs(120),
+        pair::protected_after(10),
+    )?;
+    let killed = Instant::now();
+    primary.kill();
+    wait_status(&backup, "the takeover", Duration::from_secs(30), |s| {
+        s.role == node::Role::TakenOver
+    })?;
+    // The survivor's guest rewrites its working set meanwhile.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut args = both.clone();
+    if reuse {
+        args.push("--reuse".into());
+    }
+    let _new = pair.start_backup(0, &args, "a-1.log")?;
+    let s = wait_status(
+        &backup,
+        "protected again",
+        Duration::from_secs(120),
+        pair::protected,
+    )?;
+    let r = s
+        .primary
+        .and_then(|p| p.last_resync)
+        .context("no resync figures")?;
+    Ok(ReuseRow {
+        changed: String::new(),
+        reused: r.reused,
+        pages_sent: r.pages_sent,
+        pages: r.pages,
+        bytes: r.bytes,
+        pause_ms: r.pause_ms,
+        offer_ms: r.offer_ms,
+        protected_ms: r.protected_ms,
+        window_ms: killed.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+/// `castor bench --reuse`.
+pub fn reuse(a: &BenchArgs, link: &[String]) -> Result<()> {
+    std::fs::create_dir_all(&a.out)?;
+    println!(
+        "castor bench --reuse: a 1 GiB guest rewriting 1 %, 10 % or 50 % of its RAM flat out; SIGKILL of the primary, 2 s alone, the killed node back as the backup; link {}",
+        link.join(" ")
+    );
+    let mut rows = Vec::new();
+    for (label, mib, reuse) in [
+        ("1 %", 10u64, true),
+        ("10 %", 102, true),
+        ("50 %", 512, true),
+        ("1 % (full resync)", 10, false),
+        ("50 % (full resync)", 512, false),
+    ] {
+        let tmp = tempfile::tempdir()?;
+        let mut r = reprotect(mib, reuse, tmp.path(), link)
+            .with_context(|| format!("re-protection with {label} changed"))?;
+        r.changed = label.to_string();
+        println!(
+            "  {:<20} {} {:>6} of {} pages, {:>7.1} MiB, pause {:>6.1} ms, offer {:>6.1} ms, hello -> protected {}, SIGKILL -> protected {:.0} ms",
+            r.changed,
+            if r.reused { "reuse" } else { "full " },
+            r.pages_sent,
+            r.pages,
+            r.bytes as f64 / (1 << 20) as f64,
+            r.pause_ms,
+            r.offer_ms,
+            r.protected_ms.map_or("-".into(), |m| format!("{m:.0} ms")),
+            r.window_ms
+        );
+        rows.push(r);
+    }
+    let mut md = String::from("| changed since the failover | first checkpoint | pages sent | bytes | guest paused | hello → offer | hello → protected | SIGKILL → protected |\n|---|---|---|---|---|---|---|---|\n");
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {} of {} | {:.1} MiB | {:.1} ms | {} | {} | {:.0} ms |\n",
+            r.changed,
+            if r.reused { "reuse" } else { "full resync" },
+            r.pages_sent,
+            r.pages,
+            r.bytes as f64 / (1 << 20) as f64,
+            r.pause_ms,
+            if r.reused {
+                format!("{:.1} ms", r.offer_ms)
+            } else {
+                "—".into()
+            },
+            r.protected_ms.map_or("—".into(), |m| format!("{m:.0} ms")),
+            r.window_ms
+        ));
+    }
+    println!("\n{md}");
+    std::fs::write(a.out.join("reuse.md"), &md)?;
+    Ok(())
+}
