@@ -28,6 +28,9 @@ pub(crate) struct Replica {
     /// `mem` was zeroed for this session: its full resync carries every
     /// page, zero pages implicitly.
     pub fresh: bool,
+    /// Digests of `mem`'s pages, computed ahead (an image loaded at
+    /// start-up); dropped when anything is committed to it.
+    pub digests: Option<Vec<u64>>,
 }
 
 /// How the current session's replica was set up (for the log and status).
@@ -76,6 +79,7 @@ impl Shared {
                 verifying: false,
                 gens: None,
                 fresh: false,
+                digests: None,
             }),
             core: Mutex::new(core),
             t0: Instant::now(),
@@ -127,17 +131,24 @@ impl Shared {
             Ok((mem, kept, gens, valid))
         });
         match loaded {
-            Ok((mem, true, gens, valid)) => {
+            Ok((mut mem, true, gens, valid)) => {
+                // Digested now, before any primary asks: the offer then
+                // goes out at once.
+                let t = Instant::now();
+                let digests =
+                    vmm::memory::with_ram_mut(&mut mem, |ram| vmm::image::page_digests(ram)).ok();
                 let h = gens.header();
                 info!(
                     ram = %paths.ram.display(),
                     mib = size >> 20,
                     generations = if !valid { "unknown" } else if h.clean { "clean" } else { "maybe stale" },
+                    digest_ms = t.elapsed().as_secs_f64() * 1e3,
                     "an image of the VM to offer the primary"
                 );
                 let mut r = self.replica();
                 r.mem = Some(mem);
                 r.gens = Some(Arc::new(gens));
+                r.digests = digests;
             }
             Ok(_) => {
                 warn!(ram = %paths.ram.display(), "the image file is not a whole guest's RAM: not reused")
@@ -175,6 +186,7 @@ impl Shared {
         let asks = protocol::reuse::asks(h.capabilities);
         let kept = r.mem.take();
         let kept_gens = r.gens.take();
+        let kept_digests = r.digests.take();
         let why_not = match &kept {
             _ if !asks => "the primary did not ask".to_string(),
             None => "no image of the VM on this node".to_string(),
@@ -191,8 +203,11 @@ impl Shared {
             let pages = vmm::memory::ram_size(&mem) / 4096;
             let gens = kept_gens.unwrap_or_else(|| Arc::new(GenTable::in_memory(pages)));
             let t = Instant::now();
-            let digests = vmm::memory::with_ram_mut(&mut mem, |ram| vmm::image::page_digests(ram))
-                .map_err(|e| EndReason::Refused(format!("cannot read the image: {e}")))?;
+            let digests = match kept_digests.filter(|d| d.len() as u64 == pages) {
+                Some(d) => d,
+                None => vmm::memory::with_ram_mut(&mut mem, |ram| vmm::image::page_digests(ram))
+                    .map_err(|e| EndReason::Refused(format!("cannot read the image: {e}")))?,
+            };
             let runs = vmm::image::runs(&gens.tags());
             info!(
                 pages,
@@ -210,6 +225,7 @@ impl Shared {
                 verifying,
                 gens: Some(gens),
                 fresh: false,
+                digests: None,
             };
             return Ok((
                 offer,
@@ -244,6 +260,7 @@ impl Shared {
             verifying,
             gens: Some(Arc::new(gens)),
             fresh: true,
+            digests: None,
         };
         let answer = if asks {
             vec![protocol::reuse::no_offer(h.session, &why_not)]

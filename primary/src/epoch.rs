@@ -16,7 +16,7 @@ use node::ha::{PrimaryAction, PrimaryCore, PrimaryInput};
 use node::packets::PacketHold;
 use protocol::EndReason;
 use tokio::sync::mpsc;
-use tracing::{error, info, info_span, warn};
+use tracing::{debug, error, info, info_span, warn};
 use vmm::Machine;
 
 use crate::checkpoint::Session;
@@ -364,6 +364,31 @@ impl EpochLoop<'_> {
         }
     }
 
+    /// Digests of every page, read while the guest runs (each page copied
+    /// out first: the guest may be writing it), and the pages dirtied while
+    /// reading (whose digests are not to be trusted), as a bitmap.
+    fn digest_running(&mut self) -> Result<(Vec<u64>, Vec<u64>), PrimaryError> {
+        use vm_memory::Bytes;
+        let t = Instant::now();
+        // A fresh dirty log: what the guest writes from here on.
+        let _ = self.machine.harvest_dirty()?;
+        let mut page = [0u8; 4096];
+        let mut out = Vec::with_capacity(self.pages as usize);
+        for p in 0..self.pages {
+            self.machine
+                .memory()
+                .read_slice(&mut page, vm_memory::GuestAddress(p * 4096))
+                .map_err(|e| vmm::MachineError::Config(format!("reading guest page {p}: {e}")))?;
+            out.push(vmm::image::page_digest(&page));
+        }
+        let dirty = self.machine.harvest_dirty()?.bitmap;
+        debug!(
+            ms = t.elapsed().as_secs_f64() * 1e3,
+            "digested the guest's pages while it ran"
+        );
+        Ok((out, dirty))
+    }
+
     /// The session's first checkpoint, paused: every page (a full resync),
     /// or over the backup's image only the pages that differ.
     fn resync(&mut self, answer: protocol::reuse::Answer) -> Result<(), PrimaryError> {
@@ -397,6 +422,13 @@ impl EpochLoop<'_> {
         let _g = span.enter();
         let t = Instant::now();
         self.machine.set_dirty_tracking(true)?;
+        // Over an offered image: digest every page while the guest runs
+        // (pages written meanwhile are found by the harvest in the pause and
+        // digested again there), so the pause only compares.
+        let pre = match &offer {
+            Some(_) => Some(self.digest_running()?),
+            None => None,
+        };
         self.machine.pause()?;
         let t0 = Instant::now();
         let mut plan = None;
@@ -407,14 +439,41 @@ impl EpochLoop<'_> {
             .and_then(|_| match &offer {
                 None => self.staging.everything(&self.machine),
                 Some(o) => {
+                    let tp = Instant::now();
+                    let (pre, since) = pre.as_ref().expect("digested while running");
                     let tags = self.gens.tags();
+                    let tags_ms = tp.elapsed().as_secs_f64() * 1e3;
+                    let mut changed = since.clone();
+                    for (i, w) in self.machine.harvest_dirty()?.bitmap.iter().enumerate() {
+                        if let Some(c) = changed.get_mut(i) {
+                            *c |= w;
+                        }
+                    }
+                    let rehashed = changed.iter().map(|w| w.count_ones() as u64).sum::<u64>();
                     let p = self.machine.with_ram_paused(|ram| {
                         protocol::reuse::plan(&tags, o, |pg| {
-                            let at = pg as usize * 4096;
-                            vmm::image::page_digest(&ram[at..at + 4096])
+                            let dirty = changed
+                                .get((pg / 64) as usize)
+                                .is_some_and(|w| w & (1 << (pg % 64)) != 0);
+                            match pre.get(pg as usize) {
+                                Some(&d) if !dirty => d,
+                                _ => {
+                                    let at = pg as usize * 4096;
+                                    vmm::image::page_digest(&ram[at..at + 4096])
+                                }
+                            }
                         })
                     })?;
+                    let plan_ms = tp.elapsed().as_secs_f64() * 1e3 - tags_ms;
                     let copy = self.staging.in_pause(&self.machine, p.send.iter().copied());
+                    debug!(
+                        harvest_ms = (tp - t0).as_secs_f64() * 1e3,
+                        rehashed,
+                        tags_ms,
+                        plan_ms,
+                        copy_ms = copy.as_ref().map_or(0.0, |c| c.as_secs_f64() * 1e3),
+                        "reuse plan, paused"
+                    );
                     plan = Some(p);
                     copy
                 }
