@@ -325,7 +325,6 @@ fn reprotect(rate: u64, reuse: bool, dir: &Path, link: &[String]) -> Result<Reus
     let mut args = both.clone();
     args.extend(guest);
     let mut primary = pair.start_primary(0, &args, "a-0.log")?;
-    let mut both = both;
     let t = Instant::now();
     loop {
         let mut console = Vec::new();
