@@ -385,12 +385,18 @@ impl MachineArgs {
     }
 }
 
-/// Opens `--tap NAME`.
+/// Opens `--tap NAME`, which must exist (a mistyped name would otherwise
+/// make a new tap that reaches no one).
 fn open_tap(name: &Option<String>) -> Result<Option<Arc<vmm::tap::Tap>>> {
-    name.as_deref()
-        .map(|n| vmm::tap::Tap::open(n).map(Arc::new))
-        .transpose()
-        .map_err(Into::into)
+    let Some(n) = name.as_deref() else {
+        return Ok(None);
+    };
+    if !n.contains('/') && !std::path::Path::new("/sys/class/net").join(n).exists() {
+        bail!(
+            "--tap {n}: no such network device; create it first (castor net up, or: ip tuntap add dev {n} mode tap; ip link set {n} master BRIDGE up)"
+        );
+    }
+    Ok(Some(Arc::new(vmm::tap::Tap::open(n)?)))
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -837,13 +843,8 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
     let witness = witness_of(&a.pair)?;
     // Local configuration first (certificates, sizes): a bad one fails
     // before anything changes at the witness.
-    let cfg = primary_config(
-        &a.pair,
-        &a.protect,
-        Some(a.backup),
-        witness.clone(),
-        open_tap(&m.tap)?,
-    )?;
+    let mut cfg = primary_config(&a.pair, &a.protect, Some(a.backup), witness.clone(), None)?;
+    cfg.tap = open_tap(&m.tap)?;
     // A primary that boots the VM starts a new generation of its ownership.
     let token = match &witness {
         Some(w) => {
@@ -905,13 +906,8 @@ fn backup_cmd(a: BackupArgs) -> Result<()> {
     // What the node does as a primary if it takes over (no backup: it runs
     // the guest unprotected).
     let witness = witness_of(&a.pair)?;
-    let then = primary_config(
-        &a.pair,
-        &a.protect,
-        a.then_protect,
-        witness.clone(),
-        open_tap(&a.tap)?,
-    )?;
+    let mut then = primary_config(&a.pair, &a.protect, a.then_protect, witness.clone(), None)?;
+    then.tap = open_tap(&a.tap)?;
     let silence = Duration::from_millis(a.heartbeat_timeout_ms.max(1));
     let cfg = backup::Config {
         listen: a.listen,

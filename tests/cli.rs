@@ -52,6 +52,16 @@ fn bad_workloads_and_flags_are_explained() {
         &["run", "--frobnicate"],
         "unexpected argument '--frobnicate'",
     );
+    fails_with(
+        &["run", "--tap", "castor-nope9", "--duration", "1s"],
+        "--tap castor-nope9: no such network device",
+    );
+    fails_with(&["run", "--mac", "01:00:00:00:00:01"], "multicast");
+    fails_with(&["run", "--mac", "52:54:00"], "is not a MAC address");
+    fails_with(
+        &["run", "--workload", "net,ip=10.1.2"],
+        "expected an IPv4 address",
+    );
 }
 
 #[test]
