@@ -1,0 +1,417 @@
+//! The planner: a pure, sans-IO decision over the rounds of a pre-copy.
+//!
+//! After each round the shell tells the planner what the round carried
+//! (pages, bytes on the wire, time from its first byte to the
+//! destination's ack) and how many pages are dirty now (the harvest that
+//! ends the round); the planner answers: another round, stop and copy the
+//! rest (pre-copy converged), switch to post-copy, or stop anyway.
+//!
+//! # The model (seed 001: adaptive downtime control from the writable
+//! working set)
+//! - **Bandwidth** `B`: the best throughput a round achieved (bytes ÷ time
+//!   to ack); small rounds are dominated by the round trip, so the best is
+//!   the truest estimate of the link.
+//! - **Bytes per page** `b`: of the latest round that sent pages (the
+//!   encoder's ratio for this workload: fgbi sends ~17 B for a page with
+//!   one 8-byte write, remus always 4 KiB + header).
+//! - **Writable working set** `W(T)`: pages dirtied during a round of
+//!   length `T`. Each round k gives a point `(T_k, d_{k+1})` (the pages
+//!   harvested at its end were dirtied while it ran). `W` is fitted by
+//!   least squares, `d = a + c·T`, over the history (one point: through the
+//!   origin, `d = c·T`).
+//! - **Stall** of stopping with `d` dirty pages:
+//!   `switch_cost + d·b / B` (pause, state, restore and round trips are
+//!   the fixed `switch_cost`).
+//!
+//! Decision, with `d` pages dirty now: stop if the stall of `d` fits
+//! `max_downtime`. Otherwise iterate the model forward (`T = d·b/B +
+//! overhead`, `d' = W(T)`) for the rounds left: if some predicted round's
+//! stall fits, continue; if the dirty set stops shrinking first, the
+//! migration does not converge — switch to post-copy, or, when post-copy
+//! is forbidden, stop now and report the stall to expect (waiting longer
+//! would only move more bytes). A hard bound of `max_rounds` ends every
+//! pre-copy.
+
+use std::time::Duration;
+
+/// The planner's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanConfig {
+    /// The stall to stay within.
+    pub max_downtime: Duration,
+    /// Whether the planner may switch to post-copy.
+    pub postcopy: bool,
+    /// Most pre-copy rounds (round 1, every page, included).
+    pub max_rounds: u32,
+    /// Fixed part of a stall: pause, machine state, restore on the
+    /// destination, the final round trips.
+    pub switch_cost: Duration,
+    /// The link's rate, if known (bytes/s): used until a round measured it.
+    pub link_rate: Option<u64>,
+}
+
+impl Default for PlanConfig {
+    fn default() -> Self {
+        PlanConfig {
+            max_downtime: Duration::from_millis(50),
+            postcopy: true,
+            max_rounds: 30,
+            switch_cost: Duration::from_millis(8),
+            link_rate: None,
+        }
+    }
+}
+
+/// What one round carried.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RoundFigures {
+    /// Pages encoded.
+    pub pages: u64,
+    /// Bytes on the wire.
+    pub bytes: u64,
+    /// From the round's first byte to the destination's ack.
+    pub duration: Duration,
+    /// Pages dirtied while it ran (the harvest at its end).
+    pub dirtied: u64,
+}
+
+/// What to do next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Send another round of the pages dirty now.
+    Continue {
+        /// Rounds the model expects before the stall fits.
+        rounds_to_fit: u32,
+    },
+    /// Pre-copy converged: pause, send the rest and the state.
+    Stop {
+        /// The stall the model expects.
+        predicted: Duration,
+    },
+    /// It will not converge: resume on the destination now and fetch the
+    /// rest on demand.
+    PostCopy {
+        /// The stall a stop-and-copy now would have cost.
+        stop_and_copy: Duration,
+    },
+    /// It will not converge and post-copy is forbidden: stop anyway.
+    StopAnyway {
+        /// The stall to expect.
+        predicted: Duration,
+    },
+}
+
+/// A least-squares line `d = a + c·T` (T in seconds).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fit {
+    /// Pages at T = 0.
+    pub a: f64,
+    /// Pages per second.
+    pub c: f64,
+}
+
+impl Fit {
+    /// Pages dirtied in a round of `t`.
+    pub fn at(&self, t: Duration) -> f64 {
+        (self.a + self.c * t.as_secs_f64()).max(0.0)
+    }
+}
+
+/// The planner: history in, decisions out; no clock, no I/O.
+#[derive(Debug, Clone)]
+pub struct Planner {
+    cfg: PlanConfig,
+    rounds: Vec<RoundFigures>,
+}
+
+impl Planner {
+    /// A planner with no history.
+    pub fn new(cfg: PlanConfig) -> Self {
+        Planner {
+            cfg,
+            rounds: Vec::new(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &PlanConfig {
+        &self.cfg
+    }
+
+    /// The rounds so far.
+    pub fn rounds(&self) -> &[RoundFigures] {
+        &self.rounds
+    }
+
+    /// Records a finished round.
+    pub fn observe(&mut self, r: RoundFigures) {
+        self.rounds.push(r);
+    }
+
+    /// Bytes per second the link carries, as measured (or the hint).
+    pub fn bandwidth(&self) -> f64 {
+        let measured = self
+            .rounds
+            .iter()
+            .filter(|r| r.bytes >= 64 << 10 && !r.duration.is_zero())
+            .map(|r| r.bytes as f64 / r.duration.as_secs_f64())
+            .fold(0.0, f64::max);
+        if measured > 0.0 {
+            measured
+        } else {
+            self.cfg.link_rate.map(|r| r as f64).unwrap_or(125e6)
+        }
+    }
+
+    /// Bytes a page costs on the wire, from the latest round that sent pages.
+    pub fn bytes_per_page(&self) -> f64 {
+        self.rounds
+            .iter()
+            .rev()
+            .find(|r| r.pages > 0)
+            .map(|r| r.bytes as f64 / r.pages as f64)
+            .unwrap_or(4096.0 + 16.0)
+    }
+
+    /// Time a round spends beyond its bytes (round trips, encoding), from
+    /// the latest round.
+    pub fn round_overhead(&self) -> Duration {
+        let b = self.bandwidth();
+        self.rounds
+            .last()
+            .map(|r| {
+                r.duration
+                    .saturating_sub(Duration::from_secs_f64(r.bytes as f64 / b))
+            })
+            .unwrap_or_default()
+    }
+
+    /// The writable working set fitted over the history, if there is one.
+    pub fn fit(&self) -> Option<Fit> {
+        let pts: Vec<(f64, f64)> = self
+            .rounds
+            .iter()
+            .map(|r| (r.duration.as_secs_f64(), r.dirtied as f64))
+            .collect();
+        fit_line(&pts)
+    }
+
+    /// The stall of stopping with `pages` dirty pages.
+    pub fn stall(&self, pages: u64) -> Duration {
+        let send = pages as f64 * self.bytes_per_page() / self.bandwidth();
+        self.cfg.switch_cost + Duration::from_secs_f64(send)
+    }
+
+    /// The decision after the latest round, with `dirty` pages dirty now.
+    pub fn decide(&self, dirty: u64) -> Decision {
+        let now = self.stall(dirty);
+        if now <= self.cfg.max_downtime {
+            return Decision::Stop { predicted: now };
+        }
+        let done = self.rounds.len() as u32;
+        let give_up = |predicted| {
+            if self.cfg.postcopy {
+                Decision::PostCopy {
+                    stop_and_copy: predicted,
+                }
+            } else {
+                Decision::StopAnyway { predicted }
+            }
+        };
+        if done >= self.cfg.max_rounds {
+            return give_up(now);
+        }
+        match self.rounds_to_fit(dirty, self.cfg.max_rounds - done) {
+            Some(n) => Decision::Continue { rounds_to_fit: n },
+            // One round of history says little (round 1 is the whole RAM):
+            // measure a second before giving up.
+            None if done < 2 => Decision::Continue { rounds_to_fit: 0 },
+            None => give_up(now),
+        }
+    }
+
+    /// How many more rounds, per the model, until a stop fits (within
+    /// `left` rounds); `None` if the dirty set stops shrinking first.
+    pub fn rounds_to_fit(&self, dirty: u64, left: u32) -> Option<u32> {
+        let fit = self.fit()?;
+        let (b, bw, over) = (
+            self.bytes_per_page(),
+            self.bandwidth(),
+            self.round_overhead(),
+        );
+        let mut d = dirty as f64;
+        for i in 1..=left {
+            let t = Duration::from_secs_f64(d * b / bw) + over;
+            let next = fit.at(t);
+            if self.stall(next.ceil() as u64) <= self.cfg.max_downtime {
+                return Some(i);
+            }
+            if next >= d * 0.9 {
+                return None;
+            }
+            d = next;
+        }
+        None
+    }
+}
+
+/// Least squares over `(x, y)` points; one point (or points of one `x`):
+/// the line through the origin and their mean.
+pub fn fit_line(pts: &[(f64, f64)]) -> Option<Fit> {
+    if pts.is_empty() {
+        return None;
+    }
+    let n = pts.len() as f64;
+    let mx = pts.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = pts.iter().map(|p| p.1).sum::<f64>() / n;
+    let sxx: f64 = pts.iter().map(|p| (p.0 - mx) * (p.0 - mx)).sum();
+    let sxy: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    if sxx <= 1e-12 * n.max(1.0) {
+        if mx <= 0.0 {
+            return Some(Fit { a: my, c: 0.0 });
+        }
+        return Some(Fit { a: 0.0, c: my / mx });
+    }
+    let c = sxy / sxx;
+    Some(Fit { a: my - c * mx, c })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// A guest dirtying `rate` distinct pages a second out of `pages`
+    /// (random writes: the working set saturates), a link of `bw` bytes a
+    /// second with `rtt`, an encoder costing `bpp` bytes a page: the rounds
+    /// the planner asks for, and its final decision.
+    fn simulate(
+        cfg: PlanConfig,
+        pages: u64,
+        rate: f64,
+        bw: f64,
+        bpp: f64,
+        rtt: Duration,
+    ) -> (Vec<RoundFigures>, Decision) {
+        let wws = |t: Duration| -> u64 {
+            let p = pages as f64;
+            (p * (1.0 - (-rate * t.as_secs_f64() / p).exp())).round() as u64
+        };
+        let mut planner = Planner::new(cfg);
+        let mut to_send = pages;
+        loop {
+            let bytes = (to_send as f64 * bpp) as u64;
+            let duration = Duration::from_secs_f64(bytes as f64 / bw) + rtt;
+            let dirtied = wws(duration);
+            planner.observe(RoundFigures {
+                pages: to_send,
+                bytes,
+                duration,
+                dirtied,
+            });
+            match planner.decide(dirtied) {
+                Decision::Continue { .. } => to_send = dirtied,
+                d => return (planner.rounds().to_vec(), d),
+            }
+        }
+    }
+
+    #[test]
+    fn the_fit_recovers_a_line_and_a_single_point_goes_through_the_origin() {
+        let f = fit_line(&[(1.0, 12.0), (2.0, 22.0), (3.0, 32.0)]).unwrap();
+        assert!((f.a - 2.0).abs() < 1e-9 && (f.c - 10.0).abs() < 1e-9);
+        let f = fit_line(&[(0.5, 100.0)]).unwrap();
+        assert_eq!(f, Fit { a: 0.0, c: 200.0 });
+        assert!(fit_line(&[]).is_none());
+        assert_eq!(f.at(Duration::from_secs(1)), 200.0);
+    }
+
+    #[test]
+    fn an_idle_guest_stops_after_the_first_round() {
+        // 256 MiB, a counter dirtying ~10 pages a second, 1 Gbit/s, mostly
+        // zero pages (fgbi: a few bytes each).
+        let (rounds, d) = simulate(PlanConfig::default(), 65536, 10.0, 125e6, 40.0, MS);
+        assert_eq!(rounds.len(), 1);
+        assert!(matches!(d, Decision::Stop { predicted } if predicted <= 50 * MS));
+    }
+
+    #[test]
+    fn sparse_writes_with_fgbi_converge_in_a_few_rounds() {
+        // 50 k random 8-byte writes/s over 256 MiB, fgbi ~20 B a page.
+        let (rounds, d) = simulate(PlanConfig::default(), 65536, 50e3, 125e6, 20.0, MS);
+        assert!(rounds.len() <= 3, "{rounds:?}");
+        assert!(matches!(d, Decision::Stop { predicted } if predicted <= 50 * MS));
+    }
+
+    #[test]
+    fn whole_pages_faster_than_the_link_switch_to_post_copy_without_looping() {
+        // 40 k fresh pages/s (160 MB/s) over a 125 MB/s link: never converges.
+        let (rounds, d) = simulate(PlanConfig::default(), 65536, 40e3, 125e6, 4112.0, MS);
+        assert!(rounds.len() <= 3, "gave up after {} rounds", rounds.len());
+        assert!(matches!(d, Decision::PostCopy { stop_and_copy } if stop_and_copy > 50 * MS));
+    }
+
+    #[test]
+    fn without_post_copy_a_non_converging_migration_stops_anyway_and_says_how_long() {
+        let cfg = PlanConfig {
+            postcopy: false,
+            ..PlanConfig::default()
+        };
+        let (rounds, d) = simulate(cfg, 65536, 40e3, 125e6, 4112.0, MS);
+        assert!(rounds.len() <= 3);
+        match d {
+            Decision::StopAnyway { predicted } => {
+                // Tens of thousands of pages at 125 MB/s: over a second.
+                assert!(predicted > Duration::from_millis(500), "{predicted:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_slowly_converging_migration_keeps_going_while_the_model_says_it_will_fit() {
+        // remus (whole pages) with 5 k pages/s over 1 Gbit/s: each round
+        // shrinks (20 MB/s of new dirt against 125 MB/s).
+        let (rounds, d) = simulate(PlanConfig::default(), 65536, 5e3, 125e6, 4112.0, MS);
+        assert!(rounds.len() >= 3, "{rounds:?}");
+        assert!(matches!(d, Decision::Stop { .. }), "{d:?}");
+    }
+
+    #[test]
+    fn max_rounds_bounds_every_pre_copy() {
+        let cfg = PlanConfig {
+            max_rounds: 2,
+            postcopy: false,
+            max_downtime: Duration::from_micros(1),
+            ..PlanConfig::default()
+        };
+        let (rounds, d) = simulate(cfg, 65536, 5e3, 125e6, 4112.0, MS);
+        assert_eq!(rounds.len(), 2);
+        assert!(matches!(d, Decision::StopAnyway { .. }));
+    }
+
+    #[test]
+    fn bandwidth_comes_from_the_best_round_and_the_hint_before_any() {
+        let mut p = Planner::new(PlanConfig {
+            link_rate: Some(1000),
+            ..PlanConfig::default()
+        });
+        assert_eq!(p.bandwidth(), 1000.0);
+        assert_eq!(p.bytes_per_page(), 4112.0);
+        p.observe(RoundFigures {
+            pages: 100,
+            bytes: 1 << 20,
+            duration: Duration::from_secs(1),
+            dirtied: 10,
+        });
+        p.observe(RoundFigures {
+            pages: 10,
+            bytes: 100,
+            duration: MS,
+            dirtied: 10,
+        });
+        assert_eq!(p.bandwidth(), (1 << 20) as f64);
+        assert_eq!(p.bytes_per_page(), 10.0);
+    }
+}
