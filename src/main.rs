@@ -90,6 +90,26 @@ enum Command {
     /// summary.md and PNG plots into --out. `--quick` (the CI smoke test)
     /// takes under 3 minutes, the full default matrix under 20.
     Bench(lab::BenchArgs),
+    /// Live migration: boot castor's guest here and move it, running, to the
+    /// node at --to (a `castor migrate-listen`) after --after.
+    ///
+    /// Pre-copy rounds encoded by fgbi (or xbzrle / remus) over the pair's
+    /// mutual-TLS QUIC channel, until the stall predicted from the writable
+    /// working set fits --max-downtime; then the guest is paused, the rest
+    /// and the machine state sent, the destination's memory checked against
+    /// a digest of the source's, and the guest resumed there. When the
+    /// history says pre-copy will never fit, the migration switches to
+    /// post-copy: the destination runs the guest at once and fetches the
+    /// pages it touches on demand while the rest is pushed. DURING POST-COPY
+    /// A FAILURE OF EITHER NODE OR OF THE LINK LOSES THE VM (--no-postcopy
+    /// forbids it). A migration that fails before the switch leaves the
+    /// guest running here and says why. Prints `MIGRATED {json}` on success.
+    Migrate(migrate::cli::MigrateArgs),
+    /// Live migration, destination: wait for one guest (`castor migrate`),
+    /// run it and serve its console from the offset it had; with --to, move
+    /// it on after --after. See `castor migrate --help` (post-copy: a
+    /// failure of either node loses the VM).
+    MigrateListen(migrate::cli::ListenArgs),
 }
 
 #[derive(Args, Clone)]
@@ -1027,6 +1047,8 @@ fn main() -> ExitCode {
         Command::Demo(a) => lab::demo(a),
         Command::Drill(a) => lab::drill(a),
         Command::Bench(a) => lab::bench(a),
+        Command::Migrate(a) => migrate::cli::migrate(a),
+        Command::MigrateListen(a) => migrate::cli::listen(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,465 @@
+//! The source's shell: rounds of pre-copy from a running machine, then the
+//! switch the planner chose (stop-and-copy, or post-copy and its page
+//! service), over one mutual-TLS QUIC connection.
+//!
+//! The commit point is the source's `Go`: before it, any failure resumes
+//! the guest here, unharmed; after it, the source never runs the guest
+//! again (in post-copy, a failure of either side then loses the VM).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use fgbi::Encoder;
+use protocol::payload;
+use tracing::{info, warn};
+use vm_memory::{Bytes, GuestAddress};
+use vmm::Machine;
+
+use crate::io::{ram_digest, Rx, Tx};
+use crate::plan::{Decision, Planner, RoundFigures};
+use crate::wire::{bitmap_of, Msg, MAX_CHUNK, MIGRATION_VERSION};
+use crate::{MigrateError, PostcopyReport, Report, RoundReport, SourceConfig};
+
+/// A failed migration: why, and whether the guest still runs here.
+#[derive(Debug)]
+pub struct Failure {
+    /// Why.
+    pub error: MigrateError,
+    /// The guest was resumed on the source (a failure before the commit
+    /// point); `false`: it is lost or its fate is unknown (after `Go`).
+    pub running_here: bool,
+}
+
+/// How long the source waits for any one answer of the destination.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Source<'a> {
+    machine: &'a mut Machine,
+    cfg: &'a SourceConfig,
+    pages: u64,
+    encoder: Encoder,
+    bulk: Tx,
+    ctl: Tx,
+    rx: Rx,
+    committed: bool,
+}
+
+/// Migrates `machine` (running) to the destination at `addr`. On success
+/// the machine is stopped and the report says how it went; on failure
+/// before the commit point the machine runs again here.
+pub async fn migrate_out(
+    machine: &mut Machine,
+    addr: SocketAddr,
+    tls: &transport::NodeTls,
+    cfg: &SourceConfig,
+) -> Result<Report, Failure> {
+    let t0 = Instant::now();
+    let mut committed = false;
+    let r = run(machine, addr, tls, cfg, t0, &mut committed).await;
+    match r {
+        Ok(rep) => {
+            machine.stop();
+            Ok(rep)
+        }
+        Err(error) => {
+            if committed {
+                warn!("migration failed after the commit point: {error}");
+                machine.stop();
+                Err(Failure {
+                    error,
+                    running_here: false,
+                })
+            } else {
+                let _ = machine.set_dirty_tracking(false);
+                let resumed = machine.resume();
+                warn!("migration failed before the switch: {error}; the VM keeps running here");
+                Err(Failure {
+                    error,
+                    running_here: resumed.is_ok(),
+                })
+            }
+        }
+    }
+}
+
+async fn run(
+    machine: &mut Machine,
+    addr: SocketAddr,
+    tls: &transport::NodeTls,
+    cfg: &SourceConfig,
+    t0: Instant,
+    committed: &mut bool,
+) -> Result<Report, MigrateError> {
+    let (_endpoint, conn) = transport::connect_connection(addr, tls)
+        .await
+        .map_err(|e| MigrateError::Link(e.to_string()))?;
+    let link = |e: quinn::ConnectionError| MigrateError::Link(e.to_string());
+    let (ctl_tx, ctl_rx) = conn.open_bi().await.map_err(link)?;
+    let _ = ctl_tx.set_priority(transport::CONTROL_PRIORITY);
+    let bulk_tx = conn.open_uni().await.map_err(link)?;
+    let pacer = Tx::pacer(cfg.link);
+    let mut ctl = Tx::new(ctl_tx, pacer.clone(), cfg.link);
+    let mut rx = Rx::new(ctl_rx);
+    let mem_bytes = vmm::memory::ram_size(machine.memory());
+    let pages = mem_bytes / 4096;
+    ctl.msg(&Msg::Hello {
+        version: MIGRATION_VERSION,
+        node: cfg.node.clone(),
+        mode: payload::mode_byte(cfg.mode),
+        block_size: cfg.block_size as u32,
+        memory_bytes: mem_bytes,
+        vcpus: machine.vcpu_count() as u32,
+    })
+    .await?;
+    match timeout(rx.next()).await? {
+        Msg::Ready => {}
+        Msg::Refused { reason } => return Err(MigrateError::Refused(reason)),
+        other => return Err(unexpected(&other)),
+    }
+    let encoder = Encoder::new(
+        fgbi::Config {
+            mode: cfg.mode,
+            block_size: cfg.block_size,
+            budget_bytes: mem_bytes / 2,
+            key: rand::random(),
+        },
+        pages,
+    )
+    .map_err(|e| MigrateError::Config(e.to_string()))?;
+    let mut s = Source {
+        machine,
+        cfg,
+        pages,
+        encoder,
+        bulk: Tx::new(bulk_tx, pacer, cfg.link),
+        ctl,
+        rx,
+        committed: false,
+    };
+    let r = s.rounds(t0).await;
+    *committed = s.committed;
+    r
+}
+
+async fn timeout<T>(
+    f: impl std::future::Future<Output = Result<T, MigrateError>>,
+) -> Result<T, MigrateError> {
+    tokio::time::timeout(ANSWER_TIMEOUT, f)
+        .await
+        .map_err(|_| MigrateError::Link(format!("no answer within {ANSWER_TIMEOUT:?}")))?
+}
+
+fn unexpected(m: &Msg) -> MigrateError {
+    MigrateError::Protocol(format!("unexpected message {m:?}"))
+}
+
+trait OneRegion {
+    fn num_regions_is_one(&self) -> bool;
+}
+impl OneRegion for vmm::memory::GuestMem {
+    fn num_regions_is_one(&self) -> bool {
+        vm_memory::GuestMemoryBackend::num_regions(self) == 1
+    }
+}
+
+impl Source<'_> {
+    async fn rounds(&mut self, t0: Instant) -> Result<Report, MigrateError> {
+        if !self.machine.memory().num_regions_is_one() {
+            return Err(MigrateError::Config(
+                "migration supports guests of at most 3 GiB (RAM in one region)".into(),
+            ));
+        }
+        self.machine.set_dirty_tracking(true)?;
+        self.machine.harvest_dirty()?;
+        let mut planner = Planner::new(self.cfg.plan.clone());
+        let mut to_send: Vec<u64> = (0..self.pages).collect();
+        let mut round = 0u32;
+        let mut reports = Vec::new();
+        let decision = loop {
+            round += 1;
+            let t = Instant::now();
+            let before = self.bulk.bytes;
+            self.send_pages(round, &to_send).await?;
+            self.bulk
+                .msg(&Msg::RoundEnd {
+                    round,
+                    pages: to_send.len() as u64,
+                })
+                .await?;
+            match timeout(self.rx.next()).await? {
+                Msg::RoundAck { round: r } if r == round => {}
+                Msg::Refused { reason } => return Err(MigrateError::Refused(reason)),
+                other => return Err(unexpected(&other)),
+            }
+            let duration = t.elapsed();
+            let dirty = self.machine.harvest_dirty()?;
+            let sent = to_send.len() as u64;
+            to_send = dirty.frames().filter(|&f| f < self.pages).collect();
+            let fig = RoundFigures {
+                pages: sent,
+                bytes: self.bulk.bytes - before,
+                duration,
+                dirtied: to_send.len() as u64,
+            };
+            planner.observe(fig);
+            let d = planner.decide(to_send.len() as u64);
+            info!(
+                round,
+                pages = fig.pages,
+                bytes = fig.bytes,
+                ms = format!("{:.1}", duration.as_secs_f64() * 1e3),
+                dirty = fig.dirtied,
+                decision = ?d,
+                "pre-copy round"
+            );
+            reports.push(RoundReport::from(fig));
+            if !matches!(d, Decision::Continue { .. }) {
+                break d;
+            }
+        };
+        let mut report = Report {
+            path: String::new(),
+            mode: self.cfg.mode.to_string(),
+            rounds: reports,
+            bytes: 0,
+            total_ms: 0.0,
+            pause_ms: 0.0,
+            predicted_ms: 0.0,
+            final_pages: 0,
+            digest: None,
+            console_offset: 0,
+            postcopy: None,
+        };
+        match decision {
+            Decision::PostCopy { stop_and_copy } => {
+                report.path = "post-copy".into();
+                report.predicted_ms = stop_and_copy.as_secs_f64() * 1e3;
+                self.postcopy(to_send, round + 1, &mut report).await?;
+            }
+            Decision::Stop { predicted } | Decision::StopAnyway { predicted } => {
+                report.path = if matches!(decision, Decision::Stop { .. }) {
+                    "pre-copy"
+                } else {
+                    "pre-copy (stopped anyway: not converging)"
+                }
+                .into();
+                report.predicted_ms = predicted.as_secs_f64() * 1e3;
+                if matches!(decision, Decision::StopAnyway { .. }) {
+                    warn!(
+                        predicted_ms = report.predicted_ms,
+                        "pre-copy does not converge and post-copy is forbidden: stopping anyway; expect a stall of about {:.0} ms",
+                        report.predicted_ms
+                    );
+                }
+                self.stop_and_copy(to_send, round + 1, &mut report).await?;
+            }
+            Decision::Continue { .. } => unreachable!("the loop ends on another decision"),
+        }
+        report.bytes = self.bulk.bytes + self.ctl.bytes;
+        report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+        info!(
+            path = %report.path,
+            total_ms = format!("{:.1}", report.total_ms),
+            pause_ms = format!("{:.1}", report.pause_ms),
+            bytes = report.bytes,
+            rounds = report.rounds.len(),
+            "migration done"
+        );
+        Ok(report)
+    }
+
+    /// Encodes `frames` (read from the guest's RAM now) as round `round`.
+    async fn send_pages(&mut self, round: u32, frames: &[u64]) -> Result<(), MigrateError> {
+        let mut page = [0u8; 4096];
+        let mut chunk = Vec::with_capacity(MAX_CHUNK);
+        for &f in frames {
+            self.machine
+                .memory()
+                .read_slice(&mut page, GuestAddress(f * 4096))
+                .map_err(|e| MigrateError::Machine(format!("reading page {f}: {e}")))?;
+            self.encoder.encode_page(f, &page, &mut chunk);
+            if chunk.len() > MAX_CHUNK - (16 << 10) {
+                let records = std::mem::replace(&mut chunk, Vec::with_capacity(MAX_CHUNK));
+                self.bulk.msg(&Msg::Pages { round, records }).await?;
+            }
+        }
+        if !chunk.is_empty() {
+            self.bulk
+                .msg(&Msg::Pages {
+                    round,
+                    records: chunk,
+                })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Pauses the guest and takes the pages dirty since the last round
+    /// with those not yet sent; captures the machine state.
+    fn pause_and_capture(
+        &mut self,
+        pending: Vec<u64>,
+    ) -> Result<(Vec<u64>, Vec<u8>, u64), MigrateError> {
+        self.machine.pause()?;
+        let dirty = self.machine.harvest_dirty()?;
+        let mut set: BTreeSet<u64> = pending.into_iter().collect();
+        set.extend(dirty.frames().filter(|&f| f < self.pages));
+        let state = self.machine.capture()?;
+        Ok((
+            set.into_iter().collect(),
+            payload::pack_state(&state.encode()),
+            state.console_offset,
+        ))
+    }
+
+    async fn stop_and_copy(
+        &mut self,
+        pending: Vec<u64>,
+        round: u32,
+        report: &mut Report,
+    ) -> Result<(), MigrateError> {
+        let tp = Instant::now();
+        let (last, state, offset) = self.pause_and_capture(pending)?;
+        report.final_pages = last.len() as u64;
+        report.console_offset = offset;
+        self.send_pages(round, &last).await?;
+        self.bulk
+            .msg(&Msg::Switch {
+                state,
+                missing: Vec::new(),
+            })
+            .await?;
+        let digest = ram_digest(self.machine.memory(), self.pages)?;
+        report.digest = Some(format!("{digest:032x}"));
+        self.bulk
+            .msg(&Msg::Digest {
+                digest: digest.to_le_bytes(),
+            })
+            .await?;
+        match timeout(self.rx.next()).await? {
+            Msg::Verified => {}
+            Msg::Refused { reason } => return Err(MigrateError::Refused(reason)),
+            other => return Err(unexpected(&other)),
+        }
+        self.committed = true;
+        self.ctl.msg(&Msg::Go).await?;
+        match timeout(self.rx.next()).await {
+            Ok(Msg::Finished) => {}
+            Ok(other) => warn!("after the switch: {other:?}"),
+            Err(e) => warn!("after the switch, the destination's confirmation was lost: {e}"),
+        }
+        report.pause_ms = tp.elapsed().as_secs_f64() * 1e3;
+        self.bulk.finish();
+        Ok(())
+    }
+
+    async fn postcopy(
+        &mut self,
+        pending: Vec<u64>,
+        _round: u32,
+        report: &mut Report,
+    ) -> Result<(), MigrateError> {
+        let tp = Instant::now();
+        let (missing, state, offset) = self.pause_and_capture(pending)?;
+        report.final_pages = missing.len() as u64;
+        report.console_offset = offset;
+        self.bulk
+            .msg(&Msg::Switch {
+                state,
+                missing: bitmap_of(missing.iter().copied(), self.pages),
+            })
+            .await?;
+        match timeout(self.rx.next()).await? {
+            Msg::Verified => {}
+            Msg::Refused { reason } => return Err(MigrateError::Refused(reason)),
+            other => return Err(unexpected(&other)),
+        }
+        self.committed = true;
+        self.ctl.msg(&Msg::Go).await?;
+        report.pause_ms = tp.elapsed().as_secs_f64() * 1e3;
+        info!(
+            missing = missing.len(),
+            "post-copy: the guest runs on the destination; pushing the rest"
+        );
+        let tg = Instant::now();
+        let mut sent = vec![false; self.pages as usize];
+        let (mut demand, mut pushed) = (0u64, 0u64);
+        let mut next = 0usize;
+        let mut done_sent = false;
+        loop {
+            tokio::select! {
+                biased;
+                m = self.rx.next() => match m? {
+                    Msg::Want { page } if page < self.pages => {
+                        demand += 1;
+                        let data = self.read_page(page)?;
+                        sent[page as usize] = true;
+                        self.ctl.msg(&Msg::Page { page, data }).await?;
+                    }
+                    Msg::Finished => break,
+                    other => return Err(unexpected(&other)),
+                },
+                r = push_some(&mut self.bulk, self.machine, &missing, &mut next, &mut sent), if !done_sent => {
+                    pushed += r?;
+                    if next >= missing.len() {
+                        self.bulk.msg(&Msg::Done).await?;
+                        done_sent = true;
+                    }
+                }
+            }
+        }
+        self.bulk.finish();
+        report.postcopy = Some(PostcopyReport {
+            missing: missing.len() as u64,
+            demand,
+            pushed,
+            ms: tg.elapsed().as_secs_f64() * 1e3,
+        });
+        Ok(())
+    }
+
+    fn read_page(&self, f: u64) -> Result<Vec<u8>, MigrateError> {
+        read_page(self.machine, f)
+    }
+}
+
+fn read_page(machine: &Machine, f: u64) -> Result<Vec<u8>, MigrateError> {
+    let mut page = vec![0u8; 4096];
+    machine
+        .memory()
+        .read_slice(&mut page, GuestAddress(f * 4096))
+        .map_err(|e| MigrateError::Machine(format!("reading page {f}: {e}")))?;
+    if page.iter().all(|&b| b == 0) {
+        page.clear();
+    }
+    Ok(page)
+}
+
+/// Pushes up to 16 of the missing pages not sent yet; returns how many.
+async fn push_some(
+    bulk: &mut Tx,
+    machine: &Machine,
+    missing: &[u64],
+    next: &mut usize,
+    sent: &mut [bool],
+) -> Result<u64, MigrateError> {
+    let mut frames = Vec::new();
+    let mut n = 0;
+    while *next < missing.len() && n < 16 {
+        let f = missing[*next];
+        *next += 1;
+        if sent[f as usize] {
+            continue;
+        }
+        sent[f as usize] = true;
+        Msg::Page {
+            page: f,
+            data: read_page(machine, f)?,
+        }
+        .encode(&mut frames);
+        n += 1;
+    }
+    bulk.send(&frames).await?;
+    Ok(n)
+}
