@@ -118,7 +118,7 @@ impl From<RoundFigures> for RoundReport {
 pub struct PostcopyReport {
     /// Pages the destination lacked at the switch.
     pub missing: u64,
-    /// Of them, sent on demand.
+    /// Of them, sent on demand before the push reached them.
     pub demand: u64,
     /// Of them, pushed in the background.
     pub pushed: u64,

@@ -7,6 +7,8 @@
 //! again (in post-copy, a failure of either side then loses the VM).
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -16,7 +18,7 @@ use tracing::{info, warn};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::Machine;
 
-use crate::io::{ram_digest, Rx, Tx};
+use crate::io::{page_hash, Rx, Tx};
 use crate::plan::{Decision, Planner, RoundFigures};
 use crate::wire::{bitmap_of, Msg, MAX_CHUNK, MIGRATION_VERSION};
 use crate::{MigrateError, PostcopyReport, Report, RoundReport, SourceConfig};
@@ -39,7 +41,7 @@ struct Source<'a> {
     cfg: &'a SourceConfig,
     pages: u64,
     encoder: Encoder,
-    bulk: Tx,
+    bulk: Option<Tx>,
     ctl: Tx,
     rx: Rx,
     committed: bool,
@@ -132,7 +134,7 @@ async fn run(
         cfg,
         pages,
         encoder,
-        bulk: Tx::new(bulk_tx, pacer, cfg.link),
+        bulk: Some(Tx::new(bulk_tx, pacer, cfg.link)),
         ctl,
         rx,
         committed: false,
@@ -164,6 +166,10 @@ impl OneRegion for vmm::memory::GuestMem {
 }
 
 impl Source<'_> {
+    fn bulk(&mut self) -> &mut Tx {
+        self.bulk.as_mut().expect("the bulk stream")
+    }
+
     async fn rounds(&mut self, t0: Instant) -> Result<Report, MigrateError> {
         if !self.machine.memory().num_regions_is_one() {
             return Err(MigrateError::Config(
@@ -179,9 +185,9 @@ impl Source<'_> {
         let decision = loop {
             round += 1;
             let t = Instant::now();
-            let before = self.bulk.bytes;
+            let before = self.bulk().bytes;
             self.send_pages(round, &to_send).await?;
-            self.bulk
+            self.bulk()
                 .msg(&Msg::RoundEnd {
                     round,
                     pages: to_send.len() as u64,
@@ -198,7 +204,7 @@ impl Source<'_> {
             to_send = dirty.frames().filter(|&f| f < self.pages).collect();
             let fig = RoundFigures {
                 pages: sent,
-                bytes: self.bulk.bytes - before,
+                bytes: self.bulk().bytes - before,
                 duration,
                 dirtied: to_send.len() as u64,
             };
@@ -256,7 +262,7 @@ impl Source<'_> {
             }
             Decision::Continue { .. } => unreachable!("the loop ends on another decision"),
         }
-        report.bytes = self.bulk.bytes + self.ctl.bytes;
+        report.bytes = self.bulk().bytes + self.ctl.bytes;
         report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
         info!(
             path = %report.path,
@@ -281,11 +287,11 @@ impl Source<'_> {
             self.encoder.encode_page(f, &page, &mut chunk);
             if chunk.len() > MAX_CHUNK - (16 << 10) {
                 let records = std::mem::replace(&mut chunk, Vec::with_capacity(MAX_CHUNK));
-                self.bulk.msg(&Msg::Pages { round, records }).await?;
+                self.bulk().msg(&Msg::Pages { round, records }).await?;
             }
         }
         if !chunk.is_empty() {
-            self.bulk
+            self.bulk()
                 .msg(&Msg::Pages {
                     round,
                     records: chunk,
@@ -324,15 +330,20 @@ impl Source<'_> {
         report.final_pages = last.len() as u64;
         report.console_offset = offset;
         self.send_pages(round, &last).await?;
-        self.bulk
+        self.bulk()
             .msg(&Msg::Switch {
                 state,
                 missing: Vec::new(),
             })
             .await?;
-        let digest = ram_digest(self.machine.memory(), self.pages)?;
+        let td = Instant::now();
+        let pages = self.pages;
+        let digest = self
+            .machine
+            .with_paused_ram(|ram| digest_of(&ram[..(pages * 4096) as usize]))?;
+        let digest_ms = td.elapsed().as_secs_f64() * 1e3;
         report.digest = Some(format!("{digest:032x}"));
-        self.bulk
+        self.bulk()
             .msg(&Msg::Digest {
                 digest: digest.to_le_bytes(),
             })
@@ -342,6 +353,7 @@ impl Source<'_> {
             Msg::Refused { reason } => return Err(MigrateError::Refused(reason)),
             other => return Err(unexpected(&other)),
         }
+        let verified_ms = tp.elapsed().as_secs_f64() * 1e3;
         self.committed = true;
         self.ctl.msg(&Msg::Go).await?;
         match timeout(self.rx.next()).await {
@@ -350,7 +362,13 @@ impl Source<'_> {
             Err(e) => warn!("after the switch, the destination's confirmation was lost: {e}"),
         }
         report.pause_ms = tp.elapsed().as_secs_f64() * 1e3;
-        self.bulk.finish();
+        info!(
+            digest_ms = format!("{digest_ms:.1}"),
+            verified_ms = format!("{verified_ms:.1}"),
+            pause_ms = format!("{:.1}", report.pause_ms),
+            "switch"
+        );
+        self.bulk().finish();
         Ok(())
     }
 
@@ -364,10 +382,11 @@ impl Source<'_> {
         let (missing, state, offset) = self.pause_and_capture(pending)?;
         report.final_pages = missing.len() as u64;
         report.console_offset = offset;
-        self.bulk
+        let bitmap = bitmap_of(missing.iter().copied(), self.pages);
+        self.bulk()
             .msg(&Msg::Switch {
                 state,
-                missing: bitmap_of(missing.iter().copied(), self.pages),
+                missing: bitmap,
             })
             .await?;
         match timeout(self.rx.next()).await? {
@@ -383,33 +402,59 @@ impl Source<'_> {
             "post-copy: the guest runs on the destination; pushing the rest"
         );
         let tg = Instant::now();
-        let mut sent = vec![false; self.pages as usize];
-        let (mut demand, mut pushed) = (0u64, 0u64);
-        let mut next = 0usize;
-        let mut done_sent = false;
-        loop {
-            tokio::select! {
-                biased;
-                m = self.rx.next() => match m? {
-                    Msg::Want { page } if page < self.pages => {
-                        demand += 1;
-                        let data = self.read_page(page)?;
-                        sent[page as usize] = true;
-                        self.ctl.msg(&Msg::Page { page, data }).await?;
+        // The background push runs on a task of its own (a write must never
+        // be cancelled half-way through a frame); the demand service here.
+        let sent: Arc<Vec<AtomicBool>> =
+            Arc::new((0..self.pages).map(|_| AtomicBool::new(false)).collect());
+        let mut bulk = self.bulk.take().expect("the bulk stream");
+        let push = {
+            let (mem, sent, missing) = (
+                self.machine.memory().clone(),
+                sent.clone(),
+                missing.clone(),
+            );
+            tokio::spawn(async move {
+                let mut pushed = 0u64;
+                for chunk in missing.chunks(16) {
+                    let mut frames = Vec::new();
+                    for &f in chunk {
+                        if sent[f as usize].swap(true, Ordering::Relaxed) {
+                            continue;
+                        }
+                        Msg::Page {
+                            page: f,
+                            data: read_page(&mem, f)?,
+                        }
+                        .encode(&mut frames);
+                        pushed += 1;
                     }
-                    Msg::Finished => break,
-                    other => return Err(unexpected(&other)),
-                },
-                r = push_some(&mut self.bulk, self.machine, &missing, &mut next, &mut sent), if !done_sent => {
-                    pushed += r?;
-                    if next >= missing.len() {
-                        self.bulk.msg(&Msg::Done).await?;
-                        done_sent = true;
-                    }
+                    bulk.send(&frames).await?;
                 }
+                bulk.msg(&Msg::Done).await?;
+                Ok::<_, MigrateError>((pushed, bulk))
+            })
+        };
+        let mut demand = 0u64;
+        loop {
+            match self.rx.next().await? {
+                Msg::Want { page } if page < self.pages => {
+                    // Sent again even if the push took it already (it may
+                    // still be on its way behind other pages).
+                    if !sent[page as usize].swap(true, Ordering::Relaxed) {
+                        demand += 1;
+                    }
+                    let data = read_page(self.machine.memory(), page)?;
+                    self.ctl.msg(&Msg::Page { page, data }).await?;
+                }
+                Msg::Finished => break,
+                other => return Err(unexpected(&other)),
             }
         }
-        self.bulk.finish();
+        let (pushed, bulk) = push
+            .await
+            .map_err(|e| MigrateError::Link(format!("the push task: {e}")))??;
+        self.bulk = Some(bulk);
+        self.bulk().finish();
         report.postcopy = Some(PostcopyReport {
             missing: missing.len() as u64,
             demand,
@@ -419,16 +464,11 @@ impl Source<'_> {
         Ok(())
     }
 
-    fn read_page(&self, f: u64) -> Result<Vec<u8>, MigrateError> {
-        read_page(self.machine, f)
-    }
 }
 
-fn read_page(machine: &Machine, f: u64) -> Result<Vec<u8>, MigrateError> {
+fn read_page(mem: &vmm::memory::GuestMem, f: u64) -> Result<Vec<u8>, MigrateError> {
     let mut page = vec![0u8; 4096];
-    machine
-        .memory()
-        .read_slice(&mut page, GuestAddress(f * 4096))
+    mem.read_slice(&mut page, GuestAddress(f * 4096))
         .map_err(|e| MigrateError::Machine(format!("reading page {f}: {e}")))?;
     if page.iter().all(|&b| b == 0) {
         page.clear();
@@ -436,30 +476,18 @@ fn read_page(machine: &Machine, f: u64) -> Result<Vec<u8>, MigrateError> {
     Ok(page)
 }
 
-/// Pushes up to 16 of the missing pages not sent yet; returns how many.
-async fn push_some(
-    bulk: &mut Tx,
-    machine: &Machine,
-    missing: &[u64],
-    next: &mut usize,
-    sent: &mut [bool],
-) -> Result<u64, MigrateError> {
-    let mut frames = Vec::new();
-    let mut n = 0;
-    while *next < missing.len() && n < 16 {
-        let f = missing[*next];
-        *next += 1;
-        if sent[f as usize] {
-            continue;
-        }
-        sent[f as usize] = true;
-        Msg::Page {
-            page: f,
-            data: read_page(machine, f)?,
-        }
-        .encode(&mut frames);
-        n += 1;
-    }
-    bulk.send(&frames).await?;
-    Ok(n)
+/// [`crate::ram_digest`] of RAM given as one slice, on two threads (the
+/// guest is paused: its vCPUs' CPU time is free).
+fn digest_of(ram: &[u8]) -> u128 {
+    let half = (ram.len() / 4096 / 2) * 4096;
+    let part = |base: u64, r: &[u8]| {
+        r.chunks_exact(4096)
+            .enumerate()
+            .fold(0u128, |a, (i, p)| a.wrapping_add(page_hash(base + i as u64, p)))
+    };
+    std::thread::scope(|s| {
+        let hi = s.spawn(|| part((half / 4096) as u64, &ram[half..]));
+        let lo = part(0, &ram[..half]);
+        lo.wrapping_add(hi.join().expect("digest thread"))
+    })
 }

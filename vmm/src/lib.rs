@@ -17,6 +17,7 @@ pub mod console;
 pub mod machine;
 pub mod memory;
 pub mod msr;
+mod paused_ram;
 pub mod serial;
 pub mod snapshot;
 pub mod state;
