@@ -9,7 +9,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -200,8 +200,14 @@ fn migrate_once(workload: &str) {
     std::thread::sleep(Duration::from_millis(300));
     let src = source(&e, workload, "128M", listen, c_src, "1500ms", &[]);
     let (stream, stalls) = follow_chain(&[c_src, c_dst], Instant::now() + Duration::from_secs(20));
-    let rep = json(&src.wait_line("MIGRATED", 20).expect("the source did not migrate"));
-    let arrived = json(&dst.wait_line("ARRIVED", 5).expect("the destination got nothing"));
+    let rep = json(
+        &src.wait_line("MIGRATED", 20)
+            .expect("the source did not migrate"),
+    );
+    let arrived = json(
+        &dst.wait_line("ARRIVED", 5)
+            .expect("the destination got nothing"),
+    );
     assert_eq!(rep["path"], "pre-copy", "{rep}");
     assert!(rep["digest"].is_string());
     assert_eq!(arrived["verified"], true, "{arrived}");
@@ -214,7 +220,10 @@ fn migrate_once(workload: &str) {
         "only {} lines from the destination",
         after.len()
     );
-    assert!(lines.len() > after.len() + 5, "the source printed too little");
+    assert!(
+        lines.len() > after.len() + 5,
+        "the source printed too little"
+    );
     eprintln!(
         "{workload}: {} lines, stall seen by the console client {:?}, report {rep}",
         lines.len(),
@@ -275,7 +284,8 @@ fn ten_moves_back_and_forth_of_a_verify_workload_corrupt_nothing() {
         std::thread::spawn(move || follow_chain(&cs, Instant::now() + Duration::from_secs(50)))
     };
     let mut reports = vec![json(
-        &src.wait_line("MIGRATED", 30).expect("the source did not migrate"),
+        &src.wait_line("MIGRATED", 30)
+            .expect("the source did not migrate"),
     )];
     for i in 1..=moves {
         // Hop i runs the guest; the next hop reuses the port of hop i - 1,
@@ -344,7 +354,10 @@ fn a_guest_dirtying_faster_than_the_link_finishes_by_post_copy() {
         &["--link-rate", "200mbit"],
     );
     let (stream, _) = follow_chain(&[c_src, c_dst], Instant::now() + Duration::from_secs(40));
-    let rep = json(&src.wait_line("MIGRATED", 40).expect("the source did not migrate"));
+    let rep = json(
+        &src.wait_line("MIGRATED", 40)
+            .expect("the source did not migrate"),
+    );
     assert_eq!(rep["path"], "post-copy", "{rep}");
     assert!(dst.wait_line("POSTCOPY_COMPLETE", 20).is_some());
     let pc = &rep["postcopy"];

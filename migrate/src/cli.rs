@@ -177,7 +177,10 @@ pub fn migrate(a: MigrateArgs) -> Result<()> {
     let w = &a.workload;
     let need = w.mib_per_vcpu() * (1 << 20) * a.vcpus as u64 + (16 << 20);
     if a.mem > vmm::memory::MMIO_HOLE_START || need > a.mem {
-        bail!("--mem must hold the workload ({} MiB) and be at most 3 GiB", need >> 20);
+        bail!(
+            "--mem must hold the workload ({} MiB) and be at most 3 GiB",
+            need >> 20
+        );
     }
     let tsc = vmm::host_tsc_khz(&a.kvm_device)?;
     let cmdline = w.cmdline(a.vcpus, tsc, Some(MMIO_CONSOLE_BASE));
@@ -192,7 +195,16 @@ pub fn migrate(a: MigrateArgs) -> Result<()> {
         Console::new(node::console::sink(log.clone()), 0),
     )?;
     info!(workload = %w, mem_mib = a.mem >> 20, "VM started; moving it to {to} in {:?}", a.out.after);
-    host(&rt, &mut machine, &log, &tls, &a.tls, Some((to, &a.out)), a.duration, None)
+    host(
+        &rt,
+        &mut machine,
+        &log,
+        &tls,
+        &a.tls,
+        Some((to, &a.out)),
+        a.duration,
+        None,
+    )
 }
 
 /// `castor migrate-listen`.
@@ -306,7 +318,10 @@ fn host(
                 let cfg = o.source_config(&id.node);
                 match rt.block_on(crate::source::migrate_out(machine, to, tls, &cfg)) {
                     Ok(rep) => {
-                        println!("MIGRATED {}", serde_json::to_string(&rep).unwrap_or_default());
+                        println!(
+                            "MIGRATED {}",
+                            serde_json::to_string(&rep).unwrap_or_default()
+                        );
                         // Console clients get everything up to the switch,
                         // then the end of the stream.
                         log.close();
@@ -315,7 +330,10 @@ fn host(
                     }
                     Err(f) if f.running_here => {
                         println!("MIGRATION_FAILED {}", f.error);
-                        error!("migration to {to} failed: {}; the VM keeps running here", f.error);
+                        error!(
+                            "migration to {to} failed: {}; the VM keeps running here",
+                            f.error
+                        );
                     }
                     Err(f) => {
                         println!("MIGRATION_LOST {}", f.error);

@@ -52,7 +52,9 @@ pub enum MigrateError {
     #[error("the destination refused: {0}")]
     Refused(String),
     /// The destination's memory differs from the source's at the switch.
-    #[error("memory digest mismatch at the switch: the destination's RAM differs from the source's")]
+    #[error(
+        "memory digest mismatch at the switch: the destination's RAM differs from the source's"
+    )]
     DigestMismatch,
     /// Settings that cannot work.
     #[error("configuration: {0}")]

@@ -7,9 +7,9 @@
 //! again (in post-copy, a failure of either side then loses the VM).
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use fgbi::Encoder;
@@ -408,11 +408,8 @@ impl Source<'_> {
             Arc::new((0..self.pages).map(|_| AtomicBool::new(false)).collect());
         let mut bulk = self.bulk.take().expect("the bulk stream");
         let push = {
-            let (mem, sent, missing) = (
-                self.machine.memory().clone(),
-                sent.clone(),
-                missing.clone(),
-            );
+            let (mem, sent, missing) =
+                (self.machine.memory().clone(), sent.clone(), missing.clone());
             tokio::spawn(async move {
                 let mut pushed = 0u64;
                 for chunk in missing.chunks(16) {
@@ -463,7 +460,6 @@ impl Source<'_> {
         });
         Ok(())
     }
-
 }
 
 fn read_page(mem: &vmm::memory::GuestMem, f: u64) -> Result<Vec<u8>, MigrateError> {
@@ -481,9 +477,9 @@ fn read_page(mem: &vmm::memory::GuestMem, f: u64) -> Result<Vec<u8>, MigrateErro
 fn digest_of(ram: &[u8]) -> u128 {
     let half = (ram.len() / 4096 / 2) * 4096;
     let part = |base: u64, r: &[u8]| {
-        r.chunks_exact(4096)
-            .enumerate()
-            .fold(0u128, |a, (i, p)| a.wrapping_add(page_hash(base + i as u64, p)))
+        r.chunks_exact(4096).enumerate().fold(0u128, |a, (i, p)| {
+            a.wrapping_add(page_hash(base + i as u64, p))
+        })
     };
     std::thread::scope(|s| {
         let hi = s.spawn(|| part((half / 4096) as u64, &ram[half..]));

@@ -133,12 +133,8 @@ impl MissingPages {
         let (host, len) = (r.as_ptr() as u64, r.len());
         // SAFETY: a plain system call with flags; it returns a new
         // descriptor or -1.
-        let raw = unsafe {
-            libc::syscall(
-                libc::SYS_userfaultfd,
-                libc::O_CLOEXEC | libc::O_NONBLOCK,
-            )
-        };
+        let raw =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
         if raw < 0 {
             return Err(os("creating the descriptor"));
         }
@@ -196,8 +192,13 @@ impl MissingPages {
         // next access faults, here into userfaultfd). No Rust reference to
         // guest RAM relies on the content: castor reads and writes it
         // through vm-memory's volatile accessors or short-lived slices.
-        if unsafe { libc::madvise(a as *mut libc::c_void, PAGE_SIZE as usize, libc::MADV_DONTNEED) }
-            < 0
+        if unsafe {
+            libc::madvise(
+                a as *mut libc::c_void,
+                PAGE_SIZE as usize,
+                libc::MADV_DONTNEED,
+            )
+        } < 0
         {
             return Err(os("discarding a page"));
         }
@@ -339,7 +340,8 @@ mod tests {
     #[test]
     fn a_discarded_page_faults_and_is_filled_once() {
         let mem = crate::memory::create(16 << 20).unwrap();
-        mem.write_slice(&[7u8; 4096], GuestAddress(5 * 4096)).unwrap();
+        mem.write_slice(&[7u8; 4096], GuestAddress(5 * 4096))
+            .unwrap();
         let m = MissingPages::register(&mem).unwrap();
         assert_eq!(m.pages(), 4096);
         // Present pages are not placed again.
