@@ -25,6 +25,7 @@ pub mod console;
 pub mod demo;
 pub mod drill;
 pub mod faults;
+pub mod migration_bench;
 pub mod model;
 pub mod netns;
 pub mod pair;

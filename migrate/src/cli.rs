@@ -297,7 +297,12 @@ fn host(
                 ExitReason::Error(e) => Err(anyhow::anyhow!("the VM failed: {e}")),
             };
         }
-        if stop.load(Ordering::Relaxed) || duration.is_some_and(|d| t0.elapsed() >= d) {
+        // A post-copy in progress is never cut short by --duration: the
+        // source has no copy of the guest any more.
+        let post_busy = postcopy.as_ref().is_some_and(|p| !p.complete());
+        if stop.load(Ordering::Relaxed)
+            || (duration.is_some_and(|d| t0.elapsed() >= d) && !post_busy)
+        {
             break Ok(());
         }
         if let Some(p) = &postcopy {
@@ -311,7 +316,6 @@ fn host(
                 println!("POSTCOPY_COMPLETE demand={}", p.demand());
             }
         }
-        let post_busy = postcopy.as_ref().is_some_and(|p| !p.complete());
         if let Some((to, o)) = pending {
             if t0.elapsed() >= o.after && !post_busy {
                 pending = None;
