@@ -139,7 +139,9 @@ fn row(p: &MigrationPoint) -> String {
         p.predicted_ms,
         p.bytes as f64 / 1e6,
         p.rounds,
-        p.demand.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
+        p.demand
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "-".into()),
         if p.continuous { "yes" } else { "NO" },
         p.error
             .as_deref()

@@ -214,7 +214,7 @@ async fn prepare(
         .map_err(|e| MigrateError::Link(e.to_string()))?;
     let mut brx = Rx::new(bulk);
     let mut rounds = 0;
-    let (state, missing) = loop {
+    let (state, missing, verify) = loop {
         match timeout(brx.next()).await? {
             Msg::Pages { records, .. } => {
                 vmm::memory::with_ram_mut(&mut mem, |ram| {
@@ -234,7 +234,11 @@ async fn prepare(
                 rounds = round;
                 ctl.msg(&Msg::RoundAck { round }).await?;
             }
-            Msg::Switch { state, missing } => break (state, missing),
+            Msg::Switch {
+                state,
+                missing,
+                verify,
+            } => break (state, missing, verify),
             other => return Err(unexpected(&other)),
         }
     };
@@ -251,7 +255,10 @@ async fn prepare(
         rounds,
         ..Default::default()
     };
-    let post = if missing.is_empty() {
+    let post = if missing.is_empty() && !verify {
+        warn!("the source sent no digest (--no-verify): the memory is not checked");
+        None
+    } else if missing.is_empty() {
         let want = match timeout(brx.next()).await? {
             Msg::Digest { digest } => u128::from_le_bytes(digest),
             other => return Err(unexpected(&other)),

@@ -89,6 +89,9 @@ pub struct SourceConfig {
     pub plan: PlanConfig,
     /// Emulated link (rate; delay on the messages that end a step).
     pub link: transport::link::LinkShape,
+    /// Send a digest of all of RAM at a pre-copy switch for the
+    /// destination to check before it runs the guest.
+    pub verify: bool,
 }
 
 /// One pre-copy round, as reported.

@@ -64,6 +64,8 @@ pub enum Msg {
         /// Post-copy: the pages the destination does not have yet, as a
         /// bitmap over guest frames (empty for a pre-copy switch).
         missing: Vec<u8>,
+        /// Pre-copy: a `Digest` follows, to check before running the guest.
+        verify: bool,
     },
     /// Source → destination (bulk, pre-copy only): digest of all of the
     /// source's RAM at the switch.
@@ -155,9 +157,14 @@ impl Msg {
                 w.u32(*round);
                 ty::ROUND_ACK
             }
-            Msg::Switch { state, missing } => {
+            Msg::Switch {
+                state,
+                missing,
+                verify,
+            } => {
                 w.bytes(state);
                 w.bytes(missing);
+                w.u8(u8::from(*verify));
                 ty::SWITCH
             }
             Msg::Digest { digest } => {
@@ -225,6 +232,7 @@ impl Msg {
             ty::SWITCH => Msg::Switch {
                 state: r.bytes("state", 16 << 20)?,
                 missing: r.bytes("missing", 8 << 20)?,
+                verify: r.u8("verify")? != 0,
             },
             ty::DIGEST => Msg::Digest {
                 digest: r.array("digest")?,
@@ -350,6 +358,7 @@ mod tests {
             Msg::Switch {
                 state: vec![9; 100],
                 missing: vec![0xff, 1],
+                verify: true,
             },
             Msg::Digest { digest: [7; 16] },
             Msg::Verified,
