@@ -145,6 +145,10 @@ pub async fn migrate_in(
                         reason: e.to_string(),
                     })
                     .await;
+                ctl.finish();
+                // Closing now could drop the refusal unsent: wait for the
+                // source to read it and go (at most a second).
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
             }
             warn!("incoming migration failed before the switch: {e}");
             return Err(e);
@@ -214,8 +218,18 @@ async fn prepare(
         .map_err(|e| MigrateError::Link(e.to_string()))?;
     let mut brx = Rx::new(bulk);
     let mut rounds = 0;
+    // Post-copy: the RAM registered for faults, and the pages discarded.
+    let mut registered: Option<Registered> = None;
+    let mut n_missing = 0u64;
     let (state, missing, verify) = loop {
         match timeout(brx.next()).await? {
+            Msg::Pages { .. } if registered.is_some() => {
+                // Writing a discarded page would wait for a fault handler
+                // that does not run yet.
+                return Err(MigrateError::Protocol(
+                    "pages after a post-copy discard".into(),
+                ));
+            }
             Msg::Pages { records, .. } => {
                 vmm::memory::with_ram_mut(&mut mem, |ram| {
                     let st = fgbi::apply(ram, block_size as usize, &records)?;
@@ -230,6 +244,7 @@ async fn prepare(
                 .map_err(|e| MigrateError::Machine(e.to_string()))?
                 .map_err(|e| MigrateError::Protocol(format!("records refused: {e}")))?;
             }
+            Msg::Discard { missing } => discard(&mem, &missing, &mut registered, &mut n_missing)?,
             Msg::RoundEnd { round, .. } => {
                 rounds = round;
                 ctl.msg(&Msg::RoundAck { round }).await?;
@@ -255,7 +270,14 @@ async fn prepare(
         rounds,
         ..Default::default()
     };
-    let post = if missing.is_empty() && !verify {
+    if !missing.is_empty() {
+        discard(&mem, &missing, &mut registered, &mut n_missing)?;
+    }
+    let post = if registered.is_some() && missing.is_empty() {
+        return Err(MigrateError::Protocol(
+            "pages were discarded for a post-copy, then a pre-copy switch".into(),
+        ));
+    } else if missing.is_empty() && !verify {
         warn!("the source sent no digest (--no-verify): the memory is not checked");
         None
     } else if missing.is_empty() {
@@ -272,14 +294,8 @@ async fn prepare(
         report.verified = true;
         None
     } else {
-        let uffd = Arc::new(MissingPages::register(&mem)?);
-        let bits: Arc<Vec<AtomicBool>> =
-            Arc::new((0..pages).map(|_| AtomicBool::new(false)).collect());
-        for f in frames_of(&missing).filter(|&f| f < pages) {
-            uffd.discard(f)?;
-            bits[f as usize].store(true, Ordering::Relaxed);
-            report.missing += 1;
-        }
+        let (uffd, bits) = registered.take().expect("discarded above");
+        report.missing = n_missing;
         Some((uffd, bits, brx))
     };
     ctl.msg(&Msg::Verified).await?;
@@ -294,6 +310,34 @@ async fn prepare(
         post,
         pages,
     })
+}
+
+/// The RAM registered for post-copy faults, and which pages were dropped.
+type Registered = (Arc<MissingPages>, Arc<Vec<AtomicBool>>);
+
+/// Drops the destination's copies of the pages in `bitmap` (registering
+/// the RAM for faults first, once).
+fn discard(
+    mem: &vmm::memory::GuestMem,
+    bitmap: &[u8],
+    post: &mut Option<Registered>,
+    n: &mut u64,
+) -> Result<(), MigrateError> {
+    let pages = vmm::memory::ram_size(mem) / 4096;
+    if post.is_none() {
+        let uffd = Arc::new(MissingPages::register(mem)?);
+        let bits: Arc<Vec<AtomicBool>> =
+            Arc::new((0..pages).map(|_| AtomicBool::new(false)).collect());
+        *post = Some((uffd, bits));
+    }
+    let (uffd, bits) = post.as_ref().expect("registered above");
+    for f in frames_of(bitmap).filter(|&f| f < pages) {
+        if !bits[f as usize].swap(true, Ordering::Relaxed) {
+            uffd.discard(f)?;
+            *n += 1;
+        }
+    }
+    Ok(())
 }
 
 /// After `Go`: the guest runs here (and, in post-copy, its missing pages

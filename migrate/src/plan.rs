@@ -8,24 +8,27 @@
 //!
 //! # The model (seed 001: adaptive downtime control from the writable
 //! working set)
-//! - **Bandwidth** `B`: the best throughput a round achieved (bytes ÷ time
-//!   to ack); small rounds are dominated by the round trip, so the best is
-//!   the truest estimate of the link.
-//! - **Bytes per page** `b`: of the latest round that sent pages (the
-//!   encoder's ratio for this workload: fgbi sends ~17 B for a page with
-//!   one 8-byte write, remus always 4 KiB + header).
+//! - **Bandwidth** `B`: the link's rate when known, else the best
+//!   throughput a round achieved (bytes ÷ time to ack).
+//! - **Bytes per dirty page** `b`: of the latest round after the first (the
+//!   encoder's ratio for this workload: fgbi sends tens of bytes for a page
+//!   with a few 8-byte writes, remus always 4 KiB + header); a raw page
+//!   until a second round (round 1 is mostly never-written pages).
+//! - **Time per page** `p`: what a round took beyond its bytes on the link,
+//!   per page (reading, encoding, applying; the round trip spread over it):
+//!   the stop-and-copy pays it too.
 //! - **Writable working set** `W(T)`: pages dirtied during a round of
 //!   length `T`. Each round k gives a point `(T_k, d_{k+1})` (the pages
 //!   harvested at its end were dirtied while it ran). `W` is fitted by
 //!   least squares, `d = a + c·T`, over the history (one point: through the
 //!   origin, `d = c·T`).
 //! - **Stall** of stopping with `d` dirty pages:
-//!   `switch_cost + d·b / B` (pause, state, restore and round trips are
-//!   the fixed `switch_cost`).
+//!   `switch_cost + d·(p + b / B)` (pause, state, digest, restore and round
+//!   trips are the fixed `switch_cost`).
 //!
 //! Decision, with `d` pages dirty now: stop if the stall of `d` fits
-//! `max_downtime`. Otherwise iterate the model forward (`T = d·b/B +
-//! overhead`, `d' = W(T)`) for the rounds left: if some predicted round's
+//! `max_downtime`. Otherwise iterate the model forward (`T = d·(p + b/B)`,
+//! `d' = W(T)`) for the rounds left: if some predicted round's
 //! stall fits, continue; if the dirty set stops shrinking first, the
 //! migration does not converge — switch to post-copy, or, when post-copy
 //! is forbidden, stop now and report the stall to expect (waiting longer
@@ -33,6 +36,9 @@
 //! pre-copy.
 
 use std::time::Duration;
+
+/// A raw page record on the wire: the page and its header.
+const RAW_PAGE: f64 = 4096.0 + 16.0;
 
 /// The planner's settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -148,8 +154,12 @@ impl Planner {
         self.rounds.push(r);
     }
 
-    /// Bytes per second the link carries, as measured (or the hint).
+    /// Bytes per second the link carries: the link's rate when known,
+    /// else the best a round achieved (rounds of at least 64 KiB).
     pub fn bandwidth(&self) -> f64 {
+        if let Some(r) = self.cfg.link_rate {
+            return r as f64;
+        }
         let measured = self
             .rounds
             .iter()
@@ -159,31 +169,42 @@ impl Planner {
         if measured > 0.0 {
             measured
         } else {
-            self.cfg.link_rate.map(|r| r as f64).unwrap_or(125e6)
+            125e6
         }
     }
 
-    /// Bytes a page costs on the wire, from the latest round that sent pages.
+    /// Bytes a dirty page costs on the wire: from the latest round after
+    /// the first that sent pages. Round 1 carries every page, most of them
+    /// never written (zero, or cheap for the encoder), so it says nothing
+    /// about dirty pages: until a second round, a raw page is assumed.
     pub fn bytes_per_page(&self) -> f64 {
         self.rounds
             .iter()
+            .skip(1)
             .rev()
             .find(|r| r.pages > 0)
             .map(|r| r.bytes as f64 / r.pages as f64)
-            .unwrap_or(4096.0 + 16.0)
+            .unwrap_or(RAW_PAGE)
     }
 
-    /// Time a round spends beyond its bytes (round trips, encoding), from
-    /// the latest round.
-    pub fn round_overhead(&self) -> Duration {
+    /// Time a page costs besides its bytes on the link (reading, encoding,
+    /// applying, the round trip spread over the round), from the latest
+    /// round of at least 64 pages.
+    pub fn page_time(&self) -> f64 {
         let b = self.bandwidth();
         self.rounds
-            .last()
-            .map(|r| {
-                r.duration
-                    .saturating_sub(Duration::from_secs_f64(r.bytes as f64 / b))
-            })
-            .unwrap_or_default()
+            .iter()
+            .rev()
+            .find(|r| r.pages >= 64)
+            .map(|r| (r.duration.as_secs_f64() - r.bytes as f64 / b).max(0.0) / r.pages as f64)
+            .unwrap_or(0.0)
+    }
+
+    /// How long sending `pages` dirty pages takes.
+    pub fn send_time(&self, pages: f64) -> Duration {
+        Duration::from_secs_f64(
+            pages * (self.page_time() + self.bytes_per_page() / self.bandwidth()),
+        )
     }
 
     /// The writable working set fitted over the history, if there is one.
@@ -198,8 +219,7 @@ impl Planner {
 
     /// The stall of stopping with `pages` dirty pages.
     pub fn stall(&self, pages: u64) -> Duration {
-        let send = pages as f64 * self.bytes_per_page() / self.bandwidth();
-        self.cfg.switch_cost + Duration::from_secs_f64(send)
+        self.cfg.switch_cost + self.send_time(pages as f64)
     }
 
     /// The decision after the latest round, with `dirty` pages dirty now.
@@ -234,15 +254,9 @@ impl Planner {
     /// `left` rounds); `None` if the dirty set stops shrinking first.
     pub fn rounds_to_fit(&self, dirty: u64, left: u32) -> Option<u32> {
         let fit = self.fit()?;
-        let (b, bw, over) = (
-            self.bytes_per_page(),
-            self.bandwidth(),
-            self.round_overhead(),
-        );
         let mut d = dirty as f64;
         for i in 1..=left {
-            let t = Duration::from_secs_f64(d * b / bw) + over;
-            let next = fit.at(t);
+            let next = fit.at(self.send_time(d));
             if self.stall(next.ceil() as u64) <= self.cfg.max_downtime {
                 return Some(i);
             }
@@ -393,11 +407,8 @@ mod tests {
 
     #[test]
     fn bandwidth_comes_from_the_best_round_and_the_hint_before_any() {
-        let mut p = Planner::new(PlanConfig {
-            link_rate: Some(1000),
-            ..PlanConfig::default()
-        });
-        assert_eq!(p.bandwidth(), 1000.0);
+        let mut p = Planner::new(PlanConfig::default());
+        assert_eq!(p.bandwidth(), 125e6);
         assert_eq!(p.bytes_per_page(), 4112.0);
         p.observe(RoundFigures {
             pages: 100,
@@ -413,5 +424,36 @@ mod tests {
         });
         assert_eq!(p.bandwidth(), (1 << 20) as f64);
         assert_eq!(p.bytes_per_page(), 10.0);
+        let hinted = Planner::new(PlanConfig {
+            link_rate: Some(1000),
+            ..PlanConfig::default()
+        });
+        assert_eq!(hinted.bandwidth(), 1000.0);
+    }
+
+    #[test]
+    fn encoding_time_counts_in_the_stall() {
+        // Rounds whose time is mostly per-page work, not bytes.
+        let mut p = Planner::new(PlanConfig {
+            link_rate: Some(125_000_000),
+            ..PlanConfig::default()
+        });
+        for (pages, ms, dirtied) in [(65536u64, 300u64, 12000u64), (12000, 90, 4000)] {
+            p.observe(RoundFigures {
+                pages,
+                bytes: pages * 40,
+                duration: Duration::from_millis(ms),
+                dirtied,
+            });
+        }
+        // ~7.5 us a page: 4000 pages cost ~30 ms on top of the switch.
+        let s = p.stall(4000);
+        assert!(
+            s > Duration::from_millis(35) && s < Duration::from_millis(40),
+            "{s:?}"
+        );
+        assert!(matches!(p.decide(4000), Decision::Stop { .. }));
+        // 8000 pages (~60 ms) do not fit; a round of them leaves ~2900.
+        assert_eq!(p.decide(8000), Decision::Continue { rounds_to_fit: 1 });
     }
 }

@@ -67,6 +67,13 @@ pub enum Msg {
         /// Pre-copy: a `Digest` follows, to check before running the guest.
         verify: bool,
     },
+    /// Source → destination (bulk, before a post-copy switch): the pages
+    /// the destination will lack; it drops its copies now (the `Switch`
+    /// then names these and the few dirtied since).
+    Discard {
+        /// Bitmap over guest frames.
+        missing: Vec<u8>,
+    },
     /// Source → destination (bulk, pre-copy only): digest of all of the
     /// source's RAM at the switch.
     Digest {
@@ -119,6 +126,7 @@ mod ty {
     pub const PAGE: u8 = 75;
     pub const DONE: u8 = 76;
     pub const FINISHED: u8 = 77;
+    pub const DISCARD: u8 = 78;
 }
 
 impl Msg {
@@ -191,6 +199,10 @@ impl Msg {
                 ty::PAGE
             }
             Msg::Done => ty::DONE,
+            Msg::Discard { missing } => {
+                w.bytes(missing);
+                ty::DISCARD
+            }
             Msg::Finished => ty::FINISHED,
         };
         out.extend_from_slice(&(w.0.len() as u32 + 1).to_le_bytes());
@@ -254,6 +266,9 @@ impl Msg {
                 Msg::Page { page, data }
             }
             ty::DONE => Msg::Done,
+            ty::DISCARD => Msg::Discard {
+                missing: r.bytes("missing", 8 << 20)?,
+            },
             ty::FINISHED => Msg::Finished,
             other => return Err(WireError::UnknownType(other)),
         };
@@ -377,6 +392,9 @@ mod tests {
             },
             Msg::Done,
             Msg::Finished,
+            Msg::Discard {
+                missing: vec![1, 2, 3],
+            },
         ]
     }
 
