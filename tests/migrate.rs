@@ -431,3 +431,45 @@ fn wait_text(path: &Path, text: &str, secs: u64) -> bool {
     }
     false
 }
+
+#[test]
+fn without_post_copy_a_non_converging_guest_is_stopped_anyway_and_verified() {
+    let e = env();
+    let (listen, c_src, c_dst) = (port(true), port(false), port(false));
+    let dst = listener(
+        &e,
+        "dest",
+        ("node-b", "node-a"),
+        listen,
+        c_dst,
+        None,
+        &["--duration", "2s"],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let src = source(
+        &e,
+        "pages,rate=20000,mib=32",
+        "64M",
+        listen,
+        c_src,
+        "1s",
+        &["--link-rate", "200mbit", "--no-postcopy"],
+    );
+    let (stream, _) = follow_chain(&[c_src, c_dst], Instant::now() + Duration::from_secs(40));
+    let rep = json(
+        &src.wait_line("MIGRATED", 40)
+            .expect("the source did not migrate"),
+    );
+    assert!(
+        rep["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("pre-copy (stopped anyway"),
+        "{rep}"
+    );
+    // The stall to expect was said, and it is far above the limit.
+    assert!(rep["predicted_ms"].as_f64().unwrap() > 50.0, "{rep}");
+    let arrived = json(&dst.wait_line("ARRIVED", 5).expect("nothing arrived"));
+    assert_eq!(arrived["verified"], true);
+    assert_gap_free(&progress(&stream), 1);
+}
