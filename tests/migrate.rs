@@ -473,3 +473,56 @@ fn without_post_copy_a_non_converging_guest_is_stopped_anyway_and_verified() {
     assert_eq!(arrived["verified"], true);
     assert_gap_free(&progress(&stream), 1);
 }
+
+#[test]
+fn a_source_killed_during_pre_copy_leaves_the_destination_waiting_for_the_next() {
+    let e = env();
+    let (listen, c_src, c_dst) = (port(true), port(false), port(false));
+    let dst = listener(
+        &e,
+        "dest",
+        ("node-b", "node-a"),
+        listen,
+        c_dst,
+        None,
+        &["--duration", "2s"],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let mut first = source(
+        &e,
+        "pages,rate=1000,mib=48",
+        "64M",
+        listen,
+        c_src,
+        "300ms",
+        &["--link-rate", "50mbit"],
+    );
+    assert!(
+        wait_text(&e.dir.join("dest.err"), "migration hello", 15),
+        "the first migration did not start"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    drop(first);
+    // The destination gives the broken migration up (QUIC's idle timeout,
+    // 10 s: one migration at a time) and takes the next one.
+    assert!(
+        wait_text(
+            &e.dir.join("dest.err"),
+            "waiting for the next migration",
+            25
+        ),
+        "the destination did not give the broken migration up"
+    );
+    let c2 = port(false);
+    let second = source(&e, "counter", "64M", listen, c2, "300ms", &[]);
+    let rep = json(
+        &second
+            .wait_line("MIGRATED", 40)
+            .expect("the second migration did not happen"),
+    );
+    assert_eq!(rep["path"], "pre-copy");
+    let arrived = json(&dst.wait_line("ARRIVED", 5).expect("nothing arrived"));
+    assert_eq!(arrived["verified"], true);
+}
