@@ -44,6 +44,11 @@ use std::time::Duration;
 /// A raw page record on the wire: the page and its header.
 const RAW_PAGE: f64 = 4096.0 + 16.0;
 
+/// The time a dirty page is assumed to cost (encoding a page of fresh
+/// data here: reading, trying the encodings, applying) until a second round
+/// measures it, in seconds.
+pub const FIRST_ROUND_PAGE_TIME: f64 = 20e-6;
+
 /// The planner's settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlanConfig {
@@ -198,15 +203,24 @@ impl Planner {
 
     /// Time a page costs besides its bytes on the link (reading, encoding,
     /// applying, the round trip spread over the round), from the latest
-    /// round of at least 64 pages.
+    /// round after the first of at least 64 pages. Round 1's pages are
+    /// mostly never written and cheap to encode; until a second round, at
+    /// least [`FIRST_ROUND_PAGE_TIME`] is assumed for a dirty page.
     pub fn page_time(&self) -> f64 {
         let b = self.bandwidth();
-        self.rounds
-            .iter()
-            .rev()
-            .find(|r| r.pages >= 64)
-            .map(|r| (r.duration.as_secs_f64() - r.bytes as f64 / b).max(0.0) / r.pages as f64)
-            .unwrap_or(0.0)
+        let per = |r: &RoundFigures| {
+            (r.duration.as_secs_f64() - r.bytes as f64 / b).max(0.0) / r.pages as f64
+        };
+        match self.rounds.iter().skip(1).rev().find(|r| r.pages >= 64) {
+            Some(r) => per(r),
+            None => self
+                .rounds
+                .first()
+                .filter(|r| r.pages > 0)
+                .map(per)
+                .unwrap_or(0.0)
+                .max(FIRST_ROUND_PAGE_TIME),
+        }
     }
 
     /// How long sending `pages` dirty pages takes.
