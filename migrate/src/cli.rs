@@ -73,6 +73,11 @@ pub struct OutArgs {
     /// digest reads all of RAM in the pause: ~20-40 ms for 256 MiB here.
     #[arg(long)]
     pub no_verify: bool,
+    /// Memory fgbi / xbzrle may keep about the destination's RAM during
+    /// the migration (default: the guest's RAM size: a copy of every page
+    /// sent, so a rewritten page is compared with its copy).
+    #[arg(long, value_parser = parse_size)]
+    pub budget: Option<u64>,
     /// Most pre-copy rounds.
     #[arg(long, default_value_t = 30)]
     pub max_rounds: u32,
@@ -102,6 +107,7 @@ impl OutArgs {
                 delay: self.link_delay,
             },
             verify: !self.no_verify,
+            budget: self.budget,
         }
     }
 }

@@ -92,6 +92,10 @@ pub struct SourceConfig {
     /// Send a digest of all of RAM at a pre-copy switch for the
     /// destination to check before it runs the guest.
     pub verify: bool,
+    /// Memory the encoder may keep about the destination's RAM (default:
+    /// the guest's RAM size, a copy of every page sent: a rewritten page is
+    /// then compared with its copy instead of with block digests).
+    pub budget: Option<u64>,
 }
 
 /// One pre-copy round, as reported.

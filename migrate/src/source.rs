@@ -134,7 +134,7 @@ async fn run(
         fgbi::Config {
             mode: cfg.mode,
             block_size: cfg.block_size,
-            budget_bytes: mem_bytes / 2,
+            budget_bytes: cfg.budget.unwrap_or(mem_bytes),
             key: rand::random(),
         },
         pages,
@@ -210,6 +210,7 @@ impl Source<'_> {
                     pages: to_send.len() as u64,
                 })
                 .await?;
+            let sent = t.elapsed();
             match timeout(self.rx.next()).await? {
                 Msg::RoundAck { round: r } if r == round => {}
                 Msg::Refused { reason } => return Err(MigrateError::Refused(reason)),
@@ -217,10 +218,10 @@ impl Source<'_> {
             }
             let duration = t.elapsed();
             let dirty = self.machine.harvest_dirty()?;
-            let sent = to_send.len() as u64;
+            let n_sent = to_send.len() as u64;
             to_send = dirty.frames().filter(|&f| f < self.pages).collect();
             let fig = RoundFigures {
-                pages: sent,
+                pages: n_sent,
                 bytes: self.bulk().bytes - before,
                 duration,
                 dirtied: to_send.len() as u64,
@@ -232,6 +233,7 @@ impl Source<'_> {
                 pages = fig.pages,
                 bytes = fig.bytes,
                 ms = format!("{:.1}", duration.as_secs_f64() * 1e3),
+                sent_ms = format!("{:.1}", sent.as_secs_f64() * 1e3),
                 dirty = fig.dirtied,
                 decision = ?d,
                 "pre-copy round"
