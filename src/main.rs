@@ -101,6 +101,26 @@ enum Command {
     /// violation (a reply from state later lost, an acknowledged write lost),
     /// then reads back every acknowledged key. Fails on any violation.
     Loadgen(lab::loadgen::LoadgenArgs),
+    /// Live migration: boot castor's guest here and move it, running, to the
+    /// node at --to (a `castor migrate-listen`) after --after.
+    ///
+    /// Pre-copy rounds encoded by fgbi (or xbzrle / remus) over the pair's
+    /// mutual-TLS QUIC channel, until the stall predicted from the writable
+    /// working set fits --max-downtime; then the guest is paused, the rest
+    /// and the machine state sent, the destination's memory checked against
+    /// a digest of the source's, and the guest resumed there. When the
+    /// history says pre-copy will never fit, the migration switches to
+    /// post-copy: the destination runs the guest at once and fetches the
+    /// pages it touches on demand while the rest is pushed. DURING POST-COPY
+    /// A FAILURE OF EITHER NODE OR OF THE LINK LOSES THE VM (--no-postcopy
+    /// forbids it). A migration that fails before the switch leaves the
+    /// guest running here and says why. Prints `MIGRATED {json}` on success.
+    Migrate(migrate::cli::MigrateArgs),
+    /// Live migration, destination: wait for one guest (`castor migrate`),
+    /// run it and serve its console from the offset it had; with --to, move
+    /// it on after --after. See `castor migrate --help` (post-copy: a
+    /// failure of either node loses the VM).
+    MigrateListen(migrate::cli::ListenArgs),
 }
 
 #[derive(Args, Clone)]
@@ -1127,6 +1147,8 @@ fn main() -> ExitCode {
         Command::Bench(a) => lab::bench(a),
         Command::Net(a) => lab::netlab::net(a),
         Command::Loadgen(a) => lab::loadgen::loadgen(a),
+        Command::Migrate(a) => migrate::cli::migrate(a),
+        Command::MigrateListen(a) => migrate::cli::listen(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

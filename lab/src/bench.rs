@@ -111,6 +111,13 @@ pub struct BenchArgs {
     /// every dirty page in the pause. Default: the primary's.
     #[arg(long)]
     pub precopy_ms: Option<u64>,
+    /// Measure live migration instead of the pair (`castor migrate`): idle,
+    /// sparse 50 k/s, sparse flat out, pages 1 k/s and pages 50 k/s (above
+    /// a 1 Gbit/s link) x --modes, through the emulated link; total time,
+    /// the stall a console client sees, bytes, rounds, path. Writes
+    /// migration.md and migration.json into --out (--workloads filters).
+    #[arg(long)]
+    pub migration: bool,
 }
 
 /// A workload of the matrix.
@@ -829,6 +836,9 @@ fn link(a: &BenchArgs) -> transport::link::LinkShape {
 
 /// `castor bench`.
 pub fn bench(a: BenchArgs) -> Result<()> {
+    if a.migration {
+        return crate::migration_bench::run(&a);
+    }
     if let Some(from) = &a.from_json {
         return rerender(&a, from);
     }

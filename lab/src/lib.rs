@@ -32,6 +32,7 @@ pub mod demo;
 pub mod drill;
 pub mod faults;
 pub mod loadgen;
+pub mod migration_bench;
 pub mod model;
 pub mod netbench;
 pub mod netlab;

@@ -23,6 +23,7 @@ pub mod services;
 pub mod sim;
 pub mod stats;
 pub mod status;
+pub mod wws;
 
 pub use services::Services;
 pub use status::{BackupStatus, PrimaryStatus, ResyncStatus, Role, Status};

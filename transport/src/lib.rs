@@ -324,6 +324,23 @@ impl Listener {
         })
     }
 
+    /// Waits for the next peer that completes mutual TLS and returns the
+    /// bare connection, without accepting the pair's two streams: for
+    /// protocols of their own on the same authenticated channel (live
+    /// migration opens its own streams). Refused handshakes are returned as
+    /// [`TransportError::Refused`].
+    pub async fn accept_connection(&self) -> Result<quinn::Connection, TransportError> {
+        let incoming = self.endpoint.accept().await.ok_or(TransportError::Closed)?;
+        let addr = incoming.remote_address();
+        incoming.await.map_err(|e| {
+            warn!(%addr, "refused connection: {e}");
+            TransportError::Refused {
+                addr,
+                err: e.to_string(),
+            }
+        })
+    }
+
     /// Stops listening.
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"shutting down");
@@ -380,6 +397,37 @@ pub async fn connect_with(
         ctl_tx: FrameWriter(ctl_tx),
         ctl_rx: FrameReader::new(ctl_rx),
     })
+}
+
+/// Connects to `addr` as `tls` with mutual TLS and returns the bare
+/// connection, no stream opened: for protocols of their own on the pair's
+/// authenticated channel (live migration). The returned endpoint must be
+/// kept alive as long as the connection is used.
+pub async fn connect_connection(
+    addr: SocketAddr,
+    tls: &NodeTls,
+) -> Result<(quinn::Endpoint, quinn::Connection), TransportError> {
+    let bind = any_addr_for(addr);
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|err| TransportError::Io {
+        what: "binding a UDP socket".into(),
+        err,
+    })?;
+    endpoint.set_default_client_config(client_config(client_crypto(tls, true)?)?);
+    let conn = endpoint
+        .connect(addr, &tls.peer_name)
+        .map_err(|e| TransportError::Connect {
+            addr,
+            err: e.to_string(),
+        })?
+        .await
+        .map_err(|e| {
+            warn!(%addr, "connection refused or failed: {e}");
+            TransportError::Connect {
+                addr,
+                err: e.to_string(),
+            }
+        })?;
+    Ok((endpoint, conn))
 }
 
 /// Writes frames to a stream.

@@ -28,6 +28,7 @@ pub mod serial;
 pub mod snapshot;
 pub mod state;
 pub mod tap;
+pub mod uffd;
 mod vcpu;
 pub mod virtio_net;
 

@@ -1,0 +1,375 @@
+//! `castor migrate` and `castor migrate-listen`: a node that runs one guest,
+//! serves its console, and moves it to another node (or receives it).
+//!
+//! This is the lab-level flow: `castor migrate` boots castor's guest (like
+//! `castor run`) and migrates it after `--after`; `castor migrate-listen`
+//! waits for one incoming guest, runs it, and may move it on (`--to`), so a
+//! chain of listeners moves one guest back and forth. Moving the guest out
+//! of a running HA primary would be a control-socket request of the daemon;
+//! that is not built yet.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use lab::cli::{parse_duration, parse_rate, parse_size, parse_workload, LinkRate};
+use node::console::ConsoleLog;
+use tracing::{error, info, warn};
+use vmm::console::{Console, MMIO_CONSOLE_BASE};
+use vmm::{ExitReason, Machine, MachineConfig};
+
+use crate::dest::{DestConfig, Postcopy};
+use crate::plan::PlanConfig;
+use crate::SourceConfig;
+
+/// The node's identity on the pair's mutual-TLS channel.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// Directory made by `castor certs`.
+    #[arg(long)]
+    pub certs: PathBuf,
+    /// This node's name (its certificate is NODE.pem / NODE.key).
+    #[arg(long)]
+    pub node: String,
+    /// The only name the other node's certificate may have.
+    #[arg(long)]
+    pub peer: String,
+}
+
+/// Where and how to move the guest.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OutArgs {
+    /// Move the guest to the node listening here (`castor migrate-listen`).
+    #[arg(long)]
+    pub to: Option<SocketAddr>,
+    /// Start moving it this long after it started running here.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub after: Duration,
+    /// How pages are encoded: fgbi, xbzrle or remus (whole pages).
+    #[arg(long, default_value = "fgbi")]
+    pub mode: fgbi::Mode,
+    /// fgbi block size (64..=1024, a power of two).
+    #[arg(long, default_value_t = 64)]
+    pub block_size: usize,
+    /// The longest stall allowed: pre-copy stops when the predicted
+    /// stop-and-copy fits (e.g. 50ms).
+    #[arg(long, default_value = "50ms", value_parser = parse_duration)]
+    pub max_downtime: Duration,
+    /// Never switch to post-copy: a migration that does not converge stops
+    /// anyway after the planner gives up (or --max-rounds), with a longer
+    /// stall (it says how long to expect).
+    ///
+    /// Post-copy runs the guest on the destination before all its memory
+    /// arrived: from the switch until the last page is in, a failure of
+    /// EITHER node (or of the link) loses the VM. Forbid it when that risk
+    /// is worse than a long stall.
+    #[arg(long)]
+    pub no_postcopy: bool,
+    /// Do not send a digest of the source's RAM at a pre-copy switch (the
+    /// destination then runs the guest without checking its memory). The
+    /// digest reads all of RAM in the pause: ~20-40 ms for 256 MiB here.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Memory fgbi / xbzrle may keep about the destination's RAM during
+    /// the migration (default: the guest's RAM size: a copy of every page
+    /// sent, so a rewritten page is compared with its copy).
+    #[arg(long, value_parser = parse_size)]
+    pub budget: Option<u64>,
+    /// Most pre-copy rounds.
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Emulated link: limit the migration traffic to this rate (e.g. 1gbit).
+    #[arg(long, default_value = "none", value_parser = parse_rate)]
+    pub link_rate: LinkRate,
+    /// Emulated link: one-way delay on the messages that end a step.
+    #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+    pub link_delay: Duration,
+}
+
+impl OutArgs {
+    fn source_config(&self, node: &str) -> SourceConfig {
+        SourceConfig {
+            node: node.to_string(),
+            mode: self.mode,
+            block_size: self.block_size,
+            plan: PlanConfig {
+                max_downtime: self.max_downtime,
+                postcopy: !self.no_postcopy,
+                max_rounds: self.max_rounds.max(1),
+                link_rate: self.link_rate.0,
+                ..PlanConfig::default()
+            },
+            link: transport::link::LinkShape {
+                rate_bytes_per_s: self.link_rate.0,
+                delay: self.link_delay,
+            },
+            verify: !self.no_verify,
+            budget: self.budget,
+        }
+    }
+}
+
+/// `castor migrate`: boot a guest here and move it.
+#[derive(clap::Args, Debug)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
+    out: OutArgs,
+    /// Guest RAM (at most 3 GiB for a migration).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    mem: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Workload of castor's guest (see `castor run --help`).
+    #[arg(long, default_value = "counter", value_parser = parse_workload)]
+    workload: guest::Workload,
+    /// KVM device.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+    /// Console service (clients send an offset, get the stream; it ends
+    /// when the guest has moved, and continues on the destination's).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    console: SocketAddr,
+    /// Stop after this long (if the guest is still here); default: until
+    /// it has moved, or SIGINT/SIGTERM.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+}
+
+/// `castor migrate-listen`: receive one guest and run it.
+#[derive(clap::Args, Debug)]
+pub struct ListenArgs {
+    #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
+    out: OutArgs,
+    /// Where to listen for the source (UDP, QUIC).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Console service for the guest once it runs here.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    console: SocketAddr,
+    /// KVM device.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+    /// Largest guest RAM accepted.
+    #[arg(long, default_value = "3G", value_parser = parse_size)]
+    max_memory: u64,
+    /// Stop after this long once the guest runs here; default: until it has
+    /// moved on (--to), or SIGINT/SIGTERM.
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the network runtime")
+}
+
+fn tls(a: &TlsArgs) -> Result<transport::NodeTls> {
+    transport::NodeTls::from_dir(&a.certs, &a.node, &a.peer)
+        .with_context(|| format!("loading {}'s certificates", a.node))
+}
+
+/// `castor migrate`.
+pub fn migrate(a: MigrateArgs) -> Result<()> {
+    let Some(to) = a.out.to else {
+        bail!("--to ADDR is needed: where a `castor migrate-listen` waits");
+    };
+    let tls = tls(&a.tls)?;
+    let rt = runtime()?;
+    let w = &a.workload;
+    let need = w.mib_per_vcpu() * (1 << 20) * a.vcpus as u64 + (16 << 20);
+    if a.mem > vmm::memory::MMIO_HOLE_START || need > a.mem {
+        bail!(
+            "--mem must hold the workload ({} MiB) and be at most 3 GiB",
+            need >> 20
+        );
+    }
+    let tsc = vmm::host_tsc_khz(&a.kvm_device)?;
+    let cmdline = w.cmdline(a.vcpus, tsc, Some(MMIO_CONSOLE_BASE));
+    let log = ConsoleLog::new(0);
+    log.set_hold(false);
+    let console = rt.block_on(node::console::serve(a.console, log.clone()))?;
+    info!(%console, "console service");
+    let mut machine = Machine::boot(
+        &MachineConfig::new(a.mem, a.vcpus),
+        guest::KERNEL,
+        &cmdline,
+        Console::new(node::console::sink(log.clone()), 0),
+    )?;
+    info!(workload = %w, mem_mib = a.mem >> 20, "VM started; moving it to {to} in {:?}", a.out.after);
+    host(
+        &rt,
+        &mut machine,
+        &log,
+        &tls,
+        &a.tls,
+        Some((to, &a.out)),
+        a.duration,
+        None,
+    )
+}
+
+/// `castor migrate-listen`.
+pub fn listen(a: ListenArgs) -> Result<()> {
+    let tls = tls(&a.tls)?;
+    let rt = runtime()?;
+    let listener = {
+        let _g = rt.enter();
+        transport::Listener::bind(a.listen, &tls)?
+    };
+    info!(listen = %listener.local_addr()?, "waiting for a migration");
+    let cfg = DestConfig {
+        kvm_device: a.kvm_device.clone(),
+        max_memory: a.max_memory,
+    };
+    let stop = stop_flag()?;
+    let incoming = loop {
+        let r = rt.block_on(async {
+            tokio::select! {
+                r = crate::dest::accept_one(&listener, &cfg) => Some(r),
+                _ = wait_flag(&stop) => None,
+            }
+        });
+        match r {
+            None => return Ok(()),
+            Some(Ok(i)) => break i,
+            Some(Err(e)) => warn!("{e}; waiting for the next migration"),
+        }
+    };
+    let crate::dest::Incoming {
+        mut machine,
+        log,
+        report,
+        postcopy,
+    } = incoming;
+    println!(
+        "ARRIVED {}",
+        serde_json::to_string(&report).unwrap_or_default()
+    );
+    let console = rt.block_on(node::console::serve(a.console, log.clone()))?;
+    info!(%console, "console service");
+    let out = a.out.to.map(|to| (to, &a.out));
+    host(
+        &rt,
+        &mut machine,
+        &log,
+        &tls,
+        &a.tls,
+        out,
+        a.duration,
+        postcopy,
+    )
+}
+
+fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, flag.clone()).context("installing signal handlers")?;
+    }
+    Ok(flag)
+}
+
+async fn wait_flag(f: &AtomicBool) {
+    while !f.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs the guest here until it stops, a signal, `duration`, or it has
+/// moved to `out`'s node.
+#[allow(clippy::too_many_arguments)]
+fn host(
+    rt: &tokio::runtime::Runtime,
+    machine: &mut Machine,
+    log: &Arc<ConsoleLog>,
+    tls: &transport::NodeTls,
+    id: &TlsArgs,
+    out: Option<(SocketAddr, &OutArgs)>,
+    duration: Option<Duration>,
+    postcopy: Option<Postcopy>,
+) -> Result<()> {
+    let stop = stop_flag()?;
+    let t0 = Instant::now();
+    let mut pending = out;
+    let mut post_done = false;
+    let result = loop {
+        if let Some(reason) = machine.wait_exit(Duration::from_millis(10)) {
+            break match reason {
+                ExitReason::Stopped | ExitReason::Shutdown => Ok(()),
+                ExitReason::Error(e) => Err(anyhow::anyhow!("the VM failed: {e}")),
+            };
+        }
+        // A post-copy in progress is never cut short by --duration: the
+        // source has no copy of the guest any more.
+        let post_busy = postcopy.as_ref().is_some_and(|p| !p.complete());
+        if stop.load(Ordering::Relaxed)
+            || (duration.is_some_and(|d| t0.elapsed() >= d) && !post_busy)
+        {
+            break Ok(());
+        }
+        if let Some(p) = &postcopy {
+            if p.failed() {
+                break Err(anyhow::anyhow!(
+                    "post-copy failed before every page arrived: the VM is lost"
+                ));
+            }
+            if !post_done && p.complete() {
+                post_done = true;
+                println!("POSTCOPY_COMPLETE demand={}", p.demand());
+            }
+        }
+        if let Some((to, o)) = pending {
+            if t0.elapsed() >= o.after && !post_busy {
+                pending = None;
+                let cfg = o.source_config(&id.node);
+                let on_commit = || log.close();
+                let r = rt.block_on(crate::source::migrate_out(
+                    machine, to, tls, &cfg, &on_commit,
+                ));
+                match r {
+                    Ok(rep) => {
+                        println!(
+                            "MIGRATED {}",
+                            serde_json::to_string(&rep).unwrap_or_default()
+                        );
+                        // Console clients get everything up to the switch,
+                        // then the end of the stream.
+                        log.close();
+                        std::thread::sleep(Duration::from_millis(300));
+                        return Ok(());
+                    }
+                    Err(f) if f.running_here => {
+                        println!("MIGRATION_FAILED {}", f.error);
+                        error!(
+                            "migration to {to} failed: {}; the VM keeps running here",
+                            f.error
+                        );
+                    }
+                    Err(f) => {
+                        println!("MIGRATION_LOST {}", f.error);
+                        log.close();
+                        return Err(anyhow::anyhow!(
+                            "migration to {to} failed after the switch: {}",
+                            f.error
+                        ));
+                    }
+                }
+            }
+        }
+    };
+    machine.stop();
+    log.close();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(postcopy);
+    result
+}
