@@ -33,6 +33,24 @@ pub(crate) struct Replica {
     pub digests: Option<Vec<u64>>,
 }
 
+impl Replica {
+    /// The replica of a new session of hello `h` over `mem` (`fresh`: zeroed
+    /// for it), nothing committed.
+    fn for_session(h: &Hello, mem: GuestMem, gens: Arc<GenTable>, fresh: bool) -> Replica {
+        Replica {
+            mem: Some(mem),
+            state: None,
+            block_size: h.block_size as usize,
+            epoch: 0,
+            session: h.session,
+            verifying: h.capabilities & protocol::message::CAP_VERIFY != 0,
+            gens: Some(gens),
+            fresh,
+            digests: None,
+        }
+    }
+}
+
 /// How the current session's replica was set up (for the log and status).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Reuse {
@@ -197,7 +215,6 @@ impl Shared {
             ),
             Some(_) => String::new(),
         };
-        let verifying = h.capabilities & protocol::message::CAP_VERIFY != 0;
         if why_not.is_empty() {
             let mut mem = kept.expect("checked above");
             let pages = vmm::memory::ram_size(&mem) / 4096;
@@ -216,17 +233,7 @@ impl Shared {
                 "offering the primary this node's image of the VM"
             );
             let offer = protocol::reuse::offer(h.session, runs, &digests);
-            *r = Replica {
-                mem: Some(mem),
-                state: None,
-                block_size: h.block_size as usize,
-                epoch: 0,
-                session: h.session,
-                verifying,
-                gens: Some(gens),
-                fresh: false,
-                digests: None,
-            };
+            *r = Replica::for_session(h, mem, gens, false);
             return Ok((
                 offer,
                 Reuse {
@@ -251,17 +258,7 @@ impl Shared {
                 GenTable::in_memory(h.memory_bytes / 4096),
             ),
         };
-        *r = Replica {
-            mem: Some(mem),
-            state: None,
-            block_size: h.block_size as usize,
-            epoch: 0,
-            session: h.session,
-            verifying,
-            gens: Some(Arc::new(gens)),
-            fresh: true,
-            digests: None,
-        };
+        *r = Replica::for_session(h, mem, Arc::new(gens), true);
         let answer = if asks {
             vec![protocol::reuse::no_offer(h.session, &why_not)]
         } else {

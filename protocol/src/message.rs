@@ -270,6 +270,15 @@ fn u64s(r: &mut Reader<'_>, f: &'static str, max: usize) -> Result<Vec<u64>, Wir
         .collect())
 }
 
+/// A reason's bytes, cut at a character boundary within [`MAX_REASON`].
+fn cut_reason(reason: &str) -> &[u8] {
+    let mut n = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(n) {
+        n -= 1;
+    }
+    &reason.as_bytes()[..n]
+}
+
 fn put_u64s(w: &mut Writer, v: impl Iterator<Item = u64>) {
     let b: Vec<u8> = v.flat_map(u64::to_le_bytes).collect();
     w.bytes(&b);
@@ -389,13 +398,8 @@ impl Message {
                 ty::HEARTBEAT_ECHO
             }
             Message::Goodbye { last_epoch, reason } => {
-                // Cut at a character boundary within the limit.
-                let mut n = reason.len().min(MAX_REASON);
-                while !reason.is_char_boundary(n) {
-                    n -= 1;
-                }
                 w.u64(*last_epoch);
-                w.bytes(&reason.as_bytes()[..n]);
+                w.bytes(cut_reason(reason));
                 ty::GOODBYE
             }
             Message::Reuse {
@@ -405,13 +409,9 @@ impl Message {
                 runs,
             } => {
                 assert!(runs.len() <= MAX_RUNS, "reuse offer over {MAX_RUNS} runs");
-                let mut n = reason.len().min(MAX_REASON);
-                while !reason.is_char_boundary(n) {
-                    n -= 1;
-                }
                 w.u64(*session);
                 w.u64(*pages);
-                w.bytes(&reason.as_bytes()[..n]);
+                w.bytes(cut_reason(reason));
                 put_u64s(&mut w, runs.iter().flat_map(|&(t, c)| [t, c]));
                 ty::REUSE
             }
