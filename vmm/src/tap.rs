@@ -79,10 +79,10 @@ impl Tap {
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
-        // SAFETY: TUNSETIFF reads and writes a `struct ifreq` (40 bytes on
-        // x86_64, the size of `IfReq`, whose first 16 bytes are the
-        // NUL-terminated name and the next 2 the flags, as in the kernel's
-        // layout); `req` lives across the call and nothing else is touched.
+        // TUNSETIFF reads and writes a `struct ifreq`: 40 bytes on x86_64,
+        // the size of `IfReq`, whose first 16 bytes are the NUL-terminated
+        // name and the next 2 the flags, as in the kernel's layout.
+        // SAFETY: `req` is a valid ifreq that lives across the call; nothing else is touched.
         let r = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF as _, &mut req as *mut IfReq) };
         if r < 0 {
             return Err(TapError::Attach {

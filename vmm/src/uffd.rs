@@ -156,11 +156,12 @@ impl MissingPages {
             mode: UFFDIO_REGISTER_MODE_MISSING,
             ioctls: 0,
         };
-        // SAFETY: UFFDIO_REGISTER reads and writes a `struct
-        // uffdio_register` (`reg`, alive for the call); the range is the
-        // live anonymous mapping of `mem`, kept mapped by the clone held
-        // in the returned value.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } < 0 {
+        // UFFDIO_REGISTER reads and writes a `struct uffdio_register`; the
+        // range is the live anonymous mapping of `mem`, kept mapped by the
+        // clone held in the returned value.
+        // SAFETY: `reg` is a valid uffdio_register alive for the call (above).
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) };
+        if rc < 0 {
             return Err(os("UFFDIO_REGISTER"));
         }
         Ok(MissingPages {
@@ -187,19 +188,20 @@ impl MissingPages {
     /// before the guest runs (the content is lost).
     pub fn discard(&self, frame: u64) -> Result<(), UffdError> {
         let a = self.addr(frame)?;
-        // SAFETY: `a..a + 4096` is a page of the private anonymous mapping
-        // this value keeps alive; MADV_DONTNEED only drops its content (the
-        // next access faults, here into userfaultfd). No Rust reference to
-        // guest RAM relies on the content: castor reads and writes it
-        // through vm-memory's volatile accessors or short-lived slices.
-        if unsafe {
+        // `a..a + 4096` is a page of the private anonymous mapping this
+        // value keeps alive; MADV_DONTNEED only drops its content (the next
+        // access faults, here into userfaultfd). No Rust reference to guest
+        // RAM relies on the content: castor reads and writes it through
+        // vm-memory's volatile accessors or short-lived slices.
+        // SAFETY: a live page of our own mapping whose content no reference relies on (above).
+        let rc = unsafe {
             libc::madvise(
                 a as *mut libc::c_void,
                 PAGE_SIZE as usize,
                 libc::MADV_DONTNEED,
             )
-        } < 0
-        {
+        };
+        if rc < 0 {
             return Err(os("discarding a page"));
         }
         Ok(())
@@ -219,14 +221,13 @@ impl MissingPages {
                     mode: 0,
                     copy: 0,
                 };
-                // SAFETY: UFFDIO_COPY reads `c` (a `struct uffdio_copy`)
-                // and 4096 bytes at `src` (the borrowed page, alive for the
-                // call), and atomically places them at `dst`, a page of the
-                // registered range, only if it is missing.
-                (
-                    unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) },
-                    "UFFDIO_COPY",
-                )
+                // UFFDIO_COPY reads `c` (a `struct uffdio_copy`) and 4096
+                // bytes at `src` (the borrowed page, alive for the call), and
+                // atomically places them at `dst`, a page of the registered
+                // range, only if it is missing.
+                // SAFETY: `c` and the page it points at are valid for the call (above).
+                let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) };
+                (rc, "UFFDIO_COPY")
             }
             None => {
                 let mut z = UffdioZeropage {
@@ -237,13 +238,12 @@ impl MissingPages {
                     mode: 0,
                     zeropage: 0,
                 };
-                // SAFETY: UFFDIO_ZEROPAGE reads and writes `z` (a `struct
+                // UFFDIO_ZEROPAGE reads and writes `z` (a `struct
                 // uffdio_zeropage`); it maps zeros at a missing page of the
                 // registered range.
-                (
-                    unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) },
-                    "UFFDIO_ZEROPAGE",
-                )
+                // SAFETY: `z` is a valid uffdio_zeropage alive for the call.
+                let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) };
+                (rc, "UFFDIO_ZEROPAGE")
             }
         };
         if rc < 0 {
