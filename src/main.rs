@@ -713,11 +713,7 @@ fn image_paths(pair: &PairArgs, p: &ProtectArgs) -> Result<Option<vmm::image::Im
 fn attach_unprotected(machine: &Machine, tap: Option<Arc<vmm::tap::Tap>>) {
     if let Some(dev) = machine.net() {
         match tap {
-            Some(t) => {
-                // The guest's MAC may be known at another port of a bridge.
-                t.write_frame(&dev.announcement());
-                dev.attach(t.clone(), Some(t))
-            }
+            Some(t) => dev.attach(t.clone(), Some(t)),
             None => {
                 warn!("the guest has a network card but no --tap: its frames go nowhere");
                 dev.attach(Arc::new(vmm::virtio_net::Discard), None)

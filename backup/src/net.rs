@@ -178,7 +178,6 @@ async fn session(
                             for m in answer {
                                 let _ = ack_tx.send(m.to_frame());
                             }
-                            *shared.reuse.lock().unwrap_or_else(|e| e.into_inner()) = reuse;
                         }
                     }
                     if h.beat_port != 0 {

@@ -77,8 +77,6 @@ pub(crate) struct Shared {
     stale_token: AtomicU64,
     /// Where the replica's image files go (`--image-dir`).
     pub image: Option<ImagePaths>,
-    /// How the current session's replica was set up.
-    pub reuse: Mutex<Reuse>,
 }
 
 impl Shared {
@@ -108,7 +106,6 @@ impl Shared {
             metrics,
             stale_token: AtomicU64::new(u64::MAX),
             image,
-            reuse: Mutex::new(Reuse::default()),
         })
     }
 

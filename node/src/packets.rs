@@ -16,7 +16,6 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use vmm::tap::Tap;
 use vmm::virtio_net::NetBackend;
 
 /// Counters of a hold.
@@ -36,18 +35,6 @@ pub struct HoldFigures {
     pub discarded: u64,
 }
 
-/// Where released frames go.
-pub trait FrameOut: Send + Sync {
-    /// Writes one frame to the network.
-    fn write(&self, frame: &[u8]);
-}
-
-impl FrameOut for Tap {
-    fn write(&self, frame: &[u8]) {
-        self.write_frame(frame);
-    }
-}
-
 struct Inner {
     hold: bool,
     closed: bool,
@@ -61,7 +48,7 @@ struct Inner {
 /// The guest's transmitted frames and their release point.
 pub struct PacketHold {
     inner: Mutex<Inner>,
-    out: Arc<dyn FrameOut>,
+    out: Arc<dyn NetBackend>,
 }
 
 impl std::fmt::Debug for PacketHold {
@@ -78,9 +65,9 @@ impl PacketHold {
     /// Most bytes held.
     pub const MAX_BYTES: u64 = 32 << 20;
 
-    /// A hold writing to `out`, off (frames go out at once) until
+    /// A hold writing released frames to `out` (a tap), off (frames go out at once) until
     /// [`PacketHold::set_hold`].
-    pub fn new(out: Arc<dyn FrameOut>) -> Arc<Self> {
+    pub fn new(out: Arc<dyn NetBackend>) -> Arc<Self> {
         Arc::new(PacketHold {
             inner: Mutex::new(Inner {
                 hold: false,
@@ -130,7 +117,7 @@ impl PacketHold {
             i.figures.held -= 1;
             i.figures.held_bytes -= f.len() as u64;
             i.figures.released += 1;
-            self.out.write(&f);
+            self.out.transmit(&f);
         }
     }
 
@@ -161,7 +148,7 @@ impl PacketHold {
             i.figures.discarded += 1;
         } else if !i.hold {
             i.figures.released += 1;
-            self.out.write(frame);
+            self.out.transmit(frame);
         } else if i.queue.len() >= Self::MAX_FRAMES
             || i.figures.held_bytes + frame.len() as u64 > Self::MAX_BYTES
         {
@@ -186,8 +173,8 @@ mod tests {
 
     #[derive(Default)]
     struct Wire(Mutex<Vec<Vec<u8>>>);
-    impl FrameOut for Wire {
-        fn write(&self, frame: &[u8]) {
+    impl NetBackend for Wire {
+        fn transmit(&self, frame: &[u8]) {
             self.0.lock().unwrap().push(frame.to_vec());
         }
     }

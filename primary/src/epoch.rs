@@ -423,15 +423,11 @@ impl EpochLoop<'_> {
         };
         let offer_ms = a.hello_at.elapsed().as_secs_f64() * 1e3;
         let mut session = a.session;
-        let offer = match answer {
-            protocol::reuse::Answer::Image(o) => Some(o),
+        let (offer, why_full) = match answer {
+            protocol::reuse::Answer::Image(o) => (Some(o), String::new()),
             protocol::reuse::Answer::None(reason) => {
                 info!("full resync: {reason}");
-                self.metrics.resync(node::ResyncStatus {
-                    reason,
-                    ..Default::default()
-                });
-                None
+                (None, reason)
             }
         };
         if offer.is_some() {
@@ -541,12 +537,7 @@ impl EpochLoop<'_> {
                 );
             }
             None => {
-                status.reason = self
-                    .metrics
-                    .figures()
-                    .last_resync
-                    .map(|r| r.reason)
-                    .unwrap_or_default();
+                status.reason = why_full;
                 info!(
                     pages = self.pages,
                     bytes,

@@ -183,50 +183,23 @@ pub fn protect(
 }
 
 /// The guest's network output: a hold in front of this node's tap (or of
-/// nothing, without `--tap`), attached to the machine's card; after a
-/// takeover (and at boot) the guest is announced on this node's port first.
+/// nothing, without `--tap`), attached to the machine's card, which
+/// announces the guest on the tap (`vmm::virtio_net::NetDevice::attach`).
 fn net_output(cfg: &Config, machine: &Machine) -> Option<Arc<PacketHold>> {
     let dev = machine.net()?;
-    let out: Arc<dyn node::packets::FrameOut> = match &cfg.tap {
-        Some(tap) => tap.clone(),
+    let out: Arc<dyn vmm::virtio_net::NetBackend> = match &cfg.tap {
+        Some(tap) => {
+            info!(tap = tap.name(), "the guest's network card is on this tap");
+            tap.clone()
+        }
         None => {
             warn!("the guest has a network card but this node has no --tap: its frames go nowhere and it receives none");
-            Arc::new(NoWire)
+            Arc::new(vmm::virtio_net::Discard)
         }
     };
-    // Switches learn the guest's port: after a takeover (a gratuitous ARP
-    // for the address the card learnt), and at boot too (a RARP), since a
-    // bridge may still point the guest's MAC at another node's port.
-    if let Some(tap) = &cfg.tap {
-        announce(tap.clone(), dev.announcement());
-    }
     let hold = PacketHold::new(out);
     dev.attach(hold.clone(), cfg.tap.clone());
     Some(hold)
-}
-
-/// Sends the guest's announcement now and twice more (50 and 200 ms later),
-/// as QEMU does after a migration: switches learn the guest's new port.
-fn announce(tap: Arc<vmm::tap::Tap>, frame: Vec<u8>) {
-    tap.write_frame(&frame);
-    info!(
-        tap = tap.name(),
-        "announced the guest on this node's network port"
-    );
-    let _ = std::thread::Builder::new()
-        .name("castor-announce".into())
-        .spawn(move || {
-            for wait in [50, 150] {
-                std::thread::sleep(Duration::from_millis(wait));
-                tap.write_frame(&frame);
-            }
-        });
-}
-
-struct NoWire;
-
-impl node::packets::FrameOut for NoWire {
-    fn write(&self, _frame: &[u8]) {}
 }
 
 /// The control requests a node running the guest answers.

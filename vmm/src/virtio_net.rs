@@ -298,7 +298,15 @@ impl NetDevice {
     /// Sends the guest's frames to `backend` from now on (frames it sent
     /// before, while no backend was attached, go first), and delivers frames
     /// read from `rx` to the guest on a thread of its own.
+    ///
+    /// The guest is announced on `rx` first, now and twice more (50 and
+    /// 200 ms later) as QEMU does after a migration: a bridge may still
+    /// point the guest's MAC at another node's port (after a takeover, or
+    /// a pair started again on the same bridge).
     pub fn attach(self: &Arc<Self>, backend: Arc<dyn NetBackend>, rx: Option<Arc<Tap>>) {
+        if let Some(tap) = &rx {
+            announce(tap.clone(), self.announcement());
+        }
         {
             let mut i = self.lock();
             for f in i.pending_tx.drain(..) {
@@ -705,6 +713,20 @@ impl NetDevice {
         let i = self.lock();
         announcement(i.regs.mac, i.regs.guest_ipv4)
     }
+}
+
+/// Writes `frame` to `tap` now, 50 ms and 200 ms later.
+fn announce(tap: Arc<Tap>, frame: Vec<u8>) {
+    tap.write_frame(&frame);
+    debug!(tap = tap.name(), "announced the guest on this port");
+    let _ = std::thread::Builder::new()
+        .name("castor-announce".into())
+        .spawn(move || {
+            for wait in [50, 150] {
+                std::thread::sleep(std::time::Duration::from_millis(wait));
+                tap.write_frame(&frame);
+            }
+        });
 }
 
 /// Learns the guest's IPv4 address from a frame it sent from its own MAC.
