@@ -3,6 +3,8 @@
 //! up logging and signals, and drives the machine; the work lives in the
 //! library crates (`castor-vmm`, `castor-guest`).
 
+mod migrate_cmd;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,8 +103,15 @@ enum Command {
     /// violation (a reply from state later lost, an acknowledged write lost),
     /// then reads back every acknowledged key. Fails on any violation.
     Loadgen(lab::loadgen::LoadgenArgs),
-    /// Live migration: boot castor's guest here and move it, running, to the
-    /// node at --to (a `castor migrate-listen`) after --after.
+    /// Live migration: ask a running primary (--node or --control) to move
+    /// its guest, running, to the node listening at --to (a `castor
+    /// migrate-listen` whose certificate names it --dest).
+    ///
+    /// The primary first stands its backup down (a goodbye: the backup
+    /// commits the last checkpoint and will not take over); the guest is not
+    /// protected while it moves. With a witness, the VM's ownership passes to
+    /// --dest at the witness just before the destination runs the guest, so
+    /// only one node may ever run it.
     ///
     /// Pre-copy rounds encoded by fgbi (or xbzrle / remus) over the pair's
     /// mutual-TLS QUIC channel, until the stall predicted from the writable
@@ -114,13 +123,19 @@ enum Command {
     /// pages it touches on demand while the rest is pushed. DURING POST-COPY
     /// A FAILURE OF EITHER NODE OR OF THE LINK LOSES THE VM (--no-postcopy
     /// forbids it). A migration that fails before the switch leaves the
-    /// guest running here and says why. Prints `MIGRATED {json}` on success.
-    Migrate(migrate::cli::MigrateArgs),
+    /// guest running on the source, protected again, and says why. Prints
+    /// `MIGRATED {json}` on success; the source daemon then exits.
+    Migrate(migrate_cmd::AskArgs),
+    /// Live migration without a daemon (the lab flow): boot castor's guest
+    /// here and move it to the node at --to after --after, as `castor
+    /// migrate` does (see its help; post-copy: a failure of either node
+    /// loses the VM). Prints `MIGRATED {json}` on success.
+    MigrateRun(migrate_cmd::RunArgs),
     /// Live migration, destination: wait for one guest (`castor migrate`),
     /// run it and serve its console from the offset it had; with --to, move
     /// it on after --after. See `castor migrate --help` (post-copy: a
     /// failure of either node loses the VM).
-    MigrateListen(migrate::cli::ListenArgs),
+    MigrateListen(migrate_cmd::ListenArgs),
 }
 
 #[derive(Args, Clone)]
@@ -750,6 +765,7 @@ fn primary_config(
         node: pair.node.clone(),
         backup,
         tls,
+        certs: pair.certs.clone(),
         epoch: Duration::from_millis(p.epoch_ms),
         mode: p.mode,
         block_size: p.block_size,
@@ -1143,8 +1159,9 @@ fn main() -> ExitCode {
         Command::Bench(a) => lab::bench(a),
         Command::Net(a) => lab::netlab::net(a),
         Command::Loadgen(a) => lab::loadgen::loadgen(a),
-        Command::Migrate(a) => migrate::cli::migrate(a),
-        Command::MigrateListen(a) => migrate::cli::listen(a),
+        Command::Migrate(a) => migrate_cmd::ask(a),
+        Command::MigrateRun(a) => migrate_cmd::run(a),
+        Command::MigrateListen(a) => migrate_cmd::listen(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -129,7 +129,7 @@ fn source(
     after: &str,
     extra: &[&str],
 ) -> Proc {
-    let mut a = args(&["migrate"]);
+    let mut a = args(&["migrate-run"]);
     a.extend(tls(e, "node-a", "node-b"));
     a.extend(args(&[
         "--workload",

@@ -153,6 +153,9 @@ fn control(shared: Arc<Shared>, log: Arc<node::console::ConsoleLog>) -> node::co
             }
         }
         Request::Reset => Response::Error("a backup has no figures to reset".into()),
+        Request::Migrate(_) => Response::Error(
+            "this node is a backup: a migration is asked of the node running the guest".into(),
+        ),
         Request::Status => {
             let r = shared.replica();
             let taken_over = shared.core().taken_over();

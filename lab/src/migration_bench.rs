@@ -203,7 +203,7 @@ fn point(
         .context("starting the destination")?;
     std::thread::sleep(Duration::from_millis(300));
     let mut src = Command::new(&exe)
-        .arg("migrate")
+        .arg("migrate-run")
         .args(tls("node-a", "node-b"))
         .args(["--workload", spec, "--mem", &format!("{}", a.mem)])
         .args(["--vcpus", "1", "--to", &listen.to_string(), "--after", "2s"])

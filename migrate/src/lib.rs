@@ -5,7 +5,10 @@
 //!   post-copy — from the history of the writable working set.
 //! - [`wire`]: the migration's messages (docs/protocol.md, "Live migration").
 //! - [`source`] and [`dest`]: the thin I/O shells of each side.
-//! - [`cli`]: the `castor migrate` and `castor migrate-listen` commands.
+//!
+//! The commands (`castor migrate`, `migrate-run`, `migrate-listen`) live in
+//! the `castor` binary; a primary daemon moves its guest through
+//! [`source::migrate_out`] on a control request.
 //!
 //! # A migration
 //! ```text
@@ -27,7 +30,6 @@
 //! (`Want` → `Page` on the control stream) while the source pushes the rest
 //! (`Page`… `Done` on the bulk stream); `Finished` when all arrived.
 
-pub mod cli;
 pub mod dest;
 mod io;
 pub mod plan;
@@ -62,6 +64,14 @@ pub enum MigrateError {
     /// The machine failed.
     #[error("machine: {0}")]
     Machine(String),
+    /// The VM's ownership could not be handed to the destination: the
+    /// guest stays here (the witness did not answer).
+    #[error("handing the VM to the destination: {0}")]
+    Handover(String),
+    /// Another node owns the VM (the witness says so): the guest must not
+    /// run here nor move.
+    #[error("fenced: {0}")]
+    Fenced(String),
 }
 
 impl From<vmm::MachineError> for MigrateError {

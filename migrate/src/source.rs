@@ -37,6 +37,11 @@ pub struct Failure {
 /// loaded 2-core host: 256 MiB in ~15-20 ms).
 const DIGEST_RATE: f64 = 16e9;
 
+/// A connection silent this long is dead (QUIC keep-alives go every
+/// 500 ms): the destination gives a dead source up after this, not after
+/// the pair's 10 s.
+pub const LINK_IDLE: Duration = Duration::from_secs(3);
+
 /// How long the source waits for any one answer of the destination.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -49,33 +54,68 @@ struct Source<'a> {
     ctl: Tx,
     rx: Rx,
     committed: bool,
-    on_commit: &'a (dyn Fn() + Sync),
+    switch: &'a dyn Switch,
+}
+
+/// The commit point as the source's owner sees it: whether the guest may
+/// move (a primary hands the VM's ownership to the destination at the
+/// witness first), and that it has.
+pub trait Switch: Sync {
+    /// Called with the guest paused here and the destination ready to run
+    /// it, just before `Go`. `Ok`: send `Go`. An error: no `Go`; the guest
+    /// resumes here — unless it is [`MigrateError::Fenced`]: another node
+    /// owns the VM, and the guest stops here as well.
+    fn approve(&self) -> Result<(), MigrateError> {
+        Ok(())
+    }
+
+    /// `Go` is sent: the guest never runs here again. A console service
+    /// ends its stream here, so that clients move on to the destination
+    /// at once.
+    fn committed(&self) {}
+}
+
+/// A source with nothing to ask before `Go` and nothing to do after it.
+pub struct NoGate;
+
+impl Switch for NoGate {}
+
+impl<F: Fn() + Sync> Switch for F {
+    fn committed(&self) {
+        self()
+    }
 }
 
 /// Migrates `machine` (running) to the destination at `addr`. On success
 /// the machine is stopped and the report says how it went; on failure
 /// before the commit point the machine runs again here.
 ///
-/// `on_commit` is called once the source has sent `Go` (the guest will
-/// never run here again): a console service ends its stream there, so
-/// that clients move on to the destination at once.
+/// `switch` approves the move just before `Go` and hears that it
+/// happened ([`Switch`]).
 pub async fn migrate_out(
     machine: &mut Machine,
     addr: SocketAddr,
     tls: &transport::NodeTls,
     cfg: &SourceConfig,
-    on_commit: &(dyn Fn() + Sync),
+    switch: &dyn Switch,
 ) -> Result<Report, Failure> {
     let t0 = Instant::now();
     let mut committed = false;
-    let r = run(machine, addr, tls, cfg, t0, &mut committed, on_commit).await;
+    let r = run(machine, addr, tls, cfg, t0, &mut committed, switch).await;
     match r {
         Ok(rep) => {
             machine.stop();
             Ok(rep)
         }
         Err(error) => {
-            if committed {
+            if let MigrateError::Fenced(why) = &error {
+                warn!("migration stopped: {why}; this node's guest is stopped");
+                machine.stop();
+                Err(Failure {
+                    error,
+                    running_here: false,
+                })
+            } else if committed {
                 warn!("migration failed after the commit point: {error}");
                 machine.stop();
                 Err(Failure {
@@ -102,9 +142,9 @@ async fn run(
     cfg: &SourceConfig,
     t0: Instant,
     committed: &mut bool,
-    on_commit: &(dyn Fn() + Sync),
+    switch: &dyn Switch,
 ) -> Result<Report, MigrateError> {
-    let (_endpoint, conn) = transport::connect_connection(addr, tls)
+    let (_endpoint, conn) = transport::connect_connection(addr, tls, LINK_IDLE)
         .await
         .map_err(|e| MigrateError::Link(e.to_string()))?;
     let link = |e: quinn::ConnectionError| MigrateError::Link(e.to_string());
@@ -149,7 +189,7 @@ async fn run(
         ctl,
         rx,
         committed: false,
-        on_commit,
+        switch,
     };
     let r = s.rounds(t0).await;
     *committed = s.committed;
@@ -377,9 +417,10 @@ impl Source<'_> {
             other => return Err(unexpected(&other)),
         }
         let verified_ms = tp.elapsed().as_secs_f64() * 1e3;
+        self.switch.approve()?;
         self.committed = true;
         self.ctl.msg(&Msg::Go).await?;
-        (self.on_commit)();
+        self.switch.committed();
         match timeout(self.rx.next()).await {
             Ok(Msg::Finished) => {}
             Ok(other) => warn!("after the switch: {other:?}"),
@@ -430,9 +471,10 @@ impl Source<'_> {
             Msg::Refused { reason } => return Err(MigrateError::Refused(reason)),
             other => return Err(unexpected(&other)),
         }
+        self.switch.approve()?;
         self.committed = true;
         self.ctl.msg(&Msg::Go).await?;
-        (self.on_commit)();
+        self.switch.committed();
         report.pause_ms = tp.elapsed().as_secs_f64() * 1e3;
         info!(
             missing = missing.len(),

@@ -60,7 +60,9 @@ fn a_switch_with_a_wrong_digest_is_refused_before_the_guest_runs() {
             };
             migrate::dest::accept_one(&listener, &cfg).await.err()
         });
-        let (_ep, conn) = transport::connect_connection(addr, &tls_a).await.unwrap();
+        let (_ep, conn) = transport::connect_connection(addr, &tls_a, migrate::source::LINK_IDLE)
+            .await
+            .unwrap();
         let (mut ctl, mut ctl_rx) = conn.open_bi().await.unwrap();
         let mut bulk = conn.open_uni().await.unwrap();
         let mut d = Decoder::new();

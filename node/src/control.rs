@@ -38,6 +38,46 @@ pub enum Request {
     Takeover,
     /// A primary forgets its figures so far (a benchmark's warm-up).
     Reset,
+    /// A primary moves its guest, running, to another node (`castor
+    /// migrate`); answered when the guest runs there, or with why not.
+    Migrate(MigrateRequest),
+}
+
+/// A live migration asked of a primary ([`Request::Migrate`]).
+///
+/// The primary first stands its backup down (a goodbye: the backup commits
+/// the last checkpoint and will not take over), then moves the guest by
+/// pre-copy (or post-copy, if allowed and needed). With a witness, the VM's
+/// ownership passes to `dest` at the witness just before the destination
+/// runs the guest; a migration that fails before that point leaves the
+/// guest running here, protected again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// Where the destination listens (`castor migrate-listen`).
+    pub to: std::net::SocketAddr,
+    /// The destination's node name: its certificate must carry it, and the
+    /// witness gives it the VM.
+    pub dest: String,
+    /// How pages are encoded: `fgbi`, `xbzrle` or `remus`.
+    pub mode: String,
+    /// fgbi block size.
+    pub block_size: u32,
+    /// The longest stall allowed, ms.
+    pub max_downtime_ms: u64,
+    /// Post-copy allowed (a failure of either node during it loses the VM).
+    pub postcopy: bool,
+    /// Send a digest of all RAM for the destination to check at a
+    /// pre-copy switch.
+    pub verify: bool,
+    /// Most pre-copy rounds.
+    pub max_rounds: u32,
+    /// Memory the encoder may keep about the destination's RAM (`None`:
+    /// the guest's RAM size).
+    pub budget: Option<u64>,
+    /// Emulated link: bytes a second (`None`: unshaped).
+    pub link_rate: Option<u64>,
+    /// Emulated link: one-way delay, µs.
+    pub link_delay_us: u64,
 }
 
 /// A control answer.
@@ -222,7 +262,7 @@ async fn client(mut stream: UnixStream, control: Arc<Control>, owner: u32) -> st
                         .unwrap_or_else(|e| Response::Error(format!("the request failed: {e}")))
                 }
                 Err(e) => Response::Error(format!(
-                    "bad request {:?}: {e}; send one line of JSON such as {{\"op\":\"status\"}} (ops: status, takeover, reset)",
+                    "bad request {:?}: {e}; send one line of JSON such as {{\"op\":\"status\"}} (ops: status, takeover, reset, migrate)",
                     line.trim()
                 )),
             },

@@ -18,6 +18,9 @@ pub struct Config {
     pub backup: Option<SocketAddr>,
     /// Certificates and the backup's expected name.
     pub tls: NodeTls,
+    /// The `castor certs` directory `tls` came from: a migration loads
+    /// this node's certificate from it to reach its destination.
+    pub certs: std::path::PathBuf,
     /// Epoch length.
     pub epoch: Duration,
     /// Encoding mode.
@@ -74,6 +77,9 @@ pub enum PrimaryError {
     /// The guest stopped.
     #[error("the guest stopped: {0:?}")]
     GuestStopped(vmm::ExitReason),
+    /// A migration failed after the switch: the guest may be lost.
+    #[error("migration: {0}")]
+    Migration(String),
     /// Another node runs the guest; this node's guest was stopped so that
     /// only one runs.
     #[error("fenced: {0}; this node's guest was stopped")]

@@ -83,6 +83,11 @@ pub(crate) struct EpochLoop<'a> {
     pub awaiting: Option<Awaiting>,
     /// When the current session's hello went out (for `protected_ms`).
     pub hello_at: Option<Instant>,
+    /// The network task (with a backup).
+    pub net: Option<crate::net::NetTask>,
+    /// A migration asked on the control socket, for the loop to carry out
+    /// between epochs.
+    pub migration: Option<Box<crate::migration::Order>>,
 }
 
 impl EpochLoop<'_> {
@@ -101,6 +106,16 @@ impl EpochLoop<'_> {
         while !stop.load(Ordering::Relaxed) {
             if let Some(r) = self.machine.wait_exit(Duration::ZERO) {
                 return Err(PrimaryError::GuestStopped(r));
+            }
+            if let Some(order) = self.migration.take() {
+                if self.migrate(*order, events)? {
+                    // The guest runs on the destination now.
+                    return Ok(());
+                }
+                next = Instant::now() + self.cfg.epoch;
+                pre_done = false;
+                waited = Duration::ZERO;
+                continue;
             }
             if self
                 .awaiting
@@ -165,16 +180,37 @@ impl EpochLoop<'_> {
         Ok(())
     }
 
-    /// A planned stop (or the loop's end): the network task says goodbye
-    /// naming the last checkpoint queued, so that the backup ends the
-    /// session only once it has committed it, and finishes the data stream
-    /// behind it. Waits while the queue is full (bounded: a stopping
-    /// network task gives up after [`crate::net::GOODBYE_WAIT`] and drops
-    /// the queue).
-    pub fn goodbye(&self, farewell: &crate::net::Farewell) {
+    /// A planned stop (the loop's end, or a migration): the network task
+    /// says goodbye naming the last checkpoint queued, so that the backup
+    /// ends the session only once it has committed it — and stands down
+    /// at once — and finishes the data stream behind it; then the task
+    /// ends. Waits while the queue is full (bounded: a stopping network
+    /// task gives up after [`crate::net::GOODBYE_WAIT`] and drops the
+    /// queue). The session's end and the acks arrive as events.
+    pub fn end_protection(&mut self) {
+        let Some(net) = self.net.take() else {
+            return;
+        };
+        net.stopping();
         let last_epoch = self.session.as_ref().map_or(0, Session::last_epoch);
-        farewell.set(last_epoch);
+        net.farewell.set(last_epoch);
         let _ = self.out.blocking_send(Outgoing::Goodbye { last_epoch });
+        net.finish(&self.rt);
+    }
+
+    /// Protection again after [`Self::end_protection`] (a migration that
+    /// failed before the switch): a new network task, whose connection
+    /// starts a new session.
+    pub fn restart_protection(&mut self) -> Result<(), PrimaryError> {
+        let Some(backup) = self.cfg.backup else {
+            return Ok(());
+        };
+        let (task, ends) =
+            crate::net::NetTask::spawn(self.cfg, backup, &self.rt, self.claims.clone())?;
+        self.out = ends.out;
+        self.beat = ends.beat;
+        self.net = Some(task);
+        Ok(())
     }
 
     /// Bounded in-flight checkpoints: waits (handling events) until the core
@@ -198,13 +234,21 @@ impl EpochLoop<'_> {
         Ok(true)
     }
 
-    fn on_event(&mut self, ev: NetEvent) -> Result<(), PrimaryError> {
+    pub(crate) fn on_event(&mut self, ev: NetEvent) -> Result<(), PrimaryError> {
         let input = match ev {
             NetEvent::Connected => PrimaryInput::Connected,
             NetEvent::Ack(epoch) => PrimaryInput::Ack { epoch },
             NetEvent::Ended(reason) => PrimaryInput::Ended(reason),
             NetEvent::Claimed(claim) => PrimaryInput::Claimed(claim),
             NetEvent::Offer(m) => return self.on_offer(m),
+            NetEvent::Migrate(order) => {
+                if self.migration.is_some() {
+                    order.refuse("a migration is already asked");
+                } else {
+                    self.migration = Some(order);
+                }
+                return Ok(());
+            }
         };
         self.feed(input)?;
         self.bound_the_hold()
@@ -261,7 +305,7 @@ impl EpochLoop<'_> {
     }
 
     /// Gives the core an input and carries out its actions.
-    fn feed(&mut self, input: PrimaryInput<InFlight>) -> Result<(), PrimaryError> {
+    pub(crate) fn feed(&mut self, input: PrimaryInput<InFlight>) -> Result<(), PrimaryError> {
         for action in self.core.on(input) {
             match action {
                 PrimaryAction::StartSession => self.start_session()?,

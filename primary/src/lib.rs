@@ -27,12 +27,12 @@ mod config;
 mod copy;
 mod epoch;
 mod metrics;
+mod migration;
 mod net;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
-use std::time::Duration;
 
 use node::console::ConsoleLog;
 use node::control::{Request, Response};
@@ -91,11 +91,13 @@ pub fn protect(
     }
     let metrics = Arc::new(Metrics::new(cfg.mode, cfg.epoch, services.metrics.clone()));
     let packets = net_output(cfg, &machine);
+    let (events_tx, events_rx) = std_mpsc::channel();
     services.control.replace(control(
         metrics.clone(),
         services.log.clone(),
         origin,
         packets.clone(),
+        events_tx.clone(),
     ));
     let pages = vmm::memory::ram_size(machine.memory()) / 4096;
     let log = services.log.clone();
@@ -108,34 +110,13 @@ pub fn protect(
     // Dirty tracking starts with the first session (a full resync copies
     // everything anyway): after a failover the guest runs at once, without
     // waiting for KVM to re-register its memory with dirty logging.
-    let (out_tx, out_rx) = mpsc::channel(cfg.max_in_flight.max(1) + 1);
-    let (events_tx, events_rx) = std_mpsc::channel();
-    let claims = events_tx.clone();
-    // Without a backup only claims send events; the loop runs unprotected
-    // until stopped.
-    let mut beat = (0, [0u8; 32]);
-    let mut net_task = None;
-    let farewell = net::Farewell::new();
+    // Without a backup only claims and control requests send events; the
+    // loop runs unprotected until stopped (or the guest moves).
+    let (mut out, mut beat, mut net_task) = (mpsc::channel(1).0, (0, [0u8; 32]), None);
     if let Some(backup) = cfg.backup {
-        // The heartbeat path: a UDP socket of its own, a key for the hello.
-        let any = transport::any_addr_for(backup);
-        let sock = std::net::UdpSocket::bind(any).map_err(PrimaryError::Beat)?;
-        sock.set_nonblocking(true).map_err(PrimaryError::Beat)?;
-        beat = (
-            sock.local_addr().map_err(PrimaryError::Beat)?.port(),
-            rand::random(),
-        );
-        let path = net::BeatPath { sock, key: beat.1 };
-        let net = net::run(
-            cfg.clone(),
-            backup,
-            path,
-            out_rx,
-            events_tx,
-            stop.clone(),
-            farewell.clone(),
-        );
-        net_task = Some(services.rt.spawn(net));
+        let (task, ends) =
+            net::NetTask::spawn(cfg, backup, services.rt.handle(), events_tx.clone())?;
+        (out, beat, net_task) = (ends.out, ends.beat, Some(task));
     }
     let mut lp = epoch::EpochLoop {
         cfg,
@@ -143,9 +124,9 @@ pub fn protect(
         log: log.clone(),
         packets: packets.clone(),
         metrics: metrics.clone(),
-        out: out_tx,
+        out,
         core: PrimaryCore::new(cfg.max_in_flight, cfg.witness.is_some(), origin.token()),
-        claims,
+        claims: events_tx,
         rt: services.rt.handle().clone(),
         held_pause: false,
         beat,
@@ -156,6 +137,8 @@ pub fn protect(
         session: None,
         staging: copy::Staging::new(pages),
         rt_pause: false,
+        net: net_task,
+        migration: None,
     };
     let result = lp.run(&events_rx, &stop);
     // A planned stop: the network task says goodbye naming the last
@@ -163,12 +146,15 @@ pub fn protect(
     // the backup has committed it and ended the session, or `GOODBYE_WAIT`
     // passes. Until the goodbye arrives, silence would mean a takeover.
     stop.store(true, Ordering::Relaxed);
-    if let Some(task) = net_task {
-        lp.goodbye(&farewell);
-        let wait = net::GOODBYE_WAIT + Duration::from_millis(500);
-        let _ = services
-            .rt
-            .block_on(async move { tokio::time::timeout(wait, task).await });
+    lp.end_protection();
+    // A migration asked meanwhile is not carried out.
+    while let Ok(ev) = events_rx.try_recv() {
+        if let net::NetEvent::Migrate(o) = ev {
+            o.refuse("the primary is stopping");
+        }
+    }
+    if let Some(o) = lp.migration.take() {
+        o.refuse("the primary is stopping");
     }
     lp.machine.stop();
     // Held output stays held, also on a planned stop: the goodbye may not
@@ -202,14 +188,36 @@ fn net_output(cfg: &Config, machine: &Machine) -> Option<Arc<PacketHold>> {
     Some(hold)
 }
 
-/// The control requests a node running the guest answers.
+/// The control requests a node running the guest answers. A migration is
+/// carried out by the epoch loop (`events`); the answer waits for it.
 fn control(
     metrics: Arc<Metrics>,
     log: Arc<ConsoleLog>,
     origin: Origin,
     packets: Option<Arc<PacketHold>>,
+    events: std_mpsc::Sender<net::NetEvent>,
 ) -> node::control::Handler {
+    let events = std::sync::Mutex::new(events);
     Arc::new(move |req: &Request| match req {
+        Request::Migrate(m) => {
+            let (reply, answer) = std_mpsc::channel();
+            let order = migration::Order {
+                req: m.clone(),
+                reply,
+            };
+            let sent = events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(net::NetEvent::Migrate(Box::new(order)));
+            if sent.is_err() {
+                return Response::Error("the guest no longer runs on this node".into());
+            }
+            match answer.recv() {
+                Ok(Ok(report)) => Response::Ok(report),
+                Ok(Err(why)) => Response::Error(why),
+                Err(_) => Response::Error("the primary stopped during the migration".into()),
+            }
+        }
         Request::Status => Response::Status(Box::new(Status {
             role: match origin {
                 Origin::Booted { .. } => Role::Primary,

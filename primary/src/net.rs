@@ -32,6 +32,92 @@ pub(crate) enum NetEvent {
     /// Part of the backup's answer to the hello's reuse request
     /// ([`Message::Reuse`], [`Message::Digests`]).
     Offer(Message),
+    /// A control request: move the guest to another node (not from the
+    /// network task: the control service puts it in the same queue).
+    Migrate(Box<crate::migration::Order>),
+}
+
+/// The network task of one stretch of protection: spawned when the role
+/// starts, stopped (with a goodbye) when it ends or the guest migrates, and
+/// spawned again when a migration fails and the guest stays.
+pub(crate) struct NetTask {
+    handle: tokio::task::JoinHandle<()>,
+    stop: Arc<AtomicBool>,
+    /// The epoch loop's last word, for the goodbye.
+    pub farewell: Farewell,
+}
+
+/// What the epoch loop keeps of a network task: where checkpoints go, and
+/// the heartbeat path's port and key for its hellos.
+pub(crate) struct NetEnds {
+    /// The queue to the network task.
+    pub out: mpsc::Sender<Outgoing>,
+    /// The heartbeat socket's port and key.
+    pub beat: (u16, [u8; 32]),
+}
+
+impl NetTask {
+    /// Binds a heartbeat socket and starts connecting to `backup` on `rt`;
+    /// the sessions' events go to `events`.
+    pub fn spawn(
+        cfg: &Config,
+        backup: SocketAddr,
+        rt: &tokio::runtime::Handle,
+        events: std_mpsc::Sender<NetEvent>,
+    ) -> Result<(NetTask, NetEnds), crate::PrimaryError> {
+        use crate::PrimaryError;
+        let any = transport::any_addr_for(backup);
+        let sock = std::net::UdpSocket::bind(any).map_err(PrimaryError::Beat)?;
+        sock.set_nonblocking(true).map_err(PrimaryError::Beat)?;
+        let beat = (
+            sock.local_addr().map_err(PrimaryError::Beat)?.port(),
+            rand::random(),
+        );
+        let path = BeatPath { sock, key: beat.1 };
+        let (out, out_rx) = mpsc::channel(cfg.max_in_flight.max(1) + 1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let farewell = Farewell::new();
+        let handle = rt.spawn(run(
+            cfg.clone(),
+            backup,
+            path,
+            out_rx,
+            events,
+            stop.clone(),
+            farewell.clone(),
+        ));
+        Ok((
+            NetTask {
+                handle,
+                stop,
+                farewell,
+            },
+            NetEnds { out, beat },
+        ))
+    }
+
+    /// A planned stop: once the epoch loop has queued its goodbye (see
+    /// [`crate::epoch::EpochLoop::goodbye`]), waits for the session to end
+    /// — the backup commits the last checkpoint and stands down — at most
+    /// [`GOODBYE_WAIT`] and a little; then the task is dropped.
+    pub fn finish(mut self, rt: &tokio::runtime::Handle) {
+        self.stop.store(true, Ordering::Relaxed);
+        let wait = GOODBYE_WAIT + Duration::from_millis(500);
+        let h = &mut self.handle;
+        if rt
+            .block_on(async move { tokio::time::timeout(wait, h).await })
+            .is_err()
+        {
+            // Still connecting to a backup that does not answer.
+            self.handle.abort();
+        }
+    }
+
+    /// Tells the task a planned stop has begun (it then sends the goodbye
+    /// as soon as the farewell is set).
+    pub fn stopping(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// What the epoch loop tells the network.

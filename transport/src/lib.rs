@@ -209,7 +209,15 @@ impl ClientCertVerifier for NamedClientVerifier {
     }
 }
 
+/// How long a connection lives without hearing from its peer (quinn's
+/// keep-alives go every 500 ms).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn transport_config() -> Arc<quinn::TransportConfig> {
+    transport_config_idle(IDLE_TIMEOUT)
+}
+
+fn transport_config_idle(idle: Duration) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(quinn::VarInt::from_u32(2 * STREAM_WINDOW));
@@ -217,7 +225,11 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     t.max_concurrent_uni_streams(4u32.into());
     t.max_concurrent_bidi_streams(4u32.into());
     t.keep_alive_interval(Some(Duration::from_millis(500)));
-    t.max_idle_timeout(Some(Duration::from_secs(10).try_into().expect("fits")));
+    t.max_idle_timeout(Some(
+        idle.max(Duration::from_secs(1))
+            .try_into()
+            .expect("an idle timeout fits"),
+    ));
     Arc::new(t)
 }
 
@@ -258,10 +270,17 @@ pub fn client_crypto(
 }
 
 fn client_config(crypto: rustls::ClientConfig) -> Result<quinn::ClientConfig, TransportError> {
+    client_config_idle(crypto, IDLE_TIMEOUT)
+}
+
+fn client_config_idle(
+    crypto: rustls::ClientConfig,
+    idle: Duration,
+) -> Result<quinn::ClientConfig, TransportError> {
     let qc =
         QuicClientConfig::try_from(crypto).map_err(|e| rustls::Error::General(e.to_string()))?;
     let mut cc = quinn::ClientConfig::new(Arc::new(qc));
-    cc.transport_config(transport_config());
+    cc.transport_config(transport_config_idle(idle));
     Ok(cc)
 }
 
@@ -403,16 +422,22 @@ pub async fn connect_with(
 /// connection, no stream opened: for protocols of their own on the pair's
 /// authenticated channel (live migration). The returned endpoint must be
 /// kept alive as long as the connection is used.
+///
+/// `idle`: the connection ends after this long without a packet from the
+/// peer (at least 1 s). QUIC uses the smaller of both ends' limits, so a
+/// short one here bounds how long the listener waits for a dead client
+/// too (a migration's destination for a dead source).
 pub async fn connect_connection(
     addr: SocketAddr,
     tls: &NodeTls,
+    idle: Duration,
 ) -> Result<(quinn::Endpoint, quinn::Connection), TransportError> {
     let bind = any_addr_for(addr);
     let mut endpoint = quinn::Endpoint::client(bind).map_err(|err| TransportError::Io {
         what: "binding a UDP socket".into(),
         err,
     })?;
-    endpoint.set_default_client_config(client_config(client_crypto(tls, true)?)?);
+    endpoint.set_default_client_config(client_config_idle(client_crypto(tls, true)?, idle)?);
     let conn = endpoint
         .connect(addr, &tls.peer_name)
         .map_err(|e| TransportError::Connect {

@@ -11,14 +11,17 @@
 //!   the guest.
 //! - [`backup::BackupCore`]: the failure detector and the takeover decision
 //!   on a node that keeps a replica.
+//! - [`handover`]: a migrating primary hands the VM to its destination.
 //!
 //! Time is a [`Duration`](std::time::Duration) since an origin the shell
 //! chooses (its start); only differences matter.
 
 pub mod backup;
+pub mod handover;
 pub mod primary;
 
 pub use backup::{BackupAction, BackupCore, BackupInput, TakeoverAnswer, Timeouts};
+pub use handover::{handover, Handover};
 pub use primary::{PrimaryAction, PrimaryCore, PrimaryInput};
 pub use protocol::EndReason;
 

@@ -1,12 +1,12 @@
-//! `castor migrate` and `castor migrate-listen`: a node that runs one guest,
-//! serves its console, and moves it to another node (or receives it).
+//! The live-migration commands.
 //!
-//! This is the lab-level flow: `castor migrate` boots castor's guest (like
-//! `castor run`) and migrates it after `--after`; `castor migrate-listen`
-//! waits for one incoming guest, runs it, and may move it on (`--to`), so a
-//! chain of listeners moves one guest back and forth. Moving the guest out
-//! of a running HA primary would be a control-socket request of the daemon;
-//! that is not built yet.
+//! - `castor migrate`: asks a running primary daemon (its control socket)
+//!   to move its guest to a destination; answers with the report.
+//! - `castor migrate-listen`: a destination: waits for one incoming guest,
+//!   runs it and serves its console, and may move it on (`--to`), so a
+//!   chain of listeners moves one guest back and forth.
+//! - `castor migrate-run`: the lab flow: boots castor's guest (like `castor
+//!   run`) and moves it after `--after`, without a daemon.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,9 +21,9 @@ use tracing::{error, info, warn};
 use vmm::console::{Console, MMIO_CONSOLE_BASE};
 use vmm::{ExitReason, Machine, MachineConfig};
 
-use crate::dest::{DestConfig, Postcopy};
-use crate::plan::PlanConfig;
-use crate::SourceConfig;
+use migrate::dest::{DestConfig, Postcopy};
+use migrate::plan::PlanConfig;
+use migrate::SourceConfig;
 
 /// The node's identity on the pair's mutual-TLS channel.
 #[derive(clap::Args, Debug, Clone)]
@@ -39,7 +39,7 @@ pub struct TlsArgs {
     pub peer: String,
 }
 
-/// Where and how to move the guest.
+/// Where and when to move the guest (the lab flow and a listener).
 #[derive(clap::Args, Debug, Clone)]
 pub struct OutArgs {
     /// Move the guest to the node listening here (`castor migrate-listen`).
@@ -48,6 +48,13 @@ pub struct OutArgs {
     /// Start moving it this long after it started running here.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub after: Duration,
+    #[command(flatten)]
+    pub how: MoveArgs,
+}
+
+/// How to move the guest.
+#[derive(clap::Args, Debug, Clone)]
+pub struct MoveArgs {
     /// How pages are encoded: fgbi, xbzrle or remus (whole pages).
     #[arg(long, default_value = "fgbi")]
     pub mode: fgbi::Mode,
@@ -89,7 +96,7 @@ pub struct OutArgs {
     pub link_delay: Duration,
 }
 
-impl OutArgs {
+impl MoveArgs {
     fn source_config(&self, node: &str) -> SourceConfig {
         SourceConfig {
             node: node.to_string(),
@@ -112,9 +119,70 @@ impl OutArgs {
     }
 }
 
-/// `castor migrate`: boot a guest here and move it.
+/// `castor migrate`: ask a running primary to move its guest.
 #[derive(clap::Args, Debug)]
-pub struct MigrateArgs {
+pub struct AskArgs {
+    /// The primary's control socket.
+    #[arg(long, value_name = "PATH", conflicts_with = "node")]
+    pub control: Option<PathBuf>,
+    /// The primary's node name: its control socket is /run/castor/NODE.sock.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Where the destination listens (`castor migrate-listen --listen`).
+    #[arg(long)]
+    pub to: SocketAddr,
+    /// The destination's node name: its certificate must carry it (from the
+    /// same `castor certs` CA), and the witness gives it the VM.
+    #[arg(long)]
+    pub dest: String,
+    /// Give up waiting for the answer after this long (the migration itself
+    /// goes on; `castor status` then says where the guest is).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub wait: Duration,
+    #[command(flatten)]
+    pub how: MoveArgs,
+}
+
+/// `castor migrate`.
+pub fn ask(a: AskArgs) -> Result<()> {
+    let path = match (&a.control, &a.node) {
+        (Some(p), _) => p.clone(),
+        (None, Some(n)) => node::control::default_path(n),
+        (None, None) => bail!("say which daemon: --node NAME or --control PATH"),
+    };
+    let h = &a.how;
+    let req = node::control::MigrateRequest {
+        to: a.to,
+        dest: a.dest.clone(),
+        mode: h.mode.to_string(),
+        block_size: h.block_size as u32,
+        max_downtime_ms: h.max_downtime.as_millis().max(1) as u64,
+        postcopy: !h.no_postcopy,
+        verify: !h.no_verify,
+        max_rounds: h.max_rounds.max(1),
+        budget: h.budget,
+        link_rate: h.link_rate.0,
+        link_delay_us: h.link_delay.as_micros() as u64,
+    };
+    eprintln!(
+        "castor: asking {} to move its guest to {} at {} (the backup stands down first)",
+        path.display(),
+        a.dest,
+        a.to
+    );
+    match node::control::request(&path, &node::control::Request::Migrate(req), a.wait)? {
+        node::control::Response::Ok(report) => {
+            println!("MIGRATED {report}");
+            Ok(())
+        }
+        node::control::Response::Error(e) => bail!("migration refused or failed: {e}"),
+        node::control::Response::Status(_) => bail!("unexpected answer from the daemon"),
+    }
+}
+
+/// `castor migrate-run`: boot a guest here and move it.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
     #[command(flatten)]
     tls: TlsArgs,
     #[command(flatten)]
@@ -179,8 +247,8 @@ fn tls(a: &TlsArgs) -> Result<transport::NodeTls> {
         .with_context(|| format!("loading {}'s certificates", a.node))
 }
 
-/// `castor migrate`.
-pub fn migrate(a: MigrateArgs) -> Result<()> {
+/// `castor migrate-run`.
+pub fn run(a: RunArgs) -> Result<()> {
     let Some(to) = a.out.to else {
         bail!("--to ADDR is needed: where a `castor migrate-listen` waits");
     };
@@ -236,7 +304,7 @@ pub fn listen(a: ListenArgs) -> Result<()> {
     let incoming = loop {
         let r = rt.block_on(async {
             tokio::select! {
-                r = crate::dest::accept_one(&listener, &cfg) => Some(r),
+                r = migrate::dest::accept_one(&listener, &cfg) => Some(r),
                 _ = wait_flag(&stop) => None,
             }
         });
@@ -246,7 +314,7 @@ pub fn listen(a: ListenArgs) -> Result<()> {
             Some(Err(e)) => warn!("{e}; waiting for the next migration"),
         }
     };
-    let crate::dest::Incoming {
+    let migrate::dest::Incoming {
         mut machine,
         log,
         report,
@@ -331,9 +399,9 @@ fn host(
         if let Some((to, o)) = pending {
             if t0.elapsed() >= o.after && !post_busy {
                 pending = None;
-                let cfg = o.source_config(&id.node);
+                let cfg = o.how.source_config(&id.node);
                 let on_commit = || log.close();
-                let r = rt.block_on(crate::source::migrate_out(
+                let r = rt.block_on(migrate::source::migrate_out(
                     machine, to, tls, &cfg, &on_commit,
                 ));
                 match r {

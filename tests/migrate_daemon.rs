@@ -1,0 +1,241 @@
+//! `castor migrate` asks a running, protected primary to move its guest:
+//! real daemons, real KVM, a real etcd as the witness (Debian's
+//! etcd-server, started here), a `castor migrate-listen` destination.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::castor_bin;
+use lab::console::continuity;
+use lab::pair::{self, read_console, wait_status, Daemon, Pair};
+use node::Role;
+use witness::server::EtcdServer;
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+const GUEST: &[&str] = &[
+    "--mem",
+    "128M",
+    "--vcpus",
+    "1",
+    "--workload",
+    "counter,interval_ms=2",
+];
+
+/// Nodes a (primary) and b (backup) protected, with etcd as the witness,
+/// and certificates for a third node c from the same CA.
+fn protected_pair(dir: &std::path::Path) -> (EtcdServer, Pair, Daemon, Daemon) {
+    castor_bin();
+    let etcd = EtcdServer::start(&dir.join("etcd")).expect("etcd starts");
+    let names = ["a", "b", "c"].map(String::from);
+    transport::certs::create(&dir.join("pki"), &names, false).unwrap();
+    let pair = Pair::new(&dir.join("pki"), ["a", "b"], dir)
+        .unwrap()
+        .with_etcd(&etcd.endpoint());
+    let (backup, primary) = pair
+        .start(&[], &strings(GUEST), ["b.log", "a.log"])
+        .unwrap();
+    wait_status(
+        &primary,
+        "protection",
+        Duration::from_secs(60),
+        pair::protected_after(20),
+    )
+    .unwrap();
+    (etcd, pair, backup, primary)
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `castor migrate-listen` as node c, accepting a.
+fn destination(dir: &std::path::Path, listen: SocketAddr, console: SocketAddr) -> Proc {
+    let log = std::fs::File::create(dir.join("c.log")).unwrap();
+    let child = Command::new(castor_bin())
+        .args(["migrate-listen", "--certs"])
+        .arg(dir.join("pki"))
+        .args([
+            "--node",
+            "c",
+            "--peer",
+            "a",
+            "--listen",
+            &listen.to_string(),
+        ])
+        .args(["--console", &console.to_string(), "--duration", "60s"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+/// `castor migrate` asking `primary` to move its guest to c at `to`.
+fn ask(primary: &Daemon, to: SocketAddr, extra: &[&str]) -> (bool, String) {
+    let o = Command::new(castor_bin())
+        .args(["migrate", "--control"])
+        .arg(&primary.control)
+        .args(["--to", &to.to_string(), "--dest", "c"])
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (o.status.success(), text)
+}
+
+fn exited(d: &mut Daemon, within: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if d.child.try_wait().unwrap().is_some() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+#[test]
+fn a_protected_primary_moves_its_guest_hands_it_over_and_its_backup_stands_down() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (etcd, _pair, backup, mut primary) = protected_pair(tmp.path());
+    let token_before = etcd.client("castor").unwrap().read().unwrap().unwrap().0;
+    assert_eq!(token_before.owner, "a");
+    let listen = pair::free_port(true).unwrap();
+    let c_console = pair::free_port(false).unwrap();
+    let _dest = destination(tmp.path(), listen, c_console);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // A console client on the source from the start, to the end of its stream.
+    let source_console = primary.console;
+    let follower = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = read_console(
+            source_console,
+            0,
+            &mut s,
+            Instant::now() + Duration::from_secs(60),
+            u64::MAX,
+        );
+        s
+    });
+    let (ok, text) = ask(&primary, listen, &["--max-downtime", "50ms"]);
+    assert!(ok, "castor migrate failed: {text}");
+    assert!(text.contains("MIGRATED"), "{text}");
+    let report: serde_json::Value = serde_json::from_str(
+        text.lines()
+            .find_map(|l| l.strip_prefix("MIGRATED "))
+            .unwrap(),
+    )
+    .unwrap();
+    eprintln!("report: {report}");
+    assert!(report["digest"].is_string(), "a verified switch: {report}");
+
+    // The source stops; the backup stood down and stays a backup.
+    assert!(
+        exited(&mut primary, Duration::from_secs(10)),
+        "the source kept running"
+    );
+    let log = std::fs::read_to_string(&primary.log).unwrap();
+    assert!(log.contains("MIGRATED"), "{log}");
+    std::thread::sleep(Duration::from_secs(2));
+    let b = backup.status().expect("the backup answers");
+    assert_eq!(b.role, Role::Backup, "the stood-down backup took over");
+
+    // The witness names the destination, with the next tokens: one for the
+    // source carrying on alone after the goodbye, one for the handover.
+    let owner = etcd.client("castor").unwrap().read().unwrap().unwrap().0;
+    assert_eq!(owner.owner, "c");
+    assert!(owner.token > token_before.token, "{owner:?}");
+    // A takeover asked of the old backup now is refused by the witness.
+    let _ = backup.control(&node::control::Request::Takeover);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        etcd.client("castor")
+            .unwrap()
+            .read()
+            .unwrap()
+            .unwrap()
+            .0
+            .owner,
+        "c"
+    );
+    assert_ne!(backup.status().map(|s| s.role), Some(Role::TakenOver));
+
+    // One console history: the source's up to the switch, then the
+    // destination's from that offset on.
+    let mut stream = follower.join().unwrap();
+    let offset = stream.len() as u64;
+    assert_eq!(offset, report["console_offset"].as_u64().unwrap());
+    let _ = read_console(
+        c_console,
+        offset,
+        &mut stream,
+        Instant::now() + Duration::from_millis(1500),
+        u64::MAX,
+    );
+    assert!(
+        stream.len() as u64 > offset,
+        "the destination's console is silent"
+    );
+    let c = continuity(&stream);
+    assert!(c.ok(), "{:?}", c.problems);
+    assert!(c.lines > 100);
+}
+
+#[test]
+fn a_migration_that_cannot_reach_its_destination_leaves_the_guest_protected_here() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (etcd, _pair, backup, primary) = protected_pair(tmp.path());
+    let nobody = pair::free_port(true).unwrap();
+    let t = Instant::now();
+    let (ok, text) = ask(&primary, nobody, &[]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("runs on here"), "{text}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    // Protected again by the same backup, and still the owner.
+    wait_status(
+        &primary,
+        "re-protection",
+        Duration::from_secs(30),
+        pair::protected_after(10),
+    )
+    .unwrap();
+    assert_eq!(backup.status().unwrap().role, Role::Backup);
+    assert_eq!(
+        etcd.client("castor")
+            .unwrap()
+            .read()
+            .unwrap()
+            .unwrap()
+            .0
+            .owner,
+        "a"
+    );
+    // The console never stopped: one history.
+    let mut s = Vec::new();
+    let _ = read_console(
+        primary.console,
+        0,
+        &mut s,
+        Instant::now() + Duration::from_millis(500),
+        u64::MAX,
+    );
+    let c = continuity(&s);
+    assert!(c.ok(), "{:?}", c.problems);
+}
