@@ -504,9 +504,10 @@ fn a_source_killed_during_pre_copy_leaves_the_destination_waiting_for_the_next()
     std::thread::sleep(Duration::from_millis(500));
     first.child.kill().unwrap();
     first.child.wait().unwrap();
+    let killed = Instant::now();
     drop(first);
-    // The destination gives the broken migration up (QUIC's idle timeout,
-    // 10 s: one migration at a time) and takes the next one.
+    // The destination gives the broken migration up (the migration's QUIC
+    // idle timeout, 3 s: one migration at a time) and takes the next one.
     assert!(
         wait_text(
             &e.dir.join("dest.err"),
@@ -515,6 +516,12 @@ fn a_source_killed_during_pre_copy_leaves_the_destination_waiting_for_the_next()
         ),
         "the destination did not give the broken migration up"
     );
+    let gave_up = killed.elapsed();
+    assert!(
+        gave_up < Duration::from_secs(8),
+        "the destination waited {gave_up:?} for a dead source"
+    );
+    eprintln!("the destination gave the dead source up after {gave_up:?}");
     let c2 = port(false);
     let second = source(&e, "counter", "64M", listen, c2, "300ms", &[]);
     let rep = json(
