@@ -49,6 +49,13 @@ const RAW_PAGE: f64 = 4096.0 + 16.0;
 /// measures it, in seconds.
 pub const FIRST_ROUND_PAGE_TIME: f64 = 20e-6;
 
+/// The share of `--max-downtime` the planner aims a stop at while more
+/// rounds are predicted to get there: the pause's cost per page is above the
+/// rounds' (the pages are read and encoded cold, on a host whose load
+/// varies), and a margin keeps the stall under the limit. A stop that fits
+/// the limit but not the aim is taken when no further round would help.
+pub const AIM: f64 = 0.75;
+
 /// The planner's settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlanConfig {
@@ -274,12 +281,15 @@ impl Planner {
     /// The decision after the latest round, with `dirty` pages dirty now.
     pub fn decide(&self, dirty: u64) -> Decision {
         let now = self.stall(dirty);
-        if now <= self.cfg.max_downtime {
+        let fits = now <= self.cfg.max_downtime;
+        if now <= self.aim() {
             return Decision::Stop { predicted: now };
         }
         let done = self.rounds.len() as u32;
         let give_up = |predicted| {
-            if self.cfg.postcopy {
+            if fits {
+                Decision::Stop { predicted }
+            } else if self.cfg.postcopy {
                 Decision::PostCopy {
                     stop_and_copy: predicted,
                 }
@@ -290,7 +300,15 @@ impl Planner {
         if done >= self.cfg.max_rounds {
             return give_up(now);
         }
-        match self.rounds_to_fit(dirty, self.cfg.max_rounds - done) {
+        let left = self.cfg.max_rounds - done;
+        if let Some(n) = self.rounds_to_fit(dirty, left, self.aim()) {
+            return Decision::Continue { rounds_to_fit: n };
+        }
+        if fits {
+            // Within the limit, and no round would bring it to the aim.
+            return Decision::Stop { predicted: now };
+        }
+        match self.rounds_to_fit(dirty, left, self.cfg.max_downtime) {
             Some(n) => Decision::Continue { rounds_to_fit: n },
             // One round of history says little (round 1 is the whole RAM):
             // measure a second before giving up.
@@ -299,14 +317,21 @@ impl Planner {
         }
     }
 
-    /// How many more rounds, per the model, until a stop fits (within
-    /// `left` rounds); `None` if the dirty set stops shrinking first.
-    pub fn rounds_to_fit(&self, dirty: u64, left: u32) -> Option<u32> {
+    /// The stall a stop aims at while further rounds can still shrink it
+    /// ([`AIM`] of the limit).
+    fn aim(&self) -> Duration {
+        self.cfg.max_downtime.mul_f64(AIM)
+    }
+
+    /// How many more rounds, per the model, until a stop's stall is within
+    /// `limit` (within `left` rounds); `None` if the dirty set stops
+    /// shrinking first.
+    pub fn rounds_to_fit(&self, dirty: u64, left: u32, limit: Duration) -> Option<u32> {
         let fit = self.fit()?;
         let mut d = dirty as f64;
         for i in 1..=left {
             let next = fit.at(self.send_time(d));
-            if self.stall(next.ceil() as u64) <= self.cfg.max_downtime {
+            if self.stall(next.ceil() as u64) <= limit {
                 return Some(i);
             }
             if next >= d * 0.99 {
@@ -513,6 +538,27 @@ mod tests {
     }
 
     #[test]
+    fn within_the_limit_it_stops_when_no_round_would_reach_the_aim() {
+        // A working set that does not shrink with shorter rounds: ~8 us a
+        // page, 5,000 pages, ~48 ms — within 50, above the aim of 37.5.
+        let mut p = Planner::new(PlanConfig {
+            link_rate: Some(125_000_000),
+            ..PlanConfig::default()
+        });
+        for (pages, ms) in [(65536u64, 300u64), (5000, 40)] {
+            p.observe(RoundFigures {
+                pages,
+                bytes: pages * 40,
+                duration: Duration::from_millis(ms),
+                dirtied: 5000,
+            });
+        }
+        let s = p.stall(5000);
+        assert!(s > p.aim() && s <= Duration::from_millis(50), "{s:?}");
+        assert!(matches!(p.decide(5000), Decision::Stop { .. }));
+    }
+
+    #[test]
     fn max_rounds_bounds_every_pre_copy() {
         let cfg = PlanConfig {
             max_rounds: 2,
@@ -572,7 +618,11 @@ mod tests {
             s > Duration::from_millis(35) && s < Duration::from_millis(40),
             "{s:?}"
         );
-        assert!(matches!(p.decide(4000), Decision::Stop { .. }));
+        // Within the limit but above the aim (37.5 ms), and a round of
+        // them (~30 ms, ~1,500 dirtied) would get there: one more round.
+        assert_eq!(p.decide(4000), Decision::Continue { rounds_to_fit: 1 });
+        // ~3,000 pages (~30 ms) fit the aim: stop.
+        assert!(matches!(p.decide(3000), Decision::Stop { .. }));
         // 8000 pages (~60 ms) do not fit; a round of them leaves ~2900.
         assert_eq!(p.decide(8000), Decision::Continue { rounds_to_fit: 1 });
     }
