@@ -33,20 +33,12 @@ pub struct Failure {
     pub running_here: bool,
 }
 
-/// Bytes read to time the switch digest on this host before a migration.
-const DIGEST_PROBE: usize = 16 << 20;
-
-/// Bytes a second the switch digest reads on this host now: timed over
-/// [`DIGEST_PROBE`] bytes (the same two threads and hash as at the switch),
-/// with a quarter more for a busy moment. On a loaded 2-core host here:
-/// 256 MiB in ~15-25 ms.
-fn digest_rate() -> f64 {
-    let probe = vec![0x5au8; DIGEST_PROBE];
-    let t = Instant::now();
-    std::hint::black_box(digest_of(std::hint::black_box(&probe)));
-    let secs = t.elapsed().as_secs_f64().max(1e-6) * 1.25;
-    DIGEST_PROBE as f64 / secs
-}
+/// Bytes a second the switch digest reads (xxh3 on two threads here, in
+/// the pause — the guest's vCPU is stopped — on a loaded 2-core host:
+/// 256 MiB in ~13-24 ms). Timing a sample while the guest runs was tried:
+/// it read 2-8 times slower than the pause does (the vCPU and other work
+/// share the cores then) and sent migrations that fit to post-copy.
+const DIGEST_RATE: f64 = 16e9;
 
 /// A connection silent this long is dead (QUIC keep-alives go every
 /// 500 ms): the destination gives a dead source up after this, not after
@@ -244,13 +236,7 @@ impl Source<'_> {
         let mut plan = self.cfg.plan.clone();
         if self.cfg.verify {
             // The digest reads all of RAM in the pause.
-            let rate = digest_rate();
-            let cost = Duration::from_secs_f64(self.pages as f64 * 4096.0 / rate);
-            info!(
-                digest_ms = format!("{:.1}", cost.as_secs_f64() * 1e3),
-                "the switch digest, as timed on this host now"
-            );
-            plan.switch_cost += cost;
+            plan.switch_cost += Duration::from_secs_f64(self.pages as f64 * 4096.0 / DIGEST_RATE);
         }
         let mut planner = Planner::new(plan);
         let mut to_send: Vec<u64> = (0..self.pages).collect();
