@@ -273,6 +273,17 @@ struct PrimaryArgs {
     /// this, such a start is refused.
     #[arg(long)]
     take_ownership: bool,
+    /// Boot nothing: wait on this address (UDP, QUIC) for the guest a
+    /// running primary moves here (`castor migrate --dest THIS-NODE`), then
+    /// protect it toward --backup. With a witness the guest runs only if the
+    /// witness names this node its owner (the source hands the VM over at
+    /// the switch). The guest flags (--mem, --workload, …) are not used.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["kernel", "take_ownership"])]
+    incoming: Option<std::net::SocketAddr>,
+    /// With --incoming: the source's node name (its certificate's); no
+    /// other node may connect.
+    #[arg(long, value_name = "NODE", requires = "incoming")]
+    incoming_from: Option<String>,
 }
 
 #[derive(Args)]
@@ -843,6 +854,9 @@ fn stop_after(duration: Option<Duration>) -> Result<Arc<AtomicBool>> {
 fn primary_cmd(a: PrimaryArgs) -> Result<()> {
     info!("{}", KvmKind::detect().describe());
     vmm::set_vcpu_nice(a.protect.vcpu_nice);
+    if let Some(addr) = a.incoming {
+        return migrate_cmd::incoming_primary(&a, addr);
+    }
     let m = &a.machine;
     vmm::memory::layout(m.mem)?;
     if m.mem > vmm::memory::MMIO_HOLE_START {

@@ -301,10 +301,11 @@ pub fn listen(a: ListenArgs) -> Result<()> {
         max_memory: a.max_memory,
     };
     let stop = stop_flag()?;
+    let arrival = migrate::dest::Arrival::default();
     let incoming = loop {
         let r = rt.block_on(async {
             tokio::select! {
-                r = migrate::dest::accept_one(&listener, &cfg) => Some(r),
+                r = migrate::dest::accept_one(&listener, &cfg, &arrival) => Some(r),
                 _ = wait_flag(&stop) => None,
             }
         });
@@ -440,4 +441,118 @@ fn host(
     std::thread::sleep(Duration::from_millis(100));
     drop(postcopy);
     result
+}
+
+/// `castor primary --incoming ADDR --incoming-from NODE`: a primary whose
+/// guest arrives by migration instead of booting here, then is protected
+/// toward `--backup` like any other.
+pub(crate) fn incoming_primary(a: &super::PrimaryArgs, addr: SocketAddr) -> Result<()> {
+    let Some(from) = a.incoming_from.clone() else {
+        bail!("--incoming needs --incoming-from NODE: the name in the source's certificate");
+    };
+    let witness = super::witness_of(&a.pair)?;
+    let mut cfg =
+        super::primary_config(&a.pair, &a.protect, Some(a.backup), witness.clone(), None)?;
+    cfg.tap = super::open_tap(&a.machine.tap)?;
+    let tls = transport::NodeTls::from_dir(&a.pair.certs, &a.pair.node, &from)
+        .with_context(|| format!("loading {}'s certificates", a.pair.node))?;
+    let stop = super::stop_after(a.duration)?;
+    let node = super::services("castor-net", &a.pair)?;
+    let listener = {
+        let _g = node.rt.enter();
+        transport::Listener::bind(addr, &tls)?
+    };
+    let token = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let admit = witness.clone().map(|w| {
+        let (me, token) = (a.pair.node.clone(), token.clone());
+        Box::new(move || {
+            let t = owned_token(&w, &me)?;
+            token.store(t, Ordering::Relaxed);
+            info!(token = t, "the witness names this node the VM's owner");
+            Ok(())
+        }) as Box<dyn Fn() -> Result<(), String> + Send + Sync>
+    });
+    if admit.is_none() {
+        warn!("no witness: the guest that arrives runs here without a check of its ownership");
+    }
+    let arrival = migrate::dest::Arrival {
+        log: Some(node.log.clone()),
+        admit,
+    };
+    let dest = DestConfig {
+        kvm_device: a.machine.kvm_device.clone(),
+        max_memory: vmm::memory::MMIO_HOLE_START,
+    };
+    info!(listen = %listener.local_addr()?, %from, "waiting for the guest (castor migrate)");
+    let incoming = loop {
+        let r = node.rt.block_on(async {
+            tokio::select! {
+                r = migrate::dest::accept_one(&listener, &dest, &arrival) => Some(r),
+                _ = wait_flag(&stop) => None,
+            }
+        });
+        match r {
+            None => return Ok(()),
+            Some(Ok(i)) => break i,
+            Some(Err(migrate::MigrateError::Fenced(why))) => {
+                bail!("the guest arrived but may not run here: {why}")
+            }
+            Some(Err(e)) => warn!("{e}; waiting for the next migration"),
+        }
+    };
+    listener.close();
+    let migrate::dest::Incoming {
+        mut machine,
+        report,
+        postcopy,
+        ..
+    } = incoming;
+    info!(
+        verified = report.verified,
+        resume_ms = format!("{:.2}", report.resume_ms),
+        missing = report.missing,
+        "the guest arrived and runs here"
+    );
+    // A post-copy guest is protected once all its memory is here (a
+    // checkpoint reads every page): unprotected until then.
+    if let Some(p) = &postcopy {
+        info!("post-copy: protection starts when every page has arrived");
+        while !p.complete() {
+            if p.failed() {
+                machine.stop();
+                bail!("post-copy failed before every page arrived: the VM is lost");
+            }
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let origin = primary::Origin::Booted {
+        token: token.load(Ordering::Relaxed),
+    };
+    let metrics = primary::protect(&cfg, &node, machine, origin, None, stop)?;
+    drop(postcopy);
+    metrics.log_summary("primary stopped");
+    Ok(())
+}
+
+/// The token of the VM's ownership if the witness names `me` its owner,
+/// asked for up to 2 s while it does not answer.
+fn owned_token(w: &witness::Etcd, me: &str) -> Result<u64, String> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match w.read() {
+            Ok(Some((o, _))) if o.owner == me => return Ok(o.token),
+            Ok(Some((o, _))) => {
+                return Err(format!(
+                    "the witness names {} (token {}) the VM's owner, not this node",
+                    o.owner, o.token
+                ))
+            }
+            Ok(None) => return Err("the witness names no owner of the VM".into()),
+            Err(e) if Instant::now() >= deadline => return Err(format!("{e}")),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }

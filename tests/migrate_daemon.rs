@@ -28,11 +28,11 @@ const GUEST: &[&str] = &[
 ];
 
 /// Nodes a (primary) and b (backup) protected, with etcd as the witness,
-/// and certificates for a third node c from the same CA.
+/// and certificates for nodes c and d from the same CA.
 fn protected_pair(dir: &std::path::Path) -> (EtcdServer, Pair, Daemon, Daemon) {
     castor_bin();
     let etcd = EtcdServer::start(&dir.join("etcd")).expect("etcd starts");
-    let names = ["a", "b", "c"].map(String::from);
+    let names = ["a", "b", "c", "d"].map(String::from);
     transport::certs::create(&dir.join("pki"), &names, false).unwrap();
     let pair = Pair::new(&dir.join("pki"), ["a", "b"], dir)
         .unwrap()
@@ -143,7 +143,6 @@ fn a_protected_primary_moves_its_guest_hands_it_over_and_its_backup_stands_down(
             .unwrap(),
     )
     .unwrap();
-    eprintln!("report: {report}");
     assert!(report["digest"].is_string(), "a verified switch: {report}");
 
     // The source stops; the backup stood down and stays a backup.
@@ -238,4 +237,93 @@ fn a_migration_that_cannot_reach_its_destination_leaves_the_guest_protected_here
     );
     let c = continuity(&s);
     assert!(c.ok(), "{:?}", c.problems);
+}
+
+#[test]
+fn a_protected_guest_moves_into_another_protected_pair_and_fails_over_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (etcd, _pair, old_backup, mut a) = protected_pair(tmp.path());
+    // The second pair: c waits for the guest, d is its backup.
+    let pair2 = Pair::new(&tmp.path().join("pki"), ["c", "d"], tmp.path())
+        .unwrap()
+        .with_etcd(&etcd.endpoint());
+    let d = pair2.start_backup(1, &[], "d.log").unwrap();
+    let listen = pair::free_port(true).unwrap();
+    let incoming = strings(&["--incoming", &listen.to_string(), "--incoming-from", "a"]);
+    let mut c = pair2.start_primary(0, &incoming, "c.log").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let source_console = a.console;
+    let follower = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = read_console(
+            source_console,
+            0,
+            &mut s,
+            Instant::now() + Duration::from_secs(60),
+            u64::MAX,
+        );
+        s
+    });
+    let (ok, text) = ask(&a, listen, &[]);
+    assert!(ok, "castor migrate failed: {text}");
+    assert!(
+        exited(&mut a, Duration::from_secs(10)),
+        "the source kept running"
+    );
+
+    // c protects the guest toward d; the witness names c; b stood down.
+    wait_status(
+        &c,
+        "protection at the destination",
+        Duration::from_secs(30),
+        pair::protected_after(10),
+    )
+    .unwrap();
+    let owner = etcd.client("castor").unwrap().read().unwrap().unwrap().0;
+    assert_eq!(owner.owner, "c");
+    assert_eq!(old_backup.status().unwrap().role, Role::Backup);
+
+    // The destination pair fails over as any pair: d takes over from c.
+    let mut stream = follower.join().unwrap();
+    let _ = read_console(
+        c.console,
+        stream.len() as u64,
+        &mut stream,
+        Instant::now() + Duration::from_millis(500),
+        u64::MAX,
+    );
+    c.kill();
+    wait_status(&d, "the takeover", Duration::from_secs(10), |s| {
+        s.role == Role::TakenOver
+    })
+    .unwrap();
+    assert_eq!(
+        etcd.client("castor")
+            .unwrap()
+            .read()
+            .unwrap()
+            .unwrap()
+            .0
+            .owner,
+        "d"
+    );
+    // One history across both moves: a, then c, then d. Output commit at
+    // the destination: nothing c released is missing from d's checkpoint.
+    let resumed = d.status().unwrap().resumed_at.unwrap();
+    assert!(
+        stream.len() as u64 <= resumed,
+        "clients saw {} bytes from c, d resumed at {resumed}",
+        stream.len()
+    );
+    let _ = read_console(
+        d.console,
+        stream.len() as u64,
+        &mut stream,
+        Instant::now() + Duration::from_millis(1000),
+        u64::MAX,
+    );
+    let cont = continuity(&stream);
+    assert!(cont.ok(), "{:?}", cont.problems);
+    assert!(cont.lines > 100);
 }

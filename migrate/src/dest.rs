@@ -42,6 +42,20 @@ pub struct DestReport {
     pub missing: u64,
 }
 
+/// How the destination's owner takes the guest in at the switch.
+#[derive(Default)]
+pub struct Arrival {
+    /// The console log the guest writes to, reset to the switch's offset
+    /// (a daemon's, already served); `None`: a new one.
+    pub log: Option<Arc<ConsoleLog>>,
+    /// Asked after `Go`, before the guest runs here (a primary checks that
+    /// the witness names it the VM's owner). An error: the guest does not
+    /// run here — and, the source having stopped it at `Go`, it is lost;
+    /// that is the price of never running a guest this node may not own.
+    #[allow(clippy::type_complexity)]
+    pub admit: Option<Box<dyn Fn() -> Result<(), String> + Send + Sync>>,
+}
+
 /// A guest that arrived and runs here.
 pub struct Incoming {
     /// The running machine.
@@ -111,6 +125,7 @@ fn unexpected(m: &Msg) -> MigrateError {
 pub async fn accept_one(
     listener: &transport::Listener,
     cfg: &DestConfig,
+    arrival: &Arrival,
 ) -> Result<Incoming, MigrateError> {
     let conn = loop {
         match listener.accept_connection().await {
@@ -120,13 +135,14 @@ pub async fn accept_one(
         }
     };
     info!(peer = %conn.remote_address(), "incoming migration");
-    migrate_in(conn, cfg).await
+    migrate_in(conn, cfg, arrival).await
 }
 
 /// Receives one guest on an authenticated connection.
 pub async fn migrate_in(
     conn: quinn::Connection,
     cfg: &DestConfig,
+    arrival: &Arrival,
 ) -> Result<Incoming, MigrateError> {
     let link = |e: quinn::ConnectionError| MigrateError::Link(e.to_string());
     let (ctl_tx, ctl_rx) = conn.accept_bi().await.map_err(link)?;
@@ -154,7 +170,7 @@ pub async fn migrate_in(
             return Err(e);
         }
     };
-    run_here(p, conn, ctl, rx).await
+    run_here(p, conn, ctl, rx, arrival).await
 }
 
 /// Everything up to the source's `Go`.
@@ -347,6 +363,7 @@ async fn run_here(
     conn: quinn::Connection,
     mut ctl: Tx,
     mut rx: Rx,
+    arrival: &Arrival,
 ) -> Result<Incoming, MigrateError> {
     let Prepared {
         state,
@@ -356,7 +373,19 @@ async fn run_here(
         pages,
     } = p;
     let t = Instant::now();
-    let log = ConsoleLog::new(state.console_offset);
+    if let Some(admit) = &arrival.admit {
+        if let Err(why) = admit() {
+            error!("the guest arrived but may not run here: {why}; it is not started");
+            return Err(MigrateError::Fenced(why));
+        }
+    }
+    let log = match &arrival.log {
+        Some(log) => {
+            log.reset(state.console_offset);
+            log.clone()
+        }
+        None => ConsoleLog::new(state.console_offset),
+    };
     log.set_hold(false);
     let Some((uffd, missing, mut brx)) = post else {
         let machine =

@@ -58,7 +58,9 @@ fn a_switch_with_a_wrong_digest_is_refused_before_the_guest_runs() {
                 kvm_device: "/dev/kvm".into(),
                 max_memory: 1 << 30,
             };
-            migrate::dest::accept_one(&listener, &cfg).await.err()
+            migrate::dest::accept_one(&listener, &cfg, &Default::default())
+                .await
+                .err()
         });
         let (_ep, conn) = transport::connect_connection(addr, &tls_a, migrate::source::LINK_IDLE)
             .await
