@@ -27,7 +27,7 @@ fn a_switch_with_a_wrong_digest_is_refused_before_the_guest_runs() {
 
     // A real machine state: boot castor's guest, pause, capture.
     let mem = 32u64 << 20;
-    let w = lab::cli::parse_workload("counter").unwrap();
+    let w = guest::Workload::parse("counter").unwrap();
     let tsc = vmm::host_tsc_khz(std::path::Path::new("/dev/kvm")).unwrap();
     let mut m = vmm::Machine::boot(
         &vmm::MachineConfig::new(mem, 1),
