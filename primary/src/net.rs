@@ -214,7 +214,16 @@ pub(crate) async fn run(
     let mut warned = false;
     let mut backoff = REFUSED_BACKOFF;
     while !stop.load(Ordering::Relaxed) {
-        let link = match transport::connect(backup, &cfg.tls).await {
+        // A handshake to a backup that is not up yet would wait for the
+        // connection's idle timeout (10 s): a backup started meanwhile
+        // would stay unused that long.
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, transport::connect(backup, &cfg.tls));
+        let link = match attempt.await.unwrap_or_else(|_| {
+            Err(transport::TransportError::Connect {
+                addr: backup,
+                err: format!("no answer within {CONNECT_TIMEOUT:?}"),
+            })
+        }) {
             Ok(l) => l,
             Err(e) => {
                 if !warned {
@@ -253,6 +262,10 @@ pub(crate) async fn run(
         }
     }
 }
+
+/// How long one attempt to connect to the backup may take (a QUIC and TLS
+/// handshake: milliseconds on a LAN).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The first wait before connecting again to a backup that refused.
 const REFUSED_BACKOFF: Duration = Duration::from_millis(200);
