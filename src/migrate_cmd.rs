@@ -302,18 +302,8 @@ pub fn listen(a: ListenArgs) -> Result<()> {
     };
     let stop = stop_flag()?;
     let arrival = migrate::dest::Arrival::default();
-    let incoming = loop {
-        let r = rt.block_on(async {
-            tokio::select! {
-                r = migrate::dest::accept_one(&listener, &cfg, &arrival) => Some(r),
-                _ = wait_flag(&stop) => None,
-            }
-        });
-        match r {
-            None => return Ok(()),
-            Some(Ok(i)) => break i,
-            Some(Err(e)) => warn!("{e}; waiting for the next migration"),
-        }
+    let Some(incoming) = wait_for_guest(rt.handle(), &listener, &cfg, &arrival, &stop)? else {
+        return Ok(());
     };
     let migrate::dest::Incoming {
         mut machine,
@@ -338,6 +328,35 @@ pub fn listen(a: ListenArgs) -> Result<()> {
         a.duration,
         postcopy,
     )
+}
+
+/// Takes incoming migrations on `listener` until one brings a guest that
+/// runs here; a migration that fails before its switch is logged and the
+/// next one awaited. `None`: `stop` was set first. A guest that arrived but
+/// may not run here (`Arrival::admit`) is an error: it is lost.
+fn wait_for_guest(
+    rt: &tokio::runtime::Handle,
+    listener: &transport::Listener,
+    cfg: &DestConfig,
+    arrival: &migrate::dest::Arrival,
+    stop: &AtomicBool,
+) -> Result<Option<migrate::dest::Incoming>> {
+    loop {
+        let r = rt.block_on(async {
+            tokio::select! {
+                r = migrate::dest::accept_one(listener, cfg, arrival) => Some(r),
+                _ = wait_flag(stop) => None,
+            }
+        });
+        match r {
+            None => return Ok(None),
+            Some(Ok(i)) => return Ok(Some(i)),
+            Some(Err(migrate::MigrateError::Fenced(why))) => {
+                bail!("the guest arrived but may not run here: {why}")
+            }
+            Some(Err(e)) => warn!("{e}; waiting for the next migration"),
+        }
+    }
 }
 
 fn stop_flag() -> Result<Arc<AtomicBool>> {
@@ -484,21 +503,9 @@ pub(crate) fn incoming_primary(a: &super::PrimaryArgs, addr: SocketAddr) -> Resu
         max_memory: vmm::memory::MMIO_HOLE_START,
     };
     info!(listen = %listener.local_addr()?, %from, "waiting for the guest (castor migrate)");
-    let incoming = loop {
-        let r = node.rt.block_on(async {
-            tokio::select! {
-                r = migrate::dest::accept_one(&listener, &dest, &arrival) => Some(r),
-                _ = wait_flag(&stop) => None,
-            }
-        });
-        match r {
-            None => return Ok(()),
-            Some(Ok(i)) => break i,
-            Some(Err(migrate::MigrateError::Fenced(why))) => {
-                bail!("the guest arrived but may not run here: {why}")
-            }
-            Some(Err(e)) => warn!("{e}; waiting for the next migration"),
-        }
+    let Some(incoming) = wait_for_guest(node.rt.handle(), &listener, &dest, &arrival, &stop)?
+    else {
+        return Ok(());
     };
     listener.close();
     let migrate::dest::Incoming {

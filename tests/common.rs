@@ -65,3 +65,34 @@ pub fn wait_for(path: &Path, secs: u64) -> bool {
     }
     false
 }
+
+/// `args` as owned strings (flags for `lab::pair`).
+pub fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// The daemon's process has exited within `within` (fenced, stopped, moved).
+pub fn exited(d: &mut lab::pair::Daemon, within: std::time::Duration) -> bool {
+    let t = std::time::Instant::now();
+    while t.elapsed() < within {
+        if d.child.try_wait().unwrap().is_some() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
+/// Reads the console at `addr` from offset 0 on a thread, until its stream
+/// ends or `for_` passes.
+pub fn follow_from_start(
+    addr: std::net::SocketAddr,
+    for_: std::time::Duration,
+) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let until = std::time::Instant::now() + for_;
+        let _ = lab::pair::read_console(addr, 0, &mut s, until, u64::MAX);
+        s
+    })
+}

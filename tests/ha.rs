@@ -6,15 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::castor_bin;
+use common::{castor_bin, exited, strings};
 use lab::console::continuity;
 use lab::pair::{self, read_console, wait_status, Daemon, Pair};
 use node::{Role, Status};
 use witness::server::EtcdServer;
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
 
 const GUEST: &[&str] = &[
     "--mem",
@@ -52,18 +48,6 @@ fn signal(d: &Daemon, sig: &str) {
         .unwrap()
         .success();
     assert!(ok, "kill {sig}");
-}
-
-/// The process has exited (fenced or stopped).
-fn exited(d: &mut Daemon, within: Duration) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < within {
-        if d.child.try_wait().unwrap().is_some() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 /// The console of `d` from offset 0 for `for_`.

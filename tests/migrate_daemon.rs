@@ -8,15 +8,11 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::castor_bin;
+use common::{castor_bin, exited, follow_from_start, strings};
 use lab::console::continuity;
 use lab::pair::{self, read_console, wait_status, Daemon, Pair};
 use node::Role;
 use witness::server::EtcdServer;
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
 
 const GUEST: &[&str] = &[
     "--mem",
@@ -99,17 +95,6 @@ fn ask(primary: &Daemon, to: SocketAddr, extra: &[&str]) -> (bool, String) {
     (o.status.success(), text)
 }
 
-fn exited(d: &mut Daemon, within: Duration) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < within {
-        if d.child.try_wait().unwrap().is_some() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
 #[test]
 fn a_protected_primary_moves_its_guest_hands_it_over_and_its_backup_stands_down() {
     let tmp = tempfile::tempdir().unwrap();
@@ -122,18 +107,7 @@ fn a_protected_primary_moves_its_guest_hands_it_over_and_its_backup_stands_down(
     std::thread::sleep(Duration::from_millis(300));
 
     // A console client on the source from the start, to the end of its stream.
-    let source_console = primary.console;
-    let follower = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = read_console(
-            source_console,
-            0,
-            &mut s,
-            Instant::now() + Duration::from_secs(60),
-            u64::MAX,
-        );
-        s
-    });
+    let follower = follow_from_start(primary.console, Duration::from_secs(60));
     let (ok, text) = ask(&primary, listen, &["--max-downtime", "50ms"]);
     assert!(ok, "castor migrate failed: {text}");
     assert!(text.contains("MIGRATED"), "{text}");
@@ -253,18 +227,7 @@ fn a_protected_guest_moves_into_another_protected_pair_and_fails_over_there() {
     let mut c = pair2.start_primary(0, &incoming, "c.log").unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
-    let source_console = a.console;
-    let follower = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        let _ = read_console(
-            source_console,
-            0,
-            &mut s,
-            Instant::now() + Duration::from_secs(60),
-            u64::MAX,
-        );
-        s
-    });
+    let follower = follow_from_start(a.console, Duration::from_secs(60));
     let (ok, text) = ask(&a, listen, &[]);
     assert!(ok, "castor migrate failed: {text}");
     assert!(
