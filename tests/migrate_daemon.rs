@@ -46,6 +46,11 @@ fn protected_pair(dir: &std::path::Path) -> (EtcdServer, Pair, Daemon, Daemon) {
     (etcd, pair, backup, primary)
 }
 
+/// The VM's owner at the witness.
+fn owner_now(etcd: &EtcdServer) -> witness::Owner {
+    etcd.client("castor").unwrap().read().unwrap().unwrap().0
+}
+
 /// A child process killed when dropped.
 struct Proc(Child);
 
@@ -99,7 +104,7 @@ fn ask(primary: &Daemon, to: SocketAddr, extra: &[&str]) -> (bool, String) {
 fn a_protected_primary_moves_its_guest_hands_it_over_and_its_backup_stands_down() {
     let tmp = tempfile::tempdir().unwrap();
     let (etcd, _pair, backup, mut primary) = protected_pair(tmp.path());
-    let token_before = etcd.client("castor").unwrap().read().unwrap().unwrap().0;
+    let token_before = owner_now(&etcd);
     assert_eq!(token_before.owner, "a");
     let listen = pair::free_port(true).unwrap();
     let c_console = pair::free_port(false).unwrap();
@@ -132,22 +137,13 @@ fn a_protected_primary_moves_its_guest_hands_it_over_and_its_backup_stands_down(
 
     // The witness names the destination, with the next tokens: one for the
     // source carrying on alone after the goodbye, one for the handover.
-    let owner = etcd.client("castor").unwrap().read().unwrap().unwrap().0;
+    let owner = owner_now(&etcd);
     assert_eq!(owner.owner, "c");
     assert!(owner.token > token_before.token, "{owner:?}");
     // A takeover asked of the old backup now is refused by the witness.
     let _ = backup.control(&node::control::Request::Takeover);
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(
-        etcd.client("castor")
-            .unwrap()
-            .read()
-            .unwrap()
-            .unwrap()
-            .0
-            .owner,
-        "c"
-    );
+    assert_eq!(owner_now(&etcd).owner, "c");
     assert_ne!(backup.status().map(|s| s.role), Some(Role::TakenOver));
 
     // One console history: the source's up to the switch, then the
@@ -190,16 +186,7 @@ fn a_migration_that_cannot_reach_its_destination_leaves_the_guest_protected_here
     )
     .unwrap();
     assert_eq!(backup.status().unwrap().role, Role::Backup);
-    assert_eq!(
-        etcd.client("castor")
-            .unwrap()
-            .read()
-            .unwrap()
-            .unwrap()
-            .0
-            .owner,
-        "a"
-    );
+    assert_eq!(owner_now(&etcd).owner, "a");
     // The console never stopped: one history.
     let mut s = Vec::new();
     let _ = read_console(
@@ -243,7 +230,7 @@ fn a_protected_guest_moves_into_another_protected_pair_and_fails_over_there() {
         pair::protected_after(10),
     )
     .unwrap();
-    let owner = etcd.client("castor").unwrap().read().unwrap().unwrap().0;
+    let owner = owner_now(&etcd);
     assert_eq!(owner.owner, "c");
     assert_eq!(old_backup.status().unwrap().role, Role::Backup);
 
@@ -261,16 +248,7 @@ fn a_protected_guest_moves_into_another_protected_pair_and_fails_over_there() {
         s.role == Role::TakenOver
     })
     .unwrap();
-    assert_eq!(
-        etcd.client("castor")
-            .unwrap()
-            .read()
-            .unwrap()
-            .unwrap()
-            .0
-            .owner,
-        "d"
-    );
+    assert_eq!(owner_now(&etcd).owner, "d");
     // One history across both moves: a, then c, then d. Output commit at
     // the destination: nothing c released is missing from d's checkpoint.
     let resumed = d.status().unwrap().resumed_at.unwrap();
