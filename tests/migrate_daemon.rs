@@ -26,6 +26,11 @@ const GUEST: &[&str] = &[
 /// Nodes a (primary) and b (backup) protected, with etcd as the witness,
 /// and certificates for nodes c and d from the same CA.
 fn protected_pair(dir: &std::path::Path) -> (EtcdServer, Pair, Daemon, Daemon) {
+    protected_pair_of(dir, GUEST)
+}
+
+/// [`protected_pair`] with the guest `guest`.
+fn protected_pair_of(dir: &std::path::Path, guest: &[&str]) -> (EtcdServer, Pair, Daemon, Daemon) {
     castor_bin();
     let etcd = EtcdServer::start(&dir.join("etcd")).expect("etcd starts");
     let names = ["a", "b", "c", "d"].map(String::from);
@@ -34,7 +39,7 @@ fn protected_pair(dir: &std::path::Path) -> (EtcdServer, Pair, Daemon, Daemon) {
         .unwrap()
         .with_etcd(&etcd.endpoint());
     let (backup, primary) = pair
-        .start(&[], &strings(GUEST), ["b.log", "a.log"])
+        .start(&[], &strings(guest), ["b.log", "a.log"])
         .unwrap();
     wait_status(
         &primary,
@@ -267,4 +272,75 @@ fn a_protected_guest_moves_into_another_protected_pair_and_fails_over_there() {
     let cont = continuity(&stream);
     assert!(cont.ok(), "{:?}", cont.problems);
     assert!(cont.lines > 100);
+}
+
+#[test]
+fn killing_the_destination_during_pre_copy_leaves_the_guest_protected_here() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 48 MiB of fresh pages over a slow link: the first round takes seconds.
+    let guest = [
+        "--mem",
+        "64M",
+        "--vcpus",
+        "1",
+        "--workload",
+        "pages,rate=1000,mib=48",
+    ];
+    let (etcd, _pair, backup, primary) = protected_pair_of(tmp.path(), &guest);
+    let listen = pair::free_port(true).unwrap();
+    let mut dest = destination(tmp.path(), listen, pair::free_port(false).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    let control = primary.control.clone();
+    let asking = std::thread::spawn(move || {
+        let o = Command::new(castor_bin())
+            .args(["migrate", "--control"])
+            .arg(&control)
+            .args(["--to", &listen.to_string(), "--dest", "c"])
+            .args(["--link-rate", "40mbit"])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    });
+    // Kill the destination once the guest's pages are flowing.
+    let log = tmp.path().join("c.log");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("migration hello")
+    {
+        assert!(t.elapsed() < Duration::from_secs(20), "no migration began");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    dest.0.kill().unwrap();
+    let (ok, text) = asking.join().unwrap();
+    assert!(!ok, "{text}");
+    assert!(text.contains("runs on here"), "{text}");
+    wait_status(
+        &primary,
+        "re-protection",
+        Duration::from_secs(30),
+        pair::protected_after(10),
+    )
+    .unwrap();
+    assert_eq!(backup.status().unwrap().role, Role::Backup);
+    assert_eq!(owner_now(&etcd).owner, "a");
+    let mut s = Vec::new();
+    let _ = read_console(
+        primary.console,
+        0,
+        &mut s,
+        Instant::now() + Duration::from_millis(500),
+        u64::MAX,
+    );
+    let c = continuity(&s);
+    assert!(c.ok(), "{:?}", c.problems);
+    assert!(c.lines > 10, "{} progress lines", c.lines);
 }
