@@ -171,12 +171,14 @@ struct ProtectArgs {
     /// Epoch length: milliseconds (1..=10000), or `auto`. Output is held for
     /// an epoch, so shorter epochs answer clients sooner but pause the
     /// guest and send its hot pages more often. With `auto`, after every
-    /// epoch the next one's length is chosen from the last 16 epochs' dirty
-    /// pages, pauses and bytes (a least-squares model of the guest's
-    /// writable working set): the shortest that keeps the checkpoints
-    /// within --link-budget and the pauses within --pause-share-pct of the
-    /// guest's time, between --epoch-min-ms and --epoch-max-ms, in whole
-    /// milliseconds, starting at 25. A pause the model expects over
+    /// epoch the next one's length is chosen from the last 16 epochs'
+    /// lengths, pauses and bytes (straight lines fitted against the
+    /// length): the shortest that keeps the checkpoints within
+    /// --link-budget and the pauses within --pause-share-pct of the guest's
+    /// time, between --epoch-min-ms and --epoch-max-ms, in whole
+    /// milliseconds, starting at 25 and lengthening by at most half at a
+    /// time (now and then one epoch probes half the length, for the model
+    /// to see another). A pause the model expects over
     /// --pause-target-ms is logged (the link's budget wins: a backlog grows
     /// without end, a long pause does not). `castor status` shows the
     /// length chosen and what decided it; the pre-copy window follows it.

@@ -79,6 +79,8 @@ fn auto_lengthens_the_epochs_of_a_writer_over_its_link_budget_and_output_commit_
     );
     assert!(auto.chosen_p50_ms >= 60.0, "{auto:?}");
     assert_eq!((auto.bound.as_str(), auto.capped), ("link budget", true));
+    // Epochs all about as long: now and then one probes half the length.
+    assert!(auto.probes >= 1, "{auto:?}");
     // The epochs really are that long (pause start to pause start).
     assert!(f.epoch_len_p50_ms >= 60.0, "{f:?}");
     // What a person reads.

@@ -61,7 +61,7 @@ pub struct PrimaryStatus {
     /// Encoding mode (`remus`, `xbzrle`, `fgbi`).
     pub mode: String,
     /// Epoch length, ms: the fixed one, or the one `--epoch-ms auto` chose
-    /// last.
+    /// last (its probes aside).
     pub epoch_ms: u64,
     /// The length is chosen by the working-set model (`--epoch-ms auto`):
     /// what it aims for and what it chose.
@@ -139,20 +139,28 @@ pub struct AutoEpochStatus {
     /// What decided the current length (`shortest allowed`, `link budget`,
     /// `pause share`); empty before the first choice.
     pub bound: String,
-    /// That bound asks for more than the longest allowed, which is chosen.
+    /// That bound cannot be kept within the lengths allowed (it asks for
+    /// more than the longest, or the link's budget is over at every
+    /// length): the nearest allowed is chosen.
     pub capped: bool,
     /// The pause the model expects at the current length, ms.
     pub expected_pause_ms: f64,
     /// It is over the pause target (the link's budget wins).
     pub pause_over_target: bool,
-    /// The planned epoch length over the figures' epochs: p50, ms.
+    /// The length chosen for the figures' epochs (probes left out): p50,
+    /// ms.
     pub chosen_p50_ms: f64,
-    /// Shortest planned, ms.
+    /// Shortest chosen, ms.
     pub chosen_min_ms: f64,
-    /// Longest planned, ms.
+    /// Longest chosen, ms.
     pub chosen_max_ms: f64,
-    /// Times the planned length changed between consecutive epochs.
+    /// Times the chosen length changed between consecutive epochs.
     pub changes: u64,
+    /// Probes: single epochs at half the length chosen, run when the last
+    /// window of epochs were all about as long, for the model to see
+    /// another length (left out of the figures above).
+    #[serde(default)]
+    pub probes: u64,
 }
 
 /// How a session's first checkpoint went.
@@ -270,10 +278,17 @@ impl Status {
             if let Some(a) = &p.epoch_auto {
                 let _ = writeln!(
                     o,
-                    "auto       {} ms now ({}{}), expected pause {:.2} ms{}; planned p50 {:.0} ms, {:.0}..{:.0} ms, {} changes; allowed {}..{} ms",
+                    "auto       {} ms now ({}{}), expected pause {:.2} ms{}; chosen p50 {:.0} ms, {:.0}..{:.0} ms, {} changes, {} probes; allowed {}..{} ms",
                     p.epoch_ms,
                     if a.bound.is_empty() { "no figures yet" } else { &a.bound },
-                    if a.capped { ", capped at the longest" } else { "" },
+                    match (a.capped, a.bound.as_str(), p.epoch_ms) {
+                        (false, ..) => "",
+                        (true, "pause share", e) if e < a.max_ms => ", not kept by any length",
+                        (true, "link budget", e) if e <= a.min_ms => {
+                            ", not kept even at the shortest"
+                        }
+                        (true, ..) => ", capped at the longest",
+                    },
                     a.expected_pause_ms,
                     if a.pause_over_target {
                         format!(", OVER the {:.2} ms target", a.pause_target_ms)
@@ -284,6 +299,7 @@ impl Status {
                     a.chosen_min_ms,
                     a.chosen_max_ms,
                     a.changes,
+                    a.probes,
                     a.min_ms,
                     a.max_ms
                 );

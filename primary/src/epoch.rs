@@ -181,7 +181,7 @@ impl EpochLoop<'_> {
                 if pace.done(session, start, &mut f) {
                     next = after(ended, pace.len());
                 }
-                self.metrics.pace(pace.len(), pace.choice());
+                self.metrics.pace(pace.chosen(), pace.choice());
                 self.metrics.epoch(f);
             }
         }
@@ -682,6 +682,7 @@ impl EpochLoop<'_> {
             precopied: self.staging.precopied(),
             len: Duration::ZERO,
             planned: Duration::ZERO,
+            probe: false,
         }))
     }
 }

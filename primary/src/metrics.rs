@@ -40,6 +40,8 @@ pub struct EpochFigures {
     pub len: Duration,
     /// The length it was planned to have (fixed, or auto's choice).
     pub planned: Duration,
+    /// Auto ran it at half its choice, for the model to see another length.
+    pub probe: bool,
 }
 
 #[derive(Debug, Default)]
@@ -89,7 +91,8 @@ impl Metrics {
         }
     }
 
-    /// The epoch length from now on, and auto's choice that set it.
+    /// The epoch length chosen from now on (auto's probes aside), and
+    /// auto's choice that set it.
     pub fn pace(&self, len: Duration, choice: Option<Choice>) {
         let mut i = self.lock();
         i.epoch_len = len;
@@ -229,8 +232,10 @@ impl Metrics {
         };
         let epoch_auto = self.auto.map(|t| {
             // (A resync's checkpoint was not planned: zero.)
-            let paced: Vec<&&EpochFigures> =
-                steady.iter().filter(|f| !f.planned.is_zero()).collect();
+            let paced: Vec<&&EpochFigures> = steady
+                .iter()
+                .filter(|f| !f.planned.is_zero() && !f.probe)
+                .collect();
             let mut planned: Vec<f64> = paced.iter().map(|f| ms(f.planned)).collect();
             let c = i.choice;
             AutoEpochStatus {
@@ -250,6 +255,7 @@ impl Metrics {
                     .filter(|w| w[0].planned != w[1].planned)
                     .count() as u64,
                 chosen_p50_ms: pct(&mut planned, 0.5),
+                probes: steady.iter().filter(|f| f.probe).count() as u64,
             }
         });
         // (+ 0.0: an empty sum is -0.0, which prints as "-0")

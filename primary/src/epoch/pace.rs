@@ -6,8 +6,9 @@
 //! and for its pre-copy window (which follows the length), and tells it each
 //! epoch's figures; it measures each epoch's real length (pause start to
 //! pause start) and, under auto, feeds the model and takes its choice for
-//! the next epoch, in whole milliseconds. A session's first epochs are not
-//! fed: the full resync paused the guest and its transfer held the link.
+//! the next epoch, in whole milliseconds. A session's first [`WARM_UP`]
+//! epochs are not fed: the resync paused the guest and held the link, and
+//! the epochs after it pay for warming up.
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,12 @@ use crate::EpochFigures;
 
 /// The epochs the model fits.
 const WINDOW: usize = 16;
+
+/// A session's epochs up to this one are not fed to the model: the first
+/// is the resync, and the next ones pay for warming up (the staging buffer,
+/// dropped after a full resync, is first-touched in their pauses: ~3 µs a
+/// page, measured; their pauses pushed the pause share to 114 ms).
+const WARM_UP: u64 = 8;
 
 /// The regime is logged at `info` at most this often (a choice close to a
 /// bound may flip between two); the one in force is always logged.
@@ -55,6 +62,10 @@ struct Auto {
 pub(crate) struct Pacer {
     /// The epoch in progress, and the next ones until a new choice.
     len: Duration,
+    /// It is auto's probe.
+    probing: bool,
+    /// The length chosen, probes aside.
+    chosen: Duration,
     /// `--precopy-ms`, or the default (see [`precopy_window`]).
     precopy: Option<Duration>,
     auto: Option<Auto>,
@@ -67,6 +78,8 @@ impl Pacer {
     pub fn new(epoch: EpochLength, precopy: Option<Duration>) -> Self {
         Pacer {
             len: epoch.initial(),
+            probing: false,
+            chosen: epoch.initial(),
             precopy,
             auto: epoch.auto().map(|t| Auto {
                 chooser: EpochChooser::new(*t, WINDOW),
@@ -87,6 +100,11 @@ impl Pacer {
         precopy_window(self.precopy, self.len)
     }
 
+    /// The length chosen, auto's probes aside (see [`EpochChooser::next_len`]).
+    pub fn chosen(&self) -> Duration {
+        self.chosen
+    }
+
     /// Auto's last choice.
     pub fn choice(&self) -> Option<Choice> {
         self.auto.as_ref().and_then(|a| a.choice)
@@ -94,10 +112,12 @@ impl Pacer {
 
     /// The epoch `f` of session `session`, whose pause began at `start`, is
     /// sent: fills in its real length (if the previous epoch seen was the
-    /// one before it) and the length it was planned for; under auto, feeds
-    /// the model and takes its choice. True when the length changed.
+    /// one before it), the length it was planned for and whether it was a
+    /// probe; under auto, feeds the model and takes its choice. True when
+    /// the length changed.
     pub fn done(&mut self, session: u64, start: Instant, f: &mut EpochFigures) -> bool {
         f.planned = self.len;
+        f.probe = self.probing;
         f.len = match self.last {
             Some((s, e, at)) if s == session && e + 1 == f.epoch => start - at,
             _ => Duration::ZERO,
@@ -106,16 +126,15 @@ impl Pacer {
         let Some(auto) = self.auto.as_mut() else {
             return false;
         };
-        if f.len.is_zero() {
+        if f.len.is_zero() || f.epoch <= WARM_UP {
             return false;
         }
         auto.chooser.observe(Sample {
             len: f.len,
-            dirty: f.dirty_pages,
             pause: f.pause,
             bytes: f.bytes,
         });
-        let Some(c) = auto.chooser.choose() else {
+        let Some(c) = auto.chooser.next_len() else {
             return false;
         };
         auto.choice = Some(c);
@@ -133,6 +152,7 @@ impl Pacer {
             bound = %c.bound,
             capped = c.capped,
             expected_pause_us = c.pause.as_micros() as u64,
+            probe = c.probe,
             "auto epoch"
         );
         let regime = Regime::of(&c);
@@ -143,10 +163,13 @@ impl Pacer {
         };
         if due {
             auto.logged = Some((regime, now));
-            let capped = if c.capped {
-                ", capped at the longest allowed (it asks for more)"
-            } else {
-                ""
+            let capped = match (c.capped, c.bound, next <= t.min) {
+                (false, ..) => "",
+                (true, Bound::PauseShare, _) if next < t.max => {
+                    ", which no length keeps (the pause grows as fast): not lengthened for it"
+                }
+                (true, Bound::Link, true) => ", not kept even at the shortest allowed",
+                (true, ..) => ", capped at the longest allowed (it asks for more)",
             };
             if c.pause_over_target {
                 let conflict = match c.bound {
@@ -171,6 +194,10 @@ impl Pacer {
         }
         let changed = next != self.len;
         self.len = next;
+        self.probing = c.probe;
+        if !c.probe {
+            self.chosen = next;
+        }
         changed
     }
 }
@@ -197,19 +224,30 @@ mod tests {
             precopied: 0,
             len: Duration::ZERO,
             planned: Duration::ZERO,
+            probe: false,
         }
     }
 
     /// Epochs of a guest with a hot set of 2 k pages plus 10 k pages/s,
-    /// whole pages (remus), each as long as the pacer says.
-    fn run(p: &mut Pacer, session: u64, epochs: std::ops::Range<u64>, t: &mut Instant) {
-        for e in epochs {
+    /// whole pages (remus), each as long as the pacer says, and then more
+    /// while the last was a probe; the next epoch number and the probes run.
+    fn run(
+        p: &mut Pacer,
+        session: u64,
+        epochs: std::ops::Range<u64>,
+        t: &mut Instant,
+    ) -> (u64, usize) {
+        let (mut e, mut probes) = (epochs.start, 0);
+        while e < epochs.end || p.choice().is_some_and(|c| c.probe) {
+            probes += usize::from(p.choice().is_some_and(|c| c.probe));
             *t += p.len();
             let secs = p.len().as_secs_f64();
             let dirty = (2000.0 + 10_000.0 * secs) as u64;
             let mut f = figures(e, dirty, Duration::from_micros(300), dirty * 4112);
             p.done(session, *t, &mut f);
+            e += 1;
         }
+        (e, probes)
     }
 
     #[test]
@@ -236,7 +274,11 @@ mod tests {
         let mut p = Pacer::new(EpochLength::Auto(EpochTarget::default()), None);
         assert_eq!(p.len(), 25 * MS);
         let mut t = Instant::now();
-        run(&mut p, 1, 2..60, &mut t);
+        let (e, probes) = run(&mut p, 1, 2..80, &mut t);
+        // Once the epochs are all about as long, one in a window is a probe
+        // at half the length.
+        assert!((2..=5).contains(&probes), "{probes} probes");
+        assert_eq!(p.chosen(), p.len());
         // b·a / (budget − b·c) = 4112·2000 / (100e6 − 41.1e6) ≈ 140 ms.
         let len = p.len();
         assert!(len > 125 * MS && len < 155 * MS, "{len:?}");
@@ -246,7 +288,7 @@ mod tests {
         // A new session: its first epoch is not fed (its length would
         // include the resync), the choice stays.
         t += Duration::from_secs(3);
-        let mut f = figures(2, 50_000, 100 * MS, 1 << 30);
+        let mut f = figures(e, 50_000, 100 * MS, 1 << 30);
         assert!(!p.done(2, t, &mut f));
         assert_eq!(p.len(), len);
     }
@@ -261,8 +303,9 @@ mod tests {
         let mut p = Pacer::new(EpochLength::Auto(target), Some(8 * MS));
         assert_eq!(p.len(), 30 * MS);
         let mut t = Instant::now();
-        for e in 2..40 {
-            run(&mut p, 1, e..e + 1, &mut t);
+        let mut e = 2;
+        while e < 40 {
+            e = run(&mut p, 1, e..e + 1, &mut t).0;
             assert!(p.len() >= 30 * MS && p.len() <= 60 * MS, "{:?}", p.len());
         }
         // The link asks for ~140 ms: capped at 60.
