@@ -172,9 +172,11 @@ impl Pacer {
                 (true, ..) => ", capped at the longest allowed (it asks for more)",
             };
             if c.pause_over_target {
-                let conflict = match c.bound {
-                    Bound::Shortest => "even at the shortest epoch allowed".to_string(),
-                    b => format!("but a shorter epoch would break the {b}, which wins"),
+                let conflict = match (c.bound, c.capped) {
+                    (Bound::Shortest, _) | (Bound::PauseShare, true) => {
+                        "even at the shortest epoch allowed".to_string()
+                    }
+                    (b, _) => format!("but a shorter epoch would break the {b}, which wins"),
                 };
                 warn!(
                     epoch_ms = next.as_millis() as u64,
