@@ -94,8 +94,10 @@ pub struct BenchArgs {
     pub no_plots: bool,
     /// Only the network section: the guest's key-value service with a
     /// client in a network namespace — latency and rate unprotected and
-    /// protected (epochs from --epochs, default 10,25,50), their parts, the
-    /// floor, and the client-seen failover gap (root; --out/net.md).
+    /// protected (fixed epochs from --epochs, default 10,25,50,100, then
+    /// --epoch-ms auto with the epoch it chose), their parts, pause p50/p99,
+    /// the link's bytes a second, the floor, and the client-seen failover
+    /// gap (root; --out/net.md).
     #[arg(long, conflicts_with = "reuse")]
     pub net: bool,
     /// Only the memory-reuse section: re-protecting a 1 GiB guest after a

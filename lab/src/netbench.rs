@@ -2,10 +2,12 @@
 //!
 //! - `--net`: the guest's key-value service over its virtio-net card, with
 //!   the load generator in a client namespace: request latency and rate
-//!   unprotected and protected at several epoch lengths, the parts of the
-//!   protected latency (pause, encode, ack, release), the floor it is
-//!   compared with (half an epoch, an ack round trip, the checkpoint's
-//!   transmission) and the client-seen failover gap of a SIGKILL.
+//!   unprotected and protected at several fixed epoch lengths and with
+//!   `--epoch-ms auto` (the epoch it chose), the parts of the protected
+//!   latency (pause, encode, ack, release), the link's bytes a second, the
+//!   floor it is compared with (half an epoch, an ack round trip, the
+//!   checkpoint's transmission) and the client-seen failover gap of a
+//!   SIGKILL.
 //! - `--reuse`: re-protection of a 1 GiB guest after a failover, when the
 //!   killed node comes back as the backup over the image it kept, with 1 %,
 //!   10 % and 50 % of the pages changed since, beside the full resync.
@@ -35,11 +37,16 @@ const WINDOW: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 struct NetRow {
     setting: String,
-    epoch_ms: Option<u64>,
+    /// Protected: the epoch length (under auto, the p50 of those it chose).
+    epoch_ms: Option<f64>,
+    /// Under auto: the shortest and longest chosen, and what decided the last.
+    auto: Option<(f64, f64, String)>,
     req_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
     pause_p50_ms: f64,
+    pause_p99_ms: f64,
+    bytes_per_s: f64,
     encode_p50_ms: f64,
     ack_p50_ms: f64,
     release_p50_ms: f64,
@@ -105,19 +112,26 @@ fn unprotected(a: &BenchArgs, lab: &NetLab, logs: &Path) -> Result<NetRow> {
     })
 }
 
-/// The protected pair at `epoch_ms`: a window of load, then a SIGKILL of the
+/// An epoch setting of the section: fixed milliseconds, or `None`: auto.
+type Epoch = Option<u64>;
+
+fn epoch_arg(e: Epoch) -> String {
+    e.map_or("auto".into(), |ms| ms.to_string())
+}
+
+/// The protected pair at `epoch`: a window of load, then a SIGKILL of the
 /// primary with the load running.
 fn protected(
     a: &BenchArgs,
     lab: &NetLab,
-    epoch_ms: u64,
+    epoch: Epoch,
     dir: &Path,
     link: &[String],
 ) -> Result<NetRow> {
     let pair = Pair::in_dir(dir, ["node-a", "node-b"])?
         .with_taps([lab.taps[0].clone(), lab.taps[1].clone()]);
     let (pair, _etcd) = start_witness(WitnessKind::Etcd, pair, dir)?;
-    let mut both = strings(&["--epoch-ms", &epoch_ms.to_string()]);
+    let mut both = strings(&["--epoch-ms", &epoch_arg(epoch)]);
     both.extend(link.iter().cloned());
     let ip = lab.guest_addr.to_string();
     let guest = strings(&[
@@ -167,15 +181,36 @@ fn protected(
     let end = lg.stop();
     drop(backup);
     let acked = mid.counts.acked.saturating_sub(before.counts.acked);
+    let auto = f.epoch_auto.as_ref().map(|x| {
+        (
+            x.chosen_min_ms,
+            x.chosen_max_ms,
+            if x.capped {
+                format!("{}, capped", x.bound)
+            } else {
+                x.bound.clone()
+            },
+        )
+    });
     Ok(NetRow {
-        setting: format!("protected, {epoch_ms} ms epochs"),
-        epoch_ms: Some(epoch_ms),
+        setting: match epoch {
+            Some(ms) => format!("protected, {ms} ms epochs"),
+            None => "protected, auto epochs".into(),
+        },
+        epoch_ms: Some(match (&f.epoch_auto, epoch) {
+            (Some(x), _) => x.chosen_p50_ms,
+            (None, Some(ms)) => ms as f64,
+            (None, None) => bail!("the primary did not report its auto epoch"),
+        }),
+        auto,
         req_per_s: acked as f64 / WINDOW.as_secs_f64(),
         // Latency over the whole run before the kill (the window and the
         // second before it).
         p50_ms: mid.latency.p50_ms,
         p99_ms: mid.latency.p99_ms,
         pause_p50_ms: f.pause_p50_us / 1e3,
+        pause_p99_ms: f.pause_p99_us / 1e3,
+        bytes_per_s: f.bytes_per_s,
         encode_p50_ms: f.encode_p50_us / 1e3,
         ack_p50_ms: f.ack_p50_us / 1e3,
         release_p50_ms: f.release_p50_us / 1e3,
@@ -199,15 +234,16 @@ pub fn net(a: &BenchArgs, link: &[String], link_bytes_per_s: Option<u64>) -> Res
     );
     let mut rows = vec![unprotected(a, &lab, &logs)?];
     println!("  {}", row_line(&rows[0], link_bytes_per_s));
-    let epochs = if a.epochs.is_empty() {
-        vec![10, 25, 50]
+    // The fixed lengths, then auto.
+    let fixed = if a.epochs.is_empty() {
+        vec![10, 25, 50, 100]
     } else {
         a.epochs.clone()
     };
-    for e in epochs {
+    for e in fixed.into_iter().map(Some).chain([None]) {
         let tmp = tempfile::tempdir()?;
         let r = protected(a, &lab, e, tmp.path(), link)
-            .with_context(|| format!("protected at {e} ms epochs"))?;
+            .with_context(|| format!("protected at --epoch-ms {}", epoch_arg(e)))?;
         println!("  {}", row_line(&r, link_bytes_per_s));
         rows.push(r);
     }
@@ -225,19 +261,35 @@ pub fn net(a: &BenchArgs, link: &[String], link_bytes_per_s: Option<u64>) -> Res
 
 /// Half an epoch, an ack round trip and the checkpoint's transmission.
 fn floor_ms(r: &NetRow, rate: Option<u64>) -> Option<f64> {
-    let e = r.epoch_ms? as f64;
+    let e = r.epoch_ms?;
     let tx = rate.map_or(0.0, |b| r.bytes_per_epoch / b as f64 * 1e3);
     Some(e / 2.0 + r.pause_p50_ms + r.ack_p50_ms + tx)
 }
 
+/// The epoch column: the length, or auto's p50, range and bound.
+fn epoch_cell(r: &NetRow) -> String {
+    match (r.epoch_ms, &r.auto) {
+        (None, _) => "—".into(),
+        (Some(e), None) => format!("{e:.0} ms"),
+        (Some(e), Some((lo, hi, why))) => format!("{e:.0} ms ({lo:.0}–{hi:.0}; {why})"),
+    }
+}
+
 fn row_line(r: &NetRow, rate: Option<u64>) -> String {
     format!(
-        "{:<28} {:>7.0} req/s  latency p50 {:>6.2} ms, p99 {:>6.2} ms{}{}",
+        "{:<28} {:>7.0} req/s  latency p50 {:>6.2} ms, p99 {:>6.2} ms{}{}{}",
         r.setting,
         r.req_per_s,
         r.p50_ms,
         r.p99_ms,
         floor_ms(r, rate).map_or(String::new(), |f| format!(" (floor {f:.2} ms)")),
+        r.epoch_ms.map_or(String::new(), |_| format!(
+            "; epoch {}, pause p50 {:.2} / p99 {:.2} ms, {:.2} MB/s on the link",
+            epoch_cell(r),
+            r.pause_p50_ms,
+            r.pause_p99_ms,
+            r.bytes_per_s / 1e6
+        )),
         r.gap_ms
             .map_or(String::new(), |g| format!("; failover gap {g:.1} ms"))
     )
@@ -245,20 +297,26 @@ fn row_line(r: &NetRow, rate: Option<u64>) -> String {
 
 fn net_table(rows: &[NetRow], rate: Option<u64>) -> String {
     let mut s = String::from(
-        "| setting | req/s | latency p50 | p99 | floor | pause p50 | encode p50 | ack p50 | release p50 | wait for the epoch's end (p50 − release − pause) | client-seen failover gap | violations |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| setting | epoch (auto: p50, range; bound) | req/s | latency p50 | p99 | floor | pause p50 | pause p99 | encode p50 | ack p50 | release p50 | wait for the epoch's end (p50 − release − pause) | link | client-seen failover gap | violations |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let ms = |v: f64| format!("{v:.2} ms");
         let prot = r.epoch_ms.is_some();
         s.push_str(&format!(
-            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.setting,
+            epoch_cell(r),
             r.req_per_s,
             ms(r.p50_ms),
             ms(r.p99_ms),
             floor_ms(r, rate).map_or("—".into(), ms),
             if prot {
                 ms(r.pause_p50_ms)
+            } else {
+                "—".into()
+            },
+            if prot {
+                ms(r.pause_p99_ms)
             } else {
                 "—".into()
             },
@@ -275,6 +333,11 @@ fn net_table(rows: &[NetRow], rate: Option<u64>) -> String {
             },
             if prot {
                 ms((r.p50_ms - r.release_p50_ms - r.pause_p50_ms).max(0.0))
+            } else {
+                "—".into()
+            },
+            if prot {
+                format!("{:.2} MB/s", r.bytes_per_s / 1e6)
             } else {
                 "—".into()
             },

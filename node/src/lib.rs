@@ -26,7 +26,7 @@ pub mod status;
 pub mod wws;
 
 pub use services::Services;
-pub use status::{BackupStatus, PrimaryStatus, ResyncStatus, Role, Status};
+pub use status::{AutoEpochStatus, BackupStatus, PrimaryStatus, ResyncStatus, Role, Status};
 pub mod ha;
 
 /// What every listening service does when an accept fails (out of file

@@ -60,8 +60,20 @@ pub struct PrimaryStatus {
     pub protected: bool,
     /// Encoding mode (`remus`, `xbzrle`, `fgbi`).
     pub mode: String,
-    /// Epoch length, ms.
+    /// Epoch length, ms: the fixed one, or the one `--epoch-ms auto` chose
+    /// last (its probes aside).
     pub epoch_ms: u64,
+    /// The length is chosen by the working-set model (`--epoch-ms auto`):
+    /// what it aims for and what it chose.
+    #[serde(default)]
+    pub epoch_auto: Option<AutoEpochStatus>,
+    /// Real epoch length p50 (pause start to pause start: longer than
+    /// planned when checkpoints wait for acks), ms.
+    #[serde(default)]
+    pub epoch_len_p50_ms: f64,
+    /// Checkpoint bytes a second: the epochs' bytes over their real lengths.
+    #[serde(default)]
+    pub bytes_per_s: f64,
     /// Epochs checkpointed (the full resync included).
     pub epochs: u64,
     /// Epochs in the figures (since the last reset; the resync left out).
@@ -108,6 +120,47 @@ pub struct PrimaryStatus {
     /// backup's image.
     #[serde(default)]
     pub last_resync: Option<ResyncStatus>,
+}
+
+/// `--epoch-ms auto`: the model's target and its choices since the last
+/// `reset`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AutoEpochStatus {
+    /// Shortest epoch allowed, ms.
+    pub min_ms: u64,
+    /// Longest epoch allowed, ms.
+    pub max_ms: u64,
+    /// The pause target, ms.
+    pub pause_target_ms: f64,
+    /// Checkpoint bytes a second the link may carry.
+    pub link_budget: f64,
+    /// Largest share of the guest's time spent paused.
+    pub pause_share: f64,
+    /// What decided the current length (`shortest allowed`, `link budget`,
+    /// `pause share`); empty before the first choice.
+    pub bound: String,
+    /// That bound cannot be kept within the lengths allowed (it asks for
+    /// more than the longest, or the link's budget is over at every
+    /// length): the nearest allowed is chosen.
+    pub capped: bool,
+    /// The pause the model expects at the current length, ms.
+    pub expected_pause_ms: f64,
+    /// It is over the pause target (the link's budget wins).
+    pub pause_over_target: bool,
+    /// The length chosen for the figures' epochs (probes left out): p50,
+    /// ms.
+    pub chosen_p50_ms: f64,
+    /// Shortest chosen, ms.
+    pub chosen_min_ms: f64,
+    /// Longest chosen, ms.
+    pub chosen_max_ms: f64,
+    /// Times the chosen length changed between consecutive epochs.
+    pub changes: u64,
+    /// Probes: single epochs at half the length chosen, run when the last
+    /// window of epochs were all about as long, for the model to see
+    /// another length (left out of the figures above).
+    #[serde(default)]
+    pub probes: u64,
 }
 
 /// How a session's first checkpoint went.
@@ -213,20 +266,51 @@ impl Status {
         if let Some(p) = &self.primary {
             let _ = writeln!(
                 o,
-                "epochs     {} ({}, {} ms); pause p50 {}, p99 {}, max {}",
+                "epochs     {} ({}, {}{} ms); pause p50 {}, p99 {}, max {}",
                 p.epochs,
                 p.mode,
+                if p.epoch_auto.is_some() { "auto: " } else { "" },
                 p.epoch_ms,
                 ms(p.pause_p50_us),
                 ms(p.pause_p99_us),
                 ms(p.pause_max_us)
             );
+            if let Some(a) = &p.epoch_auto {
+                let _ = writeln!(
+                    o,
+                    "auto       {} ms now ({}{}), expected pause {:.2} ms{}; chosen p50 {:.0} ms, {:.0}..{:.0} ms, {} changes, {} probes; allowed {}..{} ms",
+                    p.epoch_ms,
+                    if a.bound.is_empty() { "no figures yet" } else { &a.bound },
+                    match (a.capped, a.bound.as_str(), p.epoch_ms) {
+                        (false, ..) => "",
+                        (true, "pause share", e) if e < a.max_ms => ", not kept by any length",
+                        (true, "link budget", e) if e <= a.min_ms => {
+                            ", not kept even at the shortest"
+                        }
+                        (true, ..) => ", capped at the longest",
+                    },
+                    a.expected_pause_ms,
+                    if a.pause_over_target {
+                        format!(", OVER the {:.2} ms target", a.pause_target_ms)
+                    } else {
+                        String::new()
+                    },
+                    a.chosen_p50_ms,
+                    a.chosen_min_ms,
+                    a.chosen_max_ms,
+                    a.changes,
+                    a.probes,
+                    a.min_ms,
+                    a.max_ms
+                );
+            }
             let _ = writeln!(
                 o,
-                "bytes      {:.1} KiB per epoch (raw {:.1} KiB, {:.0} dirty pages); ack p50 {}, p99 {}",
+                "bytes      {:.1} KiB per epoch (raw {:.1} KiB, {:.0} dirty pages), {:.2} MB/s; ack p50 {}, p99 {}",
                 p.bytes_per_epoch / 1024.0,
                 p.raw_bytes_per_epoch / 1024.0,
                 p.dirty_pages_mean,
+                p.bytes_per_s / 1e6,
                 ms(p.ack_p50_us),
                 ms(p.ack_p99_us)
             );
@@ -329,5 +413,29 @@ mod tests {
             text.contains("resuming the guest at console offset 7"),
             "{text}"
         );
+        assert!(!text.contains("auto"), "{text}");
+        // An auto epoch says what it chose and why.
+        let mut s = s;
+        let p = s.primary.as_mut().unwrap();
+        p.epoch_ms = 140;
+        p.epoch_auto = Some(AutoEpochStatus {
+            min_ms: 10,
+            max_ms: 200,
+            bound: "link budget".into(),
+            chosen_p50_ms: 139.0,
+            ..Default::default()
+        });
+        assert_eq!(Status::from_json(&s.to_json()).unwrap(), s);
+        let text = s.summary();
+        assert!(text.contains("(fgbi, auto: 140 ms)"), "{text}");
+        assert!(
+            text.contains("auto       140 ms now (link budget)")
+                && text.contains("allowed 10..200 ms"),
+            "{text}"
+        );
+        // A status from before these fields still parses.
+        let old = r#"{"role":"primary","console_released":1,"console_end":1,"resumed_at":null,"primary":{"protected":true,"mode":"fgbi","epoch_ms":25,"epochs":3,"samples":2,"pause_p50_us":1.0,"pause_p99_us":1.0,"pause_max_us":1.0,"harvest_p50_us":1.0,"copy_p50_us":1.0,"capture_p50_us":1.0,"dirty_pages_mean":1.0,"precopied_mean":1.0,"bytes_per_epoch":1.0,"raw_bytes_per_epoch":1.0,"encode_p50_us":1.0,"encode_p99_us":1.0,"ack_p50_us":1.0,"ack_p99_us":1.0,"release_p50_us":1.0,"release_p99_us":1.0,"epochs_waited":0},"backup":null}"#;
+        let p = Status::from_json(old).unwrap().figures();
+        assert!(p.epoch_auto.is_none() && p.bytes_per_s == 0.0);
     }
 }

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use fgbi::Mode;
+use node::wws::EpochTarget;
 use protocol::EndReason;
 use transport::link::LinkShape;
 use transport::NodeTls;
@@ -21,8 +22,8 @@ pub struct Config {
     /// The `castor certs` directory `tls` came from: a migration loads
     /// this node's certificate from it to reach its destination.
     pub certs: std::path::PathBuf,
-    /// Epoch length.
-    pub epoch: Duration,
+    /// Epoch length: fixed, or chosen by the working-set model.
+    pub epoch: EpochLength,
     /// Encoding mode.
     pub mode: Mode,
     /// fgbi block size.
@@ -43,7 +44,9 @@ pub struct Config {
     /// Pre-copy window: this long before each epoch ends, the dirty pages so
     /// far are harvested and copied while the guest runs, so that the pause
     /// copies only the pages dirtied since. Zero: everything in the pause.
-    pub precopy: Duration,
+    /// `None`: a fifth of the epoch, at most 5 ms (following the length
+    /// auto chooses); see [`precopy_window`].
+    pub precopy: Option<Duration>,
     /// The witness that decides who owns the VM; `None`: no witness
     /// (`--witness none`), a lost backup means carrying on at once.
     pub witness: Option<witness::Etcd>,
@@ -54,6 +57,49 @@ pub struct Config {
     /// leave through it after output commit, and frames from it reach the
     /// guest. `None`: a card the guest has sends nowhere.
     pub tap: Option<std::sync::Arc<vmm::tap::Tap>>,
+}
+
+/// How long the epochs are.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum EpochLength {
+    /// Every epoch this long (`--epoch-ms N`).
+    Fixed(Duration),
+    /// After every epoch the next one's length is chosen from the recent
+    /// epochs' figures to meet the target ([`node::wws::EpochChooser`];
+    /// `--epoch-ms auto`), in whole milliseconds. The first epochs are
+    /// [`AUTO_START`] long (within the target's bounds).
+    Auto(EpochTarget),
+}
+
+/// The first epochs' length under [`EpochLength::Auto`], until the model has
+/// figures: castor's default fixed length.
+pub const AUTO_START: Duration = Duration::from_millis(25);
+
+impl EpochLength {
+    /// The first epoch's length.
+    pub fn initial(&self) -> Duration {
+        match self {
+            EpochLength::Fixed(d) => *d,
+            EpochLength::Auto(t) => AUTO_START.clamp(t.min, t.max.max(t.min)),
+        }
+    }
+
+    /// The target, under auto.
+    pub fn auto(&self) -> Option<&EpochTarget> {
+        match self {
+            EpochLength::Fixed(_) => None,
+            EpochLength::Auto(t) => Some(t),
+        }
+    }
+}
+
+/// The pre-copy window of an epoch of `epoch`, in whole milliseconds:
+/// `setting` (`--precopy-ms`), by default a fifth of the epoch and at most
+/// 5 ms; always shorter than the epoch.
+pub fn precopy_window(setting: Option<Duration>, epoch: Duration) -> Duration {
+    let ms = epoch.as_millis() as u64;
+    let want = setting.map_or((ms / 5).min(5), |d| d.as_millis() as u64);
+    Duration::from_millis(want.min(ms.saturating_sub(1)))
 }
 
 /// Primary errors.
@@ -84,4 +130,40 @@ pub enum PrimaryError {
     /// only one runs.
     #[error("fenced: {0}; this node's guest was stopped")]
     Fenced(EndReason),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_precopy_window_follows_the_epoch() {
+        assert_eq!(precopy_window(None, 25 * MS), 5 * MS);
+        assert_eq!(precopy_window(None, 10 * MS), 2 * MS);
+        assert_eq!(precopy_window(None, 200 * MS), 5 * MS);
+        assert_eq!(precopy_window(None, 4 * MS), Duration::ZERO);
+        assert_eq!(precopy_window(Some(8 * MS), 100 * MS), 8 * MS);
+        // Never as long as the epoch.
+        assert_eq!(precopy_window(Some(8 * MS), 5 * MS), 4 * MS);
+        assert_eq!(
+            precopy_window(Some(Duration::ZERO), 25 * MS),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn auto_starts_at_the_default_length_within_its_bounds() {
+        let t = EpochTarget::default();
+        assert_eq!(EpochLength::Auto(t).initial(), AUTO_START);
+        let t = EpochTarget {
+            min: 40 * MS,
+            max: 80 * MS,
+            ..t
+        };
+        assert_eq!(EpochLength::Auto(t).initial(), 40 * MS);
+        assert_eq!(EpochLength::Fixed(7 * MS).initial(), 7 * MS);
+        assert!(EpochLength::Fixed(7 * MS).auto().is_none());
+    }
 }

@@ -5,6 +5,10 @@
 //! the dirty pages → capture the machine state → note the console offset →
 //! resume → encode → send. The console bytes of epoch `k` are released when
 //! the core says so: on the backup's ack of `k`.
+//!
+//! How long each epoch is, and its pre-copy window, is the [`pace`] module's.
+
+mod pace;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -97,7 +101,18 @@ impl EpochLoop<'_> {
         events: &std_mpsc::Receiver<NetEvent>,
         stop: &AtomicBool,
     ) -> Result<(), PrimaryError> {
-        let mut next = Instant::now() + self.cfg.epoch;
+        let mut pace = pace::Pacer::new(self.cfg.epoch, self.cfg.precopy);
+        // The next deadline after an epoch that was due at `ended`.
+        let after = |ended: Instant, len: Duration| {
+            let next = ended + len;
+            let now = Instant::now();
+            if now > next {
+                now + len
+            } else {
+                next
+            }
+        };
+        let mut next = Instant::now() + pace.len();
         self.set_hold(false);
         warn!("UNPROTECTED: no backup yet; the guest runs, output is released at once");
 
@@ -112,7 +127,7 @@ impl EpochLoop<'_> {
                     // The guest runs on the destination now.
                     return Ok(());
                 }
-                next = Instant::now() + self.cfg.epoch;
+                next = Instant::now() + pace.len();
                 pre_done = false;
                 waited = Duration::ZERO;
                 continue;
@@ -127,8 +142,9 @@ impl EpochLoop<'_> {
                 )))?;
             }
             // The next deadline: the pre-copy point, then the epoch's end.
-            let pre_at = (!pre_done && self.session.is_some() && !self.cfg.precopy.is_zero())
-                .then(|| next.checked_sub(self.cfg.precopy))
+            let precopy = pace.precopy();
+            let pre_at = (!pre_done && self.session.is_some() && !precopy.is_zero())
+                .then(|| next.checked_sub(precopy))
                 .flatten();
             let deadline = pre_at.unwrap_or(next);
             let timeout = deadline.saturating_duration_since(Instant::now());
@@ -150,7 +166,7 @@ impl EpochLoop<'_> {
                 }
                 let w = w.elapsed();
                 if w > Duration::from_micros(100) {
-                    next = next.max(Instant::now() + self.cfg.precopy);
+                    next = next.max(Instant::now() + precopy);
                 }
                 waited += w;
                 pre_done = true;
@@ -160,10 +176,8 @@ impl EpochLoop<'_> {
                 continue;
             }
             pre_done = false;
-            next += self.cfg.epoch;
-            if Instant::now() > next {
-                next = Instant::now() + self.cfg.epoch;
-            }
+            let ended = next;
+            next = after(ended, pace.len());
             if self.session.is_none() {
                 waited = Duration::ZERO;
                 continue;
@@ -173,8 +187,17 @@ impl EpochLoop<'_> {
                 return Ok(());
             }
             waited += w.elapsed();
-            if self.session.is_some() {
-                self.epoch(std::mem::take(&mut waited))?;
+            let Some(session) = self.session.as_ref().map(Session::id) else {
+                continue;
+            };
+            let start = Instant::now();
+            if let Some(mut f) = self.epoch(std::mem::take(&mut waited))? {
+                // The next epoch's length: the same, or auto's new choice.
+                if pace.done(session, start, &mut f) {
+                    next = after(ended, pace.len());
+                }
+                self.metrics.pace(pace.chosen(), pace.choice());
+                self.metrics.epoch(f);
             }
         }
         Ok(())
@@ -549,7 +572,12 @@ impl EpochLoop<'_> {
         if r.is_err() && self.machine.is_paused() {
             self.machine.resume()?;
         }
-        let (bytes, pause) = r?;
+        let Some(f) = r? else {
+            // The network task ended: the core ends the session.
+            return Ok(());
+        };
+        let (bytes, pause) = (f.bytes, f.pause);
+        self.metrics.epoch(f);
         let mut status = node::ResyncStatus {
             pages: self.pages,
             pages_sent: self.pages,
@@ -594,7 +622,8 @@ impl EpochLoop<'_> {
         Ok(())
     }
 
-    fn epoch(&mut self, wait: Duration) -> Result<(), PrimaryError> {
+    /// One epoch: its figures, unless the network task ended meanwhile.
+    fn epoch(&mut self, wait: Duration) -> Result<Option<EpochFigures>, PrimaryError> {
         // The pause runs at real-time priority (below the heartbeat threads):
         // on a small, busy host the guest must not stay stopped while this
         // thread waits for a CPU. Back to normal at resume (in checkpoint).
@@ -610,7 +639,7 @@ impl EpochLoop<'_> {
         }
     }
 
-    fn paused_epoch(&mut self, wait: Duration) -> Result<(), PrimaryError> {
+    fn paused_epoch(&mut self, wait: Duration) -> Result<Option<EpochFigures>, PrimaryError> {
         let t0 = Instant::now();
         self.machine.pause()?;
         let t1 = Instant::now();
@@ -621,7 +650,7 @@ impl EpochLoop<'_> {
             .and_then(|dirty| {
                 let harvest = t1.elapsed();
                 let copy = self.staging.in_pause(&self.machine, dirty.frames())?;
-                self.checkpoint(t0, harvest, copy, wait).map(|_| ())
+                self.checkpoint(t0, harvest, copy, wait)
             });
         if r.is_err() && self.machine.is_paused() {
             self.machine.resume()?;
@@ -633,14 +662,16 @@ impl EpochLoop<'_> {
 
     /// With the dirty pages staged: captures the state and the console
     /// offset, resumes, encodes and sends. Paused on entry (since `t0`),
-    /// running on return.
+    /// running on return. Returns the checkpoint's figures (for the caller
+    /// to record; its length not filled in), or `None` if the network task
+    /// ended.
     fn checkpoint(
         &mut self,
         t0: Instant,
         harvest: Duration,
         copy: Duration,
         wait: Duration,
-    ) -> Result<(u64, Duration), PrimaryError> {
+    ) -> Result<Option<EpochFigures>, PrimaryError> {
         let tcap = Instant::now();
         let state = self.machine.capture()?;
         let capture = tcap.elapsed();
@@ -674,14 +705,14 @@ impl EpochLoop<'_> {
             self.feed(PrimaryInput::Ended(EndReason::Local(
                 "the network task ended".into(),
             )))?;
-            return Ok((sent, pause));
+            return Ok(None);
         }
         self.feed(PrimaryInput::Sent {
             epoch: built.epoch,
             release_to: out_end,
             meta: in_flight,
         })?;
-        self.metrics.epoch(EpochFigures {
+        Ok(Some(EpochFigures {
             epoch: built.epoch,
             pause,
             harvest,
@@ -693,7 +724,9 @@ impl EpochLoop<'_> {
             raw_bytes: dirty * 4096,
             wait,
             precopied: self.staging.precopied(),
-        });
-        Ok((sent, pause))
+            len: Duration::ZERO,
+            planned: Duration::ZERO,
+            probe: false,
+        }))
     }
 }

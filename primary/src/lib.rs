@@ -43,7 +43,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 use vmm::Machine;
 
-pub use config::{Config, PrimaryError};
+pub use config::{precopy_window, Config, EpochLength, PrimaryError, AUTO_START};
 pub use metrics::{EpochFigures, Metrics};
 
 /// How the guest came to run on this node.

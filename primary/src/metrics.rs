@@ -4,8 +4,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use node::stats::percentile as pct;
-use node::PrimaryStatus;
+use node::wws::{Choice, EpochTarget};
+use node::{AutoEpochStatus, PrimaryStatus};
 use tracing::info;
+
+use crate::config::EpochLength;
 
 /// What one epoch cost.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +35,13 @@ pub struct EpochFigures {
     pub wait: Duration,
     /// Of the dirty pages, those copied before the pause (pre-copy).
     pub precopied: u64,
+    /// The epoch's real length: from the previous epoch's pause start to
+    /// its own (zero for a session's first epochs).
+    pub len: Duration,
+    /// The length it was planned to have (fixed, or auto's choice).
+    pub planned: Duration,
+    /// Auto ran it at half its choice, for the model to see another length.
+    pub probe: bool,
 }
 
 #[derive(Debug, Default)]
@@ -44,13 +54,18 @@ struct Inner {
     reset_at: u64,
     /// The last session's first checkpoint.
     resync: Option<node::ResyncStatus>,
+    /// The epoch length now.
+    epoch_len: Duration,
+    /// Auto's latest choice.
+    choice: Option<Choice>,
 }
 
 /// The primary's running figures.
 #[derive(Debug)]
 pub struct Metrics {
     mode: fgbi::Mode,
-    epoch_len: Duration,
+    /// Auto's target, if the epoch length is chosen.
+    auto: Option<EpochTarget>,
     inner: Mutex<Inner>,
     /// The node's Prometheus metrics, fed from here.
     exported: Arc<node::metrics::Metrics>,
@@ -62,14 +77,27 @@ impl Metrics {
     /// Empty figures, which also feed the node's `exported` metrics.
     pub fn new(
         mode: fgbi::Mode,
-        epoch_len: Duration,
+        epoch: EpochLength,
         exported: Arc<node::metrics::Metrics>,
     ) -> Self {
         Metrics {
             mode,
-            epoch_len,
-            inner: Mutex::new(Inner::default()),
+            auto: epoch.auto().copied(),
+            inner: Mutex::new(Inner {
+                epoch_len: epoch.initial(),
+                ..Inner::default()
+            }),
             exported,
+        }
+    }
+
+    /// The epoch length chosen from now on (auto's probes aside), and
+    /// auto's choice that set it.
+    pub fn pace(&self, len: Duration, choice: Option<Choice>) {
+        let mut i = self.lock();
+        i.epoch_len = len;
+        if choice.is_some() {
+            i.choice = choice;
         }
     }
 
@@ -88,6 +116,7 @@ impl Metrics {
             encode_us = f.encode.as_micros() as u64,
             dirty = f.dirty_pages,
             bytes = f.bytes,
+            len_us = f.len.as_micros() as u64,
             raw = f.raw_bytes,
             wait_us = f.wait.as_micros() as u64,
             "epoch"
@@ -192,11 +221,51 @@ impl Metrics {
         let mut acks: Vec<f64> = i.acks.iter().map(|d| us(*d)).collect();
         let mut rel: Vec<f64> = i.releases.iter().map(|d| us(*d)).collect();
         let n = steady.len().max(1) as f64;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let timed: Vec<&&EpochFigures> = steady.iter().filter(|f| !f.len.is_zero()).collect();
+        let mut lens: Vec<f64> = timed.iter().map(|f| ms(f.len)).collect();
+        let timed_s: f64 = timed.iter().map(|f| f.len.as_secs_f64()).sum();
+        let bytes_per_s = if timed_s > 0.0 {
+            timed.iter().map(|f| f.bytes as f64).sum::<f64>() / timed_s
+        } else {
+            0.0
+        };
+        let epoch_auto = self.auto.map(|t| {
+            // (A resync's checkpoint was not planned: zero.)
+            let paced: Vec<&&EpochFigures> = steady
+                .iter()
+                .filter(|f| !f.planned.is_zero() && !f.probe)
+                .collect();
+            let mut planned: Vec<f64> = paced.iter().map(|f| ms(f.planned)).collect();
+            let c = i.choice;
+            AutoEpochStatus {
+                min_ms: t.min.as_millis() as u64,
+                max_ms: t.max.as_millis() as u64,
+                pause_target_ms: ms(t.pause),
+                link_budget: t.link_budget,
+                pause_share: t.pause_share,
+                bound: c.map_or(String::new(), |c| c.bound.to_string()),
+                capped: c.is_some_and(|c| c.capped),
+                expected_pause_ms: c.map_or(0.0, |c| ms(c.pause)),
+                pause_over_target: c.is_some_and(|c| c.pause_over_target),
+                chosen_min_ms: planned.iter().cloned().reduce(f64::min).unwrap_or(0.0),
+                chosen_max_ms: planned.iter().cloned().reduce(f64::max).unwrap_or(0.0),
+                changes: paced
+                    .windows(2)
+                    .filter(|w| w[0].planned != w[1].planned)
+                    .count() as u64,
+                chosen_p50_ms: pct(&mut planned, 0.5),
+                probes: steady.iter().filter(|f| f.probe).count() as u64,
+            }
+        });
         // (+ 0.0: an empty sum is -0.0, which prints as "-0")
         PrimaryStatus {
             protected: i.protected,
             mode: self.mode.to_string(),
-            epoch_ms: self.epoch_len.as_millis() as u64,
+            epoch_ms: i.epoch_len.as_millis() as u64,
+            epoch_auto,
+            epoch_len_p50_ms: pct(&mut lens, 0.5),
+            bytes_per_s,
             epochs: i.epochs.last().map_or(0, |f| f.epoch),
             pause_max_us: pause.iter().cloned().fold(0.0, f64::max),
             pause_p50_us: pct(&mut pause, 0.5),
