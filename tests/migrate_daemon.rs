@@ -88,11 +88,41 @@ fn destination(dir: &std::path::Path, listen: SocketAddr, console: SocketAddr) -
     Proc(child)
 }
 
+/// After a failed migration: the guest runs on a, protected again by the
+/// same backup, a still owns the VM, and its console is one history.
+fn stays_protected_here(primary: &Daemon, backup: &Daemon, etcd: &EtcdServer) {
+    wait_status(
+        primary,
+        "re-protection",
+        Duration::from_secs(30),
+        pair::protected_after(10),
+    )
+    .unwrap();
+    assert_eq!(backup.status().unwrap().role, Role::Backup);
+    assert_eq!(owner_now(etcd).owner, "a");
+    let mut s = Vec::new();
+    let _ = read_console(
+        primary.console,
+        0,
+        &mut s,
+        Instant::now() + Duration::from_millis(500),
+        u64::MAX,
+    );
+    let c = continuity(&s);
+    assert!(c.ok(), "{:?}", c.problems);
+    assert!(c.lines > 10, "{} progress lines", c.lines);
+}
+
 /// `castor migrate` asking `primary` to move its guest to c at `to`.
 fn ask(primary: &Daemon, to: SocketAddr, extra: &[&str]) -> (bool, String) {
+    ask_at(&primary.control, to, extra)
+}
+
+/// [`ask`] by the primary's control socket.
+fn ask_at(control: &std::path::Path, to: SocketAddr, extra: &[&str]) -> (bool, String) {
     let o = Command::new(castor_bin())
         .args(["migrate", "--control"])
-        .arg(&primary.control)
+        .arg(control)
         .args(["--to", &to.to_string(), "--dest", "c"])
         .args(extra)
         .output()
@@ -182,27 +212,7 @@ fn a_migration_that_cannot_reach_its_destination_leaves_the_guest_protected_here
     assert!(!ok, "{text}");
     assert!(text.contains("runs on here"), "{text}");
     assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
-    // Protected again by the same backup, and still the owner.
-    wait_status(
-        &primary,
-        "re-protection",
-        Duration::from_secs(30),
-        pair::protected_after(10),
-    )
-    .unwrap();
-    assert_eq!(backup.status().unwrap().role, Role::Backup);
-    assert_eq!(owner_now(&etcd).owner, "a");
-    // The console never stopped: one history.
-    let mut s = Vec::new();
-    let _ = read_console(
-        primary.console,
-        0,
-        &mut s,
-        Instant::now() + Duration::from_millis(500),
-        u64::MAX,
-    );
-    let c = continuity(&s);
-    assert!(c.ok(), "{:?}", c.problems);
+    stays_protected_here(&primary, &backup, &etcd);
 }
 
 #[test]
@@ -291,23 +301,7 @@ fn killing_the_destination_during_pre_copy_leaves_the_guest_protected_here() {
     let mut dest = destination(tmp.path(), listen, pair::free_port(false).unwrap());
     std::thread::sleep(Duration::from_millis(300));
     let control = primary.control.clone();
-    let asking = std::thread::spawn(move || {
-        let o = Command::new(castor_bin())
-            .args(["migrate", "--control"])
-            .arg(&control)
-            .args(["--to", &listen.to_string(), "--dest", "c"])
-            .args(["--link-rate", "40mbit"])
-            .output()
-            .unwrap();
-        (
-            o.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            ),
-        )
-    });
+    let asking = std::thread::spawn(move || ask_at(&control, listen, &["--link-rate", "40mbit"]));
     // Kill the destination once the guest's pages are flowing.
     let log = tmp.path().join("c.log");
     let t = Instant::now();
@@ -323,24 +317,5 @@ fn killing_the_destination_during_pre_copy_leaves_the_guest_protected_here() {
     let (ok, text) = asking.join().unwrap();
     assert!(!ok, "{text}");
     assert!(text.contains("runs on here"), "{text}");
-    wait_status(
-        &primary,
-        "re-protection",
-        Duration::from_secs(30),
-        pair::protected_after(10),
-    )
-    .unwrap();
-    assert_eq!(backup.status().unwrap().role, Role::Backup);
-    assert_eq!(owner_now(&etcd).owner, "a");
-    let mut s = Vec::new();
-    let _ = read_console(
-        primary.console,
-        0,
-        &mut s,
-        Instant::now() + Duration::from_millis(500),
-        u64::MAX,
-    );
-    let c = continuity(&s);
-    assert!(c.ok(), "{:?}", c.problems);
-    assert!(c.lines > 10, "{} progress lines", c.lines);
+    stays_protected_here(&primary, &backup, &etcd);
 }
