@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 use transport::{Link, Listener, TransportError};
 
-use crate::replica::Shared;
+use crate::replica::{BeatIn, Shared};
 
 /// Accepts primaries until the listener closes. One session at a time: a
 /// new connection from the primary ends the current session first (the
@@ -253,19 +253,36 @@ impl Drop for AbortOnDrop {
 
 /// The backup's end of the heartbeat path ([`protocol::beat`]): a datagram
 /// to the primary every [`BEAT_PERIOD`] from a socket of its own, and the
-/// primary's datagrams, each proof that it is alive.
+/// primary's datagrams, each proof that it is alive. The watchdog reads the
+/// same socket too (`Shared::beat_in`): when this runtime is busy
+/// (decrypting and applying a large checkpoint on a small host), the
+/// primary's heartbeats wait unread in the socket, and a detector that
+/// only looked here would find a live primary silent.
 async fn beats(shared: Arc<Shared>, primary: std::net::SocketAddr, key: [u8; 32]) {
-    let sock = match tokio::net::UdpSocket::bind(transport::any_addr_for(primary)).await {
+    let bound = std::net::UdpSocket::bind(transport::any_addr_for(primary)).and_then(|s| {
+        s.set_nonblocking(true)?;
+        let watchdog = s.try_clone()?;
+        Ok((tokio::net::UdpSocket::from_std(s)?, watchdog))
+    });
+    let (sock, watchdog) = match bound {
         Ok(s) => s,
         Err(e) => {
             warn!("no heartbeat path ({e}); heartbeats on the connection only");
             return;
         }
     };
+    let window = Arc::new(std::sync::Mutex::new(BeatWindow::default()));
+    let beat_in = BeatIn {
+        sock: watchdog,
+        key,
+        primary,
+        window,
+    };
+    let _published = Published::new(&shared, beat_in);
     let t0 = std::time::Instant::now();
     let mut tick = tokio::time::interval(BEAT_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let (mut seq, mut window, mut buf) = (0u64, BeatWindow::default(), [0u8; 64]);
+    let (mut seq, mut buf) = (0u64, [0u8; 64]);
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -275,16 +292,35 @@ async fn beats(shared: Arc<Shared>, primary: std::net::SocketAddr, key: [u8; 32]
             }
             r = sock.recv_from(&mut buf) => {
                 if let Ok((n, from)) = r {
-                    if from == primary {
-                        if let Ok(b) = Beat::open(&key, &buf[..n]) {
-                            if window.accept(&b) {
-                                shared.heard();
-                            }
-                        }
+                    let fresh = shared
+                        .beat_in
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                        .is_some_and(|b| b.accept(&buf[..n], from));
+                    if fresh {
+                        shared.heard();
                     }
                 }
             }
         }
+    }
+}
+
+/// The session's heartbeat path published for the watchdog, withdrawn
+/// when the heartbeat task ends (the session's end aborts it).
+struct Published(Arc<Shared>);
+
+impl Published {
+    fn new(shared: &Arc<Shared>, b: BeatIn) -> Published {
+        *shared.beat_in.lock().unwrap_or_else(|e| e.into_inner()) = Some(b);
+        Published(shared.clone())
+    }
+}
+
+impl Drop for Published {
+    fn drop(&mut self) {
+        *self.0.beat_in.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 

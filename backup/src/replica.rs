@@ -77,6 +77,46 @@ pub(crate) struct Shared {
     stale_token: AtomicU64,
     /// Where the replica's image files go (`--image-dir`).
     pub image: Option<ImagePaths>,
+    /// The current session's heartbeat path, for the watchdog to read
+    /// itself when the network runtime is too busy to ([`BeatIn`]).
+    pub beat_in: Mutex<Option<BeatIn>>,
+}
+
+/// The primary's heartbeat datagrams as the watchdog reads them: a second
+/// handle on the heartbeat socket the network runtime reads. A datagram
+/// goes to whichever reader asks first; both check it the same way and
+/// share one replay window, so a datagram counts once.
+pub(crate) struct BeatIn {
+    /// The socket (non-blocking).
+    pub sock: std::net::UdpSocket,
+    /// The session's heartbeat key.
+    pub key: [u8; 32],
+    /// The primary's heartbeat address.
+    pub primary: std::net::SocketAddr,
+    /// Replay protection, shared with the runtime's reader.
+    pub window: Arc<Mutex<protocol::beat::BeatWindow>>,
+}
+
+impl BeatIn {
+    /// An authentic, fresh heartbeat from the primary.
+    pub fn accept(&self, data: &[u8], from: std::net::SocketAddr) -> bool {
+        from == self.primary
+            && protocol::beat::Beat::open(&self.key, data).is_ok_and(|b| {
+                self.window
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .accept(&b)
+            })
+    }
+
+    /// Reads every datagram waiting; true if one was a heartbeat.
+    pub fn drain(&self) -> bool {
+        let (mut buf, mut heard) = ([0u8; 64], false);
+        while let Ok((n, from)) = self.sock.recv_from(&mut buf) {
+            heard |= self.accept(&buf[..n], from);
+        }
+        heard
+    }
 }
 
 impl Shared {
@@ -106,6 +146,7 @@ impl Shared {
             metrics,
             stale_token: AtomicU64::new(u64::MAX),
             image,
+            beat_in: Mutex::new(None),
         })
     }
 
@@ -364,5 +405,56 @@ impl Shared {
         self.applied.fetch_add(1, Ordering::Relaxed);
         log.append_released(&c.output);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::beat::{Beat, BeatWindow};
+
+    fn udp() -> std::net::UdpSocket {
+        std::net::UdpSocket::bind("127.0.0.1:0").unwrap()
+    }
+
+    /// Waits for the datagrams sent so far to reach a loopback socket.
+    fn settle() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    #[test]
+    fn the_watchdogs_reader_counts_only_fresh_authentic_beats_of_the_primary() {
+        let (primary, other) = (udp(), udp());
+        let sock = udp();
+        sock.set_nonblocking(true).unwrap();
+        let to = sock.local_addr().unwrap();
+        let key = [7u8; 32];
+        let b = BeatIn {
+            sock,
+            key,
+            primary: primary.local_addr().unwrap(),
+            window: Arc::new(Mutex::new(BeatWindow::default())),
+        };
+        assert!(!b.drain(), "nothing sent yet");
+        let beat = Beat { seq: 1, sent_us: 5 }.seal(&key);
+        primary.send_to(&beat, to).unwrap();
+        settle();
+        assert!(b.drain());
+        // The same datagram again (a replay), one under another key, one
+        // from another address: none counts.
+        primary.send_to(&beat, to).unwrap();
+        primary
+            .send_to(&Beat { seq: 2, sent_us: 6 }.seal(&[8u8; 32]), to)
+            .unwrap();
+        other
+            .send_to(&Beat { seq: 3, sent_us: 7 }.seal(&key), to)
+            .unwrap();
+        settle();
+        assert!(!b.drain());
+        primary
+            .send_to(&Beat { seq: 4, sent_us: 8 }.seal(&key), to)
+            .unwrap();
+        settle();
+        assert!(b.drain());
     }
 }

@@ -82,6 +82,17 @@ pub(crate) fn watchdog(
                 shared.heard();
             }
         }
+        // Heartbeats the network runtime has not read yet (it may be busy
+        // with a large checkpoint): read here, before judging silence.
+        let beat = shared
+            .beat_in
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|b| b.drain());
+        if beat {
+            shared.heard();
+        }
         // Decide under the replica lock: a commit updates the core under it
         // before publishing its state.
         let actions = {
