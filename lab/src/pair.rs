@@ -59,13 +59,10 @@ pub fn start_witness(
 }
 
 /// A free loopback port (UDP for a daemon's QUIC endpoint, TCP for a
-/// console service).
+/// console service), outside the kernel's ephemeral range
+/// ([`witness::server::unused_port`]).
 pub fn free_port(udp: bool) -> Result<SocketAddr> {
-    Ok(if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?
-    })
+    Ok(witness::server::unused_port(udp)?)
 }
 
 /// The castor binary: `CASTOR_BIN` if set (the end-to-end tests point it at

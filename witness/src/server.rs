@@ -36,7 +36,53 @@ pub enum ServerError {
 }
 
 fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(unused_port(false)?.port())
+}
+
+/// An unused loopback port (UDP or TCP) for a server started next, chosen
+/// below the kernel's ephemeral range: a port the kernel hands out for
+/// `:0` can be taken by any other process's outgoing socket (a QUIC
+/// client's, an HTTP client's) between this probe and the server's bind —
+/// tests running side by side hit that. Probes random ports from 10000 up
+/// to the range's start; `:0` if none is free.
+pub fn unused_port(udp: bool) -> std::io::Result<std::net::SocketAddr> {
+    let probe = |port: u16| -> std::io::Result<std::net::SocketAddr> {
+        let at = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        if udp {
+            std::net::UdpSocket::bind(at)?.local_addr()
+        } else {
+            TcpListener::bind(at)?.local_addr()
+        }
+    };
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if ephemeral > 11000 {
+        // A different start in each process, then a walk: cheap, and two
+        // processes rarely probe the same ports in the same order.
+        let span = u32::from(ephemeral - 10000);
+        let seed = std::process::id()
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+        // Never the same port twice in one process (the probe's socket is
+        // closed again before the server binds it).
+        static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        for i in 0..200u32 {
+            let port =
+                10000 + (seed.wrapping_mul(2_654_435_761).wrapping_add(i * 7919) % span) as u16;
+            if given.contains(&port) {
+                continue;
+            }
+            if let Ok(a) = probe(port) {
+                given.push(port);
+                return Ok(a);
+            }
+        }
+    }
+    probe(0)
 }
 
 impl EtcdServer {
