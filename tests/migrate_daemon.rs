@@ -319,3 +319,59 @@ fn killing_the_destination_during_pre_copy_leaves_the_guest_protected_here() {
     assert!(text.contains("runs on here"), "{text}");
     stays_protected_here(&primary, &backup, &etcd);
 }
+
+#[test]
+fn a_source_that_lost_the_vm_at_the_witness_during_pre_copy_is_fenced_and_the_guest_runs_nowhere_new(
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let guest = [
+        "--mem",
+        "64M",
+        "--vcpus",
+        "1",
+        "--workload",
+        "pages,rate=1000,mib=48",
+    ];
+    let (etcd, _pair, backup, mut primary) = protected_pair_of(tmp.path(), &guest);
+    let listen = pair::free_port(true).unwrap();
+    let _dest = destination(tmp.path(), listen, pair::free_port(false).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    let control = primary.control.clone();
+    let asking = std::thread::spawn(move || ask_at(&control, listen, &["--link-rate", "40mbit"]));
+    let log = tmp.path().join("c.log");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("migration hello")
+    {
+        assert!(t.elapsed() < Duration::from_secs(20), "no migration began");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Another node takes the VM at the witness while the pages flow.
+    let w = etcd.client("castor").unwrap();
+    let token = w.acquire("x", true).unwrap();
+    let (ok, text) = asking.join().unwrap();
+    assert!(!ok, "{text}");
+    assert!(text.contains("fenced"), "{text}");
+    // The source stops its guest; the destination never runs it.
+    assert!(
+        exited(&mut primary, Duration::from_secs(10)),
+        "the fenced source kept running"
+    );
+    let t = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("waiting for the next migration")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the destination did not give the migration up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dest_log = std::fs::read_to_string(&log).unwrap();
+    assert!(!dest_log.contains("the guest runs here"), "{dest_log}");
+    let owner = owner_now(&etcd);
+    assert_eq!((owner.owner.as_str(), owner.token), ("x", token));
+    assert_eq!(backup.status().unwrap().role, Role::Backup);
+}
