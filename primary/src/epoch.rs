@@ -525,18 +525,17 @@ impl EpochLoop<'_> {
             .machine
             .harvest_dirty()
             .map_err(PrimaryError::from)
-            .and_then(|_| match &offer {
+            .and_then(|last| match &offer {
                 None => self.staging.everything(&self.machine),
                 Some(o) => {
                     let tp = Instant::now();
-                    let (pre, since) = pre.as_ref().expect("digested while running");
+                    let (pre, mut changed) = pre.expect("digested while running");
                     let tags = self.gens.tags();
                     let tags_ms = tp.elapsed().as_secs_f64() * 1e3;
-                    let mut changed = since.clone();
-                    for (i, w) in self.machine.harvest_dirty()?.bitmap.iter().enumerate() {
-                        if let Some(c) = changed.get_mut(i) {
-                            *c |= w;
-                        }
+                    // Written while the digests were read (`changed`), or
+                    // since, up to the pause (`last`): digested again here.
+                    for (c, w) in changed.iter_mut().zip(&last.bitmap) {
+                        *c |= w;
                     }
                     let rehashed = changed.iter().map(|w| w.count_ones() as u64).sum::<u64>();
                     let p = self.machine.with_ram_paused(|ram| {
