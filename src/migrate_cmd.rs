@@ -284,6 +284,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         Some((to, &a.out)),
         a.duration,
         None,
+        &*stop_flag()?,
     )
 }
 
@@ -327,6 +328,7 @@ pub fn listen(a: ListenArgs) -> Result<()> {
         out,
         a.duration,
         postcopy,
+        &stop,
     )
 }
 
@@ -385,8 +387,8 @@ fn host(
     out: Option<(SocketAddr, &OutArgs)>,
     duration: Option<Duration>,
     postcopy: Option<Postcopy>,
+    stop: &AtomicBool,
 ) -> Result<()> {
-    let stop = stop_flag()?;
     let t0 = Instant::now();
     let mut pending = out;
     let mut post_done = false;

@@ -182,7 +182,7 @@ impl Shared {
             }
         };
         let loaded = vmm::image::ram_in_file(&paths.ram, size, true).and_then(|(mem, kept)| {
-            let pages = vmm::image::pages_of(&mem);
+            let pages = vmm::memory::ram_size(&mem) / 4096;
             let (gens, valid) = GenTable::open(&paths.gen, pages, true)?;
             Ok((mem, kept, gens, valid))
         });
@@ -263,7 +263,7 @@ impl Shared {
                 None => vmm::memory::with_ram_mut(&mut mem, |ram| vmm::image::page_digests(ram))
                     .map_err(|e| EndReason::Refused(format!("cannot read the image: {e}")))?,
             };
-            let runs = vmm::image::runs(&gens.tags());
+            let runs = protocol::reuse::runs(&gens.tags());
             info!(
                 pages,
                 runs = runs.len(),
@@ -367,9 +367,10 @@ impl Shared {
                 // A full resync onto zeroed RAM: the zero pages it leaves
                 // out are equal too.
                 g.set_all(tag);
-            }
-            for &p in &stats.pages {
-                g.set(p, tag);
+            } else {
+                for &p in &stats.pages {
+                    g.set(p, tag);
+                }
             }
         }
         if let (Some(want), Some(got)) = (c.memory_digest, digest) {

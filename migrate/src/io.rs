@@ -5,8 +5,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use transport::link::{LinkShape, Pacer, PIECE};
-use vm_memory::{Bytes, GuestAddress};
-use vmm::memory::GuestMem;
 
 use crate::wire::{Decoder, Msg};
 use crate::MigrateError;
@@ -109,25 +107,4 @@ impl Rx {
 /// The digest of one page: xxh3-128 seeded with its frame number.
 pub fn page_hash(frame: u64, page: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128_with_seed(page, frame)
-}
-
-/// The digest of all of guest RAM: the wrapping sum of [`page_hash`] over
-/// its pages (a sum, so the destination can keep it up to date page by page
-/// as it applies rounds, and need not read its RAM at the switch).
-pub fn ram_digest(mem: &GuestMem, pages: u64) -> Result<u128, MigrateError> {
-    let mut sum = 0u128;
-    let mut buf = vec![0u8; 64 << 10];
-    let per = (buf.len() / 4096) as u64;
-    let mut f = 0;
-    while f < pages {
-        let n = per.min(pages - f);
-        let b = &mut buf[..(n * 4096) as usize];
-        mem.read_slice(b, GuestAddress(f * 4096))
-            .map_err(|e| MigrateError::Machine(format!("reading guest RAM: {e}")))?;
-        for (i, p) in b.chunks_exact(4096).enumerate() {
-            sum = sum.wrapping_add(page_hash(f + i as u64, p));
-        }
-        f += n;
-    }
-    Ok(sum)
 }

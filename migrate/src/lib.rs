@@ -38,7 +38,7 @@ pub mod wire;
 
 use std::time::Duration;
 
-pub use io::{page_hash, ram_digest};
+pub use io::page_hash;
 pub use plan::{Decision, PlanConfig, Planner, RoundFigures};
 
 /// Why a migration failed.

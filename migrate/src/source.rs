@@ -554,7 +554,8 @@ fn read_page(mem: &vmm::memory::GuestMem, f: u64) -> Result<Vec<u8>, MigrateErro
     Ok(page)
 }
 
-/// [`crate::ram_digest`] of RAM given as one slice, on two threads (the
+/// The digest of all of RAM — the wrapping sum of [`crate::page_hash`] over
+/// its pages, which the destination keeps up to date as it applies — of RAM given as one slice, on two threads (the
 /// guest is paused: its vCPUs' CPU time is free).
 fn digest_of(ram: &[u8]) -> u128 {
     let half = (ram.len() / 4096 / 2) * 4096;

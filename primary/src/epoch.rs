@@ -40,11 +40,10 @@ const OFFER_WAIT: Duration = Duration::from_secs(10);
 pub(crate) struct Awaiting {
     session: Session,
     offer: protocol::reuse::Assembler,
-    hello_at: Instant,
 }
 
 /// The wait before asking an unreachable witness again.
-const CLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+pub(crate) const CLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// What the shell keeps with a checkpoint in flight: when it was committed
 /// to the network, and when its pause began.
@@ -135,7 +134,7 @@ impl EpochLoop<'_> {
             if self
                 .awaiting
                 .as_ref()
-                .is_some_and(|a| a.hello_at.elapsed() > OFFER_WAIT)
+                .is_some_and(|_| self.hello_at.is_some_and(|t| t.elapsed() > OFFER_WAIT))
             {
                 self.resync(protocol::reuse::Answer::None(format!(
                     "the backup sent no reuse offer within {OFFER_WAIT:?}"
@@ -403,12 +402,10 @@ impl EpochLoop<'_> {
             self.set_hold(false);
             return Ok(());
         }
-        let now = Instant::now();
-        self.hello_at = Some(now);
+        self.hello_at = Some(Instant::now());
         self.awaiting = Some(Awaiting {
             offer: protocol::reuse::Assembler::new(session.id(), self.pages),
             session,
-            hello_at: now,
         });
         Ok(())
     }
@@ -488,7 +485,9 @@ impl EpochLoop<'_> {
         let Some(a) = self.awaiting.take() else {
             return Ok(());
         };
-        let offer_ms = a.hello_at.elapsed().as_secs_f64() * 1e3;
+        let offer_ms = self
+            .hello_at
+            .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
         let mut session = a.session;
         let (offer, why_full) = match answer {
             protocol::reuse::Answer::Image(o) => (Some(o), String::new()),

@@ -77,7 +77,7 @@ impl Switch for Gate<'_> {
                 }
                 Handover::Fenced(why) => return Err(MigrateError::Fenced(why)),
                 Handover::Stay(why) => return Err(MigrateError::Handover(why)),
-                Handover::Retry => std::thread::sleep(Duration::from_millis(100)),
+                Handover::Retry => std::thread::sleep(crate::epoch::CLAIM_RETRY),
             }
         }
     }

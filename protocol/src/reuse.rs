@@ -119,17 +119,7 @@ impl Assembler {
                 let tags = if runs.is_empty() {
                     None
                 } else {
-                    let total = runs.iter().try_fold(0u64, |a, r| a.checked_add(r.1));
-                    if total != Some(pages) {
-                        return Err(format!(
-                            "reuse offer's generation runs cover {total:?} pages, not {pages}"
-                        ));
-                    }
-                    let mut t = Vec::with_capacity(pages as usize);
-                    for (tag, n) in runs {
-                        t.extend(std::iter::repeat_n(tag, n as usize));
-                    }
-                    Some(t)
+                    Some(unrun(&runs, pages)?)
                 };
                 self.tags = Some(tags);
                 self.digests.reserve(pages as usize);
@@ -215,6 +205,35 @@ pub fn plan(mine: &[u64], offer: &Offer, mut digest: impl FnMut(u64) -> u64) -> 
 /// Whether a hello asks for a reuse offer.
 pub fn asks(capabilities: u64) -> bool {
     capabilities & CAP_REUSE != 0
+}
+
+/// Run-length encoding of a generation table's tags: `(tag, run)` pairs,
+/// as a [`Message::Reuse`] carries them. A table after a full resync is one
+/// run; each later checkpoint adds a few.
+pub fn runs(tags: &[u64]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &t in tags {
+        match out.last_mut() {
+            Some((last, n)) if *last == t => *n += 1,
+            _ => out.push((t, 1)),
+        }
+    }
+    out
+}
+
+/// The tag list of [`runs`], which must cover exactly `pages` pages.
+pub fn unrun(runs: &[(u64, u64)], pages: u64) -> Result<Vec<u64>, String> {
+    let total = runs.iter().try_fold(0u64, |a, r| a.checked_add(r.1));
+    if total != Some(pages) {
+        return Err(format!(
+            "reuse offer's generation runs cover {total:?} pages, not {pages}"
+        ));
+    }
+    let mut out = Vec::with_capacity(pages as usize);
+    for &(t, n) in runs {
+        out.extend(std::iter::repeat_n(t, n as usize));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -309,5 +328,15 @@ mod tests {
         assert!(a.on(gap).is_err(), "a gap");
         let mut a = Assembler::new(1, 10);
         assert!(a.on(Message::Ack { epoch: 1 }).is_err());
+    }
+
+    #[test]
+    fn tags_round_trip_through_runs() {
+        let mut tags = vec![7u64; 4096];
+        tags[5] = 99;
+        let r = runs(&tags);
+        assert_eq!(r, vec![(7, 5), (99, 1), (7, 4090)]);
+        assert_eq!(unrun(&r, 4096).unwrap(), tags);
+        assert!(unrun(&r, 4095).is_err());
     }
 }

@@ -33,7 +33,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, FileOffset, GuestAddress};
 
 use crate::memory::{self, GuestMem, MemoryError, PAGE_SIZE};
 
@@ -370,40 +370,10 @@ impl GenTable {
     }
 }
 
-/// The number of pages of a RAM of `mem`'s size.
-pub fn pages_of(mem: &GuestMem) -> u64 {
-    mem.iter().map(|r| r.len()).sum::<u64>() / PAGE_SIZE
-}
-
-/// Run-length encoding of a tag list: `(tag, run)` pairs. A table after a
-/// full resync is one run; each later checkpoint adds a few.
-pub fn runs(tags: &[u64]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &t in tags {
-        match out.last_mut() {
-            Some((last, n)) if *last == t => *n += 1,
-            _ => out.push((t, 1)),
-        }
-    }
-    out
-}
-
-/// The tag list of [`runs`]; `None` if the runs do not add up to `pages`.
-pub fn unrun(runs: &[(u64, u64)], pages: u64) -> Option<Vec<u64>> {
-    let total = runs.iter().try_fold(0u64, |a, r| a.checked_add(r.1))?;
-    if total != pages {
-        return None;
-    }
-    let mut out = Vec::with_capacity(pages as usize);
-    for &(t, n) in runs {
-        out.extend(std::iter::repeat_n(t, n as usize));
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::GuestMemoryBackend;
 
     #[test]
     fn ram_and_tags_outlive_their_mappings() {
@@ -414,7 +384,8 @@ mod tests {
             let (mem, kept) = ram_in_file(&p.ram, size, true).unwrap();
             assert!(!kept);
             mem.write_obj(0xABCDu64, GuestAddress(0x5000)).unwrap();
-            let (g, kept) = GenTable::open(&p.gen, pages_of(&mem), true).unwrap();
+            let (g, kept) =
+                GenTable::open(&p.gen, crate::memory::ram_size(&mem) / PAGE_SIZE, true).unwrap();
             assert!(!kept);
             assert_eq!(g.get(5), 0);
             g.set_all(7);
@@ -437,10 +408,6 @@ mod tests {
                 epoch: 2
             }
         );
-        let r = runs(&g.tags());
-        assert_eq!(r, vec![(7, 5), (tag(1, 2), 1), (7, 4090)]);
-        assert_eq!(unrun(&r, 4096).unwrap(), g.tags());
-        assert!(unrun(&r, 4095).is_none());
         // Another size: a fresh, zeroed image.
         drop(mem);
         let (mem, kept) = ram_in_file(&p.ram, 32 << 20, true).unwrap();

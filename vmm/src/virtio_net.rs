@@ -390,10 +390,11 @@ impl NetDevice {
             }
             return;
         }
-        if !self.put_rx(&mut i, frame) {
+        if self.put_rx(&mut i, frame) {
+            self.interrupt(&mut i);
+        } else {
             i.pending_rx.push_back(frame.to_vec());
         }
-        self.interrupt(&mut i);
     }
 
     fn driver_ok(&self, i: &Inner) -> bool {
