@@ -260,7 +260,9 @@ impl GenTable {
             t.write_u64(8, VERSION);
             t.write_u64(16, pages);
             t.set_header(false, 0, 0);
-            // A re-created file is all zero: every tag unknown.
+            // Every tag unknown: a file of the right size kept with a bad
+            // or old header may still hold tags of another history.
+            t.set_all(0);
         }
         Ok((t, valid))
     }
