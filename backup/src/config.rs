@@ -47,6 +47,7 @@ impl Config {
             max_memory_bytes: self.max_memory_bytes,
             max_vcpus: self.max_vcpus,
             peer_name: Some(self.tls.peer_name.clone()),
+            disk_bytes: 0,
         }
     }
 }

@@ -125,6 +125,7 @@ fn hello() -> protocol::Hello {
         token: 0,
         beat_port: 0,
         beat_key: [0; 32],
+        disk_bytes: 0,
     }
 }
 

@@ -57,6 +57,7 @@ impl Session {
             token,
             beat_port: beat.0,
             beat_key: beat.1,
+            disk_bytes: 0,
         };
         let encoder = Encoder::new(
             fgbi::Config {
@@ -135,7 +136,7 @@ impl Session {
         s.records(&records, &mut f)?;
         s.state(&state, &mut f)?;
         s.output(&output, &mut f)?;
-        s.commit(memory_digest, &mut f)?;
+        s.commit(memory_digest, None, &mut f)?;
         Ok(Built {
             epoch,
             frames: f,

@@ -404,7 +404,7 @@ impl EpochLoop<'_> {
         }
         self.hello_at = Some(Instant::now());
         self.awaiting = Some(Awaiting {
-            offer: protocol::reuse::Assembler::new(session.id(), self.pages),
+            offer: protocol::reuse::Assembler::new(session.id(), self.pages, 0),
             session,
         });
         Ok(())

@@ -89,6 +89,14 @@ impl<'a> Reader<'a> {
         }
         Ok(self.take(n, f)?.to_vec())
     }
+    /// `n` bytes in place.
+    pub fn raw(&mut self, n: usize, f: &'static str) -> Result<&'a [u8], WireError> {
+        self.take(n, f)
+    }
+    /// Whether every byte was read.
+    pub fn is_empty(&self) -> bool {
+        self.pos == self.buf.len()
+    }
     /// Fails unless every byte was read.
     pub fn finish(&self, what: &'static str) -> Result<(), WireError> {
         if self.pos == self.buf.len() {

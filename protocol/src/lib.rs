@@ -7,6 +7,7 @@
 //!   compression, the memory digest, the mode byte.
 //! - [`end`]: the typed reason for every end of a session, and its close code.
 //! - [`beat`]: heartbeat datagrams on their own path, authenticated.
+//! - [`disk`]: a checkpoint's disk blocks and their validation.
 //! - [`reuse`]: a backup's offer of the image it kept, and the primary's plan
 //!   of the pages that differ.
 //!
@@ -16,6 +17,7 @@
 
 pub mod beat;
 pub mod codec;
+pub mod disk;
 pub mod end;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -201,6 +203,19 @@ pub enum ProtocolError {
     /// Capabilities this castor does not know.
     #[error("unknown capabilities {0:#x}")]
     UnknownCapabilities(u64),
+    /// The primary's disk and this backup's are not the same size (or one
+    /// of them has none).
+    #[error("the primary's guest has a disk of {primary} bytes, this backup's --disk has {backup} (0: none); both nodes need a disk of the same size")]
+    DiskMismatch {
+        /// The hello's `disk_bytes`.
+        primary: u64,
+        /// The backup's.
+        backup: u64,
+    },
+    /// Disk content without a disk, or a commit whose disk part does not
+    /// match the hello.
+    #[error("disk: {0}")]
+    Disk(&'static str),
 }
 
 impl WireError {
@@ -227,7 +242,8 @@ impl ProtocolError {
             | ProtocolError::MemoryOverLimit { .. }
             | ProtocolError::BadMemorySize(_)
             | ProtocolError::VcpusOverLimit { .. }
-            | ProtocolError::UnknownCapabilities(_) => true,
+            | ProtocolError::UnknownCapabilities(_)
+            | ProtocolError::DiskMismatch { .. } => true,
             _ => false,
         }
     }

@@ -11,7 +11,7 @@ use crate::codec::{Reader, Writer};
 use crate::WireError;
 
 /// The protocol version this castor speaks.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// Largest frame: the largest message (a machine state) plus headers.
 pub const MAX_FRAME: usize = MAX_STATE + 1024;
 /// Largest chunk of fgbi records in one message.
@@ -36,6 +36,9 @@ pub const CAP_REUSE: u64 = 2;
 pub const MAX_RUNS: usize = 1 << 16;
 /// Most page digests in one [`Message::Digests`].
 pub const MAX_DIGESTS_CHUNK: usize = 1 << 17;
+/// Largest chunk of disk records in one [`Message::Disk`] (the encoder cuts
+/// chunks at record boundaries: a chunk ends within one record of 1 MiB).
+pub const MAX_DISK_CHUNK: usize = (1 << 20) + crate::disk::MAX_RECORD;
 
 /// First message on a connection, from the primary.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +72,10 @@ pub struct Hello {
     pub beat_port: u16,
     /// The key that authenticates heartbeat datagrams both ways.
     pub beat_key: [u8; 32],
+    /// Size of the guest's disk in bytes (0: no disk). The backup's disk
+    /// must be of the same size; it offers its block digests
+    /// ([`Message::DiskDigests`]) and checkpoints carry the blocks written.
+    pub disk_bytes: u64,
 }
 
 /// A message of the replication protocol.
@@ -108,6 +115,14 @@ pub enum Message {
         /// The bytes.
         data: Vec<u8>,
     },
+    /// A chunk of the epoch's disk records ([`crate::disk`]; primary →
+    /// backup).
+    Disk {
+        /// Epoch.
+        epoch: u64,
+        /// Records (chunks concatenate into the epoch's disk records).
+        data: Vec<u8>,
+    },
     /// The epoch is complete (primary → backup).
     Commit {
         /// Epoch.
@@ -117,6 +132,9 @@ pub enum Message {
         /// With [`CAP_VERIFY`]: blake3 of the dirty pages after the
         /// checkpoint, in ascending page order.
         memory_digest: Option<[u8; 32]>,
+        /// With a disk: the disk's digest sum at the pause, and whether the
+        /// guest flushed in the epoch.
+        disk: Option<crate::disk::DiskCommit>,
     },
     /// The backup has committed the epoch (backup → primary).
     Ack {
@@ -171,6 +189,18 @@ pub enum Message {
         /// One xxh3-64 digest per page.
         digests: Vec<u64>,
     },
+    /// Digests of the backup's disk blocks `first ..` (backup → primary, on
+    /// the control stream, after the memory's reuse answer, when the hello
+    /// has a disk): the primary sends in the first checkpoint only the
+    /// blocks whose digest differs from its own.
+    DiskDigests {
+        /// The hello's session.
+        session: u64,
+        /// The first block.
+        first: u64,
+        /// One digest per block (`castor_vmm::disk::block_digest`).
+        digests: Vec<u64>,
+    },
 }
 
 impl fmt::Debug for Message {
@@ -201,14 +231,18 @@ impl fmt::Debug for Message {
                     data.len()
                 )
             }
+            Message::Disk { epoch, data } => {
+                write!(f, "Disk {{ epoch: {epoch}, len: {} }}", data.len())
+            }
             Message::Commit {
                 epoch,
                 memory_digest,
+                disk,
                 ..
             } => {
                 write!(
                     f,
-                    "Commit {{ epoch: {epoch}, verify: {} }}",
+                    "Commit {{ epoch: {epoch}, verify: {}, disk: {disk:?} }}",
                     memory_digest.is_some()
                 )
             }
@@ -238,6 +272,15 @@ impl fmt::Debug for Message {
                 "Digests {{ session: {session}, first: {first}, len: {} }}",
                 digests.len()
             ),
+            Message::DiskDigests {
+                session,
+                first,
+                digests,
+            } => write!(
+                f,
+                "DiskDigests {{ session: {session}, first: {first}, len: {} }}",
+                digests.len()
+            ),
         }
     }
 }
@@ -255,6 +298,8 @@ mod ty {
     pub const GOODBYE: u8 = 10;
     pub const REUSE: u8 = 11;
     pub const DIGESTS: u8 = 12;
+    pub const DISK: u8 = 13;
+    pub const DISK_DIGESTS: u8 = 14;
 }
 
 fn u64s(r: &mut Reader<'_>, f: &'static str, max: usize) -> Result<Vec<u64>, WireError> {
@@ -304,6 +349,8 @@ impl Message {
             Message::Goodbye { .. } => "Goodbye",
             Message::Reuse { .. } => "Reuse",
             Message::Digests { .. } => "Digests",
+            Message::Disk { .. } => "Disk",
+            Message::DiskDigests { .. } => "DiskDigests",
         }
     }
 
@@ -326,6 +373,7 @@ impl Message {
                 w.u64(h.token);
                 w.u16(h.beat_port);
                 w.raw(&h.beat_key);
+                w.u64(h.disk_bytes);
                 ty::HELLO
             }
             Message::EpochStart {
@@ -367,10 +415,17 @@ impl Message {
                 w.bytes(data);
                 ty::OUTPUT
             }
+            Message::Disk { epoch, data } => {
+                assert!(data.len() <= MAX_DISK_CHUNK, "disk chunk over the limit");
+                w.u64(*epoch);
+                w.bytes(data);
+                ty::DISK
+            }
             Message::Commit {
                 epoch,
                 digest,
                 memory_digest,
+                disk,
             } => {
                 w.u64(*epoch);
                 w.raw(digest);
@@ -378,6 +433,14 @@ impl Message {
                     Some(d) => {
                         w.u8(1);
                         w.raw(d);
+                    }
+                    None => w.u8(0),
+                }
+                match disk {
+                    Some(d) => {
+                        w.u8(1);
+                        w.u64(d.sum);
+                        w.u8(d.flushed as u8);
                     }
                     None => w.u8(0),
                 }
@@ -429,6 +492,20 @@ impl Message {
                 put_u64s(&mut w, digests.iter().copied());
                 ty::DIGESTS
             }
+            Message::DiskDigests {
+                session,
+                first,
+                digests,
+            } => {
+                assert!(
+                    digests.len() <= MAX_DIGESTS_CHUNK,
+                    "disk digests chunk over the limit"
+                );
+                w.u64(*session);
+                w.u64(*first);
+                put_u64s(&mut w, digests.iter().copied());
+                ty::DISK_DIGESTS
+            }
         };
         out.extend_from_slice(&((w.0.len() + 1) as u32).to_le_bytes());
         out.push(t);
@@ -470,6 +547,7 @@ impl Message {
                     token: r.u64("Hello.token")?,
                     beat_port: r.u16("Hello.beat_port")?,
                     beat_key: r.array("Hello.beat_key")?,
+                    disk_bytes: r.u64("Hello.disk_bytes")?,
                 })
             }
             ty::EPOCH_START => Message::EpochStart {
@@ -490,6 +568,10 @@ impl Message {
                 offset: r.u64("Output.offset")?,
                 data: r.bytes("Output.data", MAX_OUTPUT_CHUNK)?,
             },
+            ty::DISK => Message::Disk {
+                epoch: r.u64("Disk.epoch")?,
+                data: r.bytes("Disk.data", MAX_DISK_CHUNK)?,
+            },
             ty::COMMIT => Message::Commit {
                 epoch: r.u64("Commit.epoch")?,
                 digest: r.array("Commit.digest")?,
@@ -499,6 +581,28 @@ impl Message {
                     v => {
                         return Err(WireError::BadValue {
                             field: "Commit.has_memory_digest",
+                            value: v as u64,
+                        })
+                    }
+                },
+                disk: match r.u8("Commit.has_disk")? {
+                    0 => None,
+                    1 => Some(crate::disk::DiskCommit {
+                        sum: r.u64("Commit.disk_sum")?,
+                        flushed: match r.u8("Commit.disk_flushed")? {
+                            0 => false,
+                            1 => true,
+                            v => {
+                                return Err(WireError::BadValue {
+                                    field: "Commit.disk_flushed",
+                                    value: v as u64,
+                                })
+                            }
+                        },
+                    }),
+                    v => {
+                        return Err(WireError::BadValue {
+                            field: "Commit.has_disk",
                             value: v as u64,
                         })
                     }
@@ -541,6 +645,11 @@ impl Message {
                 session: r.u64("Digests.session")?,
                 first: r.u64("Digests.first")?,
                 digests: u64s(&mut r, "Digests.digests", MAX_DIGESTS_CHUNK)?,
+            },
+            ty::DISK_DIGESTS => Message::DiskDigests {
+                session: r.u64("DiskDigests.session")?,
+                first: r.u64("DiskDigests.first")?,
+                digests: u64s(&mut r, "DiskDigests.digests", MAX_DIGESTS_CHUNK)?,
             },
             other => return Err(WireError::UnknownType(other)),
         };

@@ -12,8 +12,27 @@
 //!    is not (changed after its last generation was recorded, or behind
 //!    castor's back). Pages it skips are equal by digest: the pair counts as
 //!    protected only once that first checkpoint is committed.
+//!
+//! With a disk (the hello's `disk_bytes`), the answer goes on with
+//! [`Message::DiskDigests`] chunks, a digest of every block of the backup's
+//! disk ([`disk_offer`]), whatever the memory's answer was: the backup's disk
+//! is always kept, and the first checkpoint carries only the blocks whose
+//! digest differs from the primary's.
 
 use crate::message::{Message, CAP_REUSE, MAX_DIGESTS_CHUNK, MAX_RUNS};
+
+/// The messages offering the backup's disk, one digest per block.
+pub fn disk_offer(session: u64, digests: &[u64]) -> Vec<Message> {
+    digests
+        .chunks(MAX_DIGESTS_CHUNK)
+        .enumerate()
+        .map(|(i, c)| Message::DiskDigests {
+            session,
+            first: (i * MAX_DIGESTS_CHUNK) as u64,
+            digests: c.to_vec(),
+        })
+        .collect()
+}
 
 /// An image a backup offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,21 +95,75 @@ pub struct Assembler {
     pages: u64,
     tags: Option<Option<Vec<u64>>>,
     digests: Vec<u64>,
+    /// The memory's answer, once complete, while the disk's is awaited.
+    memory: Option<Answer>,
+    disk_blocks: u64,
+    disk: Vec<u64>,
 }
 
 impl Assembler {
-    /// For the session `session` of a guest of `pages` pages.
-    pub fn new(session: u64, pages: u64) -> Self {
+    /// For the session `session` of a guest of `pages` pages and a disk of
+    /// `disk_blocks` blocks (0: none).
+    pub fn new(session: u64, pages: u64, disk_blocks: u64) -> Self {
         Assembler {
             session,
             pages,
             tags: None,
             digests: Vec::new(),
+            memory: None,
+            disk_blocks,
+            disk: Vec::new(),
         }
     }
 
-    /// Takes one message of the offer. `Ok(Some(answer))` once complete.
+    /// The backup's disk digests, once the answer is complete (and `None`
+    /// without a disk, or before).
+    pub fn take_disk(&mut self) -> Option<Vec<u64>> {
+        (self.disk_blocks > 0 && self.disk.len() as u64 == self.disk_blocks)
+            .then(|| std::mem::take(&mut self.disk))
+    }
+
+    /// Takes one message of the offer. `Ok(Some(answer))` once complete:
+    /// the memory's answer and, with a disk, every block's digest
+    /// ([`Assembler::take_disk`]).
     pub fn on(&mut self, m: Message) -> Result<Option<Answer>, String> {
+        if let Message::DiskDigests {
+            session,
+            first,
+            digests,
+        } = m
+        {
+            if session != self.session || self.memory.is_none() {
+                return Err("disk digests before the memory's reuse answer of this session".into());
+            }
+            if first != self.disk.len() as u64 || first + digests.len() as u64 > self.disk_blocks {
+                return Err(format!(
+                    "disk digests from block {first} ({} of them): expected block {} of {}",
+                    digests.len(),
+                    self.disk.len(),
+                    self.disk_blocks
+                ));
+            }
+            self.disk.extend_from_slice(&digests);
+            return Ok(if self.disk.len() as u64 == self.disk_blocks {
+                self.memory.take()
+            } else {
+                None
+            });
+        }
+        if self.memory.is_some() {
+            return Err(format!("{} after the memory's reuse answer", m.name()));
+        }
+        match self.memory_part(m)? {
+            Some(a) if self.disk_blocks > 0 => {
+                self.memory = Some(a);
+                Ok(None)
+            }
+            other => Ok(other),
+        }
+    }
+
+    fn memory_part(&mut self, m: Message) -> Result<Option<Answer>, String> {
         match m {
             Message::Reuse {
                 session,
@@ -256,7 +329,7 @@ mod tests {
         let runs = vec![(5, 100), (9, pages - 100)];
         let msgs = roundtrip(offer(42, runs, &digests));
         assert_eq!(msgs.len(), 4);
-        let mut a = Assembler::new(42, pages);
+        let mut a = Assembler::new(42, pages, 0);
         let mut answer = None;
         for m in msgs {
             if let Some(x) = a.on(m).unwrap() {
@@ -297,14 +370,14 @@ mod tests {
 
     #[test]
     fn malformed_offers_are_refused() {
-        let mut a = Assembler::new(1, 10);
+        let mut a = Assembler::new(1, 10, 0);
         assert!(a.on(no_offer(2, "x")).is_err(), "another session");
-        let mut a = Assembler::new(1, 10);
+        let mut a = Assembler::new(1, 10, 0);
         assert_eq!(
             a.on(no_offer(1, "no image")).unwrap(),
             Some(Answer::None("no image".into()))
         );
-        let mut a = Assembler::new(1, 10);
+        let mut a = Assembler::new(1, 10, 0);
         let bad_runs = Message::Reuse {
             session: 1,
             pages: 10,
@@ -312,9 +385,9 @@ mod tests {
             runs: vec![(1, 9)],
         };
         assert!(a.on(bad_runs).is_err());
-        let mut a = Assembler::new(1, 10);
+        let mut a = Assembler::new(1, 10, 0);
         assert!(a.on(offer(1, vec![], &[0; 11]).remove(0)).is_err(), "size");
-        let mut a = Assembler::new(1, 10);
+        let mut a = Assembler::new(1, 10, 0);
         let mut m = offer(1, vec![], &[0; 10]);
         a.on(m.remove(0)).unwrap();
         let Message::Digests { digests, .. } = m.remove(0) else {
@@ -326,7 +399,7 @@ mod tests {
             digests,
         };
         assert!(a.on(gap).is_err(), "a gap");
-        let mut a = Assembler::new(1, 10);
+        let mut a = Assembler::new(1, 10, 0);
         assert!(a.on(Message::Ack { epoch: 1 }).is_err());
     }
 
@@ -338,5 +411,30 @@ mod tests {
         assert_eq!(r, vec![(7, 5), (99, 1), (7, 4090)]);
         assert_eq!(unrun(&r, 4096).unwrap(), tags);
         assert!(unrun(&r, 4095).is_err());
+    }
+
+    #[test]
+    fn a_disk_offer_follows_the_memory_answer_and_completes_it() {
+        let mut a = Assembler::new(5, 4, 3);
+        assert_eq!(a.on(no_offer(5, "no image")), Ok(None));
+        let msgs = disk_offer(5, &[7, 8, 9]);
+        assert_eq!(msgs.len(), 1);
+        let got = a.on(msgs[0].clone()).unwrap();
+        assert_eq!(got, Some(Answer::None("no image".into())));
+        assert_eq!(a.take_disk(), Some(vec![7, 8, 9]));
+        // Disk digests before the memory's answer, of another session, or
+        // of the wrong size are refused.
+        let mut b = Assembler::new(5, 4, 3);
+        assert!(b.on(disk_offer(5, &[1, 2, 3])[0].clone()).is_err());
+        let mut c = Assembler::new(5, 4, 3);
+        c.on(no_offer(5, "x")).unwrap();
+        assert!(c.on(disk_offer(6, &[1, 2, 3])[0].clone()).is_err());
+        let mut d = Assembler::new(5, 4, 3);
+        d.on(no_offer(5, "x")).unwrap();
+        assert!(d.on(disk_offer(5, &[1, 2, 3, 4])[0].clone()).is_err());
+        // Without a disk the memory's answer completes at once.
+        let mut e = Assembler::new(5, 4, 0);
+        assert_eq!(e.on(no_offer(5, "x")), Ok(Some(Answer::None("x".into()))));
+        assert_eq!(e.take_disk(), None);
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! Order on the data stream: `Hello`, then for each epoch `EpochStart`,
 //! any number of `Records`, at most one `State` (exactly one before the
-//! commit), any number of `Output`, then `Commit`. Epochs are consecutive
+//! commit), any number of `Output` and (with a disk) `Disk`, then `Commit`. Epochs are consecutive
 //! from 1 (the full resync): every mode sends only the pages dirtied since
 //! the previous epoch, and xbzrle and fgbi encode against the replica as
 //! the previous epoch left it, so a missing epoch would leave the replica
@@ -17,6 +17,7 @@
 //! The commit digest is blake3 over, for each content message in order, its
 //! type name, epoch, offset (output only), length and bytes.
 
+use crate::disk::DiskCommit;
 use crate::message::{
     Hello, Message, CAP_REUSE, CAP_VERIFY, MAX_OUTPUT_CHUNK, MAX_RECORDS_CHUNK, VERSION,
 };
@@ -148,21 +149,52 @@ impl Sender {
         Ok(())
     }
 
+    /// The epoch's disk records ([`crate::disk`]), split into chunks at
+    /// record boundaries.
+    pub fn disk(&mut self, records: &[u8], out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        let epoch = self.current()?;
+        if self.hello.disk_bytes == 0 {
+            return Err(ProtocolError::Disk(
+                "disk records in a session without a disk",
+            ));
+        }
+        let mut rest = records;
+        while !rest.is_empty() {
+            let cut = crate::disk::chunk_end(rest, 1 << 20);
+            let (chunk, tail) = rest.split_at(cut);
+            hash_content(&mut self.hasher, "Disk", epoch, 0, chunk);
+            Message::Disk {
+                epoch,
+                data: chunk.to_vec(),
+            }
+            .encode(out);
+            rest = tail;
+        }
+        Ok(())
+    }
+
     /// Commits the epoch.
     pub fn commit(
         &mut self,
         memory_digest: Option<[u8; 32]>,
+        disk: Option<DiskCommit>,
         out: &mut Vec<u8>,
     ) -> Result<u64, ProtocolError> {
         let epoch = self.current()?;
         if !self.state_sent {
             return Err(ProtocolError::Order("commit without a machine state"));
         }
+        if disk.is_some() != (self.hello.disk_bytes > 0) {
+            return Err(ProtocolError::Disk(
+                "a commit's disk part must be present exactly when the session has a disk",
+            ));
+        }
         let digest = *self.hasher.finalize().as_bytes();
         Message::Commit {
             epoch,
             digest,
             memory_digest,
+            disk,
         }
         .encode(out);
         self.epoch = None;
@@ -209,6 +241,11 @@ pub struct Checkpoint {
     pub output: Vec<u8>,
     /// Digest of the dirty pages after the checkpoint, if verifying.
     pub memory_digest: Option<[u8; 32]>,
+    /// The epoch's disk records ([`crate::disk::parse`] them).
+    pub disk: Vec<u8>,
+    /// With a disk: the disk's digest sum at the pause, and whether the
+    /// guest flushed.
+    pub disk_commit: Option<DiskCommit>,
 }
 
 /// What a received message means to the backup.
@@ -261,6 +298,8 @@ pub struct Limits {
     /// The name the peer's certificate was verified for (the TLS layer pins
     /// it): the hello must name the same node. `None`: not checked (tests).
     pub peer_name: Option<String>,
+    /// The backup's disk size in bytes (0: none): the hello's must equal it.
+    pub disk_bytes: u64,
 }
 
 impl Limits {
@@ -271,6 +310,7 @@ impl Limits {
             max_memory_bytes: u64::MAX,
             max_vcpus: u32::MAX,
             peer_name: None,
+            disk_bytes: 0,
         }
     }
 }
@@ -285,16 +325,18 @@ pub const MAX_EPOCH_OUTPUT: usize = 64 << 20;
 /// has the raw page as a candidate), and each page has one record an epoch.
 pub const MAX_RECORD_PER_PAGE: usize = 4096 + 16;
 
-/// The most one epoch of a machine with `memory_bytes` of RAM can stage:
-/// every page as a raw record, the largest machine state, and
-/// [`MAX_EPOCH_OUTPUT`] of console output. A backup stages no more than
-/// this, whatever its `--max-epoch-bytes`.
-pub fn staging_bound(memory_bytes: u64) -> usize {
+/// The most one epoch of a machine with `memory_bytes` of RAM and a disk
+/// of `disk_bytes` can stage: every page as a raw record, the largest
+/// machine state, [`MAX_EPOCH_OUTPUT`] of console output and every disk
+/// block raw. A backup stages no more than this, whatever its
+/// `--max-epoch-bytes`.
+pub fn staging_bound(memory_bytes: u64, disk_bytes: u64) -> usize {
     let pages = usize::try_from(memory_bytes.div_ceil(4096)).unwrap_or(usize::MAX);
     pages
         .saturating_mul(MAX_RECORD_PER_PAGE)
         .saturating_add(crate::message::MAX_STATE)
         .saturating_add(MAX_EPOCH_OUTPUT)
+        .saturating_add(crate::disk::staging_bound(disk_bytes))
 }
 
 /// The backup's side of a session.
@@ -318,11 +360,15 @@ struct Staging {
     state: Option<Vec<u8>>,
     output_offset: u64,
     output: Vec<u8>,
+    disk: Vec<u8>,
 }
 
 impl Staging {
     fn bytes(&self) -> usize {
-        self.records.len() + self.state.as_ref().map_or(0, Vec::len) + self.output.len()
+        self.records.len()
+            + self.state.as_ref().map_or(0, Vec::len)
+            + self.output.len()
+            + self.disk.len()
     }
 }
 
@@ -415,6 +461,12 @@ impl Receiver {
                 limit: self.limits.max_vcpus,
             });
         }
+        if h.disk_bytes != self.limits.disk_bytes {
+            return Err(ProtocolError::DiskMismatch {
+                primary: h.disk_bytes,
+                backup: self.limits.disk_bytes,
+            });
+        }
         Ok(())
     }
 
@@ -462,7 +514,7 @@ impl Receiver {
                     self.max_epoch_bytes = self
                         .limits
                         .max_epoch_bytes
-                        .min(staging_bound(h.memory_bytes));
+                        .min(staging_bound(h.memory_bytes, h.disk_bytes));
                     self.output_next = h.output_offset;
                     self.hello = Some(h.clone());
                     Ok(Event::Hello(h))
@@ -507,6 +559,7 @@ impl Receiver {
                     state: None,
                     output_offset: self.output_next,
                     output: Vec::new(),
+                    disk: Vec::new(),
                 });
                 Ok(Event::Staged)
             }
@@ -545,10 +598,23 @@ impl Receiver {
                 s.output.extend_from_slice(&data);
                 Ok(Event::Staged)
             }
+            Message::Disk { epoch, data } => {
+                if self.hello.as_ref().is_some_and(|h| h.disk_bytes == 0) {
+                    return Err(ProtocolError::Disk(
+                        "disk records in a session without a disk",
+                    ));
+                }
+                self.check_size(data.len())?;
+                let s = self.staged(epoch, "Disk")?;
+                hash_content(&mut s.hasher, "Disk", epoch, 0, &data);
+                s.disk.extend_from_slice(&data);
+                Ok(Event::Staged)
+            }
             Message::Commit {
                 epoch,
                 digest,
                 memory_digest,
+                disk,
             } => {
                 self.staged(epoch, "Commit")?;
                 let s = self.staging.take().expect("checked above");
@@ -567,6 +633,11 @@ impl Receiver {
                         "memory digest present without CAP_VERIFY, or missing with it",
                     ));
                 }
+                if disk.is_some() != self.hello.as_ref().is_some_and(|h| h.disk_bytes > 0) {
+                    return Err(ProtocolError::Disk(
+                        "a commit's disk part must be present exactly when the session has a disk",
+                    ));
+                }
                 self.last_committed = epoch;
                 self.output_next = s.output_offset + s.output.len() as u64;
                 Ok(Event::Checkpoint(Checkpoint {
@@ -576,6 +647,8 @@ impl Receiver {
                     output_offset: s.output_offset,
                     output: s.output,
                     memory_digest,
+                    disk: s.disk,
+                    disk_commit: disk,
                 }))
             }
             Message::Ack { .. } => Err(ProtocolError::Unexpected {
@@ -588,6 +661,10 @@ impl Receiver {
             }),
             Message::Digests { .. } => Err(ProtocolError::Unexpected {
                 message: "Digests",
+                state: "on the backup",
+            }),
+            Message::DiskDigests { .. } => Err(ProtocolError::Unexpected {
+                message: "DiskDigests",
                 state: "on the backup",
             }),
             Message::Heartbeat { seq, sent_us } => Ok(Event::Heartbeat { seq, sent_us }),

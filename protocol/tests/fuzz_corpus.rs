@@ -50,6 +50,7 @@ fn session(verify: bool) -> (Vec<u8>, Vec<u8>) {
         token: 1,
         beat_port: 0,
         beat_key: [0; 32],
+        disk_bytes: 0,
     };
     let (mut tx, first) = Sender::new(hello);
     let mut out = first.clone();
@@ -58,7 +59,7 @@ fn session(verify: bool) -> (Vec<u8>, Vec<u8>) {
         tx.records(&[1, 0, 0, 0, 16, 0, 0, 0], &mut out).unwrap();
         tx.state(b"state", &mut out).unwrap();
         tx.output(b"cpu=0 seq=1\n", &mut out).unwrap();
-        tx.commit(verify.then_some([epoch as u8; 32]), &mut out)
+        tx.commit(verify.then_some([epoch as u8; 32]), None, &mut out)
             .unwrap();
     }
     Message::Heartbeat { seq: 1, sent_us: 2 }.encode(&mut out);

@@ -21,6 +21,7 @@ fn hello(caps: u64) -> Hello {
         token: 3,
         beat_port: 7,
         beat_key: [9; 32],
+        disk_bytes: 0,
     }
 }
 
@@ -64,6 +65,7 @@ fn message() -> impl Strategy<Value = Message> {
                         token,
                         beat_port,
                         beat_key,
+                        disk_bytes: beat_port as u64 * 4096,
                     })
                 }
             ),
@@ -87,7 +89,11 @@ fn message() -> impl Strategy<Value = Message> {
             |(epoch, digest, memory_digest)| Message::Commit {
                 epoch,
                 digest,
-                memory_digest
+                memory_digest,
+                disk: (epoch % 3 != 0).then_some(castor_protocol::disk::DiskCommit {
+                    sum: epoch.rotate_left(7),
+                    flushed: epoch % 2 == 0,
+                }),
             }
         ),
         any::<u64>().prop_map(|epoch| Message::Ack { epoch }),
@@ -170,7 +176,10 @@ fn a_session_in_memory() {
         tx.records(&records, &mut f).unwrap();
         tx.state(b"machine state", &mut f).unwrap();
         tx.output(&out, &mut f).unwrap();
-        assert_eq!(tx.commit(Some([epoch as u8; 32]), &mut f).unwrap(), epoch);
+        assert_eq!(
+            tx.commit(Some([epoch as u8; 32]), None, &mut f).unwrap(),
+            epoch
+        );
         let events = deliver(&mut rx, &f).unwrap();
         let Some(Event::Checkpoint(c)) = events.last() else {
             panic!("no checkpoint: {events:?}")
@@ -205,7 +214,7 @@ fn epoch_frames(tx: &mut Sender, epoch: u64) -> Vec<u8> {
     tx.begin(epoch, 1, 4096, &mut f).unwrap();
     tx.records(b"rec", &mut f).unwrap();
     tx.state(b"st", &mut f).unwrap();
-    tx.commit(None, &mut f).unwrap();
+    tx.commit(None, None, &mut f).unwrap();
     f
 }
 
@@ -308,7 +317,10 @@ fn out_of_order_and_oversized_input_is_refused() {
     let mut f = Vec::new();
     assert!(tx.records(b"x", &mut f).is_err());
     tx.begin(1, 0, 0, &mut f).unwrap();
-    assert!(tx.commit(None, &mut f).is_err(), "commit without state");
+    assert!(
+        tx.commit(None, None, &mut f).is_err(),
+        "commit without state"
+    );
     assert!(tx.begin(2, 0, 0, &mut f).is_err(), "nested epoch");
 }
 
@@ -405,6 +417,7 @@ fn limits() -> Limits {
         max_memory_bytes: 1 << 30,
         max_vcpus: 4,
         peer_name: Some("primary".into()),
+        disk_bytes: 0,
     }
 }
 
@@ -517,7 +530,7 @@ fn staging_is_bounded_by_the_protected_machine() {
         memory_bytes: 16 << 20,
         ..hello(0)
     };
-    let bound = staging_bound(16 << 20);
+    let bound = staging_bound(16 << 20, 0);
     let raw_resync = (16 << 20) / 4096 * (4096 + 11);
     assert!(
         (raw_resync + MAX_STATE..4 << 30).contains(&bound),
@@ -543,7 +556,7 @@ fn staging_is_bounded_by_the_protected_machine() {
     rx.on_message(Message::Hello(hello(0))).unwrap();
     assert_eq!(rx.max_epoch_bytes(), 1 << 20);
     // Every page raw fits the bound of a 1 GiB machine.
-    assert!(staging_bound(1 << 30) >= (1 << 30) / 4096 * (4096 + 4));
+    assert!(staging_bound(1 << 30, 0) >= (1 << 30) / 4096 * (4096 + 4));
 }
 
 #[test]
@@ -625,4 +638,89 @@ fn a_long_goodbye_reason_is_cut_at_a_character_boundary() {
     };
     assert_eq!(last_epoch, 9);
     assert_eq!(reason, "é".repeat(512));
+}
+
+#[test]
+fn a_session_with_a_disk_carries_its_blocks_and_sum_and_refuses_a_mismatch() {
+    use castor_protocol::disk::{self, DiskCommit, BLOCK};
+    let h = Hello {
+        disk_bytes: 64 << 20,
+        ..hello(0)
+    };
+    // A backup without a disk, or with one of another size, refuses the
+    // hello as incompatible, naming both sizes.
+    for backup in [0u64, 32 << 20] {
+        let mut rx = Receiver::with_limits(Limits {
+            disk_bytes: backup,
+            ..limits()
+        });
+        let (_, frame) = Sender::new(h.clone());
+        let e = deliver(&mut rx, &frame).unwrap_err();
+        assert!(e.is_incompatible(), "{e}");
+        assert!(
+            e.to_string().contains(&format!("{backup} (0: none)")),
+            "{e}"
+        );
+    }
+    let mut rx = Receiver::with_limits(Limits {
+        disk_bytes: 64 << 20,
+        ..limits()
+    });
+    let (mut tx, frame) = Sender::new(h.clone());
+    deliver(&mut rx, &frame).unwrap();
+    // 300 blocks: more than one 1 MiB chunk of raw records.
+    let mut records = Vec::new();
+    for b in 0..300u64 {
+        let mut data = [0u8; BLOCK];
+        for (i, x) in data.iter_mut().enumerate() {
+            *x = (b as usize * 31 + i * 7 + (i * i) % 251) as u8;
+        }
+        disk::encode_block(b * 3, &data, &mut records);
+    }
+    let mut f = Vec::new();
+    tx.begin(1, 0, 0, &mut f).unwrap();
+    tx.state(b"st", &mut f).unwrap();
+    tx.disk(&records, &mut f).unwrap();
+    let commit = DiskCommit {
+        sum: 77,
+        flushed: true,
+    };
+    // The disk part is required in a session with a disk.
+    assert!(tx.commit(None, None, &mut Vec::new()).is_err());
+    tx.commit(None, Some(commit), &mut f).unwrap();
+    let chunks = {
+        let mut d = FrameDecoder::new();
+        d.push(&f);
+        let mut n = 0;
+        while let Some(m) = d.next_message().unwrap() {
+            n += matches!(m, Message::Disk { .. }) as usize;
+        }
+        n
+    };
+    assert!(chunks >= 2, "{chunks} chunks");
+    let events = deliver(&mut rx, &f).unwrap();
+    let Some(Event::Checkpoint(c)) = events.last() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(c.disk, records);
+    assert_eq!(c.disk_commit, Some(commit));
+    assert_eq!(disk::parse(&c.disk, (64 << 20) / 4096).unwrap().len(), 300);
+
+    // Disk records in a session without a disk are refused.
+    let mut rx = Receiver::new(64 << 20);
+    let (_, frame) = Sender::new(hello(0));
+    deliver(&mut rx, &frame).unwrap();
+    let mut f = Vec::new();
+    Message::EpochStart {
+        epoch: 1,
+        dirty_pages: 0,
+        raw_bytes: 0,
+    }
+    .encode(&mut f);
+    Message::Disk {
+        epoch: 1,
+        data: records[..100].to_vec(),
+    }
+    .encode(&mut f);
+    assert!(matches!(deliver(&mut rx, &f), Err(ProtocolError::Disk(_))));
 }

@@ -32,6 +32,7 @@ fn hello() -> Hello {
         token: 0,
         beat_port: 0,
         beat_key: [0; 32],
+        disk_bytes: 0,
     }
 }
 
@@ -90,7 +91,7 @@ async fn a_session_over_mutual_tls_quic() {
         tx.begin(epoch, 768, 3 << 20, &mut f).unwrap();
         tx.records(&records, &mut f).unwrap();
         tx.state(b"state", &mut f).unwrap();
-        tx.commit(None, &mut f).unwrap();
+        tx.commit(None, None, &mut f).unwrap();
         data.send(&f).await.unwrap();
     }
     data.send_message(&Message::Goodbye {
