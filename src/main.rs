@@ -367,6 +367,16 @@ struct BackupArgs {
     /// refused at its hello.
     #[arg(long, default_value_t = 64)]
     max_vcpus: u32,
+    /// This node's copy of the guest's disk (a raw image file or a block
+    /// device of exactly the primary's disk's size; one castor at a time).
+    /// It is written only when a checkpoint commits, through a journal
+    /// beside it (FILE.castor-journal), so it is always at the last
+    /// committed checkpoint; after a takeover it is the guest's disk. A
+    /// primary with a disk is refused by a backup without one, and the other
+    /// way round. Only the blocks that differ from the primary's are sent
+    /// when a session starts (checked by digest).
+    #[arg(long, value_name = "FILE")]
+    disk: Option<PathBuf>,
 }
 
 /// This host's physical RAM (`MemTotal`), the default `--max-memory`.
@@ -1022,6 +1032,10 @@ fn backup_cmd(a: BackupArgs) -> Result<()> {
             _ => image_paths(&a.pair, &a.protect)?,
         },
         reuse: a.reuse,
+        disk: match &a.disk {
+            Some(p) => Some(Arc::new(vmm::disk::Disk::open(p)?)),
+            None => None,
+        },
     };
     let stop = stop_flag()?;
     let node = services("castor-backup", &a.pair)?;

@@ -181,6 +181,7 @@ fn a_backup_with_the_wrong_certificate_is_refused_and_the_primary_stays_up() {
             witness: "none",
             place: None,
             tap: None,
+            disk: None,
         },
         pair.ports[1],
         pair.ports[0],

@@ -36,6 +36,10 @@ pub struct Config {
     /// Offer the image found in `image` at start-up to the primary
     /// (`--reuse`), so that only the pages that differ are sent.
     pub reuse: bool,
+    /// The guest's disk on this node (`--disk`): kept at the last committed
+    /// checkpoint, the guest's disk after a takeover. The primary's must be
+    /// of the same size.
+    pub disk: Option<std::sync::Arc<vmm::disk::Disk>>,
 }
 
 impl Config {
@@ -47,7 +51,7 @@ impl Config {
             max_memory_bytes: self.max_memory_bytes,
             max_vcpus: self.max_vcpus,
             peer_name: Some(self.tls.peer_name.clone()),
-            disk_bytes: 0,
+            disk_bytes: self.disk.as_ref().map_or(0, |d| d.bytes()),
         }
     }
 }
@@ -64,4 +68,12 @@ pub enum BackupError {
     /// The failure detector's thread did not start.
     #[error("starting the failure detector's thread: {0}")]
     Watchdog(std::io::Error),
+    /// The disk's journal could not be read or finished.
+    #[error("the disk's journal {path}: {err}")]
+    Journal {
+        /// The journal.
+        path: std::path::PathBuf,
+        /// The error.
+        err: std::io::Error,
+    },
 }

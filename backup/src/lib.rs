@@ -14,12 +14,15 @@
 //! - [`watch`](crate::watch): the failure detector's timer, feeding the
 //!   [`node::ha::BackupCore`] that decides the takeover;
 //! - [`takeover`](crate::takeover): the standby VM kept over the replica RAM
-//!   and the restore onto it.
+//!   and the restore onto it;
+//! - [`disk`]: the backup's disk, written at each commit through a journal,
+//!   so that it is always at the last committed checkpoint like the RAM.
 //!
 //! [`run`] returns when the node is stopped, or with the running guest when
 //! it took over: the caller then protects it as a primary.
 
 mod config;
+pub mod disk;
 mod net;
 mod replica;
 mod takeover;
@@ -68,10 +71,23 @@ pub fn run(
     services: &Services,
     stop: Arc<AtomicBool>,
 ) -> Result<Outcome, BackupError> {
+    let disk = match &cfg.disk {
+        Some(d) => {
+            let (disk, _) =
+                disk::BackupDisk::open(d.clone()).map_err(|err| BackupError::Journal {
+                    path: disk::journal_path(d.path()),
+                    err,
+                })?;
+            info!(disk = %d.path().display(), mib = d.bytes() >> 20, "the guest's disk is kept here");
+            Some(disk)
+        }
+        None => None,
+    };
     let shared = Shared::new(
         BackupCore::new(cfg.timeouts, cfg.witness.is_some()),
         services.metrics.clone(),
         cfg.image.clone(),
+        disk,
     );
     if cfg.reuse {
         if let Some(paths) = &cfg.image {

@@ -80,6 +80,9 @@ pub(crate) struct Shared {
     /// The current session's heartbeat path, for the watchdog to read
     /// itself when the network runtime is too busy to ([`BeatIn`]).
     pub beat_in: Mutex<Option<BeatIn>>,
+    /// The guest's disk, at the last committed checkpoint (written only
+    /// under the replica lock, in [`Shared::commit`]).
+    pub disk: Option<crate::disk::BackupDisk>,
 }
 
 /// The primary's heartbeat datagrams as the watchdog reads them: a second
@@ -124,6 +127,7 @@ impl Shared {
         core: BackupCore,
         metrics: Arc<node::metrics::Metrics>,
         image: Option<ImagePaths>,
+        disk: Option<crate::disk::BackupDisk>,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             replica: Mutex::new(Replica {
@@ -147,6 +151,7 @@ impl Shared {
             stale_token: AtomicU64::new(u64::MAX),
             image,
             beat_in: Mutex::new(None),
+            disk,
         })
     }
 
@@ -270,7 +275,8 @@ impl Shared {
                 digest_ms = t.elapsed().as_secs_f64() * 1e3,
                 "offering the primary this node's image of the VM"
             );
-            let offer = protocol::reuse::offer(h.session, runs, &digests);
+            let mut offer = protocol::reuse::offer(h.session, runs, &digests);
+            offer.extend(self.disk_offer(h));
             *r = Replica::for_session(h, mem, gens, false);
             return Ok((
                 offer,
@@ -298,7 +304,9 @@ impl Shared {
         };
         *r = Replica::for_session(h, mem, Arc::new(gens), true);
         let answer = if asks {
-            vec![protocol::reuse::no_offer(h.session, &why_not)]
+            let mut a = vec![protocol::reuse::no_offer(h.session, &why_not)];
+            a.extend(self.disk_offer(h));
+            a
         } else {
             Vec::new()
         };
@@ -309,6 +317,23 @@ impl Shared {
                 why_not,
             },
         ))
+    }
+
+    /// The digests of this node's disk blocks, for a hello with a disk (the
+    /// protocol checked the sizes agree): the primary sends only the blocks
+    /// that differ.
+    fn disk_offer(&self, h: &Hello) -> Vec<protocol::Message> {
+        match &self.disk {
+            Some(d) if h.disk_bytes > 0 => {
+                let digests = d.disk().digests();
+                info!(
+                    blocks = digests.len(),
+                    "offering the primary this node's disk block digests"
+                );
+                protocol::reuse::disk_offer(h.session, &digests)
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// Applies a committed checkpoint to the replica: whole, or not at all
@@ -323,6 +348,16 @@ impl Shared {
         let raw = payload::unpack_state(&c.state, vmm::state::MAX_PAYLOAD as usize + 64)
             .map_err(|e| refuse(e.to_string()))?;
         let state = MachineState::decode(&raw).map_err(|e| refuse(e.to_string()))?;
+        let disk = match (&self.disk, c.disk_commit) {
+            (Some(d), Some(dc)) => {
+                // Validated whole before anything is written, RAM included.
+                protocol::disk::parse(&c.disk, d.disk().blocks())
+                    .map_err(|e| refuse(format!("refused, replica unchanged: {e}")))?;
+                Some((d, dc))
+            }
+            (None, None) => None,
+            _ => return Err(refuse("a disk part without a disk on this node".into())),
+        };
         let mut r = self.replica();
         {
             let core = self.core();
@@ -387,6 +422,25 @@ impl Shared {
                 );
                 return Err(EndReason::Refused(format!(
                     "replica mismatch at epoch {}",
+                    c.epoch
+                )));
+            }
+        }
+        if let Some((d, dc)) = disk {
+            if let Err(e) = d.apply(session, c.epoch, &c.disk, dc) {
+                // The RAM is at this checkpoint and the disk is not: the
+                // replica is at none.
+                r.state = None;
+                r.mem = None;
+                self.core()
+                    .on(BackupInput::ReplicaInvalid { epoch: c.epoch });
+                self.mismatches.fetch_add(1, Ordering::Relaxed);
+                error!(
+                    epoch = c.epoch,
+                    "DISK: {e}; no takeover until the next session's resync commits"
+                );
+                return Err(EndReason::Refused(format!(
+                    "checkpoint {}: the disk: {e}",
                     c.epoch
                 )));
             }

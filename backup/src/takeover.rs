@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use std::sync::Arc;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use vmm::image::GenTable;
 use vmm::Machine;
 
@@ -60,6 +60,14 @@ pub(crate) fn restore(
     let (mem, state, session, gens) = {
         let mut r = shared.replica();
         let session = r.session;
+        if let Some(d) = &shared.disk {
+            // Before the guest runs: the disk as the checkpoint left it.
+            info!(
+                epoch = r.epoch,
+                disk_sum = format!("{:#018x}", d.disk().sum()),
+                "the disk at the checkpoint taken over"
+            );
+        }
         let (Some(mem), Some(state)) = (r.mem.take(), r.state.take()) else {
             unreachable!("the core takes over only from a committed checkpoint");
         };
@@ -70,6 +78,8 @@ pub(crate) fn restore(
     if let Some(g) = &gens {
         g.set_header(false, session, g.header().epoch);
     }
+    let disk = shared.disk.as_ref().map(|d| d.disk().clone());
+    let _ = &disk; // MERGE
     let offset = state.console_offset;
     // Bytes after the committed offset cannot exist on the backup.
     debug_assert_eq!(log.end(), offset);
@@ -77,9 +87,9 @@ pub(crate) fn restore(
     let machine = match standby.0 {
         Some((s, sb)) if s == session => {
             drop(mem); // the standby holds the same RAM
-            Machine::restore_standby(sb, &state, sink, false)?
+            Machine::restore_standby(sb, &state, sink, false /*, disk MERGE */)?
         }
-        _ => Machine::restore_on(&state, mem, sink, false, kvm_device)?,
+        _ => Machine::restore_on(&state, mem, sink, false, kvm_device /*, disk MERGE */)?,
     };
     Ok((machine, offset, gens))
 }

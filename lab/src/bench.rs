@@ -98,8 +98,17 @@ pub struct BenchArgs {
     /// --epoch-ms auto with the epoch it chose), their parts, pause p50/p99,
     /// the link's bytes a second, the floor, and the client-seen failover
     /// gap (root; --out/net.md).
-    #[arg(long, conflicts_with = "reuse")]
+    #[arg(long, conflicts_with_all = ["reuse", "disk"])]
     pub net: bool,
+    /// Only the disk section: the guest's durable key-value service
+    /// (kvdisk: every PUT appended to a log on its disk and flushed before
+    /// its reply) — durable writes a second and their latency unprotected
+    /// and protected at 10/25/50 ms (or --epochs) and auto, bytes per epoch
+    /// and the disk's share, the client-seen failover gap, and
+    /// re-protection with 1 % and 10 % of a 1 GiB disk changed (root;
+    /// --out/disk.md).
+    #[arg(long, conflicts_with = "reuse")]
+    pub disk: bool,
     /// Only the memory-reuse section: re-protecting a 1 GiB guest after a
     /// failover with 1 %, 10 % and 50 % of its pages changed, beside the
     /// full resync (--out/reuse.md).
@@ -779,6 +788,7 @@ fn drill_mode(
         settle: Duration::from_millis(2500),
         witness,
         reuse: false,
+        disk_mib: 0,
     };
     let mut got = Vec::new();
     let r = run_drill(
@@ -847,6 +857,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let p = plan(&a)?;
     if a.net {
         return crate::netbench::net(&a, &p.link_args, a.link_rate.0);
+    }
+    if a.disk {
+        return crate::diskbench::disk(&a, &p.link_args, a.link_rate.0);
     }
     if a.reuse {
         return crate::netbench::reuse(&a, &p.link_args);

@@ -44,6 +44,12 @@ pub struct DrillArgs {
     /// are sent. Without it every re-protection is a full resync.
     #[arg(long)]
     pub reuse: bool,
+    /// The disk of each node, in MiB, for a workload with a disk
+    /// (`kvdisk`): fresh sparse files in the drill's folder. After the last
+    /// round the drill boots a fresh guest from the survivor's disk alone
+    /// and reads back every acknowledged key.
+    #[arg(long, default_value_t = 64)]
+    pub disk_mib: u64,
 }
 
 /// One failover of a drill.
@@ -135,6 +141,8 @@ pub struct DrillPlan {
     /// Restarted nodes offer the image they kept (`--image-dir`, `--reuse`):
     /// re-protection sends only the pages that changed.
     pub reuse: bool,
+    /// Each node's disk in MiB, for a workload with a disk (`kvdisk`).
+    pub disk_mib: u64,
 }
 
 /// Runs a drill; `on_round` sees every round as it ends. Stops at the first
@@ -159,7 +167,8 @@ pub fn run_drill(
     // The net workload: a guest network with a client namespace, each node
     // with a tap, and a key-value client checking every acknowledged write.
     let mut workload = p.workload.clone();
-    let lab = if workload.kind == guest::Kind::Net {
+    let disk = workload.kind.name() == "kvdisk";
+    let lab = if workload.kind == guest::Kind::Net || disk {
         let pid = std::process::id();
         let lab = crate::netlab::NetLab::unique(
             &format!("cd{}", pid % 100_000),
@@ -175,6 +184,19 @@ pub fn run_drill(
     let pair = match &lab {
         Some(l) => pair.with_taps([l.taps[0].clone(), l.taps[1].clone()]),
         None => pair,
+    };
+    let pair = if disk {
+        let mut files = Vec::new();
+        for n in ["a", "b"] {
+            let f = dir.join(format!("disk-{n}.img"));
+            std::fs::File::create(&f)
+                .and_then(|h| h.set_len(p.disk_mib << 20))
+                .with_context(|| format!("creating the drill's disk {}", f.display()))?;
+            files.push(f);
+        }
+        pair.with_disks([files[0].clone(), files[1].clone()])
+    } else {
+        pair
     };
     // Node b backs up node a, and after a takeover protects toward node a's port.
     let guest = guest_args(p.mem, p.vcpus, &workload);
@@ -281,6 +303,36 @@ pub fn run_drill(
             );
         }
     }
+    if let (Some(c), Some(l), true) = (&client, &lab, disk) {
+        // Everything stops; a fresh guest boots from the survivor's disk
+        // alone (its RAM thrown away) and must answer for every write.
+        drop(primary);
+        drop(backup);
+        let survivor = pair.disks.as_ref().expect("disks")[primary_idx].clone();
+        let v = cold_boot(
+            &survivor,
+            &l.taps[primary_idx],
+            p.mem,
+            p.vcpus,
+            &workload,
+            dir,
+            c,
+        );
+        match v {
+            Ok(v) if v.ok() => println!(
+                "  cold boot from the survivor's disk alone ({}): {}/{} acknowledged keys read back",
+                pair.names[primary_idx], v.checked, v.keys
+            ),
+            Ok(v) => bail!(
+                "after a cold boot from the survivor's disk, acknowledged writes are missing: {v:?}\nlogs kept in {}",
+                tmp.keep().display()
+            ),
+            Err(e) => bail!(
+                "cold boot from the survivor's disk: {e}\nlogs kept in {}",
+                tmp.keep().display()
+            ),
+        }
+    }
     if let Some(c) = client {
         let r = c.stop();
         on_client(&r);
@@ -297,6 +349,54 @@ pub fn run_drill(
         println!("drill logs kept in {}", tmp.keep().display());
     }
     Ok(rounds)
+}
+
+/// Boots a fresh guest (`castor run`) on `disk` alone, waits for its log
+/// replay, and reads back every key the client had acknowledged.
+fn cold_boot(
+    disk: &std::path::Path,
+    tap: &str,
+    mem: u64,
+    vcpus: u32,
+    workload: &Workload,
+    dir: &std::path::Path,
+    c: &crate::loadgen::Handle,
+) -> Result<crate::loadgen::VerifyReport> {
+    let out = dir.join("cold-boot.console");
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--disk".into(),
+        disk.display().to_string(),
+        "--tap".into(),
+        tap.into(),
+        "--duration".into(),
+        "120s".into(),
+    ];
+    args.extend(guest_args(mem, vcpus, workload));
+    let mut child = std::process::Command::new(pair::castor_exe()?)
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .stdout(std::fs::File::create(&out)?)
+        .stderr(std::fs::File::create(dir.join("cold-boot.log"))?)
+        .spawn()
+        .context("starting castor run for the cold boot")?;
+    let t = Instant::now();
+    let r = loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if text.contains("replayed") {
+            break c.verify_all();
+        }
+        if t.elapsed() > Duration::from_secs(60) || child.try_wait()?.is_some() {
+            break Err(anyhow::anyhow!(
+                "the guest did not replay its log (see {})",
+                dir.join("cold-boot.log").display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    r
 }
 
 /// After a failover: waits (up to 10 s) for the client's first reply after
@@ -415,6 +515,7 @@ pub fn drill(a: DrillArgs) -> Result<()> {
         settle: Duration::ZERO,
         witness: a.witness,
         reuse: a.reuse,
+        disk_mib: a.disk_mib,
     };
     let mut seen = Vec::new();
     let mut gaps = Vec::new();

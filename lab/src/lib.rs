@@ -29,6 +29,7 @@ pub mod bench;
 pub mod cli;
 pub mod console;
 pub mod demo;
+pub mod diskbench;
 pub mod drill;
 pub mod faults;
 pub mod loadgen;

@@ -33,29 +33,57 @@ const RATE: f64 = 2000.0;
 /// The measurement window.
 const WINDOW: Duration = Duration::from_secs(5);
 
-/// One row of the network section.
-#[derive(Debug, Default)]
-struct NetRow {
-    setting: String,
-    /// Protected: the epoch length (under auto, the p50 of those it chose).
-    epoch_ms: Option<f64>,
-    /// Under auto: the shortest and longest chosen, and what decided the last.
-    auto: Option<(f64, f64, String)>,
-    req_per_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    pause_p50_ms: f64,
-    pause_p99_ms: f64,
-    bytes_per_s: f64,
-    encode_p50_ms: f64,
-    ack_p50_ms: f64,
-    release_p50_ms: f64,
-    bytes_per_epoch: f64,
-    gap_ms: Option<f64>,
-    violations: u64,
+/// The guest service a section measures: `net` (in memory) or `kvdisk`
+/// (every PUT appended to a log on the disk and flushed before its reply).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Service {
+    /// The workload's name.
+    pub workload: &'static str,
+    /// Each node's disk in MiB (0: no disk).
+    pub disk_mib: u64,
+    /// Share of PUTs in the client's requests.
+    pub put_ratio: f64,
 }
 
-fn lab() -> Result<crate::netlab::NetGuard> {
+/// The network section's service.
+pub(crate) const NET: Service = Service {
+    workload: "net",
+    disk_mib: 0,
+    put_ratio: 0.5,
+};
+
+fn new_disk(path: &Path, mib: u64) -> Result<std::path::PathBuf> {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(mib << 20))
+        .with_context(|| format!("creating the disk {}", path.display()))?;
+    Ok(path.to_path_buf())
+}
+
+/// One row of the network section.
+#[derive(Debug, Default)]
+pub(crate) struct NetRow {
+    pub(crate) setting: String,
+    /// Protected: the epoch length (under auto, the p50 of those it chose).
+    pub(crate) epoch_ms: Option<f64>,
+    /// Under auto: the shortest and longest chosen, and what decided the last.
+    pub(crate) auto: Option<(f64, f64, String)>,
+    pub(crate) req_per_s: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) pause_p50_ms: f64,
+    pub(crate) pause_p99_ms: f64,
+    pub(crate) bytes_per_s: f64,
+    pub(crate) encode_p50_ms: f64,
+    pub(crate) ack_p50_ms: f64,
+    pub(crate) release_p50_ms: f64,
+    pub(crate) bytes_per_epoch: f64,
+    pub(crate) disk_bytes_per_epoch: f64,
+    pub(crate) disk_blocks: f64,
+    pub(crate) gap_ms: Option<f64>,
+    pub(crate) violations: u64,
+}
+
+pub(crate) fn lab() -> Result<crate::netlab::NetGuard> {
     let pid = std::process::id();
     NetLab::unique(
         &format!("cb{}", pid % 100_000),
@@ -65,11 +93,12 @@ fn lab() -> Result<crate::netlab::NetGuard> {
     .context("the network section sets up a guest network (needs root)")
 }
 
-fn load(lab: &NetLab) -> LoadConfig {
+fn load(lab: &NetLab, svc: &Service) -> LoadConfig {
     LoadConfig {
         target: lab.guest_service(),
         netns: Some(lab.netns.clone()),
         rate: RATE,
+        put_ratio: svc.put_ratio,
         // Enough outstanding requests that the client never waits for a
         // reply to send (open loop): at 2,000 req/s a 50 ms epoch holds 100.
         concurrency: 256,
@@ -79,25 +108,38 @@ fn load(lab: &NetLab) -> LoadConfig {
 }
 
 /// The unprotected guest: `castor run` with the tap, the client for a window.
-fn unprotected(a: &BenchArgs, lab: &NetLab, logs: &Path) -> Result<NetRow> {
+pub(crate) fn unprotected(
+    a: &BenchArgs,
+    lab: &NetLab,
+    logs: &Path,
+    svc: &Service,
+) -> Result<NetRow> {
     let ip = lab.guest_addr.to_string();
+    let mut args = strings(&[
+        "run",
+        "--mem",
+        &format!("{}M", a.mem >> 20),
+        "--vcpus",
+        "1",
+        "--workload",
+        &format!("{},ip={ip}", svc.workload),
+        "--tap",
+        &lab.taps[0],
+    ]);
+    let tmp = tempfile::tempdir()?;
+    if svc.disk_mib > 0 {
+        let d = new_disk(&tmp.path().join("disk.img"), svc.disk_mib)?;
+        args.extend(["--disk".into(), d.display().to_string()]);
+    }
     let mut child = std::process::Command::new(pair::castor_exe()?)
-        .args([
-            "run",
-            "--mem",
-            &format!("{}M", a.mem >> 20),
-            "--vcpus",
-            "1",
-            "--workload",
-            &format!("net,ip={ip}"),
-            "--tap",
-            &lab.taps[0],
-        ])
+        .args(&args)
         .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(logs.join("net-unprotected.log"))?)
+        .stderr(std::fs::File::create(
+            logs.join(format!("{}-unprotected.log", svc.workload)),
+        )?)
         .spawn()?;
     std::thread::sleep(Duration::from_millis(500));
-    let lg = Loadgen::start(load(lab))?;
+    let lg = Loadgen::start(load(lab, svc))?;
     std::thread::sleep(WINDOW);
     let r = lg.stop();
     let _ = child.kill();
@@ -113,23 +155,30 @@ fn unprotected(a: &BenchArgs, lab: &NetLab, logs: &Path) -> Result<NetRow> {
 }
 
 /// An epoch setting of the section: fixed milliseconds, or `None`: auto.
-type Epoch = Option<u64>;
+pub(crate) type Epoch = Option<u64>;
 
-fn epoch_arg(e: Epoch) -> String {
+pub(crate) fn epoch_arg(e: Epoch) -> String {
     e.map_or("auto".into(), |ms| ms.to_string())
 }
 
 /// The protected pair at `epoch`: a window of load, then a SIGKILL of the
 /// primary with the load running.
-fn protected(
+pub(crate) fn protected(
     a: &BenchArgs,
     lab: &NetLab,
     epoch: Epoch,
     dir: &Path,
     link: &[String],
+    svc: &Service,
 ) -> Result<NetRow> {
-    let pair = Pair::in_dir(dir, ["node-a", "node-b"])?
+    let mut pair = Pair::in_dir(dir, ["node-a", "node-b"])?
         .with_taps([lab.taps[0].clone(), lab.taps[1].clone()]);
+    if svc.disk_mib > 0 {
+        pair = pair.with_disks([
+            new_disk(&dir.join("a.img"), svc.disk_mib)?,
+            new_disk(&dir.join("b.img"), svc.disk_mib)?,
+        ]);
+    }
     let (pair, _etcd) = start_witness(WitnessKind::Etcd, pair, dir)?;
     let mut both = strings(&["--epoch-ms", &epoch_arg(epoch)]);
     both.extend(link.iter().cloned());
@@ -140,7 +189,7 @@ fn protected(
         "--vcpus",
         "1",
         "--workload",
-        &format!("net,ip={ip}"),
+        &format!("{},ip={ip}", svc.workload),
     ]);
     let (backup, mut primary) = pair.start(&both, &guest, ["b.log", "a.log"])?;
     wait_status(
@@ -149,7 +198,7 @@ fn protected(
         Duration::from_secs(90),
         pair::protected_after(20),
     )?;
-    let lg = Loadgen::start(load(lab))?;
+    let lg = Loadgen::start(load(lab, svc))?;
     std::thread::sleep(Duration::from_secs(1));
     primary.control(&node::control::Request::Reset)?;
     let before = lg.report_so_far();
@@ -215,6 +264,8 @@ fn protected(
         ack_p50_ms: f.ack_p50_us / 1e3,
         release_p50_ms: f.release_p50_us / 1e3,
         bytes_per_epoch: f.bytes_per_epoch,
+        disk_bytes_per_epoch: f.disk_bytes_per_epoch,
+        disk_blocks: f.disk_blocks_mean,
         gap_ms: gap,
         violations: end.violations,
     })
@@ -232,7 +283,7 @@ pub fn net(a: &BenchArgs, link: &[String], link_bytes_per_s: Option<u64>) -> Res
         RATE,
         link.join(" ")
     );
-    let mut rows = vec![unprotected(a, &lab, &logs)?];
+    let mut rows = vec![unprotected(a, &lab, &logs, &NET)?];
     println!("  {}", row_line(&rows[0], link_bytes_per_s));
     // The fixed lengths, then auto.
     let fixed = if a.epochs.is_empty() {
@@ -242,7 +293,7 @@ pub fn net(a: &BenchArgs, link: &[String], link_bytes_per_s: Option<u64>) -> Res
     };
     for e in fixed.into_iter().map(Some).chain([None]) {
         let tmp = tempfile::tempdir()?;
-        let r = protected(a, &lab, e, tmp.path(), link)
+        let r = protected(a, &lab, e, tmp.path(), link, &NET)
             .with_context(|| format!("protected at --epoch-ms {}", epoch_arg(e)))?;
         println!("  {}", row_line(&r, link_bytes_per_s));
         rows.push(r);
@@ -260,14 +311,14 @@ pub fn net(a: &BenchArgs, link: &[String], link_bytes_per_s: Option<u64>) -> Res
 }
 
 /// Half an epoch, an ack round trip and the checkpoint's transmission.
-fn floor_ms(r: &NetRow, rate: Option<u64>) -> Option<f64> {
+pub(crate) fn floor_ms(r: &NetRow, rate: Option<u64>) -> Option<f64> {
     let e = r.epoch_ms?;
     let tx = rate.map_or(0.0, |b| r.bytes_per_epoch / b as f64 * 1e3);
     Some(e / 2.0 + r.pause_p50_ms + r.ack_p50_ms + tx)
 }
 
 /// The epoch column: the length, or auto's p50, range and bound.
-fn epoch_cell(r: &NetRow) -> String {
+pub(crate) fn epoch_cell(r: &NetRow) -> String {
     match (r.epoch_ms, &r.auto) {
         (None, _) => "—".into(),
         (Some(e), None) => format!("{e:.0} ms"),
@@ -275,7 +326,7 @@ fn epoch_cell(r: &NetRow) -> String {
     }
 }
 
-fn row_line(r: &NetRow, rate: Option<u64>) -> String {
+pub(crate) fn row_line(r: &NetRow, rate: Option<u64>) -> String {
     format!(
         "{:<28} {:>7.0} req/s  latency p50 {:>6.2} ms, p99 {:>6.2} ms{}{}{}",
         r.setting,

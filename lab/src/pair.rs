@@ -138,6 +138,8 @@ pub struct Node<'a> {
     pub place: Option<&'a crate::netns::Place>,
     /// Its tap for the guest's network card (`--tap`), if the guest has one.
     pub tap: Option<&'a str>,
+    /// Its copy of the guest's disk (`--disk`), if the guest has one.
+    pub disk: Option<&'a Path>,
 }
 
 fn spawn(
@@ -204,6 +206,9 @@ fn start(
     if let Some(t) = n.tap {
         a.extend(["--tap".into(), t.into()]);
     }
+    if let Some(d) = n.disk {
+        a.extend(["--disk".into(), d.display().to_string()]);
+    }
     a.extend(role_args.iter().cloned());
     a.extend(extra.iter().cloned());
     spawn(&a, n.place.map(|p| p.ns.as_str()), console, control, log)
@@ -262,6 +267,8 @@ pub struct Pair {
     pub net: Option<std::sync::Arc<crate::netns::Net>>,
     /// Each node's tap for the guest's network card, if it has one.
     pub taps: Option<[String; 2]>,
+    /// Each node's copy of the guest's disk, if it has one.
+    pub disks: Option<[PathBuf; 2]>,
 }
 
 impl Pair {
@@ -276,12 +283,20 @@ impl Pair {
             witness: ["none".into(), "none".into()],
             net: None,
             taps: None,
+            disks: None,
         })
     }
 
     /// Node `i` gives the guest's network card the tap `taps[i]`.
     pub fn with_taps(mut self, taps: [String; 2]) -> Pair {
         self.taps = Some(taps);
+        self
+    }
+
+    /// Node `i` keeps the guest's disk in `disks[i]` (both files of one
+    /// size).
+    pub fn with_disks(mut self, disks: [PathBuf; 2]) -> Pair {
+        self.disks = Some(disks);
         self
     }
 
@@ -323,6 +338,7 @@ impl Pair {
             witness: &self.witness[i],
             place: self.net.as_ref().map(|n| &n.places[i]),
             tap: self.taps.as_ref().map(|t| t[i].as_str()),
+            disk: self.disks.as_ref().map(|d| d[i].as_path()),
         }
     }
 

@@ -98,6 +98,12 @@ pub struct PrimaryStatus {
     pub bytes_per_epoch: f64,
     /// Raw bytes per epoch (dirty pages × 4096), mean.
     pub raw_bytes_per_epoch: f64,
+    /// Of `bytes_per_epoch`, the disk's records, mean (0 without a disk).
+    #[serde(default)]
+    pub disk_bytes_per_epoch: f64,
+    /// Disk blocks per epoch, mean.
+    #[serde(default)]
+    pub disk_blocks_mean: f64,
     /// Encode time p50, µs.
     pub encode_p50_us: f64,
     /// Encode time p99, µs.
@@ -186,6 +192,16 @@ pub struct ResyncStatus {
     pub offer_ms: f64,
     /// Hello sent → the first checkpoint acknowledged (protected), ms.
     pub protected_ms: Option<f64>,
+    /// Blocks of the guest's disk (0: none).
+    #[serde(default)]
+    pub disk_blocks: u64,
+    /// Disk blocks sent: those that differed from the backup's, and those
+    /// written since the session began.
+    #[serde(default)]
+    pub disk_blocks_sent: u64,
+    /// Of `bytes`, the disk's records.
+    #[serde(default)]
+    pub disk_bytes: u64,
 }
 
 /// The backup role's figures.
@@ -314,6 +330,14 @@ impl Status {
                 ms(p.ack_p50_us),
                 ms(p.ack_p99_us)
             );
+            if p.disk_blocks_mean > 0.0 || p.disk_bytes_per_epoch > 0.0 {
+                let _ = writeln!(
+                    o,
+                    "disk       {:.1} blocks, {:.1} KiB per epoch (of the bytes above)",
+                    p.disk_blocks_mean,
+                    p.disk_bytes_per_epoch / 1024.0
+                );
+            }
         }
         if let Some(r) = self.primary.as_ref().and_then(|p| p.last_resync.as_ref()) {
             let _ = writeln!(

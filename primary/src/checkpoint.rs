@@ -33,12 +33,15 @@ pub(crate) struct Built {
 }
 
 impl Session {
-    /// A new session for a guest of `pages` pages and `vcpus` vCPUs whose
-    /// output from `out_start` on is not released yet; returns the hello.
+    /// A new session for a guest of `pages` pages, `vcpus` vCPUs and a disk
+    /// of `disk_bytes` (0: none) whose output from `out_start` on is not
+    /// released yet; returns the hello.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         cfg: &Config,
         pages: u64,
         vcpus: u32,
+        disk_bytes: u64,
         out_start: u64,
         token: u64,
         beat: (u16, [u8; 32]),
@@ -57,7 +60,7 @@ impl Session {
             token,
             beat_port: beat.0,
             beat_key: beat.1,
-            disk_bytes: 0,
+            disk_bytes,
         };
         let encoder = Encoder::new(
             fgbi::Config {
@@ -96,14 +99,16 @@ impl Session {
         self.sender.last_committed()
     }
 
-    /// Encodes the staged pages, the machine state (`state`, encoded) and
-    /// the console bytes up to `out_end` as the next checkpoint.
+    /// Encodes the staged pages, the machine state (`state`, encoded), the
+    /// console bytes up to `out_end` and the disk's records with their
+    /// commit part as the next checkpoint.
     pub fn checkpoint(
         &mut self,
         staging: &Staging,
         state: &[u8],
         log: &ConsoleLog,
         out_end: u64,
+        disk: Option<(&[u8], protocol::disk::DiskCommit)>,
     ) -> Result<Built, PrimaryError> {
         let te = Instant::now();
         let frames = staging.frames();
@@ -136,7 +141,10 @@ impl Session {
         s.records(&records, &mut f)?;
         s.state(&state, &mut f)?;
         s.output(&output, &mut f)?;
-        s.commit(memory_digest, None, &mut f)?;
+        if let Some((records, _)) = disk {
+            s.disk(records, &mut f)?;
+        }
+        s.commit(memory_digest, disk.map(|d| d.1), &mut f)?;
         Ok(Built {
             epoch,
             frames: f,

@@ -126,6 +126,9 @@ pub enum PrimaryError {
     /// A migration failed after the switch: the guest may be lost.
     #[error("migration: {0}")]
     Migration(String),
+    /// The guest's disk could not be read for a checkpoint.
+    #[error("disk: {0}")]
+    Disk(String),
     /// Another node runs the guest; this node's guest was stopped so that
     /// only one runs.
     #[error("fenced: {0}; this node's guest was stopped")]

@@ -91,6 +91,9 @@ pub(crate) struct EpochLoop<'a> {
     /// A migration asked on the control socket, for the loop to carry out
     /// between epochs.
     pub migration: Option<Box<crate::migration::Order>>,
+    /// The disk blocks that differ from the backup's, read for the
+    /// session's first checkpoint ([`crate::disk`]).
+    pub disk_diff: Option<crate::disk::Diff>,
 }
 
 impl EpochLoop<'_> {
@@ -357,8 +360,7 @@ impl EpochLoop<'_> {
                     let _ = self.out.blocking_send(Outgoing::End(reason));
                 }
                 PrimaryAction::Unprotected(reason) => {
-                    self.awaiting = None;
-                    self.session = None;
+                    self.session_over()?;
                     self.metrics.set_protected(false);
                     error!("UNPROTECTED: lost the backup ({reason}); the guest keeps running, output is released at once; waiting for a backup to re-protect");
                     self.set_hold(false);
@@ -366,17 +368,16 @@ impl EpochLoop<'_> {
                 PrimaryAction::Claim { expected, retry } => {
                     self.awaiting = None;
                     if !retry {
-                        self.session = None;
+                        self.session_over()?;
                         self.metrics.set_protected(false);
                         warn!("lost the backup: asking the witness whether this node may carry on alone; output is held meanwhile");
                     }
                     self.claim(expected, retry);
                 }
                 PrimaryAction::Fence(reason) => {
-                    self.awaiting = None;
                     // Held output stays held: the other node continues from
                     // its last committed checkpoint; this guest must not be seen.
-                    self.session = None;
+                    self.session_over()?;
                     if let Some(p) = &self.packets {
                         p.close();
                     }
@@ -396,18 +397,56 @@ impl EpochLoop<'_> {
         let out_start = self.log.released();
         let vcpus = self.machine.vcpu_count() as u32;
         let token = self.core.token();
-        let (session, hello) =
-            Session::start(self.cfg, self.pages, vcpus, out_start, token, self.beat)?;
+        let disk_bytes = self.machine.disk().map_or(0, |d| d.disk().bytes());
+        let (session, hello) = Session::start(
+            self.cfg, self.pages, vcpus, disk_bytes, out_start, token, self.beat,
+        )?;
+        // Every block the guest writes from here on is kept for the
+        // checkpoints; turned on paused, so no request is half done.
+        self.record_disk(true)?;
         if self.out.blocking_send(Outgoing::Hello(hello)).is_err() {
             self.set_hold(false);
+            self.record_disk(false)?;
             return Ok(());
         }
         self.hello_at = Some(Instant::now());
         self.awaiting = Some(Awaiting {
-            offer: protocol::reuse::Assembler::new(session.id(), self.pages, 0),
+            offer: protocol::reuse::Assembler::new(
+                session.id(),
+                self.pages,
+                disk_bytes / protocol::disk::BLOCK as u64,
+            ),
             session,
         });
         Ok(())
+    }
+
+    /// Starts (keeping nothing from before) or stops the disk's recording of
+    /// written blocks for the checkpoints.
+    fn record_disk(&mut self, on: bool) -> Result<(), PrimaryError> {
+        let Some(d) = self.machine.disk().cloned() else {
+            return Ok(());
+        };
+        self.disk_diff = None;
+        if on {
+            let was = self.machine.is_paused();
+            self.machine.pause()?;
+            d.record(true, crate::disk::MAX_EPOCH_DISK_BYTES);
+            if !was {
+                self.machine.resume()?;
+            }
+        } else {
+            d.record(false, 0);
+        }
+        Ok(())
+    }
+
+    /// The session is over (for now): no checkpoint will carry the disk's
+    /// writes until the next one.
+    fn session_over(&mut self) -> Result<(), PrimaryError> {
+        self.awaiting = None;
+        self.session = None;
+        self.record_disk(false)
     }
 
     /// A piece of the backup's reuse offer.
@@ -482,9 +521,10 @@ impl EpochLoop<'_> {
     /// The session's first checkpoint, paused: every page (a full resync),
     /// or over the backup's image only the pages that differ.
     fn resync(&mut self, answer: protocol::reuse::Answer) -> Result<(), PrimaryError> {
-        let Some(a) = self.awaiting.take() else {
+        let Some(mut a) = self.awaiting.take() else {
             return Ok(());
         };
+        let disk_offer = a.offer.take_disk();
         let offer_ms = self
             .hello_at
             .map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
@@ -517,6 +557,23 @@ impl EpochLoop<'_> {
             Some(_) => Some(self.digest_running()?),
             None => None,
         };
+        // The disk's blocks that differ from the backup's, read while the
+        // guest runs; the pause adds what was written since recording began.
+        if let Some(d) = self.machine.disk() {
+            let td = Instant::now();
+            if disk_offer.is_none() {
+                warn!("the backup offered no disk digests: every block of the disk is sent");
+            }
+            let diff = crate::disk::Diff::read(d.disk(), disk_offer.as_deref())
+                .map_err(|e| PrimaryError::Disk(format!("reading the disk for the resync: {e}")))?;
+            info!(
+                differ = diff.blocks(),
+                of = diff.compared,
+                ms = td.elapsed().as_secs_f64() * 1e3,
+                "disk blocks that differ from the backup's, read"
+            );
+            self.disk_diff = Some(diff);
+        }
         self.machine.pause()?;
         let t0 = Instant::now();
         let mut plan = None;
@@ -575,6 +632,7 @@ impl EpochLoop<'_> {
             return Ok(());
         };
         let (bytes, pause) = (f.bytes, f.pause);
+        let (disk_blocks_sent, disk_bytes) = (f.disk_blocks, f.disk_bytes);
         self.metrics.epoch(f);
         let mut status = node::ResyncStatus {
             pages: self.pages,
@@ -582,6 +640,9 @@ impl EpochLoop<'_> {
             bytes,
             pause_ms: pause.as_secs_f64() * 1e3,
             offer_ms,
+            disk_blocks: self.machine.disk().map_or(0, |d| d.disk().blocks()),
+            disk_blocks_sent,
+            disk_bytes,
             ..Default::default()
         };
         match plan {
@@ -677,12 +738,36 @@ impl EpochLoop<'_> {
         debug_assert_eq!(out_end, state.console_offset);
         // Paused: no frame is being sent, this is the epoch's exact end.
         let net_upto = self.packets.as_ref().map_or(0, |p| p.end());
+        // Paused, the disk quiesced: the blocks written in the epoch and the
+        // disk's digest sum are those of this instant.
+        let taken = self.machine.disk().map(|d| crate::disk::Taken {
+            writes: d.take_writes(),
+            sum: d.disk().sum(),
+        });
         self.machine.resume()?;
         let pause = t0.elapsed();
         self.end_rt_pause();
 
+        let disk = taken.map(|t| crate::disk::encode(t, self.disk_diff.take()));
         let session = self.session.as_mut().expect("a session");
-        let built = session.checkpoint(&self.staging, &state.encode(), &self.log, out_end)?;
+        let built = session.checkpoint(
+            &self.staging,
+            &state.encode(),
+            &self.log,
+            out_end,
+            disk.as_ref().map(|(r, c, _)| (&r[..], *c)),
+        )?;
+        if let Some((r, c, n)) = &disk {
+            debug!(
+                target: "castor::disk",
+                epoch = built.epoch,
+                sum = format!("{:#018x}", c.sum),
+                blocks = n,
+                bytes = r.len(),
+                flushed = c.flushed,
+                "disk checkpoint"
+            );
+        }
         // These pages' contents are now those of this checkpoint.
         let tag = vmm::image::tag(session.id(), built.epoch);
         for &f in self.staging.frames() {
@@ -725,6 +810,8 @@ impl EpochLoop<'_> {
             len: Duration::ZERO,
             planned: Duration::ZERO,
             probe: false,
+            disk_blocks: disk.as_ref().map_or(0, |d| d.2),
+            disk_bytes: disk.as_ref().map_or(0, |d| d.0.len() as u64),
         }))
     }
 }

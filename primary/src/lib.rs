@@ -25,6 +25,7 @@
 mod checkpoint;
 mod config;
 mod copy;
+mod disk;
 mod epoch;
 mod metrics;
 mod migration;
@@ -139,6 +140,7 @@ pub fn protect(
         rt_pause: false,
         net: net_task,
         migration: None,
+        disk_diff: None,
     };
     let result = lp.run(&events_rx, &stop);
     // A planned stop: the network task says goodbye naming the last

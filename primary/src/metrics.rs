@@ -42,6 +42,10 @@ pub struct EpochFigures {
     pub planned: Duration,
     /// Auto ran it at half its choice, for the model to see another length.
     pub probe: bool,
+    /// Disk blocks the checkpoint carries.
+    pub disk_blocks: u64,
+    /// Of `bytes`, the disk's records.
+    pub disk_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -273,6 +277,8 @@ impl Metrics {
             dirty_pages_mean: steady.iter().map(|f| f.dirty_pages as f64).sum::<f64>() / n + 0.0,
             bytes_per_epoch: steady.iter().map(|f| f.bytes as f64).sum::<f64>() / n + 0.0,
             raw_bytes_per_epoch: steady.iter().map(|f| f.raw_bytes as f64).sum::<f64>() / n + 0.0,
+            disk_bytes_per_epoch: steady.iter().map(|f| f.disk_bytes as f64).sum::<f64>() / n + 0.0,
+            disk_blocks_mean: steady.iter().map(|f| f.disk_blocks as f64).sum::<f64>() / n + 0.0,
             encode_p50_us: pct(&mut enc, 0.5),
             encode_p99_us: pct(&mut enc, 0.99),
             harvest_p50_us: pct(&mut part(|f| f.harvest), 0.5),

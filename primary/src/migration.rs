@@ -101,6 +101,12 @@ impl EpochLoop<'_> {
         events: &std_mpsc::Receiver<NetEvent>,
     ) -> Result<bool, PrimaryError> {
         let Order { req, reply } = order;
+        if self.machine.disk().is_some() {
+            let _ = reply.send(Err(
+                "the guest has a disk, and live migration does not move disks yet: the guest stays here, protected (move it by a switchover to its backup instead: castor takeover on the backup)".into(),
+            ));
+            return Ok(false);
+        }
         let t = Instant::now();
         let cfg = match self.source_config(&req) {
             Ok(c) => c,

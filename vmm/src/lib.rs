@@ -19,6 +19,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod console;
+pub mod disk;
 pub mod image;
 pub mod linux;
 pub mod machine;
@@ -30,6 +31,7 @@ pub mod state;
 pub mod tap;
 pub mod uffd;
 mod vcpu;
+pub mod virtio_blk;
 pub mod virtio_net;
 
 pub use machine::{

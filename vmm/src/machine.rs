@@ -650,6 +650,11 @@ impl Machine {
         self.net.as_ref()
     }
 
+    /// STUB.
+    pub fn disk(&self) -> Option<&Arc<crate::virtio_blk::BlockDevice>> {
+        None
+    }
+
     /// Reads guest RAM as one slice while the machine is paused (a guest of
     /// at most 3 GiB: one region). For work over all of RAM in a pause,
     /// such as digesting every page, without a copy.

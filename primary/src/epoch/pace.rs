@@ -227,6 +227,8 @@ mod tests {
             len: Duration::ZERO,
             planned: Duration::ZERO,
             probe: false,
+            disk_blocks: 0,
+            disk_bytes: 0,
         }
     }
 
