@@ -94,6 +94,8 @@ pub(crate) struct EpochLoop<'a> {
     /// The disk blocks that differ from the backup's, read for the
     /// session's first checkpoint ([`crate::disk`]).
     pub disk_diff: Option<crate::disk::Diff>,
+    /// This loop's sign of progress for the heartbeat thread.
+    pub alive: Arc<crate::net::Alive>,
 }
 
 impl EpochLoop<'_> {
@@ -121,6 +123,7 @@ impl EpochLoop<'_> {
         let mut pre_done = false;
         let mut waited = Duration::ZERO;
         while !stop.load(Ordering::Relaxed) {
+            self.alive.touch();
             if let Some(r) = self.machine.wait_exit(Duration::ZERO) {
                 return Err(PrimaryError::GuestStopped(r));
             }
@@ -230,8 +233,13 @@ impl EpochLoop<'_> {
         let Some(backup) = self.cfg.backup else {
             return Ok(());
         };
-        let (task, ends) =
-            crate::net::NetTask::spawn(self.cfg, backup, &self.rt, self.claims.clone())?;
+        let (task, ends) = crate::net::NetTask::spawn(
+            self.cfg,
+            backup,
+            &self.rt,
+            self.claims.clone(),
+            self.alive.clone(),
+        )?;
         self.out = ends.out;
         self.beat = ends.beat;
         self.net = Some(task);
@@ -246,6 +254,7 @@ impl EpochLoop<'_> {
         stop: &AtomicBool,
     ) -> Result<bool, PrimaryError> {
         while self.core.in_session() && !self.core.may_send() {
+            self.alive.touch();
             match events.recv_timeout(Duration::from_millis(50)) {
                 Ok(ev) => self.on_event(ev)?,
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {

@@ -114,9 +114,16 @@ pub fn protect(
     // Without a backup only claims and control requests send events; the
     // loop runs unprotected until stopped (or the guest moves).
     let (mut out, mut beat, mut net_task) = (mpsc::channel(1).0, (0, [0u8; 32]), None);
+    let alive = net::Alive::new();
+    alive.touch();
     if let Some(backup) = cfg.backup {
-        let (task, ends) =
-            net::NetTask::spawn(cfg, backup, services.rt.handle(), events_tx.clone())?;
+        let (task, ends) = net::NetTask::spawn(
+            cfg,
+            backup,
+            services.rt.handle(),
+            events_tx.clone(),
+            alive.clone(),
+        )?;
         (out, beat, net_task) = (ends.out, ends.beat, Some(task));
     }
     let mut lp = epoch::EpochLoop {
@@ -141,6 +148,7 @@ pub fn protect(
         net: net_task,
         migration: None,
         disk_diff: None,
+        alive,
     };
     let result = lp.run(&events_rx, &stop);
     // A planned stop: the network task says goodbye naming the last

@@ -30,7 +30,7 @@ pub(crate) enum NetEvent {
     /// The witness answered a claim.
     Claimed(node::ha::Claim),
     /// Part of the backup's answer to the hello's reuse request
-    /// ([`Message::Reuse`], [`Message::Digests`]).
+    /// ([`Message::Reuse`], [`Message::Digests`], [`Message::DiskDigests`]).
     Offer(Message),
     /// A control request: move the guest to another node (not from the
     /// network task: the control service puts it in the same queue).
@@ -45,6 +45,97 @@ pub(crate) struct NetTask {
     stop: Arc<AtomicBool>,
     /// The epoch loop's last word, for the goodbye.
     pub farewell: Farewell,
+    beats: Option<std::thread::JoinHandle<()>>,
+    beats_stop: Arc<AtomicBool>,
+}
+
+impl Drop for NetTask {
+    fn drop(&mut self) {
+        self.beats_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How long the epoch loop may go without a sign of progress
+/// ([`Alive::touch`]) before the heartbeat thread stops beating: a wedged
+/// primary is then taken over. Longer than anything the loop does at once
+/// (a full resync of a large guest and disk: a few seconds).
+pub(crate) const PROGRESS_LIMIT: Duration = Duration::from_secs(5);
+
+/// The epoch loop's sign of life for the heartbeat thread.
+#[derive(Debug)]
+pub(crate) struct Alive {
+    t0: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Alive {
+    pub fn new() -> Arc<Alive> {
+        Arc::new(Alive {
+            t0: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// The epoch loop is making progress.
+    pub fn touch(&self) {
+        self.last_ms
+            .store(self.t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn fresh(&self) -> bool {
+        let now = self.t0.elapsed().as_millis() as u64;
+        now.saturating_sub(self.last_ms.load(Ordering::Relaxed)) < PROGRESS_LIMIT.as_millis() as u64
+    }
+}
+
+/// Where the heartbeat thread sends: the backup's heartbeat address while a
+/// session knows it.
+type BeatPeer = Arc<std::sync::Mutex<Option<SocketAddr>>>;
+
+/// The primary's heartbeat datagrams, every `period`, from a thread of their
+/// own at real-time priority: nothing the network task does — pushing a
+/// large checkpoint, encrypting at line rate on a busy runtime — can delay
+/// them (a delayed beat is a false takeover: the backup's detector waits
+/// 30 ms). They stop when the epoch loop stops making progress
+/// ([`PROGRESS_LIMIT`]), so a wedged primary is still taken over.
+fn beat_thread(
+    sock: std::net::UdpSocket,
+    key: [u8; 32],
+    period: Duration,
+    peer: BeatPeer,
+    alive: Arc<Alive>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("castor-beat".into())
+        .spawn(move || {
+            let _ = vmm::set_current_thread_realtime(10);
+            let t0 = Instant::now();
+            let mut seq = 0u64;
+            let mut stale = false;
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(period);
+                let to = *peer.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(to) = to else { continue };
+                if !alive.fresh() {
+                    if !stale {
+                        warn!(
+                            "the epoch loop made no progress for {} s: heartbeats stop, so the backup takes over",
+                            PROGRESS_LIMIT.as_secs()
+                        );
+                        stale = true;
+                    }
+                    continue;
+                }
+                stale = false;
+                seq += 1;
+                let b = Beat {
+                    seq,
+                    sent_us: t0.elapsed().as_micros() as u64,
+                };
+                let _ = sock.send_to(&b.seal(&key), to);
+            }
+        })
 }
 
 /// What the epoch loop keeps of a network task: where checkpoints go, and
@@ -64,6 +155,7 @@ impl NetTask {
         backup: SocketAddr,
         rt: &tokio::runtime::Handle,
         events: std_mpsc::Sender<NetEvent>,
+        alive: Arc<Alive>,
     ) -> Result<(NetTask, NetEnds), crate::PrimaryError> {
         use crate::PrimaryError;
         let any = transport::any_addr_for(backup);
@@ -73,9 +165,24 @@ impl NetTask {
             sock.local_addr().map_err(PrimaryError::Beat)?.port(),
             rand::random(),
         );
-        let path = BeatPath { sock, key: beat.1 };
-        let (out, out_rx) = mpsc::channel(cfg.max_in_flight.max(1) + 1);
+        let peer: BeatPeer = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
+        let beats_stop = Arc::new(AtomicBool::new(false));
+        let beats = beat_thread(
+            sock.try_clone().map_err(PrimaryError::Beat)?,
+            beat.1,
+            cfg.heartbeat,
+            peer.clone(),
+            alive,
+            beats_stop.clone(),
+        )
+        .map_err(PrimaryError::Beat)?;
+        let path = BeatPath {
+            sock,
+            key: beat.1,
+            peer,
+        };
+        let (out, out_rx) = mpsc::channel(cfg.max_in_flight.max(1) + 1);
         let farewell = Farewell::new();
         let handle = rt.spawn(run(
             cfg.clone(),
@@ -91,6 +198,8 @@ impl NetTask {
                 handle,
                 stop,
                 farewell,
+                beats: Some(beats),
+                beats_stop,
             },
             NetEnds { out, beat },
         ))
@@ -110,6 +219,10 @@ impl NetTask {
         {
             // Still connecting to a backup that does not answer.
             self.handle.abort();
+        }
+        self.beats_stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.beats.take() {
+            let _ = t.join();
         }
     }
 
@@ -187,6 +300,8 @@ pub(crate) struct BeatPath {
     pub sock: std::net::UdpSocket,
     /// The key in the hello.
     pub key: [u8; 32],
+    /// Where the heartbeat thread sends (set while a session knows it).
+    pub peer: BeatPeer,
 }
 
 /// Connects to `backup` again and again until `stop`; each session's
@@ -201,6 +316,7 @@ pub(crate) async fn run(
     farewell: Farewell,
 ) {
     let key = beat.key;
+    let peer = beat.peer;
     let beat = match tokio::net::UdpSocket::from_std(beat.sock) {
         Ok(s) => s,
         Err(e) => {
@@ -210,7 +326,6 @@ pub(crate) async fn run(
             return;
         }
     };
-    let mut seq = 0u64;
     let mut warned = false;
     let mut backoff = REFUSED_BACKOFF;
     while !stop.load(Ordering::Relaxed) {
@@ -241,9 +356,11 @@ pub(crate) async fn run(
         if events.send(NetEvent::Connected).is_err() {
             return;
         }
-        let path = (&beat, &key, &mut seq);
+        let path = (&beat, &key, &peer);
         let began = Instant::now();
         let why = session(&cfg, link, path, &mut out, &events, (&stop, &farewell)).await;
+        // No beats toward a backup whose session ended.
+        *peer.lock().unwrap_or_else(|e| e.into_inner()) = None;
         debug!("session ended: {why}");
         // A backup that refused a session soon after it began will refuse
         // the next one too (a limit, a bad replica): back off, doubling up
@@ -358,7 +475,7 @@ async fn writer(
 async fn session(
     cfg: &Config,
     mut link: Link,
-    (beat, key, beat_seq): (&tokio::net::UdpSocket, &[u8; 32], &mut u64),
+    (beat, key, peer): (&tokio::net::UdpSocket, &[u8; 32], &BeatPeer),
     out: &mut mpsc::Receiver<Outgoing>,
     events: &std_mpsc::Sender<NetEvent>,
     (stop, farewell): (&AtomicBool, &Farewell),
@@ -424,7 +541,7 @@ async fn session(
                     if let Ok((n, from)) = r {
                         if is_beat(key, backup_ip, &mut window, &buf[..n], from) {
                             last_heard = Instant::now();
-                            beat_peer = Some(from);
+                            learn(peer, &mut beat_peer, from);
                         }
                     }
                 }
@@ -434,14 +551,10 @@ async fn session(
                     while let Ok((n, from)) = beat.try_recv_from(&mut buf) {
                         if is_beat(key, backup_ip, &mut window, &buf[..n], from) {
                             last_heard = Instant::now();
-                            beat_peer = Some(from);
+                            learn(peer, &mut beat_peer, from);
                         }
                     }
-                    if let Some(peer) = beat_peer {
-                        *beat_seq += 1;
-                        let b = Beat { seq: *beat_seq, sent_us: t0.elapsed().as_micros() as u64 };
-                        let _ = beat.try_send_to(&b.seal(key), peer);
-                    }
+                    // The beats themselves go from their own thread.
                     // Heartbeats go on while stopping: until the backup has
                     // the goodbye, silence would mean a takeover.
                     if stop.load(Ordering::Relaxed) {
@@ -495,7 +608,7 @@ async fn session(
                         let _ = ctl_q.try_send(Message::HeartbeatEcho { seq, sent_us });
                     }
                     Ok(Some(Message::Goodbye { reason, .. })) => break EndReason::Goodbye(reason),
-                    Ok(Some(m @ (Message::Reuse { .. } | Message::Digests { .. }))) => {
+                    Ok(Some(m @ (Message::Reuse { .. } | Message::Digests { .. } | Message::DiskDigests { .. }))) => {
                         last_heard = Instant::now();
                         if events.send(NetEvent::Offer(m)).is_err() {
                             break loop_ended();
@@ -521,6 +634,14 @@ async fn session(
     info!(backup = %link.remote(), "session ended ({why}); connection: {}", link.stats());
     link.close(&why);
     why
+}
+
+/// The backup's heartbeat address, for the heartbeat thread.
+fn learn(peer: &BeatPeer, known: &mut Option<SocketAddr>, from: SocketAddr) {
+    if *known != Some(from) {
+        *known = Some(from);
+        *peer.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
+    }
 }
 
 /// A fresh, authentic heartbeat datagram from the backup's host.
