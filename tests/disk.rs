@@ -385,3 +385,82 @@ fn mismatched_disks_are_refused_with_the_reason() {
         drop(backup);
     }
 }
+
+/// Unmounts a tmpfs when dropped.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The backup's file system is full under its disk and journal: the first
+/// checkpoint is refused with the reason (the backup's status names it),
+/// the primary is never protected, and the backup, whose replica is at no
+/// checkpoint, never takes over.
+#[test]
+fn a_full_file_system_under_the_backups_disk_is_refused_and_named() {
+    use std::os::unix::fs::FileExt;
+    castor_bin();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let small = dir.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mounting a small tmpfs (this test needs root)");
+    let _m = Mount(small.clone());
+    // The primary's disk holds 4 MiB of data the backup's lacks: the first
+    // checkpoint's journal does not fit in 2 MiB.
+    let a = new_disk(&dir.join("a.img"));
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&a).unwrap();
+        let mut x = 7u64;
+        for b in 0..1024u64 {
+            let block: Vec<u8> = (0..4096)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            f.write_all_at(&block, b * 4096).unwrap();
+        }
+    }
+    let b = new_disk(&small.join("b.img"));
+    let etcd = EtcdServer::start(&dir.join("etcd")).expect("etcd starts");
+    let pair = Pair::in_dir(dir, ["a", "b"])
+        .unwrap()
+        .with_etcd(&etcd.endpoint())
+        .with_disks([a, b]);
+    let (backup, mut primary) = pair
+        .start(
+            &[],
+            &strings(&["--mem", "64M", "--workload", "counter"]),
+            ["b.log", "a.log"],
+        )
+        .unwrap();
+    let st = wait_status(&backup, "the refusal", Duration::from_secs(30), |s| {
+        s.backup.as_ref().is_some_and(|b| b.last_refusal.is_some())
+    })
+    .unwrap();
+    let why = st.backup.unwrap().last_refusal.unwrap();
+    assert!(why.contains("No space left on device"), "{why}");
+    assert!(
+        primary.status().is_some_and(|s| !pair::protected(&s)),
+        "never protected"
+    );
+    // Nobody takes over from a replica at no checkpoint.
+    let _ = primary.child.kill();
+    let _ = primary.child.wait();
+    std::thread::sleep(Duration::from_secs(2));
+    let st = backup.status().unwrap();
+    assert_eq!(st.role, node::Role::Backup, "{st:?}");
+    drop(etcd);
+}

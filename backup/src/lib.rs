@@ -192,6 +192,18 @@ fn control(shared: Arc<Shared>, log: Arc<node::console::ConsoleLog>) -> node::co
                     session: r.session,
                     checkpoints_applied: shared.applied.load(Ordering::Relaxed),
                     verify_mismatches: shared.mismatches.load(Ordering::Relaxed),
+                    disk: shared.disk.as_ref().map(|d| {
+                        format!(
+                            "{}, {} MiB, kept at the committed checkpoint",
+                            d.disk().path().display(),
+                            d.disk().bytes() >> 20
+                        )
+                    }),
+                    last_refusal: shared
+                        .last_refusal
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clone(),
                 }),
             }))
         }

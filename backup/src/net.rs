@@ -197,7 +197,15 @@ async fn session(
                     let (sh, lg) = (shared.clone(), log.clone());
                     match tokio::task::spawn_blocking(move || sh.commit(&lg, &c)).await {
                         Ok(Ok(())) => {}
-                        Ok(Err(why)) => return why,
+                        Ok(Err(why)) => {
+                            if let EndReason::Refused(r) = &why {
+                                *shared
+                                    .last_refusal
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
+                            }
+                            return why;
+                        }
                         Err(e) => {
                             return EndReason::Refused(format!("applying checkpoint {epoch}: {e}"))
                         }

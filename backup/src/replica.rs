@@ -83,6 +83,8 @@ pub(crate) struct Shared {
     /// The guest's disk, at the last committed checkpoint (written only
     /// under the replica lock, in [`Shared::commit`]).
     pub disk: Option<crate::disk::BackupDisk>,
+    /// Why the last refused checkpoint was refused (for `castor status`).
+    pub last_refusal: Mutex<Option<String>>,
 }
 
 /// The primary's heartbeat datagrams as the watchdog reads them: a second
@@ -152,6 +154,7 @@ impl Shared {
             image,
             beat_in: Mutex::new(None),
             disk,
+            last_refusal: Mutex::new(None),
         })
     }
 

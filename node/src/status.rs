@@ -219,6 +219,13 @@ pub struct BackupStatus {
     pub checkpoints_applied: u64,
     /// Replica digests that did not match the primary's.
     pub verify_mismatches: u64,
+    /// The guest's disk on this node (path and size), if it has one.
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// Why the last checkpoint refused was refused (a disk that cannot be
+    /// written, a mismatch ...), if one was.
+    #[serde(default)]
+    pub last_refusal: Option<String>,
 }
 
 /// A status line that does not parse.
@@ -383,6 +390,12 @@ impl Status {
                     String::new()
                 }
             );
+            if let Some(d) = &b.disk {
+                let _ = writeln!(o, "disk       {d}");
+            }
+            if let Some(r) = &b.last_refusal {
+                let _ = writeln!(o, "refused    {r}");
+            }
         }
         let _ = writeln!(
             o,
