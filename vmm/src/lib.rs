@@ -19,6 +19,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod console;
+pub mod disk;
 pub mod image;
 pub mod linux;
 pub mod machine;
