@@ -77,9 +77,9 @@ pub(crate) fn restore(
     let machine = match standby.0 {
         Some((s, sb)) if s == session => {
             drop(mem); // the standby holds the same RAM
-            Machine::restore_standby(sb, &state, sink, false)?
+            Machine::restore_standby(sb, &state, sink, false, None)?
         }
-        _ => Machine::restore_on(&state, mem, sink, false, kvm_device)?,
+        _ => Machine::restore_on(&state, mem, sink, false, kvm_device, None)?,
     };
     Ok((machine, offset, gens))
 }
