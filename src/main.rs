@@ -38,6 +38,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start-up: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest and stream its console to stdout.
@@ -467,14 +469,65 @@ struct MachineArgs {
     /// The card's MAC address.
     #[arg(long, default_value = "52:54:00:ca:57:02", value_parser = parse_mac)]
     mac: [u8; 6],
+    /// Give the guest a virtio-blk disk over this file: a raw image (e.g.
+    /// made with `truncate -s 1G disk.img`) or a block device, opened
+    /// read-write. Its size (a multiple of 4096 bytes) is the disk's. One
+    /// castor at a time: the file is locked while the VM runs. The `kvdisk`
+    /// workload needs one.
+    #[arg(long, value_name = "FILE")]
+    disk: Option<PathBuf>,
 }
 
 impl MachineArgs {
     /// The card's MAC, if the guest has one (`--tap`, or a workload that
     /// needs one).
     fn net(&self, workload: Option<&guest::Workload>) -> Option<[u8; 6]> {
-        (self.tap.is_some() || workload.is_some_and(|w| w.kind == guest::Kind::Net))
-            .then_some(self.mac)
+        (self.tap.is_some()
+            || workload.is_some_and(|w| matches!(w.kind, guest::Kind::Net | guest::Kind::KvDisk)))
+        .then_some(self.mac)
+    }
+
+    /// Opens `--disk`, before any VM exists; a workload that needs a disk
+    /// is refused without one.
+    fn disk(&self, workload: Option<&guest::Workload>) -> Result<Option<Arc<vmm::disk::Disk>>> {
+        let needs = workload.is_some_and(|w| w.kind == guest::Kind::KvDisk);
+        open_disk(self.disk.as_deref(), needs)
+    }
+}
+
+/// Opens a `--disk FILE` (`needs`: the workload cannot run without one).
+fn open_disk(path: Option<&std::path::Path>, needs: bool) -> Result<Option<Arc<vmm::disk::Disk>>> {
+    match path {
+        None if needs => bail!(
+            "the kvdisk workload needs a disk: add --disk FILE (a raw image, e.g. truncate -s 64M disk.img)"
+        ),
+        None => Ok(None),
+        Some(p) => {
+            let d = vmm::disk::Disk::open(p)?;
+            if needs {
+                d.require(guest::KVDISK_MIN_BYTES)?;
+            }
+            Ok(Some(Arc::new(d)))
+        }
+    }
+}
+
+/// The disk's counters, as `castor run` prints them at exit.
+fn report_disk(machine: &Machine) {
+    if let Some(b) = machine.disk() {
+        let s = b.stats();
+        info!(
+            disk = %b.disk().path().display(),
+            reads = s.reads,
+            writes = s.writes,
+            flushes = s.flushes,
+            read_bytes = s.read_bytes,
+            write_bytes = s.write_bytes,
+            bad_requests = s.bad_requests,
+            io_errors = s.io_errors,
+            unsupported = s.unsupported,
+            "disk counters"
+        );
     }
 }
 
@@ -515,7 +568,8 @@ struct RunArgs {
     #[command(flatten)]
     machine: MachineArgs,
     /// Workload of castor's guest: NAME[,key=value...]. Names: counter,
-    /// sparse, pages, kv, log, verify. Keys: rate (ops/s per vCPU, 0 =
+    /// sparse, pages, kv, log, verify, net, kvdisk (net's key-value service
+    /// with a durable log on --disk). Keys: rate (ops/s per vCPU, 0 =
     /// unlimited), mib (working set per vCPU), interval_ms (progress lines),
     /// record (log record bytes), seed, irq=1 (counter only: ring-0,
     /// timer-interrupt driven).
@@ -561,6 +615,10 @@ struct RestoreArgs {
     /// The tap for the guest's network card, if the snapshot has one.
     #[arg(long, value_name = "NAME")]
     tap: Option<String>,
+    /// The disk image, if the snapshot has a disk: the same file (same
+    /// size) the snapshotted guest used, with what it wrote since.
+    #[arg(long, value_name = "FILE")]
+    disk: Option<PathBuf>,
 }
 
 fn stop_flag() -> Result<Arc<AtomicBool>> {
@@ -637,6 +695,7 @@ fn run(args: RunArgs) -> Result<()> {
     info!("{}", kind.describe());
     let m = &args.machine;
     vmm::memory::layout(m.mem)?;
+    let disk = m.disk(args.kernel.is_none().then_some(&args.workload))?;
     let (image, cmdline) = match &args.kernel {
         Some(path) => {
             let image = std::fs::read(path)
@@ -675,6 +734,7 @@ fn run(args: RunArgs) -> Result<()> {
         kvm_device: m.kvm_device.clone(),
         net: m.net(args.kernel.is_none().then_some(&args.workload)),
         ram_file: None,
+        disk,
     };
     let initrd = read_initrd(args.initrd.as_deref())?;
     hint_linux_on_pvm(&image, &cmdline);
@@ -734,6 +794,7 @@ fn run(args: RunArgs) -> Result<()> {
         }
         Ok(())
     });
+    report_disk(&machine);
     if track.is_some() {
         info!(
             harvests,
@@ -749,12 +810,20 @@ fn restore(args: RestoreArgs) -> Result<()> {
     let t0 = Instant::now();
     let snap = vmm::snapshot::Snapshot::open(&args.dir)?;
     let state = &snap.state;
+    if state.disk.is_some() && args.disk.is_none() {
+        bail!(
+            "the snapshot in {} has a disk: add --disk FILE (the image the snapshotted guest used)",
+            args.dir.display()
+        );
+    }
+    let disk = open_disk(args.disk.as_deref(), false)?;
     let mut machine = Machine::restore(
         state,
         |mem| snap.fill_memory(mem).map_err(std::io::Error::other),
         Box::new(StdoutSink),
         false,
         &args.kvm_device,
+        disk,
     )?;
     attach_unprotected(&machine, open_tap(&args.tap)?);
     info!(
@@ -765,12 +834,14 @@ fn restore(args: RestoreArgs) -> Result<()> {
         "VM restored in {:.1} ms",
         t0.elapsed().as_secs_f64() * 1e3
     );
-    supervise(
+    let r = supervise(
         &mut machine,
         args.duration,
         Duration::from_millis(10),
         |_, _| Ok(()),
-    )
+    );
+    report_disk(&machine);
+    r
 }
 
 /// Where this node keeps the VM's image (`--image-dir`), if anywhere.
@@ -909,6 +980,7 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
             m.mem >> 20
         );
     }
+    let disk = m.disk(a.kernel.is_none().then_some(&a.workload))?;
     let tsc = vmm::host_tsc_khz(&m.kvm_device)?;
     let image = image_paths(&a.pair, &a.protect)?;
     let machine = MachineConfig {
@@ -918,6 +990,7 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
         kvm_device: m.kvm_device.clone(),
         net: m.net(a.kernel.is_none().then_some(&a.workload)),
         ram_file: image.as_ref().map(|p| p.ram.clone()),
+        disk,
     };
     let (kernel, cmdline) = match &a.kernel {
         Some(path) => (

@@ -79,7 +79,6 @@ pub(crate) fn restore(
         g.set_header(false, session, g.header().epoch);
     }
     let disk = shared.disk.as_ref().map(|d| d.disk().clone());
-    let _ = &disk; // MERGE
     let offset = state.console_offset;
     // Bytes after the committed offset cannot exist on the backup.
     debug_assert_eq!(log.end(), offset);
@@ -87,9 +86,9 @@ pub(crate) fn restore(
     let machine = match standby.0 {
         Some((s, sb)) if s == session => {
             drop(mem); // the standby holds the same RAM
-            Machine::restore_standby(sb, &state, sink, false /*, disk MERGE */)?
+            Machine::restore_standby(sb, &state, sink, false, disk)?
         }
-        _ => Machine::restore_on(&state, mem, sink, false, kvm_device /*, disk MERGE */)?,
+        _ => Machine::restore_on(&state, mem, sink, false, kvm_device, disk)?,
     };
     Ok((machine, offset, gens))
 }

@@ -192,6 +192,7 @@ fn restore_table() {
             Box::new(MemorySink::default()),
             false,
             std::path::Path::new("/dev/kvm"),
+            None,
         )
         .unwrap();
         total.push(t0.elapsed().as_secs_f64() * 1e3);

@@ -39,11 +39,18 @@ pub enum Kind {
     /// GET with request ids, replies sent after the update is in memory);
     /// `mib` MiB for the rings and the table, address `ip`, UDP `port`.
     Net,
+    /// The `net` service made durable: every applied PUT is appended to a
+    /// log on the virtio-blk disk and flushed before its reply (group commit
+    /// per poll round); the log is replayed at boot. Same parameters and
+    /// protocol as `net`; needs a disk (`--disk`) of at least
+    /// [`KVDISK_MIN_BYTES`]. A PUT that finds the log full is answered with
+    /// status 3 (log full) and not applied.
+    KvDisk,
 }
 
 impl Kind {
     /// All workloads, in the order `--help` lists them.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Counter,
         Kind::Sparse,
         Kind::Pages,
@@ -51,6 +58,7 @@ impl Kind {
         Kind::Log,
         Kind::Verify,
         Kind::Net,
+        Kind::KvDisk,
     ];
 
     /// The workload's name on the command line.
@@ -63,6 +71,7 @@ impl Kind {
             Kind::Log => "log",
             Kind::Verify => "verify",
             Kind::Net => "net",
+            Kind::KvDisk => "kvdisk",
         }
     }
 
@@ -71,7 +80,7 @@ impl Kind {
         match self {
             Kind::Counter => &[],
             Kind::Log => &["rate", "mib", "record"],
-            Kind::Net => &["mib", "ip", "port"],
+            Kind::Net | Kind::KvDisk => &["mib", "ip", "port"],
             _ => &["rate", "mib"],
         }
     }
@@ -103,6 +112,12 @@ pub struct Workload {
 /// Guest-physical address of the virtio-net card's window, as castor's VMM
 /// places it (`vmm::virtio_net::NET_MMIO_BASE`; a vmm test checks they agree).
 pub const NET_MMIO_BASE: u64 = 0xFEB0_1000;
+/// Guest-physical address of the virtio-blk disk's window
+/// (`vmm::virtio_blk::BLK_MMIO_BASE`; a vmm test checks they agree).
+pub const BLK_MMIO_BASE: u64 = 0xFEB0_2000;
+/// The smallest disk the `kvdisk` workload accepts (its log: 64-byte
+/// records, 64 per 4 KiB block).
+pub const KVDISK_MIN_BYTES: u64 = 1 << 20;
 /// The `net` workload's address unless `ip=` says otherwise.
 pub const DEFAULT_IP: [u8; 4] = [10, 77, 0, 2];
 /// The `net` workload's UDP port unless `port=` says otherwise.
@@ -113,7 +128,7 @@ pub const DEFAULT_PORT: u16 = 7000;
 pub enum WorkloadError {
     /// The workload name is not one of ours.
     #[error(
-        "unknown workload '{0}' (choose one of: counter, sparse, pages, kv, log, verify, net)"
+        "unknown workload '{0}' (choose one of: counter, sparse, pages, kv, log, verify, net, kvdisk)"
     )]
     UnknownWorkload(String),
     /// A parameter this workload does not take.
@@ -265,7 +280,7 @@ impl Workload {
     pub fn mib_per_vcpu(&self) -> u64 {
         self.mib.unwrap_or(match self.kind {
             Kind::Counter => 0,
-            Kind::Log | Kind::Verify | Kind::Net => 16,
+            Kind::Log | Kind::Verify | Kind::Net | Kind::KvDisk => 16,
             _ => 64,
         })
     }
@@ -296,13 +311,16 @@ impl Workload {
         if self.irq {
             s.push_str(" irq=1");
         }
-        if self.kind == Kind::Net {
+        if matches!(self.kind, Kind::Net | Kind::KvDisk) {
             let ip = self.ip.unwrap_or(DEFAULT_IP);
             s.push_str(&format!(
                 " net_mmio={NET_MMIO_BASE} ip={} port={}",
                 u32::from_le_bytes(ip),
                 self.port.unwrap_or(DEFAULT_PORT)
             ));
+        }
+        if self.kind == Kind::KvDisk {
+            s.push_str(&format!(" blk_mmio={BLK_MMIO_BASE}"));
         }
         s
     }
@@ -401,6 +419,11 @@ mod tests {
         );
         assert!(w.cmdline(1, 1, Some(4096)).contains(" mmio_console=4096"));
         assert!(Workload::parse("counter,irq=1").unwrap().irq);
+        let k = Workload::parse("kvdisk,port=7001").unwrap();
+        assert_eq!(k.kind, Kind::KvDisk);
+        let c = k.cmdline(1, 1, None);
+        assert!(c.contains(" net_mmio=") && c.contains(" port=7001"), "{c}");
+        assert!(c.ends_with(&format!(" blk_mmio={BLK_MMIO_BASE}")), "{c}");
         assert_eq!(Workload::parse("log,record=64").unwrap().record, Some(64));
     }
 

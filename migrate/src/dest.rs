@@ -388,8 +388,13 @@ async fn run_here(
     };
     log.set_hold(false);
     let Some((uffd, missing, mut brx)) = post else {
-        let machine =
-            Machine::restore_standby(standby, &state, node::console::sink(log.clone()), false)?;
+        let machine = Machine::restore_standby(
+            standby,
+            &state,
+            node::console::sink(log.clone()),
+            false,
+            None,
+        )?;
         report.resume_ms = t.elapsed().as_secs_f64() * 1e3;
         ctl.msg(&Msg::Finished).await?;
         ctl.finish();
@@ -452,8 +457,13 @@ async fn run_here(
             })
             .map_err(|e| MigrateError::Machine(format!("starting the fault thread: {e}")))?
     };
-    let machine =
-        Machine::restore_standby(standby, &state, node::console::sink(log.clone()), false)?;
+    let machine = Machine::restore_standby(
+        standby,
+        &state,
+        node::console::sink(log.clone()),
+        false,
+        None,
+    )?;
     report.resume_ms = t.elapsed().as_secs_f64() * 1e3;
     let n_missing = report.missing;
     info!(

@@ -10,6 +10,7 @@
 //! - [`state`]: the one list of saved state, its order and its encoding.
 //! - [`snapshot`]: machine state plus RAM in a directory.
 //! - [`virtio_net`], [`tap`]: the network card and its host side.
+//! - [`virtio_blk`], [`disk`]: the disk and its image (with block digests).
 //! - [`image`]: guest RAM in a file that outlives the process, with per-page
 //!   generations (memory reuse).
 //! - [`boot`] (multiboot, and the dispatch by kernel format), [`linux`]

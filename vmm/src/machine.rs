@@ -20,10 +20,12 @@ use vmm_sys_util::signal::Killable;
 
 use crate::boot::{self, BootError};
 use crate::console::Console;
+use crate::disk::Disk;
 use crate::memory::{self, GuestMem, MemoryError, VcpuLease, PAGE_SIZE};
 use crate::serial::{IrqTrigger, SerialDevice, COM1_GSI};
 use crate::state::{MachineState, VcpuState, VmState};
 use crate::vcpu::{self, Event, ExitReason, Request, Shared, VcpuError, VcpuThread};
+use crate::virtio_blk::{BlkState, BlockDevice, BLK_GSI};
 use crate::virtio_net::{NetDevice, NetState, NET_GSI};
 
 /// How long a vCPU may take to leave KVM_RUN before pausing is declared failed.
@@ -132,6 +134,8 @@ pub struct MachineConfig {
     /// Guest RAM in this file (created, or emptied, for the boot), which
     /// outlives the process ([`crate::image`]); `None`: anonymous memory.
     pub ram_file: Option<PathBuf>,
+    /// A virtio-blk disk over this image ([`crate::virtio_blk`]).
+    pub disk: Option<Arc<Disk>>,
 }
 
 impl MachineConfig {
@@ -144,6 +148,7 @@ impl MachineConfig {
             kvm_device: PathBuf::from("/dev/kvm"),
             net: None,
             ram_file: None,
+            disk: None,
         }
     }
 }
@@ -201,6 +206,7 @@ pub struct Machine {
     exited: Option<ExitReason>,
     _serial_evt: EventFd,
     net: Option<Arc<NetDevice>>,
+    blk: Option<Arc<BlockDevice>>,
     /// Held until the vCPU threads are joined (in `Drop`, before the fields
     /// drop): see [`memory::with_ram_mut`].
     _vcpu_lease: VcpuLease,
@@ -404,6 +410,10 @@ impl Machine {
             fds.push(fd);
         }
         let net = config.net.map(NetState::new);
+        let blk = config
+            .disk
+            .as_ref()
+            .map(|d| (BlkState::new(d.bytes()), d.clone()));
         let m = Machine::start_on(
             p,
             lease,
@@ -413,6 +423,7 @@ impl Machine {
             console,
             None,
             net,
+            blk,
         )?;
         debug!(
             elapsed_us = t0.elapsed().as_micros() as u64,
@@ -422,20 +433,23 @@ impl Machine {
     }
 
     /// Restores `state` into a fresh VM. `fill` writes the guest RAM contents
-    /// (for instance from a snapshot file) before any vCPU runs.
+    /// (for instance from a snapshot file) before any vCPU runs. `disk`: the
+    /// image for the state's disk, if it has one (of the same size).
     pub fn restore(
         state: &MachineState,
         fill: impl FnOnce(&GuestMem) -> std::io::Result<()>,
         console_sink: Box<dyn crate::console::ConsoleSink>,
         dirty_tracking: bool,
         kvm_device: &Path,
+        disk: Option<Arc<Disk>>,
     ) -> Result<Machine, MachineError> {
         state
             .validate()
             .map_err(|e| MachineError::Config(e.to_string()))?;
+        disk_matches(state, disk.as_deref())?;
         let mem = memory::create(state.memory_size())?;
         fill(&mem).map_err(|e| MachineError::Os("filling guest memory", e))?;
-        Machine::restore_on(state, mem, console_sink, dirty_tracking, kvm_device)
+        Machine::restore_on(state, mem, console_sink, dirty_tracking, kvm_device, disk)
     }
 
     /// Restores `state` into a fresh VM whose RAM is `mem`, used as it is —
@@ -446,9 +460,11 @@ impl Machine {
         console_sink: Box<dyn crate::console::ConsoleSink>,
         dirty_tracking: bool,
         kvm_device: &Path,
+        disk: Option<Arc<Disk>>,
     ) -> Result<Machine, MachineError> {
+        disk_matches(state, disk.as_deref())?;
         let standby = Machine::prepare_standby(mem, kvm_device)?;
-        Machine::restore_standby(standby, state, console_sink, dirty_tracking)
+        Machine::restore_standby(standby, state, console_sink, dirty_tracking, disk)
     }
 
     /// Creates a VM over `mem` ahead of a failover: the VM, its irqchip and
@@ -470,11 +486,13 @@ impl Machine {
         state: &MachineState,
         console_sink: Box<dyn crate::console::ConsoleSink>,
         dirty_tracking: bool,
+        disk: Option<Arc<Disk>>,
     ) -> Result<Machine, MachineError> {
         let t0 = std::time::Instant::now();
         state
             .validate()
             .map_err(|e| MachineError::Config(e.to_string()))?;
+        disk_matches(state, disk.as_deref())?;
         let Standby { parts: p, slots } = standby;
         if memory::ram_size(&p.mem) != state.memory_size() {
             return Err(MachineError::Config(format!(
@@ -520,6 +538,7 @@ impl Machine {
             console,
             Some(state),
             state.net.clone(),
+            state.disk.clone().zip(disk),
         );
         debug!(
             us = t0.elapsed().as_micros() as u64,
@@ -530,7 +549,7 @@ impl Machine {
 
     /// Starts the vCPU threads; `registered`: the memory slots, if they are
     /// registered already (without dirty logging); `net`: the network card's
-    /// state, if the machine has one.
+    /// state, if the machine has one; `blk`: the disk's state and image.
     #[allow(clippy::too_many_arguments)]
     fn start_on(
         p: Parts,
@@ -541,6 +560,7 @@ impl Machine {
         console: Console,
         state: Option<&MachineState>,
         net: Option<NetState>,
+        blk: Option<(BlkState, Arc<Disk>)>,
     ) -> Result<Machine, MachineError> {
         vcpu::install_kick_handler()
             .map_err(|e| MachineError::Os("installing the vCPU kick signal handler", e))?;
@@ -581,6 +601,21 @@ impl Machine {
             }
             None => None,
         };
+        let blk = match blk {
+            Some((s, disk)) => {
+                let evt = EventFd::new(libc::EFD_NONBLOCK)
+                    .map_err(|e| MachineError::Os("creating an eventfd", e))?;
+                p.vm.register_irqfd(&evt, BLK_GSI)
+                    .map_err(kvm_err("registering the disk's irqfd"))?;
+                let dev = Arc::new(
+                    BlockDevice::new(&s, p.mem.clone(), evt, disk).map_err(MachineError::Config)?,
+                );
+                dev.start()
+                    .map_err(|e| MachineError::Os("spawning the disk's worker thread", e))?;
+                Some(dev)
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared::default());
         let (ev_tx, ev_rx) = mpsc::channel();
         let mut vcpus = Vec::new();
@@ -593,6 +628,7 @@ impl Machine {
                 serial: serial.clone(),
                 console: console.clone(),
                 net: net.clone(),
+                blk: blk.clone(),
                 events: ev_tx.clone(),
                 requests: req_rx,
                 msr_list: p.msr_list.clone(),
@@ -606,6 +642,9 @@ impl Machine {
                     // The threads started so far run the guest: stop them
                     // before the VM, its memory and the vCPU lease go.
                     stop_vcpus(&shared, &mut vcpus);
+                    if let Some(b) = &blk {
+                        b.stop();
+                    }
                     return Err(MachineError::Os("spawning a vCPU thread", e));
                 }
             };
@@ -631,6 +670,7 @@ impl Machine {
             exited: None,
             _serial_evt: evt,
             net,
+            blk,
             _vcpu_lease: lease,
         })
     }
@@ -650,9 +690,9 @@ impl Machine {
         self.net.as_ref()
     }
 
-    /// STUB.
-    pub fn disk(&self) -> Option<&Arc<crate::virtio_blk::BlockDevice>> {
-        None
+    /// The disk, if the machine has one.
+    pub fn disk(&self) -> Option<&Arc<BlockDevice>> {
+        self.blk.as_ref()
     }
 
     /// Reads guest RAM as one slice while the machine is paused (a guest of
@@ -738,6 +778,11 @@ impl Machine {
         if let Some(n) = &self.net {
             n.set_paused(true);
         }
+        // The disk finishes the request it is serving (data, status, used
+        // ring) and pops no other: none is half done in the checkpoint.
+        if let Some(b) = &self.blk {
+            b.set_paused(true);
+        }
         self.paused = true;
         self.console.flush();
         Ok(t0.elapsed())
@@ -754,6 +799,9 @@ impl Machine {
             .store(false, std::sync::atomic::Ordering::Release);
         if let Some(n) = &self.net {
             n.set_paused(false);
+        }
+        if let Some(b) = &self.blk {
+            b.set_paused(false);
         }
         for v in &self.vcpus {
             let _ = v.requests.send(Request::Resume);
@@ -792,6 +840,7 @@ impl Machine {
             serial,
             console_offset: self.console.offset(),
             net: self.net.as_ref().map(|n| n.state()),
+            disk: self.blk.as_ref().map(|b| b.state()),
         })
     }
 
@@ -883,7 +932,32 @@ impl Machine {
         if let Some(n) = &self.net {
             n.stop();
         }
+        if let Some(b) = &self.blk {
+            b.stop();
+        }
         self.console.flush();
+    }
+}
+
+/// A state with a disk needs a disk of its size; a state without one, none.
+fn disk_matches(state: &MachineState, disk: Option<&Disk>) -> Result<(), MachineError> {
+    match (&state.disk, disk) {
+        (None, None) => Ok(()),
+        (Some(s), Some(d)) if s.capacity_bytes == d.bytes() => Ok(()),
+        (Some(s), Some(d)) => Err(MachineError::Config(format!(
+            "the machine state's disk has {} bytes, the disk {} has {} bytes",
+            s.capacity_bytes,
+            d.path().display(),
+            d.bytes()
+        ))),
+        (Some(s), None) => Err(MachineError::Config(format!(
+            "the machine state has a disk of {} bytes and no disk was given (--disk)",
+            s.capacity_bytes
+        ))),
+        (None, Some(d)) => Err(MachineError::Config(format!(
+            "the machine state has no disk, and the disk {} was given",
+            d.path().display()
+        ))),
     }
 }
 

@@ -6,7 +6,7 @@
 //! |---|---|
 //! | each vCPU ([`VcpuState`]) | CPUID, MP state, regs, sregs, xsave, xcrs, debug registers, LAPIC, MSRs ([`crate::msr`]), vCPU events, TSC frequency |
 //! | the VM ([`VmState`]) | PIC master, PIC slave, IOAPIC, PIT2, kvmclock |
-//! | devices | the 8250 serial port's registers ([`SerialRegs`]), the console stream offset, the virtio-net device ([`crate::virtio_net::NetState`]: registers, features, queue addresses and ring positions) |
+//! | devices | the 8250 serial port's registers ([`SerialRegs`]), the console stream offset, the virtio-net device ([`crate::virtio_net::NetState`]: registers, features, queue addresses and ring positions), the virtio-blk device ([`crate::virtio_blk::BlkState`]: the same, and the disk's size; the disk's contents live in its image) |
 //! | memory layout | the guest RAM regions (their contents travel separately) |
 //!
 //! # Order
@@ -27,7 +27,7 @@
 //! ```text
 //! offset size
 //!  0     8   magic "CASTORMS"
-//!  8     4   format version (little endian), currently 1
+//!  8     4   format version (little endian), currently 3
 //! 12     4   reserved, 0
 //! 16     8   payload length in bytes (at most MAX_PAYLOAD)
 //! 24     4   CRC-32 (IEEE) of the payload
@@ -52,7 +52,7 @@ use serde::{Deserialize, Serialize};
 /// First bytes of an encoded machine state.
 pub const MAGIC: [u8; 8] = *b"CASTORMS";
 /// The format version this castor writes and reads.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Largest payload accepted (far above any real state: guards allocation).
 pub const MAX_PAYLOAD: u64 = 16 << 20;
 /// Most vCPUs a state may describe.
@@ -162,6 +162,8 @@ pub struct MachineState {
     pub console_offset: u64,
     /// The network card, if the machine has one.
     pub net: Option<crate::virtio_net::NetState>,
+    /// The disk, if the machine has one (format version 3).
+    pub disk: Option<crate::virtio_blk::BlkState>,
 }
 
 /// Why an encoded machine state was refused.
@@ -427,6 +429,9 @@ impl MachineState {
         if let Some(n) = &self.net {
             n.validate().map_err(StateError::Invalid)?;
         }
+        if let Some(d) = &self.disk {
+            d.validate().map_err(StateError::Invalid)?;
+        }
         if self.serial.in_buffer.len() > MAX_SERIAL_IN {
             return bad(format!(
                 "serial input buffer of {} bytes",
@@ -476,6 +481,21 @@ pub(crate) mod tests {
                 ],
                 guest_ipv4: Some([10, 77, 0, 2]),
                 ..crate::virtio_net::NetState::new([2, 0, 0, 0, 0, 1])
+            }),
+            disk: Some(crate::virtio_blk::BlkState {
+                status: 15,
+                driver_features: (1 << 32) | (1 << 9),
+                queue: crate::virtio_net::QueueRegs {
+                    size: 256,
+                    ready: true,
+                    desc: 0x4000,
+                    avail: 0x5000,
+                    used: 0x6000,
+                    next_avail: 9,
+                    next_used: 9,
+                },
+                interrupt_status: 1,
+                ..crate::virtio_blk::BlkState::new(1 << 30)
             }),
         }
     }
@@ -579,6 +599,8 @@ pub(crate) mod tests {
         assert_eq!(d.serial, s.serial);
         assert_eq!(d.console_offset, 4242);
         assert_eq!(d.net, s.net);
+        assert_eq!(d.disk, s.disk);
+        assert!(d.disk.is_some());
     }
 
     #[test]

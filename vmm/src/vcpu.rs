@@ -24,6 +24,7 @@ use tracing::{debug, warn};
 use crate::console::{Console, MMIO_CONSOLE_BASE, MMIO_CONSOLE_LEN};
 use crate::serial::SerialDevice;
 use crate::state::VcpuState;
+use crate::virtio_blk::{BlockDevice, BLK_MMIO_BASE, BLK_MMIO_LEN};
 use crate::virtio_net::{NetDevice, NET_MMIO_BASE, NET_MMIO_LEN};
 
 /// Errors of vCPU set-up, save and restore; one variant per failing ioctl.
@@ -297,6 +298,7 @@ pub(crate) struct VcpuThread {
     pub serial: Arc<Mutex<SerialDevice>>,
     pub console: Console,
     pub net: Option<Arc<NetDevice>>,
+    pub blk: Option<Arc<BlockDevice>>,
     pub events: Sender<Event>,
     pub requests: Receiver<Request>,
     pub msr_list: Arc<Vec<u32>>,
@@ -348,6 +350,7 @@ impl VcpuThread {
                         &self.serial,
                         &self.console,
                         self.net.as_deref(),
+                        self.blk.as_deref(),
                     ) {
                         return r;
                     }
@@ -374,6 +377,7 @@ impl VcpuThread {
                         &self.serial,
                         &self.console,
                         self.net.as_deref(),
+                        self.blk.as_deref(),
                     ) {
                         self.fd.set_kvm_immediate_exit(0);
                         return Some(r);
@@ -413,6 +417,7 @@ fn handle_exit(
     serial: &Mutex<SerialDevice>,
     console: &Console,
     net: Option<&NetDevice>,
+    blk: Option<&BlockDevice>,
 ) -> Flow {
     match exit {
         VcpuExit::IoOut(port, data) => {
@@ -436,7 +441,12 @@ fn handle_exit(
                 Some(n) if (NET_MMIO_BASE..NET_MMIO_BASE + NET_MMIO_LEN).contains(&addr) => {
                     n.mmio_read(addr - NET_MMIO_BASE, data)
                 }
-                _ => data.fill(0xFF),
+                _ => match blk {
+                    Some(b) if (BLK_MMIO_BASE..BLK_MMIO_BASE + BLK_MMIO_LEN).contains(&addr) => {
+                        b.mmio_read(addr - BLK_MMIO_BASE, data)
+                    }
+                    _ => data.fill(0xFF),
+                },
             }
             Flow::Continue
         }
@@ -444,9 +454,13 @@ fn handle_exit(
             if (MMIO_CONSOLE_BASE..MMIO_CONSOLE_BASE + MMIO_CONSOLE_LEN).contains(&addr) {
                 let n = ((addr - MMIO_CONSOLE_BASE) / 8 + 1) as usize;
                 console.write(&data[..n.min(data.len())]);
-            } else if let Some(n) = net {
-                if (NET_MMIO_BASE..NET_MMIO_BASE + NET_MMIO_LEN).contains(&addr) {
+            } else if (NET_MMIO_BASE..NET_MMIO_BASE + NET_MMIO_LEN).contains(&addr) {
+                if let Some(n) = net {
                     n.mmio_write(addr - NET_MMIO_BASE, data);
+                }
+            } else if (BLK_MMIO_BASE..BLK_MMIO_BASE + BLK_MMIO_LEN).contains(&addr) {
+                if let Some(b) = blk {
+                    b.mmio_write(addr - BLK_MMIO_BASE, data);
                 }
             }
             Flow::Continue

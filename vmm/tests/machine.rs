@@ -168,6 +168,7 @@ fn restore_continues(workload: &str) {
         Box::new(sink2.clone()),
         false,
         std::path::Path::new("/dev/kvm"),
+        None,
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(600));
@@ -292,7 +293,7 @@ fn replica_slice_coexists_with_a_standby_but_not_with_running_vcpus() {
     let mut standby = Some(standby);
     let refused = castor_vmm::memory::with_ram_mut(&mut replica, |_| {
         let sb = standby.take().unwrap();
-        Machine::restore_standby(sb, &state, Box::new(sink2.clone()), false).err()
+        Machine::restore_standby(sb, &state, Box::new(sink2.clone()), false, None).err()
     })
     .unwrap();
     assert!(
@@ -304,8 +305,15 @@ fn replica_slice_coexists_with_a_standby_but_not_with_running_vcpus() {
         ),
         "{refused:?}"
     );
-    let r =
-        Machine::restore_on(&state, replica.clone(), Box::new(sink2.clone()), false, kvm).unwrap();
+    let r = Machine::restore_on(
+        &state,
+        replica.clone(),
+        Box::new(sink2.clone()),
+        false,
+        kvm,
+        None,
+    )
+    .unwrap();
     assert!(matches!(
         castor_vmm::memory::with_ram_mut(&mut replica, |_| ()),
         Err(castor_vmm::memory::MemoryError::InUse(_))

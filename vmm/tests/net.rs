@@ -129,6 +129,7 @@ fn the_card_serves_clients_and_survives_a_snapshot_and_restore() {
         Box::new(sink2.clone()),
         false,
         Path::new("/dev/kvm"),
+        None,
     )
     .unwrap();
     r.net()
