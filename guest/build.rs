@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SOURCES: &[&str] = &["boot.S", "kernel.c", "user.c", "lib.c", "net.c"];
+const SOURCES: &[&str] = &["boot.S", "kernel.c", "user.c", "lib.c", "net.c", "blk.c"];
 
 fn run(cmd: &mut Command) {
     let status = cmd

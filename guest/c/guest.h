@@ -19,6 +19,7 @@ enum workload {
     WL_LOG,
     WL_VERIFY,
     WL_NET,
+    WL_KVDISK,
 };
 
 /* Set by the BSP in ring 0 before any CPU starts its workload; read-only after. */
@@ -39,6 +40,7 @@ struct config {
     u64 net_mmio;       /* the virtio-net card's virtio-mmio window (net workload) */
     u64 net_ip;         /* the guest's IPv4 address, as the 4 bytes of a frame read as a little-endian u32 */
     u64 net_port;       /* the key-value service's UDP port */
+    u64 blk_mmio;       /* the virtio-blk disk's virtio-mmio window (kvdisk workload) */
     char name[16];
 };
 
@@ -82,5 +84,15 @@ void user_main(u64 cpu);
 
 /* net.c (ring 3) */
 void run_net_service(void (*progress)(u64 served, u64 rx, u64 tx), u64 pool, u64 pool_bytes);
+extern u64 kvdisk_records; /* records in the log (replayed + appended) */
+
+/* blk.c (ring 3): polling virtio-blk driver; each call returns the status (0 ok) */
+struct blk_stats { u64 reads, writes, flushes, read_bytes, write_bytes, errors; };
+extern struct blk_stats blk_st;
+extern u64 blk_sectors;
+const char *blk_init(u64 base, u64 *cursor);
+int blk_read(u64 sector, void *buf, u64 bytes);
+int blk_write(u64 sector, const void *buf, u64 bytes);
+int blk_flush(void);
 
 #endif

@@ -89,6 +89,7 @@ static const struct defaults workloads[] = {
     {"log", WL_LOG, 20000, 16, 100},
     {"verify", WL_VERIFY, 5000, 16, 100},
     {"net", WL_NET, 0, 16, 100},
+    {"kvdisk", WL_KVDISK, 0, 16, 100},
 };
 
 static void parse_cmdline(char *s) {
@@ -116,6 +117,7 @@ static void parse_cmdline(char *s) {
         else if (str_eq(key, "irq")) cfg.irq = v != 0;
         else if (str_eq(key, "mmio_console")) cfg.mmio_console = v;
         else if (str_eq(key, "net_mmio")) cfg.net_mmio = v;
+        else if (str_eq(key, "blk_mmio")) cfg.blk_mmio = v;
         else if (str_eq(key, "ip")) cfg.net_ip = v;
         else if (str_eq(key, "port")) cfg.net_port = v;
         else fatal("unknown parameter ", key);
@@ -135,7 +137,8 @@ static void parse_cmdline(char *s) {
     if (!cfg.seed) cfg.seed = 0x9E3779B97F4A7C15UL;
     if (!cfg.cpus) cfg.cpus = 1;
     if (cfg.cpus > MAX_CPUS) fatal("too many cpus", "");
-    if (cfg.workload == WL_NET && !cfg.net_mmio) fatal("the net workload needs a network card (net_mmio=)", "");
+    if ((cfg.workload == WL_NET || cfg.workload == WL_KVDISK) && !cfg.net_mmio) fatal("the net and kvdisk workloads need a network card (net_mmio=)", "");
+    if (cfg.workload == WL_KVDISK && !cfg.blk_mmio) fatal("the kvdisk workload needs a disk (blk_mmio=)", "");
     if (!cfg.net_port) cfg.net_port = 7000;
 }
 

@@ -14,6 +14,27 @@
  * A PUT whose (client, req) equals the key's last applied PUT is a retry:
  * it is answered from the table without applying it again. Replies go back
  * to the request's Ethernet source: the service needs no ARP cache.
+ *
+ * kvdisk (cfg.workload == WL_KVDISK): the same service made durable on the
+ * virtio-blk disk (blk.c). Every applied PUT is appended to a log at the
+ * start of the disk, 64-byte self-checking records, 64 per 4 KiB block:
+ *
+ *   magic u32 = 0x4B564C31 ("KVL1"), check u32 (FNV-1a 32 of the other
+ *   60 bytes), seq u64 (1, 2, ...), gen u64 (boot generation), client u64,
+ *   req u64, key u64, value u64, version u64
+ *
+ * Group commit: the replies of one poll round (every request, GETs too:
+ * they may show a PUT of the same round) are held; the round's records are
+ * written in one request, the disk is flushed, and only then are the
+ * replies sent. At boot the log is read from the start and replayed into
+ * the table (the last record of a key wins, with its client and request
+ * id, so retries are still recognised); replay stops at the first record
+ * whose magic, checksum or seq is wrong or whose gen is lower than the
+ * previous record's (a stale record of an earlier boot's unflushed round
+ * behind a rewritten block), and the service appends after it with
+ * gen + 1. A PUT that finds the log full gets status 3 (log full) and is
+ * not applied. A failed disk write or flush stops the service (the held
+ * replies are never sent): nothing un-durable is acknowledged.
  */
 #include "guest.h"
 
@@ -46,6 +67,24 @@ static u32 my_ip; /* network byte order as stored in frames: a.b.c.d -> bytes */
 static u64 *table;
 static u64 slots;
 static struct net_stats st;
+
+/* kvdisk: the log and the held replies */
+#define REC 64
+#define PER_BLOCK (4096 / REC)
+#define LOGBUF_BLOCKS 16
+#define LOG_MAGIC 0x4B564C31u
+#define REPLY_LEN (14 + 20 + 8 + 56)
+#define MAX_HELD 512
+static int durable;
+static u8 *logbuf;      /* blocks log_block0.. of the log, the tail included */
+static u64 log_block0;
+static u64 log_pos;     /* records in the log: the next one's index */
+static u64 log_cap;     /* records the disk holds */
+static u64 log_gen;
+static u64 log_dirty;   /* records appended since the last commit */
+static u8 *held;        /* replies waiting for the commit */
+static u32 nheld;
+u64 kvdisk_records;
 
 #define R(off) (regs[(off) / 4])
 static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
@@ -191,6 +230,109 @@ static u64 *lookup(u64 key, int insert) {
     return 0;
 }
 
+static void stop_service(const char *why) {
+    struct line l = {0};
+    line_str(&l, "castor-guest: error: kvdisk: ");
+    line_str(&l, why);
+    line_str(&l, "; the service stops (no reply that is not durable is sent)");
+    line_emit(&l);
+    for (;;) cpu_relax();
+}
+
+static u32 rec_check(const u8 *r) {
+    u32 h = 0x811C9DC5u;
+    for (int i = 0; i < REC; i++) {
+        if (i >= 4 && i < 8) continue;
+        h ^= r[i];
+        h *= 0x01000193u;
+    }
+    return h;
+}
+
+/* Writes the records appended since the last commit, flushes the disk, then
+ * sends the held replies. */
+static void log_commit(void) {
+    if (log_dirty) {
+        u64 last = (log_pos - 1) / PER_BLOCK;
+        u64 n = last - log_block0 + 1;
+        if (blk_write(log_block0 * 8, logbuf, n * 4096)) stop_service("writing the log failed");
+        if (blk_flush()) stop_service("flushing the disk failed");
+        log_dirty = 0;
+        /* the tail block (partial, or the next empty one) moves to the front */
+        u64 tail = log_pos / PER_BLOCK;
+        if (tail != log_block0) {
+            if (tail <= last) memcpy(logbuf, logbuf + (tail - log_block0) * 4096, 4096);
+            else memset(logbuf, 0, 4096);
+            memset(logbuf + 4096, 0, (LOGBUF_BLOCKS - 1) * 4096);
+            log_block0 = tail;
+        }
+    }
+    for (u32 i = 0; i < nheld; i++) tx_frame(held + (u64)i * REPLY_LEN, REPLY_LEN);
+    nheld = 0;
+}
+
+static void log_append(u64 client, u64 req, u64 key, u64 val, u64 version) {
+    if ((log_pos / PER_BLOCK) - log_block0 >= LOGBUF_BLOCKS) log_commit();
+    u8 *r = logbuf + ((log_pos / PER_BLOCK) - log_block0) * 4096 + (log_pos % PER_BLOCK) * REC;
+    log_pos++;
+    wr32(r, LOG_MAGIC);
+    wr64(r + 8, log_pos); /* seq: 1-based */
+    wr64(r + 16, log_gen);
+    wr64(r + 24, client);
+    wr64(r + 32, req);
+    wr64(r + 40, key);
+    wr64(r + 48, val);
+    wr64(r + 56, version);
+    wr32(r + 4, rec_check(r));
+    log_dirty++;
+    kvdisk_records = log_pos;
+}
+
+/* Reads the log from the start and applies every valid record. */
+static void log_replay(void) {
+    u64 pos = 0, gen = 0;
+    int done = 0;
+    while (!done && pos < log_cap) {
+        u64 b0 = pos / PER_BLOCK;
+        u64 nb = LOGBUF_BLOCKS;
+        if ((b0 + nb) * PER_BLOCK > log_cap) nb = log_cap / PER_BLOCK - b0;
+        if (blk_read(b0 * 8, logbuf, nb * 4096)) stop_service("reading the log failed");
+        for (u64 i = 0; i < nb * PER_BLOCK; i++) {
+            const u8 *r = logbuf + i * REC;
+            u64 g = rd64(r + 16);
+            if (rd32(r) != LOG_MAGIC || rd32(r + 4) != rec_check(r) || rd64(r + 8) != pos + 1 || g < gen) {
+                done = 1;
+                break;
+            }
+            gen = g;
+            u64 *t = lookup(rd64(r + 40), 1);
+            if (!t) stop_service("the table is too small for the log");
+            t[1] = rd64(r + 48);
+            t[2] = rd64(r + 56);
+            t[3] = rd64(r + 24);
+            t[4] = rd64(r + 32);
+            pos++;
+        }
+    }
+    log_pos = pos;
+    log_gen = gen + 1;
+    kvdisk_records = pos;
+    /* the tail block, records after the log's end cleared */
+    log_block0 = pos / PER_BLOCK;
+    memset(logbuf, 0, LOGBUF_BLOCKS * 4096);
+    if (pos % PER_BLOCK) {
+        if (blk_read(log_block0 * 8, logbuf, 4096)) stop_service("reading the log failed");
+        memset(logbuf + (pos % PER_BLOCK) * REC, 0, 4096 - (pos % PER_BLOCK) * REC);
+    }
+    struct line l = {0};
+    line_str(&l, "castor-guest: kvdisk replayed ");
+    line_u64(&l, pos);
+    line_str(&l, " records");
+    line_kv(&l, "gen", log_gen);
+    line_kv(&l, "capacity", log_cap);
+    line_emit(&l);
+}
+
 static void kv(const u8 *f, u32 len) {
     const u8 *ip = f + 14;
     u32 ihl = (u32)(ip[0] & 0xF) * 4;
@@ -204,18 +346,25 @@ static void kv(const u8 *f, u32 len) {
     if (rd32(q) != KV_MAGIC || (op != 1 && op != 2) || key == 0) {
         status = 2;
     } else {
-        u64 *r = lookup(key, op == 1);
-        if (!r) {
-            status = op == 1 ? 1 : 0;
+        u64 *r = lookup(key, 0);
+        int retry = op == 1 && r && r[3] == client && r[4] == req;
+        if (op == 1 && durable && !retry && log_pos >= log_cap) {
+            status = 3; /* log full: not applied */
         } else {
-            if (op == 1 && !(r[3] == client && r[4] == req)) {
-                r[1] = val;
-                r[2]++;
-                r[3] = client;
-                r[4] = req;
+            if (!r && op == 1) r = lookup(key, 1);
+            if (!r) {
+                status = op == 1 ? 1 : 0;
+            } else {
+                if (op == 1 && !retry) {
+                    r[1] = val;
+                    r[2]++;
+                    r[3] = client;
+                    r[4] = req;
+                    if (durable) log_append(client, req, key, val, r[2]);
+                }
+                out_v = r[1];
+                out_ver = r[2];
             }
-            out_v = r[1];
-            out_ver = r[2];
         }
     }
     u8 o[14 + 20 + 8 + 56];
@@ -247,7 +396,13 @@ static void kv(const u8 *f, u32 len) {
     wr64(p + 40, out_v);
     wr64(p + 48, out_ver);
     st.served++;
-    tx_frame(o, sizeof(o));
+    if (durable) {
+        if (nheld == MAX_HELD) log_commit();
+        memcpy(held + (u64)nheld * REPLY_LEN, o, sizeof(o));
+        nheld++;
+    } else {
+        tx_frame(o, sizeof(o));
+    }
 }
 
 static void frame_in(const u8 *f, u32 len) {
@@ -290,6 +445,7 @@ static u64 poll_rx(void) {
         barrier();
         R(0x050) = 0;
     }
+    if (durable && (nheld || log_dirty)) log_commit();
     return n;
 }
 
@@ -304,6 +460,23 @@ void run_net_service(void (*progress)(u64 served, u64 rx, u64 tx), u64 pool, u64
         line_str(&l, err);
         line_emit(&l);
         for (;;) cpu_relax();
+    }
+    durable = cfg.workload == WL_KVDISK;
+    if (durable) {
+        err = blk_init(cfg.blk_mmio, &cursor);
+        if (err) {
+            struct line e = {0};
+            line_str(&e, "castor-guest: error: disk: ");
+            line_str(&e, err);
+            line_emit(&e);
+            for (;;) cpu_relax();
+        }
+        cursor = (cursor + 4095) & ~4095UL;
+        logbuf = (u8 *)cursor;
+        cursor += LOGBUF_BLOCKS * 4096;
+        held = (u8 *)cursor;
+        cursor += ((u64)MAX_HELD * REPLY_LEN + 4095) & ~4095UL;
+        log_cap = blk_sectors * 512 / REC;
     }
     cursor = (cursor + 4095) & ~4095UL;
     if (cursor >= pool + pool_bytes) {
@@ -324,6 +497,7 @@ void run_net_service(void (*progress)(u64 served, u64 rx, u64 tx), u64 pool, u64
     line_kv(&l, "port", cfg.net_port);
     line_kv(&l, "slots", slots);
     line_emit(&l);
+    if (durable) log_replay();
     for (;;) {
         poll_rx();
         progress(st.served, st.rx, st.tx);

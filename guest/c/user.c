@@ -224,7 +224,23 @@ static void net_progress(u64 served, u64 rx, u64 tx) {
     (void)tx;
     c->ops = served;
     u64 now = rdtsc();
-    if (now >= c->next_line) {
+    if (now >= c->next_line && cfg.workload == WL_KVDISK) {
+        /* the progress line, plus the log and the disk's counters */
+        struct line l = {0};
+        c->seq++;
+        line_kv(&l, "cpu", c->cpu);
+        line_kv(&l, "seq", c->seq);
+        line_kv(&l, "t_us", tsc_to_us(now - c->t0));
+        line_kv(&l, "ops", c->ops);
+        line_kv(&l, "rx", rx);
+        line_kv(&l, "log", kvdisk_records);
+        line_kv(&l, "dwrites", blk_st.writes);
+        line_kv(&l, "flushes", blk_st.flushes);
+        line_kv(&l, "derrors", blk_st.errors);
+        line_emit(&l);
+        c->next_line += c->period;
+        if (now >= c->next_line) c->next_line = now + c->period;
+    } else if (now >= c->next_line) {
         progress(c, now, "rx", rx);
         c->next_line += c->period;
         if (now >= c->next_line) c->next_line = now + c->period;
@@ -258,6 +274,7 @@ void user_main(u64 cpu) {
     case WL_LOG: run_log(&c); break;
     case WL_VERIFY: run_verify(&c); break;
     case WL_NET: run_net(&c); break;
+    case WL_KVDISK: run_net(&c); break;
     }
     for (;;) cpu_relax();
 }
