@@ -159,7 +159,7 @@ fn a_failover_runs_on_the_disk_of_the_last_committed_checkpoint() {
     let _ = primary.child.kill();
     let _ = primary.child.wait();
     wait_status(&backup, "the takeover", Duration::from_secs(10), |st| {
-        st.role == node::Role::Primary
+        st.role.runs_guest()
     })
     .unwrap();
     let taken = fields(
@@ -296,7 +296,7 @@ fn a_backup_killed_during_commits_comes_back_and_resyncs() {
     let _ = primary.child.kill();
     let _ = primary.child.wait();
     wait_status(&backup, "the takeover", Duration::from_secs(10), |st| {
-        st.role == node::Role::Primary
+        st.role.runs_guest()
     })
     .unwrap();
     let v = c.verify_all().unwrap();

@@ -93,7 +93,7 @@ fn reprotect(a: &BenchArgs, pct: u64, link: &[String]) -> Result<Reprotect> {
     )?;
     primary.kill();
     wait_status(&backup, "the takeover", Duration::from_secs(10), |s| {
-        s.role == node::Role::Primary
+        s.role.runs_guest()
     })?;
     let changed = change(&disks[0], pct)?;
     let t = Instant::now();
