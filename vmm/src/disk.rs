@@ -301,9 +301,9 @@ impl Disk {
     }
 }
 
-/// Which 1 MiB runs of `file` (of `bytes`) hold data, by `SEEK_DATA` /
-/// `SEEK_HOLE`: a run with none reads as zeros and need not be read. `None`
-/// when the file system cannot say (every run is read).
+/// Which `run`-byte pieces of `file` (of `bytes`) hold data, by `SEEK_DATA` /
+/// `SEEK_HOLE`: a piece with none reads as zeros and need not be read.
+/// `None` when the file system cannot say (everything is read).
 fn runs_with_data(file: &File, bytes: u64, run: u64) -> Option<Vec<bool>> {
     let runs = bytes.div_ceil(run) as usize;
     let mut has = vec![false; runs];
@@ -338,14 +338,13 @@ fn runs_with_data(file: &File, bytes: u64, run: u64) -> Option<Vec<bool>> {
 /// sparse file's holes, as zeros without reading them).
 fn digest_all(file: &File, blocks: u64) -> std::io::Result<Vec<u64>> {
     const RUN: usize = 256; // 1 MiB reads
-    let data = runs_with_data(file, blocks * BLOCK, RUN as u64 * BLOCK);
+    let data = runs_with_data(file, blocks * BLOCK, BLOCK);
     let data = data.as_deref();
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .min(blocks.div_ceil(256) as usize)
         .max(1);
-    // Whole runs a thread, so each run read (or skipped) is one of `data`'s.
     let per = blocks.div_ceil(threads as u64).next_multiple_of(RUN as u64);
     let mut out = vec![0u64; blocks as usize];
     std::thread::scope(|s| {
@@ -357,11 +356,19 @@ fn digest_all(file: &File, blocks: u64) -> std::io::Result<Vec<u64>> {
                 for (k, part) in chunk.chunks_mut(RUN).enumerate() {
                     let b0 = first + (k * RUN) as u64;
                     let len = part.len() * BLOCK as usize;
-                    let hole = data.is_some_and(|d| !d[(b0 / RUN as u64) as usize]);
-                    if hole {
-                        buf[..len].fill(0);
-                    } else {
+                    let present = |j: usize| data.is_none_or(|d| d[b0 as usize + j]);
+                    if (0..part.len()).all(present) {
                         file.read_exact_at(&mut buf[..len], b0 * BLOCK)?;
+                    } else {
+                        // Mostly holes: only the blocks with data are read.
+                        buf[..len].fill(0);
+                        for j in (0..part.len()).filter(|&j| present(j)) {
+                            let at = j * BLOCK as usize;
+                            file.read_exact_at(
+                                &mut buf[at..at + BLOCK as usize],
+                                (b0 + j as u64) * BLOCK,
+                            )?;
+                        }
                     }
                     for (j, d) in part.iter_mut().enumerate() {
                         let s = j * BLOCK as usize;
