@@ -303,6 +303,7 @@ pub fn run_drill(
             );
         }
     }
+    let mut cold = None;
     if let (Some(c), Some(l), true) = (&client, &lab, disk) {
         // Everything stops; a fresh guest boots from the survivor's disk
         // alone (its RAM thrown away) and must answer for every write.
@@ -319,14 +320,21 @@ pub fn run_drill(
             c,
         );
         match v {
-            Ok(v) if v.ok() => println!(
+            Ok((v, child)) if v.ok() => {
+                cold = Some(child);
+                println!(
                 "  cold boot from the survivor's disk alone ({}): {}/{} acknowledged keys read back",
                 pair.names[primary_idx], v.checked, v.keys
-            ),
-            Ok(v) => bail!(
+            )
+            }
+            Ok((v, mut g)) => {
+                let _ = g.kill();
+                let _ = g.wait();
+                bail!(
                 "after a cold boot from the survivor's disk, acknowledged writes are missing: {v:?}\nlogs kept in {}",
                 tmp.keep().display()
-            ),
+            )
+            }
             Err(e) => bail!(
                 "cold boot from the survivor's disk: {e}\nlogs kept in {}",
                 tmp.keep().display()
@@ -334,7 +342,12 @@ pub fn run_drill(
         }
     }
     if let Some(c) = client {
+        // With a disk, its final check reads from the cold-booted guest.
         let r = c.stop();
+        if let Some(mut g) = cold.take() {
+            let _ = g.kill();
+            let _ = g.wait();
+        }
         on_client(&r);
         if !r.ok() {
             bail!(
@@ -352,7 +365,8 @@ pub fn run_drill(
 }
 
 /// Boots a fresh guest (`castor run`) on `disk` alone, waits for its log
-/// replay, and reads back every key the client had acknowledged.
+/// replay, and reads back every key the client had acknowledged; returns
+/// that and the guest, still running.
 fn cold_boot(
     disk: &std::path::Path,
     tap: &str,
@@ -361,7 +375,7 @@ fn cold_boot(
     workload: &Workload,
     dir: &std::path::Path,
     c: &crate::loadgen::Handle,
-) -> Result<crate::loadgen::VerifyReport> {
+) -> Result<(crate::loadgen::VerifyReport, std::process::Child)> {
     let out = dir.join("cold-boot.console");
     let mut args: Vec<String> = vec![
         "run".into(),
@@ -386,6 +400,7 @@ fn cold_boot(
         if text.contains("replayed") {
             break c.verify_all();
         }
+        // (A guest that never replays is stopped below.)
         if t.elapsed() > Duration::from_secs(60) || child.try_wait()?.is_some() {
             break Err(anyhow::anyhow!(
                 "the guest did not replay its log (see {})",
@@ -394,9 +409,14 @@ fn cold_boot(
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let _ = child.kill();
-    let _ = child.wait();
-    r
+    match r {
+        Ok(v) => Ok((v, child)),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
 }
 
 /// After a failover: waits (up to 10 s) for the client's first reply after
