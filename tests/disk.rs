@@ -389,6 +389,45 @@ fn mismatched_disks_are_refused_with_the_reason() {
     }
 }
 
+/// Live migration does not move disks: a primary with one refuses, says
+/// why, and its guest stays there, protected.
+#[test]
+fn a_guest_with_a_disk_is_not_migrated_and_stays_protected() {
+    castor_bin();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pair = Pair::in_dir(dir, ["a", "b"])
+        .unwrap()
+        .with_disks([new_disk(&dir.join("a.img")), new_disk(&dir.join("b.img"))]);
+    let (_backup, primary) = pair
+        .start(
+            &[],
+            &strings(&["--mem", "64M", "--workload", "counter"]),
+            ["b.log", "a.log"],
+        )
+        .unwrap();
+    wait_status(
+        &primary,
+        "protected",
+        Duration::from_secs(60),
+        pair::protected,
+    )
+    .unwrap();
+    let o = run(&[
+        "migrate",
+        "--control",
+        &primary.control.display().to_string(),
+        "--to",
+        "127.0.0.1:9",
+        "--dest",
+        "c",
+    ]);
+    let (ok, text) = outcome(&o);
+    assert!(!ok && text.contains("does not move disks"), "{text}");
+    let st = primary.status().unwrap();
+    assert!(st.role.runs_guest() && pair::protected(&st), "{st:?}");
+}
+
 /// Unmounts a tmpfs when dropped.
 struct Mount(PathBuf);
 
