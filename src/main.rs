@@ -246,6 +246,8 @@ struct ProtectArgs {
     #[arg(long, default_value_t = 200)]
     backup_timeout_ms: u64,
     /// Send a memory digest with each checkpoint for the backup to verify.
+    /// (A guest's disk is always verified: every checkpoint carries the
+    /// disk's digest sum, and the backup compares its own after writing.)
     #[arg(long)]
     verify: bool,
     /// Scheduling nice value of the guest's vCPU threads (0..=19): above 0
