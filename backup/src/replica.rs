@@ -339,6 +339,16 @@ impl Shared {
         }
     }
 
+    /// The replica is at no checkpoint (written by checkpoint `epoch`, and
+    /// found different from the primary): dropped, and taken over by no one
+    /// until a new session's first checkpoint commits.
+    fn invalidate(&self, r: &mut Replica, epoch: u64) {
+        r.state = None;
+        r.mem = None;
+        self.core().on(BackupInput::ReplicaInvalid { epoch });
+        self.mismatches.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Applies a committed checkpoint to the replica: whole, or not at all
     /// (a refused checkpoint leaves the replica at the previous one and ends
     /// the session).
@@ -414,11 +424,7 @@ impl Shared {
         if let (Some(want), Some(got)) = (c.memory_digest, digest) {
             if want != got {
                 // The RAM was written: the replica is at no checkpoint now.
-                r.state = None;
-                r.mem = None;
-                self.core()
-                    .on(BackupInput::ReplicaInvalid { epoch: c.epoch });
-                self.mismatches.fetch_add(1, Ordering::Relaxed);
+                self.invalidate(&mut r, c.epoch);
                 error!(
                     epoch = c.epoch,
                     "VERIFY: replica differs from the primary after checkpoint {}; no takeover until the next session's full resync commits", c.epoch
@@ -433,11 +439,7 @@ impl Shared {
             if let Err(e) = d.apply(session, c.epoch, &c.disk, dc) {
                 // The RAM is at this checkpoint and the disk is not: the
                 // replica is at none.
-                r.state = None;
-                r.mem = None;
-                self.core()
-                    .on(BackupInput::ReplicaInvalid { epoch: c.epoch });
-                self.mismatches.fetch_add(1, Ordering::Relaxed);
+                self.invalidate(&mut r, c.epoch);
                 error!(
                     epoch = c.epoch,
                     "DISK: {e}; no takeover until the next session's resync commits"

@@ -248,42 +248,6 @@ impl std::fmt::Debug for BlockDevice {
     }
 }
 
-fn queue_from(regs: &QueueRegs, mem: &GuestMem) -> Result<Queue, String> {
-    let bad = |e: virtio_queue::Error| format!("virtio-blk queue: {e}");
-    let mut q = Queue::new(QUEUE_MAX).map_err(bad)?;
-    if regs.size != 0 {
-        q.try_set_size(regs.size).map_err(bad)?;
-    }
-    q.set_next_avail(regs.next_avail);
-    q.set_next_used(regs.next_used);
-    q.try_set_desc_table_address(GuestAddress(regs.desc))
-        .map_err(bad)?;
-    q.try_set_avail_ring_address(GuestAddress(regs.avail))
-        .map_err(bad)?;
-    q.try_set_used_ring_address(GuestAddress(regs.used))
-        .map_err(bad)?;
-    q.set_ready(regs.ready);
-    if regs.ready && !q.is_valid(mem) {
-        return Err(format!(
-            "virtio-blk queue: rings at {:#x}/{:#x}/{:#x} (size {}) are not in guest memory",
-            regs.desc, regs.avail, regs.used, regs.size
-        ));
-    }
-    Ok(q)
-}
-
-fn regs_of(q: &Queue) -> QueueRegs {
-    QueueRegs {
-        size: q.size(),
-        ready: q.ready(),
-        desc: q.desc_table(),
-        avail: q.avail_ring(),
-        used: q.used_ring(),
-        next_avail: q.next_avail(),
-        next_used: q.next_used(),
-    }
-}
-
 /// A block written by a request, with its content after it.
 type Written = (u64, Box<[u8; 4096]>);
 
@@ -452,7 +416,7 @@ impl BlockDevice {
                 disk.bytes()
             ));
         }
-        let queue = queue_from(&state.queue, &mem)?;
+        let queue = state.queue.queue(&mem, "virtio-blk queue")?;
         Ok(BlockDevice {
             inner: Mutex::new(Inner {
                 regs: state.clone(),
@@ -516,7 +480,7 @@ impl BlockDevice {
     pub fn state(&self) -> BlkState {
         let i = self.lock();
         let mut s = i.regs.clone();
-        s.queue = regs_of(&i.queue);
+        s.queue = QueueRegs::of(&i.queue);
         s
     }
 

@@ -210,39 +210,45 @@ impl std::fmt::Debug for NetDevice {
     }
 }
 
-fn queue_from(regs: &QueueRegs, mem: &GuestMem, i: usize) -> Result<Queue, String> {
-    let bad = |e: virtio_queue::Error| format!("virtio-net queue {i}: {e}");
-    let mut q = Queue::new(QUEUE_MAX).map_err(bad)?;
-    if regs.size != 0 {
-        q.try_set_size(regs.size).map_err(bad)?;
+impl QueueRegs {
+    /// A `virtio-queue` queue in these registers over `mem`; `what` names it
+    /// in errors ("virtio-net queue 1"). Rings marked ready must lie in
+    /// guest memory.
+    pub(crate) fn queue(&self, mem: &GuestMem, what: &str) -> Result<Queue, String> {
+        let bad = |e: virtio_queue::Error| format!("{what}: {e}");
+        let mut q = Queue::new(QUEUE_MAX).map_err(bad)?;
+        if self.size != 0 {
+            q.try_set_size(self.size).map_err(bad)?;
+        }
+        q.set_next_avail(self.next_avail);
+        q.set_next_used(self.next_used);
+        q.try_set_desc_table_address(GuestAddress(self.desc))
+            .map_err(bad)?;
+        q.try_set_avail_ring_address(GuestAddress(self.avail))
+            .map_err(bad)?;
+        q.try_set_used_ring_address(GuestAddress(self.used))
+            .map_err(bad)?;
+        q.set_ready(self.ready);
+        if self.ready && !q.is_valid(mem) {
+            return Err(format!(
+                "{what}: rings at {:#x}/{:#x}/{:#x} (size {}) are not in guest memory",
+                self.desc, self.avail, self.used, self.size
+            ));
+        }
+        Ok(q)
     }
-    q.set_next_avail(regs.next_avail);
-    q.set_next_used(regs.next_used);
-    q.try_set_desc_table_address(GuestAddress(regs.desc))
-        .map_err(bad)?;
-    q.try_set_avail_ring_address(GuestAddress(regs.avail))
-        .map_err(bad)?;
-    q.try_set_used_ring_address(GuestAddress(regs.used))
-        .map_err(bad)?;
-    q.set_ready(regs.ready);
-    if regs.ready && !q.is_valid(mem) {
-        return Err(format!(
-            "virtio-net queue {i}: rings at {:#x}/{:#x}/{:#x} (size {}) are not in guest memory",
-            regs.desc, regs.avail, regs.used, regs.size
-        ));
-    }
-    Ok(q)
-}
 
-fn regs_of(q: &Queue) -> QueueRegs {
-    QueueRegs {
-        size: q.size(),
-        ready: q.ready(),
-        desc: q.desc_table(),
-        avail: q.avail_ring(),
-        used: q.used_ring(),
-        next_avail: q.next_avail(),
-        next_used: q.next_used(),
+    /// The registers and ring positions of `q`.
+    pub(crate) fn of(q: &Queue) -> QueueRegs {
+        QueueRegs {
+            size: q.size(),
+            ready: q.ready(),
+            desc: q.desc_table(),
+            avail: q.avail_ring(),
+            used: q.used_ring(),
+            next_avail: q.next_avail(),
+            next_used: q.next_used(),
+        }
     }
 }
 
@@ -252,8 +258,8 @@ impl NetDevice {
     pub(crate) fn new(state: &NetState, mem: GuestMem, irq: EventFd) -> Result<NetDevice, String> {
         state.validate()?;
         let queues = [
-            queue_from(&state.queues[RX], &mem, RX)?,
-            queue_from(&state.queues[TX], &mem, TX)?,
+            state.queues[RX].queue(&mem, "virtio-net queue 0")?,
+            state.queues[TX].queue(&mem, "virtio-net queue 1")?,
         ];
         Ok(NetDevice {
             inner: Mutex::new(Inner {
@@ -281,7 +287,7 @@ impl NetDevice {
     pub fn state(&self) -> NetState {
         let i = self.lock();
         let mut s = i.regs.clone();
-        s.queues = [regs_of(&i.queues[RX]), regs_of(&i.queues[TX])];
+        s.queues = [QueueRegs::of(&i.queues[RX]), QueueRegs::of(&i.queues[TX])];
         s
     }
 
