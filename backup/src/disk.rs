@@ -214,6 +214,18 @@ impl BackupDisk {
         commit: DiskCommit,
     ) -> Result<u64, DiskApplyError> {
         let entries = protocol::disk::parse(records, self.disk.blocks())?;
+        self.apply_parsed(session, epoch, &entries, commit)
+    }
+
+    /// [`BackupDisk::apply`] of records already parsed (and so validated)
+    /// for this disk.
+    pub fn apply_parsed(
+        &self,
+        session: u64,
+        epoch: u64,
+        entries: &[protocol::disk::Entry<'_>],
+        commit: DiskCommit,
+    ) -> Result<u64, DiskApplyError> {
         let t = Instant::now();
         if !entries.is_empty() {
             let mut j = Vec::with_capacity(HEADER + entries.len() * (8 + BLOCK) + TRAILER);
@@ -222,7 +234,7 @@ impl BackupDisk {
             j.extend_from_slice(&epoch.to_le_bytes());
             j.extend_from_slice(&(entries.len() as u64).to_le_bytes());
             let mut block = [0u8; BLOCK];
-            for e in &entries {
+            for e in entries {
                 e.content(&mut block);
                 j.extend_from_slice(&e.block.to_le_bytes());
                 j.extend_from_slice(&block);

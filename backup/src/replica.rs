@@ -364,9 +364,9 @@ impl Shared {
         let disk = match (&self.disk, c.disk_commit) {
             (Some(d), Some(dc)) => {
                 // Validated whole before anything is written, RAM included.
-                protocol::disk::parse(&c.disk, d.disk().blocks())
+                let entries = protocol::disk::parse(&c.disk, d.disk().blocks())
                     .map_err(|e| refuse(format!("refused, replica unchanged: {e}")))?;
-                Some((d, dc))
+                Some((d, dc, entries))
             }
             (None, None) => None,
             _ => return Err(refuse("a disk part without a disk on this node".into())),
@@ -435,8 +435,8 @@ impl Shared {
                 )));
             }
         }
-        if let Some((d, dc)) = disk {
-            if let Err(e) = d.apply(session, c.epoch, &c.disk, dc) {
+        if let Some((d, dc, entries)) = disk {
+            if let Err(e) = d.apply_parsed(session, c.epoch, &entries, dc) {
                 // The RAM is at this checkpoint and the disk is not: the
                 // replica is at none.
                 self.invalidate(&mut r, c.epoch);
