@@ -10,23 +10,24 @@
 //!
 //! castor talks to etcd through its v3 JSON gateway (`POST /v3/kv/range`,
 //! `/v3/kv/txn`) with a small blocking HTTP client (`ureq`) and a deadline
-//! on every call: two requests is all castor needs, and the gateway spares
-//! it a gRPC stack and `protoc` at build time. Endpoints are tried in order;
-//! etcd's reads and transactions are linearizable whichever member answers.
+//! on every call ([`Store`], which the fleet's other keys go through too):
+//! two requests is all the witness needs, and the gateway spares castor a
+//! gRPC stack and `protoc` at build time. The member that answered last is
+//! asked first, then the others in order; etcd's reads and transactions are
+//! linearizable whichever member answers.
 //! When none answers the answer is [`Claim::Unreachable`] and nothing
 //! changes: castor gives up availability, never safety.
 
 pub mod server;
+pub mod store;
 
 use std::time::Duration;
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use tracing::debug;
 
 pub use node::ha::Claim;
+pub use store::{requests, Kv, Store};
 
 /// The owner of a VM and its fencing token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +55,18 @@ pub enum WitnessError {
     /// A bad witness address.
     #[error("bad witness endpoint '{0}': give http://HOST:PORT")]
     BadEndpoint(String),
+    /// etcd refused the request itself (the same on every member): a lease
+    /// not found (code 5), a bad argument (3), no permission (7) …
+    #[error("etcd refused the request: {message} (gRPC code {code})")]
+    Refused {
+        /// etcd's gRPC status code (5: NotFound, as for an expired lease).
+        code: i64,
+        /// etcd's message, with the member that answered.
+        message: String,
+    },
+    /// An answer of etcd that is not what its gateway answers.
+    #[error("etcd answered something unexpected: {0}")]
+    BadAnswer(String),
     /// Another node owns the VM: it booted it or took it over and may be
     /// running it.
     #[error("the VM is owned by {owner} (token {token}) according to the witness")]
@@ -68,9 +81,8 @@ pub enum WitnessError {
 /// The VM's key in an etcd cluster.
 #[derive(Debug, Clone)]
 pub struct Etcd {
-    endpoints: Vec<String>,
+    store: Store,
     key: String,
-    agent: ureq::Agent,
 }
 
 /// The deadline of one request to one endpoint.
@@ -80,29 +92,9 @@ impl Etcd {
     /// The key of VM `vm` on the etcd members at `endpoints`
     /// (`http://HOST:PORT`).
     pub fn new(endpoints: &[String], vm: &str) -> Result<Etcd, WitnessError> {
-        if endpoints.is_empty() {
-            return Err(WitnessError::BadEndpoint(String::new()));
-        }
-        for e in endpoints {
-            let rest = e
-                .strip_prefix("http://")
-                .ok_or_else(|| WitnessError::BadEndpoint(e.clone()))?;
-            if rest.is_empty() || rest.contains('/') && !rest.ends_with('/') {
-                return Err(WitnessError::BadEndpoint(e.clone()));
-            }
-        }
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(REQUEST_TIMEOUT))
-            .http_status_as_error(false)
-            .build()
-            .into();
         Ok(Etcd {
-            endpoints: endpoints
-                .iter()
-                .map(|e| e.trim_end_matches('/').to_string())
-                .collect(),
+            store: Store::new(endpoints)?,
             key: format!("/castor/vm/{vm}"),
-            agent,
         })
     }
 
@@ -113,74 +105,38 @@ impl Etcd {
 
     /// The endpoints, for messages.
     pub fn describe(&self) -> String {
-        format!("etcd {} key {}", self.endpoints.join(","), self.key)
-    }
-
-    fn post(&self, path: &str, body: &Value) -> Result<Value, WitnessError> {
-        let mut last = String::new();
-        for e in &self.endpoints {
-            let url = format!("{e}{path}");
-            let r = self
-                .agent
-                .post(&url)
-                .header("content-type", "application/json")
-                .send(body.to_string());
-            match r {
-                Ok(mut resp) => {
-                    let status = resp.status();
-                    let text = resp.body_mut().read_to_string().unwrap_or_default();
-                    if status.is_success() {
-                        return serde_json::from_str(&text)
-                            .map_err(|e| WitnessError::Unreachable(format!("{url}: {e}")));
-                    }
-                    last = format!("{url}: HTTP {status}: {}", text.trim());
-                }
-                Err(err) => last = format!("{url}: {err}"),
-            }
-            debug!("witness endpoint failed: {last}");
-        }
-        Err(WitnessError::Unreachable(last))
+        format!("etcd {} key {}", self.store.endpoints().join(","), self.key)
     }
 
     /// The owner now, with the key's revision; `None`: no owner yet.
     pub fn read(&self) -> Result<Option<(Owner, i64)>, WitnessError> {
-        let v = self.post("/v3/kv/range", &json!({ "key": B64.encode(&self.key) }))?;
-        let Some(kv) = v.get("kvs").and_then(|k| k.get(0)) else {
+        let Some(kv) = self.store.get(&self.key)? else {
             return Ok(None);
         };
-        let corrupt = |err: String| WitnessError::Corrupt {
-            key: self.key.clone(),
-            err,
-        };
-        let value = kv.get("value").and_then(Value::as_str).unwrap_or("");
-        let value = B64.decode(value).map_err(|e| corrupt(e.to_string()))?;
-        let owner: Owner = serde_json::from_slice(&value).map_err(|e| corrupt(e.to_string()))?;
-        let rev =
-            number(kv.get("mod_revision")).ok_or_else(|| corrupt("no mod_revision".into()))?;
-        Ok(Some((owner, rev)))
+        let owner: Owner =
+            serde_json::from_slice(&kv.value).map_err(|e| WitnessError::Corrupt {
+                key: self.key.clone(),
+                err: e.to_string(),
+            })?;
+        Ok(Some((owner, kv.mod_revision)))
     }
 
     /// Writes `new` if the key is still at revision `rev` (`None`: absent).
     /// True when written.
     fn swap(&self, rev: Option<i64>, new: &Owner) -> Result<bool, WitnessError> {
-        let key = B64.encode(&self.key);
-        let compare = match rev {
-            Some(rev) => {
-                json!({"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": rev.to_string()})
-            }
-            None => {
-                json!({"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"})
-            }
-        };
-        let value = B64.encode(serde_json::to_vec(new).expect("an owner serialises"));
-        let v = self.post(
-            "/v3/kv/txn",
-            &json!({
-                "compare": [compare],
-                "success": [{"request_put": {"key": key, "value": value}}],
-            }),
-        )?;
-        Ok(v.get("succeeded").and_then(Value::as_bool).unwrap_or(false))
+        let value = serde_json::to_vec(new).expect("an owner serialises");
+        match rev {
+            Some(rev) => self.store.swap(&self.key, rev, &value, None),
+            None => self.store.create(&self.key, &value, None),
+        }
+    }
+
+    /// The error of a token that has no next one.
+    fn no_next(&self, token: u64) -> WitnessError {
+        WitnessError::Corrupt {
+            key: self.key.clone(),
+            err: format!("token {token} has no next token"),
+        }
     }
 
     /// Makes `me` the owner if the token is still `expected`: the one
@@ -202,14 +158,16 @@ impl Etcd {
     fn try_claim(&self, me: &str, expected: u64) -> Result<Claim, WitnessError> {
         let mine = Owner {
             owner: me.to_string(),
-            token: expected + 1,
+            token: expected
+                .checked_add(1)
+                .ok_or_else(|| self.no_next(expected))?,
         };
         let decide = |cur: &Option<(Owner, i64)>| -> Option<Claim> {
             let (owner, token) = cur
                 .as_ref()
                 .map(|(o, _)| (o.owner.clone(), o.token))
                 .unwrap_or_default();
-            if owner == me && token == expected + 1 {
+            if owner == me && token == mine.token {
                 Some(Claim::Won { token })
             } else if token != expected {
                 Some(Claim::Lost { owner, token })
@@ -249,7 +207,8 @@ impl Etcd {
                     });
                 }
             }
-            let token = cur.as_ref().map_or(0, |(o, _)| o.token) + 1;
+            let now = cur.as_ref().map_or(0, |(o, _)| o.token);
+            let token = now.checked_add(1).ok_or_else(|| self.no_next(now))?;
             let new = Owner {
                 owner: me.to_string(),
                 token,
@@ -286,15 +245,6 @@ pub fn parse_spec(s: &str) -> Result<Spec, String> {
     let endpoints: Vec<String> = urls.split(',').map(str::to_string).collect();
     Etcd::new(&endpoints, "check").map_err(|e| e.to_string())?;
     Ok(Spec::Etcd(endpoints))
-}
-
-/// An int64 of the gateway's JSON (a string) or a plain number.
-fn number(v: Option<&Value>) -> Option<i64> {
-    match v? {
-        Value::String(s) => s.parse().ok(),
-        Value::Number(n) => n.as_i64(),
-        _ => None,
-    }
 }
 
 #[cfg(test)]
@@ -334,12 +284,5 @@ mod tests {
         assert!(parse_spec("etcd=a:1")
             .unwrap_err()
             .contains("http://HOST:PORT"));
-    }
-
-    #[test]
-    fn gateway_numbers_are_strings_or_numbers() {
-        assert_eq!(number(Some(&json!("42"))), Some(42));
-        assert_eq!(number(Some(&json!(7))), Some(7));
-        assert_eq!(number(Some(&json!(null))), None);
     }
 }

@@ -1,24 +1,26 @@
-//! A local single-member etcd for `castor demo`, drills and the tests:
-//! Debian's `etcd-server` started on free loopback ports with its own data
-//! directory, stopped when dropped. A real deployment runs its own etcd
-//! cluster (one, three or five members) and gives castor the endpoints.
+//! Local etcd for `castor demo`, drills and the tests: Debian's
+//! `etcd-server` started on free loopback ports with its own data
+//! directory, stopped when dropped. [`EtcdServer`] is one member;
+//! [`EtcdCluster`] is one, three or five, each its own process, to kill
+//! and restart one by one. A real deployment runs its own etcd cluster
+//! (one, three or five members) and gives castor the endpoints.
 
-use std::net::TcpListener;
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{Etcd, WitnessError};
+use serde_json::json;
+
+use crate::{Etcd, Store, WitnessError};
+
+/// How long a local etcd has to answer.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A running local etcd.
 #[derive(Debug)]
 pub struct EtcdServer {
-    child: Option<Child>,
-    dir: PathBuf,
-    /// More addresses it listens on, beside 127.0.0.1.
-    also: Vec<std::net::IpAddr>,
-    client: u16,
-    peer: u16,
+    member: Member,
 }
 
 /// Why a local etcd did not start.
@@ -33,6 +35,133 @@ pub enum ServerError {
     /// It did not answer.
     #[error("etcd did not answer within 20 s (its log: {0})")]
     NoAnswer(PathBuf),
+    /// A cluster of a size other than 1, 3 or 5.
+    #[error("a local etcd cluster has 1, 3 or 5 members, not {0}")]
+    Size(usize),
+}
+
+/// One etcd process: how it is started, and the running process.
+#[derive(Debug)]
+struct Member {
+    name: String,
+    data: PathBuf,
+    log: PathBuf,
+    /// More addresses it listens on for clients, beside 127.0.0.1.
+    also: Vec<IpAddr>,
+    client: u16,
+    peer: u16,
+    /// `--initial-cluster`: every member's `NAME=PEER-URL`.
+    initial_cluster: String,
+    /// More flags (a cluster's token and timings).
+    flags: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Member {
+    /// Starts the process (not waiting for it to answer).
+    fn spawn(&mut self) -> Result<(), ServerError> {
+        self.kill();
+        if let Some(dir) = self.log.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let advertise = self.endpoint_on(IpAddr::from([127, 0, 0, 1]));
+        let mut client = advertise.clone();
+        for ip in &self.also {
+            client.push(',');
+            client.push_str(&self.endpoint_on(*ip));
+        }
+        let peer = self.peer_url();
+        let child = Command::new("etcd")
+            .args(["--name", &self.name, "--data-dir"])
+            .arg(&self.data)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &advertise])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(&self.flags)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => ServerError::Missing(e),
+                _ => ServerError::Io(e),
+            })?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer)
+    }
+
+    fn endpoint_on(&self, ip: IpAddr) -> String {
+        format!("http://{}", SocketAddr::new(ip, self.client))
+    }
+
+    fn endpoint(&self) -> String {
+        self.endpoint_on(IpAddr::from([127, 0, 0, 1]))
+    }
+
+    /// Whether its process runs.
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Waits until it answers a read, linearizable (through its cluster's
+    /// leader) or not (it is up), until `deadline`.
+    fn wait(&mut self, linearizable: bool, deadline: Instant) -> Result<(), ServerError> {
+        let probe = Store::new(&[self.endpoint()]).expect("a valid endpoint");
+        let read = json!({ "key": "L2Nhc3Rvci9wcm9iZQ==", "serializable": !linearizable });
+        while Instant::now() < deadline && self.running() {
+            if probe.post("/v3/kv/range", &read).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err(ServerError::NoAnswer(self.log.clone()))
+    }
+
+    /// Waits until it serves its peer port (any answer to `GET /members`),
+    /// at most `limit`: a new member asks its peers whether it was
+    /// bootstrapped already, and one whose port is bound but not served yet
+    /// holds it a second (etcd's bootstrap timeout) per peer.
+    fn wait_peer(&mut self, limit: Duration) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_millis(200)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let url = format!("{}/members", self.peer_url());
+        let t = Instant::now();
+        while t.elapsed() < limit && self.running() {
+            if agent.get(&url).call().is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -92,89 +221,59 @@ impl EtcdServer {
     }
 
     /// Starts etcd listening on 127.0.0.1 and on `also` (the same port).
-    pub fn start_on(dir: &Path, also: &[std::net::IpAddr]) -> Result<EtcdServer, ServerError> {
+    pub fn start_on(dir: &Path, also: &[IpAddr]) -> Result<EtcdServer, ServerError> {
         std::fs::create_dir_all(dir)?;
+        let client = free_port()?;
+        let peer = free_port()?;
         let mut s = EtcdServer {
-            child: None,
-            dir: dir.to_path_buf(),
-            also: also.to_vec(),
-            client: free_port()?,
-            peer: free_port()?,
+            member: Member {
+                name: "castor".into(),
+                data: dir.join("data"),
+                log: dir.join("etcd.log"),
+                also: also.to_vec(),
+                client,
+                peer,
+                initial_cluster: format!("castor=http://127.0.0.1:{peer}"),
+                flags: Vec::new(),
+                child: None,
+            },
         };
         s.spawn()?;
         Ok(s)
     }
 
     fn spawn(&mut self) -> Result<(), ServerError> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log())?;
-        let advertise = format!("http://127.0.0.1:{}", self.client);
-        let mut client = advertise.clone();
-        for ip in &self.also {
-            client.push_str(&format!(",http://{ip}:{}", self.client));
-        }
-        let peer = format!("http://127.0.0.1:{}", self.peer);
-        let child = Command::new("etcd")
-            .args(["--name", "castor", "--data-dir"])
-            .arg(self.dir.join("data"))
-            .args(["--listen-client-urls", &client])
-            .args(["--advertise-client-urls", &advertise])
-            .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("castor={peer}")])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => ServerError::Missing(e),
-                _ => ServerError::Io(e),
-            })?;
-        self.child = Some(child);
-        let probe = Etcd::new(&[self.endpoint()], "probe").expect("a valid endpoint");
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(20) {
-            if probe.read().is_ok() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Err(ServerError::NoAnswer(self.log()))
+        self.member.spawn()?;
+        self.member.wait(true, Instant::now() + START_TIMEOUT)
     }
 
     /// Its client endpoint, `http://127.0.0.1:PORT`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client)
+        self.member.endpoint()
     }
 
     /// Its log file.
     pub fn log(&self) -> PathBuf {
-        self.dir.join("etcd.log")
+        self.member.log.clone()
     }
 
     /// Its client endpoint on `ip`, one of the addresses it was started on.
-    pub fn endpoint_on(&self, ip: std::net::IpAddr) -> String {
-        format!("http://{ip}:{}", self.client)
+    pub fn endpoint_on(&self, ip: IpAddr) -> String {
+        self.member.endpoint_on(ip)
     }
 
     /// Its process id.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.member.child.as_ref().map(Child::id)
     }
 
     /// Stops it (SIGKILL): the witness is down.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.member.kill();
     }
 
     /// Starts it again on the same ports and data: the witness is back.
     pub fn restart(&mut self) -> Result<(), ServerError> {
-        self.kill();
         self.spawn()
     }
 
@@ -184,8 +283,150 @@ impl EtcdServer {
     }
 }
 
-impl Drop for EtcdServer {
-    fn drop(&mut self) {
-        self.kill();
+/// A local etcd cluster of `n` members (n = 1, 3 or 5), each its own
+/// process with its own data dir under `dir/mI` (`dir/mI/data`, its log
+/// `dir/mI/etcd.log`), listening for clients on 127.0.0.1 and on every
+/// address of `also` (same port), for peers on 127.0.0.1.
+///
+/// Timings suit a local cluster: heartbeats every 50 ms, elections after
+/// 500 ms, so a leader's death costs about a second and etcd's minimum
+/// lease TTL is 1 s. Every member is killed when it is dropped.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    members: Vec<Member>,
+}
+
+impl EtcdCluster {
+    /// Starts the `n` members and waits until a linearizable read answers
+    /// through every one of them.
+    pub fn start(dir: &Path, n: usize, also: &[IpAddr]) -> Result<EtcdCluster, ServerError> {
+        if ![1, 3, 5].contains(&n) {
+            return Err(ServerError::Size(n));
+        }
+        std::fs::create_dir_all(dir)?;
+        let mut ports = Vec::with_capacity(n);
+        for _ in 0..n {
+            ports.push((free_port()?, free_port()?));
+        }
+        let initial_cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("m{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let token = cluster_token();
+        let flags: Vec<String> = [
+            "--initial-cluster-state",
+            "new",
+            "--initial-cluster-token",
+            &token,
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
+        ]
+        .map(String::from)
+        .to_vec();
+        let mut c = EtcdCluster {
+            members: ports
+                .iter()
+                .enumerate()
+                .map(|(i, &(client, peer))| Member {
+                    name: format!("m{i}"),
+                    data: dir.join(format!("m{i}")).join("data"),
+                    log: dir.join(format!("m{i}")).join("etcd.log"),
+                    also: also.to_vec(),
+                    client,
+                    peer,
+                    initial_cluster: initial_cluster.clone(),
+                    flags: flags.clone(),
+                    child: None,
+                })
+                .collect(),
+        };
+        // One after another, each once the previous one serves its peers
+        // (see Member::wait_peer): all at once costs etcd up to a second
+        // per peer.
+        for m in &mut c.members {
+            m.spawn()?;
+            m.wait_peer(Duration::from_secs(2));
+        }
+        let deadline = Instant::now() + START_TIMEOUT;
+        for m in &mut c.members {
+            m.wait(true, deadline)?;
+        }
+        Ok(c)
     }
+
+    /// The members' client endpoints, `http://127.0.0.1:PORT`, one per
+    /// member in order.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(Member::endpoint).collect()
+    }
+
+    /// The members' client endpoints on `ip`, one of the addresses the
+    /// cluster was started on.
+    pub fn endpoints_on(&self, ip: IpAddr) -> Vec<String> {
+        self.members.iter().map(|m| m.endpoint_on(ip)).collect()
+    }
+
+    /// `etcd=URL,URL,URL` as castor's `--witness` flag takes it: the
+    /// endpoints on `ip`, or on 127.0.0.1 for `None`.
+    pub fn spec_on(&self, ip: Option<IpAddr>) -> String {
+        let urls = match ip {
+            Some(ip) => self.endpoints_on(ip),
+            None => self.endpoints(),
+        };
+        format!("etcd={}", urls.join(","))
+    }
+
+    /// Stops member `i` (SIGKILL). Panics if there is no member `i`.
+    pub fn kill(&mut self, i: usize) {
+        self.members[i].kill();
+    }
+
+    /// Starts member `i` again on the same ports and data, and waits until
+    /// it answers: a linearizable read through it when a quorum of members
+    /// runs, else (it cannot) a local one. Panics if there is no member `i`.
+    pub fn restart(&mut self, i: usize) -> Result<(), ServerError> {
+        self.members[i].spawn()?;
+        let mut running = 0;
+        for m in &mut self.members {
+            running += usize::from(m.running());
+        }
+        let quorum = running > self.members.len() / 2;
+        self.members[i].wait(quorum, Instant::now() + START_TIMEOUT)
+    }
+
+    /// How many members it has (killed ones included).
+    pub fn members(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Member `i`'s log file. Panics if there is no member `i`.
+    pub fn log(&self, i: usize) -> PathBuf {
+        self.members[i].log.clone()
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            m.kill();
+        }
+    }
+}
+
+/// A token no other cluster started here has (`--initial-cluster-token`):
+/// members of different clusters never join each other.
+fn cluster_token() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "castor-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }
