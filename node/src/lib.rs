@@ -14,9 +14,12 @@
 //! - [`stats`]: percentiles for figures.
 //! - [`ha`]: the HA decisions of both roles, as pure state machines.
 //! - [`sim`]: a deterministic simulator of the pair driving those machines.
+//! - [`fleet`]: where each VM's primary and backup run in a fleet of hosts,
+//!   as a pure function, with its invariants and a seeded simulation.
 
 pub mod console;
 pub mod control;
+pub mod fleet;
 pub mod metrics;
 pub mod packets;
 pub mod services;
