@@ -4,6 +4,7 @@
 //! library crates (`castor-vmm`, `castor-guest`).
 
 mod epoch_flags;
+mod fleet_cmd;
 mod migrate_cmd;
 
 use epoch_flags::{epoch_length, parse_epoch_ms, parse_percent, parse_positive_ms, EpochMs};
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use vmm::console::{Console, StdoutSink, MMIO_CONSOLE_BASE};
 use vmm::{ExitReason, KvmKind, Machine, MachineConfig};
@@ -141,6 +142,30 @@ enum Command {
     /// it on after --after. See `castor migrate --help` (post-copy: a
     /// failure of either node loses the VM).
     MigrateListen(migrate_cmd::ListenArgs),
+    /// A fleet on this machine (each host an agent in a network namespace
+    /// of its own, a three-member etcd), several protected VMs, a host lost,
+    /// and its report: how long each VM's clients saw nothing, when every
+    /// VM was protected again, and the fleet's cost at rest. Needs root.
+    FleetDemo(lab::fleetdemo::FleetDemoArgs),
+    /// Run a fleet host's agent: it registers this host in etcd, runs the
+    /// primaries and backups the fleet's placement gives it as child
+    /// processes, and re-protects every VM after a host is lost.
+    ///
+    /// One agent per host (deploy/castor-agent.service). The fleet's
+    /// desired state is in the same etcd as the witness: `castor vm create`
+    /// adds a VM, `castor host drain` empties a host. See docs/design.md,
+    /// "The fleet".
+    Agent(fleet_cmd::AgentArgs),
+    /// The fleet's VMs: create, delete, list (desired state in etcd).
+    #[command(subcommand)]
+    Vm(fleet_cmd::VmCommand),
+    /// The fleet's hosts: list, drain, undrain.
+    #[command(subcommand)]
+    Host(fleet_cmd::HostCommand),
+    /// Ask a running primary to protect its guest toward another backup
+    /// (e.g. a survivor after a failover): its current backup, if any, is
+    /// stood down with a goodbye, and the new one gets a resync.
+    Protect(fleet_cmd::ProtectArgs),
 }
 
 #[derive(Args, Clone)]
@@ -288,9 +313,11 @@ struct PrimaryArgs {
     pair: PairArgs,
     #[command(flatten)]
     protect: ProtectArgs,
-    /// Where the backup listens (UDP, QUIC).
+    /// Where the backup listens (UDP, QUIC). Without it the guest runs
+    /// unprotected until a backup is named (`castor protect`, or a fleet's
+    /// agent); --peer is then not used.
     #[arg(long)]
-    backup: std::net::SocketAddr,
+    backup: Option<std::net::SocketAddr>,
     /// Workload of castor's guest (see `castor run --help`).
     #[arg(long, default_value = "counter", value_parser = parse_workload)]
     workload: guest::Workload,
@@ -314,6 +341,12 @@ struct PrimaryArgs {
     /// this, such a start is refused.
     #[arg(long)]
     take_ownership: bool,
+    /// How long to wait for a witness that does not answer before giving
+    /// up (e.g. 30s; 0: not at all). Default: until it answers — a daemon
+    /// started at boot may come up before its etcd; it says so and retries.
+    /// SIGTERM stops the wait.
+    #[arg(long, value_parser = parse_wait, value_name = "DURATION|forever", default_value = "forever")]
+    witness_wait: WitnessWait,
     /// Boot nothing: wait on this address (UDP, QUIC) for the guest a
     /// running primary moves here (`castor migrate --dest THIS-NODE`), then
     /// protect it toward --backup. With a witness the guest runs only if the
@@ -383,6 +416,19 @@ struct BackupArgs {
     disk: Option<PathBuf>,
 }
 
+/// `--witness-wait`: a bound, or none.
+type WitnessWait = Option<Duration>;
+
+fn parse_wait(s: &str) -> std::result::Result<WitnessWait, String> {
+    if s == "forever" {
+        return Ok(None);
+    }
+    if s == "0" {
+        return Ok(Some(Duration::ZERO));
+    }
+    parse_duration(s).map(Some)
+}
+
 /// This host's physical RAM (`MemTotal`), the default `--max-memory`.
 fn host_memory() -> Result<u64> {
     let info = std::fs::read_to_string("/proc/meminfo")?;
@@ -405,6 +451,10 @@ struct StatusArgs {
     /// Print the typed status as one line of JSON instead of a summary.
     #[arg(long)]
     json: bool,
+    /// Ask a fleet host's agent (--control /run/castor/agent-HOST.sock)
+    /// about its role of this VM.
+    #[arg(long, value_name = "NAME")]
+    vm: Option<String>,
 }
 
 impl StatusArgs {
@@ -968,6 +1018,69 @@ fn stop_after(duration: Option<Duration>) -> Result<Arc<AtomicBool>> {
     Ok(stop)
 }
 
+/// Makes this node the VM's owner at the witness (a new generation),
+/// waiting for a witness that does not answer yet — a daemon started at
+/// boot may come up before its etcd — for at most `wait` (`None`: until
+/// it answers or `stop`). `Ok(None)`: stopped while waiting.
+fn acquire_waiting(
+    w: &witness::Etcd,
+    node: &str,
+    take_ownership: bool,
+    wait: Option<Duration>,
+    stop: &AtomicBool,
+) -> Result<Option<u64>> {
+    let t0 = Instant::now();
+    let mut pause = Duration::from_millis(200);
+    let mut told = false;
+    loop {
+        match w.acquire(node, take_ownership) {
+            Ok(t) => return Ok(Some(t)),
+            Err(e @ witness::WitnessError::OwnedBy { .. }) => bail!(
+                "{e}: it booted or took over the VM and may be running it; this node does not \
+                 boot a new generation over it. Start this node as its backup instead \
+                 (castor backup), or pass --take-ownership if that node is gone for good \
+                 or its guest may be discarded"
+            ),
+            Err(e @ witness::WitnessError::Unreachable(_)) => {
+                if wait.is_some_and(|d| t0.elapsed() >= d) {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "{}: a primary does not start without its witness (waited {:.0} s, --witness-wait)",
+                            w.describe(),
+                            t0.elapsed().as_secs_f64()
+                        )
+                    });
+                }
+                if !told {
+                    warn!(
+                        witness = %w.describe(),
+                        "the witness does not answer ({e}); waiting for it: a primary does not boot its guest before the witness names it the owner"
+                    );
+                    told = true;
+                } else {
+                    debug!("the witness still does not answer: {e}");
+                }
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "{}: a primary does not start without its witness",
+                        w.describe()
+                    )
+                })
+            }
+        }
+        let until = Instant::now() + pause;
+        while Instant::now() < until {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
 fn primary_cmd(a: PrimaryArgs) -> Result<()> {
     info!("{}", KvmKind::detect().describe());
     vmm::set_vcpu_nice(a.protect.vcpu_nice);
@@ -1008,34 +1121,24 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
     let witness = witness_of(&a.pair)?;
     // Local configuration first (certificates, sizes): a bad one fails
     // before anything changes at the witness.
-    let mut cfg = primary_config(&a.pair, &a.protect, Some(a.backup), witness.clone(), None)?;
+    let mut cfg = primary_config(&a.pair, &a.protect, a.backup, witness.clone(), None)?;
     cfg.tap = open_tap(&m.tap)?;
+    // Signals first: a primary waiting for its witness stops on SIGTERM.
+    let stop = stop_after(a.duration)?;
     // A primary that boots the VM starts a new generation of its ownership.
     let token = match &witness {
         Some(w) => {
-            let token = match w.acquire(&a.pair.node, a.take_ownership) {
-                Ok(t) => t,
-                Err(e @ witness::WitnessError::OwnedBy { .. }) => bail!(
-                    "{e}: it booted or took over the VM and may be running it; this node does not \
-                     boot a new generation over it. Start this node as its backup instead \
-                     (castor backup), or pass --take-ownership if that node is gone for good \
-                     or its guest may be discarded"
-                ),
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!(
-                            "{}: a primary does not start without its witness",
-                            w.describe()
-                        )
-                    })
-                }
+            let Some(token) =
+                acquire_waiting(w, &a.pair.node, a.take_ownership, a.witness_wait, &stop)?
+            else {
+                info!("stopped while waiting for the witness");
+                return Ok(());
             };
             info!(token, witness = %w.describe(), "this node owns the VM");
             token
         }
         None => 0,
     };
-    let stop = stop_after(a.duration)?;
     let node = services("castor-net", &a.pair)?;
     let initrd = read_initrd(a.initrd.as_deref())?;
     hint_linux_on_pvm(&kernel, &cmdline);
@@ -1141,6 +1244,13 @@ const RESYNC_TIMEOUT: Duration = Duration::from_millis(500);
 
 fn control(a: &StatusArgs, req: node::control::Request) -> Result<node::control::Response> {
     let path = a.socket()?;
+    let req = match &a.vm {
+        Some(vm) => node::control::Request::Vm(node::control::VmRequest {
+            vm: vm.clone(),
+            request: Box::new(req),
+        }),
+        None => req,
+    };
     Ok(node::control::request(
         &path,
         &req,
@@ -1299,6 +1409,11 @@ fn main() -> ExitCode {
         Command::Migrate(a) => migrate_cmd::ask(a),
         Command::MigrateRun(a) => migrate_cmd::run(a),
         Command::MigrateListen(a) => migrate_cmd::listen(a),
+        Command::Agent(a) => fleet_cmd::agent(a),
+        Command::FleetDemo(a) => lab::fleetdemo::fleet_demo(a),
+        Command::Vm(c) => fleet_cmd::vm(c),
+        Command::Host(c) => fleet_cmd::host(c),
+        Command::Protect(a) => fleet_cmd::protect(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

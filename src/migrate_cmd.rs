@@ -472,8 +472,7 @@ pub(crate) fn incoming_primary(a: &super::PrimaryArgs, addr: SocketAddr) -> Resu
         bail!("--incoming needs --incoming-from NODE: the name in the source's certificate");
     };
     let witness = super::witness_of(&a.pair)?;
-    let mut cfg =
-        super::primary_config(&a.pair, &a.protect, Some(a.backup), witness.clone(), None)?;
+    let mut cfg = super::primary_config(&a.pair, &a.protect, a.backup, witness.clone(), None)?;
     cfg.tap = super::open_tap(&a.machine.tap)?;
     let tls = transport::NodeTls::from_dir(&a.pair.certs, &a.pair.node, &from)
         .with_context(|| format!("loading {}'s certificates", a.pair.node))?;

@@ -157,7 +157,8 @@ pub fn run(
 
 /// The control requests a backup answers.
 fn control(shared: Arc<Shared>, log: Arc<node::console::ConsoleLog>) -> node::control::Handler {
-    Arc::new(move |req: &Request| match req {
+    Arc::new(move |req: &Request| {
+        match req {
         Request::Takeover => {
             let answer: TakeoverAnswer = shared.core().ask_takeover();
             let text = answer.to_string();
@@ -168,7 +169,13 @@ fn control(shared: Arc<Shared>, log: Arc<node::console::ConsoleLog>) -> node::co
                 _ => Response::Error(text.trim_start_matches("error: ").to_string()),
             }
         }
+        Request::Vm(_) => Response::Error(
+            "this is a VM's daemon; a request for a VM by name is asked of its host's agent".into(),
+        ),
         Request::Reset => Response::Error("a backup has no figures to reset".into()),
+        Request::Protect(_) => Response::Error(
+            "this node is a backup: a new backup is asked of the primary (or of this node once it has taken over)".into(),
+        ),
         Request::Migrate(_) => Response::Error(
             "this node is a backup: a migration is asked of the node running the guest".into(),
         ),
@@ -207,5 +214,6 @@ fn control(shared: Arc<Shared>, log: Arc<node::console::ConsoleLog>) -> node::co
                 }),
             }))
         }
+    }
     })
 }

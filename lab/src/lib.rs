@@ -32,6 +32,8 @@ pub mod demo;
 pub mod diskbench;
 pub mod drill;
 pub mod faults;
+pub mod fleetdemo;
+pub mod fleetlab;
 pub mod loadgen;
 pub mod migration_bench;
 pub mod model;

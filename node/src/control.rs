@@ -41,6 +41,34 @@ pub enum Request {
     /// A primary moves its guest, running, to another node (`castor
     /// migrate`); answered when the guest runs there, or with why not.
     Migrate(MigrateRequest),
+    /// A primary protects its guest toward this backup from now on (a
+    /// fleet's agent, after the old backup was lost or moved): the current
+    /// session, if any, ends with a goodbye (that backup stands down), and
+    /// a new one starts toward `to`. Asking for the backup it already has
+    /// changes nothing.
+    Protect(ProtectRequest),
+    /// To a host's agent (`castor agent`): pass `request` on to the role
+    /// it runs for VM `vm` and answer with that role's answer.
+    Vm(VmRequest),
+}
+
+/// A request for one VM's role, asked of its host's agent ([`Request::Vm`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRequest {
+    /// The VM.
+    pub vm: String,
+    /// What to ask its role.
+    pub request: Box<Request>,
+}
+
+/// The backup a primary is asked to protect its guest toward
+/// ([`Request::Protect`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtectRequest {
+    /// Where the backup listens (UDP, QUIC).
+    pub to: std::net::SocketAddr,
+    /// The backup's node name: the only name its certificate may carry.
+    pub peer: String,
 }
 
 /// A live migration asked of a primary ([`Request::Migrate`]).

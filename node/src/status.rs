@@ -58,6 +58,10 @@ pub struct Status {
 pub struct PrimaryStatus {
     /// A backup holds a committed checkpoint (it could take over).
     pub protected: bool,
+    /// The backup it protects toward, `NODE@ADDR` (`None`: none, the guest
+    /// runs unprotected).
+    #[serde(default)]
+    pub backup: Option<String>,
     /// Encoding mode (`remus`, `xbzrle`, `fgbi`).
     pub mode: String,
     /// Epoch length, ms: the fixed one, or the one `--epoch-ms auto` chose

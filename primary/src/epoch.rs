@@ -91,6 +91,12 @@ pub(crate) struct EpochLoop<'a> {
     /// A migration asked on the control socket, for the loop to carry out
     /// between epochs.
     pub migration: Option<Box<crate::migration::Order>>,
+    /// The backup protected toward (`cfg.backup` at first, then what the
+    /// control socket asks for); `None`: unprotected.
+    pub target: Option<crate::retarget::Target>,
+    /// A change of backup asked on the control socket, for the loop to
+    /// carry out between epochs.
+    pub retarget: Option<Box<crate::retarget::Order>>,
     /// The disk blocks that differ from the backup's, read for the
     /// session's first checkpoint ([`crate::disk`]).
     pub disk_diff: Option<crate::disk::Diff>,
@@ -132,6 +138,13 @@ impl EpochLoop<'_> {
                     // The guest runs on the destination now.
                     return Ok(());
                 }
+                next = Instant::now() + pace.len();
+                pre_done = false;
+                waited = Duration::ZERO;
+                continue;
+            }
+            if let Some(order) = self.retarget.take() {
+                self.retarget(*order, events)?;
                 next = Instant::now() + pace.len();
                 pre_done = false;
                 waited = Duration::ZERO;
@@ -230,12 +243,17 @@ impl EpochLoop<'_> {
     /// failed before the switch): a new network task, whose connection
     /// starts a new session.
     pub fn restart_protection(&mut self) -> Result<(), PrimaryError> {
-        let Some(backup) = self.cfg.backup else {
+        let Some(target) = &self.target else {
             return Ok(());
         };
+        let cfg = crate::Config {
+            backup: Some(target.addr),
+            tls: target.tls.clone(),
+            ..self.cfg.clone()
+        };
         let (task, ends) = crate::net::NetTask::spawn(
-            self.cfg,
-            backup,
+            &cfg,
+            target.addr,
             &self.rt,
             self.claims.clone(),
             self.alive.clone(),
@@ -280,6 +298,14 @@ impl EpochLoop<'_> {
                     order.refuse("a migration is already asked");
                 } else {
                     self.migration = Some(order);
+                }
+                return Ok(());
+            }
+            NetEvent::Protect(order) => {
+                if self.retarget.is_some() {
+                    order.refuse("a change of backup is already asked");
+                } else {
+                    self.retarget = Some(order);
                 }
                 return Ok(());
             }

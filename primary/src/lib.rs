@@ -30,6 +30,7 @@ mod epoch;
 mod metrics;
 mod migration;
 mod net;
+mod retarget;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -113,31 +114,25 @@ pub fn protect(
     // waiting for KVM to re-register its memory with dirty logging.
     // Without a backup only claims and control requests send events; the
     // loop runs unprotected until stopped (or the guest moves).
-    let (mut out, mut beat, mut net_task) = (mpsc::channel(1).0, (0, [0u8; 32]), None);
     let alive = net::Alive::new();
     alive.touch();
-    if let Some(backup) = cfg.backup {
-        let (task, ends) = net::NetTask::spawn(
-            cfg,
-            backup,
-            services.rt.handle(),
-            events_tx.clone(),
-            alive.clone(),
-        )?;
-        (out, beat, net_task) = (ends.out, ends.beat, Some(task));
-    }
+    let target = cfg.backup.map(|addr| retarget::Target {
+        addr,
+        tls: cfg.tls.clone(),
+    });
+    metrics.set_backup(target.as_ref().map(retarget::Target::describe));
     let mut lp = epoch::EpochLoop {
         cfg,
         machine,
         log: log.clone(),
         packets: packets.clone(),
         metrics: metrics.clone(),
-        out,
+        out: mpsc::channel(1).0,
         core: PrimaryCore::new(cfg.max_in_flight, cfg.witness.is_some(), origin.token()),
         claims: events_tx,
         rt: services.rt.handle().clone(),
         held_pause: false,
-        beat,
+        beat: (0, [0u8; 32]),
         pages,
         gens,
         awaiting: None,
@@ -145,11 +140,14 @@ pub fn protect(
         session: None,
         staging: copy::Staging::new(pages),
         rt_pause: false,
-        net: net_task,
+        net: None,
         migration: None,
+        target,
+        retarget: None,
         disk_diff: None,
         alive,
     };
+    lp.restart_protection()?;
     let result = lp.run(&events_rx, &stop);
     // A planned stop: the network task says goodbye naming the last
     // checkpoint queued and keeps the session — heartbeats included — until
@@ -159,11 +157,16 @@ pub fn protect(
     lp.end_protection();
     // A migration asked meanwhile is not carried out.
     while let Ok(ev) = events_rx.try_recv() {
-        if let net::NetEvent::Migrate(o) = ev {
-            o.refuse("the primary is stopping");
+        match ev {
+            net::NetEvent::Migrate(o) => o.refuse("the primary is stopping"),
+            net::NetEvent::Protect(o) => o.refuse("the primary is stopping"),
+            _ => {}
         }
     }
     if let Some(o) = lp.migration.take() {
+        o.refuse("the primary is stopping");
+    }
+    if let Some(o) = lp.retarget.take() {
         o.refuse("the primary is stopping");
     }
     lp.machine.stop();
@@ -228,6 +231,25 @@ fn control(
                 Err(_) => Response::Error("the primary stopped during the migration".into()),
             }
         }
+        Request::Protect(p) => {
+            let (reply, answer) = std_mpsc::channel();
+            let order = retarget::Order {
+                req: p.clone(),
+                reply,
+            };
+            let sent = events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send(net::NetEvent::Protect(Box::new(order)));
+            if sent.is_err() {
+                return Response::Error("the guest no longer runs on this node".into());
+            }
+            match answer.recv() {
+                Ok(Ok(done)) => Response::Ok(done),
+                Ok(Err(why)) => Response::Error(why),
+                Err(_) => Response::Error("the primary stopped before changing its backup".into()),
+            }
+        }
         Request::Status => Response::Status(Box::new(Status {
             role: match origin {
                 Origin::Booted { .. } => Role::Primary,
@@ -249,6 +271,9 @@ fn control(
             metrics.reset();
             Response::Ok("figures reset".into())
         }
+        Request::Vm(_) => Response::Error(
+            "this is a VM's daemon; a request for a VM by name is asked of its host's agent".into(),
+        ),
         Request::Takeover => {
             Response::Error("this node runs the guest; a takeover is asked of its backup".into())
         }

@@ -54,6 +54,8 @@ struct Inner {
     acks: Vec<Duration>,
     releases: Vec<Duration>,
     protected: bool,
+    /// The backup protected toward, `NODE@ADDR`.
+    backup: Option<String>,
     /// Epochs up to this one are not samples (reset).
     reset_at: u64,
     /// The last session's first checkpoint.
@@ -210,6 +212,11 @@ impl Metrics {
         self.lock().protected = p;
     }
 
+    /// The backup protected toward (`NODE@ADDR`), for the status.
+    pub fn set_backup(&self, b: Option<String>) {
+        self.lock().backup = b;
+    }
+
     /// The figures for the status; the first epoch (the full resync) is
     /// left out of the pause and size figures.
     pub fn figures(&self) -> PrimaryStatus {
@@ -265,6 +272,7 @@ impl Metrics {
         // (+ 0.0: an empty sum is -0.0, which prints as "-0")
         PrimaryStatus {
             protected: i.protected,
+            backup: i.backup.clone(),
             mode: self.mode.to_string(),
             epoch_ms: i.epoch_len.as_millis() as u64,
             epoch_auto,

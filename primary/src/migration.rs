@@ -176,7 +176,7 @@ impl EpochLoop<'_> {
                 );
                 let _ = reply.send(Err(format!(
                     "{error}; the guest runs on here{}",
-                    if self.cfg.backup.is_some() {
+                    if self.target.is_some() {
                         " and is protected again as soon as its backup resyncs"
                     } else {
                         ""
@@ -203,7 +203,7 @@ impl EpochLoop<'_> {
     /// released, and with a witness its claim to carry on alone decided.
     /// `Ok(Err(why))`: it did not settle; the guest stays here (protection
     /// restarts once the claim is decided).
-    fn stand_down(
+    pub(crate) fn stand_down(
         &mut self,
         events: &std_mpsc::Receiver<NetEvent>,
     ) -> Result<Result<(), String>, PrimaryError> {
@@ -216,6 +216,7 @@ impl EpochLoop<'_> {
             let left = deadline.saturating_duration_since(Instant::now());
             match events.recv_timeout(left) {
                 Ok(NetEvent::Migrate(o)) => o.refuse("a migration is under way"),
+                Ok(NetEvent::Protect(o)) => o.refuse("the backup is being stood down"),
                 Ok(NetEvent::Connected) => {}
                 Ok(ev) => self.on_event(ev)?,
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {

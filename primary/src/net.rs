@@ -35,6 +35,8 @@ pub(crate) enum NetEvent {
     /// A control request: move the guest to another node (not from the
     /// network task: the control service puts it in the same queue).
     Migrate(Box<crate::migration::Order>),
+    /// A control request: protect toward another backup.
+    Protect(Box<crate::retarget::Order>),
 }
 
 /// The network task of one stretch of protection: spawned when the role
