@@ -476,7 +476,10 @@ impl<'a> Fleet<'a> {
     /// The host for a new `kind` role of `vm`: eligible, not in `exclude`,
     /// the VM fits; outside `avoid`'s domain if any such host fits; then
     /// ranked by keeping the VM's image (if `by_image`), by a labelled
-    /// domain other than `avoid`, by the fraction of memory free, by name.
+    /// domain other than `avoid`, by fewest `pairs` (for a backup: the
+    /// backups it already holds of the same primary host's VMs, so that a
+    /// host's loss spreads its primaries over the others), by the fraction
+    /// of memory free, by name.
     fn choose(
         &self,
         vm: &VmView,
@@ -484,6 +487,7 @@ impl<'a> Fleet<'a> {
         exclude: &[Option<&str>],
         avoid: &str,
         by_image: bool,
+        pairs: &dyn Fn(&str) -> usize,
     ) -> Option<&'a str> {
         let cands: Vec<&'a HostView> = self
             .hosts
@@ -505,6 +509,7 @@ impl<'a> Fleet<'a> {
                 image(b)
                     .cmp(&image(a))
                     .then(separated(avoid, &b.domain).cmp(&separated(avoid, &a.domain)))
+                    .then(pairs(&a.name).cmp(&pairs(&b.name)))
                     .then(self.free(&b.name).cmp(&self.free(&a.name)))
                     .then(a.name.cmp(&b.name))
             })
@@ -583,13 +588,13 @@ pub fn place(
             continue;
         }
         touched.insert(name);
-        let mut pick = f.choose(vm, Kind::Primary, &[a.backup.as_deref()], "", false);
+        let mut pick = f.choose(vm, Kind::Primary, &[a.backup.as_deref()], "", false, &|_| 0);
         if pick.is_none() {
             // Only the backup's host may have room: the backup gives way
             // (and a VM with no primary holds nothing).
             if let Some(b) = a.backup.take() {
                 f.remove(&b, vm, Kind::Backup);
-                pick = f.choose(vm, Kind::Primary, &[], "", false);
+                pick = f.choose(vm, Kind::Primary, &[], "", false, &|_| 0);
             }
         }
         if let Some(p) = pick {
@@ -602,16 +607,29 @@ pub fn place(
     // has it on a drained host.
     let mut healed = false;
     for (&name, &vm) in &vms {
-        let a = next.get_mut(name).expect("one entry per VM");
-        let Some(p) = a.primary.as_deref() else {
+        let a = &next[name];
+        let Some(p) = a.primary.clone() else {
             continue;
         };
-        if a.backup.as_deref().is_some_and(|b| f.eligible(b)) || !f.alive(p) {
+        if a.backup.as_deref().is_some_and(|b| f.eligible(b)) || !f.alive(&p) {
             continue;
         }
+        let pairs = |h: &str| {
+            next.values()
+                .filter(|o| {
+                    o.primary.as_deref() == Some(p.as_str()) && o.backup.as_deref() == Some(h)
+                })
+                .count()
+        };
+        let exclude = [
+            Some(p.as_str()),
+            a.moving_to.as_deref(),
+            a.backup.as_deref(),
+        ];
+        let pick = f.choose(vm, Kind::Backup, &exclude, f.domain(&p), true, &pairs);
         touched.insert(name);
-        let exclude = [Some(p), a.moving_to.as_deref(), a.backup.as_deref()];
-        if let Some(b) = f.choose(vm, Kind::Backup, &exclude, f.domain(p), true) {
+        let a = next.get_mut(name).expect("one entry per VM");
+        if let Some(b) = pick {
             if let Some(old) = a.backup.take() {
                 f.remove(&old, vm, Kind::Backup);
             }
@@ -647,7 +665,7 @@ pub fn place(
         }
         let exclude = [Some(p.as_str()), a.backup.as_deref()];
         let avoid = a.backup.as_deref().map_or("", |b| f.domain(b));
-        if let Some(t) = f.choose(vm, Kind::MovingTo, &exclude, avoid, false) {
+        if let Some(t) = f.choose(vm, Kind::MovingTo, &exclude, avoid, false, &|_| 0) {
             f.add(t, vm, Kind::MovingTo);
             a.moving_to = Some(t.to_owned());
             touched.insert(name);
@@ -712,6 +730,16 @@ fn best_move<'v, 'a>(
                 continue;
             }
             if s_after < f.load(tn, vm.mem_bytes, 0) {
+                continue;
+            }
+            // Never gather one primary host's backups on one host: its
+            // loss would land all of them there.
+            let pairs = |h: &str| {
+                next.values()
+                    .filter(|o| o.primary.as_deref() == Some(p) && o.backup.as_deref() == Some(h))
+                    .count()
+            };
+            if pairs(tn) >= pairs(s) {
                 continue;
             }
             let cand = (
@@ -1162,6 +1190,37 @@ mod tests {
             assert_eq!(roles(&p, h), (2, 2, 0), "{h}: {p:#?}");
         }
         assert_eq!(healths(&hosts, &vms, &p), vec![Health::Protected; 6]);
+    }
+
+    #[test]
+    fn a_hosts_primaries_have_their_backups_spread_over_the_others() {
+        // 12 VMs on 4 hosts, placed one at a time as `castor vm create`
+        // adds them: a host's loss must not land all its primaries on one
+        // survivor.
+        let policy = Policy::default();
+        let mut hosts: Vec<HostView> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|n| host(n, "", 16, 16))
+            .collect();
+        let all = vms(12, 1, 1);
+        let mut placed: Vec<VmView> = Vec::new();
+        let mut p = BTreeMap::new();
+        for v in all {
+            placed.push(v);
+            settle(&mut hosts, &mut placed, &mut p, &policy);
+        }
+        for h in ["a", "b", "c", "d"] {
+            let backups: BTreeSet<&str> = p
+                .values()
+                .filter(|a| a.primary.as_deref() == Some(h))
+                .filter_map(|a| a.backup.as_deref())
+                .collect();
+            let primaries = roles(&p, h).0;
+            assert!(
+                primaries < 2 || backups.len() >= 2,
+                "{h}'s {primaries} primaries are all backed up on {backups:?}: {p:#?}"
+            );
+        }
     }
 
     #[test]
@@ -1782,7 +1841,7 @@ mod tests {
                 continue;
             }
             let exclude = [Some(p), Some(b), a.moving_to.as_deref()];
-            if let Some(t) = f.choose(vm, Kind::Backup, &exclude, f.domain(p), true) {
+            if let Some(t) = f.choose(vm, Kind::Backup, &exclude, f.domain(p), true, &|_| 0) {
                 let t = t.to_owned();
                 next.get_mut(&vm.name).unwrap().backup = Some(t);
             }
