@@ -41,6 +41,20 @@ fn lab(dir: &std::path::Path, hosts: usize) -> FleetLab {
     .expect("a fleet lab (this test needs root and etcd-server)")
 }
 
+/// A directory for the lab: removed afterwards unless CASTOR_KEEP is set
+/// (then its path is printed, with every agent's and role's log).
+fn workdir() -> (Option<tempfile::TempDir>, std::path::PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    if std::env::var_os("CASTOR_KEEP").is_some() {
+        let p = tmp.keep();
+        eprintln!("the lab's files are kept in {}", p.display());
+        (None, p)
+    } else {
+        let p = tmp.path().to_path_buf();
+        (Some(tmp), p)
+    }
+}
+
 fn create(lab: &FleetLab, name: &str) {
     let mut args = vec!["vm", "create", name];
     args.extend_from_slice(VM_FLAGS);
@@ -165,8 +179,8 @@ fn a_lost_host_is_healed_and_receives_backups_again_when_it_returns() {
 
 #[test]
 fn a_drained_host_is_emptied_by_live_migration_with_gap_free_consoles() {
-    let tmp = tempfile::tempdir().unwrap();
-    let lab = lab(tmp.path(), 3);
+    let (_tmp, dir) = workdir();
+    let lab = lab(&dir, 3);
     for n in ["d0", "d1", "d2"] {
         create(&lab, n);
     }

@@ -111,8 +111,13 @@ impl FleetLab {
         for (i, name) in names.iter().enumerate() {
             let ns = format!("cfl{n}{name}");
             let veth = format!("cfl{n}{name}");
+            // What a lab killed before its clean-up left behind.
             if netns_exists(&ns) {
+                kill_ns(&ns);
                 let _ = ip(&["netns", "del", &ns]);
+            }
+            if link_exists(&veth) {
+                let _ = ip(&["link", "del", "dev", &veth]);
             }
             ip(&["netns", "add", &ns])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
@@ -371,6 +376,9 @@ impl Drop for FleetLab {
             }
             kill_ns(&h.ns);
             let _ = ip(&["netns", "del", &h.ns]);
+            if link_exists(&h.veth) {
+                let _ = ip(&["link", "del", "dev", &h.veth]);
+            }
         }
         let _ = ip(&["link", "del", "dev", &self.bridge]);
         let _ = std::fs::remove_dir_all(self.image_dir());

@@ -522,6 +522,9 @@ async fn session(
             loop_ended()
         };
         tokio::pin!(ctl_writer);
+        // The control writer ended (its stream failed): it must not be
+        // polled again below.
+        let mut ctl_done = false;
         let why = loop {
             tokio::select! {
                 w = &mut writer, if !written => match w {
@@ -531,7 +534,10 @@ async fn session(
                         debug!(last_epoch, "stopping: every checkpoint is written to the data stream");
                     }
                 },
-                why = &mut ctl_writer => break why,
+                why = &mut ctl_writer => {
+                    ctl_done = true;
+                    break why;
+                }
                 _ = tokio::time::sleep_until(acks.next_due().unwrap_or_else(tokio::time::Instant::now)), if !acks.is_empty() => {
                     while let Some(epoch) = acks.pop_due(tokio::time::Instant::now()) {
                         if events.send(NetEvent::Ack(epoch)).is_err() {
@@ -630,7 +636,9 @@ async fn session(
         };
         // What is queued (a goodbye) goes out if the stream lets it, briefly.
         drop(ctl_q);
-        let _ = tokio::time::timeout(Duration::from_millis(200), &mut ctl_writer).await;
+        if !ctl_done {
+            let _ = tokio::time::timeout(Duration::from_millis(200), &mut ctl_writer).await;
+        }
         why
     };
     info!(backup = %link.remote(), "session ended ({why}); connection: {}", link.stats());
