@@ -412,6 +412,11 @@ impl<'a> Fleet<'a> {
         self.host(h).map_or("", |h| h.domain.as_str())
     }
 
+    /// Every host's use now (a copy, for a ranking made while roles change).
+    fn clone_used(&self) -> BTreeMap<String, Used> {
+        self.used.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
     fn used(&self, h: &str) -> Used {
         self.used.get(h).copied().unwrap_or_default()
     }
@@ -588,13 +593,23 @@ pub fn place(
             continue;
         }
         touched.insert(name);
-        let mut pick = f.choose(vm, Kind::Primary, &[a.backup.as_deref()], "", false, &|_| 0);
+        // Primaries spread by the vCPUs they run (backups run none).
+        let used = f.clone_used();
+        let running = |h: &str| used.get(h).map_or(0, |u| u.vcpus as usize);
+        let mut pick = f.choose(
+            vm,
+            Kind::Primary,
+            &[a.backup.as_deref()],
+            "",
+            false,
+            &running,
+        );
         if pick.is_none() {
             // Only the backup's host may have room: the backup gives way
             // (and a VM with no primary holds nothing).
             if let Some(b) = a.backup.take() {
                 f.remove(&b, vm, Kind::Backup);
-                pick = f.choose(vm, Kind::Primary, &[], "", false, &|_| 0);
+                pick = f.choose(vm, Kind::Primary, &[], "", false, &running);
             }
         }
         if let Some(p) = pick {
@@ -1210,6 +1225,7 @@ mod tests {
             settle(&mut hosts, &mut placed, &mut p, &policy);
         }
         for h in ["a", "b", "c", "d"] {
+            assert_eq!(roles(&p, h).0, 3, "{h}: primaries spread by vCPUs: {p:#?}");
             let backups: BTreeSet<&str> = p
                 .values()
                 .filter(|a| a.primary.as_deref() == Some(h))
