@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child as Process, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -362,9 +362,4 @@ fn signal(p: &Process, sig: rustix::process::Signal) {
     if let Some(pid) = rustix::process::Pid::from_raw(p.id() as i32) {
         let _ = rustix::process::kill_process(pid, sig);
     }
-}
-
-/// Whether `path` is an existing directory (for flag checks).
-pub fn is_dir(path: &Path) -> bool {
-    path.is_dir()
 }

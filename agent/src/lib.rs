@@ -120,6 +120,8 @@ struct Agent {
     known_vms: BTreeSet<String>,
     /// VMs seen deleted whose files here are not removed yet.
     deleted: BTreeSet<String>,
+    /// The host record last written.
+    registered: Vec<u8>,
 }
 
 /// Runs the agent until `stop`; then stops its roles.
@@ -147,6 +149,7 @@ pub fn run(cfg: Config, stop: Arc<AtomicBool>) -> Result<(), witness::WitnessErr
         renewed: Instant::now(),
         known_vms: BTreeSet::new(),
         deleted: BTreeSet::new(),
+        registered: Vec::new(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -349,14 +352,10 @@ impl Agent {
             port_base: self.cfg.layout.port_base,
         };
         let value = serde_json::to_vec(&rec).expect("a host record serialises");
-        thread_local! {
-            static LAST: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        let changed = LAST.with(|l| *l.borrow() != value);
-        if always || changed {
+        if always || value != self.registered {
             self.store
                 .put(&keys::host_key(&self.cfg.layout.host), &value, Some(lease))?;
-            LAST.with(|l| *l.borrow_mut() = value);
+            self.registered = value;
         }
         Ok(())
     }

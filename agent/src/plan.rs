@@ -126,8 +126,7 @@ pub fn decide(
             });
         }
     }
-    for (vm, spec) in &view.vms {
-        let _ = spec;
+    for vm in view.vms.keys() {
         let Some(a) = view.placements.get(vm).map(|a| &a.value) else {
             continue;
         };
