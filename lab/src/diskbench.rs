@@ -198,9 +198,9 @@ pub fn disk(a: &BenchArgs, link: &[String], link_bytes_per_s: Option<u64>) -> Re
     let md = table(&rows, &re);
     println!("\n{md}");
     std::fs::write(a.out.join("disk.md"), &md)?;
-    if rows.iter().any(|r| r.violations > 0) {
+    if rows.iter().any(NetRow::failed) {
         bail!(
-            "the client saw violations: see {}",
+            "the client saw violations or a history that is not linearizable: see {} and the lines above",
             a.out.join("disk.md").display()
         );
     }

@@ -222,6 +222,8 @@ pub fn run_drill(
                 target: l.guest_service(),
                 netns: Some(l.netns.clone()),
                 rate: 500.0,
+                // A fresh guest: every key absent before our first PUT.
+                fresh: true,
                 ..Default::default()
             })?);
         }
@@ -350,8 +352,11 @@ pub fn run_drill(
         }
         on_client(&r);
         if !r.ok() {
+            let lin = r.linearizability.as_ref().map_or(String::new(), |l| {
+                format!("\n{}\n  {}", l.line, l.detail.join("\n  "))
+            });
             bail!(
-                "the key-value client saw {} violations: {:?}\nlogs kept in {}",
+                "the key-value client saw {} violations: {:?}{lin}\nlogs kept in {}",
                 r.violations,
                 r.first_violations,
                 tmp.keep().display()
@@ -575,6 +580,13 @@ pub fn drill(a: DrillArgs) -> Result<()> {
             c.violations,
             if c.ok() { "yes" } else { "NO" }
         );
+        // The whole history, checked once the client stopped.
+        if let Some(l) = &c.linearizability {
+            println!("  key-value history: {}", l.line);
+            for d in &l.detail {
+                println!("    {d}");
+            }
+        }
         if !gaps.is_empty() {
             println!(
                 "  client-seen failover gap (last reply before the kill -> first after): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; latency p50 {:.2} ms, p99 {:.2} ms",

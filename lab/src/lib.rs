@@ -17,6 +17,8 @@
 //!   client namespace).
 //! - [`loadgen`]: `castor loadgen`, the key-value client and its checker
 //!   of acknowledged writes.
+//! - [`linearize`]: the check of a whole key-value history for
+//!   linearizability (per key, Porcupine's algorithm), run after the load.
 //! - [`model`]: the results model that the report and the plots read.
 //! - [`report`]: CSV, JSON and the markdown summary.
 //! - [`plots`]: the PNG plots.
@@ -34,6 +36,7 @@ pub mod drill;
 pub mod faults;
 pub mod fleetdemo;
 pub mod fleetlab;
+pub mod linearize;
 pub mod loadgen;
 pub mod migration_bench;
 pub mod model;

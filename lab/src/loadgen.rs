@@ -11,6 +11,11 @@
 //! later lost. [`Handle::verify_all`] (also run when the generator stops)
 //! reads back every acknowledged key.
 //!
+//! Every request is also recorded, with its first send and its reply, in a
+//! [`history::Recorder`]; when the generator stops, the whole history is
+//! checked for linearizability against a register per key
+//! ([`crate::linearize`]): [`Report::linearizability`].
+//!
 //! As a library, for a drill:
 //!
 //! ```no_run
@@ -31,6 +36,7 @@
 //! ```
 
 pub mod checker;
+pub mod history;
 pub mod wire;
 
 use std::collections::VecDeque;
@@ -46,6 +52,7 @@ use rand::Rng;
 use serde::Serialize;
 
 use crate::cli::parse_duration;
+use crate::linearize;
 use checker::{CheckCounts, Checker, ReplyOutcome, SendOutcome, Violation};
 use wire::{Op, Reply, Request, STATUS_OK};
 
@@ -78,6 +85,14 @@ pub struct Config {
     pub verify_on_stop: bool,
     /// Violations kept in full in the report (all are counted).
     pub keep_violations: usize,
+    /// Operations recorded at most for the linearizability check at the
+    /// end (each about 80 bytes); 0: no history, no check.
+    pub history_limit: usize,
+    /// The service started empty (a fresh guest): the history check takes
+    /// every key as absent before the first PUT, so a read of a value
+    /// nobody wrote is caught. Otherwise a key's first read gives its
+    /// starting value.
+    pub fresh: bool,
 }
 
 impl Default for Config {
@@ -95,6 +110,8 @@ impl Default for Config {
             verify_timeout: Duration::from_secs(10),
             verify_on_stop: true,
             keep_violations: 20,
+            history_limit: 1_000_000,
+            fresh: false,
         }
     }
 }
@@ -283,12 +300,53 @@ pub struct Report {
     pub first_violations: Vec<Violation>,
     /// Each verification, the one at the stop last.
     pub verifies: Vec<VerifyReport>,
+    /// The check of the whole history, when the generator stopped (`None`
+    /// in a report so far, or without a history).
+    pub linearizability: Option<Linearizability>,
+}
+
+/// What the linearizability check of the whole history found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum LinVerdict {
+    /// Linearizable: every key decided.
+    Yes,
+    /// Not linearizable.
+    No,
+    /// No violation, but the search ran out of its budget on some keys.
+    Undecided,
+}
+
+/// The linearizability check of the history ([`crate::linearize`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Linearizability {
+    /// Its verdict.
+    pub verdict: LinVerdict,
+    /// Operations recorded (failed ones and unknown GETs, in it, are not
+    /// used by the check).
+    pub ops: u64,
+    /// Keys.
+    pub keys: u64,
+    /// Operations not recorded (past [`Config::history_limit`]): the check
+    /// covers the ones before.
+    pub dropped: u64,
+    /// One line: `linearizable: yes (N ops, K keys)`, or the violation.
+    pub line: String,
+    /// A violation's smallest failing sub-history, one operation a line.
+    pub detail: Vec<String>,
+    /// How long the check took, ms.
+    pub took_ms: f64,
 }
 
 impl Report {
-    /// No violation, and every verification read back every key.
+    /// No violation, every verification read back every key, and the
+    /// history (if checked) not found non-linearizable.
     pub fn ok(&self) -> bool {
-        self.violations == 0 && self.verifies.iter().all(VerifyReport::ok)
+        self.violations == 0
+            && self.verifies.iter().all(VerifyReport::ok)
+            && self
+                .linearizability
+                .as_ref()
+                .is_none_or(|l| l.verdict != LinVerdict::No)
     }
 
     /// The report as one JSON line.
@@ -377,6 +435,12 @@ impl Report {
                 v.kind, v.key, v.req, v.at_s, v.detail
             );
         }
+        if let Some(l) = &self.linearizability {
+            let _ = writeln!(s, "{} [checked in {:.0} ms]", l.line, l.took_ms);
+            for d in &l.detail {
+                let _ = writeln!(s, "  {d}");
+            }
+        }
         s
     }
 }
@@ -429,6 +493,9 @@ struct Core {
     longest_gap_start: Duration,
     marks: Vec<Mark>,
     verifies: Vec<VerifyReport>,
+    history: history::Recorder,
+    history_limit: usize,
+    fresh: bool,
 }
 
 impl Core {
@@ -512,7 +579,70 @@ impl Core {
             violations: self.checker.violation_count(),
             first_violations: self.checker.violations().to_vec(),
             verifies: self.verifies.clone(),
+            linearizability: None,
         }
+    }
+
+    /// Checks the whole history (none recorded: `None`).
+    fn linearize(&self) -> Option<Linearizability> {
+        if self.history_limit == 0 {
+            return None;
+        }
+        let h = self.history.history();
+        let config = linearize::Config {
+            init: if self.fresh {
+                linearize::Init::Absent
+            } else {
+                linearize::Init::Any
+            },
+            ..linearize::Config::default()
+        };
+        let t = Instant::now();
+        let r = linearize::check_with(&h, &config);
+        let took_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let dropped = self.history.dropped();
+        let cut = if dropped > 0 {
+            format!(
+                " [the first {} operations: {dropped} more not recorded, past the history limit]",
+                h.len()
+            )
+        } else {
+            String::new()
+        };
+        let mut keys: Vec<u64> = h.iter().map(|o| o.key).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let (verdict, line, detail) = match r {
+            Ok(r) if r.complete() => (LinVerdict::Yes, r.to_string(), Vec::new()),
+            Ok(r) => (LinVerdict::Undecided, r.to_string(), Vec::new()),
+            Err(v) => {
+                let mut line = v.line();
+                if v.init == linearize::Init::Absent {
+                    line.push_str(", the key absent at the start");
+                }
+                (
+                    LinVerdict::No,
+                    line,
+                    v.ops.iter().map(|o| o.to_string()).collect(),
+                )
+            }
+        };
+        Some(Linearizability {
+            verdict,
+            ops: h.len() as u64,
+            keys: keys.len() as u64,
+            dropped,
+            line: line + &cut,
+            detail,
+            took_ms,
+        })
+    }
+
+    /// The final report, with the history's check.
+    fn final_report(&self) -> Report {
+        let mut r = self.report();
+        r.linearizability = self.linearize();
+        r
     }
 }
 
@@ -551,6 +681,9 @@ impl Loadgen {
             longest_gap_start: Duration::ZERO,
             marks: Vec::new(),
             verifies: Vec::new(),
+            history: history::Recorder::new(config.history_limit),
+            history_limit: config.history_limit,
+            fresh: config.fresh,
         }));
         let (cmd_tx, cmd_rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -671,7 +804,8 @@ impl Handle {
     }
 
     /// Stops: drains the outstanding requests, verifies every acknowledged
-    /// key if configured, and returns the final report.
+    /// key if configured, checks the whole history for linearizability,
+    /// and returns the final report.
     pub fn stop(mut self) -> Report {
         self.finish()
     }
@@ -681,7 +815,12 @@ impl Handle {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        lock(&self.core).report()
+        lock(&self.core).final_report()
+    }
+
+    /// The history recorded so far (for [`crate::linearize::check`]).
+    pub fn history(&self) -> Vec<linearize::Op> {
+        lock(&self.core).history.history()
     }
 
     fn finish(&mut self) -> Report {
@@ -689,14 +828,17 @@ impl Handle {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        lock(&self.core).report()
+        lock(&self.core).final_report()
     }
 }
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        if self.thread.is_some() {
-            self.finish();
+        // Stops (drains, verifies) without the history's check: nobody
+        // would read it.
+        let _ = self.cmd.send(Cmd::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
@@ -986,6 +1128,7 @@ impl Runner {
         if core.checker.on_send(&q, at) != SendOutcome::First {
             return;
         }
+        core.history.sent(&q, at);
         drop(core);
         self.busy[key as usize] = true;
         self.out.push(Outstanding {
@@ -1045,6 +1188,7 @@ impl Runner {
                 violations,
                 ..
             } => {
+                core.history.completed(&r, at);
                 core.reply_seen(at);
                 core.latency.record(latency);
                 let verify = self
@@ -1066,7 +1210,10 @@ impl Runner {
                     }
                 }
             }
-            ReplyOutcome::Duplicate { .. } => core.reply_seen(at),
+            ReplyOutcome::Duplicate { .. } => {
+                core.history.duplicate(&r, at);
+                core.reply_seen(at);
+            }
             ReplyOutcome::Mismatched | ReplyOutcome::Foreign => {}
         }
     }
@@ -1109,6 +1256,15 @@ pub struct LoadgenArgs {
     /// Do not read back every acknowledged key at the end.
     #[arg(long)]
     pub no_verify: bool,
+    /// Record at most this many operations for the linearizability check
+    /// of the whole history at the end (about 80 bytes each); 0: none.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub history_limit: usize,
+    /// The service started empty: the history check then takes every key
+    /// as absent before the first PUT (otherwise a key's first read gives
+    /// its starting value).
+    #[arg(long)]
+    pub fresh: bool,
     /// Print the report as one JSON line.
     #[arg(long)]
     pub json: bool,
@@ -1128,13 +1284,16 @@ impl LoadgenArgs {
             concurrency: self.concurrency,
             drain_timeout: self.drain_timeout,
             verify_on_stop: !self.no_verify,
+            history_limit: self.history_limit,
+            fresh: self.fresh,
             ..Config::default()
         }
     }
 }
 
-/// Runs `castor loadgen`: prints the report, fails if it found a violation
-/// or could not read back every acknowledged key.
+/// Runs `castor loadgen`: prints the report, fails if it found a violation,
+/// a history that is not linearizable, or could not read back every
+/// acknowledged key.
 pub fn loadgen(args: LoadgenArgs) -> Result<()> {
     let handle = Loadgen::start(args.config())?;
     let report = handle.wait();
@@ -1148,6 +1307,13 @@ pub fn loadgen(args: LoadgenArgs) -> Result<()> {
             "{} violations: acknowledged writes lost or replies from lost state",
             report.violations
         );
+    }
+    if let Some(l) = report
+        .linearizability
+        .as_ref()
+        .filter(|l| l.verdict == LinVerdict::No)
+    {
+        bail!("the history is not linearizable: {}", l.line);
     }
     if !report.ok() {
         bail!("the verification could not read back every acknowledged key");

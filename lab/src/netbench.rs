@@ -90,6 +90,19 @@ pub(crate) struct NetRow {
     pub(crate) disk_blocks: f64,
     pub(crate) gap_ms: Option<f64>,
     pub(crate) violations: u64,
+    /// The check of the client's whole history (`None`: not run).
+    pub(crate) linearizability: Option<crate::loadgen::Linearizability>,
+}
+
+impl NetRow {
+    /// The client saw a violation, or its history is not linearizable.
+    pub(crate) fn failed(&self) -> bool {
+        self.violations > 0
+            || self
+                .linearizability
+                .as_ref()
+                .is_some_and(|l| l.verdict == crate::loadgen::LinVerdict::No)
+    }
 }
 
 pub(crate) fn lab() -> Result<crate::netlab::NetGuard> {
@@ -110,6 +123,8 @@ fn load(lab: &NetLab, svc: &Service) -> LoadConfig {
         put_ratio: svc.put_ratio,
         concurrency: svc.concurrency,
         timeout: Duration::from_millis(100),
+        // Each row boots a fresh guest.
+        fresh: true,
         ..Default::default()
     }
 }
@@ -172,6 +187,7 @@ pub(crate) fn unprotected(
         p50_ms: mid.latency.p50_ms,
         p99_ms: mid.latency.p99_ms,
         violations: r.violations,
+        linearizability: r.linearizability,
         ..Default::default()
     })
 }
@@ -290,6 +306,7 @@ pub(crate) fn protected(
         disk_blocks: f.disk_blocks_mean,
         gap_ms: gap,
         violations: end.violations,
+        linearizability: end.linearizability,
     })
 }
 
@@ -323,9 +340,9 @@ pub fn net(a: &BenchArgs, link: &[String], link_bytes_per_s: Option<u64>) -> Res
     let md = net_table(&rows, link_bytes_per_s);
     println!("\n{md}");
     std::fs::write(a.out.join("net.md"), &md)?;
-    if rows.iter().any(|r| r.violations > 0) {
+    if rows.iter().any(NetRow::failed) {
         bail!(
-            "the client saw violations: see {}",
+            "the client saw violations or a history that is not linearizable: see {} and the lines above",
             a.out.join("net.md").display()
         );
     }
@@ -350,7 +367,7 @@ pub(crate) fn epoch_cell(r: &NetRow) -> String {
 
 pub(crate) fn row_line(r: &NetRow, rate: Option<u64>) -> String {
     format!(
-        "{:<28} {:>7.0} req/s  latency p50 {:>6.2} ms, p99 {:>6.2} ms{}{}{}",
+        "{:<28} {:>7.0} req/s  latency p50 {:>6.2} ms, p99 {:>6.2} ms{}{}{}{}",
         r.setting,
         r.req_per_s,
         r.p50_ms,
@@ -364,7 +381,15 @@ pub(crate) fn row_line(r: &NetRow, rate: Option<u64>) -> String {
             r.bytes_per_s / 1e6
         )),
         r.gap_ms
-            .map_or(String::new(), |g| format!("; failover gap {g:.1} ms"))
+            .map_or(String::new(), |g| format!("; failover gap {g:.1} ms")),
+        r.linearizability.as_ref().map_or(String::new(), |l| {
+            let mut s = format!("; {}", l.line);
+            for d in &l.detail {
+                s.push_str("\n      ");
+                s.push_str(d);
+            }
+            s
+        })
     )
 }
 

@@ -11,7 +11,7 @@ use std::thread::sleep;
 use std::time::Duration;
 
 use castor_lab::loadgen::checker::ViolationKind;
-use castor_lab::loadgen::{Config, Loadgen, LoadgenArgs};
+use castor_lab::loadgen::{Config, LinVerdict, Loadgen, LoadgenArgs};
 use clap::Parser;
 use common::{Server, State};
 
@@ -30,6 +30,13 @@ fn config(server: &Server) -> Config {
         verify_timeout: Duration::from_secs(5),
         ..Config::default()
     }
+}
+
+fn verdict(r: &castor_lab::loadgen::Report) -> LinVerdict {
+    r.linearizability
+        .as_ref()
+        .expect("the history is checked at the stop")
+        .verdict
 }
 
 fn kinds(r: &castor_lab::loadgen::Report) -> Vec<ViolationKind> {
@@ -71,9 +78,13 @@ fn clean_run_with_lost_duplicated_and_garbage_datagrams_passes() {
     assert!(r.latency.max_ms >= r.latency.p99_ms);
     // Retries every 20 ms: a lost datagram costs a gap of about that.
     assert!(r.longest_gap_ms < 500.0, "{text}");
+    // The whole history (retries, duplicate replies: more reads) checks.
+    assert_eq!(verdict(&r), LinVerdict::Yes, "{text}");
+    assert!(text.contains("linearizable: yes ("), "{text}");
     let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
     assert_eq!(json["violations"], 0);
     assert!(json["sent"].as_u64().unwrap() > 0);
+    assert_eq!(json["linearizability"]["verdict"], "Yes");
 }
 
 #[test]
@@ -99,6 +110,11 @@ fn failover_to_an_older_state_is_reported_as_lost_writes() {
     let text = r.summary();
     eprintln!("{text}");
     assert!(!r.ok(), "{text}");
+    // The history check finds it too, with a small sub-history.
+    assert_eq!(verdict(&r), LinVerdict::No, "{text}");
+    let l = r.linearizability.as_ref().unwrap();
+    assert!(l.line.starts_with("linearizable: NO"), "{text}");
+    assert!((2..=8).contains(&l.detail.len()), "{text}");
     assert!(r.violations > 0, "{text}");
     let k = kinds(&r);
     assert!(k.contains(&ViolationKind::LostWrite), "{text}");
@@ -131,6 +147,7 @@ fn a_pause_is_a_gap_not_a_violation() {
     assert!(m.last_reply_before_s.unwrap() <= m.at_s);
     assert!(m.first_reply_after_s.unwrap() > m.at_s);
     assert!(r.counts.retries >= 8, "{text}");
+    assert_eq!(verdict(&r), LinVerdict::Yes, "{text}");
 }
 
 #[test]
@@ -169,6 +186,8 @@ fn a_full_table_is_an_error_reply_not_a_violation() {
     assert!(r.counts.error_replies > 0, "{text}");
     assert_eq!(r.violations, 0, "{text}");
     assert!(r.ok(), "{text}");
+    // Failed PUTs took no effect: the keys they named stay absent.
+    assert_eq!(verdict(&r), LinVerdict::Yes, "{text}");
 }
 
 #[derive(Parser)]
@@ -191,6 +210,7 @@ fn the_command_passes_against_a_good_server_and_fails_without_one() {
         "500",
         "--keys",
         "100",
+        "--fresh",
         "--json",
     ])
     .unwrap();
