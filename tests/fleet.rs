@@ -480,3 +480,68 @@ fn a_primary_started_before_its_etcd_waits_for_it_then_boots() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn a_vm_with_a_disk_is_protected_and_drained_by_a_switchover() {
+    let (_tmp, dir) = workdir();
+    let lab = lab(&dir, 3);
+    let mut args = vec!["vm", "create", "k0", "--disk", "16M"];
+    args.extend_from_slice(VM_FLAGS);
+    lab.castor(&args).unwrap();
+    lab.wait_vms(
+        "the VM with a disk protected",
+        Duration::from_secs(120),
+        all_protected(1),
+    )
+    .unwrap();
+    let before = by_name(lab.vms().unwrap());
+    let v = &before["k0"];
+    let host = v.placement.primary.clone().unwrap();
+    let backup = v.placement.backup.clone().unwrap();
+    // Each role's host keeps its own copy of the disk.
+    for h in [&host, &backup] {
+        let f = lab.image_dir().join("k0").join(format!("{h}.disk"));
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().len(),
+            16 << 20,
+            "{}",
+            f.display()
+        );
+    }
+    let seen = console(v, Duration::from_millis(300));
+    // Live migration does not move disks: the drain is a switchover to
+    // the backup, from its last committed checkpoint.
+    let out = lab
+        .castor(&["host", "drain", &host, "--timeout", "150s"])
+        .unwrap();
+    assert!(out.contains("is drained"), "{out}");
+    lab.wait_vms(
+        "protected off the drained host",
+        Duration::from_secs(60),
+        |v| {
+            all_protected(1)(v)
+                && v.iter().all(|l| {
+                    l.placement.primary.as_deref() != Some(host.as_str())
+                        && l.placement.backup.as_deref() != Some(host.as_str())
+                })
+        },
+    )
+    .unwrap();
+    let after = by_name(lab.vms().unwrap());
+    let v = &after["k0"];
+    let r = v.report.as_ref().unwrap();
+    assert_eq!(r.host, backup, "the backup took over");
+    assert!(
+        r.failover.is_some(),
+        "a switchover is reported as a failover"
+    );
+    let (from, now) = console_kept(v, Duration::from_millis(300));
+    let from = from as usize;
+    assert!(
+        from <= seen.len() && from + now.len() > seen.len(),
+        "the console does not grow"
+    );
+    assert_eq!(&now[..seen.len() - from], &seen[from..], "two histories");
+    let c = lab::console::continuity(&now);
+    assert!(c.ok(), "{:?}", c.problems);
+}

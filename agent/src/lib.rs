@@ -486,6 +486,14 @@ impl Agent {
                 }
             }
             Action::Stop { vm, why } => self.children.stop(&vm, &why),
+            Action::Takeover { vm } => {
+                self.ask(
+                    &vm,
+                    Request::Takeover,
+                    Duration::from_secs(20),
+                    "take over (a drain's switchover: its disk does not migrate)".into(),
+                );
+            }
             Action::Protect { vm, peer, to } => {
                 let req = Request::Protect(ProtectRequest {
                     to,
@@ -533,7 +541,7 @@ impl Agent {
         let path = self.cfg.layout.control(vm);
         let busy = self.busy.clone();
         let vm = vm.to_string();
-        info!(vm, "asking its primary to {what}");
+        info!(vm, "asking its role to {what}");
         std::thread::spawn(move || {
             match node::control::request(&path, &req, timeout) {
                 Ok(Response::Ok(done)) => info!(vm, "{what}: {}", short(&done)),

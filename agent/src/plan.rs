@@ -100,6 +100,12 @@ pub enum Action {
         /// Where it waits.
         to: SocketAddr,
     },
+    /// Ask the backup to take over now: a planned switchover, how a
+    /// drain moves a VM whose disk live migration cannot move.
+    Takeover {
+        /// The VM.
+        vm: String,
+    },
     /// Stop the process (SIGTERM).
     Stop {
         /// The VM.
@@ -126,7 +132,8 @@ pub fn decide(
             });
         }
     }
-    for vm in view.vms.keys() {
+    for (vm, spec) in &view.vms {
+        let has_disk = spec.value.disk_bytes.is_some();
         let Some(a) = view.placements.get(vm).map(|a| &a.value) else {
             continue;
         };
@@ -158,7 +165,7 @@ pub fn decide(
                             });
                         }
                     }
-                } else if me_dest {
+                } else if me_dest && !has_disk {
                     if let (Some(from), Some(backup)) = (&a.primary, backup) {
                         out.push(Action::StartIncoming {
                             vm: vm.clone(),
@@ -167,6 +174,20 @@ pub fn decide(
                         });
                     }
                 }
+            }
+            Some(c)
+                if matches!(c.kind, Kind::Incoming { .. })
+                    && c.role.is_none()
+                    && !me_dest
+                    && owner != Some(me) =>
+            {
+                // A destination still waiting for a guest the witness never
+                // handed to it: the move was called off (or became a
+                // switchover), and it holds the VM's port here.
+                out.push(Action::Stop {
+                    vm: vm.clone(),
+                    why: "the migration here was called off".into(),
+                });
             }
             Some(c) if c.runs_guest() => {
                 if !me_primary || c.migrating || c.role.is_none() {
@@ -185,7 +206,7 @@ pub fn decide(
                         continue;
                     }
                 }
-                if let Some(dest) = &a.moving_to {
+                if let Some(dest) = a.moving_to.as_ref().filter(|_| !has_disk) {
                     if let Some(to) = view.quic_addr(dest, vm) {
                         if migration_ready(vm) {
                             out.push(Action::Migrate {
@@ -198,6 +219,20 @@ pub fn decide(
                 }
             }
             Some(c) => match &c.kind {
+                Kind::Backup { .. }
+                    if me_backup
+                        && has_disk
+                        && a.moving_to.is_some()
+                        && c.role == Some(Role::Backup)
+                        && !c.migrating
+                        && migration_ready(vm) =>
+                {
+                    // A drain of a VM with a disk: live migration does not
+                    // move disks, so its backup takes over (a switchover
+                    // from the last committed checkpoint; the old primary
+                    // is fenced by the witness).
+                    out.push(Action::Takeover { vm: vm.clone() });
+                }
                 Kind::Backup { peer } => {
                     if !me_backup {
                         out.push(Action::Stop {
@@ -304,6 +339,38 @@ mod tests {
     }
 
     const READY: &dyn Fn(&str) -> bool = &|_| true;
+
+    #[test]
+    fn a_drain_of_a_vm_with_a_disk_is_a_switchover_to_its_backup() {
+        let mut v = view("h1", "h2", Some("h1"));
+        v.vms.get_mut("a").unwrap().value.disk_bytes = Some(1 << 20);
+        v.placements.get_mut("a").unwrap().value.moving_to = Some("h3".into());
+        // The source does not migrate it.
+        let c = child(Kind::Primary, Some(Role::Primary), Some("h2@10.0.0.2:7400"));
+        assert!(decide("h1", &v, &c, READY).is_empty());
+        // Its backup takes over.
+        let b = child(Kind::Backup { peer: "h1".into() }, Some(Role::Backup), None);
+        assert_eq!(
+            decide("h2", &v, &b, READY),
+            vec![Action::Takeover { vm: "a".into() }]
+        );
+        assert!(decide("h2", &v, &b, &|_| false).is_empty());
+        // No destination waits for it.
+        assert!(decide("h3", &v, &BTreeMap::new(), READY).is_empty());
+    }
+
+    #[test]
+    fn a_destination_left_waiting_is_stopped_once_the_move_is_called_off() {
+        let v = view("h1", "h3", Some("h1"));
+        let c = child(Kind::Incoming { from: "h1".into() }, None, None);
+        assert!(matches!(
+            &decide("h3", &v, &c, READY)[..],
+            [Action::Stop { .. }]
+        ));
+        // Not once the witness gave it the guest (its socket not up yet).
+        let v = view("h1", "h2", Some("h3"));
+        assert!(decide("h3", &v, &c, READY).is_empty());
+    }
 
     #[test]
     fn a_new_vm_is_booted_on_its_primary_and_backed_up_on_its_backup() {
