@@ -65,6 +65,37 @@ fn all_protected(n: usize) -> impl Fn(&[VmLine]) -> bool {
     move |v: &[VmLine]| v.len() == n && v.iter().all(protected)
 }
 
+/// Every one of `n` VMs protected, with no role on `host`.
+fn protected_off(n: usize, host: &str) -> impl Fn(&[VmLine]) -> bool + '_ {
+    move |v: &[VmLine]| {
+        all_protected(n)(v)
+            && v.iter().all(|l| {
+                l.placement.primary.as_deref() != Some(host)
+                    && l.placement.backup.as_deref() != Some(host)
+            })
+    }
+}
+
+/// One history: what clients saw (`seen`, from offset 0) is a prefix of
+/// what the VM's primary keeps now, which goes on past it, continuously.
+fn assert_one_history(name: &str, v: &VmLine, seen: &[u8], fleet: &str) {
+    let (from, now) = console_kept(v, Duration::from_millis(300));
+    let from = from as usize;
+    assert!(
+        from <= seen.len() && from + now.len() > seen.len(),
+        "{name}: the console does not grow past what clients saw ({} bytes then; now {} from offset {from}): {fleet}",
+        seen.len(),
+        now.len(),
+    );
+    assert_eq!(
+        &now[..seen.len() - from],
+        &seen[from..],
+        "{name}: two histories"
+    );
+    let c = lab::console::continuity(&now);
+    assert!(c.ok(), "{name}: {:?}", c.problems);
+}
+
 /// The console of a VM's primary from offset 0, read for `for_`.
 fn console(v: &VmLine, for_: Duration) -> Vec<u8> {
     let r = v.report.as_ref().expect("a report");
@@ -141,13 +172,7 @@ fn a_lost_host_is_healed_and_receives_backups_again_when_it_returns() {
         .wait_vms(
             "every VM protected on h1/h2",
             Duration::from_secs(90),
-            |v| {
-                all_protected(6)(v)
-                    && v.iter().all(|l| {
-                        l.placement.primary.as_deref() != Some("h0")
-                            && l.placement.backup.as_deref() != Some("h0")
-                    })
-            },
+            |v| protected_off(6, "h0")(v),
         )
         .unwrap();
     eprintln!(
@@ -168,20 +193,7 @@ fn a_lost_host_is_healed_and_receives_backups_again_when_it_returns() {
         }
         // One history: what clients saw before is a prefix of what the
         // VM's primary serves now, and its console is continuous.
-        let (from, now) = console_kept(v, Duration::from_millis(300));
-        let old = &seen[n];
-        let from = from as usize;
-        assert!(
-            from <= old.len() && from + now.len() > old.len(),
-            "{n}: the console does not grow past what clients saw ({} bytes then; now {} from offset {from} at {}): {}",
-            old.len(),
-            now.len(),
-            r.console,
-            describe(&lab.vms().unwrap())
-        );
-        assert_eq!(&now[..old.len() - from], &old[from..], "{n}: two histories");
-        let c = lab::console::continuity(&now);
-        assert!(c.ok(), "{n}: {:?}", c.problems);
+        assert_one_history(n, v, &seen[n], &describe(&lab.vms().unwrap()));
     }
     let _ = healed;
 
@@ -241,13 +253,7 @@ fn a_drained_host_is_emptied_by_live_migration_with_gap_free_consoles() {
     lab.wait_vms(
         "every VM protected off the drained host",
         Duration::from_secs(60),
-        |v| {
-            all_protected(3)(v)
-                && v.iter().all(|l| {
-                    l.placement.primary.as_deref() != Some(host.as_str())
-                        && l.placement.backup.as_deref() != Some(host.as_str())
-                })
-        },
+        |v| protected_off(3, &host)(v),
     )
     .unwrap();
     let after = by_name(lab.vms().unwrap());
@@ -518,13 +524,7 @@ fn a_vm_with_a_disk_is_protected_and_drained_by_a_switchover() {
     lab.wait_vms(
         "protected off the drained host",
         Duration::from_secs(60),
-        |v| {
-            all_protected(1)(v)
-                && v.iter().all(|l| {
-                    l.placement.primary.as_deref() != Some(host.as_str())
-                        && l.placement.backup.as_deref() != Some(host.as_str())
-                })
-        },
+        |v| protected_off(1, &host)(v),
     )
     .unwrap();
     let after = by_name(lab.vms().unwrap());
@@ -535,13 +535,5 @@ fn a_vm_with_a_disk_is_protected_and_drained_by_a_switchover() {
         r.failover.is_some(),
         "a switchover is reported as a failover"
     );
-    let (from, now) = console_kept(v, Duration::from_millis(300));
-    let from = from as usize;
-    assert!(
-        from <= seen.len() && from + now.len() > seen.len(),
-        "the console does not grow"
-    );
-    assert_eq!(&now[..seen.len() - from], &seen[from..], "two histories");
-    let c = lab::console::continuity(&now);
-    assert!(c.ok(), "{:?}", c.problems);
+    assert_one_history("k0", v, &seen, &describe(&lab.vms().unwrap()));
 }

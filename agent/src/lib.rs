@@ -246,7 +246,7 @@ impl Agent {
         } else {
             view
         };
-        let kids = self.observe();
+        let (kids, statuses) = self.observe();
         let now = Instant::now();
         for (vm, a) in &view.placements {
             if a.value.moving_to.is_some() {
@@ -264,7 +264,7 @@ impl Agent {
         for act in actions {
             self.act(&view, act);
         }
-        self.report(&view, &kids);
+        self.report(&view, &statuses);
         // Images of VMs seen deleted are removed (those of VMs that still
         // exist are kept for reuse, whatever this host's role; those of
         // VMs this agent never saw are left alone: an etcd that is not
@@ -430,25 +430,28 @@ impl Agent {
         (true, wrote)
     }
 
-    /// What each role's control socket says now.
-    fn observe(&self) -> BTreeMap<String, Child> {
+    /// What each role's control socket says now (asked once a tick):
+    /// the plan's view of each role, and the statuses for the reports.
+    fn observe(&self) -> (BTreeMap<String, Child>, BTreeMap<String, node::Status>) {
         let busy = self.busy.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        self.children
-            .by_vm
-            .iter()
-            .map(|(vm, r)| {
-                let st = status_of(&self.cfg.layout.control(vm));
-                (
-                    vm.clone(),
-                    Child {
-                        kind: r.kind.clone(),
-                        role: st.as_ref().map(|s| s.role),
-                        backup: st.as_ref().and_then(|s| s.primary.as_ref()?.backup.clone()),
-                        migrating: busy.contains(vm) || r.stopping.is_some(),
-                    },
-                )
-            })
-            .collect()
+        let mut kids = BTreeMap::new();
+        let mut statuses = BTreeMap::new();
+        for (vm, r) in &self.children.by_vm {
+            let st = status_of(&self.cfg.layout.control(vm));
+            kids.insert(
+                vm.clone(),
+                Child {
+                    kind: r.kind.clone(),
+                    role: st.as_ref().map(|s| s.role),
+                    backup: st.as_ref().and_then(|s| s.primary.as_ref()?.backup.clone()),
+                    migrating: busy.contains(vm) || r.stopping.is_some(),
+                },
+            );
+            if let Some(st) = st {
+                statuses.insert(vm.clone(), st);
+            }
+        }
+        (kids, statuses)
     }
 
     fn act(&mut self, view: &FleetView, act: Action) {
@@ -556,19 +559,16 @@ impl Agent {
     }
 
     /// Reports the primaries this host runs.
-    fn report(&mut self, view: &FleetView, kids: &BTreeMap<String, Child>) {
+    fn report(&mut self, view: &FleetView, statuses: &BTreeMap<String, node::Status>) {
         let Some(lease) = self.lease else {
             return;
         };
         let me = self.cfg.layout.host.clone();
-        for (vm, c) in kids {
-            if !c.role.is_some_and(node::Role::runs_guest) {
+        for (vm, st) in statuses {
+            if !st.role.runs_guest() {
                 continue;
             }
-            let Some(st) = status_of(&self.cfg.layout.control(vm)) else {
-                continue;
-            };
-            if c.role == Some(node::Role::TakenOver) && !self.failovers.contains_key(vm) {
+            if st.role == node::Role::TakenOver && !self.failovers.contains_key(vm) {
                 let from = self
                     .last_primary
                     .get(vm)

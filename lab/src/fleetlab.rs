@@ -344,14 +344,16 @@ fn kill_ns(ns: &str) {
         let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() else {
             return;
         };
-        let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        let pids: Vec<i32> = String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
-            .map(str::to_string)
+            .filter_map(|p| p.parse().ok())
             .collect();
         if pids.is_empty() {
             return;
         }
-        let _ = Command::new("kill").arg("-9").args(&pids).status();
+        for pid in pids.into_iter().filter_map(rustix::process::Pid::from_raw) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }

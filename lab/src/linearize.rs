@@ -865,6 +865,7 @@ fn shrink(ops: &[KOp], upto: usize, init: State, budget: &mut Budget) -> (Vec<us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use node::rng::Rng;
     use std::time::Instant;
 
     const K: u64 = 1;
@@ -1138,26 +1139,11 @@ mod tests {
         assert_eq!(r.undecided, vec![K, 2]);
     }
 
-    /// splitmix64.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
-
     /// A history of a real register per key: each operation takes effect at
     /// a random point of its interval (an unknown PUT at any point after
     /// its invoke, or never), the intervals overlapping at random.
     fn generate(seed: u64, keys: u64, per_key: u64) -> Vec<Op> {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         let mut h = Vec::new();
         let mut fresh = 0u64;
         for key in 1..=keys {
@@ -1221,7 +1207,7 @@ mod tests {
     /// completely followed, both before the GET: a stale read. Returns the
     /// GET's index.
     fn inject_stale_read(h: &mut [Op], seed: u64) -> usize {
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         loop {
             let g = rng.below(h.len() as u64) as usize;
             if h[g].kind != Kind::Get || !matches!(h[g].outcome, Outcome::Ok(_)) {
@@ -1316,7 +1302,7 @@ mod tests {
 
     #[test]
     fn linearize_agrees_with_brute_force_on_small_histories() {
-        let mut rng = Rng(99);
+        let mut rng = Rng::new(99);
         let (mut yes, mut no) = (0, 0);
         for _ in 0..4000 {
             let n = 1 + rng.below(7) as usize;

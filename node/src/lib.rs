@@ -22,6 +22,7 @@ pub mod control;
 pub mod fleet;
 pub mod metrics;
 pub mod packets;
+pub mod rng;
 pub mod services;
 pub mod sim;
 pub mod stats;

@@ -23,6 +23,8 @@ use std::time::Duration;
 
 use protocol::EndReason;
 
+use crate::rng::Rng;
+
 use crate::ha::{
     BackupAction, BackupCore, BackupInput, Claim, PrimaryAction, PrimaryCore, PrimaryInput,
     Timeouts,
@@ -135,28 +137,6 @@ pub struct Report {
     pub faults: u32,
     /// Output units released to the world.
     pub released: usize,
-}
-
-/// splitmix64: small, fast and the same everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-    fn range(&mut self, lo: Us, hi: Us) -> Us {
-        lo + self.below(hi.saturating_sub(lo).max(1))
-    }
 }
 
 /// One unit of console output: which history, which position.
@@ -275,7 +255,7 @@ impl Sim {
     pub fn new(s: Settings) -> Sim {
         let mut sim = Sim {
             s,
-            rng: Rng(s.seed ^ 0x5eed),
+            rng: Rng::new(s.seed ^ 0x5eed),
             now: 0,
             seq: 0,
             queue: BinaryHeap::new(),
@@ -860,7 +840,7 @@ impl Sim {
                     let p = self.primary(n);
                     p.next_epoch = 1;
                     let token = p.core.token();
-                    let session = self.rng.next();
+                    let session = self.rng.next_u64();
                     self.send(n, Msg::Hello { session, token });
                     // The full resync goes out at the next epoch.
                 }

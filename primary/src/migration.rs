@@ -231,7 +231,7 @@ impl EpochLoop<'_> {
                     }
                     // The network task ended without reporting the end.
                     self.feed(node::ha::PrimaryInput::Ended(EndReason::Goodbye(
-                        "stood down for a migration".into(),
+                        "stood down (a migration or a change of backup)".into(),
                     )))?;
                 }
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => break,

@@ -165,15 +165,7 @@ mod tests {
     }
 
     fn reply(q: &Request, value: u64, version: u64) -> Reply {
-        Reply {
-            op: q.op,
-            status: STATUS_OK,
-            client: q.client,
-            req: q.req,
-            key: q.key,
-            value,
-            version,
-        }
+        Reply::ok_to(q, value, version)
     }
 
     #[test]

@@ -199,6 +199,22 @@ impl Reply {
     }
 }
 
+impl Reply {
+    /// The guest's OK answer to `q` (for the checkers' tests).
+    #[cfg(test)]
+    pub(crate) fn ok_to(q: &Request, value: u64, version: u64) -> Reply {
+        Reply {
+            op: q.op,
+            status: STATUS_OK,
+            client: q.client,
+            req: q.req,
+            key: q.key,
+            value,
+            version,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

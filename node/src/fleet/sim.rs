@@ -37,6 +37,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 
+use crate::rng::Rng;
+
 use super::{
     check, health, place, started_moves, Assignment, Fleet, Health, HostView, Kind, Policy, VmView,
 };
@@ -84,28 +86,6 @@ pub(super) type Placer = fn(
     &Policy,
 ) -> BTreeMap<String, Assignment>;
 
-/// splitmix64: small, fast and the same everywhere.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.below(1000) < per_mille
-    }
-}
-
 struct World {
     seed: u64,
     step: usize,
@@ -123,7 +103,7 @@ impl World {
         // Hosts of 4-12 GiB (capacity decides) or, in half the worlds,
         // 24-48 GiB (room for most); VMs of 0.5-4 GiB.
         let (least, most) = if rng.chance(500) { (48, 96) } else { (8, 24) };
-        let hosts = (0..rng.range(3, 5))
+        let hosts = (0..rng.range_inclusive(3, 5))
             .map(|i| HostView {
                 name: format!("h{i}"),
                 domain: if labelled {
@@ -131,18 +111,18 @@ impl World {
                 } else {
                     String::new()
                 },
-                mem_bytes: rng.range(least, most) * GIB / 2,
-                vcpus: rng.range(8, 16) as u32,
+                mem_bytes: rng.range_inclusive(least, most) * GIB / 2,
+                vcpus: rng.range_inclusive(8, 16) as u32,
                 images: Default::default(),
                 alive: true,
                 drained: false,
             })
             .collect();
-        let vms = (0..rng.range(4, 12))
+        let vms = (0..rng.range_inclusive(4, 12))
             .map(|i| VmView {
                 name: format!("vm{i}"),
-                mem_bytes: rng.range(1, 8) * GIB / 2,
-                vcpus: rng.range(1, 4) as u32,
+                mem_bytes: rng.range_inclusive(1, 8) * GIB / 2,
+                vcpus: rng.range_inclusive(1, 4) as u32,
                 owner: None,
             })
             .collect();
@@ -449,15 +429,15 @@ pub fn simulate(seed: u64, steps: usize) -> Result<SimReport, String> {
 
 /// [`simulate`] with a given placement function.
 pub(super) fn run(seed: u64, steps: usize, placer: Placer) -> Result<SimReport, String> {
-    let mut rng = Rng(seed ^ 0xf1ee7);
+    let mut rng = Rng::new(seed ^ 0xf1ee7);
     let mut w = World::new(&mut rng, seed);
     // The default policy, or one step's limits drawn at random.
     let policy = if rng.chance(500) {
         Policy::default()
     } else {
         Policy {
-            max_moves: rng.range(1, 3) as usize,
-            migrations_per_host: rng.range(1, 2) as usize,
+            max_moves: rng.range_inclusive(1, 3) as usize,
+            migrations_per_host: rng.range_inclusive(1, 2) as usize,
         }
     };
     let mut report = SimReport {
