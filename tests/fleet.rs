@@ -214,6 +214,19 @@ fn a_lost_host_is_healed_and_receives_backups_again_when_it_returns() {
         },
     )
     .unwrap();
+    // A backup moved to h0 was stood down by its primary with a goodbye
+    // (a change of backup): it must not have taken over. Every VM's owner
+    // is the host it was once healed (its token may have grown: a primary
+    // whose session ended claims the VM to carry on alone).
+    let back = by_name(lab.vms().unwrap());
+    for (n, v) in &back {
+        let owner = |l: &VmLine| l.owner.as_ref().map(|o| o.0.clone());
+        assert_eq!(
+            owner(v),
+            owner(&after[n]),
+            "{n}: a backup stood down took over"
+        );
+    }
 }
 
 #[test]
