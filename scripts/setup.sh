@@ -4,12 +4,14 @@
 # Debian's etcd-server is the witness that the demo, the drills and the
 # tests start; Debian's cloud kernel is the Linux guest of tests/linux.rs;
 # resource-agents' ocf-tester checks castor's Pacemaker agent (tests/ocf.rs).
+# strace slows etcd's disk for the slow-etcd fault drill (lab/src/faults.rs).
 # Sourced by scripts/demo.sh and scripts/test.sh.
 need() { command -v "$1" >/dev/null 2>&1; }
 missing=()
 need gcc && need ld && need objcopy || missing+=(gcc binutils)
 need etcd || missing+=(etcd-server)
 need ocf-tester || missing+=(resource-agents)
+need strace || missing+=(strace)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]} (castor's guest is built from source; etcd is the witness)"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"

@@ -11,7 +11,7 @@ use guest::Workload;
 use rand::Rng;
 
 use crate::console::continuity;
-use crate::faults::{self, Fault, FaultRound};
+use crate::faults::{self, Fault, FaultPlan, FaultRound};
 use crate::pair::{
     self, guest_args, kill_and_follow, read_console, start_witness, wait_status, GuestArgs, Pair,
     WitnessKind,
@@ -34,11 +34,25 @@ pub struct DrillArgs {
     #[arg(long, value_enum, default_value = "etcd")]
     pub witness: WitnessKind,
     /// Instead of killing the primary every round, inject these faults in
-    /// turn (with an etcd witness and --verify): kill, kill-backup,
-    /// pause-primary, pause-backup, witness-down, partition (the nodes then
-    /// run in network namespaces; needs root).
-    #[arg(long, value_enum, value_delimiter = ',')]
-    pub faults: Vec<Fault>,
+    /// turn into whichever node runs the guest (with an etcd witness and
+    /// --verify; the nodes run in network namespaces: needs root): kill,
+    /// kill-backup, pause-primary, pause-backup, witness-down, partition,
+    /// one-way (the primary's packets to the backup lost), one-way-back
+    /// (the backup's to the primary lost), flap (the link down and up every
+    /// 100-300 ms), etcd-leader (the primary killed, then the etcd leader
+    /// during the claim; three etcd members), slow-etcd (every etcd fsync
+    /// 1 s longer, the primary killed meanwhile), or all.
+    #[arg(long, value_delimiter = ',', value_parser = parse_fault)]
+    pub faults: Vec<FaultSet>,
+    /// How long a lasting fault (a pause, a partition, a flapping link, an
+    /// outage of etcd or of its leader) lasts, e.g. 2s or 800ms.
+    #[arg(long, default_value = "2s", value_parser = crate::cli::parse_duration)]
+    pub fault_length: Duration,
+    /// Keep the drill's folder (logs, console stream, etcd's data, the
+    /// client's history) here; by default a temporary folder, kept only
+    /// when a round fails.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
     /// Each killed node restarts as the new backup offering the image it
     /// kept (`--image-dir`, `--reuse`): only the pages that changed since
     /// are sent. Without it every re-protection is a full resync.
@@ -372,7 +386,7 @@ pub fn run_drill(
 /// Boots a fresh guest (`castor run`) on `disk` alone, waits for its log
 /// replay, and reads back every key the client had acknowledged; returns
 /// that and the guest, still running.
-fn cold_boot(
+pub(crate) fn cold_boot(
     disk: &std::path::Path,
     tap: &str,
     mem: u64,
@@ -426,7 +440,7 @@ fn cold_boot(
 
 /// After a failover: waits (up to 10 s) for the client's first reply after
 /// the kill, then reads back every acknowledged key.
-fn client_round(c: &crate::loadgen::Handle, label: &str) -> Result<ClientRound> {
+pub(crate) fn client_round(c: &crate::loadgen::Handle, label: &str) -> Result<ClientRound> {
     let t = Instant::now();
     let gap = loop {
         let r = c.report_so_far();
@@ -456,29 +470,77 @@ fn client_round(c: &crate::loadgen::Handle, label: &str) -> Result<ClientRound> 
     })
 }
 
+/// Faults named on the command line: one, or `all`.
+#[derive(Debug, Clone)]
+pub struct FaultSet(pub Vec<Fault>);
+
+fn parse_fault(s: &str) -> Result<FaultSet, String> {
+    use clap::ValueEnum as _;
+    if s == "all" {
+        return Ok(FaultSet(Fault::ALL.to_vec()));
+    }
+    Fault::from_str(s, false).map(|f| FaultSet(vec![f])).map_err(|_| {
+        let names: Vec<String> = Fault::value_variants()
+            .iter()
+            .filter_map(|f| f.to_possible_value().map(|v| v.get_name().to_string()))
+            .collect();
+        format!("unknown fault {s:?}: one of {}, or all", names.join(", "))
+    })
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or("-".to_string(), |v| format!("{v:.1} ms"))
+}
+
 /// `castor drill --faults …`.
 fn fault_drill(a: &DrillArgs) -> Result<()> {
-    let names: Vec<String> = a.faults.iter().map(|f| format!("{f:?}")).collect();
+    let faults: Vec<Fault> = a.faults.iter().flat_map(|s| s.0.iter().copied()).collect();
+    let names: Vec<String> = faults.iter().map(|f| format!("{f:?}")).collect();
     println!(
-        "castor drill: {} rounds of {} on {} on {} vCPU(s), mode {}, etcd witness, verifying",
+        "castor drill: {} rounds of {} on {} on {} vCPU(s), mode {}, etcd witness, verifying, faults lasting {:?}",
         a.rounds,
         names.join(", "),
         a.guest.workload,
         a.guest.vcpus,
-        a.guest.mode
+        a.guest.mode,
+        a.fault_length,
     );
-    let tmp = tempfile::tempdir()?;
-    let guest = guest_args(a.guest.mem, a.guest.vcpus, &a.guest.workload);
-    let extra = vec!["--mode".to_string(), a.guest.mode.to_string()];
+    let (tmp, dir) = match &a.out {
+        Some(d) => {
+            std::fs::create_dir_all(d)
+                .with_context(|| format!("creating the drill's folder {}", d.display()))?;
+            (None, d.clone())
+        }
+        None => {
+            let t = tempfile::tempdir()?;
+            let d = t.path().to_path_buf();
+            (Some(t), d)
+        }
+    };
+    let plan = FaultPlan {
+        faults: faults.clone(),
+        rounds: a.rounds,
+        workload: a.guest.workload.clone(),
+        mem: a.guest.mem,
+        vcpus: a.guest.vcpus,
+        extra: vec!["--mode".to_string(), a.guest.mode.to_string()],
+        disk_mib: a.disk_mib,
+        length: a.fault_length,
+    };
     let mut seen: Vec<FaultRound> = Vec::new();
-    let result = faults::run(tmp.path(), &a.faults, a.rounds, &guest, &extra, &mut |r| {
-        let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
+    let result = faults::run(&dir, &plan, &mut |r| {
         println!(
-            "  round {:>3}  {:<13} serving again after {:>9}, protected {:>10} after it ended  {}",
+            "  round {:>3}  {:<13} on {} -> {}: serving again after {:>9}, protected {:>10} after it ended{}  {}",
             r.round,
             format!("{:?}", r.fault),
-            f(r.recovered_ms),
-            f(r.protected_ms),
+            r.primary,
+            r.serving.as_deref().unwrap_or("nobody"),
+            ms(r.recovered_ms),
+            ms(r.protected_ms),
+            r.client.as_ref().map_or(String::new(), |c| format!(
+                ", client gap {}",
+                ms(c.gap_ms)
+            )),
             if r.problems.is_empty() {
                 "one history, one primary".to_string()
             } else {
@@ -488,29 +550,71 @@ fn fault_drill(a: &DrillArgs) -> Result<()> {
         seen.push(r.clone());
     });
     println!();
-    let mut kinds = a.faults.clone();
-    kinds.dedup();
-    kinds.sort_by_key(|f| a.faults.iter().position(|g| g == f));
+    let mut kinds = faults.clone();
+    kinds.sort_by_key(|f| faults.iter().position(|g| g == f));
     kinds.dedup();
     for f in &kinds {
         let rs: Vec<&FaultRound> = seen.iter().filter(|r| r.fault == *f).collect();
-        let ok = rs.iter().filter(|r| r.problems.is_empty()).count();
-        let mut rec: Vec<f64> = rs.iter().filter_map(|r| r.recovered_ms).collect();
-        let mut pro: Vec<f64> = rs.iter().filter_map(|r| r.protected_ms).collect();
+        let ok = rs.iter().filter(|r| r.ok()).count();
+        let rec: Vec<f64> = rs.iter().filter_map(|r| r.recovered_ms).collect();
+        let pro: Vec<f64> = rs.iter().filter_map(|r| r.protected_ms).collect();
+        let gap: Vec<f64> = rs
+            .iter()
+            .filter_map(|r| r.client.as_ref().and_then(|c| c.gap_ms))
+            .collect();
+        let p = |v: &[f64], q: f64| percentile(&mut v.to_vec(), q);
         println!(
-            "  {:<13} {ok} of {} rounds passed; serving again p50 {:.1} / p99 {:.1} ms; protected again (after the fault) p50 {:.0} / p99 {:.0} ms",
+            "  {:<13} {ok} of {} rounds passed; serving again p50 {:.1} / p99 {:.1} ms; protected again (after the fault) p50 {:.0} / p99 {:.0} ms{}",
             format!("{f:?}"),
             rs.len(),
-            percentile(&mut rec.clone(), 0.5),
-            percentile(&mut rec, 0.99),
-            percentile(&mut pro.clone(), 0.5),
-            percentile(&mut pro, 0.99),
+            p(&rec, 0.5),
+            p(&rec, 0.99),
+            p(&pro, 0.5),
+            p(&pro, 0.99),
+            if gap.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; client gap p50 {:.1} / p99 {:.1} ms",
+                    p(&gap, 0.5),
+                    p(&gap, 0.99)
+                )
+            }
         );
     }
-    if result.is_err() {
-        println!("logs kept in {}", tmp.keep().display());
+    let mut failed = result.is_err();
+    if let Ok(rep) = &result {
+        if let Some((checked, keys)) = rep.cold_boot {
+            println!(
+                "  cold boot from the survivor's disk alone: {checked}/{keys} acknowledged keys read back"
+            );
+        }
+        if let Some(c) = &rep.client {
+            println!(
+                "  key-value client: {} requests acknowledged ({} PUTs), {} violations",
+                c.counts.acked, c.counts.puts_acked, c.violations
+            );
+            if let Some(l) = &c.linearizability {
+                println!("  key-value history: {}", l.line);
+                for d in &l.detail {
+                    println!("    {d}");
+                }
+            }
+            failed |= !c.ok();
+        }
     }
-    result.map(|_| ())
+    if failed || a.out.is_some() {
+        let kept = match tmp {
+            Some(t) => t.keep(),
+            None => dir,
+        };
+        println!("logs kept in {}", kept.display());
+    }
+    match result {
+        Err(e) => Err(e),
+        Ok(_) if failed => bail!("the key-value client's history was not clean"),
+        Ok(_) => Ok(()),
+    }
 }
 
 /// `castor drill`.

@@ -1,17 +1,30 @@
 //! `castor drill --faults …`: rounds of faults on a real pair with a real
 //! etcd witness, each checked as a user of an HA system would check it.
 //!
-//! Each round injects one fault into the protected pair — a SIGKILL or a
-//! SIGSTOP of either node, or the witness killed for a while — then waits
-//! until exactly one node runs the guest, restarts the node that died as a
-//! backup, and checks:
+//! The nodes run in network namespaces of their own ([`crate::netns`]), so
+//! that the replication link can be cut, cut one way or flapped while both
+//! still reach the witness and their console clients. Each round injects one
+//! fault into the protected pair — a SIGKILL or a SIGSTOP of either node, the
+//! witness killed for a while, its leader killed during a claim, its disk
+//! made slow, or the link cut — into whichever node runs the guest at that
+//! moment, then waits until exactly one node runs it, restarts a node that
+//! died as a backup, and checks:
 //! - one history: the console stream a client followed across the round is
 //!   gap- and duplicate-free on every vCPU, and the serving node's console
 //!   agrees with it byte for byte where they overlap;
 //! - the replica verifies (the daemons run with `--verify`; a mismatch fails
 //!   the round);
+//! - with the `net` or `kvdisk` workload, a key-value client runs through
+//!   every round: no acknowledged write lost, no reply from lost state, every
+//!   acknowledged key read back after the round, and the whole history
+//!   linearizable at the end (`kvdisk`: also from a fresh guest booted on the
+//!   survivor's disk alone);
 //! - exactly one node runs the guest at the end, and the pair is protected
 //!   again.
+//!
+//! A failed round stops the drill and keeps everything in its folder: both
+//! nodes' logs, the console stream (`console.bin`), etcd's logs and the
+//! client's history (`client-history.txt`).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -20,11 +33,8 @@ use anyhow::{bail, Context, Result};
 use rand::Rng as _;
 
 use crate::console::continuity;
-use crate::pair::{read_console, wait_status, Daemon, Follower, Pair};
-
-/// How long both consoles are followed from a fault's start: the longest
-/// fault (2 s, plus an etcd restart) and a takeover after it.
-const FOLLOW: Duration = Duration::from_millis(4500);
+use crate::drill::{client_round, cold_boot, ClientRound};
+use crate::pair::{read_console, Daemon, Follower, Pair};
 
 /// A fault a round injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -33,15 +43,54 @@ pub enum Fault {
     Kill,
     /// SIGKILL the backup.
     KillBackup,
-    /// SIGSTOP the primary for 2 s.
+    /// SIGSTOP the primary for the fault's length.
     PausePrimary,
-    /// SIGSTOP the backup for 2 s.
+    /// SIGSTOP the backup for the fault's length.
     PauseBackup,
-    /// Kill the witness (etcd) for 2 s while the pair runs.
+    /// Kill the witness (every etcd member) for the fault's length while the
+    /// pair runs.
     WitnessDown,
-    /// Cut the replication link for 2 s (the nodes run in network
-    /// namespaces; both still reach the witness).
+    /// Cut the replication link both ways for the fault's length.
     Partition,
+    /// A one-way partition: what the primary sends the backup is lost; the
+    /// primary still hears the backup.
+    OneWay,
+    /// The other way: what the backup sends the primary is lost; the backup
+    /// still hears the primary.
+    OneWayBack,
+    /// The replication link flaps: down and up every 100-300 ms for the
+    /// fault's length.
+    Flap,
+    /// SIGKILL the primary, then the etcd leader while the backup's claim is
+    /// in flight (a three-member cluster); the member returns after the
+    /// fault's length.
+    EtcdLeader,
+    /// etcd's disk made slow (every fsync 1 s longer, on every member) for
+    /// the fault's length, and the primary SIGKILLed during it: a claim that
+    /// takes a second.
+    SlowEtcd,
+}
+
+impl Fault {
+    /// Every fault, in the order a full drill runs them.
+    pub const ALL: [Fault; 11] = [
+        Fault::Kill,
+        Fault::KillBackup,
+        Fault::PausePrimary,
+        Fault::PauseBackup,
+        Fault::WitnessDown,
+        Fault::Partition,
+        Fault::OneWay,
+        Fault::OneWayBack,
+        Fault::Flap,
+        Fault::EtcdLeader,
+        Fault::SlowEtcd,
+    ];
+
+    /// Whether it needs a three-member etcd cluster.
+    fn needs_cluster(self) -> bool {
+        matches!(self, Fault::EtcdLeader | Fault::SlowEtcd)
+    }
 }
 
 /// What one round saw.
@@ -51,13 +100,65 @@ pub struct FaultRound {
     pub round: u32,
     /// The fault.
     pub fault: Fault,
+    /// The node that ran the guest when the fault began.
+    pub primary: String,
+    /// The node that runs it after the round.
+    pub serving: Option<String>,
     /// The fault's start → the serving node's first new console byte, ms.
     pub recovered_ms: Option<f64>,
     /// The fault's end (a kill ends at once; a pause, a partition or the
-    /// witness's outage after 2 s) → protected again, ms.
+    /// witness's outage after the fault's length) → protected again, ms.
     pub protected_ms: Option<f64>,
+    /// With a key-value workload: what the client saw.
+    pub client: Option<ClientRound>,
     /// What went wrong, if anything.
     pub problems: Vec<String>,
+}
+
+impl FaultRound {
+    /// Whether the round passed.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// What a fault drill does.
+#[derive(Debug, Clone)]
+pub struct FaultPlan {
+    /// The faults, in turn.
+    pub faults: Vec<Fault>,
+    /// Rounds in all.
+    pub rounds: u32,
+    /// The guest's workload (`net` and `kvdisk` get a key-value client).
+    pub workload: guest::Workload,
+    /// Guest RAM.
+    pub mem: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Flags for both daemons (`--verify` is added).
+    pub extra: Vec<String>,
+    /// Each node's disk in MiB (`kvdisk`).
+    pub disk_mib: u64,
+    /// How long a lasting fault (a pause, a partition, an outage) lasts.
+    pub length: Duration,
+}
+
+/// What a fault drill saw in all.
+#[derive(Debug, Clone, Default)]
+pub struct FaultReport {
+    /// Every round, in order.
+    pub rounds: Vec<FaultRound>,
+    /// The key-value client's final report (its whole history checked).
+    pub client: Option<crate::loadgen::Report>,
+    /// `kvdisk`: acknowledged keys read back from a fresh guest on the
+    /// survivor's disk alone (read back, in all).
+    pub cold_boot: Option<(u64, u64)>,
+}
+
+/// The etcd witness of a drill: one member, or three when a fault needs a
+/// cluster.
+struct Witness {
+    etcd: witness::server::EtcdCluster,
 }
 
 struct Nodes {
@@ -81,8 +182,10 @@ impl Nodes {
         }
     }
 
-    fn primary(&self) -> &Daemon {
-        self.d[self.primary].as_ref().expect("a primary")
+    fn daemon(&self, i: usize) -> Result<&Daemon> {
+        self.d[i]
+            .as_ref()
+            .with_context(|| format!("{} is not running", self.pair.names[i]))
     }
 
     fn restart_backup(&mut self, i: usize) -> Result<()> {
@@ -91,46 +194,132 @@ impl Nodes {
         self.d[i] = Some(self.pair.start_backup(i, &self.extra, &log)?);
         Ok(())
     }
-}
 
-fn signal(d: &Daemon, sig: &str) -> Result<()> {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &d.child.id().to_string()])
-        .status()?
-        .success();
-    if !ok {
-        bail!("kill {sig} {} failed", d.child.id());
+    /// Each node's status (None: gone or not answering).
+    fn statuses(&self) -> [Option<node::Status>; 2] {
+        [0, 1].map(|i| self.d[i].as_ref().and_then(Daemon::status))
     }
-    Ok(())
+
+    /// Waits until exactly one node runs the guest, protected for at least
+    /// ten epochs, whichever node that is (a backup may take over during a
+    /// resync; a fenced node exits and comes back as a backup). Two nodes
+    /// running the guest for 5 s is a failure.
+    fn settle(&mut self, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        let mut two_since: Option<Instant> = None;
+        loop {
+            self.reap();
+            let st = self.statuses();
+            let running: Vec<usize> = (0..2)
+                .filter(|&i| st[i].as_ref().is_some_and(|s| s.role.runs_guest()))
+                .collect();
+            match running[..] {
+                [r] => {
+                    two_since = None;
+                    self.primary = r;
+                    if self.d[1 - r].is_none() {
+                        self.restart_backup(1 - r)?;
+                    }
+                    if st[r].as_ref().is_some_and(crate::pair::protected_after(10)) {
+                        return Ok(());
+                    }
+                }
+                [_, _] => {
+                    let since = *two_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_secs(5) {
+                        bail!("two nodes ran the guest for 5 s");
+                    }
+                }
+                _ => two_since = None,
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no node ran the guest protected within {within:?}: roles {:?}",
+                    st.map(|s| s.map(|s| s.role))
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
-/// Runs `rounds` rounds cycling through `faults` on a pair of `guest` with
-/// `extra` flags for both daemons; `on_round` sees every round.
+fn signal(d: &Daemon, sig: rustix::process::Signal) -> Result<()> {
+    let pid = rustix::process::Pid::from_raw(d.child.id() as i32).context("a daemon's pid")?;
+    rustix::process::kill_process(pid, sig)
+        .with_context(|| format!("sending {sig:?} to process {}", d.child.id()))
+}
+
+/// The key-value history, one operation a line, for a failed drill's folder.
+fn write_history(path: &Path, ops: &[crate::linearize::Op]) {
+    let text: String = ops.iter().map(|o| format!("{o:?}\n")).collect();
+    let _ = std::fs::write(path, text);
+}
+
+/// Runs a fault drill in `dir` (kept by the caller when it fails):
+/// `plan.rounds` rounds cycling through `plan.faults`; `on_round` sees every
+/// round as it ends.
 pub fn run(
     dir: &Path,
-    faults: &[Fault],
-    rounds: u32,
-    guest: &[String],
-    extra: &[String],
+    plan: &FaultPlan,
     on_round: &mut dyn FnMut(&FaultRound),
-) -> Result<Vec<FaultRound>> {
+) -> Result<FaultReport> {
+    if plan.faults.is_empty() {
+        bail!("a fault drill needs at least one fault");
+    }
     let pair = Pair::in_dir(dir, ["node-a", "node-b"])?;
-    // Partitions need the nodes in network namespaces of their own.
-    let net = faults
-        .contains(&Fault::Partition)
-        .then(crate::netns::Net::create)
-        .transpose()?
-        .map(std::sync::Arc::new);
-    let also = net.as_ref().map(|n| n.root_addrs()).unwrap_or_default();
-    let mut etcd = witness::server::EtcdServer::start_on(&dir.join("etcd"), &also)
-        .context("starting the witness (a local etcd)")?;
-    let pair = match &net {
-        Some(net) => pair.in_namespaces(net.clone(), &etcd),
-        None => pair.with_etcd(&etcd.endpoint()),
+    let net = std::sync::Arc::new(
+        crate::netns::Net::create().context("the fault drill runs the nodes in network namespaces (needs root)")?,
+    );
+    let members = if plan.faults.iter().any(|f| f.needs_cluster()) {
+        3
+    } else {
+        1
     };
-    let mut extra = extra.to_vec();
+    let mut w = Witness {
+        etcd: witness::server::EtcdCluster::start(&dir.join("etcd"), members, &net.root_addrs())
+            .context("starting the witness (a local etcd)")?,
+    };
+    let pair = pair.in_namespaces(net.clone(), &w.etcd);
+    // A key-value workload: a guest network with a client namespace; each
+    // node reaches it from its namespace through a tap and a veth.
+    let mut workload = plan.workload.clone();
+    let disk = workload.kind.name() == "kvdisk";
+    let lab = if workload.kind == guest::Kind::Net || disk {
+        let pid = std::process::id();
+        let lab = crate::netlab::NetLab::unique(
+            &format!("cf{}", pid % 100_000),
+            (78, (pid % 200 + 20) as u8),
+        )
+        .up_scoped()
+        .context("the key-value workload's drill sets up a guest network (needs root)")?;
+        net.attach_guest_net(&lab)
+            .context("joining the nodes' namespaces to the guest network")?;
+        workload.ip = Some(lab.guest_addr.octets());
+        Some(lab)
+    } else {
+        None
+    };
+    let pair = match &lab {
+        Some(l) => pair.with_taps([l.taps[0].clone(), l.taps[1].clone()]),
+        None => pair,
+    };
+    let pair = if disk {
+        let mut files = Vec::new();
+        for n in ["a", "b"] {
+            let f = dir.join(format!("disk-{n}.img"));
+            std::fs::File::create(&f)
+                .and_then(|h| h.set_len(plan.disk_mib << 20))
+                .with_context(|| format!("creating the drill's disk {}", f.display()))?;
+            files.push(f);
+        }
+        pair.with_disks([files[0].clone(), files[1].clone()])
+    } else {
+        pair
+    };
+    let guest = crate::pair::guest_args(plan.mem, plan.vcpus, &workload);
+    let mut extra = plan.extra.clone();
     extra.push("--verify".into());
-    let (b, p) = pair.start(&extra, guest, ["node-b-0.log", "node-a-0.log"])?;
+    let (b, p) = pair.start(&extra, &guest, ["node-b-0.log", "node-a-0.log"])?;
     let mut n = Nodes {
         pair,
         d: [Some(p), Some(b)],
@@ -138,48 +327,149 @@ pub fn run(
         extra,
         logs: 0,
     };
+    let mut client: Option<crate::loadgen::Handle> = None;
     let mut stream = Vec::new();
-    let mut out = Vec::new();
+    let mut report = FaultReport::default();
     let mut rng = rand::rng();
-    for round in 1..=rounds {
-        let fault = faults[(round as usize - 1) % faults.len()];
-        wait_status(
-            n.primary(),
-            "the primary to be protected",
-            Duration::from_secs(60),
-            crate::pair::protected_after(10),
-        )
-        .with_context(|| format!("round {round}: before the fault"))?;
+    let fail = |stream: &[u8], client: &Option<crate::loadgen::Handle>| {
+        let _ = std::fs::write(dir.join("console.bin"), stream);
+        if let Some(c) = client {
+            write_history(&dir.join("client-history.txt"), &c.history());
+        }
+    };
+    for round in 1..=plan.rounds {
+        let fault = plan.faults[(round as usize - 1) % plan.faults.len()];
+        if let Err(e) = n.settle(Duration::from_secs(60)) {
+            fail(&stream, &client);
+            bail!("round {round} ({fault:?}), before the fault: {e:#}");
+        }
+        if let (Some(l), None) = (&lab, &client) {
+            client = Some(crate::loadgen::Loadgen::start(crate::loadgen::Config {
+                target: l.guest_service(),
+                netns: Some(l.netns.clone()),
+                rate: 500.0,
+                // A fresh guest: every key absent before our first PUT.
+                fresh: true,
+                ..Default::default()
+            })?);
+        }
         let offset = stream.len() as u64;
         let run_for = Duration::from_millis(rng.random_range(300..1200));
         read_console(
-            n.primary().console,
+            n.daemon(n.primary)?.console,
             offset,
             &mut stream,
             Instant::now() + run_for,
             u64::MAX,
         )?;
-        let r = round_of(&mut n, &mut etcd, fault, round, &mut stream)?;
+        let label = format!("round {round}");
+        let mut r = round_of(&mut n, &mut w, plan, fault, round, &mut stream, || {
+            if let Some(c) = &client {
+                c.mark(label.clone());
+            }
+        })?;
+        if let (Some(c), true) = (&client, r.ok()) {
+            let cr = client_round(c, &label)?;
+            if cr.gap_ms.is_none() {
+                r.problems
+                    .push("the client had no reply within 10 s of the fault".into());
+            }
+            if cr.violations > 0 {
+                let first = c.report_so_far().first_violations;
+                r.problems.push(format!(
+                    "the client saw {} violations, first {:?}",
+                    cr.violations,
+                    &first[..first.len().min(3)]
+                ));
+            }
+            if !cr.verify.as_ref().is_some_and(|v| v.ok()) {
+                r.problems.push(format!(
+                    "reading back every acknowledged key failed: {:?}",
+                    cr.verify
+                ));
+            }
+            r.client = Some(cr);
+        }
         on_round(&r);
-        let ok = r.problems.is_empty();
-        out.push(r);
+        let ok = r.ok();
+        report.rounds.push(r);
         if !ok {
-            let _ = std::fs::write(dir.join("console.bin"), &stream);
+            fail(&stream, &client);
             bail!("round {round} ({fault:?}) failed");
         }
     }
-    Ok(out)
+    if let (Some(c), Some(l), true) = (&client, &lab, disk) {
+        // Everything stops; a fresh guest boots from the survivor's disk
+        // alone (its RAM thrown away) and must answer for every write.
+        let survivor = n.primary;
+        n.d = [None, None];
+        let file = n.pair.disks.as_ref().expect("disks")[survivor].clone();
+        match cold_boot(&file, &l.taps[survivor], plan.mem, plan.vcpus, &workload, dir, c) {
+            Ok((v, mut g)) => {
+                let ok = v.ok();
+                report.cold_boot = Some((v.checked, v.keys));
+                let r = client.take().expect("a client").stop();
+                let _ = g.kill();
+                let _ = g.wait();
+                if !ok {
+                    write_history(&dir.join("client-history.txt"), &[]);
+                    bail!("after a cold boot from the survivor's disk, acknowledged writes are missing: {v:?}");
+                }
+                report.client = Some(r);
+            }
+            Err(e) => {
+                fail(&stream, &client);
+                bail!("cold boot from the survivor's disk: {e:#}");
+            }
+        }
+    }
+    if let Some(c) = client.take() {
+        let ops = c.history();
+        let r = c.stop();
+        if !r.ok() {
+            write_history(&dir.join("client-history.txt"), &ops);
+        }
+        report.client = Some(r);
+    }
+    Ok(report)
 }
 
 fn round_of(
     n: &mut Nodes,
-    etcd: &mut witness::server::EtcdServer,
+    w: &mut Witness,
+    plan: &FaultPlan,
     fault: Fault,
     round: u32,
     stream: &mut Vec<u8>,
+    at_start: impl FnOnce(),
 ) -> Result<FaultRound> {
     let (p, b) = (n.primary, 1 - n.primary);
+    let len = plan.length;
+    // Both consoles are followed from the fault's start for its length, a
+    // takeover after it and an etcd restart.
+    let follow = len + Duration::from_millis(2500);
+    let net = n.pair.net.clone().expect("a pair in namespaces");
+    let mut rng = rand::rng();
+    // Found before the fault begins: the claim that follows a kill is
+    // quick, and the leader must die while it is in flight.
+    let leader = if fault == Fault::EtcdLeader {
+        Some(w.etcd.leader().context("the etcd cluster has no leader")?)
+    } else {
+        None
+    };
+    let slow = if fault == Fault::SlowEtcd {
+        let d = Duration::from_secs(1);
+        let guards = (0..w.etcd.members())
+            .map(|i| w.etcd.slow_disk(i, d))
+            .collect::<Result<Vec<_>, _>>()
+            .context("slowing etcd's disk")?;
+        std::thread::sleep(Duration::from_millis(200));
+        Some(guards)
+    } else {
+        None
+    };
     let t = Instant::now();
+    at_start();
     let mark = stream.len() as u64;
     // Both consoles are followed from the client's offset while the fault
     // runs, so "serving again" is when the serving node's first new byte
@@ -188,7 +478,7 @@ fn round_of(
         .map(|i| {
             n.d[i]
                 .as_ref()
-                .map(|d| Follower::start(d.console, stream.clone(), t + FOLLOW))
+                .map(|d| Follower::start(d.console, stream.clone(), t + follow))
         })
         .collect();
     match fault {
@@ -202,21 +492,58 @@ fn round_of(
         }
         Fault::PausePrimary | Fault::PauseBackup => {
             let who = if fault == Fault::PausePrimary { p } else { b };
-            let d = n.d[who].as_ref().expect("running");
-            signal(d, "-STOP")?;
-            std::thread::sleep(Duration::from_secs(2));
-            signal(d, "-CONT")?;
+            let d = n.daemon(who)?;
+            signal(d, rustix::process::Signal::STOP)?;
+            std::thread::sleep(len);
+            signal(d, rustix::process::Signal::CONT)?;
         }
         Fault::WitnessDown => {
-            etcd.kill();
-            std::thread::sleep(Duration::from_secs(2));
-            etcd.restart()?;
+            for i in 0..w.etcd.members() {
+                w.etcd.kill(i);
+            }
+            std::thread::sleep(len);
+            w.etcd.restart_all()?;
         }
         Fault::Partition => {
-            let net = n.pair.net.clone().expect("a pair in namespaces");
             net.cut()?;
-            std::thread::sleep(Duration::from_secs(2));
+            std::thread::sleep(len);
             net.heal()?;
+        }
+        Fault::OneWay | Fault::OneWayBack => {
+            let (from, to) = if fault == Fault::OneWay { (p, b) } else { (b, p) };
+            net.cut_one_way(from, to)?;
+            std::thread::sleep(len);
+            net.heal_one_way()?;
+        }
+        Fault::Flap => {
+            let end = Instant::now() + len;
+            while Instant::now() < end {
+                net.cut()?;
+                std::thread::sleep(Duration::from_millis(rng.random_range(100..300)));
+                net.heal()?;
+                std::thread::sleep(Duration::from_millis(rng.random_range(100..300)));
+            }
+        }
+        Fault::EtcdLeader => {
+            if let Some(d) = n.d[p].as_mut() {
+                let _ = d.child.kill();
+            }
+            // The backup's detector fires after 30 ms of silence and its
+            // claim follows at once: the leader dies just before or while
+            // it is in flight, so the claim meets a cluster electing a new
+            // leader.
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..35)));
+            let l = leader.expect("found above");
+            w.etcd.kill(l);
+            std::thread::sleep(len);
+            w.etcd.restart(l)?;
+        }
+        Fault::SlowEtcd => {
+            if let Some(d) = n.d[p].as_mut() {
+                let _ = d.child.kill();
+            }
+            std::thread::sleep(len);
+            drop(slow);
         }
     }
     let ended = Instant::now();
@@ -261,7 +588,7 @@ fn round_of(
         };
         let mut followers = followers;
         if let Some(f) = followers[s].take() {
-            while f.first_past(new_from).is_none() && Instant::now() < t + FOLLOW {
+            while f.first_past(new_from).is_none() && Instant::now() < t + follow {
                 std::thread::sleep(Duration::from_millis(5));
             }
             recovered_ms = f
@@ -380,8 +707,11 @@ fn round_of(
     Ok(FaultRound {
         round,
         fault,
+        primary: n.pair.names[p].clone(),
+        serving: server.map(|s| n.pair.names[s].clone()),
         recovered_ms,
         protected_ms,
+        client: None,
         problems,
     })
 }

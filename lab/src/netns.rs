@@ -18,6 +18,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{bail, Context, Result};
 
+/// The preference of a one-way partition's policy rule.
+const ONE_WAY_PREF: &str = "10";
+
 /// Where a node of a pair runs.
 #[derive(Debug, Clone)]
 pub struct Place {
@@ -102,6 +105,11 @@ impl Net {
                 "rep",
             ])?;
             ip(&["-n", &p.ns, "link", "set", "rep", "up"])?;
+            // The local table's rule moves from preference 0 to 100, so
+            // that a one-way partition's rule (preference 10) can drop what
+            // arrives from the peer before it is delivered.
+            ip(&["-n", &p.ns, "rule", "add", "pref", "100", "table", "local"])?;
+            ip(&["-n", &p.ns, "rule", "del", "pref", "0"])?;
         }
         for (i, p) in self.places.iter().enumerate() {
             let root_if = format!("castor{n}{}", ['a', 'b'][i]);
@@ -137,6 +145,75 @@ impl Net {
     pub fn heal(&self) -> Result<()> {
         for p in &self.places {
             ip(&["-n", &p.ns, "link", "set", "rep", "up"])?;
+        }
+        Ok(())
+    }
+
+    /// A one-way partition: whatever node `from` sends node `to` over the
+    /// replication link is dropped on arrival, silently, as a broken link
+    /// would; the other direction still flows. (A policy rule in `to`'s
+    /// namespace, checked before the local table: this kernel has no
+    /// netfilter.)
+    pub fn cut_one_way(&self, from: usize, to: usize) -> Result<()> {
+        let src = self.places[from].rep.to_string();
+        ip(&[
+            "-n",
+            &self.places[to].ns,
+            "rule",
+            "add",
+            "pref",
+            ONE_WAY_PREF,
+            "from",
+            &src,
+            "iif",
+            "rep",
+            "blackhole",
+        ])
+    }
+
+    /// Ends every one-way partition.
+    pub fn heal_one_way(&self) -> Result<()> {
+        for p in &self.places {
+            // Absent when this node's side was not cut.
+            let _ = ip(&["-n", &p.ns, "rule", "del", "pref", ONE_WAY_PREF]);
+        }
+        Ok(())
+    }
+
+    /// Gives each node a path to the guest network of `lab` (whose bridge
+    /// exists in the root namespace): in each node's namespace a bridge
+    /// joins that node's tap (`lab.taps[i]`, made there) and a veth to
+    /// `lab`'s bridge. Both bridges forward every frame to every port
+    /// (ageing 0: no learning), so the guest's traffic reaches whichever
+    /// node runs it after a takeover without waiting for a stale address
+    /// to age out; the node whose guest is stopped drops it at its tap.
+    pub fn attach_guest_net(&self, lab: &crate::netlab::NetLab) -> Result<()> {
+        let hub = |ns: Option<&str>, br: &str| -> Result<()> {
+            let mut a: Vec<&str> = Vec::new();
+            if let Some(ns) = ns {
+                a.extend(["-n", ns]);
+            }
+            a.extend(["link", "set", "dev", br, "type", "bridge", "ageing_time", "0"]);
+            ip(&a)
+        };
+        hub(None, &lab.bridge)?;
+        for (i, p) in self.places.iter().enumerate() {
+            let tap = &lab.taps[i];
+            let root_if = format!("{}g{}", &lab.bridge[..lab.bridge.len().min(10)], ['a', 'b'][i]);
+            let _ = ip(&["link", "del", &root_if]);
+            ip(&["-n", &p.ns, "link", "add", "gbr", "type", "bridge"])?;
+            hub(Some(&p.ns), "gbr")?;
+            ip(&["-n", &p.ns, "tuntap", "add", "dev", tap, "mode", "tap"])?;
+            ip(&["-n", &p.ns, "link", "set", "dev", tap, "master", "gbr"])?;
+            ip(&[
+                "link", "add", &root_if, "type", "veth", "peer", "name", "gnet", "netns", &p.ns,
+            ])?;
+            ip(&["-n", &p.ns, "link", "set", "dev", "gnet", "master", "gbr"])?;
+            ip(&["link", "set", "dev", &root_if, "master", &lab.bridge])?;
+            for dev in ["gbr", "gnet", tap.as_str()] {
+                ip(&["-n", &p.ns, "link", "set", "dev", dev, "up"])?;
+            }
+            ip(&["link", "set", "dev", &root_if, "up"])?;
         }
         Ok(())
     }

@@ -312,12 +312,12 @@ impl Pair {
     pub fn in_namespaces(
         mut self,
         net: std::sync::Arc<crate::netns::Net>,
-        etcd: &witness::server::EtcdServer,
+        etcd: &witness::server::EtcdCluster,
     ) -> Pair {
         for i in 0..2 {
             let p = &net.places[i];
             self.ports[i].set_ip(p.rep);
-            self.witness[i] = format!("etcd={}", etcd.endpoint_on(p.root));
+            self.witness[i] = etcd.spec_on(Some(p.root));
         }
         self.net = Some(net);
         self

@@ -188,7 +188,15 @@ fn net_output(cfg: &Config, machine: &Machine) -> Option<Arc<PacketHold>> {
     let dev = machine.net()?;
     let out: Arc<dyn vmm::virtio_net::NetBackend> = match &cfg.tap {
         Some(tap) => {
-            info!(tap = tap.name(), "the guest's network card is on this tap");
+            // Frames that queued while this node did not run the guest (a
+            // backup keeps its tap open to take over at once) were the
+            // other node's to handle: the guest must not read them again.
+            let stale = tap.discard_pending();
+            info!(
+                tap = tap.name(),
+                discarded = stale,
+                "the guest's network card is on this tap (frames queued before the guest ran here are discarded)"
+            );
             tap.clone()
         }
         None => {

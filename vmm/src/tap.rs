@@ -107,6 +107,21 @@ impl Tap {
         (&self.file).read(buf)
     }
 
+    /// Reads and throws away every frame waiting in the tap's queue;
+    /// returns how many. A node that opened its tap before it ran the guest
+    /// (a backup, ready to take over) has frames queued that are not the
+    /// guest's to read: the node that ran the guest then received their
+    /// copies, and its checkpoint already holds their effect. Replaying
+    /// them into the resumed guest would apply old requests twice.
+    pub fn discard_pending(&self) -> u64 {
+        let mut buf = vec![0u8; 65_536];
+        let mut n = 0;
+        while self.read_frame(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    }
+
     /// Writes one frame. A full queue or a tap that is down drops it (counted
     /// in [`Tap::dropped`]), as a congested link would; other errors too.
     pub fn write_frame(&self, frame: &[u8]) {

@@ -398,6 +398,74 @@ impl EtcdCluster {
         self.members[i].wait(quorum, Instant::now() + START_TIMEOUT)
     }
 
+    /// Member `i`'s process id, while it runs. Panics if there is no
+    /// member `i`.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(Child::id)
+    }
+
+    /// The member that leads the cluster now, as the members that answer
+    /// see it (`/v3/maintenance/status`): `None` while there is no leader
+    /// or no member answers.
+    pub fn leader(&self) -> Option<usize> {
+        let mut ids = Vec::with_capacity(self.members.len());
+        let mut leader = None;
+        for m in &self.members {
+            let status = Store::new(&[m.endpoint()])
+                .ok()
+                .and_then(|s| s.post("/v3/maintenance/status", &json!({})).ok());
+            // A 64-bit id is a JSON string in etcd's gateway, or a number.
+            let id = |v: &serde_json::Value| match v {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            };
+            let me = status
+                .as_ref()
+                .and_then(|s| s.get("header"))
+                .and_then(|h| h.get("member_id"))
+                .and_then(id);
+            ids.push(me);
+            if leader.is_none() {
+                leader = status
+                    .as_ref()
+                    .and_then(|s| s.get("leader"))
+                    .and_then(id)
+                    .filter(|l| l != "0");
+            }
+        }
+        let leader = leader?;
+        ids.iter().position(|m| m.as_deref() == Some(leader.as_str()))
+    }
+
+    /// Makes member `i`'s disk slow: every `fsync`/`fdatasync` it makes
+    /// takes `delay` longer (strace's syscall delay injection on all its
+    /// threads), until the returned guard is dropped. etcd syncs its
+    /// write-ahead log before it acknowledges a write, so every write the
+    /// cluster commits through this member waits that long.
+    pub fn slow_disk(&self, i: usize, delay: Duration) -> Result<SlowDisk, ServerError> {
+        let pid = self.pid(i).ok_or_else(|| {
+            ServerError::Io(std::io::Error::other(format!("member m{i} is not running")))
+        })?;
+        SlowDisk::attach(pid, delay, &self.members[i].log.with_extension("strace"))
+    }
+
+    /// Starts every member that is not running again (all at once: a
+    /// member serves clients only once a quorum runs), and waits until a
+    /// linearizable read answers through each.
+    pub fn restart_all(&mut self) -> Result<(), ServerError> {
+        for m in &mut self.members {
+            if !m.running() {
+                m.spawn()?;
+            }
+        }
+        let deadline = Instant::now() + START_TIMEOUT;
+        for m in &mut self.members {
+            m.wait(true, deadline)?;
+        }
+        Ok(())
+    }
+
     /// How many members it has (killed ones included).
     pub fn members(&self) -> usize {
         self.members.len()
@@ -429,4 +497,68 @@ fn cluster_token() -> String {
         std::process::id(),
         N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     )
+}
+
+/// A process whose disk syncs are slowed ([`EtcdCluster::slow_disk`]): a
+/// `strace` attached to it that delays each `fsync` and `fdatasync`.
+/// Dropping it detaches strace (SIGINT), and the process runs at full speed
+/// again.
+#[derive(Debug)]
+pub struct SlowDisk {
+    strace: Child,
+}
+
+impl SlowDisk {
+    fn attach(pid: u32, delay: Duration, log: &Path) -> Result<SlowDisk, ServerError> {
+        let delay = format!("{}us", delay.as_micros().max(1));
+        let strace = Command::new("strace")
+            .args(["-f", "-qq", "-o"])
+            .arg(log)
+            .args(["-e", "trace=fsync,fdatasync"])
+            .args([
+                "-e",
+                &format!("inject=fsync,fdatasync:delay_enter={delay}"),
+                "-p",
+                &pid.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => ServerError::Io(std::io::Error::other(
+                    "strace is not installed (apt-get install strace): it slows etcd's disk",
+                )),
+                _ => ServerError::Io(e),
+            })?;
+        let mut s = SlowDisk { strace };
+        // strace attaches to every thread before it traces; give it a moment,
+        // and fail if it could not attach at all.
+        std::thread::sleep(Duration::from_millis(200));
+        if let Ok(Some(st)) = s.strace.try_wait() {
+            return Err(ServerError::Io(std::io::Error::other(format!(
+                "strace could not attach to process {pid}: {st}"
+            ))));
+        }
+        Ok(s)
+    }
+}
+
+impl Drop for SlowDisk {
+    fn drop(&mut self) {
+        // SIGINT: strace detaches from every thread and exits.
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_raw(self.strace.id() as i32).expect("a child's pid"),
+            rustix::process::Signal::INT,
+        );
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.strace.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.strace.kill();
+        let _ = self.strace.wait();
+    }
 }

@@ -374,3 +374,45 @@ fn clusters_are_one_three_or_five() {
         assert!(EtcdCluster::start(dir.path(), n, &[]).is_err(), "{n}");
     }
 }
+
+#[test]
+fn the_leader_is_found_and_a_slow_disk_slows_every_write() {
+    if !have_etcd() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = EtcdCluster::start(dir.path(), 3, &[]).expect("the cluster starts");
+    let s = Store::new(&c.endpoints()).unwrap();
+    let leader = c.leader().expect("a three-member cluster has a leader");
+    // A write at full speed.
+    let t = Instant::now();
+    s.put("/castor/test/fast", b"1", None).unwrap();
+    let fast = t.elapsed();
+    // Every member's fsyncs take 300 ms longer: a write waits for them.
+    let slow: Vec<_> = (0..3)
+        .map(|i| c.slow_disk(i, Duration::from_millis(300)).unwrap())
+        .collect();
+    let t = Instant::now();
+    s.put("/castor/test/slow", b"2", None).unwrap();
+    let slowed = t.elapsed();
+    drop(slow);
+    assert!(
+        slowed >= Duration::from_millis(300) && slowed > fast * 3,
+        "a write took {slowed:?} with slow disks, {fast:?} without"
+    );
+    // Full speed again once the guards are gone.
+    let t = Instant::now();
+    s.put("/castor/test/again", b"3", None).unwrap();
+    assert!(t.elapsed() < Duration::from_millis(300), "{:?}", t.elapsed());
+    // The leader killed: another member leads.
+    c.kill(leader);
+    let t = Instant::now();
+    let next = loop {
+        if let Some(l) = c.leader().filter(|&l| l != leader) {
+            break l;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no new leader");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_ne!(next, leader);
+}
