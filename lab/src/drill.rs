@@ -13,8 +13,8 @@ use rand::Rng;
 use crate::console::continuity;
 use crate::faults::{self, Fault, FaultPlan, FaultRound};
 use crate::pair::{
-    self, guest_args, kill_and_follow, read_console, start_witness, wait_status, GuestArgs, Pair,
-    WitnessKind,
+    self, guest_args, kill_and_follow, read_console, start_witness, wait_status, Daemon, GuestArgs,
+    Pair, WitnessKind,
 };
 use node::stats::percentile;
 
@@ -86,6 +86,9 @@ pub struct Round {
     /// The pair protected again after the failover (a new backup started
     /// where the killed primary was).
     pub reprotect: Option<Reprotect>,
+    /// Before this round's kill, the backup had taken over from a live
+    /// primary it found silent (safe with a witness; counted).
+    pub false_takeover: bool,
 }
 
 /// Re-protection after a failover: the unprotected window.
@@ -221,6 +224,41 @@ pub fn run_drill(
     let mut rounds = Vec::new();
     let mut rng = rand::rng();
     for round in 1..=p.rounds {
+        let mut false_takeover = false;
+        // The round kills whichever node runs the guest: the backup may
+        // have taken over from a primary it found silent during or right
+        // after its resync (safe with a witness: the other node is fenced
+        // and exits). That is counted, and the fenced node comes back as
+        // the backup.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            let runs = |d: &Daemon| d.status().is_some_and(|s| s.role.runs_guest());
+            if runs(&backup) && !runs(&primary) {
+                false_takeover = true;
+                println!(
+                    "  (before round {round}: {} took over from {}, which it found silent; {} restarts as the backup)",
+                    pair.names[1 - primary_idx], pair.names[primary_idx], pair.names[primary_idx]
+                );
+                std::mem::swap(&mut primary, &mut backup);
+                primary_idx = 1 - primary_idx;
+            }
+            if backup.child.try_wait()?.is_some() {
+                let mut backup_args = extra.clone();
+                if p.reuse {
+                    backup_args.push("--reuse".into());
+                }
+                let i = 1 - primary_idx;
+                backup = pair.start_backup(
+                    i,
+                    &backup_args,
+                    &format!("{}-{round}r.log", &pair.names[i][5..]),
+                )?;
+            }
+            if runs(&primary) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let protected = wait_status(
             &primary,
             "the primary to be protected",
@@ -278,6 +316,7 @@ pub fn run_drill(
                 .map_or(0, |b| b.verify_mismatches),
             client: client_round,
             reprotect: None,
+            false_takeover,
         };
         if r.failed_over() {
             // The survivor is the primary now; a new backup starts where the
@@ -479,13 +518,15 @@ fn parse_fault(s: &str) -> Result<FaultSet, String> {
     if s == "all" {
         return Ok(FaultSet(Fault::ALL.to_vec()));
     }
-    Fault::from_str(s, false).map(|f| FaultSet(vec![f])).map_err(|_| {
-        let names: Vec<String> = Fault::value_variants()
-            .iter()
-            .filter_map(|f| f.to_possible_value().map(|v| v.get_name().to_string()))
-            .collect();
-        format!("unknown fault {s:?}: one of {}, or all", names.join(", "))
-    })
+    Fault::from_str(s, false)
+        .map(|f| FaultSet(vec![f]))
+        .map_err(|_| {
+            let names: Vec<String> = Fault::value_variants()
+                .iter()
+                .filter_map(|f| f.to_possible_value().map(|v| v.get_name().to_string()))
+                .collect();
+            format!("unknown fault {s:?}: one of {}, or all", names.join(", "))
+        })
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -647,6 +688,7 @@ pub fn drill(a: DrillArgs) -> Result<()> {
         disk_mib: a.disk_mib,
     };
     let mut seen = Vec::new();
+    let mut false_takeovers = 0;
     let mut gaps = Vec::new();
     let mut windows = Vec::new();
     let mut client = None;
@@ -654,6 +696,7 @@ pub fn drill(a: DrillArgs) -> Result<()> {
         &plan,
         &mut |r| {
             print_round(r);
+            false_takeovers += u32::from(r.false_takeover);
             if r.ok() {
                 seen.extend(r.failover_ms);
                 gaps.extend(r.client.as_ref().and_then(|c| c.gap_ms));
@@ -669,6 +712,7 @@ pub fn drill(a: DrillArgs) -> Result<()> {
         a.rounds,
         failover_figures(&seen)
     );
+    println!("  false takeovers (a backup taking over from a live primary): {false_takeovers}");
     if !windows.is_empty() {
         println!(
             "  unprotected window (SIGKILL -> protected again, the new backup's start included): p50 {:.0} ms, max {:.0} ms",

@@ -268,7 +268,8 @@ pub fn run(
     }
     let pair = Pair::in_dir(dir, ["node-a", "node-b"])?;
     let net = std::sync::Arc::new(
-        crate::netns::Net::create().context("the fault drill runs the nodes in network namespaces (needs root)")?,
+        crate::netns::Net::create()
+            .context("the fault drill runs the nodes in network namespaces (needs root)")?,
     );
     let members = if plan.faults.iter().any(|f| f.needs_cluster()) {
         3
@@ -404,7 +405,15 @@ pub fn run(
         let survivor = n.primary;
         n.d = [None, None];
         let file = n.pair.disks.as_ref().expect("disks")[survivor].clone();
-        match cold_boot(&file, &l.taps[survivor], plan.mem, plan.vcpus, &workload, dir, c) {
+        match cold_boot(
+            &file,
+            &l.taps[survivor],
+            plan.mem,
+            plan.vcpus,
+            &workload,
+            dir,
+            c,
+        ) {
             Ok((v, mut g)) => {
                 let ok = v.ok();
                 report.cold_boot = Some((v.checked, v.keys));
@@ -510,7 +519,11 @@ fn round_of(
             net.heal()?;
         }
         Fault::OneWay | Fault::OneWayBack => {
-            let (from, to) = if fault == Fault::OneWay { (p, b) } else { (b, p) };
+            let (from, to) = if fault == Fault::OneWay {
+                (p, b)
+            } else {
+                (b, p)
+            };
             net.cut_one_way(from, to)?;
             std::thread::sleep(len);
             net.heal_one_way()?;

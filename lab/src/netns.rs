@@ -193,13 +193,26 @@ impl Net {
             if let Some(ns) = ns {
                 a.extend(["-n", ns]);
             }
-            a.extend(["link", "set", "dev", br, "type", "bridge", "ageing_time", "0"]);
+            a.extend([
+                "link",
+                "set",
+                "dev",
+                br,
+                "type",
+                "bridge",
+                "ageing_time",
+                "0",
+            ]);
             ip(&a)
         };
         hub(None, &lab.bridge)?;
         for (i, p) in self.places.iter().enumerate() {
             let tap = &lab.taps[i];
-            let root_if = format!("{}g{}", &lab.bridge[..lab.bridge.len().min(10)], ['a', 'b'][i]);
+            let root_if = format!(
+                "{}g{}",
+                &lab.bridge[..lab.bridge.len().min(10)],
+                ['a', 'b'][i]
+            );
             let _ = ip(&["link", "del", &root_if]);
             ip(&["-n", &p.ns, "link", "add", "gbr", "type", "bridge"])?;
             hub(Some(&p.ns), "gbr")?;

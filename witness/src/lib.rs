@@ -85,8 +85,14 @@ pub struct Etcd {
     key: String,
 }
 
-/// The deadline of one request to one endpoint.
+/// The deadline of one read to one endpoint.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The deadline of one write to one endpoint: etcd answers a write once a
+/// quorum's disks hold it (`castor drill --faults slow-etcd`: with every
+/// sync a second longer, a claim won in ~1 s with this deadline; with
+/// [`REQUEST_TIMEOUT`] it failed until the disks were fast again).
+pub const WRITE_TIMEOUT: Duration = Duration::from_millis(2500);
 
 impl Etcd {
     /// The key of VM `vm` on the etcd members at `endpoints`

@@ -435,7 +435,8 @@ impl EtcdCluster {
             }
         }
         let leader = leader?;
-        ids.iter().position(|m| m.as_deref() == Some(leader.as_str()))
+        ids.iter()
+            .position(|m| m.as_deref() == Some(leader.as_str()))
     }
 
     /// Makes member `i`'s disk slow: every `fsync`/`fdatasync` it makes

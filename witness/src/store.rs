@@ -4,7 +4,8 @@
 //! Everything goes through etcd's v3 JSON gateway (`POST /v3/kv/range`,
 //! `/v3/kv/put`, `/v3/kv/txn`, `/v3/kv/deleterange`, `/v3/lease/grant`,
 //! `/v3/lease/keepalive`, `/v3/lease/revoke`), one blocking HTTP request
-//! with a deadline of [`REQUEST_TIMEOUT`] per member. Keys and values
+//! with a deadline of [`REQUEST_TIMEOUT`] per member ([`WRITE_TIMEOUT`] for
+//! a write, which waits for the members' disks). Keys and values
 //! travel in base64 and int64s as JSON strings; fields at their zero value
 //! are left out by the gateway (an empty value, lease 0, `succeeded: false`,
 //! a TTL of 0).
@@ -59,7 +60,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 use tracing::debug;
 
-use crate::{WitnessError, REQUEST_TIMEOUT};
+use crate::{WitnessError, REQUEST_TIMEOUT, WRITE_TIMEOUT};
 
 /// One key-value of etcd.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -374,6 +375,9 @@ impl Store {
             .shared
             .agent
             .post(&url)
+            .config()
+            .timeout_global(Some(deadline(path)))
+            .build()
             .header("content-type", "application/json")
             .send(body)
         {
@@ -392,6 +396,21 @@ impl Store {
             Err(e) => return Attempt::Failed(format!("{url}: HTTP {status}, reading: {e}")),
         };
         classify(&url, status.as_u16(), &text)
+    }
+}
+
+/// The deadline of one request to one member: [`REQUEST_TIMEOUT`], or
+/// [`WRITE_TIMEOUT`] for a request etcd commits through its log (a put, a
+/// transaction, a delete, a lease's grant or revocation), which waits for
+/// the members' disks: a slow disk (a sync that takes a second) would
+/// otherwise fail every write, and a claim would wait for the disk to
+/// recover instead of for the write. A hung member still costs one read's
+/// deadline: a claim reads first, and writes to the member that answered.
+fn deadline(path: &str) -> std::time::Duration {
+    match path {
+        "/v3/kv/put" | "/v3/kv/txn" | "/v3/kv/deleterange" | "/v3/lease/grant"
+        | "/v3/lease/revoke" => WRITE_TIMEOUT,
+        _ => REQUEST_TIMEOUT,
     }
 }
 
