@@ -9,12 +9,17 @@ use std::sync::Once;
 
 use guest::Progress;
 
-/// The castor binary under test. Also sets `CASTOR_BIN` to it, so that the
-/// lab's pair helper (`lab::pair::castor_exe`) starts this binary and not
-/// the test executable.
+/// The castor binary under test: this build's, or `CASTOR_TEST_BIN` if set
+/// (to run a test against another build, e.g. one from before a fix, and
+/// see it fail). Also sets `CASTOR_BIN` to it, so that the lab's pair
+/// helper (`lab::pair::castor_exe`) starts this binary and not the test
+/// executable.
 pub fn castor_bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     static SET: Once = Once::new();
-    let bin = env!("CARGO_BIN_EXE_castor");
+    let bin = BIN.get_or_init(|| {
+        std::env::var("CASTOR_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_castor").into())
+    });
     SET.call_once(|| std::env::set_var("CASTOR_BIN", bin));
     bin
 }

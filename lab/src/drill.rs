@@ -596,6 +596,10 @@ fn fault_drill(a: &DrillArgs) -> Result<()> {
     kinds.dedup();
     for f in &kinds {
         let rs: Vec<&FaultRound> = seen.iter().filter(|r| r.fault == *f).collect();
+        if rs.is_empty() {
+            println!("  {:<13} not reached", format!("{f:?}"));
+            continue;
+        }
         let ok = rs.iter().filter(|r| r.ok()).count();
         let rec: Vec<f64> = rs.iter().filter_map(|r| r.recovered_ms).collect();
         let pro: Vec<f64> = rs.iter().filter_map(|r| r.protected_ms).collect();

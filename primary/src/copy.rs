@@ -33,6 +33,19 @@ pub(crate) struct Staging {
     precopied: usize,
     /// This epoch is a full resync.
     resync: bool,
+    /// The most slots an ordinary epoch used lately (decaying), which the
+    /// buffer is grown ahead of while the guest runs.
+    peak: usize,
+}
+
+/// A staging buffer with address space reserved for every page of the
+/// guest (reserved, not touched: it costs no memory until used), so that
+/// growing it never moves the copies already made. Without the reservation
+/// (a host that refuses it) it grows by reallocation.
+fn reserved(pages: u64) -> Vec<u8> {
+    let mut v = Vec::new();
+    let _ = v.try_reserve_exact((pages as usize).saturating_mul(4096));
+    v
 }
 
 impl Staging {
@@ -40,11 +53,12 @@ impl Staging {
     pub fn new(pages: u64) -> Self {
         Staging {
             pages,
-            buf: Vec::new(),
+            buf: reserved(pages),
             frames: Vec::new(),
             slot_of: vec![NO_SLOT; pages as usize],
             precopied: 0,
             resync: false,
+            peak: 0,
         }
     }
 
@@ -73,10 +87,24 @@ impl Staging {
         for &f in &self.frames {
             self.slot_of[f as usize] = NO_SLOT;
         }
+        let used = self.frames.len();
         self.frames.clear();
         self.precopied = 0;
-        if std::mem::take(&mut self.resync) && self.buf.len() > STAGING_KEEP {
-            self.buf = Vec::new();
+        if std::mem::take(&mut self.resync) {
+            if self.buf.len() > STAGING_KEEP {
+                self.buf = reserved(self.pages);
+            }
+            return;
+        }
+        // Grown ahead, while the guest runs, to twice what epochs used
+        // lately: a pause then only writes copies into memory already
+        // touched (growing inside the pause first-touched, and without the
+        // reservation moved, megabytes: a 10-22 ms pause each time the dirty
+        // set passed a power of two).
+        self.peak = used.max(self.peak - self.peak / 16);
+        let ahead = (self.peak * 2).min(self.pages as usize) * 4096;
+        if self.buf.len() < ahead {
+            self.buf.resize(ahead, 0);
         }
     }
 
@@ -154,7 +182,9 @@ impl Staging {
     fn copy_slot(&mut self, machine: &Machine, slot: usize) -> Result<(), PrimaryError> {
         let end = (slot + 1) * 4096;
         if self.buf.len() < end {
-            self.buf.resize(end.max(self.buf.len() * 2), 0);
+            // Within the reservation: no copy moves.
+            let doubled = (self.buf.len() * 2).min(self.buf.capacity());
+            self.buf.resize(end.max(doubled), 0);
         }
         let f = self.frames[slot];
         machine
