@@ -279,9 +279,10 @@ async fn beats(
     let bound = std::net::UdpSocket::bind(transport::any_addr_for(primary)).and_then(|s| {
         s.set_nonblocking(true)?;
         let watchdog = s.try_clone()?;
-        let impaired = match faults.is_active() {
-            true => Some(DatagramSender::new(s.try_clone()?, &faults, "heartbeats")),
-            false => None,
+        let impaired = if faults.is_active() {
+            Some(DatagramSender::new(s.try_clone()?, &faults, "heartbeats"))
+        } else {
+            None
         };
         Ok((tokio::net::UdpSocket::from_std(s)?, watchdog, impaired))
     });

@@ -339,7 +339,10 @@ pub(crate) async fn run(
         // A handshake to a backup that is not up yet would wait for the
         // connection's idle timeout (10 s): a backup started meanwhile
         // would stay unused that long.
-        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, transport::connect_impaired(backup, &cfg.tls, &cfg.link_faults));
+        let attempt = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            transport::connect_impaired(backup, &cfg.tls, &cfg.link_faults),
+        );
         let link = match attempt.await.unwrap_or_else(|_| {
             Err(transport::TransportError::Connect {
                 addr: backup,

@@ -308,13 +308,12 @@ impl Listener {
         tls: &NodeTls,
         faults: &LinkFaults,
     ) -> Result<Self, TransportError> {
-        let endpoint =
-            lossy::endpoint(addr, Some(server_config(tls)?), faults).map_err(|err| {
-                TransportError::Io {
-                    what: format!("binding UDP {addr}"),
-                    err,
-                }
-            })?;
+        let endpoint = lossy::endpoint(addr, Some(server_config(tls)?), faults).map_err(|err| {
+            TransportError::Io {
+                what: format!("binding UDP {addr}"),
+                err,
+            }
+        })?;
         Ok(Listener {
             endpoint,
             faults: *faults,

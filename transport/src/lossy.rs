@@ -214,16 +214,16 @@ fn parse_percent(key: &str, v: &str) -> Result<u32, String> {
         .parse()
         .map_err(|_| format!("{key}={v}: expected a percentage such as 2% or 0.5%"))?;
     if !(p.is_finite() && (0.0..=100.0).contains(&p)) {
-        return Err(format!(
-            "{key}={v}: a percentage must be between 0 and 100"
-        ));
+        return Err(format!("{key}={v}: a percentage must be between 0 and 100"));
     }
     Ok((p * 10_000.0).round() as u32)
 }
 
 fn parse_hold(v: &str) -> Result<Duration, String> {
     let err = || format!("hold={v}: expected a duration such as 3ms, 500us or 1s");
-    let split = v.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(v.len());
+    let split = v
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(v.len());
     let (num, unit) = v.split_at(split);
     let n: f64 = num.parse().map_err(|_| err())?;
     let secs = match unit.trim() {
@@ -455,9 +455,17 @@ impl<W: Wire> Drop for Impaired<W> {
     fn drop(&mut self) {
         let s = self.stats();
         if s.datagrams >= 1000 {
-            info!(what = self.what, socket = self.id, "link faults on a socket now closed: {s}");
+            info!(
+                what = self.what,
+                socket = self.id,
+                "link faults on a socket now closed: {s}"
+            );
         } else {
-            debug!(what = self.what, socket = self.id, "link faults on a socket now closed: {s}");
+            debug!(
+                what = self.what,
+                socket = self.id,
+                "link faults on a socket now closed: {s}"
+            );
         }
     }
 }
@@ -754,11 +762,17 @@ mod tests {
     #[test]
     fn the_flag_parses() {
         let f = p("loss=2%,dup=1%,reorder=5%").unwrap();
-        assert_eq!((f.loss_ppm, f.dup_ppm, f.reorder_ppm), (20_000, 10_000, 50_000));
+        assert_eq!(
+            (f.loss_ppm, f.dup_ppm, f.reorder_ppm),
+            (20_000, 10_000, 50_000)
+        );
         assert_eq!((f.hold, f.seed), (DEFAULT_HOLD, None));
         assert!(f.is_active());
         let f = p(" loss = 0.5 , hold=10ms, seed=0x2a ").unwrap();
-        assert_eq!((f.loss_ppm, f.hold, f.seed), (5_000, Duration::from_millis(10), Some(42)));
+        assert_eq!(
+            (f.loss_ppm, f.hold, f.seed),
+            (5_000, Duration::from_millis(10), Some(42))
+        );
         assert_eq!(p("hold=500us").unwrap().hold, Duration::from_micros(500));
         assert_eq!(p("hold=2").unwrap().hold, Duration::from_millis(2));
         assert_eq!(p("seed=7").unwrap().seed, Some(7));
@@ -771,7 +785,11 @@ mod tests {
     #[test]
     fn a_bad_flag_says_what_is_wrong() {
         let e = |s| p(s).unwrap_err();
-        assert!(e("drop=2%").contains("unknown key 'drop'"), "{}", e("drop=2%"));
+        assert!(
+            e("drop=2%").contains("unknown key 'drop'"),
+            "{}",
+            e("drop=2%")
+        );
         assert!(e("loss=120%").contains("between 0 and 100"));
         assert!(e("loss=-1%").contains("between 0 and 100"));
         assert!(e("loss=much").contains("expected a percentage"));

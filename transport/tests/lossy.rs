@@ -42,8 +42,7 @@ async fn quic_delivers_a_stream_intact_and_in_order_through_loss_duplication_and
     certs_in(tmp.path());
     let bad = faults("loss=5%,dup=5%,reorder=10%,seed=1");
     let tls = NodeTls::from_dir(tmp.path(), "backup", "primary").unwrap();
-    let listener =
-        Listener::bind_impaired("127.0.0.1:0".parse().unwrap(), &tls, &bad).unwrap();
+    let listener = Listener::bind_impaired("127.0.0.1:0".parse().unwrap(), &tls, &bad).unwrap();
     let addr = listener.local_addr().unwrap();
     let backup = tokio::spawn(async move {
         let mut link = listener.accept().await.unwrap();
@@ -72,7 +71,9 @@ async fn quic_delivers_a_stream_intact_and_in_order_through_loss_duplication_and
     });
     let ptls = NodeTls::from_dir(tmp.path(), "primary", "backup").unwrap();
     let t0 = Instant::now();
-    let mut link = transport::connect_impaired(addr, &ptls, &bad).await.unwrap();
+    let mut link = transport::connect_impaired(addr, &ptls, &bad)
+        .await
+        .unwrap();
     let mut tx = link.data_tx.take().unwrap();
     for i in 0..chunks {
         let m = Message::Records {
@@ -174,7 +175,11 @@ fn datagrams_are_lost_duplicated_and_reordered_in_the_proportions_asked() {
     // ... and that is what was asked, within tolerance (N = 20 000: one
     // standard deviation of a 10 % share is 0.21 %).
     assert!((pct(s.lost) - 5.0).abs() < 1.0, "{}", pct(s.lost));
-    assert!((pct(s.duplicated) - 5.0).abs() < 1.0, "{}", pct(s.duplicated));
+    assert!(
+        (pct(s.duplicated) - 5.0).abs() < 1.0,
+        "{}",
+        pct(s.duplicated)
+    );
     assert!((pct(late) - 10.0).abs() < 1.5, "{}", pct(late));
 }
 
