@@ -64,6 +64,10 @@ fn status(d: &Daemon) -> Status {
 
 /// What the live pair did over [`WATCH`].
 struct Watched {
+    /// Checkpoints the backup committed.
+    applied: u64,
+    /// Over this many seconds.
+    took: f64,
     epochs_per_s: f64,
     release_p50_ms: f64,
     release_p99_ms: f64,
@@ -88,7 +92,8 @@ impl std::fmt::Display for Watched {
 }
 
 /// Watches the protected pair for [`WATCH`]: it must stay protected, with
-/// one session, no mismatch, no takeover and the witness's token unchanged.
+/// one session, no mismatch, no takeover, the witness's token unchanged and
+/// some output released.
 fn watch(etcd: &EtcdServer, backup: &Daemon, primary: &Daemon) -> Watched {
     let owner = token(etcd);
     assert_eq!(owner.0, "a");
@@ -122,13 +127,11 @@ fn watch(etcd: &EtcdServer, backup: &Daemon, primary: &Daemon) -> Watched {
     assert!(p1.console_released > released0, "output stalled");
     let f = p1.figures();
     let applied = b1s.checkpoints_applied - b0s.checkpoints_applied;
-    assert!(
-        applied as f64 > took * 5.0,
-        "only {applied} checkpoints committed in {took:.1} s"
-    );
     let blog = std::fs::read_to_string(&backup.log).unwrap();
     assert!(!blog.contains("FAILOVER"), "{blog}");
     Watched {
+        applied,
+        took,
         epochs_per_s: applied as f64 / took,
         release_p50_ms: f.release_p50_us / 1e3,
         release_p99_ms: f.release_p99_us / 1e3,
@@ -182,6 +185,14 @@ fn under_loss_duplication_and_reordering_the_pair_keeps_protecting_and_fails_ove
         );
     }
     let w = watch(&etcd, &backup, &primary);
+    // Checkpoints keep committing: at least a fifth of the 40 epochs a
+    // second of the 25 ms epochs.
+    assert!(
+        w.applied as f64 > w.took * 8.0,
+        "only {} checkpoints committed in {:.1} s",
+        w.applied,
+        w.took
+    );
     let ms = kill_and_take_over(&etcd, &backup, &mut primary);
     eprintln!("under {FAULTS} (both daemons): {w}; failover {ms:.0} ms");
     let plog = std::fs::read_to_string(&primary.log).unwrap();

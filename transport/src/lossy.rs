@@ -506,10 +506,13 @@ impl Ord for Job {
     }
 }
 
+/// A held datagram's deadline and its socket, as sent to the timer.
+type Deadline = (Instant, Weak<dyn Due>);
+
 /// Asks the process's release timer (one thread, started with the first
 /// held datagram) to release `of`'s due datagrams at `at`.
 fn schedule(at: Instant, of: Weak<dyn Due>) {
-    static TIMER: OnceLock<Mutex<mpsc::Sender<(Instant, Weak<dyn Due>)>>> = OnceLock::new();
+    static TIMER: OnceLock<Mutex<mpsc::Sender<Deadline>>> = OnceLock::new();
     let tx = TIMER.get_or_init(|| {
         let (tx, rx) = mpsc::channel();
         let _ = std::thread::Builder::new()
@@ -520,7 +523,7 @@ fn schedule(at: Instant, of: Weak<dyn Due>) {
     let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send((at, of));
 }
 
-fn timer(rx: mpsc::Receiver<(Instant, Weak<dyn Due>)>) {
+fn timer(rx: mpsc::Receiver<Deadline>) {
     let mut jobs = BinaryHeap::<Job>::new();
     let mut seq = 0u64;
     loop {
