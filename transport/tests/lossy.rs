@@ -6,6 +6,8 @@
 use std::collections::HashSet;
 use std::net::UdpSocket;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use castor_transport::lossy::{DatagramSender, LinkFaults};
@@ -121,12 +123,18 @@ async fn quic_delivers_a_stream_intact_and_in_order_through_loss_duplication_and
 
 /// Receives numbered datagrams until `quiet` passes without one.
 fn receive(sock: &UdpSocket, quiet: Duration) -> Vec<u32> {
+    receive_counting(sock, quiet, &AtomicU64::new(0))
+}
+
+/// The same, counting them in `count` as they come.
+fn receive_counting(sock: &UdpSocket, quiet: Duration, count: &AtomicU64) -> Vec<u32> {
     sock.set_read_timeout(Some(quiet)).unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 64];
     while let Ok((n, _)) = sock.recv_from(&mut buf) {
         assert_eq!(n, 4);
         got.push(u32::from_le_bytes(buf[..4].try_into().unwrap()));
+        count.fetch_add(1, Ordering::Relaxed);
     }
     got
 }
@@ -138,13 +146,22 @@ fn datagrams_are_lost_duplicated_and_reordered_in_the_proportions_asked() {
     let to = rx.local_addr().unwrap();
     let f = faults("loss=5%,dup=5%,reorder=10%,seed=7");
     let tx = DatagramSender::new(UdpSocket::bind("127.0.0.1:0").unwrap(), &f, "test");
-    let reader = std::thread::spawn(move || receive(&rx, Duration::from_millis(500)));
+    let count = Arc::new(AtomicU64::new(0));
+    let counted = count.clone();
+    let reader =
+        std::thread::spawn(move || receive_counting(&rx, Duration::from_millis(500), &counted));
     for i in 0..N {
         tx.send_to(&i.to_le_bytes(), to).unwrap();
-        // Short bursts: the receiver's buffer must not overflow (a real
-        // loss the measurement would count).
+        // Short bursts, each once the receiver has nearly caught up: its
+        // buffer must not overflow (a real loss the measurement would
+        // count) however late its thread runs on a busy host.
         if i % 32 == 31 {
-            std::thread::sleep(Duration::from_micros(300));
+            let s = tx.stats().unwrap();
+            let sent = (s.datagrams - s.lost + s.duplicated).saturating_sub(16);
+            let t = Instant::now();
+            while count.load(Ordering::Relaxed) < sent && t.elapsed() < Duration::from_secs(1) {
+                std::thread::sleep(Duration::from_micros(100));
+            }
         }
     }
     let got = reader.join().unwrap();
@@ -222,4 +239,43 @@ fn a_held_datagram_goes_after_its_hold_on_a_quiet_socket() {
     assert_eq!(receive(&rx, Duration::from_secs(1)), vec![1]);
     let took = t0.elapsed();
     assert!(took >= Duration::from_millis(20), "{took:?}");
+}
+
+#[tokio::test]
+async fn a_batch_is_split_into_its_segments_each_meeting_its_fate() {
+    use castor_transport::lossy::ImpairedSocket;
+    use quinn::{AsyncUdpSocket, Runtime};
+    let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = rx.local_addr().unwrap();
+    let inner = quinn::TokioRuntime
+        .wrap_udp_socket(UdpSocket::bind("127.0.0.1:0").unwrap())
+        .unwrap();
+    let s = std::sync::Arc::new(ImpairedSocket::new(inner, &faults("dup=100%,seed=5")));
+    assert_eq!(
+        s.max_transmit_segments(),
+        1,
+        "quinn is asked for no batches"
+    );
+    // A batch of three 4-byte segments, each sent twice.
+    let contents: Vec<u8> = (0..3u32).flat_map(|i| i.to_le_bytes()).collect();
+    let batch = quinn::udp::Transmit {
+        destination: to,
+        ecn: None,
+        contents: &contents,
+        segment_size: Some(4),
+        src_ip: None,
+    };
+    let mut poller = s.clone().create_io_poller();
+    // As quinn does: a send that would block waits for the socket.
+    while let Err(e) = s.try_send(&batch) {
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        receive(&rx, Duration::from_millis(300)),
+        vec![0, 0, 1, 1, 2, 2]
+    );
+    assert_eq!((s.stats().datagrams, s.stats().duplicated), (3, 3));
 }
