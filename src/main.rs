@@ -287,6 +287,15 @@ struct ProtectArgs {
     /// Emulated link: one-way delay added to checkpoints and acks, e.g. 100us, 1ms.
     #[arg(long, default_value = "0ms", value_parser = parse_duration)]
     link_delay: Duration,
+    /// Packet faults on the replication path (tests, drills): each datagram
+    /// this daemon sends to its peer — QUIC packets and heartbeats — is lost,
+    /// sent twice or held back behind the next 1..=3 (at most `hold`), e.g.
+    /// loss=2%,dup=1%,reorder=5%. Keys: loss, dup, reorder (percentages
+    /// adding up to at most 100), hold (default 3ms), seed (default: drawn
+    /// and logged; replays the draws). Give it to both daemons to impair
+    /// both directions; `none`: no faults (see docs/design.md).
+    #[arg(long, default_value = "none", value_name = "KEY=VALUE,...", value_parser = transport::lossy::LinkFaults::parse)]
+    link_faults: transport::lossy::LinkFaults,
     /// Keep the guest's RAM and its per-page generations in files under
     /// DIR/VM/NODE.{ram,gen} (tmpfs: /dev/shm/castor is a good place) that
     /// outlive this process: a node that died, was fenced or stopped still
@@ -929,6 +938,15 @@ fn witness_of(pair: &PairArgs) -> Result<Option<witness::Etcd>> {
     }
 }
 
+/// `--link-faults` with its seed drawn, once for the whole daemon (its
+/// primary and backup roles share it), and logged.
+fn resolve_link_faults(p: &mut ProtectArgs) {
+    p.link_faults = p.link_faults.resolved();
+    if p.link_faults.is_active() {
+        warn!(faults = %p.link_faults, "--link-faults: the datagrams this node sends to its peer are impaired");
+    }
+}
+
 fn primary_config(
     pair: &PairArgs,
     p: &ProtectArgs,
@@ -959,6 +977,7 @@ fn primary_config(
             rate_bytes_per_s: p.link_rate.0,
             delay: p.link_delay,
         },
+        link_faults: p.link_faults,
         precopy: p.precopy_ms.map(Duration::from_millis),
     })
 }
@@ -1081,7 +1100,7 @@ fn acquire_waiting(
     }
 }
 
-fn primary_cmd(a: PrimaryArgs) -> Result<()> {
+fn primary_cmd(mut a: PrimaryArgs) -> Result<()> {
     info!("{}", KvmKind::detect().describe());
     vmm::set_vcpu_nice(a.protect.vcpu_nice);
     if let Some(addr) = a.incoming {
@@ -1119,6 +1138,7 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
         ),
     };
     let witness = witness_of(&a.pair)?;
+    resolve_link_faults(&mut a.protect);
     // Local configuration first (certificates, sizes): a bad one fails
     // before anything changes at the witness.
     let mut cfg = primary_config(&a.pair, &a.protect, a.backup, witness.clone(), None)?;
@@ -1167,13 +1187,14 @@ fn primary_cmd(a: PrimaryArgs) -> Result<()> {
     Ok(())
 }
 
-fn backup_cmd(a: BackupArgs) -> Result<()> {
+fn backup_cmd(mut a: BackupArgs) -> Result<()> {
     info!("{}", KvmKind::detect().describe());
     vmm::set_vcpu_nice(a.protect.vcpu_nice);
     let tls = transport::NodeTls::from_dir(&a.pair.certs, &a.pair.node, &a.pair.peer)?;
     // What the node does as a primary if it takes over (no backup: it runs
     // the guest unprotected).
     let witness = witness_of(&a.pair)?;
+    resolve_link_faults(&mut a.protect);
     let mut then = primary_config(&a.pair, &a.protect, a.then_protect, witness.clone(), None)?;
     then.tap = open_tap(&a.tap)?;
     let silence = Duration::from_millis(a.heartbeat_timeout_ms.max(1));
@@ -1214,6 +1235,7 @@ fn backup_cmd(a: BackupArgs) -> Result<()> {
             Some(p) => Some(Arc::new(vmm::disk::Disk::open(p)?)),
             None => None,
         },
+        link_faults: a.protect.link_faults,
     };
     let stop = stop_flag()?;
     let node = services("castor-backup", &a.pair)?;

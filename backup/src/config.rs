@@ -40,6 +40,9 @@ pub struct Config {
     /// checkpoint, the guest's disk after a takeover. The primary's must be
     /// of the same size.
     pub disk: Option<std::sync::Arc<vmm::disk::Disk>>,
+    /// Packet faults on what this node sends to the primary — its QUIC
+    /// packets and heartbeat datagrams (`--link-faults`; tests and drills).
+    pub link_faults: transport::lossy::LinkFaults,
 }
 
 impl Config {

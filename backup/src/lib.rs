@@ -100,7 +100,7 @@ pub fn run(
         .replace(control(shared.clone(), log.clone()));
     let listener = services
         .rt
-        .block_on(async { Listener::bind(cfg.listen, &cfg.tls) })?;
+        .block_on(async { Listener::bind_impaired(cfg.listen, &cfg.tls, &cfg.link_faults) })?;
     info!(listen = %listener.local_addr()?, peer = %cfg.tls.peer_name, "backup listening");
     let (decided_tx, decided) = std::sync::mpsc::channel();
     services.rt.spawn(net::accept_loop(

@@ -13,6 +13,7 @@ use protocol::beat::{Beat, BeatWindow};
 use protocol::{EndReason, Event, Limits, Message, Receiver};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
+use transport::lossy::{DatagramSender, LinkFaults};
 use transport::{Link, Listener, TransportError};
 
 use crate::replica::{BeatIn, Shared};
@@ -90,6 +91,7 @@ async fn session(
 ) -> EndReason {
     let mut data = link.data_rx.take().expect("backup link has a data stream");
     let primary_ip = link.remote().ip();
+    let faults = link.faults();
     let certificate = link.closer();
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     // The goodbye, from the control stream to the data path's receiver.
@@ -186,6 +188,7 @@ async fn session(
                             shared.clone(),
                             to,
                             h.beat_key,
+                            faults,
                         ))));
                     }
                     log.reset(h.output_offset);
@@ -265,14 +268,25 @@ impl Drop for AbortOnDrop {
 /// same socket too (`Shared::beat_in`): when this runtime is busy
 /// (decrypting and applying a large checkpoint on a small host), the
 /// primary's heartbeats wait unread in the socket, and a detector that
-/// only looked here would find a live primary silent.
-async fn beats(shared: Arc<Shared>, primary: std::net::SocketAddr, key: [u8; 32]) {
+/// only looked here would find a live primary silent. Its sends meet the
+/// link's faults (`--link-faults`), if any.
+async fn beats(
+    shared: Arc<Shared>,
+    primary: std::net::SocketAddr,
+    key: [u8; 32],
+    faults: LinkFaults,
+) {
     let bound = std::net::UdpSocket::bind(transport::any_addr_for(primary)).and_then(|s| {
         s.set_nonblocking(true)?;
         let watchdog = s.try_clone()?;
-        Ok((tokio::net::UdpSocket::from_std(s)?, watchdog))
+        let impaired = if faults.is_active() {
+            Some(DatagramSender::new(s.try_clone()?, &faults, "heartbeats"))
+        } else {
+            None
+        };
+        Ok((tokio::net::UdpSocket::from_std(s)?, watchdog, impaired))
     });
-    let (sock, watchdog) = match bound {
+    let (sock, watchdog, impaired) = match bound {
         Ok(s) => s,
         Err(e) => {
             warn!("no heartbeat path ({e}); heartbeats on the connection only");
@@ -296,7 +310,11 @@ async fn beats(shared: Arc<Shared>, primary: std::net::SocketAddr, key: [u8; 32]
             _ = tick.tick() => {
                 seq += 1;
                 let b = Beat { seq, sent_us: t0.elapsed().as_micros() as u64 };
-                let _ = sock.try_send_to(&b.seal(&key), primary);
+                let beat = b.seal(&key);
+                let _ = match &impaired {
+                    Some(tx) => tx.send_to(&beat, primary),
+                    None => sock.try_send_to(&beat, primary).map(drop),
+                };
             }
             r = sock.recv_from(&mut buf) => {
                 if let Ok((n, from)) = r {

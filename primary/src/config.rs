@@ -41,6 +41,9 @@ pub struct Config {
     pub verify: bool,
     /// Link emulation applied to the replication traffic (benchmarks).
     pub link: LinkShape,
+    /// Packet faults on what this node sends to its backup — its QUIC
+    /// packets and heartbeat datagrams (`--link-faults`; tests and drills).
+    pub link_faults: transport::lossy::LinkFaults,
     /// Pre-copy window: this long before each epoch ends, the dirty pages so
     /// far are harvested and copied while the guest runs, so that the pause
     /// copies only the pages dirtied since. Zero: everything in the pause.

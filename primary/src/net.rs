@@ -101,7 +101,7 @@ type BeatPeer = Arc<std::sync::Mutex<Option<SocketAddr>>>;
 /// 30 ms). They stop when the epoch loop stops making progress
 /// ([`PROGRESS_LIMIT`]), so a wedged primary is still taken over.
 fn beat_thread(
-    sock: std::net::UdpSocket,
+    sock: transport::lossy::DatagramSender,
     key: [u8; 32],
     period: Duration,
     peer: BeatPeer,
@@ -171,7 +171,12 @@ impl NetTask {
         let stop = Arc::new(AtomicBool::new(false));
         let beats_stop = Arc::new(AtomicBool::new(false));
         let beats = beat_thread(
-            sock.try_clone().map_err(PrimaryError::Beat)?,
+            // Through the link's faults, if any (`--link-faults`).
+            transport::lossy::DatagramSender::new(
+                sock.try_clone().map_err(PrimaryError::Beat)?,
+                &cfg.link_faults,
+                "heartbeats",
+            ),
             beat.1,
             cfg.heartbeat,
             peer.clone(),
@@ -334,7 +339,10 @@ pub(crate) async fn run(
         // A handshake to a backup that is not up yet would wait for the
         // connection's idle timeout (10 s): a backup started meanwhile
         // would stay unused that long.
-        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, transport::connect(backup, &cfg.tls));
+        let attempt = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            transport::connect_impaired(backup, &cfg.tls, &cfg.link_faults),
+        );
         let link = match attempt.await.unwrap_or_else(|_| {
             Err(transport::TransportError::Connect {
                 addr: backup,

@@ -13,10 +13,12 @@
 //!   and read back as [`TransportError::Ended`].
 //!
 //! [`certs`] makes the pair's CA and node certificates; [`link`] emulates a
-//! slower link (rate and delay) for benchmarks.
+//! slower link (rate and delay) for benchmarks; [`lossy`] loses, duplicates
+//! and reorders the datagrams a node sends (`--link-faults`).
 
 pub mod certs;
 pub mod link;
+pub mod lossy;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,6 +33,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureS
 use tracing::{info, warn};
 
 use crate::certs::CertError;
+use crate::lossy::LinkFaults;
 use protocol::{EndReason, FrameDecoder, Message, WireError};
 
 /// ALPN protocol id.
@@ -288,18 +291,33 @@ fn client_config_idle(
 #[derive(Debug)]
 pub struct Listener {
     endpoint: quinn::Endpoint,
+    faults: LinkFaults,
 }
 
 impl Listener {
     /// Binds `addr` (port 0 picks one).
     pub fn bind(addr: SocketAddr, tls: &NodeTls) -> Result<Self, TransportError> {
-        let endpoint = quinn::Endpoint::server(server_config(tls)?, addr).map_err(|err| {
+        Self::bind_impaired(addr, tls, &LinkFaults::NONE)
+    }
+
+    /// Binds `addr`; what the endpoint sends meets `faults` ([`lossy`]).
+    /// The links it accepts carry the faults for their heartbeat path
+    /// ([`Link::faults`]).
+    pub fn bind_impaired(
+        addr: SocketAddr,
+        tls: &NodeTls,
+        faults: &LinkFaults,
+    ) -> Result<Self, TransportError> {
+        let endpoint = lossy::endpoint(addr, Some(server_config(tls)?), faults).map_err(|err| {
             TransportError::Io {
                 what: format!("binding UDP {addr}"),
                 err,
             }
         })?;
-        Ok(Listener { endpoint })
+        Ok(Listener {
+            endpoint,
+            faults: *faults,
+        })
     }
 
     /// The bound address.
@@ -336,6 +354,7 @@ impl Listener {
         let data_rx = conn.accept_uni().await.map_err(lost)?;
         Ok(Link {
             conn,
+            faults: self.faults,
             data_tx: None,
             data_rx: Some(FrameReader::new(data_rx)),
             ctl_tx: FrameWriter(ctl_tx),
@@ -368,7 +387,17 @@ impl Listener {
 
 /// Connects to the backup at `addr` as `tls` (the primary's side).
 pub async fn connect(addr: SocketAddr, tls: &NodeTls) -> Result<Link, TransportError> {
-    connect_with(addr, &tls.peer_name, client_crypto(tls, true)?).await
+    connect_impaired(addr, tls, &LinkFaults::NONE).await
+}
+
+/// Connects to the backup at `addr` as `tls`; what this end sends meets
+/// `faults` ([`lossy`]), which the link carries for its heartbeat path.
+pub async fn connect_impaired(
+    addr: SocketAddr,
+    tls: &NodeTls,
+    faults: &LinkFaults,
+) -> Result<Link, TransportError> {
+    connect_inner(addr, &tls.peer_name, client_crypto(tls, true)?, faults).await
 }
 
 /// Connects with an explicit rustls configuration (tests use it to try
@@ -378,6 +407,15 @@ pub async fn connect_with(
     peer_name: &str,
     crypto: rustls::ClientConfig,
 ) -> Result<Link, TransportError> {
+    connect_inner(addr, peer_name, crypto, &LinkFaults::NONE).await
+}
+
+async fn connect_inner(
+    addr: SocketAddr,
+    peer_name: &str,
+    crypto: rustls::ClientConfig,
+    faults: &LinkFaults,
+) -> Result<Link, TransportError> {
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0"
     } else {
@@ -385,7 +423,7 @@ pub async fn connect_with(
     }
     .parse()
     .expect("literal");
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|err| TransportError::Io {
+    let mut endpoint = lossy::endpoint(bind, None, faults).map_err(|err| TransportError::Io {
         what: "binding a UDP socket".into(),
         err,
     })?;
@@ -411,6 +449,7 @@ pub async fn connect_with(
     ctl_tx.write_all(&f).await.map_err(|e| err(e.to_string()))?;
     Ok(Link {
         conn,
+        faults: *faults,
         data_tx: Some(FrameWriter(data_tx)),
         data_rx: None,
         ctl_tx: FrameWriter(ctl_tx),
@@ -599,6 +638,8 @@ impl FrameReader {
 pub struct Link {
     /// The QUIC connection.
     pub conn: quinn::Connection,
+    /// The faults its endpoint's sends meet, for the heartbeat path.
+    faults: LinkFaults,
     /// Primary: the data stream it writes.
     pub data_tx: Option<FrameWriter>,
     /// Backup: the data stream it reads.
@@ -610,6 +651,12 @@ pub struct Link {
 }
 
 impl Link {
+    /// The faults the datagrams this end sends meet ([`lossy`]): the
+    /// heartbeat path applies the same.
+    pub fn faults(&self) -> LinkFaults {
+        self.faults
+    }
+
     /// The peer's address.
     pub fn remote(&self) -> SocketAddr {
         self.conn.remote_address()
