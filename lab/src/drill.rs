@@ -64,6 +64,11 @@ pub struct DrillArgs {
     /// and reads back every acknowledged key.
     #[arg(long, default_value_t = 64)]
     pub disk_mib: u64,
+    /// Packet faults on the replication path for the whole drill, passed to
+    /// both daemons (`castor primary --link-faults`), e.g.
+    /// loss=2%,dup=1%,reorder=5%.
+    #[arg(long)]
+    pub link_faults: Option<String>,
 }
 
 /// One failover of a drill.
@@ -509,6 +514,15 @@ pub(crate) fn client_round(c: &crate::loadgen::Handle, label: &str) -> Result<Cl
     })
 }
 
+/// The flags both daemons of a drill get: the mode, and the link's faults.
+fn daemon_flags(a: &DrillArgs) -> Vec<String> {
+    let mut f = vec!["--mode".to_string(), a.guest.mode.to_string()];
+    if let Some(l) = &a.link_faults {
+        f.extend(["--link-faults".to_string(), l.clone()]);
+    }
+    f
+}
+
 /// Faults named on the command line: one, or `all`.
 #[derive(Debug, Clone)]
 pub struct FaultSet(pub Vec<Fault>);
@@ -564,7 +578,7 @@ fn fault_drill(a: &DrillArgs) -> Result<()> {
         workload: a.guest.workload.clone(),
         mem: a.guest.mem,
         vcpus: a.guest.vcpus,
-        extra: vec!["--mode".to_string(), a.guest.mode.to_string()],
+        extra: daemon_flags(a),
         disk_mib: a.disk_mib,
         length: a.fault_length,
     };
@@ -667,7 +681,7 @@ pub fn drill(a: DrillArgs) -> Result<()> {
     if !a.faults.is_empty() {
         return fault_drill(&a);
     }
-    let mut extra: Vec<String> = vec!["--mode".into(), a.guest.mode.to_string()];
+    let mut extra = daemon_flags(&a);
     if a.verify {
         extra.push("--verify".into());
     }

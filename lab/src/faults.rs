@@ -417,11 +417,15 @@ pub fn run(
             Ok((v, mut g)) => {
                 let ok = v.ok();
                 report.cold_boot = Some((v.checked, v.keys));
-                let r = client.take().expect("a client").stop();
+                let c = client.take().expect("a client");
+                let ops = c.history();
+                let r = c.stop();
                 let _ = g.kill();
                 let _ = g.wait();
+                if !ok || !r.ok() {
+                    write_history(&dir.join("client-history.txt"), &ops);
+                }
                 if !ok {
-                    write_history(&dir.join("client-history.txt"), &[]);
                     bail!("after a cold boot from the survivor's disk, acknowledged writes are missing: {v:?}");
                 }
                 report.client = Some(r);
