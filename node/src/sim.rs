@@ -860,12 +860,13 @@ impl Sim {
             Role::Dest(_) => self.migration.as_ref().is_some_and(|m| m.committed),
             _ => false,
         };
-        if ran_here
-            && self.report.lost.is_none()
-            && !(0..3).any(|m| m != n && self.could_serve(m))
+        if ran_here && self.report.lost.is_none() && !(0..3).any(|m| m != n && self.could_serve(m))
         {
             self.report.lost = Some(format!("node {n} crashed while nobody else could serve"));
-            self.log(format!("the VM is lost: {}", self.report.lost.clone().unwrap_or_default()));
+            self.log(format!(
+                "the VM is lost: {}",
+                self.report.lost.clone().unwrap_or_default()
+            ));
         }
         self.nodes[n].role = Role::Down;
         self.nodes[n].conn = None;
@@ -919,8 +920,8 @@ impl Sim {
             .migration
             .as_ref()
             .is_some_and(|m| m.source == n || m.dest == n);
-        let others_serve = (0..3)
-            .any(|m| m != n && self.could_serve(m) && self.nodes[m].paused_until.is_none());
+        let others_serve =
+            (0..3).any(|m| m != n && self.could_serve(m) && self.nodes[m].paused_until.is_none());
         let runs = matches!(&self.nodes[n].role, Role::Primary(p) if !p.core.fenced());
         if kind == 0 && (busy || migrating || (runs && !others_serve)) {
             if !self.s.all_faults {
@@ -1142,7 +1143,9 @@ impl Sim {
                 if self.report.lost.is_none() {
                     self.report.lost = Some("the destination was gone at Go".into());
                 }
-                self.log(format!("node {to}: Go arrives, but no destination waits: the VM is lost"));
+                self.log(format!(
+                    "node {to}: Go arrives, but no destination waits: the VM is lost"
+                ));
                 self.migration = None;
                 return Ok(());
             }
@@ -1352,9 +1355,13 @@ impl Sim {
         self.at(HEARTBEAT, Ev::Heartbeat(n));
         if let Some(l) = self.primary(n).leaving {
             let since = self.now - l.since;
-            if l.plan == Plan::Stop && (self.nodes[n].conn.is_none() || since > GOODBYE_WAIT + GOODBYE_EXIT) {
+            if l.plan == Plan::Stop
+                && (self.nodes[n].conn.is_none() || since > GOODBYE_WAIT + GOODBYE_EXIT)
+            {
                 // The process exits; the VM stays stopped.
-                self.log(format!("node {n}: the primary process exits (the VM is stopped)"));
+                self.log(format!(
+                    "node {n}: the primary process exits (the VM is stopped)"
+                ));
                 self.end_session(n, EndReason::Goodbye("primary shutting down".into()));
                 self.nodes[n].role = Role::Down;
                 self.report.stopped = true;
@@ -1434,7 +1441,11 @@ impl Sim {
         self.primary(n).last_heard = self.now;
         match msg {
             Msg::Ack { epoch } => {
-                if self.primary(n).leaving.is_some_and(|l| l.plan == Plan::Stop) {
+                if self
+                    .primary(n)
+                    .leaving
+                    .is_some_and(|l| l.plan == Plan::Stop)
+                {
                     // The epoch loop has ended: nothing more is released.
                     return Ok(());
                 }
@@ -1453,7 +1464,11 @@ impl Sim {
     fn primary_ended(&mut self, n: usize, why: EndReason) -> Result<(), Violation> {
         self.nodes[n].conn = None;
         self.log(format!("node {n} (primary): session ended: {why}"));
-        if self.primary(n).leaving.is_some_and(|l| l.plan == Plan::Stop) {
+        if self
+            .primary(n)
+            .leaving
+            .is_some_and(|l| l.plan == Plan::Stop)
+        {
             // The epoch loop has ended: the core hears nothing more.
             return Ok(());
         }
@@ -1593,12 +1608,28 @@ impl Sim {
         if l.plan == Plan::Stop || p.core.fenced() {
             return Ok(());
         }
+        if now - l.since > STAND_DOWN_WAIT && !connected && p.core.in_session() {
+            // The network task ended without reporting the session's end
+            // (the core started one the network never had).
+            self.primary_feed(
+                n,
+                PrimaryInput::Ended(EndReason::Goodbye(
+                    "stood down (a migration or a change of backup)".into(),
+                )),
+            )?;
+            if !matches!(self.nodes[n].role, Role::Primary(_)) {
+                return Ok(());
+            }
+        }
+        let p = self.primary(n);
         if p.core.in_session() || p.core.claiming() || connected {
             if p.core.claiming() && now - l.since > STAND_DOWN_WAIT {
                 // The witness did not decide: the guest stays, protection
                 // restarts once the claim is decided.
                 p.leaving = None;
-                self.log(format!("node {n}: the stand-down did not settle; the guest stays"));
+                self.log(format!(
+                    "node {n}: the stand-down did not settle; the guest stays"
+                ));
                 self.abandon_migration(n);
                 self.at(0, Ev::Connect(n));
             }
@@ -1614,7 +1645,11 @@ impl Sim {
                 self.at(0, Ev::Connect(n));
             }
             Plan::Migrate(dest) => {
-                if !self.migration.as_ref().is_some_and(|m| m.source == n && m.dest == dest) {
+                if !self
+                    .migration
+                    .as_ref()
+                    .is_some_and(|m| m.source == n && m.dest == dest)
+                {
                     // Called off meanwhile (the destination crashed).
                     self.at(0, Ev::Connect(n));
                     return Ok(());
@@ -1622,7 +1657,9 @@ impl Sim {
                 // Pre-copy: the guest runs here unprotected meanwhile.
                 let id = self.migration.as_ref().map_or(0, |m| m.id);
                 let d = self.rng.range(100 * MS, 800 * MS);
-                self.log(format!("node {n}: backup stood down; pre-copy to node {dest}"));
+                self.log(format!(
+                    "node {n}: backup stood down; pre-copy to node {dest}"
+                ));
                 self.at(d, Ev::Precopied { node: n, id });
             }
         }
@@ -1635,7 +1672,10 @@ impl Sim {
         let Some(m) = self.migration.take_if(|m| m.source == n) else {
             return;
         };
-        self.log(format!("node {n}: migration {} failed; the guest runs on here", m.id));
+        self.log(format!(
+            "node {n}: migration {} failed; the guest runs on here",
+            m.id
+        ));
         if matches!(&self.nodes[m.dest].role, Role::Dest(d) if d.id == m.id) {
             self.become_backup(m.dest);
         }
@@ -1648,7 +1688,11 @@ impl Sim {
     }
 
     fn precopied(&mut self, n: usize, id: u64) -> Result<(), Violation> {
-        let Some(m) = self.migration.as_ref().filter(|m| m.id == id && m.source == n) else {
+        let Some(m) = self
+            .migration
+            .as_ref()
+            .filter(|m| m.id == id && m.source == n)
+        else {
             return Ok(());
         };
         let dest = m.dest;
@@ -1663,7 +1707,11 @@ impl Sim {
     }
 
     fn migration_broke(&mut self, n: usize, id: u64) -> Result<(), Violation> {
-        let Some(m) = self.migration.as_ref().filter(|m| m.id == id && m.source == n) else {
+        let Some(m) = self
+            .migration
+            .as_ref()
+            .filter(|m| m.id == id && m.source == n)
+        else {
             return Ok(());
         };
         if m.committed {
@@ -1699,7 +1747,11 @@ impl Sim {
 
     /// The destination has the state: the commit point.
     fn verified(&mut self, n: usize, id: u64) -> Result<(), Violation> {
-        if !self.migration.as_ref().is_some_and(|m| m.id == id && m.source == n) {
+        if !self
+            .migration
+            .as_ref()
+            .is_some_and(|m| m.id == id && m.source == n)
+        {
             return Ok(());
         }
         self.handover_fault(Step::Claim);
@@ -1720,7 +1772,11 @@ impl Sim {
     }
 
     fn handover_answer(&mut self, n: usize, id: u64, claim: Claim) -> Result<(), Violation> {
-        let Some(m) = self.migration.as_ref().filter(|m| m.id == id && m.source == n) else {
+        let Some(m) = self
+            .migration
+            .as_ref()
+            .filter(|m| m.id == id && m.source == n)
+        else {
             return Ok(());
         };
         let (dest, token, past) = (m.dest, m.token, self.now >= m.deadline);
@@ -1829,10 +1885,20 @@ impl Sim {
     fn admit(&mut self, n: usize, id: u64, deadline: Us) -> Result<(), Violation> {
         if !self.witness_up {
             if self.now >= deadline {
-                self.dest_lost(n, "the witness did not answer the destination in time".into());
+                self.dest_lost(
+                    n,
+                    "the witness did not answer the destination in time".into(),
+                );
                 return Ok(());
             }
-            self.at(CLAIM_RETRY, Ev::Admit { node: n, id, deadline });
+            self.at(
+                CLAIM_RETRY,
+                Ev::Admit {
+                    node: n,
+                    id,
+                    deadline,
+                },
+            );
             return Ok(());
         }
         let (owner, token) = self.owner;
@@ -1844,7 +1910,9 @@ impl Sim {
     }
 
     fn dest_lost(&mut self, n: usize, why: String) {
-        self.log(format!("node {n}: the guest arrived but may not run here: {why}"));
+        self.log(format!(
+            "node {n}: the guest arrived but may not run here: {why}"
+        ));
         if self.report.lost.is_none() {
             self.report.lost = Some(format!("the destination did not run the guest: {why}"));
         }

@@ -97,7 +97,10 @@ fn one_history_and_recovery_under_every_fault_with_a_witness() {
     if sum.runs >= 1000 {
         assert!(sum.takeovers > 0 && sum.fences > 0, "{sum}");
         assert!(sum.goodbyes > 0 && sum.mismatches > 0, "{sum}");
-        assert!(sum.retargets > 0 && sum.migrations > 0 && sum.stays > 0, "{sum}");
+        assert!(
+            sum.retargets > 0 && sum.migrations > 0 && sum.stays > 0,
+            "{sum}"
+        );
         assert!(sum.stopped > 0 && sum.frames > 0, "{sum}");
         // Liveness is checked in almost every run.
         assert!(sum.lost * 10 < sum.runs, "{sum}");
@@ -183,7 +186,7 @@ fn planted_bugs_are_found() {
             .first()
             .unwrap_or_else(|| panic!("{bug:?} not found in {BUG_SEEDS} seeds"));
         if count {
-            print!("{bug:?}: found in {} of {BUG_SEEDS} seeds, ", found.len());
+            print!("found in {} of {BUG_SEEDS} seeds, ", found.len());
         }
         println!("{bug:?}: found at seed {}: {}", v.seed, v.what);
         // The same seed replays the same violation.
