@@ -162,6 +162,21 @@ fn a_switchover_asked_at_any_time_splits_the_history() {
     panic!("{v}");
 }
 
+/// A known bug of the handover (reported): the source's claim for the
+/// destination swaps the owner at the witness but its answer is lost, and
+/// the next attempts find the witness silent until the deadline: the
+/// handover stays (`Handover::Stay`) and the guest runs on at the source
+/// while the witness names the destination. The source is fenced at its
+/// next claim, the destination never had `Go`: nobody runs the VM, though
+/// nothing crashed. Seed 3298 (outside the seeds CI runs) shows it.
+#[test]
+#[ignore = "a known bug of the handover (reported): run with --ignored to see it"]
+fn a_handover_that_stays_after_its_swap_won_loses_the_vm() {
+    let v = sim::run(Settings::new(3298)).expect_err("the VM is lost");
+    assert!(!v.safety && v.trace.contains("no Go"), "{v}");
+    panic!("{v}");
+}
+
 /// The seeds CI runs for each planted bug.
 const BUG_SEEDS: u64 = 300;
 
