@@ -451,6 +451,12 @@ struct BackupShell {
     data_open: bool,
     /// An operator asked this node to take over.
     asked: bool,
+    /// Its failure detector's timer runs. With nothing committed a tick
+    /// decides nothing (the core returns at once, and the next commit
+    /// resets the liveness it would have moved): the timer then stops,
+    /// and starts again at the next commit, which saves the simulator
+    /// most of an idle backup's events.
+    ticking: bool,
 }
 
 /// A migration's destination, waiting for the guest.
@@ -648,6 +654,7 @@ impl Sim {
             goodbye_due: None,
             data_open: true,
             asked: false,
+            ticking: true,
         }));
         self.nodes[n].conn = None;
         self.at(WATCH_TICK, Ev::Watch(n));
@@ -1949,6 +1956,11 @@ impl Sim {
     // --- the backup's shell (backup/src/net.rs, replica.rs, watch.rs) ---
 
     fn backup_tick(&mut self, n: usize) -> Result<(), Violation> {
+        let b = self.backup(n);
+        if b.core.committed().is_none() && !b.core.frozen() {
+            b.ticking = false;
+            return Ok(());
+        }
         self.at(WATCH_TICK, Ev::Watch(n));
         let now = self.now;
         let b = self.backup(n);
@@ -2047,6 +2059,7 @@ impl Sim {
                 if epoch == 1 {
                     self.log(format!("node {n} (backup): full resync committed"));
                 }
+                let t = self.now;
                 let b = self.backup(n);
                 let from = b.replica.as_ref().map_or(0, |r| r.guest.console.len());
                 let was_corrupt = epoch != 1 && b.replica.as_ref().is_some_and(|r| r.corrupt);
@@ -2055,6 +2068,10 @@ impl Sim {
                     corrupt: corrupt || was_corrupt,
                 });
                 b.core.on(BackupInput::Committed { epoch, now });
+                if !std::mem::replace(&mut b.ticking, true) {
+                    b.last_tick = t;
+                    self.at(WATCH_TICK, Ev::Watch(n));
+                }
                 // The backup's console serves committed output.
                 let len = guest.console.len();
                 self.release(n, CONSOLE, &guest.console, from.min(len), len)?;
