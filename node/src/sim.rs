@@ -159,6 +159,9 @@ pub struct Settings {
     /// session and could take over on its own, as a drain asks it). See
     /// docs/simulator.md: with `true` the simulator finds a split.
     pub switchover_any_time: bool,
+    /// Witness answers lost after the swap happened, per mille, while
+    /// faults are injected.
+    pub lost_answers: u64,
     /// Virtual time during which faults are injected.
     pub fault_time: Duration,
     /// Virtual time after the faults stop, for recovery.
@@ -179,6 +182,7 @@ impl Settings {
             all_faults: true,
             operations: true,
             switchover_any_time: false,
+            lost_answers: 20,
             fault_time: Duration::from_secs(20),
             calm_time: Duration::from_secs(15),
             bug: None,
@@ -1289,7 +1293,8 @@ impl Sim {
             "node {node} claims for node {me} from token {expected}: {claim:?}"
         ));
         // The answer may be lost after the swap happened.
-        let claim = if self.s.all_faults && self.now < self.fault_end && self.rng.chance(20) {
+        let lost = self.s.lost_answers;
+        let claim = if self.s.all_faults && self.now < self.fault_end && self.rng.chance(lost) {
             self.log(format!("node {node}: the witness's answer is lost"));
             Claim::Unreachable
         } else {

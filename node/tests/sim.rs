@@ -168,12 +168,20 @@ fn a_switchover_asked_at_any_time_splits_the_history() {
 /// handover stays (`Handover::Stay`) and the guest runs on at the source
 /// while the witness names the destination. The source is fenced at its
 /// next claim, the destination never had `Go`: nobody runs the VM, though
-/// nothing crashed. Seed 3298 (outside the seeds CI runs) shows it.
+/// nothing crashed. Rare with CI's fault rates; a third of the witness's
+/// answers lost shows it within a few hundred seeds.
 #[test]
 #[ignore = "a known bug of the handover (reported): run with --ignored to see it"]
 fn a_handover_that_stays_after_its_swap_won_loses_the_vm() {
-    let v = sim::run(Settings::new(3298)).expect_err("the VM is lost");
-    assert!(!v.safety && v.trace.contains("no Go"), "{v}");
+    let found = (0..5000).find_map(|seed| {
+        sim::run(Settings {
+            lost_answers: 333,
+            ..Settings::new(seed)
+        })
+        .err()
+        .filter(|v| !v.safety && v.trace.contains("no Go"))
+    });
+    let v = found.expect("a handover that stays after its swap won");
     panic!("{v}");
 }
 
