@@ -1,21 +1,37 @@
 //! A deterministic simulator of castor's HA logic.
 //!
-//! Two nodes run the real role state machines ([`PrimaryCore`],
-//! [`BackupCore`]) inside small shells that mirror the daemons' (epochs,
-//! heartbeats, the failure detector's timer, the witness's claims), over a
-//! simulated network, witness and clock, all driven from one seed. Faults
-//! are injected at random: crashes, process pauses, partitions, message
-//! delays, lost witness answers and witness outages. After every step the
-//! simulator checks what a client could observe:
+//! Three hosts run the real role state machines ([`PrimaryCore`],
+//! [`BackupCore`], [`handover`]) inside small shells that mirror the
+//! daemons' (epochs, heartbeats, the failure detector's timer, the
+//! witness's claims, goodbyes, `--verify`, the migration's commit point),
+//! over a simulated network, witness and clock, all driven from one seed.
+//! Node 0 boots the guest, node 1 is its backup, node 2 is a spare host: a
+//! change of backup or a migration goes there. Faults are injected at
+//! random: crashes, process pauses, partitions, message delays, lost
+//! witness answers, witness outages, checkpoints applied wrongly on the
+//! backup; and so are planned operations: a change of backup, a live
+//! migration (with a fault at one step of its handover), an operator's
+//! switchover, a planned stop of the VM. After every step the simulator
+//! checks what a client could observe:
 //!
-//! - no two nodes ever release different output at the same console offset
-//!   (one history: everything released is a prefix of one committed history);
-//! - a takeover resumes from a checkpoint the primary committed;
-//! - once faults stop, exactly one node serves again and its output grows.
+//! - no two nodes ever release different output at the same offset of the
+//!   console or of the guest's network output (one history: everything
+//!   released is a prefix of one history);
+//! - a takeover resumes from a checkpoint the primary committed: one that
+//!   holds everything the world saw, with the primary's memory (not a
+//!   replica that failed verification);
+//! - a backup that has its primary's goodbye never starts a takeover of its
+//!   own (an operator's request aside);
+//! - a migration's source sends `Go` only while the witness names the
+//!   destination, and a destination runs the guest only while it does;
+//! - once faults stop, exactly one node serves again and its output grows
+//!   (unless the VM was stopped on purpose, or lost as documented: a crash
+//!   of an unprotected guest's host during a migration).
 //!
 //! The same seed replays the same run exactly; a failure names its seed and
-//! the trace of its last events. The guest is modelled by its console: one
-//! output unit per epoch, identified by the history it belongs to.
+//! the trace of its last events. The guest is modelled by its output: one
+//! console unit and up to two network frames per epoch, each identified by
+//! the history (branch) it belongs to and its position.
 
 use std::collections::{BinaryHeap, VecDeque};
 use std::fmt::Write as _;
@@ -26,28 +42,64 @@ use protocol::EndReason;
 use crate::rng::Rng;
 
 use crate::ha::{
-    BackupAction, BackupCore, BackupInput, Claim, PrimaryAction, PrimaryCore, PrimaryInput,
-    Timeouts,
+    handover, BackupAction, BackupCore, BackupInput, Claim, Handover, PrimaryAction, PrimaryCore,
+    PrimaryInput, Timeouts,
 };
 
 /// Virtual time in microseconds.
 type Us = u64;
 
 const MS: Us = 1000;
+/// `--epoch-ms` (25).
 const EPOCH: Us = 25 * MS;
+/// `--heartbeat-ms` (5).
 const HEARTBEAT: Us = 5 * MS;
+/// The failure detector's tick (backup/src/watch.rs).
 const WATCH_TICK: Us = MS;
-const PRIMARY_TIMEOUT: Us = 1000 * MS;
+/// `--backup-timeout-ms` (200).
+const PRIMARY_TIMEOUT: Us = 200 * MS;
+/// The wait before connecting again (primary/src/net.rs).
 const CONNECT_RETRY: Us = 200 * MS;
+/// The first and the longest wait before connecting again to a backup that
+/// refused soon after the session began (primary/src/net.rs).
+const REFUSED_BACKOFF: Us = 200 * MS;
+const REFUSED_BACKOFF_MAX: Us = 1000 * MS;
+/// The wait before asking an unreachable witness again.
 const CLAIM_RETRY: Us = 100 * MS;
+/// `witness::REQUEST_TIMEOUT`.
 const WITNESS_TIMEOUT: Us = 500 * MS;
+/// Output units held while the witness decides before the guest pauses
+/// (the daemons' 4 MiB).
 const HOLD_LIMIT: usize = 40;
+/// `--max-in-flight` (4).
 const MAX_IN_FLIGHT: usize = 4;
-const TIMEOUTS: Timeouts = Timeouts {
-    silence: Duration::from_millis(30),
-    after_resync: Duration::from_millis(500),
-    resync_grace: Duration::from_secs(2),
-};
+/// How long a stopping primary waits for its backup to end the session
+/// (primary/src/net.rs `GOODBYE_WAIT`), and a little more before its
+/// process exits.
+const GOODBYE_WAIT: Us = 2000 * MS;
+const GOODBYE_EXIT: Us = 500 * MS;
+/// How long a stand-down may wait for the witness (primary/src/migration.rs).
+const STAND_DOWN_WAIT: Us = 10_000 * MS;
+/// How long the handover asks an unreachable witness (primary/src/migration.rs).
+const HANDOVER_WAIT: Us = 2000 * MS;
+/// How long a destination asks an unreachable witness whether it owns the
+/// VM (src/migrate_cmd.rs `owned_token`).
+const ADMIT_WAIT: Us = 2000 * MS;
+
+/// `--heartbeat-timeout-ms` (30) and the longer timeout after a resync
+/// (src/main.rs: 500 ms without a witness, the same 30 ms with one).
+fn timeouts(witness: bool) -> Timeouts {
+    let silence = Duration::from_millis(30);
+    Timeouts {
+        silence,
+        after_resync: if witness {
+            silence
+        } else {
+            Duration::from_millis(500)
+        },
+        resync_grace: Duration::from_secs(2),
+    }
+}
 
 /// A bug planted in a shell, to show that the simulator finds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +111,31 @@ pub enum Bug {
     TakeoverWithoutWitness,
     /// The backup keeps committing and acking while its claim is pending.
     NoFreeze,
+    /// The backup ignores its primary's goodbye (it does not stand down,
+    /// and reads the goodbye's close as a broken connection).
+    TakeoverAfterGoodbye,
+    /// The backup keeps a checkpoint whose memory digest did not match (it
+    /// commits and acks it as if it had).
+    IgnoreMismatch,
+    /// A migration's source sends `Go` when the witness did not answer its
+    /// handover claim.
+    GoWithoutSwap,
+    /// The primary releases held network frames up to everything the guest
+    /// sent so far on any ack, not up to the acked epoch's end.
+    PacketsBeforeAck,
+}
+
+impl Bug {
+    /// Every planted bug.
+    pub const ALL: [Bug; 7] = [
+        Bug::ReleaseBeforeAck,
+        Bug::TakeoverWithoutWitness,
+        Bug::NoFreeze,
+        Bug::TakeoverAfterGoodbye,
+        Bug::IgnoreMismatch,
+        Bug::GoWithoutSwap,
+        Bug::PacketsBeforeAck,
+    ];
 }
 
 /// What a run does.
@@ -68,9 +145,23 @@ pub struct Settings {
     pub seed: u64,
     /// A witness decides role changes (`false`: `--witness none`).
     pub witness: bool,
-    /// Inject pauses, partitions, delays and witness outages (`false`:
+    /// Checkpoints carry memory digests (`--verify`); checkpoints applied
+    /// wrongly on the backup are injected only then.
+    pub verify: bool,
+    /// Inject pauses, partitions, delays, witness outages (`false`:
     /// crashes only).
     pub all_faults: bool,
+    /// Planned operations: changes of backup, migrations, switchovers (with
+    /// a witness), planned stops.
+    pub operations: bool,
+    /// An operator's switchover may be asked of a backup at any time, as
+    /// `castor takeover` allows (`false`: only of a backup that follows a
+    /// session and could take over on its own, as a drain asks it). See
+    /// docs/simulator.md: with `true` the simulator finds a split.
+    pub switchover_any_time: bool,
+    /// Witness answers lost after the swap happened, per mille, while
+    /// faults are injected.
+    pub lost_answers: u64,
     /// Virtual time during which faults are injected.
     pub fault_time: Duration,
     /// Virtual time after the faults stop, for recovery.
@@ -82,12 +173,16 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// A witnessed run with every kind of fault.
+    /// A witnessed, verifying run with every kind of fault and operation.
     pub fn new(seed: u64) -> Settings {
         Settings {
             seed,
             witness: true,
+            verify: true,
             all_faults: true,
+            operations: true,
+            switchover_any_time: false,
+            lost_answers: 20,
             fault_time: Duration::from_secs(20),
             calm_time: Duration::from_secs(15),
             bug: None,
@@ -99,8 +194,9 @@ impl Settings {
 /// A broken invariant.
 #[derive(Debug, Clone)]
 pub struct Violation {
-    /// Safety (two histories, a takeover behind what the world saw) or
-    /// liveness (nobody serves after the faults stopped).
+    /// Safety (two histories, a takeover behind what the world saw, a
+    /// broken rule of the goodbye or the handover) or liveness (nobody
+    /// serves after the faults stopped).
     pub safety: bool,
     /// The seed that replays it.
     pub seed: u64,
@@ -135,20 +231,92 @@ pub struct Report {
     pub fences: u32,
     /// Faults injected.
     pub faults: u32,
-    /// Output units released to the world.
+    /// Console output units released to the world.
     pub released: usize,
+    /// Network frames released to the world.
+    pub frames: usize,
+    /// Sessions a backup ended on its primary's goodbye.
+    pub goodbyes: u32,
+    /// Checkpoints that failed verification on the backup.
+    pub mismatches: u32,
+    /// Changes of backup carried out.
+    pub retargets: u32,
+    /// Migrations that reached `Go`.
+    pub migrations: u32,
+    /// Handovers that stayed on the source (no `Go`).
+    pub stays: u32,
+    /// The VM was stopped on purpose.
+    pub stopped: bool,
+    /// Why the VM was lost, if it was (a documented loss: liveness is not
+    /// checked).
+    pub lost: Option<String>,
 }
 
-/// One unit of console output: which history, which position.
+/// One unit of output: which history, which position.
 type Unit = (u32, usize);
+
+/// The guest's output so far, one stream per kind: its state, as far as a
+/// client can tell.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Guest {
+    console: Vec<Unit>,
+    net: Vec<Unit>,
+}
+
+const CONSOLE: usize = 0;
+const NET: usize = 1;
+
+impl Guest {
+    fn stream(&self, s: usize) -> &[Unit] {
+        if s == CONSOLE {
+            &self.console
+        } else {
+            &self.net
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 enum Msg {
-    Hello { session: u64, token: u64 },
-    Checkpoint { epoch: u64, history: Vec<Unit> },
-    Ack { epoch: u64 },
+    Hello {
+        session: u64,
+        token: u64,
+    },
+    Checkpoint {
+        epoch: u64,
+        guest: Guest,
+        /// It carries the memory digest (`--verify`).
+        digest: bool,
+        /// A fault: the backup will apply it wrongly (its memory will
+        /// differ from the primary's).
+        corrupt: bool,
+    },
+    Ack {
+        epoch: u64,
+    },
     Heartbeat,
+    /// A planned stop, on the control stream (it may overtake checkpoints).
+    Goodbye {
+        last_epoch: u64,
+    },
+    /// The end of the data stream, behind its last checkpoint.
+    DataEnd,
     Close(EndReason),
+    // The migration's connection.
+    Switch {
+        guest: Guest,
+    },
+    Verified,
+    Go,
+}
+
+/// Who a claim is for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum ClaimFor {
+    /// The node's role core.
+    Core,
+    /// The handover of migration `id` (the owner becomes the destination).
+    Handover(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -157,13 +325,46 @@ enum Ev {
     Heartbeat(usize),
     Watch(usize),
     Connect(usize),
-    Deliver { to: usize, conn: u64, msg: Msg },
-    ClaimAnswer { node: usize, claim: Claim },
+    Deliver {
+        to: usize,
+        conn: u64,
+        msg: Msg,
+    },
+    /// A claim reaches the witness.
+    ClaimAt {
+        node: usize,
+        owner: usize,
+        expected: u64,
+        for_: ClaimFor,
+    },
+    ClaimAnswer {
+        node: usize,
+        claim: Claim,
+        for_: ClaimFor,
+    },
     Fault,
     Restart(usize),
     Resume(usize),
     Heal,
     WitnessBack,
+    /// The VM is stopped on purpose.
+    Stop,
+    /// The migration's pre-copy is done: the switch.
+    Precopied {
+        node: usize,
+        id: u64,
+    },
+    /// The migration's connection broke (its other end crashed).
+    MigrationBroke {
+        node: usize,
+        id: u64,
+    },
+    /// A destination asks the witness whether it owns the VM.
+    Admit {
+        node: usize,
+        id: u64,
+        deadline: Us,
+    },
 }
 
 struct Queued {
@@ -189,27 +390,89 @@ impl Ord for Queued {
     }
 }
 
+/// What a primary is standing down for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Plan {
+    /// The VM stops: the process exits once the session is over.
+    Stop,
+    /// A change of backup to this node.
+    Retarget(usize),
+    /// A migration to this node.
+    Migrate(usize),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Leaving {
+    plan: Plan,
+    since: Us,
+}
+
 struct PrimaryShell {
-    core: PrimaryCore<()>,
+    /// Checkpoints in flight keep the guest's frame count at their end.
+    core: PrimaryCore<u64>,
     branch: u32,
-    history: Vec<Unit>,
+    guest: Guest,
     released: usize,
+    net_released: usize,
     next_epoch: u64,
     last_heard: Us,
     held_pause: bool,
+    /// The backup it protects toward.
+    target: usize,
+    /// When the current session began, and the wait after a refusal.
+    session_at: Us,
+    backoff: Us,
+    /// A planned stop or a stand-down under way.
+    leaving: Option<Leaving>,
+    /// The guest is paused for a migration's switch.
+    switching: bool,
+    /// Its output is closed: never released again (a planned stop, `Go`).
+    closed: bool,
+    /// A fault: the next checkpoint is applied wrongly on the backup.
+    corrupt_next: bool,
+}
+
+struct Replica {
+    guest: Guest,
+    /// Its memory differs from the primary's at that checkpoint.
+    corrupt: bool,
 }
 
 struct BackupShell {
     core: BackupCore,
-    replica: Option<Vec<Unit>>,
+    replica: Option<Replica>,
     last_tick: Us,
     /// When it last received anything from the primary (for the trace).
     last_msg: Us,
+    /// The primary of its session.
+    primary: Option<usize>,
+    /// The current session's goodbye reached this node (the simulator's
+    /// knowledge, whatever the shell does with it).
+    got_goodbye: bool,
+    /// The goodbye's last epoch: the session ends once it is committed.
+    goodbye_due: Option<u64>,
+    /// The session's data stream is still open.
+    data_open: bool,
+    /// An operator asked this node to take over.
+    asked: bool,
+    /// Its failure detector's timer runs. With nothing committed a tick
+    /// decides nothing (the core returns at once, and the next commit
+    /// resets the liveness it would have moved): the timer then stops,
+    /// and starts again at the next commit, which saves the simulator
+    /// most of an idle backup's events.
+    ticking: bool,
+}
+
+/// A migration's destination, waiting for the guest.
+struct DestShell {
+    id: u64,
+    guest: Option<Guest>,
 }
 
 enum Role {
     Primary(Box<PrimaryShell>),
     Backup(Box<BackupShell>),
+    Dest(Box<DestShell>),
     Down,
 }
 
@@ -218,10 +481,44 @@ struct Node {
     /// This node took over as a backup: its listener refuses every session
     /// (`AlreadyTakenOver`) until it is restarted.
     refuses: bool,
-    /// The connection this node is in, if any.
-    conn: Option<u64>,
+    /// The replication connection this node is in, and its peer.
+    conn: Option<(u64, usize)>,
     /// Paused until then (SIGSTOP).
     paused_until: Option<Us>,
+}
+
+/// A fault planted at one step of a migration's handover.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Step {
+    /// When the destination has verified the state, before the claim.
+    Claim,
+    /// The witness names the destination; `Go` not sent yet.
+    Swapped,
+    /// `Go` is sent; the destination has not run the guest yet.
+    Go,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum HandoverFault {
+    None,
+    WitnessDown(Step),
+    CrashSource(Step),
+    CrashDest(Step),
+}
+
+struct Migration {
+    id: u64,
+    source: usize,
+    dest: usize,
+    /// The backup the destination protects toward.
+    target: usize,
+    fault: HandoverFault,
+    /// The handover's deadline for an unreachable witness.
+    deadline: Us,
+    /// The source's token at the handover.
+    token: u64,
+    /// `Go` was sent: the source never runs the guest again.
+    committed: bool,
 }
 
 /// The simulated world.
@@ -231,63 +528,64 @@ pub struct Sim {
     now: Us,
     seq: u64,
     queue: BinaryHeap<Queued>,
-    nodes: [Node; 2],
+    nodes: Vec<Node>,
     next_conn: u64,
-    /// The link is cut until then.
+    /// The network between the hosts is cut until then (the witness stays
+    /// reachable).
     partitioned_until: Option<Us>,
     /// Messages from node `i` are slowed by `slow[i].1` until `slow[i].0`.
-    slow: [(Us, Us); 2],
+    slow: [(Us, Us); 3],
     /// The last delivery time of each direction (a stream keeps its order).
-    last_at: [Us; 2],
+    last_at: [[Us; 3]; 3],
     witness_up: bool,
     /// Faults stop here.
     fault_end: Us,
     owner: (usize, u64),
-    world: Vec<Unit>,
+    /// What the world saw of each stream (`None`: a frame never sent).
+    world: [Vec<Option<Unit>>; 2],
     branches: u32,
+    migration: Option<Migration>,
+    /// Corrupt checkpoints sent and not yet delivered.
+    corrupt_in_flight: u32,
     trace: VecDeque<String>,
     report: Report,
 }
 
 impl Sim {
-    /// A pair: node 0 boots the guest (token 1 at the witness), node 1 is
-    /// its backup.
+    /// Node 0 boots the guest (token 1 at the witness) toward node 1, its
+    /// backup; node 2 is a spare host (a backup nobody protects toward).
     pub fn new(s: Settings) -> Sim {
+        let node = || Node {
+            role: Role::Down,
+            refuses: false,
+            conn: None,
+            paused_until: None,
+        };
         let mut sim = Sim {
             s,
             rng: Rng::new(s.seed ^ 0x5eed),
             now: 0,
             seq: 0,
             queue: BinaryHeap::new(),
-            nodes: [
-                Node {
-                    role: Role::Down,
-                    refuses: false,
-                    conn: None,
-                    paused_until: None,
-                },
-                Node {
-                    role: Role::Down,
-                    refuses: false,
-                    conn: None,
-                    paused_until: None,
-                },
-            ],
+            nodes: vec![node(), node(), node()],
             next_conn: 0,
             partitioned_until: None,
-            slow: [(0, 0); 2],
-            last_at: [0; 2],
+            slow: [(0, 0); 3],
+            last_at: [[0; 3]; 3],
             witness_up: true,
             fault_end: s.fault_time.as_micros() as Us,
             owner: (0, 1),
-            world: Vec::new(),
+            world: [Vec::new(), Vec::new()],
             branches: 0,
+            migration: None,
+            corrupt_in_flight: 0,
             trace: VecDeque::new(),
             report: Report::default(),
         };
         let token = if s.witness { 1 } else { 0 };
-        sim.become_primary(0, Vec::new(), token);
+        sim.become_primary(0, Guest::default(), token, 1);
         sim.become_backup(1);
+        sim.become_backup(2);
         sim
     }
 
@@ -322,17 +620,25 @@ impl Sim {
         }
     }
 
-    fn become_primary(&mut self, n: usize, history: Vec<Unit>, token: u64) {
+    fn become_primary(&mut self, n: usize, guest: Guest, token: u64, target: usize) {
         self.branches += 1;
-        let released = history.len();
+        let (released, net_released) = (guest.console.len(), guest.net.len());
         self.nodes[n].role = Role::Primary(Box::new(PrimaryShell {
             core: PrimaryCore::new(MAX_IN_FLIGHT, self.s.witness, token),
             branch: self.branches,
-            history,
+            guest,
             released,
+            net_released,
             next_epoch: 1,
             last_heard: self.now,
             held_pause: false,
+            target,
+            session_at: self.now,
+            backoff: REFUSED_BACKOFF,
+            leaving: None,
+            switching: false,
+            closed: false,
+            corrupt_next: false,
         }));
         self.nodes[n].conn = None;
         self.at(EPOCH, Ev::Epoch(n));
@@ -343,46 +649,64 @@ impl Sim {
     fn become_backup(&mut self, n: usize) {
         self.nodes[n].refuses = false;
         self.nodes[n].role = Role::Backup(Box::new(BackupShell {
-            core: BackupCore::new(TIMEOUTS, self.s.witness),
+            core: BackupCore::new(timeouts(self.s.witness), self.s.witness),
             replica: None,
             last_tick: self.now,
             last_msg: self.now,
+            primary: None,
+            got_goodbye: false,
+            goodbye_due: None,
+            data_open: true,
+            asked: false,
+            ticking: true,
         }));
         self.nodes[n].conn = None;
         self.at(WATCH_TICK, Ev::Watch(n));
     }
 
-    /// Output released by node `n` up to `upto` of `history`: checked
-    /// against everything the world has seen.
+    /// Output of stream `s` released by node `n`, from `from` up to `upto`
+    /// of `history`: checked against everything the world has seen.
     fn release(
         &mut self,
         n: usize,
+        s: usize,
         history: &[Unit],
         from: usize,
         upto: usize,
     ) -> Result<(), Violation> {
+        let name = if s == CONSOLE { "console" } else { "network" };
         for (o, &u) in history.iter().enumerate().take(upto).skip(from) {
-            match self.world.get(o) {
-                Some(&w) if w != u => {
+            let world = &mut self.world[s];
+            if world.len() <= o {
+                world.resize(o + 1, None);
+            }
+            match world[o] {
+                Some(w) if w != u => {
                     return Err(self.violation(format!(
-                        "two histories: node {n} released {u:?} at offset {o}, the world saw {w:?}"
+                        "two histories: node {n} released {u:?} at {name} offset {o}, the world saw {w:?}"
                     )))
                 }
                 Some(_) => {}
-                None => {
-                    debug_assert_eq!(o, self.world.len());
-                    self.world.push(u);
-                }
+                None => world[o] = Some(u),
             }
         }
         Ok(())
     }
 
-    fn send(&mut self, from: usize, msg: Msg) {
-        let Some(conn) = self.nodes[from].conn else {
-            return;
-        };
-        let to = 1 - from;
+    /// Every stream of primary `n` released up to its end (unprotected).
+    fn release_all(&mut self, n: usize) -> Result<(), Violation> {
+        let p = self.primary(n);
+        if p.closed {
+            return Ok(());
+        }
+        let (g, from, net_from) = (p.guest.clone(), p.released, p.net_released);
+        p.released = g.console.len();
+        p.net_released = g.net.len();
+        self.release(n, CONSOLE, &g.console, from, g.console.len())?;
+        self.release(n, NET, &g.net, net_from, g.net.len())
+    }
+
+    fn delay(&mut self, from: usize) -> Us {
         let mut delay = self.rng.range(100, 3 * MS);
         if self.s.all_faults && self.now < self.fault_end && self.rng.chance(5) {
             delay += self.rng.range(10 * MS, 300 * MS);
@@ -390,15 +714,41 @@ impl Sim {
         if self.slow[from].0 > self.now {
             delay += self.slow[from].1;
         }
+        delay
+    }
+
+    /// Sends on connection `conn` from `from` to `to`, in order.
+    fn send_to(&mut self, from: usize, to: usize, conn: u64, msg: Msg) {
+        let delay = self.delay(from);
         // One stream: deliveries keep the order of sending.
-        let at = (self.now + delay).max(self.last_at[from]);
-        self.last_at[from] = at;
+        let at = (self.now + delay).max(self.last_at[from][to]);
+        self.last_at[from][to] = at;
         if self.s.trace_messages && !matches!(msg, Msg::Heartbeat | Msg::Ack { .. }) {
             let line = format!("send {from}->{to} conn {conn} at {at} {msg:?}");
             let line: String = line.chars().take(120).collect();
             self.log(line);
         }
+        if matches!(msg, Msg::Checkpoint { corrupt: true, .. }) {
+            self.corrupt_in_flight += 1;
+        }
         self.at(at - self.now, Ev::Deliver { to, conn, msg });
+    }
+
+    /// Sends on node `from`'s replication connection, if any.
+    fn send(&mut self, from: usize, msg: Msg) {
+        let Some((conn, to)) = self.nodes[from].conn else {
+            return;
+        };
+        if let Msg::Goodbye { .. } = msg {
+            // The control stream: not behind the checkpoints it names.
+            let at = self.now + self.delay(from);
+            if self.s.trace_messages {
+                self.log(format!("send {from}->{to} conn {conn} at {at} {msg:?}"));
+            }
+            self.at(at - self.now, Ev::Deliver { to, conn, msg });
+            return;
+        }
+        self.send_to(from, to, conn, msg);
     }
 
     fn end_session(&mut self, n: usize, why: EndReason) {
@@ -410,7 +760,7 @@ impl Sim {
 
     /// Runs to the end; the first violation, or what happened.
     pub fn run(mut self) -> Result<Report, Violation> {
-        let fault_end = self.s.fault_time.as_micros() as Us;
+        let fault_end = self.fault_end;
         let end = fault_end + self.s.calm_time.as_micros() as Us;
         self.schedule_faults(fault_end);
         let mut released_at_calm = None;
@@ -420,39 +770,48 @@ impl Sim {
             }
             self.now = q.at;
             if self.now >= fault_end + 10_000 * MS && released_at_calm.is_none() {
-                released_at_calm = Some(self.world.len());
+                released_at_calm = Some(self.world[CONSOLE].len());
             }
             self.step(q.ev)?;
         }
         self.now = end;
         // Liveness: one node serves, and its output grew after the faults.
-        let serving: Vec<usize> = (0..2)
+        let serving: Vec<usize> = (0..3)
             .filter(|&n| matches!(&self.nodes[n].role, Role::Primary(p) if !p.core.fenced()))
             .collect();
-        for n in 0..2 {
+        for n in 0..3 {
             let state = match &self.nodes[n].role {
                 Role::Primary(p) => format!(
-                    "primary token {} in_session {} claiming {} protected {} in_flight {} released {} of {} fenced {}",
+                    "primary token {} target {} in_session {} claiming {} protected {} in_flight {} released {} of {} fenced {} leaving {:?}",
                     p.core.token(),
+                    p.target,
                     p.core.in_session(),
                     p.core.claiming(),
                     p.core.protected(),
                     p.core.in_flight(),
                     p.released,
-                    p.history.len(),
-                    p.core.fenced()
+                    p.guest.console.len(),
+                    p.core.fenced(),
+                    p.leaving.map(|l| l.plan),
                 ),
                 Role::Backup(b) => format!(
-                    "backup token {} committed {:?} frozen {} can_take_over {}",
+                    "backup token {} committed {:?} frozen {} can_take_over {} goodbye {}",
                     b.core.token(),
                     b.core.committed(),
                     b.core.frozen(),
-                    b.core.can_take_over()
+                    b.core.can_take_over(),
+                    b.got_goodbye,
                 ),
+                Role::Dest(_) => "destination".into(),
                 Role::Down => "down".into(),
             };
             let conn = self.nodes[n].conn;
             self.log(format!("END node {n}: {state}, conn {conn:?}"));
+        }
+        self.report.released = self.world[CONSOLE].len();
+        self.report.frames = self.world[NET].iter().filter(|u| u.is_some()).count();
+        if self.report.lost.is_some() || (self.report.stopped && serving.is_empty()) {
+            return Ok(self.report);
         }
         let liveness = |v: Violation| Violation { safety: false, ..v };
         if serving.len() != 1 {
@@ -462,12 +821,11 @@ impl Sim {
                 self.s.calm_time.as_secs_f64()
             ))));
         }
-        if released_at_calm.is_some_and(|r| self.world.len() <= r) {
+        if released_at_calm.is_some_and(|r| self.world[CONSOLE].len() <= r) {
             return Err(liveness(self.violation(
                 "no output released in the last seconds after the faults stopped".into(),
             )));
         }
-        self.report.released = self.world.len();
         Ok(self.report)
     }
 
@@ -477,54 +835,113 @@ impl Sim {
             self.at(t, Ev::Fault);
             t += self.rng.range(1000 * MS, 4000 * MS);
         }
+        if self.s.operations && self.rng.chance(150) {
+            let t = self.rng.range(3000 * MS, until.max(3001 * MS));
+            self.at(t, Ev::Stop);
+        }
     }
 
-    /// Node `n` could serve the guest if the other one died.
+    /// Node `n` could serve the guest if the node running it died.
     fn could_serve(&self, n: usize) -> bool {
         // With a witness, only from the current token: an older one is
         // doomed to be fenced.
         let current = |token: u64| !self.s.witness || token == self.owner.1;
         match &self.nodes[n].role {
-            Role::Primary(p) => !p.core.fenced() && current(p.core.token()),
+            Role::Primary(p) => !p.core.fenced() && !p.closed && current(p.core.token()),
             Role::Backup(b) => b.core.can_take_over() && current(b.core.token()),
-            Role::Down => false,
+            Role::Dest(_) | Role::Down => false,
         }
+    }
+
+    /// The primary that runs the guest now, if any.
+    fn current_primary(&self) -> Option<usize> {
+        (0..3).find(|&n| {
+            matches!(&self.nodes[n].role, Role::Primary(p)
+                if !p.core.fenced() && !p.closed
+                    && (!self.s.witness || p.core.token() == self.owner.1))
+        })
+    }
+
+    fn crash(&mut self, n: usize) {
+        self.log(format!("FAULT crash node {n}"));
+        // The VM is lost if it ran here and no other node could serve it
+        // (an unprotected guest's host, a destination after `Go`).
+        let ran_here = match &self.nodes[n].role {
+            Role::Primary(p) => !p.core.fenced() && !p.closed,
+            Role::Dest(_) => self.migration.as_ref().is_some_and(|m| m.committed),
+            _ => false,
+        };
+        if ran_here && self.report.lost.is_none() && !(0..3).any(|m| m != n && self.could_serve(m))
+        {
+            self.report.lost = Some(format!("node {n} crashed while nobody else could serve"));
+            self.log(format!(
+                "the VM is lost: {}",
+                self.report.lost.clone().unwrap_or_default()
+            ));
+        }
+        self.nodes[n].role = Role::Down;
+        self.nodes[n].conn = None;
+        self.nodes[n].paused_until = None;
+        // The migration's other end sees its connection break.
+        let other = self.migration.as_ref().and_then(|m| {
+            if m.source == n {
+                Some((m.id, m.dest))
+            } else if m.dest == n {
+                Some((m.id, m.source))
+            } else {
+                None
+            }
+        });
+        if let Some((id, node)) = other {
+            self.at(50 * MS, Ev::MigrationBroke { node, id });
+        }
+        let after = self.rng.range(300 * MS, 2000 * MS);
+        self.at(after, Ev::Restart(n));
     }
 
     fn inject_fault(&mut self) {
         self.report.faults += 1;
-        let n = self.rng.below(2) as usize;
+        if self.s.operations && self.rng.chance(250) {
+            self.operation();
+            return;
+        }
+        let n = self.rng.below(3) as usize;
         let mut kind = if self.s.all_faults {
-            self.rng.below(6)
+            self.rng.below(7)
         } else {
             0
         };
-        // A crash only where the other node could serve, and not of a node
-        // whose claim may have won at the witness: two failures at once
+        if kind == 6 && !self.s.verify {
+            kind = 1;
+        }
+        // A crash only where another node could serve, and not of a node
+        // whose claim may have won at the witness, nor of a primary whose
+        // wrongly applied checkpoint is on its way: two failures at once
         // lose the VM whatever castor does (safety holds; the run would
         // only show that).
-        let claiming = match &self.nodes[n].role {
-            Role::Primary(p) => p.core.claiming(),
+        let busy = match &self.nodes[n].role {
+            Role::Primary(p) => {
+                p.core.claiming() || p.leaving.is_some() || self.corrupt_in_flight > 0
+            }
             Role::Backup(b) => b.core.frozen(),
+            Role::Dest(_) => true,
             Role::Down => false,
         };
-        if kind == 0
-            && (claiming || !self.could_serve(1 - n) || self.nodes[1 - n].paused_until.is_some())
-        {
+        let migrating = self
+            .migration
+            .as_ref()
+            .is_some_and(|m| m.source == n || m.dest == n);
+        let others_serve =
+            (0..3).any(|m| m != n && self.could_serve(m) && self.nodes[m].paused_until.is_none());
+        let runs = matches!(&self.nodes[n].role, Role::Primary(p) if !p.core.fenced());
+        if kind == 0 && (busy || migrating || (runs && !others_serve)) {
             if !self.s.all_faults {
                 return;
             }
             kind = 1;
         }
         match kind {
-            0 => {
-                self.log(format!("FAULT crash node {n}"));
-                self.nodes[n].role = Role::Down;
-                self.nodes[n].conn = None;
-                self.nodes[n].paused_until = None;
-                let after = self.rng.range(300 * MS, 2000 * MS);
-                self.at(after, Ev::Restart(n));
-            }
+            0 => self.crash(n),
             1 | 2 => {
                 let d = self.rng.range(50 * MS, 3000 * MS);
                 self.log(format!("FAULT pause node {n} for {} ms", d / MS));
@@ -538,13 +955,8 @@ impl Sim {
                 self.partitioned_until = Some(until);
                 self.at(until - self.now, Ev::Heal);
             }
-            4 => {
-                let d = self.rng.range(100 * MS, 3000 * MS);
-                self.log(format!("FAULT witness down for {} ms", d / MS));
-                self.witness_up = false;
-                self.at(d, Ev::WitnessBack);
-            }
-            _ => {
+            4 => self.witness_down(),
+            5 => {
                 let d = self.rng.range(20 * MS, 500 * MS);
                 let for_ = self.rng.range(100 * MS, 2000 * MS);
                 self.log(format!(
@@ -554,6 +966,94 @@ impl Sim {
                 ));
                 self.slow[n] = (self.now + for_, d);
             }
+            _ => {
+                // The next checkpoint is applied wrongly on the backup.
+                if let Some(p) = self.current_primary() {
+                    self.log(format!(
+                        "FAULT node {p}'s next checkpoint is applied wrongly on its backup"
+                    ));
+                    self.primary(p).corrupt_next = true;
+                }
+            }
+        }
+    }
+
+    fn witness_down(&mut self) {
+        let d = self.rng.range(100 * MS, 3000 * MS);
+        self.log(format!("FAULT witness down for {} ms", d / MS));
+        self.witness_up = false;
+        self.at(d, Ev::WitnessBack);
+    }
+
+    /// A planned operation on the primary that runs the guest.
+    fn operation(&mut self) {
+        let Some(p) = self.current_primary() else {
+            return;
+        };
+        let (target, busy) = {
+            let s = self.primary(p);
+            (
+                s.target,
+                s.leaving.is_some() || s.switching || s.core.claiming(),
+            )
+        };
+        if busy || self.migration.is_some() {
+            return;
+        }
+        let spare = 3 - p - target;
+        let spare_free = matches!(self.nodes[spare].role, Role::Backup(_))
+            && self.nodes[spare].conn.is_none()
+            && self.nodes[spare].paused_until.is_none();
+        match self.rng.below(3) {
+            0 if spare_free => {
+                self.log(format!(
+                    "OP node {p}: change of backup from node {target} to node {spare}"
+                ));
+                self.stand_down(p, Plan::Retarget(spare));
+            }
+            1 if spare_free => {
+                // Half the migrations meet a fault at one step of their
+                // handover: mostly a witness outage, now and then a crash
+                // (which loses the VM, as documented, unless the
+                // destination crashes before the commit point).
+                let step = [Step::Claim, Step::Swapped, Step::Go][self.rng.below(3) as usize];
+                let fault = match self.rng.below(16) {
+                    0..=7 => HandoverFault::None,
+                    8..=13 => HandoverFault::WitnessDown(step),
+                    14 => HandoverFault::CrashSource(step),
+                    _ => HandoverFault::CrashDest(step),
+                };
+                self.next_conn += 1;
+                let id = self.next_conn;
+                self.log(format!(
+                    "OP node {p}: migration {id} to node {spare} (fault {fault:?})"
+                ));
+                self.nodes[spare].role = Role::Dest(Box::new(DestShell { id, guest: None }));
+                self.migration = Some(Migration {
+                    id,
+                    source: p,
+                    dest: spare,
+                    target,
+                    fault,
+                    deadline: 0,
+                    token: 0,
+                    committed: false,
+                });
+                self.stand_down(p, Plan::Migrate(spare));
+            }
+            _ if self.s.witness => {
+                // An operator's switchover: the backup takes over now.
+                let any_time = self.s.switchover_any_time;
+                if let Role::Backup(b) = &mut self.nodes[target].role {
+                    if !any_time && !b.core.can_take_over() {
+                        return;
+                    }
+                    let answer = b.core.ask_takeover();
+                    b.asked |= answer == crate::ha::TakeoverAnswer::Accepted;
+                    self.log(format!("OP node {target}: takeover asked: {answer}"));
+                }
+            }
+            _ => {}
         }
     }
 
@@ -562,6 +1062,15 @@ impl Sim {
         match &ev {
             Ev::Fault => {
                 self.inject_fault();
+                return Ok(());
+            }
+            Ev::Stop => {
+                if let Some(p) = self.current_primary() {
+                    if self.primary(p).leaving.is_none() && self.migration.is_none() {
+                        self.log(format!("OP node {p}: the VM is stopped"));
+                        self.stand_down(p, Plan::Stop);
+                    }
+                }
                 return Ok(());
             }
             Ev::Restart(n) => {
@@ -596,7 +1105,11 @@ impl Sim {
         let n = match &ev {
             Ev::Epoch(n) | Ev::Heartbeat(n) | Ev::Watch(n) | Ev::Connect(n) => *n,
             Ev::Deliver { to, .. } => *to,
-            Ev::ClaimAnswer { node, .. } => *node,
+            Ev::ClaimAt { node, .. }
+            | Ev::ClaimAnswer { node, .. }
+            | Ev::Precopied { node, .. }
+            | Ev::MigrationBroke { node, .. }
+            | Ev::Admit { node, .. } => *node,
             _ => unreachable!(),
         };
         // A paused node handles nothing until it resumes; a partition
@@ -610,19 +1123,101 @@ impl Sim {
             self.at(until - self.now + 1, ev);
             return Ok(());
         }
+        if let Ev::Deliver {
+            msg: Msg::Checkpoint { corrupt: true, .. },
+            ..
+        } = &ev
+        {
+            self.corrupt_in_flight -= 1;
+        }
+        if let Ev::ClaimAt {
+            node,
+            owner,
+            expected,
+            for_,
+        } = ev
+        {
+            if matches!(self.nodes[node].role, Role::Down) {
+                return Ok(());
+            }
+            self.witness_claim(node, owner, expected, for_);
+            return Ok(());
+        }
+        if let Ev::Deliver {
+            to,
+            conn,
+            msg: Msg::Go,
+        } = &ev
+        {
+            if !matches!(&self.nodes[*to].role, Role::Dest(d) if d.id == *conn) {
+                // The source stopped at `Go`; nobody runs the guest.
+                if self.report.lost.is_none() {
+                    self.report.lost = Some("the destination was gone at Go".into());
+                }
+                self.log(format!(
+                    "node {to}: Go arrives, but no destination waits: the VM is lost"
+                ));
+                self.migration = None;
+                return Ok(());
+            }
+        }
         match (&mut self.nodes[n].role, ev) {
             (Role::Down, _) => Ok(()),
+            (
+                Role::Primary(_),
+                Ev::Deliver {
+                    conn,
+                    msg: Msg::Verified,
+                    ..
+                },
+            ) => self.verified(n, conn),
             (Role::Primary(_), Ev::Epoch(_)) => self.primary_epoch(n),
             (Role::Primary(_), Ev::Heartbeat(_)) => self.primary_heartbeat(n),
             (Role::Primary(_), Ev::Connect(_)) => self.connect(n),
             (Role::Primary(_), Ev::Deliver { conn, msg, .. }) => self.primary_msg(n, conn, msg),
-            (Role::Primary(_), Ev::ClaimAnswer { claim, .. }) => {
-                self.primary_feed(n, PrimaryInput::Claimed(claim))
+            (
+                Role::Primary(_),
+                Ev::ClaimAnswer {
+                    claim,
+                    for_: ClaimFor::Core,
+                    ..
+                },
+            ) => {
+                self.primary_feed(n, PrimaryInput::Claimed(claim))?;
+                self.stand_down_progress(n)
             }
+            (
+                Role::Primary(_),
+                Ev::ClaimAnswer {
+                    claim,
+                    for_: ClaimFor::Handover(id),
+                    ..
+                },
+            ) => self.handover_answer(n, id, claim),
+            (Role::Primary(_), Ev::Precopied { id, .. }) => self.precopied(n, id),
+            (Role::Primary(_), Ev::MigrationBroke { id, .. }) => self.migration_broke(n, id),
             (Role::Backup(_), Ev::Watch(_)) => self.backup_tick(n),
             (Role::Backup(_), Ev::Deliver { conn, msg, .. }) => self.backup_msg(n, conn, msg),
-            (Role::Backup(_), Ev::ClaimAnswer { claim, .. }) => {
-                self.backup_feed(n, BackupInput::Claimed(claim))
+            (
+                Role::Backup(_),
+                Ev::ClaimAnswer {
+                    claim,
+                    for_: ClaimFor::Core,
+                    ..
+                },
+            ) => self.backup_feed(n, BackupInput::Claimed(claim)),
+            (Role::Dest(_), Ev::Deliver { conn, msg, .. }) => self.dest_msg(n, conn, msg),
+            (Role::Dest(_), Ev::Admit { id, deadline, .. }) => self.admit(n, id, deadline),
+            (Role::Dest(_), Ev::MigrationBroke { id, .. }) => {
+                // The source is gone before `Go`: this host is spare again.
+                if matches!(&self.nodes[n].role, Role::Dest(d) if d.id == id)
+                    && self.migration.as_ref().is_some_and(|m| !m.committed)
+                {
+                    self.log(format!("node {n}: migration {id} called off"));
+                    self.migration = None;
+                    self.become_backup(n);
+                }
+                Ok(())
             }
             // A node that changed role since: the event is stale.
             _ => Ok(()),
@@ -650,85 +1245,105 @@ impl Sim {
         }
     }
 
-    fn claim(&mut self, node: usize, expected: u64, retry: bool) {
-        let me = node;
+    /// Node `node` asks the witness to name `owner` (itself, or a
+    /// migration's destination) if the token is still `expected`.
+    fn claim(&mut self, node: usize, owner: usize, expected: u64, retry: bool, for_: ClaimFor) {
+        assert!(self.s.witness, "claims need a witness");
         let wait = if retry { CLAIM_RETRY } else { 0 };
+        self.at(
+            wait,
+            Ev::ClaimAt {
+                node,
+                owner,
+                expected,
+                for_,
+            },
+        );
+    }
+
+    /// The compare-and-swap, when the request reaches the witness.
+    fn witness_claim(&mut self, node: usize, me: usize, expected: u64, for_: ClaimFor) {
         let latency = self.rng.range(MS, 20 * MS);
-        let claim = if !self.s.witness {
-            unreachable!("claims need a witness")
-        } else if !self.witness_up {
+        if !self.witness_up {
             self.at(
-                wait + WITNESS_TIMEOUT,
+                WITNESS_TIMEOUT,
                 Ev::ClaimAnswer {
                     node,
                     claim: Claim::Unreachable,
+                    for_,
                 },
             );
             return;
+        }
+        let (owner, token) = self.owner;
+        let claim = if owner == me && token == expected + 1 {
+            Claim::Won { token }
+        } else if token != expected {
+            Claim::Lost {
+                owner: format!("node {owner}"),
+                token,
+            }
         } else {
-            // The compare-and-swap happens now (when it reaches the witness).
-            let (owner, token) = self.owner;
-            if owner == me && token == expected + 1 {
-                Claim::Won { token }
-            } else if token != expected {
-                Claim::Lost {
-                    owner: format!("node {owner}"),
-                    token,
-                }
-            } else {
-                self.owner = (me, expected + 1);
-                Claim::Won {
-                    token: expected + 1,
-                }
+            self.owner = (me, expected + 1);
+            Claim::Won {
+                token: expected + 1,
             }
         };
         self.log(format!(
-            "node {node} claims from token {expected}: {claim:?}"
+            "node {node} claims for node {me} from token {expected}: {claim:?}"
         ));
         // The answer may be lost after the swap happened.
-        let claim = if self.s.all_faults && self.now < self.fault_end && self.rng.chance(20) {
+        let lost = self.s.lost_answers;
+        let claim = if self.s.all_faults && self.now < self.fault_end && self.rng.chance(lost) {
             self.log(format!("node {node}: the witness's answer is lost"));
             Claim::Unreachable
         } else {
             claim
         };
-        self.at(wait + latency, Ev::ClaimAnswer { node, claim });
+        self.at(latency, Ev::ClaimAnswer { node, claim, for_ });
     }
 
-    // --- the primary's shell (primary/src/epoch.rs, net.rs) ---
+    // --- the primary's shell (primary/src/epoch.rs, net.rs, migration.rs) ---
 
     fn primary_epoch(&mut self, n: usize) -> Result<(), Violation> {
         self.at(EPOCH, Ev::Epoch(n));
         let bug = self.s.bug;
+        let frames = self.rng.below(3) as usize;
         let p = self.primary(n);
-        if p.core.fenced() {
+        if p.core.fenced() || p.closed || p.switching {
             return Ok(());
         }
-        // The guest runs: one unit of output this epoch, unless paused
-        // because the hold is full.
-        let held = p.history.len() - p.released;
+        // The guest runs: one unit of console output and some frames this
+        // epoch, unless paused because the hold is full.
+        let held = p.guest.console.len() - p.released;
         p.held_pause = p.core.claiming() && (p.held_pause || held >= HOLD_LIMIT);
         if !p.held_pause {
-            let unit = (p.branch, p.history.len());
-            p.history.push(unit);
+            let unit = (p.branch, p.guest.console.len());
+            p.guest.console.push(unit);
+            for _ in 0..frames {
+                let unit = (p.branch, p.guest.net.len());
+                p.guest.net.push(unit);
+            }
         }
         if !p.core.holding() {
-            let (h, from) = (p.history.clone(), p.released);
-            p.released = h.len();
-            return self.release(n, &h, from, h.len());
+            return self.release_all(n);
         }
-        if !(p.core.in_session() && p.core.may_send()) {
+        // Standing down: the epoch loop waits for the session's end.
+        if p.leaving.is_some() || !(p.core.in_session() && p.core.may_send()) {
             return Ok(());
         }
         let epoch = p.next_epoch;
         p.next_epoch += 1;
-        let history = p.history.clone();
-        let release_to = history.len();
+        let guest = p.guest.clone();
+        let corrupt = std::mem::take(&mut p.corrupt_next);
+        let (release_to, net_upto) = (guest.console.len(), guest.net.len());
         self.send(
             n,
             Msg::Checkpoint {
                 epoch,
-                history: history.clone(),
+                guest: guest.clone(),
+                digest: self.s.verify,
+                corrupt,
             },
         );
         self.primary_feed(
@@ -736,21 +1351,45 @@ impl Sim {
             PrimaryInput::Sent {
                 epoch,
                 release_to: release_to as u64,
-                meta: (),
+                meta: net_upto as u64,
             },
         )?;
         if bug == Some(Bug::ReleaseBeforeAck) {
             let p = self.primary(n);
             let from = p.released;
             p.released = release_to;
-            return self.release(n, &history, from, release_to);
+            return self.release(n, CONSOLE, &guest.console, from, release_to);
         }
         Ok(())
     }
 
     fn primary_heartbeat(&mut self, n: usize) -> Result<(), Violation> {
         self.at(HEARTBEAT, Ev::Heartbeat(n));
-        if self.nodes[n].conn.is_none() {
+        if let Some(l) = self.primary(n).leaving {
+            let since = self.now - l.since;
+            if l.plan == Plan::Stop
+                && (self.nodes[n].conn.is_none() || since > GOODBYE_WAIT + GOODBYE_EXIT)
+            {
+                // The process exits; the VM stays stopped.
+                self.log(format!(
+                    "node {n}: the primary process exits (the VM is stopped)"
+                ));
+                self.end_session(n, EndReason::Goodbye("primary shutting down".into()));
+                self.nodes[n].role = Role::Down;
+                self.report.stopped = true;
+                return Ok(());
+            }
+            if self.nodes[n].conn.is_some() && since > GOODBYE_WAIT {
+                // Closed as a goodbye: the backup stands down.
+                let why = EndReason::Goodbye(
+                    "primary shutting down; the backup did not confirm within 2000 ms".into(),
+                );
+                self.end_session(n, why.clone());
+                self.primary_ended(n, why)?;
+            }
+            self.stand_down_progress(n)?;
+        }
+        if self.nodes[n].conn.is_none() || !matches!(self.nodes[n].role, Role::Primary(_)) {
             return Ok(());
         }
         let silent = self.now - self.primary(n).last_heard;
@@ -764,19 +1403,24 @@ impl Sim {
     }
 
     fn connect(&mut self, n: usize) -> Result<(), Violation> {
+        let migrating = self.migration.as_ref().is_some_and(|m| m.source == n);
+        let connected = self.nodes[n].conn.is_some();
         let p = self.primary(n);
-        if p.core.fenced() || self.nodes[n].conn.is_some() {
+        if p.core.fenced() || p.leaving.is_some() || p.closed || connected || migrating {
             return Ok(());
         }
-        let peer = 1 - n;
+        let peer = p.target;
         let reachable = self.partitioned_until.is_none() && self.nodes[peer].paused_until.is_none();
         match &self.nodes[peer].role {
             Role::Backup(_) if reachable && self.nodes[peer].conn.is_none() => {
                 self.next_conn += 1;
                 let c = self.next_conn;
-                self.nodes[n].conn = Some(c);
-                self.nodes[peer].conn = Some(c);
-                self.primary(n).last_heard = self.now;
+                self.nodes[n].conn = Some((c, peer));
+                self.nodes[peer].conn = Some((c, n));
+                let now = self.now;
+                let p = self.primary(n);
+                p.last_heard = now;
+                p.session_at = now;
                 self.log(format!("node {n} connects to node {peer} (conn {c})"));
                 self.primary_feed(n, PrimaryInput::Connected)
             }
@@ -803,12 +1447,22 @@ impl Sim {
     }
 
     fn primary_msg(&mut self, n: usize, conn: u64, msg: Msg) -> Result<(), Violation> {
-        if self.nodes[n].conn != Some(conn) {
+        if self.nodes[n].conn.map(|c| c.0) != Some(conn) {
             return Ok(());
         }
         self.primary(n).last_heard = self.now;
         match msg {
-            Msg::Ack { epoch } => self.primary_feed(n, PrimaryInput::Ack { epoch }),
+            Msg::Ack { epoch } => {
+                if self
+                    .primary(n)
+                    .leaving
+                    .is_some_and(|l| l.plan == Plan::Stop)
+                {
+                    // The epoch loop has ended: nothing more is released.
+                    return Ok(());
+                }
+                self.primary_feed(n, PrimaryInput::Ack { epoch })
+            }
             Msg::Close(why) => {
                 self.nodes[n].conn = None;
                 // What the peer's close code reads as.
@@ -822,14 +1476,36 @@ impl Sim {
     fn primary_ended(&mut self, n: usize, why: EndReason) -> Result<(), Violation> {
         self.nodes[n].conn = None;
         self.log(format!("node {n} (primary): session ended: {why}"));
+        if self
+            .primary(n)
+            .leaving
+            .is_some_and(|l| l.plan == Plan::Stop)
+        {
+            // The epoch loop has ended: the core hears nothing more.
+            return Ok(());
+        }
+        // A backup that refused soon after the session began is given a
+        // longer wait, doubling.
+        let now = self.now;
+        let p = self.primary(n);
+        let refused = matches!(why, EndReason::Refused(_) | EndReason::Incompatible(_))
+            && now - p.session_at < REFUSED_BACKOFF_MAX;
+        let wait = if refused {
+            let w = p.backoff;
+            p.backoff = (p.backoff * 2).min(REFUSED_BACKOFF_MAX);
+            w
+        } else {
+            p.backoff = REFUSED_BACKOFF;
+            CONNECT_RETRY
+        };
         self.primary_feed(n, PrimaryInput::Ended(why))?;
         if matches!(&self.nodes[n].role, Role::Primary(p) if !p.core.fenced()) {
-            self.at(CONNECT_RETRY, Ev::Connect(n));
+            self.at(wait, Ev::Connect(n));
         }
         Ok(())
     }
 
-    fn primary_feed(&mut self, n: usize, input: PrimaryInput<()>) -> Result<(), Violation> {
+    fn primary_feed(&mut self, n: usize, input: PrimaryInput<u64>) -> Result<(), Violation> {
         let actions = self.primary(n).core.on(input);
         for a in actions {
             if !matches!(self.nodes[n].role, Role::Primary(_)) {
@@ -845,15 +1521,32 @@ impl Sim {
                     // The full resync goes out at the next epoch.
                 }
                 PrimaryAction::Protected => self.log(format!("node {n}: protected")),
-                PrimaryAction::Release { upto, .. } => {
-                    if self.s.bug == Some(Bug::ReleaseBeforeAck) {
+                PrimaryAction::Release { upto, acked } => {
+                    let bug = self.s.bug;
+                    let p = self.primary(n);
+                    if p.closed {
+                        continue;
+                    }
+                    let g = p.guest.clone();
+                    let net = if bug == Some(Bug::PacketsBeforeAck) {
+                        Some(g.net.len() as u64)
+                    } else {
+                        acked.iter().map(|&(_, net)| net).max()
+                    };
+                    if let Some(net) = net {
+                        let from = p.net_released;
+                        let upto = (net as usize).max(from);
+                        p.net_released = upto;
+                        self.release(n, NET, &g.net, from, upto)?;
+                    }
+                    if bug == Some(Bug::ReleaseBeforeAck) {
                         continue;
                     }
                     let p = self.primary(n);
-                    let (h, from) = (p.history.clone(), p.released);
+                    let from = p.released;
                     let upto = (upto as usize).max(from);
                     p.released = upto;
-                    self.release(n, &h, from, upto)?;
+                    self.release(n, CONSOLE, &g.console, from, upto)?;
                 }
                 PrimaryAction::EndSession(why) => {
                     self.end_session(n, why.clone());
@@ -861,11 +1554,8 @@ impl Sim {
                 }
                 PrimaryAction::Unprotected(why) => {
                     self.log(format!("node {n}: carries on alone ({why})"));
-                    let p = self.primary(n);
-                    let (h, from) = (p.history.clone(), p.released);
-                    p.released = h.len();
-                    p.held_pause = false;
-                    self.release(n, &h, from, h.len())?;
+                    self.primary(n).held_pause = false;
+                    self.release_all(n)?;
                 }
                 PrimaryAction::Fence(why) => {
                     self.log(format!("node {n}: FENCED ({why})"));
@@ -873,19 +1563,409 @@ impl Sim {
                     self.end_session(n, EndReason::Local("fenced".into()));
                     // The process exits; an operator restarts it as a backup.
                     self.nodes[n].role = Role::Down;
+                    if let Some(m) = self.migration.as_ref().filter(|m| m.source == n) {
+                        let (id, dest) = (m.id, m.dest);
+                        self.at(50 * MS, Ev::MigrationBroke { node: dest, id });
+                    }
                     let after = self.rng.range(300 * MS, 2000 * MS);
                     self.at(after, Ev::Restart(n));
                     return Ok(());
                 }
-                PrimaryAction::Claim { expected, retry } => self.claim(n, expected, retry),
+                PrimaryAction::Claim { expected, retry } => {
+                    self.claim(n, n, expected, retry, ClaimFor::Core)
+                }
             }
         }
         Ok(())
     }
 
+    /// A planned stop, a change of backup or a migration begins: the
+    /// session ends with a goodbye naming the last checkpoint queued
+    /// (`EpochLoop::end_protection`, `stand_down`).
+    fn stand_down(&mut self, n: usize, plan: Plan) {
+        let now = self.now;
+        let p = self.primary(n);
+        p.leaving = Some(Leaving { plan, since: now });
+        if plan == Plan::Stop {
+            // The epoch loop has ended: the guest's output from here on is
+            // never released.
+            p.closed = true;
+        }
+        let last_epoch = if p.core.in_session() {
+            p.next_epoch - 1
+        } else {
+            0
+        };
+        if self.nodes[n].conn.is_some() {
+            self.send(n, Msg::Goodbye { last_epoch });
+            self.send(n, Msg::DataEnd);
+        }
+        if plan != Plan::Stop {
+            let _ = self.stand_down_progress(n);
+        }
+    }
+
+    /// A stand-down settles once the session is over and the witness has
+    /// let this node carry on alone; then its plan goes ahead.
+    fn stand_down_progress(&mut self, n: usize) -> Result<(), Violation> {
+        let now = self.now;
+        if !matches!(self.nodes[n].role, Role::Primary(_)) {
+            return Ok(());
+        }
+        let connected = self.nodes[n].conn.is_some();
+        let p = self.primary(n);
+        let Some(l) = p.leaving else {
+            return Ok(());
+        };
+        if l.plan == Plan::Stop || p.core.fenced() {
+            return Ok(());
+        }
+        if now - l.since > STAND_DOWN_WAIT && !connected && p.core.in_session() {
+            // The network task ended without reporting the session's end
+            // (the core started one the network never had).
+            self.primary_feed(
+                n,
+                PrimaryInput::Ended(EndReason::Goodbye(
+                    "stood down (a migration or a change of backup)".into(),
+                )),
+            )?;
+            if !matches!(self.nodes[n].role, Role::Primary(_)) {
+                return Ok(());
+            }
+        }
+        let p = self.primary(n);
+        if p.core.in_session() || p.core.claiming() || connected {
+            if p.core.claiming() && now - l.since > STAND_DOWN_WAIT {
+                // The witness did not decide: the guest stays, protection
+                // restarts once the claim is decided.
+                p.leaving = None;
+                self.log(format!(
+                    "node {n}: the stand-down did not settle; the guest stays"
+                ));
+                self.abandon_migration(n);
+                self.at(0, Ev::Connect(n));
+            }
+            return Ok(());
+        }
+        p.leaving = None;
+        match l.plan {
+            Plan::Stop => unreachable!(),
+            Plan::Retarget(to) => {
+                self.log(format!("node {n}: protects toward node {to} now"));
+                self.primary(n).target = to;
+                self.report.retargets += 1;
+                self.at(0, Ev::Connect(n));
+            }
+            Plan::Migrate(dest) => {
+                if !self
+                    .migration
+                    .as_ref()
+                    .is_some_and(|m| m.source == n && m.dest == dest)
+                {
+                    // Called off meanwhile (the destination crashed).
+                    self.at(0, Ev::Connect(n));
+                    return Ok(());
+                }
+                // Pre-copy: the guest runs here unprotected meanwhile.
+                let id = self.migration.as_ref().map_or(0, |m| m.id);
+                let d = self.rng.range(100 * MS, 800 * MS);
+                self.log(format!(
+                    "node {n}: backup stood down; pre-copy to node {dest}"
+                ));
+                self.at(d, Ev::Precopied { node: n, id });
+            }
+        }
+        Ok(())
+    }
+
+    /// The migration from `n` ends before its commit point: the guest runs
+    /// on here, the destination's host is spare again.
+    fn abandon_migration(&mut self, n: usize) {
+        let Some(m) = self.migration.take_if(|m| m.source == n) else {
+            return;
+        };
+        self.log(format!(
+            "node {n}: migration {} failed; the guest runs on here",
+            m.id
+        ));
+        if matches!(&self.nodes[m.dest].role, Role::Dest(d) if d.id == m.id) {
+            self.become_backup(m.dest);
+        }
+        if matches!(self.nodes[n].role, Role::Primary(_)) {
+            let p = self.primary(n);
+            p.switching = false;
+            p.leaving = None;
+            self.at(0, Ev::Connect(n));
+        }
+    }
+
+    fn precopied(&mut self, n: usize, id: u64) -> Result<(), Violation> {
+        let Some(m) = self
+            .migration
+            .as_ref()
+            .filter(|m| m.id == id && m.source == n)
+        else {
+            return Ok(());
+        };
+        let dest = m.dest;
+        // Stop-and-copy: the guest pauses; everything it wrote is out
+        // (unprotected, nothing is held).
+        self.release_all(n)?;
+        let p = self.primary(n);
+        p.switching = true;
+        let guest = p.guest.clone();
+        self.send_to(n, dest, id, Msg::Switch { guest });
+        Ok(())
+    }
+
+    fn migration_broke(&mut self, n: usize, id: u64) -> Result<(), Violation> {
+        let Some(m) = self
+            .migration
+            .as_ref()
+            .filter(|m| m.id == id && m.source == n)
+        else {
+            return Ok(());
+        };
+        if m.committed {
+            // After `Go` the source never runs the guest again.
+            return Ok(());
+        }
+        self.abandon_migration(n);
+        Ok(())
+    }
+
+    /// The handover fault planted at `step`, if any.
+    fn handover_fault(&mut self, step: Step) -> Option<HandoverFault> {
+        let m = self.migration.as_ref()?;
+        let f = m.fault;
+        let (source, dest) = (m.source, m.dest);
+        match f {
+            HandoverFault::WitnessDown(s) if s == step => {
+                self.log(format!("FAULT at the handover's {step:?} step"));
+                self.witness_down();
+            }
+            HandoverFault::CrashSource(s) if s == step => {
+                self.log(format!("FAULT at the handover's {step:?} step"));
+                self.crash(source);
+            }
+            HandoverFault::CrashDest(s) if s == step && step != Step::Claim => {
+                self.log(format!("FAULT at the handover's {step:?} step"));
+                self.crash(dest);
+            }
+            _ => return None,
+        }
+        Some(f)
+    }
+
+    /// The destination has the state: the commit point.
+    fn verified(&mut self, n: usize, id: u64) -> Result<(), Violation> {
+        if !self
+            .migration
+            .as_ref()
+            .is_some_and(|m| m.id == id && m.source == n)
+        {
+            return Ok(());
+        }
+        self.handover_fault(Step::Claim);
+        if !matches!(self.nodes[n].role, Role::Primary(_)) || self.migration.is_none() {
+            return Ok(());
+        }
+        if !self.s.witness {
+            return self.go(n, id);
+        }
+        let token = self.primary(n).core.token();
+        let now = self.now;
+        let m = self.migration.as_mut().expect("a migration");
+        m.deadline = now + HANDOVER_WAIT;
+        m.token = token;
+        let dest = m.dest;
+        self.claim(n, dest, token, false, ClaimFor::Handover(id));
+        Ok(())
+    }
+
+    fn handover_answer(&mut self, n: usize, id: u64, claim: Claim) -> Result<(), Violation> {
+        let Some(m) = self
+            .migration
+            .as_ref()
+            .filter(|m| m.id == id && m.source == n)
+        else {
+            return Ok(());
+        };
+        let (dest, token, past) = (m.dest, m.token, self.now >= m.deadline);
+        if self.s.bug == Some(Bug::GoWithoutSwap) && claim == Claim::Unreachable {
+            return self.go(n, id);
+        }
+        match handover(claim, &format!("node {dest}"), past) {
+            Handover::Go { .. } => {
+                if self.handover_fault(Step::Swapped).is_some()
+                    && !matches!(self.nodes[n].role, Role::Primary(_))
+                {
+                    return Ok(());
+                }
+                self.go(n, id)
+            }
+            Handover::Retry => {
+                self.claim(n, dest, token, true, ClaimFor::Handover(id));
+                Ok(())
+            }
+            Handover::Stay(why) => {
+                self.log(format!("node {n}: no Go: {why}"));
+                self.report.stays += 1;
+                self.abandon_migration(n);
+                Ok(())
+            }
+            Handover::Fenced(why) => {
+                self.log(format!("node {n}: FENCED at the handover ({why})"));
+                self.report.fences += 1;
+                self.migration = None;
+                if matches!(&self.nodes[dest].role, Role::Dest(d) if d.id == id) {
+                    self.become_backup(dest);
+                }
+                self.nodes[n].role = Role::Down;
+                let after = self.rng.range(300 * MS, 2000 * MS);
+                self.at(after, Ev::Restart(n));
+                Ok(())
+            }
+        }
+    }
+
+    /// `Go`: the source stops for good; the destination may run the guest.
+    fn go(&mut self, n: usize, id: u64) -> Result<(), Violation> {
+        let m = self.migration.as_mut().expect("a migration");
+        m.committed = true;
+        let dest = m.dest;
+        if self.s.witness && self.owner.0 != dest {
+            return Err(self.violation(format!(
+                "node {n} sends Go, but the witness names node {} (token {}), not the destination node {dest}",
+                self.owner.0, self.owner.1
+            )));
+        }
+        self.log(format!("node {n}: Go to node {dest}; the source stops"));
+        self.report.migrations += 1;
+        let p = self.primary(n);
+        p.closed = true;
+        self.send_to(n, dest, id, Msg::Go);
+        self.handover_fault(Step::Go);
+        if matches!(self.nodes[n].role, Role::Primary(_)) {
+            // The source's process exits once the destination runs.
+            self.nodes[n].role = Role::Down;
+            let after = self.rng.range(300 * MS, 2000 * MS);
+            self.at(after, Ev::Restart(n));
+        }
+        Ok(())
+    }
+
+    // --- the destination's shell (migrate/src/dest.rs, src/migrate_cmd.rs) ---
+
+    fn dest_msg(&mut self, n: usize, conn: u64, msg: Msg) -> Result<(), Violation> {
+        let Role::Dest(d) = &mut self.nodes[n].role else {
+            unreachable!()
+        };
+        if d.id != conn {
+            return Ok(());
+        }
+        match msg {
+            Msg::Switch { guest } => {
+                d.guest = Some(guest);
+                let m = self.migration.as_ref().filter(|m| m.id == conn);
+                let (source, fault) = (m.map(|m| m.source), m.map(|m| m.fault));
+                if fault == Some(HandoverFault::CrashDest(Step::Claim)) {
+                    // Before it answers: the source reads a broken
+                    // connection instead of `Verified`.
+                    self.log("FAULT at the handover's Claim step".into());
+                    self.crash(n);
+                    return Ok(());
+                }
+                if let Some(source) = source {
+                    self.send_to(n, source, conn, Msg::Verified);
+                }
+                Ok(())
+            }
+            Msg::Go => {
+                if self.s.witness {
+                    let deadline = self.now + ADMIT_WAIT;
+                    self.admit(n, conn, deadline)
+                } else {
+                    self.arrive(n, conn, 0)
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The destination asks the witness whether it owns the VM.
+    fn admit(&mut self, n: usize, id: u64, deadline: Us) -> Result<(), Violation> {
+        if !self.witness_up {
+            if self.now >= deadline {
+                self.dest_lost(
+                    n,
+                    "the witness did not answer the destination in time".into(),
+                );
+                return Ok(());
+            }
+            self.at(
+                CLAIM_RETRY,
+                Ev::Admit {
+                    node: n,
+                    id,
+                    deadline,
+                },
+            );
+            return Ok(());
+        }
+        let (owner, token) = self.owner;
+        if owner != n {
+            self.dest_lost(n, format!("the witness names node {owner} (token {token})"));
+            return Ok(());
+        }
+        self.arrive(n, id, token)
+    }
+
+    fn dest_lost(&mut self, n: usize, why: String) {
+        self.log(format!(
+            "node {n}: the guest arrived but may not run here: {why}"
+        ));
+        if self.report.lost.is_none() {
+            self.report.lost = Some(format!("the destination did not run the guest: {why}"));
+        }
+        self.migration = None;
+        self.nodes[n].role = Role::Down;
+        let after = self.rng.range(300 * MS, 2000 * MS);
+        self.at(after, Ev::Restart(n));
+    }
+
+    /// The guest runs on the destination, unprotected, toward the old
+    /// backup.
+    fn arrive(&mut self, n: usize, id: u64, token: u64) -> Result<(), Violation> {
+        let Role::Dest(d) = &mut self.nodes[n].role else {
+            unreachable!()
+        };
+        let guest = d.guest.take().unwrap_or_default();
+        let Some(m) = self.migration.take_if(|m| m.id == id) else {
+            return Ok(());
+        };
+        if self.s.witness && self.owner != (n, token) {
+            return Err(self.violation(format!(
+                "node {n} runs the migrated guest with token {token}, but the witness names node {} (token {})",
+                self.owner.0, self.owner.1
+            )));
+        }
+        self.log(format!(
+            "node {n}: the migrated guest runs here (token {token}), toward node {}",
+            m.target
+        ));
+        self.become_primary(n, guest, token, m.target);
+        self.release_all(n)
+    }
+
     // --- the backup's shell (backup/src/net.rs, replica.rs, watch.rs) ---
 
     fn backup_tick(&mut self, n: usize) -> Result<(), Violation> {
+        let b = self.backup(n);
+        if b.core.committed().is_none() && !b.core.frozen() {
+            b.ticking = false;
+            return Ok(());
+        }
         self.at(WATCH_TICK, Ev::Watch(n));
         let now = self.now;
         let b = self.backup(n);
@@ -901,13 +1981,23 @@ impl Sim {
         )
     }
 
+    /// The backup ends its session (`run_session`: the core hears why).
+    fn backup_end(&mut self, n: usize, why: EndReason) -> Result<(), Violation> {
+        if matches!(why, EndReason::Goodbye(_)) {
+            self.report.goodbyes += 1;
+        }
+        self.end_session(n, why.clone());
+        self.backup_feed(n, BackupInput::SessionEnded { reason: why })
+    }
+
     fn backup_msg(&mut self, n: usize, conn: u64, msg: Msg) -> Result<(), Violation> {
-        if self.nodes[n].conn != Some(conn) {
+        if self.nodes[n].conn.map(|c| c.0) != Some(conn) {
             return Ok(());
         }
         let now = Duration::from_micros(self.now);
         self.backup(n).last_msg = self.now;
         self.backup(n).core.on(BackupInput::Heard { now });
+        let bye = || EndReason::Goodbye("primary shutting down".into());
         match msg {
             Msg::Hello { session, token } => {
                 let a = self.backup(n).core.on(BackupInput::SessionStarted {
@@ -923,11 +2013,23 @@ impl Sim {
                         .on(BackupInput::SessionEnded { reason: why });
                 } else {
                     self.log(format!("node {n} (backup): new session, token {token}"));
-                    self.backup(n).replica = None;
+                    let peer = self.nodes[n].conn.map(|c| c.1);
+                    let b = self.backup(n);
+                    b.replica = None;
+                    b.primary = peer;
+                    b.got_goodbye = false;
+                    b.goodbye_due = None;
+                    b.data_open = true;
+                    b.asked = false;
                 }
                 Ok(())
             }
-            Msg::Checkpoint { epoch, history } => {
+            Msg::Checkpoint {
+                epoch,
+                guest,
+                digest,
+                corrupt,
+            } => {
                 let b = self.backup(n);
                 if b.core.taken_over() {
                     return Ok(());
@@ -939,31 +2041,88 @@ impl Sim {
                         return Ok(());
                     }
                     let why = EndReason::Refused("the backup is claiming the VM".into());
-                    self.end_session(n, why.clone());
-                    self.backup(n)
-                        .core
-                        .on(BackupInput::SessionEnded { reason: why });
-                    return Ok(());
+                    return self.backup_end(n, why);
                 }
                 if epoch != 1 && b.replica.is_none() {
                     // A session's first checkpoint is its full resync.
                     return Ok(());
                 }
+                if corrupt && digest && self.s.bug != Some(Bug::IgnoreMismatch) {
+                    // The RAM was written: the replica is at no checkpoint.
+                    self.log(format!(
+                        "node {n} (backup): VERIFY mismatch at checkpoint {epoch}: replica invalid"
+                    ));
+                    self.report.mismatches += 1;
+                    let b = self.backup(n);
+                    b.replica = None;
+                    b.core.on(BackupInput::ReplicaInvalid { epoch });
+                    return self.backup_end(
+                        n,
+                        EndReason::Refused(format!("replica mismatch at epoch {epoch}")),
+                    );
+                }
                 if epoch == 1 {
                     self.log(format!("node {n} (backup): full resync committed"));
                 }
+                let t = self.now;
                 let b = self.backup(n);
-                let from = b.replica.as_ref().map_or(0, Vec::len);
-                b.replica = Some(history.clone());
+                let from = b.replica.as_ref().map_or(0, |r| r.guest.console.len());
+                let was_corrupt = epoch != 1 && b.replica.as_ref().is_some_and(|r| r.corrupt);
+                b.replica = Some(Replica {
+                    guest: guest.clone(),
+                    corrupt: corrupt || was_corrupt,
+                });
                 b.core.on(BackupInput::Committed { epoch, now });
+                if !std::mem::replace(&mut b.ticking, true) {
+                    b.last_tick = t;
+                    self.at(WATCH_TICK, Ev::Watch(n));
+                }
                 // The backup's console serves committed output.
-                self.release(n, &history, from.min(history.len()), history.len())?;
+                let len = guest.console.len();
+                self.release(n, CONSOLE, &guest.console, from.min(len), len)?;
                 self.send(n, Msg::Ack { epoch });
+                if self.backup(n).goodbye_due.is_some_and(|e| epoch >= e) {
+                    self.log(format!(
+                        "node {n} (backup): the primary's last checkpoint is committed: goodbye"
+                    ));
+                    return self.backup_end(n, bye());
+                }
+                Ok(())
+            }
+            Msg::Goodbye { last_epoch } => {
+                self.backup(n).got_goodbye = true;
+                if self.s.bug == Some(Bug::TakeoverAfterGoodbye) {
+                    return Ok(());
+                }
+                let b = self.backup(n);
+                b.core.on(BackupInput::Leaving { last_epoch });
+                b.goodbye_due = Some(last_epoch);
+                let committed = b.core.committed().unwrap_or(0);
+                let data_open = b.data_open;
+                self.log(format!(
+                    "node {n} (backup): goodbye after checkpoint {last_epoch} (committed {committed}): standing down"
+                ));
+                if committed >= last_epoch || !data_open {
+                    return self.backup_end(n, bye());
+                }
+                Ok(())
+            }
+            Msg::DataEnd => {
+                let b = self.backup(n);
+                if b.goodbye_due.is_some() {
+                    return self.backup_end(n, bye());
+                }
+                b.data_open = false;
                 Ok(())
             }
             Msg::Close(why) => {
                 self.nodes[n].conn = None;
-                let read = EndReason::from_close(why.code(), why.to_string().as_bytes());
+                let mut read = EndReason::from_close(why.code(), why.to_string().as_bytes());
+                if self.s.bug == Some(Bug::TakeoverAfterGoodbye)
+                    && matches!(read, EndReason::Goodbye(_))
+                {
+                    read = EndReason::Broken("the connection closed".into());
+                }
                 self.log(format!("node {n} (backup): session ended: {read}"));
                 self.backup_feed(n, BackupInput::SessionEnded { reason: read })
             }
@@ -971,7 +2130,7 @@ impl Sim {
                 self.send(n, Msg::Heartbeat);
                 Ok(())
             }
-            Msg::Ack { .. } => Ok(()),
+            _ => Ok(()),
         }
     }
 
@@ -979,29 +2138,67 @@ impl Sim {
         let actions = self.backup(n).core.on(input);
         for a in actions {
             match a {
-                BackupAction::TakeOver { epoch, token, .. } => {
-                    let replica = self.backup(n).replica.clone().unwrap_or_default();
+                BackupAction::TakeOver {
+                    epoch,
+                    token,
+                    asked,
+                    ..
+                } => {
+                    let b = self.backup(n);
+                    let (guest, corrupt) = b
+                        .replica
+                        .as_ref()
+                        .map_or((Guest::default(), false), |r| (r.guest.clone(), r.corrupt));
+                    let (got_goodbye, target) = (b.got_goodbye, b.primary.unwrap_or((n + 1) % 3));
                     self.log(format!(
-                        "node {n}: TAKES OVER at epoch {epoch} (offset {}, token {token})",
-                        replica.len()
+                        "node {n}: TAKES OVER at epoch {epoch} (offset {}, token {token}, asked {asked})",
+                        guest.console.len()
                     ));
                     self.report.takeovers += 1;
-                    // It resumes from what it committed: everything the
-                    // world saw must be in it.
-                    if self.world.len() > replica.len() {
+                    if !self.s.witness && got_goodbye && !asked {
                         return Err(self.violation(format!(
-                            "node {n} takes over at offset {} but the world saw up to {}",
-                            replica.len(),
-                            self.world.len()
+                            "node {n} takes over after its primary's goodbye"
                         )));
                     }
-                    self.release(n, &replica, 0, replica.len())?;
+                    if corrupt {
+                        return Err(self.violation(format!(
+                            "node {n} takes over from a replica whose memory differs from the primary's (it failed verification)"
+                        )));
+                    }
+                    // It resumes from what it committed: everything the
+                    // world saw must be in it.
+                    for s in [CONSOLE, NET] {
+                        let (seen, has) = (self.world[s].len(), guest.stream(s).len());
+                        if seen > has {
+                            let name = if s == CONSOLE { "console" } else { "network" };
+                            return Err(self.violation(format!(
+                                "node {n} takes over at {name} offset {has} but the world saw up to {seen}"
+                            )));
+                        }
+                    }
+                    self.release(n, CONSOLE, &guest.console, 0, guest.console.len())?;
+                    // Frames the old primary held are never sent; those it
+                    // sent are checked.
+                    let seen = self.world[NET].len();
+                    for (o, &u) in guest.net.iter().enumerate().take(seen) {
+                        if self.world[NET][o].is_some_and(|w| w != u) {
+                            return Err(self.violation(format!(
+                                "node {n} takes over with frame {u:?} at network offset {o}, the world saw {:?}",
+                                self.world[NET][o]
+                            )));
+                        }
+                    }
                     self.end_session(n, EndReason::TakenOver);
-                    self.become_primary(n, replica, token);
+                    self.become_primary(n, guest, token, target);
                     self.nodes[n].refuses = true;
                     return Ok(());
                 }
                 BackupAction::Claim { expected, retry } => {
+                    if !retry && self.backup(n).got_goodbye && !self.backup(n).asked {
+                        return Err(self.violation(format!(
+                            "node {n} claims the VM (a takeover) after its primary's goodbye"
+                        )));
+                    }
                     if self.s.bug == Some(Bug::TakeoverWithoutWitness) {
                         return self.backup_feed(
                             n,
@@ -1014,7 +2211,7 @@ impl Sim {
                         let silent = (self.now - self.backup(n).last_msg) / MS;
                         self.log(format!("node {n} (backup): primary silent for {silent} ms"));
                     }
-                    self.claim(n, expected, retry);
+                    self.claim(n, n, expected, retry, ClaimFor::Core);
                 }
                 BackupAction::Refuse(_) => {}
             }

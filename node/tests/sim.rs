@@ -1,10 +1,13 @@
 //! The HA logic under the deterministic simulator: thousands of seeds of
-//! crashes, pauses, partitions, delays and witness outages, each checked
-//! for one history and recovery. A failing seed is printed and replays
-//! exactly with `CASTOR_SIM_SEED=N` (`CASTOR_SIM_TRACE=1` adds the
-//! messages to its trace; `CASTOR_SIM_SEEDS=N` runs N seeds).
+//! crashes, pauses, partitions, delays, witness outages and wrongly applied
+//! checkpoints, with planned operations among them (changes of backup,
+//! migrations with a fault at a step of their handover, switchovers,
+//! planned stops), each checked for one history and recovery. A failing
+//! seed is printed and replays exactly with `CASTOR_SIM_SEED=N`
+//! (`CASTOR_SIM_TRACE=1` adds the messages to its trace;
+//! `CASTOR_SIM_SEEDS=N` runs N seeds). See docs/simulator.md.
 
-use castor_node::sim::{self, Bug, Settings};
+use castor_node::sim::{self, Bug, Report, Settings};
 
 fn seeds() -> std::ops::Range<u64> {
     if let Some(seed) = std::env::var("CASTOR_SIM_SEED")
@@ -20,40 +23,105 @@ fn seeds() -> std::ops::Range<u64> {
     0..n
 }
 
+#[derive(Default)]
+struct Sum {
+    runs: u32,
+    takeovers: u32,
+    fences: u32,
+    faults: u32,
+    goodbyes: u32,
+    mismatches: u32,
+    retargets: u32,
+    migrations: u32,
+    stays: u32,
+    stopped: u32,
+    lost: u32,
+    frames: usize,
+}
+
+impl Sum {
+    fn add(&mut self, r: &Report) {
+        self.runs += 1;
+        self.takeovers += r.takeovers;
+        self.fences += r.fences;
+        self.faults += r.faults;
+        self.goodbyes += r.goodbyes;
+        self.mismatches += r.mismatches;
+        self.retargets += r.retargets;
+        self.migrations += r.migrations;
+        self.stays += r.stays;
+        self.stopped += u32::from(r.stopped);
+        self.lost += u32::from(r.lost.is_some());
+        self.frames += r.frames;
+    }
+}
+
+impl std::fmt::Display for Sum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} runs: {} faults, {} takeovers, {} fences, {} goodbyes, {} verify mismatches, \
+             {} changes of backup, {} migrations ({} stayed), {} planned stops, {} VMs lost \
+             as documented, {} frames released: no violation",
+            self.runs,
+            self.faults,
+            self.takeovers,
+            self.fences,
+            self.goodbyes,
+            self.mismatches,
+            self.retargets,
+            self.migrations,
+            self.stays,
+            self.stopped,
+            self.lost,
+            self.frames
+        )
+    }
+}
+
 #[test]
 fn one_history_and_recovery_under_every_fault_with_a_witness() {
-    let (mut takeovers, mut fences, mut faults) = (0, 0, 0);
+    let mut sum = Sum::default();
     for seed in seeds() {
         let s = Settings {
             trace_messages: std::env::var_os("CASTOR_SIM_TRACE").is_some(),
             ..Settings::new(seed)
         };
         match sim::run(s) {
-            Ok(r) => {
-                takeovers += r.takeovers;
-                fences += r.fences;
-                faults += r.faults;
-            }
+            Ok(r) => sum.add(&r),
             Err(v) => panic!("{v}"),
         }
     }
-    println!("{faults} faults, {takeovers} takeovers, {fences} fences: no violation");
-    // The faults did make the nodes change roles.
-    assert!(takeovers > 0 && fences > 0);
+    println!("{sum}");
+    // The faults and operations did make every modelled part act.
+    if sum.runs >= 1000 {
+        assert!(sum.takeovers > 0 && sum.fences > 0, "{sum}");
+        assert!(sum.goodbyes > 0 && sum.mismatches > 0, "{sum}");
+        assert!(
+            sum.retargets > 0 && sum.migrations > 0 && sum.stays > 0,
+            "{sum}"
+        );
+        assert!(sum.stopped > 0 && sum.frames > 0, "{sum}");
+        // Liveness is checked in almost every run.
+        assert!(sum.lost * 10 < sum.runs, "{sum}");
+    }
 }
 
 #[test]
-fn without_a_witness_crashes_alone_are_handled() {
+fn without_a_witness_crashes_and_operations_alone_are_handled() {
+    let mut sum = Sum::default();
     for seed in seeds().take(500) {
         let s = Settings {
             witness: false,
             all_faults: false,
             ..Settings::new(seed)
         };
-        if let Err(v) = sim::run(s) {
-            panic!("{v}");
+        match sim::run(s) {
+            Ok(r) => sum.add(&r),
+            Err(v) => panic!("{v}"),
         }
     }
+    println!("{sum}");
 }
 
 #[test]
@@ -74,27 +142,75 @@ fn without_a_witness_a_pause_or_partition_splits_the_history() {
     );
 }
 
-fn finds(bug: Bug) -> sim::Violation {
-    (0..300)
-        .find_map(|seed| {
-            sim::run(Settings {
-                bug: Some(bug),
-                ..Settings::new(seed)
-            })
-            .err()
-            .filter(|v| v.safety)
+/// A known bug of the backup's core, reported: after a lost claim
+/// (`Claim::Lost`) the backup adopts the winner's token but keeps its
+/// replica of the older session, so an operator's takeover asked then
+/// claims from the winner's token, wins, and resumes from a replica behind
+/// what the primary released while it carried on alone.
+#[test]
+#[ignore = "a known bug of BackupCore (reported): run with --ignored to see it"]
+fn a_switchover_asked_at_any_time_splits_the_history() {
+    let found = (0..500).find_map(|seed| {
+        sim::run(Settings {
+            switchover_any_time: true,
+            ..Settings::new(seed)
         })
-        .unwrap_or_else(|| panic!("{bug:?} not found in 300 seeds"))
+        .err()
+        .filter(|v| v.safety)
+    });
+    let v = found.expect("a switchover after a lost claim splits the history");
+    panic!("{v}");
 }
+
+/// A known bug of the handover (reported): the source's claim for the
+/// destination swaps the owner at the witness but its answer is lost, and
+/// the next attempts find the witness silent until the deadline: the
+/// handover stays (`Handover::Stay`) and the guest runs on at the source
+/// while the witness names the destination. The source is fenced at its
+/// next claim, the destination never had `Go`: nobody runs the VM, though
+/// nothing crashed. Rare with CI's fault rates; a third of the witness's
+/// answers lost shows it within a few hundred seeds.
+#[test]
+#[ignore = "a known bug of the handover (reported): run with --ignored to see it"]
+fn a_handover_that_stays_after_its_swap_won_loses_the_vm() {
+    let found = (0..5000).find_map(|seed| {
+        sim::run(Settings {
+            lost_answers: 333,
+            ..Settings::new(seed)
+        })
+        .err()
+        .filter(|v| !v.safety && v.trace.contains("no Go"))
+    });
+    let v = found.expect("a handover that stays after its swap won");
+    panic!("{v}");
+}
+
+/// The seeds CI runs for each planted bug.
+const BUG_SEEDS: u64 = 300;
 
 #[test]
 fn planted_bugs_are_found() {
-    for bug in [
-        Bug::ReleaseBeforeAck,
-        Bug::TakeoverWithoutWitness,
-        Bug::NoFreeze,
-    ] {
-        let v = finds(bug);
+    // `CASTOR_SIM_COUNT=1`: every seed is run, to count those that find
+    // each bug (CI stops at the first).
+    let count = std::env::var_os("CASTOR_SIM_COUNT").is_some();
+    for bug in Bug::ALL {
+        let found: Vec<sim::Violation> = (0..BUG_SEEDS)
+            .filter_map(|seed| {
+                sim::run(Settings {
+                    bug: Some(bug),
+                    ..Settings::new(seed)
+                })
+                .err()
+                .filter(|v| v.safety)
+            })
+            .take(if count { usize::MAX } else { 1 })
+            .collect();
+        let v = found
+            .first()
+            .unwrap_or_else(|| panic!("{bug:?} not found in {BUG_SEEDS} seeds"));
+        if count {
+            print!("found in {} of {BUG_SEEDS} seeds, ", found.len());
+        }
         println!("{bug:?}: found at seed {}: {}", v.seed, v.what);
         // The same seed replays the same violation.
         let again = sim::run(Settings {
