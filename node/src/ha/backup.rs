@@ -380,11 +380,16 @@ impl BackupCore {
                 self.take_over(silent, asked)
             }
             Claim::Lost { token, .. } => {
-                // The primary (or another node) owns the VM: it carries on,
-                // and this backup waits for its next session.
+                // The primary (or another node) owns the VM: it carries on
+                // alone, releasing output this replica does not hold, so the
+                // replica can never be taken over again — not even when an
+                // operator asks later, from the winner's token (found by
+                // the simulator: that switchover resumed behind what the
+                // world saw). This backup waits for its next session.
                 self.claiming = None;
                 self.asked = false;
                 self.no_takeover = true;
+                self.committed = None;
                 self.token = self.token.max(token);
                 Vec::new()
             }
@@ -841,6 +846,47 @@ mod tests {
                 retry: false
             }]
         );
+    }
+
+    #[test]
+    fn after_a_lost_claim_not_even_an_operator_can_take_over() {
+        let mut b = BackupCore::new(T, true);
+        b.on(BackupInput::SessionStarted {
+            session: 1,
+            token: 1,
+            now: ms(0),
+        });
+        b.on(BackupInput::Committed {
+            epoch: 1,
+            now: ms(0),
+        });
+        b.on(BackupInput::Committed {
+            epoch: 2,
+            now: ms(2500),
+        });
+        let a = b.on(BackupInput::Tick {
+            now: ms(2600),
+            stalled: Duration::ZERO,
+        });
+        assert!(
+            matches!(a[..], [BackupAction::Claim { expected: 1, .. }]),
+            "{a:?}"
+        );
+        // The primary won: it carries on alone, past epoch 2.
+        let a = b.on(BackupInput::Claimed(Claim::Lost {
+            owner: "a".into(),
+            token: 2,
+        }));
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(b.ask_takeover(), TakeoverAnswer::NothingCommitted);
+        for t in [2700, 5000, 20_000] {
+            let a = b.on(BackupInput::Tick {
+                now: ms(t),
+                stalled: Duration::ZERO,
+            });
+            assert!(a.is_empty(), "{a:?}");
+        }
+        assert!(!b.can_take_over());
     }
 
     #[test]
