@@ -84,7 +84,7 @@ const STAND_DOWN_WAIT: Us = 10_000 * MS;
 const HANDOVER_WAIT: Us = 2000 * MS;
 /// How long a destination asks an unreachable witness whether it owns the
 /// VM (src/migrate_cmd.rs `owned_token`).
-const ADMIT_WAIT: Us = 2000 * MS;
+const ADMIT_WAIT: Us = 60_000 * MS;
 
 /// `--heartbeat-timeout-ms` (30) and the longer timeout after a resync
 /// (src/main.rs: 500 ms without a witness, the same 30 ms with one).
