@@ -126,6 +126,13 @@ impl<T> PrimaryCore<T> {
         self.token
     }
 
+    /// The VM's ownership came back to this node with `token`: a
+    /// migration's handover taken back before its `Go` (the witness had
+    /// named the destination with the token before it).
+    pub fn took_back(&mut self, token: u64) {
+        self.token = token;
+    }
+
     /// Output must stay held: a session is open, or a claim is pending.
     pub fn holding(&self) -> bool {
         self.session.is_some() || self.claiming.is_some()
