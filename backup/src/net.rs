@@ -252,7 +252,12 @@ async fn session(
                     let (epoch, committed) = (rx.in_epoch().unwrap_or(0), rx.last_committed());
                     let n = shared.refusals_in_a_row.load(Ordering::Relaxed) + 1;
                     let why = format!(
-                        "checkpoint {epoch} is larger than this backup's staging limit: {staged} bytes staged and more coming, the limit is {limit} bytes (--max-epoch-bytes); the checkpoint is refused whole, the replica stays at checkpoint {committed}{}",
+                        "checkpoint {epoch} is larger than this backup's staging limit: {staged} bytes staged and more coming, the limit is {limit} bytes (--max-epoch-bytes); the checkpoint is refused whole, the replica stays {}{}",
+                        if committed == 0 {
+                            "at no checkpoint of this session (nothing committed: no takeover from it)".to_string()
+                        } else {
+                            format!("at checkpoint {committed}, the last committed")
+                        },
                         if n >= CANNOT_PROTECT_AFTER {
                             format!(
                                 "; {n} checkpoints refused in a row: this backup cannot protect this guest with this limit (raise --max-epoch-bytes above the guest's checkpoints)"
