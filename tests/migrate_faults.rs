@@ -361,7 +361,10 @@ fn the_source_frozen_at_the_handover_takes_the_vm_back_and_nothing_is_lost() {
         .unwrap_or_default()
         .contains("fault injection")
     {
-        assert!(t.elapsed() < Duration::from_secs(5), "the fault did not fire");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the fault did not fire"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(LONG_STOP);

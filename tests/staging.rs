@@ -101,7 +101,10 @@ fn oversize_checkpoints(verify: bool) {
         )
     });
     eprintln!("refused: {why}");
-    assert!(why.contains(&format!("the limit is {LIMIT} bytes")), "{why}");
+    assert!(
+        why.contains(&format!("the limit is {LIMIT} bytes")),
+        "{why}"
+    );
     assert!(why.contains("bytes staged"), "{why}");
     assert!(why.contains("--max-epoch-bytes"), "{why}");
     assert!(blog.contains("staging limit"), "{blog}");
@@ -152,7 +155,10 @@ fn oversize_checkpoints(verify: bool) {
     let b = backup.status().expect("the backup answers after the kill");
     let blog = log_of(&backup);
     let owner = etcd.client("castor").unwrap().read().unwrap().unwrap().0;
-    eprintln!("after the kill: role {:?}, owner {owner:?} (before {owner_before:?})", b.role);
+    eprintln!(
+        "after the kill: role {:?}, owner {owner:?} (before {owner_before:?})",
+        b.role
+    );
     if b.role == Role::TakenOver {
         assert_eq!(owner.owner, "b");
         let resumed = b.resumed_at.expect("resumed_at");
@@ -231,9 +237,13 @@ fn a_protected_pair_whose_checkpoint_outgrows_the_limit_stays_at_its_committed_c
         assert!(t.elapsed() < Duration::from_secs(40), "never refused");
         tries += 1;
         let pid = backup.child.id().to_string();
-        let _ = std::process::Command::new("kill").args(["-STOP", &pid]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status();
         std::thread::sleep(Duration::from_millis(250));
-        let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &pid])
+            .status();
         std::thread::sleep(Duration::from_millis(700));
     }
     let blog = log_of(&backup);

@@ -165,10 +165,7 @@ impl Shared {
     /// (shown by `castor status` until the next one).
     pub fn refused(&self, why: String) {
         self.refusals_in_a_row.fetch_add(1, Ordering::Relaxed);
-        *self
-            .last_refusal
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(why);
+        *self.last_refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
     }
 
     /// The backup's clock for its core.

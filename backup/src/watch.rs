@@ -157,7 +157,9 @@ fn no_takeover_why(shared: &Shared, silent: Duration) {
     warn!(
         silent_ms = silent.as_millis() as u64,
         "the primary is silent, and this node does not take over: {why}{}",
-        refusal.map_or(String::new(), |r| format!("; the last checkpoint refused: {r}"))
+        refusal.map_or(String::new(), |r| format!(
+            "; the last checkpoint refused: {r}"
+        ))
     );
 }
 

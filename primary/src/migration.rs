@@ -91,7 +91,9 @@ impl Switch for Gate<'_> {
                     self.given
                         .store(token, std::sync::atomic::Ordering::Relaxed);
                     if self.stop_after_handover {
-                        warn!("fault injection: stopping this process (SIGSTOP) after the handover");
+                        warn!(
+                            "fault injection: stopping this process (SIGSTOP) after the handover"
+                        );
                         let _ = std::process::Command::new("kill")
                             .args(["-STOP", &std::process::id().to_string()])
                             .status();
