@@ -215,7 +215,6 @@ impl EpochLoop<'_> {
             &gate,
         ));
         let taken_back = gate.back.load(std::sync::atomic::Ordering::Relaxed);
-        drop(gate);
         if taken_back != 0 {
             // The next claim (the backup lost again) expects this token.
             self.core.took_back(taken_back);
