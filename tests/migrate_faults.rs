@@ -65,9 +65,9 @@ struct Setup {
 }
 
 /// Nodes a (primary) and b (backup) protected, etcd as the witness, and
-/// certificates for c too. `env`: set for the daemons (the test's own
-/// process environment is inherited; the value names this test's
-/// certificate directory, so other tests' daemons ignore it).
+/// certificates for c too. `fault`: the primary stops itself right after
+/// a handover ([`FAULT_STOP_AFTER_HANDOVER`], set to this test's
+/// certificate directory, which other tests' daemons do not have).
 fn protected_pair(guest: &[&str], fault: bool) -> Setup {
     castor_bin();
     let tmp = tempfile::tempdir().unwrap();
@@ -75,15 +75,21 @@ fn protected_pair(guest: &[&str], fault: bool) -> Setup {
     let etcd = EtcdServer::start(&dir.join("etcd")).expect("etcd starts");
     let names = ["a", "b", "c"].map(String::from);
     transport::certs::create(&dir.join("pki"), &names, false).unwrap();
-    if fault {
-        std::env::set_var(FAULT_STOP_AFTER_HANDOVER, dir.join("pki"));
-    }
     let pair = Pair::new(&dir.join("pki"), ["a", "b"], &dir)
         .unwrap()
         .with_etcd(&etcd.endpoint());
-    let (backup, primary) = pair
-        .start(&[], &strings(guest), ["b.log", "a.log"])
-        .unwrap();
+    let (backup, primary) = {
+        // The daemons inherit this process's environment: a test's fault
+        // is set and its daemons started under one lock, so that tests
+        // running at the same time do not overwrite each other's.
+        static SPAWN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _g = SPAWN.lock().unwrap_or_else(|e| e.into_inner());
+        if fault {
+            std::env::set_var(FAULT_STOP_AFTER_HANDOVER, dir.join("pki"));
+        }
+        pair.start(&[], &strings(guest), ["b.log", "a.log"])
+            .unwrap()
+    };
     wait_status(
         &primary,
         "protection",
@@ -339,18 +345,16 @@ fn the_destination_frozen_past_the_link_timeout_during_pre_copy_keeps_the_guest_
     assert!(!freeze_during_precopy(false, LONG_STOP));
 }
 
-#[test]
-fn the_source_frozen_at_the_handover_takes_the_vm_back_and_nothing_is_lost() {
-    // The source stops itself (SIGSTOP) right after the witness named c,
-    // before Go; it stays stopped past the destination's link timeout.
+/// Stops the source at the handover (it stops itself right after the
+/// witness named c, before `Go`) for `stop`, then lets it go on.
+fn freeze_at_handover(stop: Duration) -> (Setup, bool) {
     let mut s = protected_pair(SMALL_GUEST, true);
     let listen = pair::free_port(true).unwrap();
     let c_console = pair::free_port(false).unwrap();
-    let _dest = destination(&s.dir, listen, c_console);
+    let dest = destination(&s.dir, listen, c_console);
     std::thread::sleep(Duration::from_millis(300));
     let follower = follow_from_start(s.primary.console, Duration::from_secs(90));
     let answer = ask_bounded(&s.primary.control, listen, &[]);
-    // The moment the witness names c, the source is stopped (by itself).
     let t = Instant::now();
     while owner_now(&s.etcd).owner != "c" {
         assert!(t.elapsed() < Duration::from_secs(30), "no handover");
@@ -367,17 +371,32 @@ fn the_source_frozen_at_the_handover_takes_the_vm_back_and_nothing_is_lost() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    std::thread::sleep(LONG_STOP);
-    // Meanwhile c gave the migration up: it never runs the guest.
+    std::thread::sleep(stop);
+    // Meanwhile c never ran the guest: no Go yet.
     assert!(!dest_runs_guest(&s.dir));
     signal(s.primary.child.id(), "-CONT");
     let answer = answer
         .recv_timeout(Duration::from_secs(60))
         .expect("castor migrate hung (no answer within 60 s)");
-    // The witness names c, but c never got Go: the source must take the VM
-    // back and run on, or the guest is lost.
     let moved = one_runner(&mut s, answer, follower, c_console);
+    drop(dest);
+    (s, moved)
+}
+
+#[test]
+fn the_source_frozen_at_the_handover_takes_the_vm_back_and_nothing_is_lost() {
+    // Stopped past the destination's link timeout: c gave the migration up
+    // while the witness names it. Before the fix the source sent Go into
+    // the dead link and stopped its guest: the VM ran nowhere.
+    let (s, moved) = freeze_at_handover(LONG_STOP);
     assert!(!moved, "c ran a guest it never got Go for");
     let log = std::fs::read_to_string(&s.primary.log).unwrap();
     assert!(log.contains("no Go"), "{log}");
+}
+
+#[test]
+fn the_source_frozen_briefly_at_the_handover_moves_the_guest() {
+    // A second: the destination still waits; Go goes, the guest moves.
+    let (_s, moved) = freeze_at_handover(Duration::from_secs(1));
+    assert!(moved, "a brief freeze at the handover called the move off");
 }
