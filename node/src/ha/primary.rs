@@ -471,6 +471,25 @@ mod tests {
     }
 
     #[test]
+    fn a_handover_taken_back_is_the_token_the_next_claim_expects() {
+        // Stood down (token 6), handed to the destination (7), taken back
+        // before Go (8): the next lost backup is claimed from 8.
+        let (mut p, _) = lost_session(EndReason::Goodbye("migration".into()));
+        p.on(I::Claimed(Claim::Won { token: 6 }));
+        p.took_back(8);
+        assert_eq!(p.token(), 8);
+        p.on(I::Connected);
+        sent(&mut p, 1, 10);
+        assert_eq!(
+            p.on(I::Ended(EndReason::Broken("reset".into()))),
+            vec![A::Claim {
+                expected: 8,
+                retry: false
+            }]
+        );
+    }
+
+    #[test]
     fn a_lost_claim_fences() {
         let (mut p, _) = lost_session(EndReason::Silent(std::time::Duration::from_secs(1)));
         let a = p.on(I::Claimed(Claim::Lost {
