@@ -127,8 +127,23 @@ impl Drop for Proc {
 
 /// `castor migrate-listen` as node c, accepting a.
 fn destination(dir: &Path, listen: SocketAddr, console: SocketAddr) -> Proc {
+    destination_with(dir, listen, console, false)
+}
+
+/// [`destination`]; `stop_after_verified`: it stops itself (SIGSTOP) once
+/// it answered `Verified`, before it reads `Go`.
+fn destination_with(
+    dir: &Path,
+    listen: SocketAddr,
+    console: SocketAddr,
+    stop_after_verified: bool,
+) -> Proc {
     let log = std::fs::File::create(dir.join("c.log")).unwrap();
-    let child = Command::new(castor_bin())
+    let mut cmd = Command::new(castor_bin());
+    if stop_after_verified {
+        cmd.env("CASTOR_FAULT_STOP_AFTER_VERIFIED", "1");
+    }
+    let child = cmd
         .args(["migrate-listen", "--certs"])
         .arg(dir.join("pki"))
         .args([
@@ -399,4 +414,41 @@ fn the_source_frozen_briefly_at_the_handover_moves_the_guest() {
     // A second: the destination still waits; Go goes, the guest moves.
     let (_s, moved) = freeze_at_handover(Duration::from_secs(1));
     assert!(moved, "a brief freeze at the handover called the move off");
+}
+
+/// A known gap, kept as a test that fails today: c stops itself right
+/// after `Verified`; a hands the VM over at the witness and sends `Go`
+/// into c's frozen socket; c stays stopped past the link timeout. Seen:
+/// a's wait for `Finished` ends with the link's idle timeout, a counts the
+/// lost confirmation as a move (MIGRATED) and stops its guest, while c's
+/// connection timed out before it read `Go` ("waiting for the next
+/// migration"): the witness names c and the guest runs nowhere. The
+/// source alone cannot tell a lost `Go` from a lost `Finished`; closing
+/// this needs the destination to claim the VM at the witness when it
+/// admits the guest (a compare-and-swap from the handover's token) and
+/// the source, missing `Finished`, to race it with a claim back.
+#[test]
+#[ignore = "known gap: a destination frozen between Verified and Go loses the VM (see the comment)"]
+fn the_destination_frozen_at_the_handover_leaves_one_runner() {
+    let mut s = protected_pair(SMALL_GUEST, false);
+    let listen = pair::free_port(true).unwrap();
+    let c_console = pair::free_port(false).unwrap();
+    let dest = destination_with(&s.dir, listen, c_console, true);
+    std::thread::sleep(Duration::from_millis(300));
+    let follower = follow_from_start(s.primary.console, Duration::from_secs(90));
+    let answer = ask_bounded(&s.primary.control, listen, &[]);
+    wait_log(&s.dir.join("c.log"), "fault injection", 30);
+    std::thread::sleep(LONG_STOP);
+    signal(dest.0.id(), "-CONT");
+    let answer = answer
+        .recv_timeout(Duration::from_secs(60))
+        .expect("castor migrate hung (no answer within 60 s)");
+    std::thread::sleep(Duration::from_secs(2));
+    eprintln!(
+        "c.log:\n{}",
+        std::fs::read_to_string(s.dir.join("c.log")).unwrap()
+    );
+    eprintln!("owner {:?}", owner_now(&s.etcd));
+    let moved = one_runner(&mut s, answer, follower, c_console);
+    eprintln!("moved {moved}");
 }
