@@ -128,6 +128,9 @@ async fn session(
     let receive = async {
         let mut _beats: Option<AbortOnDrop> = None;
         let mut data_open = true;
+        // The content of the epoch being staged so far, for the reason of
+        // a refusal (the receiver names only its limit).
+        let mut staged = 0usize;
         loop {
             let m = tokio::select! {
                 m = data.next(), if data_open => match m {
@@ -155,6 +158,14 @@ async fn session(
                 }
             };
             shared.heard();
+            match &m {
+                Message::EpochStart { .. } => staged = 0,
+                Message::Records { data, .. }
+                | Message::State { data, .. }
+                | Message::Output { data, .. }
+                | Message::Disk { data, .. } => staged = staged.saturating_add(data.len()),
+                _ => {}
+            }
             match rx.on_message(m) {
                 Ok(Event::Hello(h)) => {
                     // The receiver checked the name against the one the TLS
@@ -202,10 +213,7 @@ async fn session(
                         Ok(Ok(())) => {}
                         Ok(Err(why)) => {
                             if let EndReason::Refused(r) = &why {
-                                *shared
-                                    .last_refusal
-                                    .lock()
-                                    .unwrap_or_else(|e| e.into_inner()) = Some(r.clone());
+                                shared.refused(r.clone());
                             }
                             return why;
                         }
@@ -214,6 +222,10 @@ async fn session(
                         }
                     }
                     let _ = ack_tx.send(rx.ack(epoch));
+                    if epoch > 1 {
+                        // Past the session's resync: protected, not just resynced.
+                        shared.refusals_in_a_row.store(0, Ordering::Relaxed);
+                    }
                     if let Some(reason) = rx.goodbye_due() {
                         info!(epoch, "the primary's last checkpoint is committed: ending its session (goodbye)");
                         return EndReason::Goodbye(reason.to_string());
@@ -237,9 +249,36 @@ async fn session(
                     return EndReason::Goodbye(reason);
                 }
                 Ok(_) => {}
+                Err(protocol::ProtocolError::EpochTooLarge { limit }) => {
+                    // Nothing of the epoch reached the replica: it stays at
+                    // the last committed checkpoint, the one a takeover uses.
+                    let (epoch, committed) = (rx.in_epoch().unwrap_or(0), rx.last_committed());
+                    let n = shared.refusals_in_a_row.load(Ordering::Relaxed) + 1;
+                    let why = format!(
+                        "checkpoint {epoch} is larger than this backup's staging limit: {staged} bytes staged and more coming, the limit is {limit} bytes (--max-epoch-bytes); the checkpoint is refused whole, the replica stays {}{}",
+                        if committed == 0 {
+                            "at no checkpoint of this session (nothing committed: no takeover from it)".to_string()
+                        } else {
+                            format!("at checkpoint {committed}, the last committed")
+                        },
+                        if n >= CANNOT_PROTECT_AFTER {
+                            format!(
+                                "; {n} checkpoints refused in a row: this backup cannot protect this guest with this limit (raise --max-epoch-bytes above the guest's checkpoints)"
+                            )
+                        } else {
+                            String::new()
+                        }
+                    );
+                    error!("refusing the primary's session: {why}");
+                    shared.refused(why.clone());
+                    return EndReason::Refused(why);
+                }
                 Err(e) => {
                     let why = EndReason::for_protocol_error(&e);
                     error!("refusing the primary's session: {why}");
+                    if let EndReason::Refused(r) = &why {
+                        shared.refused(r.clone());
+                    }
                     return why;
                 }
             }
@@ -252,6 +291,10 @@ async fn session(
     link.close(&why);
     why
 }
+
+/// Refusals in a row (no checkpoint committed between them) after which
+/// the backup says it cannot protect the guest with its staging limit.
+const CANNOT_PROTECT_AFTER: u64 = 3;
 
 /// A task that ends with its owner.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -85,6 +85,8 @@ pub(crate) struct Shared {
     pub disk: Option<crate::disk::BackupDisk>,
     /// Why the last refused checkpoint was refused (for `castor status`).
     pub last_refusal: Mutex<Option<String>>,
+    /// Sessions refused since the last committed checkpoint.
+    pub refusals_in_a_row: AtomicU64,
 }
 
 /// The primary's heartbeat datagrams as the watchdog reads them: a second
@@ -155,7 +157,15 @@ impl Shared {
             beat_in: Mutex::new(None),
             disk,
             last_refusal: Mutex::new(None),
+            refusals_in_a_row: AtomicU64::new(0),
         })
+    }
+
+    /// A session ended by this node's refusal of the primary's checkpoint
+    /// (shown by `castor status` until the next one).
+    pub fn refused(&self, why: String) {
+        self.refusals_in_a_row.fetch_add(1, Ordering::Relaxed);
+        *self.last_refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
     }
 
     /// The backup's clock for its core.

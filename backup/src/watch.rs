@@ -47,6 +47,9 @@ pub(crate) fn watchdog(
 ) {
     let mut last_rx = 0u64;
     let mut last_tick = Instant::now();
+    // When anything was last heard from the primary here, and whether this
+    // silence was already reported as one this node cannot take over from.
+    let (mut heard_at, mut told) = (Instant::now(), false);
     let (claimed_tx, claimed) = std::sync::mpsc::channel::<Claim>();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         std::thread::sleep(TICK);
@@ -80,6 +83,7 @@ pub(crate) fn watchdog(
             if rx != last_rx {
                 last_rx = rx;
                 shared.heard();
+                (heard_at, told) = (Instant::now(), false);
             }
         }
         // Heartbeats the network runtime has not read yet (it may be busy
@@ -92,6 +96,11 @@ pub(crate) fn watchdog(
             .is_some_and(|b| b.drain());
         if beat {
             shared.heard();
+            (heard_at, told) = (Instant::now(), false);
+        }
+        if !told && heard_at.elapsed() > SILENT_AND_NO_TAKEOVER {
+            told = true;
+            no_takeover_why(&shared, heard_at.elapsed());
         }
         // Decide under the replica lock: a commit updates the core under it
         // before publishing its state.
@@ -109,6 +118,49 @@ pub(crate) fn watchdog(
             return;
         }
     }
+}
+
+/// Silence after which a backup that cannot take over says why (longer
+/// than the primary's wait before it reconnects after a refusal, 1 s).
+const SILENT_AND_NO_TAKEOVER: Duration = Duration::from_secs(3);
+
+/// The primary is silent and this node will not take over: says why, once
+/// per silence (an operator who lost the primary learns why the guest does
+/// not come back here).
+fn no_takeover_why(shared: &Shared, silent: Duration) {
+    let (can, committed, invalid, session) = {
+        let r = shared.replica();
+        let core = shared.core();
+        (
+            core.can_take_over(),
+            core.committed(),
+            core.replica_invalid(),
+            r.session,
+        )
+    };
+    if can || session == 0 {
+        // Protected (the core decides), or no primary ever came.
+        return;
+    }
+    let why = if let Some(epoch) = invalid {
+        format!("the replica failed verification at checkpoint {epoch}")
+    } else if committed.is_none() {
+        "nothing is committed in the current session (its first checkpoint never committed)".into()
+    } else {
+        "the last session ended with the primary alive (a goodbye, or this node refused it)".into()
+    };
+    let refusal = shared
+        .last_refusal
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    warn!(
+        silent_ms = silent.as_millis() as u64,
+        "the primary is silent, and this node does not take over: {why}{}",
+        refusal.map_or(String::new(), |r| format!(
+            "; the last checkpoint refused: {r}"
+        ))
+    );
 }
 
 /// Carries out the core's actions; a takeover ends the session with

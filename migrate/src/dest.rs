@@ -107,6 +107,11 @@ impl Drop for Postcopy {
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The environment variable that makes a destination stop itself (SIGSTOP)
+/// right after it answered `Verified`, before it reads `Go`: the tests'
+/// way to freeze the destination at the handover.
+pub const FAULT_STOP_AFTER_VERIFIED: &str = "CASTOR_FAULT_STOP_AFTER_VERIFIED";
+
 async fn timeout<T>(
     f: impl std::future::Future<Output = Result<T, MigrateError>>,
 ) -> Result<T, MigrateError> {
@@ -315,6 +320,12 @@ async fn prepare(
         Some((uffd, bits, brx))
     };
     ctl.msg(&Msg::Verified).await?;
+    if std::env::var_os(FAULT_STOP_AFTER_VERIFIED).is_some() {
+        warn!("fault injection: stopping this process (SIGSTOP) after Verified");
+        let _ = std::process::Command::new("kill")
+            .args(["-STOP", &std::process::id().to_string()])
+            .status();
+    }
     match timeout(rx.next()).await? {
         Msg::Go => {}
         other => return Err(unexpected(&other)),

@@ -44,10 +44,13 @@ impl Tx {
                 p.book(piece.len(), tokio::time::Instant::now())
             };
             tokio::time::sleep_until(at).await;
-            self.stream
-                .write_all(piece)
-                .await
-                .map_err(|e| MigrateError::Link(e.to_string()))?;
+            self.stream.write_all(piece).await.map_err(|e| {
+                MigrateError::Link(match e {
+                    // Why it was lost (e.g. "timed out": the peer went silent).
+                    quinn::WriteError::ConnectionLost(why) => format!("connection lost: {why}"),
+                    e => e.to_string(),
+                })
+            })?;
             self.bytes += piece.len() as u64;
         }
         Ok(())

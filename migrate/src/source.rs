@@ -48,6 +48,72 @@ pub const LINK_IDLE: Duration = Duration::from_secs(3);
 /// How long the source waits for any one answer of the destination.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The longest this process may have been frozen (SIGSTOP, a stalled
+/// host) between sending the switch and sending `Go`. The destination gives
+/// a silent source up after [`LINK_IDLE`] (its keep-alives go every
+/// 500 ms): after a freeze this long it may already have, and a `Go` sent
+/// then may never arrive while the witness names the destination. The
+/// source then sends no `Go`, takes the VM back ([`Switch::revoke`]) and
+/// resumes the guest here.
+pub const MAX_FREEZE_AT_SWITCH: Duration = Duration::from_millis(1500);
+
+/// Notices that this process was frozen: a thread that ticks every 20 ms
+/// and keeps the longest gap between its ticks since [`FreezeWatch::mark`]
+/// (a frozen process runs no thread, while the monotonic clock goes on).
+struct FreezeWatch {
+    t0: Instant,
+    last_ns: Arc<std::sync::atomic::AtomicU64>,
+    max_gap_ns: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FreezeWatch {
+    fn start() -> FreezeWatch {
+        let t0 = Instant::now();
+        let last_ns = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let max_gap_ns = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (last, gap, st) = (last_ns.clone(), max_gap_ns.clone(), stop.clone());
+        let _ = std::thread::Builder::new()
+            .name("freeze-watch".into())
+            .spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20));
+                    let now = t0.elapsed().as_nanos() as u64;
+                    let prev = last.swap(now, Ordering::Relaxed);
+                    gap.fetch_max(now.saturating_sub(prev), Ordering::Relaxed);
+                }
+            });
+        FreezeWatch {
+            t0,
+            last_ns,
+            max_gap_ns,
+            stop,
+        }
+    }
+
+    /// Starts a new span.
+    fn mark(&self) {
+        self.last_ns
+            .store(self.t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.max_gap_ns.store(0, Ordering::Relaxed);
+    }
+
+    /// The longest freeze since the mark, the one that may just have ended
+    /// (before the thread ticked again) included.
+    fn longest(&self) -> Duration {
+        let now = self.t0.elapsed().as_nanos() as u64;
+        let current = now.saturating_sub(self.last_ns.load(Ordering::Relaxed));
+        Duration::from_nanos(self.max_gap_ns.load(Ordering::Relaxed).max(current))
+    }
+}
+
+impl Drop for FreezeWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 struct Source<'a> {
     machine: &'a mut Machine,
     cfg: &'a SourceConfig,
@@ -58,6 +124,7 @@ struct Source<'a> {
     rx: Rx,
     committed: bool,
     switch: &'a dyn Switch,
+    freeze: FreezeWatch,
 }
 
 /// The commit point as the source's owner sees it: whether the guest may
@@ -69,6 +136,15 @@ pub trait Switch: Sync {
     /// resumes here — unless it is [`MigrateError::Fenced`]: another node
     /// owns the VM, and the guest stops here as well.
     fn approve(&self) -> Result<(), MigrateError> {
+        Ok(())
+    }
+
+    /// Called after [`Switch::approve`] succeeded when `Go` is not sent
+    /// after all (this process was frozen at the switch: the destination
+    /// may have given the migration up, [`MAX_FREEZE_AT_SWITCH`]): take the
+    /// VM back from the destination. `Ok`: the guest resumes here; an
+    /// error ([`MigrateError::Fenced`]): it may not, and stops here.
+    fn revoke(&self) -> Result<(), MigrateError> {
         Ok(())
     }
 
@@ -193,6 +269,7 @@ async fn run(
         rx,
         committed: false,
         switch,
+        freeze: FreezeWatch::start(),
     };
     let r = s.rounds(t0).await;
     *committed = s.committed;
@@ -381,6 +458,31 @@ impl Source<'_> {
         ))
     }
 
+    /// The commit point: the owner approves, then `Go` — unless this
+    /// process was frozen since the switch began, in which case the
+    /// destination may have given the migration up: the VM is taken back
+    /// and the guest resumes here.
+    async fn go(&mut self) -> Result<(), MigrateError> {
+        self.switch.approve()?;
+        let frozen = self.freeze.longest();
+        if frozen > MAX_FREEZE_AT_SWITCH {
+            warn!(
+                frozen_ms = frozen.as_millis() as u64,
+                "this node was frozen at the switch: the destination may have given the migration up; no Go, taking the VM back"
+            );
+            self.switch.revoke()?;
+            return Err(MigrateError::Link(format!(
+                "this node was frozen for {} ms at the switch (the destination gives a silent source up after {} ms): no Go was sent, the VM was taken back",
+                frozen.as_millis(),
+                LINK_IDLE.as_millis()
+            )));
+        }
+        self.committed = true;
+        self.ctl.msg(&Msg::Go).await?;
+        self.switch.committed();
+        Ok(())
+    }
+
     async fn stop_and_copy(
         &mut self,
         pending: Vec<u64>,
@@ -388,6 +490,7 @@ impl Source<'_> {
         report: &mut Report,
     ) -> Result<(), MigrateError> {
         let tp = Instant::now();
+        self.freeze.mark();
         let (last, state, offset) = self.pause_and_capture(pending)?;
         report.final_pages = last.len() as u64;
         report.console_offset = offset;
@@ -420,10 +523,7 @@ impl Source<'_> {
             other => return Err(unexpected(&other)),
         }
         let verified_ms = tp.elapsed().as_secs_f64() * 1e3;
-        self.switch.approve()?;
-        self.committed = true;
-        self.ctl.msg(&Msg::Go).await?;
-        self.switch.committed();
+        self.go().await?;
         match timeout(self.rx.next()).await {
             Ok(Msg::Finished) => {}
             Ok(other) => warn!("after the switch: {other:?}"),
@@ -458,6 +558,7 @@ impl Source<'_> {
             other => return Err(unexpected(&other)),
         }
         let tp = Instant::now();
+        self.freeze.mark();
         let (missing, state, offset) = self.pause_and_capture(pending)?;
         report.final_pages = missing.len() as u64;
         report.console_offset = offset;
@@ -474,10 +575,7 @@ impl Source<'_> {
             Msg::Refused { reason } => return Err(MigrateError::Refused(reason)),
             other => return Err(unexpected(&other)),
         }
-        self.switch.approve()?;
-        self.committed = true;
-        self.ctl.msg(&Msg::Go).await?;
-        self.switch.committed();
+        self.go().await?;
         report.pause_ms = tp.elapsed().as_secs_f64() * 1e3;
         info!(
             missing = missing.len(),

@@ -53,11 +53,26 @@ impl Order {
 /// here (clients move on to the destination).
 struct Gate<'a> {
     witness: Option<&'a witness::Etcd>,
+    /// This node's name (a handover taken back names it again).
+    me: &'a str,
     dest: &'a str,
     token: u64,
     log: &'a node::console::ConsoleLog,
     packets: Option<&'a node::packets::PacketHold>,
+    /// The token the witness gave the destination (0: none yet).
+    given: std::sync::atomic::AtomicU64,
+    /// The token this node holds again after taking the VM back (0: none).
+    back: std::sync::atomic::AtomicU64,
+    /// A fault for the tests: stop this process (SIGSTOP) right after the
+    /// witness handed the VM over, before `Go`.
+    stop_after_handover: bool,
 }
+
+/// The environment variable that makes a primary stop itself (SIGSTOP)
+/// right after the witness hands its VM to a migration's destination, if
+/// its value is this node's certificate directory: the tests' way to
+/// freeze the source exactly at the handover.
+pub const FAULT_STOP_AFTER_HANDOVER: &str = "CASTOR_FAULT_STOP_AFTER_HANDOVER";
 
 impl Switch for Gate<'_> {
     fn approve(&self) -> Result<(), MigrateError> {
@@ -73,11 +88,54 @@ impl Switch for Gate<'_> {
                         dest = self.dest,
                         token, "the witness gives the VM to the destination"
                     );
+                    self.given
+                        .store(token, std::sync::atomic::Ordering::Relaxed);
+                    if self.stop_after_handover {
+                        warn!(
+                            "fault injection: stopping this process (SIGSTOP) after the handover"
+                        );
+                        let _ = std::process::Command::new("kill")
+                            .args(["-STOP", &std::process::id().to_string()])
+                            .status();
+                    }
                     return Ok(());
                 }
                 Handover::Fenced(why) => return Err(MigrateError::Fenced(why)),
                 Handover::Stay(why) => return Err(MigrateError::Handover(why)),
                 Handover::Retry => std::thread::sleep(crate::epoch::CLAIM_RETRY),
+            }
+        }
+    }
+
+    fn revoke(&self) -> Result<(), MigrateError> {
+        let Some(w) = self.witness else {
+            return Ok(());
+        };
+        let given = self.given.load(std::sync::atomic::Ordering::Relaxed);
+        let deadline = Instant::now() + HANDOVER_WAIT;
+        loop {
+            match w.claim(self.me, given) {
+                witness::Claim::Won { token } => {
+                    info!(
+                        token,
+                        "the witness gives the VM back to this node (no Go was sent)"
+                    );
+                    self.back.store(token, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(());
+                }
+                witness::Claim::Lost { owner, token } => {
+                    return Err(MigrateError::Fenced(format!(
+                        "the VM was handed to {} but no Go was sent, and the witness now gives it to {owner} (token {token})",
+                        self.dest
+                    )))
+                }
+                witness::Claim::Unreachable if Instant::now() >= deadline => {
+                    return Err(MigrateError::Fenced(format!(
+                        "the VM was handed to {} but no Go was sent, and the witness did not answer to take it back: the guest stops here (it runs nowhere)",
+                        self.dest
+                    )))
+                }
+                witness::Claim::Unreachable => std::thread::sleep(crate::epoch::CLAIM_RETRY),
             }
         }
     }
@@ -139,10 +197,15 @@ impl EpochLoop<'_> {
         }
         let gate = Gate {
             witness: self.cfg.witness.as_ref(),
+            me: &self.cfg.node,
             dest: &req.dest,
             token: self.core.token(),
             log: &self.log,
             packets: self.packets.as_deref(),
+            given: Default::default(),
+            back: Default::default(),
+            stop_after_handover: std::env::var_os(FAULT_STOP_AFTER_HANDOVER)
+                .is_some_and(|v| std::path::Path::new(&v) == self.cfg.certs.as_path()),
         };
         let r = self.rt.block_on(migrate::source::migrate_out(
             &mut self.machine,
@@ -151,6 +214,11 @@ impl EpochLoop<'_> {
             &cfg,
             &gate,
         ));
+        let taken_back = gate.back.load(std::sync::atomic::Ordering::Relaxed);
+        if taken_back != 0 {
+            // The next claim (the backup lost again) expects this token.
+            self.core.took_back(taken_back);
+        }
         match r {
             Ok(report) => {
                 info!(

@@ -126,6 +126,13 @@ impl<T> PrimaryCore<T> {
         self.token
     }
 
+    /// The VM's ownership came back to this node with `token`: a
+    /// migration's handover taken back before its `Go` (the witness had
+    /// named the destination with the token before it).
+    pub fn took_back(&mut self, token: u64) {
+        self.token = token;
+    }
+
     /// Output must stay held: a session is open, or a claim is pending.
     pub fn holding(&self) -> bool {
         self.session.is_some() || self.claiming.is_some()
@@ -461,6 +468,25 @@ mod tests {
         );
         assert_eq!(p.token(), 6);
         assert!(p.in_session() && !p.claiming());
+    }
+
+    #[test]
+    fn a_handover_taken_back_is_the_token_the_next_claim_expects() {
+        // Stood down (token 6), handed to the destination (7), taken back
+        // before Go (8): the next lost backup is claimed from 8.
+        let (mut p, _) = lost_session(EndReason::Goodbye("migration".into()));
+        p.on(I::Claimed(Claim::Won { token: 6 }));
+        p.took_back(8);
+        assert_eq!(p.token(), 8);
+        p.on(I::Connected);
+        sent(&mut p, 1, 10);
+        assert_eq!(
+            p.on(I::Ended(EndReason::Broken("reset".into()))),
+            vec![A::Claim {
+                expected: 8,
+                retry: false
+            }]
+        );
     }
 
     #[test]
