@@ -48,7 +48,10 @@ fn one_at_a_time() -> MutexGuard<'static, ()> {
 fn target_dirs() -> (PathBuf, PathBuf) {
     let bin = Path::new(castor_bin());
     let profile = bin.parent().expect("the binary's directory").to_path_buf();
-    let target = profile.parent().expect("the target directory").to_path_buf();
+    let target = profile
+        .parent()
+        .expect("the target directory")
+        .to_path_buf();
     (target, profile)
 }
 
@@ -147,6 +150,18 @@ fn seed(from: &Path, to: &Path) -> std::io::Result<(Vec<PathBuf>, u64)> {
     Ok((linked, copied))
 }
 
+/// CPU seconds of this process's waited-for children (/proc/self/stat's
+/// cutime + cstime, at 100 ticks a second): the build's cost apart from
+/// what else shares the machine.
+fn children_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    // After the name: state is field 3; cutime and cstime are 16 and 17.
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(13) + tick(14)) / 100.0
+}
+
 fn dir_bytes(p: &Path) -> u64 {
     let Ok(m) = std::fs::symlink_metadata(p) else {
         return 0;
@@ -198,7 +213,9 @@ fn previous_release() -> PathBuf {
          and `git` on the PATH",
         root.display()
     );
-    let work = target.join("upgrade-prev").join(format!("build-{PREVIOUS}"));
+    let work = target
+        .join("upgrade-prev")
+        .join(format!("build-{PREVIOUS}"));
     let _ = std::fs::remove_dir_all(&work);
     let src = work.join("src");
     std::fs::create_dir_all(&src).unwrap();
@@ -230,14 +247,41 @@ fn previous_release() -> PathBuf {
     let mut build = Command::new("nice");
     build
         .arg(cargo)
-        .args(["build", "--offline", "--locked", "-p", "castor", "--bin", "castor"])
+        .args([
+            "build",
+            "--offline",
+            "--locked",
+            "-p",
+            "castor",
+            "--bin",
+            "castor",
+        ])
         .current_dir(&src)
-        .env("CARGO_TARGET_DIR", &old_target)
-        .env("CARGO_INCREMENTAL", "0")
-        .env_remove("CARGO_BUILD_TARGET_DIR")
-        .env_remove("CARGO_MAKEFLAGS")
         .env_remove("MAKEFLAGS")
         .env_remove("MFLAGS");
+    // What cargo set for this test (CARGO_MANIFEST_DIR, CARGO_PKG_* ...)
+    // is not for the build: build scripts rerun when such a variable
+    // differs from the main build's (ring's watches CARGO_PKG_NAME and
+    // CARGO_MANIFEST_DIR), which would rebuild the seeded dependencies.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        let keep = ["CARGO_HOME", "CARGO_BUILD_JOBS"].contains(&k.as_ref())
+            || [
+                "CARGO_TERM_",
+                "CARGO_NET_",
+                "CARGO_HTTP_",
+                "CARGO_REGISTR",
+                "CARGO_PROFILE_",
+            ]
+            .iter()
+            .any(|p| k.starts_with(p));
+        if k.starts_with("CARGO_") && !keep {
+            build.env_remove(k.as_ref());
+        }
+    }
+    build
+        .env("CARGO_TARGET_DIR", &old_target)
+        .env("CARGO_INCREMENTAL", "0");
     match profile_name.as_str() {
         "debug" => {}
         "release" => {
@@ -248,6 +292,7 @@ fn previous_release() -> PathBuf {
         }
     }
     let log = work.join("build.log");
+    let (built_at, cpu0) = (Instant::now(), children_cpu());
     let status = build
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
@@ -260,6 +305,7 @@ fn previous_release() -> PathBuf {
         log.display()
     );
     let rebuilt = text.matches("Compiling").count();
+    let (build_s, build_cpu) = (built_at.elapsed().as_secs_f64(), children_cpu() - cpu0);
     // The old build changed nothing of the main target: every file it
     // shares through a link is as it was, and so is the binary under test.
     assert_eq!(
@@ -286,8 +332,9 @@ fn previous_release() -> PathBuf {
     std::fs::remove_dir_all(&work).unwrap();
     assert_eq!(version(&bin).as_deref(), Some(PREVIOUS_VERSION));
     eprintln!(
-        "previous release: built {} in {:.0} s ({rebuilt} crates compiled, {:.0} MiB seeded by copy, \
-         {} files hard-linked, {:.0} MiB of build removed); cached, {:.0} MiB",
+        "previous release: built {} in {:.0} s (cargo build {build_s:.0} s, {build_cpu:.0} CPU s; \
+         {rebuilt} crates compiled, {:.0} MiB seeded by copy, {} files hard-linked, \
+         {:.0} MiB of build removed); cached, {:.0} MiB",
         bin.display(),
         t0.elapsed().as_secs_f64(),
         copied as f64 / (1 << 20) as f64,
@@ -400,8 +447,15 @@ fn epochs(d: &Daemon) -> u64 {
 
 /// The status a person reads names the version.
 fn summary_names(d: &Daemon, version: u16) {
-    let (ok, out) = outcome(&run(&["status", "--control", &d.control.display().to_string()]));
-    assert!(ok && out.contains(&format!("protocol   version {version} with the")), "{out}");
+    let (ok, out) = outcome(&run(&[
+        "status",
+        "--control",
+        &d.control.display().to_string(),
+    ]));
+    assert!(
+        ok && out.contains(&format!("protocol   version {version} with the")),
+        "{out}"
+    );
 }
 
 /// The console of `d` from offset 0 for `for_`.
@@ -433,7 +487,13 @@ fn a_pair_is_upgraded_backup_first_then_switched_over_with_the_guest_running() {
     using(&old);
     let mut b = pair.start_backup(1, &[], "b-0.1.log").unwrap();
     let mut a = pair.start_primary(0, &strings(GUEST), "a-0.1.log").unwrap();
-    wait_status(&a, "old ↔ old protected", Duration::from_secs(60), protected_at(None, 0)).unwrap();
+    wait_status(
+        &a,
+        "old ↔ old protected",
+        Duration::from_secs(60),
+        protected_at(None, 0),
+    )
+    .unwrap();
     // Everything clients see from the guest while a runs it, from its boot.
     let seen_on_a = common::follow_from_start(a.console, Duration::from_secs(600));
 
@@ -441,17 +501,33 @@ fn a_pair_is_upgraded_backup_first_then_switched_over_with_the_guest_running() {
     //    old primary carries on alone meanwhile, then re-protects toward
     //    it: old primary ↔ new backup at version 5.
     stop(&mut b);
-    wait_status(&a, "carrying on alone", Duration::from_secs(10), pair::unprotected).unwrap();
+    wait_status(
+        &a,
+        "carrying on alone",
+        Duration::from_secs(10),
+        pair::unprotected,
+    )
+    .unwrap();
     using(&new);
     let mut b = pair.start_backup(1, &[], "b-0.2.log").unwrap();
     let e = epochs(&a);
-    wait_status(&a, "old ↔ new protected", Duration::from_secs(60), protected_at(None, e)).unwrap();
+    wait_status(
+        &a,
+        "old ↔ new protected",
+        Duration::from_secs(60),
+        protected_at(None, e),
+    )
+    .unwrap();
     applying_at(&b, 5);
     summary_names(&b, 5);
 
     // 3. Switch over: the new backup takes over on command (a planned
     //    takeover); the old primary is fenced and stops.
-    let (ok, out) = outcome(&run(&["takeover", "--control", &b.control.display().to_string()]));
+    let (ok, out) = outcome(&run(&[
+        "takeover",
+        "--control",
+        &b.control.display().to_string(),
+    ]));
     assert!(ok && out.contains("ok: taking over"), "{out}");
     wait_status(&b, "the switchover", Duration::from_secs(10), |s| {
         s.role == Role::TakenOver
@@ -467,7 +543,13 @@ fn a_pair_is_upgraded_backup_first_then_switched_over_with_the_guest_running() {
     // 4. The old primary's node is upgraded and becomes the new backup:
     //    new ↔ new, at version 6.
     let mut a = pair.start_backup(0, &[], "a-0.2.log").unwrap();
-    wait_status(&b, "new ↔ new protected", Duration::from_secs(60), protected_at(Some(6), 0)).unwrap();
+    wait_status(
+        &b,
+        "new ↔ new protected",
+        Duration::from_secs(60),
+        protected_at(Some(6), 0),
+    )
+    .unwrap();
     applying_at(&a, 6);
     summary_names(&b, 6);
     summary_names(&a, 6);
@@ -493,7 +575,10 @@ fn a_pair_is_upgraded_backup_first_then_switched_over_with_the_guest_running() {
     )
     .unwrap();
     assert!(on_a > 1000, "a showed {on_a} bytes");
-    assert!(history.len() > on_a, "the guest's output stopped at the switchover");
+    assert!(
+        history.len() > on_a,
+        "the guest's output stopped at the switchover"
+    );
     let c = lab::console::check(&lab::console::progress_lines(&history), Some(1));
     assert!(c.ok() && c.lines > 1000, "{:?}", c.problems);
 
@@ -504,7 +589,10 @@ fn a_pair_is_upgraded_backup_first_then_switched_over_with_the_guest_running() {
     assert_eq!(who.first(), Some(&"a"), "{seen:?}");
     assert_eq!(who.last(), Some(&"b"), "{seen:?}");
     assert_eq!(
-        who.iter().skip_while(|&&o| o == "a").filter(|&&o| o == "a").count(),
+        who.iter()
+            .skip_while(|&&o| o == "a")
+            .filter(|&&o| o == "a")
+            .count(),
         0,
         "a owned the VM again after the switchover: {seen:?}"
     );
@@ -535,19 +623,40 @@ fn a_new_primary_protects_toward_an_old_backup_at_v5_then_at_v6_once_it_is_upgra
     let mut b = pair.start_backup(1, &[], "b-0.1.log").unwrap();
     using(&new);
     let a = pair.start_primary(0, &strings(GUEST), "a-0.2.log").unwrap();
-    wait_status(&a, "new ↔ old protected", Duration::from_secs(60), protected_at(Some(5), 0)).unwrap();
+    wait_status(
+        &a,
+        "new ↔ old protected",
+        Duration::from_secs(60),
+        protected_at(Some(5), 0),
+    )
+    .unwrap();
     summary_names(&a, 5);
     let alog = std::fs::read_to_string(&a.log).unwrap();
     assert!(alog.contains("speaks version 5 alone"), "{alog}");
     let blog = std::fs::read_to_string(&b.log).unwrap();
-    assert!(blog.contains("version 6"), "the old backup's refusal: {blog}");
+    assert!(
+        blog.contains("version 6"),
+        "the old backup's refusal: {blog}"
+    );
 
     // The backup is upgraded: the primary offers 6 again, and gets it.
     stop(&mut b);
-    wait_status(&a, "carrying on alone", Duration::from_secs(10), pair::unprotected).unwrap();
+    wait_status(
+        &a,
+        "carrying on alone",
+        Duration::from_secs(10),
+        pair::unprotected,
+    )
+    .unwrap();
     let b = pair.start_backup(1, &[], "b-0.2.log").unwrap();
     let e = epochs(&a);
-    wait_status(&a, "new ↔ new protected", Duration::from_secs(60), protected_at(Some(6), e)).unwrap();
+    wait_status(
+        &a,
+        "new ↔ new protected",
+        Duration::from_secs(60),
+        protected_at(Some(6), e),
+    )
+    .unwrap();
     applying_at(&b, 6);
 
     let c = continuity(&console(&a, Duration::from_millis(300)));

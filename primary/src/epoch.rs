@@ -503,15 +503,17 @@ impl EpochLoop<'_> {
 
     /// The session ended: which versions the next hello offers.
     fn versions_after(&mut self, why: &EndReason) {
-        let Some(s) = self.awaiting.as_mut().map(|a| &mut a.session).or(self.session.as_mut()) else {
+        let Some(s) = self
+            .awaiting
+            .as_mut()
+            .map(|a| &mut a.session)
+            .or(self.session.as_mut())
+        else {
             return;
         };
         let (offered, answered) = (s.sender().offered(), s.sender().answered());
-        self.versions.ended(
-            offered,
-            answered,
-            matches!(why, EndReason::Incompatible(_)),
-        );
+        self.versions
+            .ended(offered, answered, matches!(why, EndReason::Incompatible(_)));
         if self.versions.offer() != protocol::version::SUPPORTED {
             warn!(
                 "the backup refused a hello of version {} without answering it ({why}): it speaks version {} alone (castor 0.1); the next hello speaks {}",

@@ -202,7 +202,9 @@ pub enum ProtocolError {
         last_committed: u64,
     },
     /// The primary and the backup speak no protocol version in common.
-    #[error("no protocol version in common: the primary speaks versions {primary}, the backup {backup}")]
+    #[error(
+        "no protocol version in common: the primary speaks versions {primary}, the backup {backup}"
+    )]
     NoCommonVersion {
         /// The versions the primary's hello offers.
         primary: version::Range,

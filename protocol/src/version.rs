@@ -121,9 +121,12 @@ impl Fallback {
     /// A session whose hello offered `offered` ended; `answered`: the
     /// backup's answer ([`crate::Message::Versions`]) had arrived;
     /// `incompatible`: the backup refused the hello as incompatible
-    /// ([`crate::EndReason::Incompatible`]). Only a backup that does not
+    /// ([`crate::EndReason::Incompatible`]). A backup that does not
     /// negotiate refuses a hello of version 6 or more without answering it:
-    /// the next hello then speaks 5 alone, if we speak it. Any other end
+    /// the next hello then speaks 5 alone, if we speak it. (A backup that
+    /// negotiates but refuses the hello for another reason may close before
+    /// its answer arrives: the v5 hello is then refused for that reason
+    /// too, and the one after offers the whole range again.) Any other end
     /// (and the end of a v5 session) goes back to offering the whole range,
     /// so a backup upgraded meanwhile is offered the newest version again.
     pub fn ended(&mut self, offered: Range, answered: bool, incompatible: bool) {
@@ -202,7 +205,9 @@ mod tests {
             Some(other) => panic!("answered with {other:?}"),
             None => {
                 assert_eq!(primary.highest, V5, "only a v5 hello goes unanswered");
-                Ok(tx.version().expect("a v5 session's version is known at once"))
+                Ok(tx
+                    .version()
+                    .expect("a v5 session's version is known at once"))
             }
         }
     }
@@ -252,12 +257,21 @@ mod tests {
         // either side; never a panic.
         for (p, b) in [(Range::only(7), SUPPORTED), (SUPPORTED, Range::only(7))] {
             let e = session(p, b).unwrap_err();
-            assert_eq!(e, ProtocolError::NoCommonVersion { primary: p, backup: b });
+            assert_eq!(
+                e,
+                ProtocolError::NoCommonVersion {
+                    primary: p,
+                    backup: b
+                }
+            );
             let why = EndReason::for_protocol_error(&e);
             let EndReason::Incompatible(text) = &why else {
                 panic!("{why:?}")
             };
-            assert!(text.contains(&p.to_string()) && text.contains(&b.to_string()), "{text}");
+            assert!(
+                text.contains(&p.to_string()) && text.contains(&b.to_string()),
+                "{text}"
+            );
         }
     }
 
