@@ -194,6 +194,7 @@ fn control(shared: Arc<Shared>, log: Arc<node::console::ConsoleLog>) -> node::co
                 primary: None,
                 backup: Some(BackupStatus {
                     connected: shared.connected.load(Ordering::Relaxed),
+                    protocol: Some(shared.protocol.load(Ordering::Relaxed)).filter(|&v| v != 0),
                     verifying: r.verifying,
                     committed_epoch: r.epoch,
                     session: r.session,

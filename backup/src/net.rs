@@ -71,6 +71,7 @@ async fn run_session(link: Link, shared: Arc<Shared>, log: Arc<ConsoleLog>, limi
     shared.connected.store(true, Ordering::Relaxed);
     let why = session(link, &shared, &log, limits).await;
     shared.connected.store(false, Ordering::Relaxed);
+    shared.protocol.store(0, Ordering::Relaxed);
     *shared.closer.lock().unwrap_or_else(|e| e.into_inner()) = None;
     shared.core().on(BackupInput::SessionEnded {
         reason: why.clone(),
@@ -168,6 +169,14 @@ async fn session(
             }
             match rx.on_message(m) {
                 Ok(Event::Hello(h)) => {
+                    // The answer to a hello of version 6 or more goes first,
+                    // before any refusal below: the primary then knows this
+                    // backup negotiates (see protocol::version).
+                    if let Some(a) = rx.answer() {
+                        let _ = ack_tx.send(a.to_frame());
+                    }
+                    let version = rx.version().unwrap_or(protocol::version::V5);
+                    shared.protocol.store(version, Ordering::Relaxed);
                     // The receiver checked the name against the one the TLS
                     // layer pinned; check it against the certificate itself.
                     if !certificate.peer_is_named(&h.node) {
@@ -178,7 +187,7 @@ async fn session(
                         warn!("refusing the session: {why}");
                         return why;
                     }
-                    info!(node = %h.node, session = h.session, memory_mib = h.memory_bytes >> 20, vcpus = h.vcpus, mode = %h.mode, staging_limit_mib = rx.max_epoch_bytes() >> 20, "new session");
+                    info!(node = %h.node, session = h.session, protocol = version, memory_mib = h.memory_bytes >> 20, vcpus = h.vcpus, mode = %h.mode, staging_limit_mib = rx.max_epoch_bytes() >> 20, "new session");
                     match shared.start_session(&h, shared.image.as_ref()) {
                         Err(why) => {
                             warn!(token = h.token, "refusing the session: {why}");

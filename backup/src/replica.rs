@@ -67,6 +67,8 @@ pub(crate) struct Shared {
     pub core: Mutex<BackupCore>,
     pub t0: Instant,
     pub connected: AtomicBool,
+    /// The session's protocol version (0: no session).
+    pub protocol: std::sync::atomic::AtomicU16,
     pub mismatches: AtomicU64,
     pub applied: AtomicU64,
     /// Ends the current session from the watchdog (a takeover).
@@ -148,6 +150,7 @@ impl Shared {
             core: Mutex::new(core),
             t0: Instant::now(),
             connected: AtomicBool::new(false),
+            protocol: std::sync::atomic::AtomicU16::new(0),
             mismatches: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             closer: Mutex::new(None),

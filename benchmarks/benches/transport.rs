@@ -114,6 +114,7 @@ async fn quic(dir: &std::path::Path) -> (f64, Vec<f64>) {
 fn hello() -> protocol::Hello {
     protocol::Hello {
         version: protocol::VERSION,
+        lowest_version: protocol::version::V5,
         session: 1,
         node: "primary".into(),
         capabilities: 0,

@@ -62,6 +62,10 @@ pub struct PrimaryStatus {
     /// runs unprotected).
     #[serde(default)]
     pub backup: Option<String>,
+    /// The protocol version of the session with the backup, once agreed
+    /// (`None`: no session; castor 0.1 does not report it).
+    #[serde(default)]
+    pub protocol: Option<u16>,
     /// Encoding mode (`remus`, `xbzrle`, `fgbi`).
     pub mode: String,
     /// Epoch length, ms: the fixed one, or the one `--epoch-ms auto` chose
@@ -213,6 +217,10 @@ pub struct ResyncStatus {
 pub struct BackupStatus {
     /// A primary is connected.
     pub connected: bool,
+    /// The protocol version of the session with the primary (`None`: no
+    /// session; castor 0.1 does not report it).
+    #[serde(default)]
+    pub protocol: Option<u16>,
     /// The session sends memory digests and the backup checks them.
     pub verifying: bool,
     /// The replica's checkpoint.
@@ -284,6 +292,14 @@ impl Status {
             );
         }
         let _ = writeln!(o);
+        let protocol = match (&self.primary, &self.backup) {
+            (Some(p), _) => p.protocol.map(|v| (v, "backup")),
+            (_, Some(b)) => b.protocol.map(|v| (v, "primary")),
+            _ => None,
+        };
+        if let Some((v, peer)) = protocol {
+            let _ = writeln!(o, "protocol   version {v} with the {peer}");
+        }
         let _ = writeln!(
             o,
             "console    {} bytes released, {} held",

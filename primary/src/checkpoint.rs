@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use fgbi::Encoder;
 use node::console::ConsoleLog;
 use protocol::message::{CAP_REUSE, CAP_VERIFY};
+use protocol::version::Range;
 use protocol::{payload, Hello, Sender, VERSION};
 
 use crate::copy::Staging;
@@ -35,7 +36,7 @@ pub(crate) struct Built {
 impl Session {
     /// A new session for a guest of `pages` pages, `vcpus` vCPUs and a disk
     /// of `disk_bytes` (0: none) whose output from `out_start` on is not
-    /// released yet; returns the hello.
+    /// released yet, whose hello offers `versions`; returns the hello.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         cfg: &Config,
@@ -45,10 +46,12 @@ impl Session {
         out_start: u64,
         token: u64,
         beat: (u16, [u8; 32]),
+        versions: Range,
     ) -> Result<(Session, Vec<u8>), PrimaryError> {
         let id: u64 = rand::random();
         let hello = Hello {
             version: VERSION,
+            lowest_version: protocol::version::V5,
             session: id,
             node: cfg.node.clone(),
             capabilities: CAP_REUSE | if cfg.verify { CAP_VERIFY } else { 0 },
@@ -61,7 +64,8 @@ impl Session {
             beat_port: beat.0,
             beat_key: beat.1,
             disk_bytes,
-        };
+        }
+        .offering(versions);
         let encoder = Encoder::new(
             fgbi::Config {
                 mode: cfg.mode,
@@ -86,6 +90,11 @@ impl Session {
     /// The session's id (the hello's).
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The protocol's sender (the hello's versions and the backup's answer).
+    pub fn sender(&mut self) -> &mut Sender {
+        &mut self.sender
     }
 
     /// The backup reuses an image: nothing is known of the pages the first

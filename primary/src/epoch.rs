@@ -102,6 +102,9 @@ pub(crate) struct EpochLoop<'a> {
     pub disk_diff: Option<crate::disk::Diff>,
     /// This loop's sign of progress for the heartbeat thread.
     pub alive: Arc<crate::net::Alive>,
+    /// The protocol versions the next hello offers (5 alone to a castor
+    /// 0.1 backup, which refuses later ones).
+    pub versions: protocol::version::Fallback,
 }
 
 impl EpochLoop<'_> {
@@ -290,7 +293,10 @@ impl EpochLoop<'_> {
         let input = match ev {
             NetEvent::Connected => PrimaryInput::Connected,
             NetEvent::Ack(epoch) => PrimaryInput::Ack { epoch },
-            NetEvent::Ended(reason) => PrimaryInput::Ended(reason),
+            NetEvent::Ended(reason) => {
+                self.versions_after(&reason);
+                PrimaryInput::Ended(reason)
+            }
             NetEvent::Claimed(claim) => PrimaryInput::Claimed(claim),
             NetEvent::Offer(m) => return self.on_offer(m),
             NetEvent::Migrate(order) => {
@@ -433,9 +439,19 @@ impl EpochLoop<'_> {
         let vcpus = self.machine.vcpu_count() as u32;
         let token = self.core.token();
         let disk_bytes = self.machine.disk().map_or(0, |d| d.disk().bytes());
-        let (session, hello) = Session::start(
-            self.cfg, self.pages, vcpus, disk_bytes, out_start, token, self.beat,
+        let (mut session, hello) = Session::start(
+            self.cfg,
+            self.pages,
+            vcpus,
+            disk_bytes,
+            out_start,
+            token,
+            self.beat,
+            self.versions.offer(),
         )?;
+        // A v5 hello's session is at version 5; a later one's, at the
+        // version the backup's answer names.
+        self.metrics.set_protocol(session.sender().version());
         // Every block the guest writes from here on is kept for the
         // checkpoints; turned on paused, so no request is half done.
         self.record_disk(true)?;
@@ -479,17 +495,65 @@ impl EpochLoop<'_> {
     /// The session is over (for now): no checkpoint will carry the disk's
     /// writes until the next one.
     fn session_over(&mut self) -> Result<(), PrimaryError> {
+        self.metrics.set_protocol(None);
         self.awaiting = None;
         self.session = None;
         self.record_disk(false)
     }
 
-    /// A piece of the backup's reuse offer.
+    /// The session ended: which versions the next hello offers.
+    fn versions_after(&mut self, why: &EndReason) {
+        let Some(s) = self
+            .awaiting
+            .as_mut()
+            .map(|a| &mut a.session)
+            .or(self.session.as_mut())
+        else {
+            return;
+        };
+        let (offered, answered) = (s.sender().offered(), s.sender().answered());
+        self.versions
+            .ended(offered, answered, matches!(why, EndReason::Incompatible(_)));
+        if self.versions.offer() != protocol::version::SUPPORTED {
+            warn!(
+                "the backup refused a hello of version {} without answering it ({why}): it speaks version {} alone (castor 0.1); the next hello speaks {}",
+                offered.highest,
+                protocol::version::V5,
+                protocol::version::V5
+            );
+        }
+    }
+
+    /// A piece of the backup's reuse offer (or the answer to the hello).
     fn on_offer(&mut self, m: protocol::Message) -> Result<(), PrimaryError> {
         let Some(a) = self.awaiting.as_mut() else {
             // An answer to a session that already ended or was resynced.
             return Ok(());
         };
+        if let protocol::Message::Versions {
+            version,
+            lowest,
+            highest,
+        } = m
+        {
+            match a.session.sender().on_versions(version, lowest, highest) {
+                Ok(v) => {
+                    info!(
+                        version = v,
+                        "protocol version {v} for this session (the backup speaks {lowest} to {highest})"
+                    );
+                    self.metrics.set_protocol(Some(v));
+                }
+                Err(why) => {
+                    self.awaiting = None;
+                    warn!("ending the session with the backup: {why}");
+                    let _ = self
+                        .out
+                        .blocking_send(Outgoing::End(EndReason::Incompatible(why.to_string())));
+                }
+            }
+            return Ok(());
+        }
         match a.offer.on(m) {
             Ok(None) => Ok(()),
             Ok(Some(answer)) => self.resync(answer),

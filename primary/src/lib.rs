@@ -146,6 +146,7 @@ pub fn protect(
         retarget: None,
         disk_diff: None,
         alive,
+        versions: protocol::version::Fallback::new(protocol::version::SUPPORTED),
     };
     lp.restart_protection()?;
     let result = lp.run(&events_rx, &stop);

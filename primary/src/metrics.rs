@@ -56,6 +56,8 @@ struct Inner {
     protected: bool,
     /// The backup protected toward, `NODE@ADDR`.
     backup: Option<String>,
+    /// The session's protocol version.
+    protocol: Option<u16>,
     /// Epochs up to this one are not samples (reset).
     reset_at: u64,
     /// The last session's first checkpoint.
@@ -207,6 +209,12 @@ impl Metrics {
         }
     }
 
+    /// The protocol version of the session with the backup (`None`: no
+    /// session, or its version is not agreed yet).
+    pub fn set_protocol(&self, v: Option<u16>) {
+        self.lock().protocol = v;
+    }
+
     /// Marks the pair protected or not.
     pub fn set_protected(&self, p: bool) {
         self.lock().protected = p;
@@ -273,6 +281,7 @@ impl Metrics {
         PrimaryStatus {
             protected: i.protected,
             backup: i.backup.clone(),
+            protocol: i.protocol,
             mode: self.mode.to_string(),
             epoch_ms: i.epoch_len.as_millis() as u64,
             epoch_auto,

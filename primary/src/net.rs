@@ -624,7 +624,7 @@ async fn session(
                         let _ = ctl_q.try_send(Message::HeartbeatEcho { seq, sent_us });
                     }
                     Ok(Some(Message::Goodbye { reason, .. })) => break EndReason::Goodbye(reason),
-                    Ok(Some(m @ (Message::Reuse { .. } | Message::Digests { .. } | Message::DiskDigests { .. }))) => {
+                    Ok(Some(m @ (Message::Versions { .. } | Message::Reuse { .. } | Message::Digests { .. } | Message::DiskDigests { .. }))) => {
                         last_heard = Instant::now();
                         if events.send(NetEvent::Offer(m)).is_err() {
                             break loop_ended();

@@ -25,6 +25,7 @@ pub mod message;
 pub mod payload;
 pub mod reuse;
 pub mod session;
+pub mod version;
 
 pub use end::EndReason;
 pub use message::{FrameDecoder, Hello, Message, VERSION};
@@ -57,13 +58,13 @@ pub enum WireError {
     /// Unknown message type.
     #[error("unknown message type {0}")]
     UnknownType(u8),
-    /// A different protocol version.
-    #[error("peer speaks protocol version {got}; this castor speaks version {supported} only")]
+    /// A protocol version older than any hello this castor can read.
+    #[error("peer speaks protocol version {got}; this castor speaks versions {supported}")]
     UnsupportedVersion {
         /// The peer's version.
         got: u16,
         /// Ours.
-        supported: u16,
+        supported: version::Range,
     },
     /// Bytes left after a complete message.
     #[error("{extra} unexpected bytes after a {message} message")]
@@ -200,6 +201,25 @@ pub enum ProtocolError {
         /// Last committed.
         last_committed: u64,
     },
+    /// The primary and the backup speak no protocol version in common.
+    #[error(
+        "no protocol version in common: the primary speaks versions {primary}, the backup {backup}"
+    )]
+    NoCommonVersion {
+        /// The versions the primary's hello offers.
+        primary: version::Range,
+        /// The versions the backup speaks.
+        backup: version::Range,
+    },
+    /// The backup's answer to the hello names a version the hello did not
+    /// offer.
+    #[error("the backup chose protocol version {chosen}, which the hello did not offer (versions {offered})")]
+    BadVersionAnswer {
+        /// The version the answer names.
+        chosen: u16,
+        /// The hello's range.
+        offered: version::Range,
+    },
     /// Capabilities this castor does not know.
     #[error("unknown capabilities {0:#x}")]
     UnknownCapabilities(u64),
@@ -243,6 +263,8 @@ impl ProtocolError {
             | ProtocolError::BadMemorySize(_)
             | ProtocolError::VcpusOverLimit { .. }
             | ProtocolError::UnknownCapabilities(_)
+            | ProtocolError::NoCommonVersion { .. }
+            | ProtocolError::BadVersionAnswer { .. }
             | ProtocolError::DiskMismatch { .. } => true,
             _ => false,
         }

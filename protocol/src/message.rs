@@ -10,8 +10,9 @@ use std::fmt;
 use crate::codec::{Reader, Writer};
 use crate::WireError;
 
-/// The protocol version this castor speaks.
-pub const VERSION: u16 = 5;
+/// The highest protocol version this castor speaks (it speaks
+/// [`crate::version::SUPPORTED`]: 5 to this one).
+pub const VERSION: u16 = 6;
 /// Largest frame: the largest message (a machine state) plus headers.
 pub const MAX_FRAME: usize = MAX_STATE + 1024;
 /// Largest chunk of fgbi records in one message.
@@ -43,8 +44,13 @@ pub const MAX_DISK_CHUNK: usize = (1 << 20) + crate::disk::MAX_RECORD;
 /// First message on a connection, from the primary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
-    /// Protocol version (must equal [`VERSION`]).
+    /// Protocol version: in a hello of version 6 or more, the highest the
+    /// primary speaks; a v5 hello (castor 0.1's, or a primary speaking 5 to
+    /// a backup that only speaks 5) speaks 5 alone. See [`crate::version`].
     pub version: u16,
+    /// The lowest version the primary speaks (on the wire from version 6
+    /// on, right after `version`; a v5 hello reads as 5).
+    pub lowest_version: u16,
     /// Random session id: a new one for every full resync.
     pub session: u64,
     /// The sender's node name. The backup refuses a hello whose name is not
@@ -76,6 +82,17 @@ pub struct Hello {
     /// must be of the same size; it offers its block digests
     /// ([`Message::DiskDigests`]) and checkpoints carry the blocks written.
     pub disk_bytes: u64,
+}
+
+impl Hello {
+    /// The hello offering `versions`: a hello of version 6 or more names
+    /// the range; offering 5 alone makes a v5 hello, as castor 0.1 writes
+    /// it.
+    pub fn offering(mut self, versions: crate::version::Range) -> Hello {
+        self.version = versions.highest;
+        self.lowest_version = versions.lowest;
+        self
+    }
 }
 
 /// A message of the replication protocol.
@@ -165,6 +182,18 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    /// The backup's answer to a hello of version 6 or more (backup →
+    /// primary, on the control stream, before anything else): the version
+    /// the session uses, and the range the backup speaks. See
+    /// [`crate::version`].
+    Versions {
+        /// The version chosen: the highest both speak.
+        version: u16,
+        /// The lowest version the backup speaks.
+        lowest: u16,
+        /// The highest version the backup speaks.
+        highest: u16,
+    },
     /// The backup's answer to a hello with [`CAP_REUSE`] (backup → primary,
     /// on the control stream): the image it keeps, as per-page generation
     /// runs; its page digests follow in [`Message::Digests`]. `pages == 0`:
@@ -253,6 +282,14 @@ impl fmt::Debug for Message {
                 f,
                 "Goodbye {{ last_epoch: {last_epoch}, reason: {reason:?} }}"
             ),
+            Message::Versions {
+                version,
+                lowest,
+                highest,
+            } => write!(
+                f,
+                "Versions {{ version: {version}, lowest: {lowest}, highest: {highest} }}"
+            ),
             Message::Reuse {
                 session,
                 pages,
@@ -300,6 +337,7 @@ mod ty {
     pub const DIGESTS: u8 = 12;
     pub const DISK: u8 = 13;
     pub const DISK_DIGESTS: u8 = 14;
+    pub const VERSIONS: u8 = 15;
 }
 
 fn u64s(r: &mut Reader<'_>, f: &'static str, max: usize) -> Result<Vec<u64>, WireError> {
@@ -347,6 +385,7 @@ impl Message {
             Message::Heartbeat { .. } => "Heartbeat",
             Message::HeartbeatEcho { .. } => "HeartbeatEcho",
             Message::Goodbye { .. } => "Goodbye",
+            Message::Versions { .. } => "Versions",
             Message::Reuse { .. } => "Reuse",
             Message::Digests { .. } => "Digests",
             Message::Disk { .. } => "Disk",
@@ -362,6 +401,9 @@ impl Message {
             Message::Hello(h) => {
                 assert!(h.node.len() <= MAX_NAME, "node name over {MAX_NAME} bytes");
                 w.u16(h.version);
+                if h.version >= crate::version::NEGOTIATED {
+                    w.u16(h.lowest_version);
+                }
                 w.u64(h.session);
                 w.bytes(h.node.as_bytes());
                 w.u64(h.capabilities);
@@ -465,6 +507,16 @@ impl Message {
                 w.bytes(cut_reason(reason));
                 ty::GOODBYE
             }
+            Message::Versions {
+                version,
+                lowest,
+                highest,
+            } => {
+                w.u16(*version);
+                w.u16(*lowest);
+                w.u16(*highest);
+                ty::VERSIONS
+            }
             Message::Reuse {
                 session,
                 pages,
@@ -527,15 +579,32 @@ impl Message {
         let mut r = Reader::new(payload);
         let m = match t {
             ty::HELLO => {
+                // Every hello from version 5 on reads the same: a v5 hello
+                // has no range; from version 6 on the layout is frozen, so
+                // the range of a newer castor's hello is read (and refused
+                // with both ranges named if there is none in common).
                 let version = r.u16("Hello.version")?;
-                if version != VERSION {
+                if version < crate::version::V5 {
                     return Err(WireError::UnsupportedVersion {
                         got: version,
-                        supported: VERSION,
+                        supported: crate::version::SUPPORTED,
                     });
                 }
+                let lowest_version = if version >= crate::version::NEGOTIATED {
+                    let l = r.u16("Hello.lowest_version")?;
+                    if l > version {
+                        return Err(WireError::BadValue {
+                            field: "Hello.lowest_version",
+                            value: l as u64,
+                        });
+                    }
+                    l
+                } else {
+                    version
+                };
                 Message::Hello(Hello {
                     version,
+                    lowest_version,
                     session: r.u64("Hello.session")?,
                     node: string(&mut r, "Hello.node", MAX_NAME)?,
                     capabilities: r.u64("Hello.capabilities")?,
@@ -622,6 +691,11 @@ impl Message {
             ty::GOODBYE => Message::Goodbye {
                 last_epoch: r.u64("Goodbye.last_epoch")?,
                 reason: string(&mut r, "Goodbye.reason", MAX_REASON)?,
+            },
+            ty::VERSIONS => Message::Versions {
+                version: r.u16("Versions.version")?,
+                lowest: r.u16("Versions.lowest")?,
+                highest: r.u16("Versions.highest")?,
             },
             ty::REUSE => {
                 let session = r.u64("Reuse.session")?;

@@ -18,9 +18,8 @@
 //! type name, epoch, offset (output only), length and bytes.
 
 use crate::disk::DiskCommit;
-use crate::message::{
-    Hello, Message, CAP_REUSE, CAP_VERIFY, MAX_OUTPUT_CHUNK, MAX_RECORDS_CHUNK, VERSION,
-};
+use crate::message::{Hello, Message, CAP_REUSE, CAP_VERIFY, MAX_OUTPUT_CHUNK, MAX_RECORDS_CHUNK};
+use crate::version::{self, Range};
 use crate::ProtocolError;
 
 fn hash_content(h: &mut blake3::Hasher, kind: &str, epoch: u64, offset: u64, data: &[u8]) {
@@ -41,6 +40,9 @@ pub struct Sender {
     hasher: blake3::Hasher,
     state_sent: bool,
     output_next: u64,
+    /// The session's protocol version, once known: at once for a v5 hello,
+    /// from the backup's answer for a later one.
+    version: Option<u16>,
 }
 
 impl Sender {
@@ -48,8 +50,10 @@ impl Sender {
     pub fn new(hello: Hello) -> (Self, Vec<u8>) {
         let frame = Message::Hello(hello.clone()).to_frame();
         let output_next = hello.output_offset;
+        let version = (hello.version < version::NEGOTIATED).then_some(hello.version);
         (
             Sender {
+                version,
                 hello,
                 epoch: None,
                 last_committed: 0,
@@ -65,6 +69,50 @@ impl Sender {
     /// The session's hello.
     pub fn hello(&self) -> &Hello {
         &self.hello
+    }
+
+    /// The versions the hello offers.
+    pub fn offered(&self) -> Range {
+        Range::of_hello(&self.hello)
+    }
+
+    /// The session's protocol version: known at once for a v5 hello, from
+    /// the backup's answer ([`Sender::on_versions`]) for a later one.
+    pub fn version(&self) -> Option<u16> {
+        self.version
+    }
+
+    /// The backup answered the hello ([`Message::Versions`]).
+    pub fn answered(&self) -> bool {
+        self.hello.version >= version::NEGOTIATED && self.version.is_some()
+    }
+
+    /// Takes the backup's answer to the hello: the version it chose must be
+    /// one the hello offered and one the backup says it speaks. Returns the
+    /// session's version.
+    pub fn on_versions(
+        &mut self,
+        chosen: u16,
+        lowest: u16,
+        highest: u16,
+    ) -> Result<u16, ProtocolError> {
+        if self.version.is_some() {
+            return Err(ProtocolError::Unexpected {
+                message: "Versions",
+                state: if self.answered() {
+                    "after the backup's answer"
+                } else {
+                    "in a v5 session"
+                },
+            });
+        }
+        let offered = self.offered();
+        let theirs = Range::new(lowest, highest);
+        if !offered.contains(chosen) || !theirs.is_some_and(|r| r.contains(chosen)) {
+            return Err(ProtocolError::BadVersionAnswer { chosen, offered });
+        }
+        self.version = Some(chosen);
+        Ok(chosen)
     }
 
     /// Begins epoch `epoch`: the one after the last committed (1 first).
@@ -350,6 +398,10 @@ pub struct Receiver {
     last_committed: u64,
     staging: Option<Staging>,
     output_next: u64,
+    /// The versions this backup speaks.
+    versions: Range,
+    /// The session's version, once the hello is accepted.
+    version: Option<u16>,
 }
 
 #[derive(Debug)]
@@ -392,7 +444,35 @@ impl Receiver {
             last_committed: 0,
             staging: None,
             output_next: 0,
+            versions: version::SUPPORTED,
+            version: None,
         }
+    }
+
+    /// The receiver speaks `versions` instead of [`version::SUPPORTED`]
+    /// (tests simulate an older or a newer backup with it).
+    pub fn speaking(mut self, versions: Range) -> Self {
+        self.versions = versions;
+        self
+    }
+
+    /// The session's protocol version, once the hello is accepted.
+    pub fn version(&self) -> Option<u16> {
+        self.version
+    }
+
+    /// The answer to the accepted hello, to send on the control stream
+    /// before anything else: [`Message::Versions`] for a hello of version 6
+    /// or more; `None` for a v5 hello (its primary may be a castor 0.1,
+    /// which knows no answer) or before the hello.
+    pub fn answer(&self) -> Option<Message> {
+        let h = self.hello.as_ref()?;
+        let version = self.version?;
+        (h.version >= version::NEGOTIATED).then_some(Message::Versions {
+            version,
+            lowest: self.versions.lowest,
+            highest: self.versions.highest,
+        })
     }
 
     /// The session's hello, once received.
@@ -426,13 +506,9 @@ impl Receiver {
         }
     }
 
-    fn check_hello(&self, h: &Hello) -> Result<(), ProtocolError> {
-        if h.version != VERSION {
-            return Err(ProtocolError::Wire(crate::WireError::UnsupportedVersion {
-                got: h.version,
-                supported: VERSION,
-            }));
-        }
+    /// Checks the hello against the limits; returns the session's version.
+    fn check_hello(&self, h: &Hello) -> Result<u16, ProtocolError> {
+        let v = version::negotiate(Range::of_hello(h), self.versions)?;
         if h.capabilities & !(CAP_VERIFY | CAP_REUSE) != 0 {
             return Err(ProtocolError::UnknownCapabilities(
                 h.capabilities & !(CAP_VERIFY | CAP_REUSE),
@@ -467,7 +543,7 @@ impl Receiver {
                 backup: self.limits.disk_bytes,
             });
         }
-        Ok(())
+        Ok(v)
     }
 
     /// Whether an epoch is partly received (it is discarded if the session ends).
@@ -510,7 +586,7 @@ impl Receiver {
         if self.hello.is_none() {
             return match m {
                 Message::Hello(h) => {
-                    self.check_hello(&h)?;
+                    self.version = Some(self.check_hello(&h)?);
                     self.max_epoch_bytes = self
                         .limits
                         .max_epoch_bytes
@@ -653,6 +729,10 @@ impl Receiver {
             }
             Message::Ack { .. } => Err(ProtocolError::Unexpected {
                 message: "Ack",
+                state: "on the backup",
+            }),
+            Message::Versions { .. } => Err(ProtocolError::Unexpected {
+                message: "Versions",
                 state: "on the backup",
             }),
             Message::Reuse { .. } => Err(ProtocolError::Unexpected {

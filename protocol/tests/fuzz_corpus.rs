@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use castor_protocol::fuzzing::frames_target;
 use castor_protocol::message::CAP_VERIFY;
+use castor_protocol::version::Range;
 use castor_protocol::{Hello, Message, Sender, VERSION};
 
 fn dir(kind: &str) -> PathBuf {
@@ -35,10 +36,13 @@ fn files(d: &Path) -> Vec<PathBuf> {
 
 /// A valid session from a primary: a hello, two checkpoints (records, state,
 /// console output, commit; with a memory digest when `verify`), a heartbeat
-/// and a goodbye. Returns the hello frame alone and the whole stream.
-fn session(verify: bool) -> (Vec<u8>, Vec<u8>) {
+/// and a goodbye, its hello offering `versions` (5 alone: a v5 hello, as
+/// castor 0.1 writes it). Returns the hello frame alone and the whole
+/// stream.
+fn session(verify: bool, versions: Range) -> (Vec<u8>, Vec<u8>) {
     let hello = Hello {
         version: VERSION,
+        lowest_version: castor_protocol::version::V5,
         session: 7,
         node: "primary".into(),
         capabilities: if verify { CAP_VERIFY } else { 0 },
@@ -51,7 +55,8 @@ fn session(verify: bool) -> (Vec<u8>, Vec<u8>) {
         beat_port: 0,
         beat_key: [0; 32],
         disk_bytes: 0,
-    };
+    }
+    .offering(versions);
     let (mut tx, first) = Sender::new(hello);
     let mut out = first.clone();
     for epoch in 1..=2u64 {
@@ -79,11 +84,15 @@ fn with_selector(sel: u8, stream: &[u8]) -> Vec<u8> {
 
 /// The seeds: name and bytes (the piece-size selector first).
 fn seeds() -> Vec<(String, Vec<u8>)> {
-    let (hello, plain) = session(false);
-    let (_, verify) = session(true);
+    // The v5 seeds as castor 0.1 wrote them, and a v6 hello and session.
+    let (hello, plain) = session(false, Range::only(5));
+    let (_, verify) = session(true, Range::only(5));
+    let (hello_v6, plain_v6) = session(false, castor_protocol::version::SUPPORTED);
     let mut v = vec![
         ("hello".to_string(), with_selector(3, &hello)),
+        ("hello-v6".to_string(), with_selector(3, &hello_v6)),
         ("session".into(), with_selector(200, &plain)),
+        ("session-v6".into(), with_selector(200, &plain_v6)),
         ("session-bytewise".into(), with_selector(0, &plain)),
         ("session-verify".into(), with_selector(16, &verify)),
     ];
@@ -137,7 +146,7 @@ fn checked_in_seeds_replay() {
             );
             sessions += 1;
         }
-        if name == "hello" {
+        if name.starts_with("hello") {
             assert_eq!((fed.refused.as_deref(), fed.messages), (None, 1), "{name}");
         }
         if name == "oversized-frame" {
@@ -145,7 +154,7 @@ fn checked_in_seeds_replay() {
             assert!(why.contains("exceeds the maximum"), "{name}: {why}");
         }
     }
-    assert_eq!(sessions, 3);
+    assert_eq!(sessions, 4);
 }
 
 #[test]

@@ -10,6 +10,7 @@ use proptest::prelude::*;
 fn hello(caps: u64) -> Hello {
     Hello {
         version: VERSION,
+        lowest_version: castor_protocol::version::V5,
         session: 42,
         node: "primary".into(),
         capabilities: caps,
@@ -54,6 +55,7 @@ fn message() -> impl Strategy<Value = Message> {
                 )| {
                     Message::Hello(Hello {
                         version: VERSION,
+                        lowest_version: castor_protocol::version::V5,
                         session,
                         node,
                         capabilities,
@@ -231,18 +233,35 @@ fn out_of_order_and_oversized_input_is_refused() {
         }
     );
 
-    // Unknown version: refused by the decoder with both versions named.
+    // A version older than any hello this castor reads: refused by the
+    // decoder with both named.
     let mut f = Message::Hello(hello(0)).to_frame();
-    f[5] = 9; // version field follows length (4) and type (1)
+    f[5] = 4; // version field follows length (4) and type (1)
     let e = deliver(&mut Receiver::new(1 << 20), &f).unwrap_err();
     assert_eq!(
         e,
         ProtocolError::Wire(WireError::UnsupportedVersion {
-            got: 9,
-            supported: VERSION
+            got: 4,
+            supported: castor_protocol::version::SUPPORTED
         })
     );
-    assert!(e.to_string().contains("version 9"), "{e}");
+    assert!(e.to_string().contains("version 4"), "{e}");
+    // A newer castor's hello (version 9, speaking 9 only) reads, and is
+    // refused with both ranges named.
+    let h = Hello {
+        version: 9,
+        lowest_version: 9,
+        ..hello(0)
+    };
+    let e = deliver(&mut Receiver::new(1 << 20), &Message::Hello(h).to_frame()).unwrap_err();
+    assert!(
+        matches!(e, ProtocolError::NoCommonVersion { .. }) && e.is_incompatible(),
+        "{e:?}"
+    );
+    assert!(
+        e.to_string().contains("9 only") && e.to_string().contains("5 to 6"),
+        "{e}"
+    );
 
     let (mut tx, h) = Sender::new(hello(0));
     let mut rx = Receiver::new(1 << 20);
@@ -495,8 +514,9 @@ fn a_hello_beyond_the_backups_limits_is_refused_as_incompatible() {
     );
     // An unknown mode never decodes: refused, naming the field.
     let mut f = Message::Hello(hello(0)).to_frame();
-    // length(4) type(1) version(2) session(8) node(4 + 7) capabilities(8)
-    let mode_at = 4 + 1 + 2 + 8 + 4 + "primary".len() + 8;
+    // length(4) type(1) version(2) lowest_version(2) session(8) node(4 + 7)
+    // capabilities(8)
+    let mode_at = 4 + 1 + 2 + 2 + 8 + 4 + "primary".len() + 8;
     assert_eq!(f[mode_at], 2, "the fgbi mode byte");
     f[mode_at] = 7;
     let e = refused_frame(&f);

@@ -21,6 +21,7 @@ fn pair(dir: &Path) {
 fn hello() -> Hello {
     Hello {
         version: VERSION,
+        lowest_version: protocol::version::V5,
         session: 7,
         node: "primary".into(),
         capabilities: 0,
