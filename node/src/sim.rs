@@ -81,7 +81,7 @@ const GOODBYE_EXIT: Us = 500 * MS;
 /// How long a stand-down may wait for the witness (primary/src/migration.rs).
 const STAND_DOWN_WAIT: Us = 10_000 * MS;
 /// How long the handover asks an unreachable witness (primary/src/migration.rs).
-const HANDOVER_WAIT: Us = 2000 * MS;
+const HANDOVER_WAIT: Us = 10_000 * MS;
 /// How long a destination asks an unreachable witness whether it owns the
 /// VM (src/migrate_cmd.rs `owned_token`).
 const ADMIT_WAIT: Us = 60_000 * MS;
@@ -502,6 +502,9 @@ enum Step {
 enum HandoverFault {
     None,
     WitnessDown(Step),
+    /// The witness silent for longer than the handover asks (10.5–15 s),
+    /// from before the handover's claim: the guest stays on the source.
+    WitnessDownLong,
     CrashSource(Step),
     CrashDest(Step),
 }
@@ -980,6 +983,10 @@ impl Sim {
 
     fn witness_down(&mut self) {
         let d = self.rng.range(100 * MS, 3000 * MS);
+        self.witness_down_for(d);
+    }
+
+    fn witness_down_for(&mut self, d: Us) {
         self.log(format!("FAULT witness down for {} ms", d / MS));
         self.witness_up = false;
         self.at(d, Ev::WitnessBack);
@@ -1019,6 +1026,7 @@ impl Sim {
                 let step = [Step::Claim, Step::Swapped, Step::Go][self.rng.below(3) as usize];
                 let fault = match self.rng.below(16) {
                     0..=7 => HandoverFault::None,
+                    12..=13 if step == Step::Claim => HandoverFault::WitnessDownLong,
                     8..=13 => HandoverFault::WitnessDown(step),
                     14 => HandoverFault::CrashSource(step),
                     _ => HandoverFault::CrashDest(step),
@@ -1743,6 +1751,13 @@ impl Sim {
             HandoverFault::WitnessDown(s) if s == step => {
                 self.log(format!("FAULT at the handover's {step:?} step"));
                 self.witness_down();
+            }
+            HandoverFault::WitnessDownLong if step == Step::Claim => {
+                self.log(format!("FAULT at the handover's {step:?} step"));
+                let d = self
+                    .rng
+                    .range(HANDOVER_WAIT + 500 * MS, HANDOVER_WAIT + 5000 * MS);
+                self.witness_down_for(d);
             }
             HandoverFault::CrashSource(s) if s == step => {
                 self.log(format!("FAULT at the handover's {step:?} step"));

@@ -30,7 +30,7 @@ const STAND_DOWN_WAIT: Duration = Duration::from_secs(10);
 
 /// How long the handover waits for an unreachable witness (the guest is
 /// paused meanwhile) before the guest stays here.
-const HANDOVER_WAIT: Duration = Duration::from_secs(2);
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// A migration request and where its answer goes.
 #[derive(Debug)]
