@@ -228,7 +228,12 @@ pub fn run_drill(
     let mut stream = Vec::new();
     let mut rounds = Vec::new();
     let mut rng = rand::rng();
+    crate::stop::install();
     for round in 1..=p.rounds {
+        if crate::stop::requested() {
+            eprintln!("stopping after round {}: asked by a signal", round - 1);
+            break;
+        }
         let mut false_takeover = false;
         // The round kills whichever node runs the guest: the backup may
         // have taken over from a primary it found silent during or right
@@ -602,6 +607,9 @@ fn fault_drill(a: &DrillArgs) -> Result<()> {
                 r.problems.join("; ")
             }
         );
+        if let Some(note) = &r.note {
+            println!("             {note}");
+        }
         seen.push(r.clone());
     });
     println!();
@@ -622,8 +630,13 @@ fn fault_drill(a: &DrillArgs) -> Result<()> {
             .filter_map(|r| r.client.as_ref().and_then(|c| c.gap_ms))
             .collect();
         let p = |v: &[f64], q: f64| percentile(&mut v.to_vec(), q);
+        let unmeasured = if rec.len() < rs.len() {
+            format!(" (measured in {} of {})", rec.len(), rs.len())
+        } else {
+            String::new()
+        };
         println!(
-            "  {:<13} {ok} of {} rounds passed; serving again p50 {:.1} / p99 {:.1} ms; protected again (after the fault) p50 {:.0} / p99 {:.0} ms{}",
+            "  {:<13} {ok} of {} rounds passed; serving again p50 {:.1} / p99 {:.1} ms{unmeasured}; protected again (after the fault) p50 {:.0} / p99 {:.0} ms{}",
             format!("{f:?}"),
             rs.len(),
             p(&rec, 0.5),
@@ -672,6 +685,11 @@ fn fault_drill(a: &DrillArgs) -> Result<()> {
     match result {
         Err(e) => Err(e),
         Ok(_) if failed => bail!("the key-value client's history was not clean"),
+        Ok(rep) if rep.stopped => bail!(
+            "stopped by a signal after {} of {} rounds",
+            rep.rounds.len(),
+            a.rounds
+        ),
         Ok(_) => Ok(()),
     }
 }

@@ -113,6 +113,8 @@ pub struct FaultRound {
     pub client: Option<ClientRound>,
     /// What went wrong, if anything.
     pub problems: Vec<String>,
+    /// Why "serving again" was not measured, when it was not.
+    pub note: Option<String>,
 }
 
 impl FaultRound {
@@ -153,6 +155,8 @@ pub struct FaultReport {
     /// `kvdisk`: acknowledged keys read back from a fresh guest on the
     /// survivor's disk alone (read back, in all).
     pub cold_boot: Option<(u64, u64)>,
+    /// A signal stopped the drill before its last round.
+    pub stopped: bool,
 }
 
 /// The etcd witness of a drill: one member, or three when a fault needs a
@@ -338,7 +342,13 @@ pub fn run(
             write_history(&dir.join("client-history.txt"), &c.history());
         }
     };
+    crate::stop::install();
     for round in 1..=plan.rounds {
+        if crate::stop::requested() {
+            eprintln!("stopping after round {}: asked by a signal", round - 1);
+            report.stopped = true;
+            break;
+        }
         let fault = plan.faults[(round as usize - 1) % plan.faults.len()];
         if let Err(e) = n.settle(Duration::from_secs(60)) {
             fail(&stream, &client);
@@ -589,6 +599,7 @@ fn round_of(
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut recovered_ms = None;
+    let mut note = None;
     if let Some(s) = server {
         n.primary = s;
         let d = n.d[s].as_ref().expect("serving");
@@ -612,6 +623,16 @@ fn round_of(
                 .first_past(new_from)
                 .map(|at| (at - t).as_secs_f64() * 1e3);
             let seen = f.finish();
+            if recovered_ms.is_none() {
+                let past = &seen[(mark as usize).min(seen.len())..];
+                note = Some(format!(
+                    "no byte past {new_from} on {}'s console (the client's offset {mark}, resumed at {:?}): it sent {} bytes past the offset: {:?}",
+                    n.pair.names[s],
+                    d.status().and_then(|st| st.resumed_at),
+                    past.len(),
+                    String::from_utf8_lossy(&past[..past.len().min(160)])
+                ));
+            }
             if seen.len() > stream.len() {
                 *stream = seen;
             }
@@ -730,5 +751,6 @@ fn round_of(
         protected_ms,
         client: None,
         problems,
+        note,
     })
 }

@@ -46,6 +46,7 @@ pub mod netns;
 pub mod pair;
 pub mod plots;
 pub mod report;
+pub mod stop;
 
 pub use bench::{bench, BenchArgs};
 pub use demo::{demo, DemoArgs};
