@@ -225,12 +225,32 @@ fn every_workload_makes_progress_and_verify_finds_no_corruption() {
     ] {
         let sink = MemorySink::default();
         let mut m = boot(&format!("{w},interval_ms=50"), 2, 64 << 20, true, &sink);
-        // Harvest a few epochs while it runs, as a checkpointing primary would.
-        for _ in 0..8 {
+        // Harvest epochs while it runs, as a checkpointing primary would: at
+        // least eight, and until every vCPU printed four lines. A workload
+        // first fills its memory, which under dirty tracking takes a few
+        // hundred milliseconds on this platform (kv,mib=4: its first line
+        // ~270 ms after it starts), so a fixed number of epochs would test
+        // the platform's speed rather than the workload's progress.
+        let lines = |sink: &MemorySink, cpu: u32| {
+            String::from_utf8_lossy(&sink.contents())
+                .lines()
+                .filter_map(Progress::parse)
+                .filter(|p| p.cpu == cpu)
+                .count()
+        };
+        let start = std::time::Instant::now();
+        let mut epochs = 0;
+        while epochs < 8 || (0..2).any(|cpu| lines(&sink, cpu) < 4) {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{w}: {epochs} epochs in 20 s, and a vCPU printed fewer than 4 lines: {}",
+                String::from_utf8_lossy(&sink.contents())
+            );
             std::thread::sleep(Duration::from_millis(40));
             m.pause().unwrap();
             m.harvest_dirty().unwrap();
             m.resume().unwrap();
+            epochs += 1;
         }
         m.stop();
         let out = String::from_utf8_lossy(&sink.contents()).to_string();
