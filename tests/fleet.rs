@@ -106,18 +106,29 @@ fn console(v: &VmLine, for_: Duration) -> Vec<u8> {
 
 /// The console a VM's primary keeps, read for `for_`: (the offset of its
 /// first byte, the bytes). A node's log starts where its history of the
-/// guest began (a backup that joined a running guest: the offset of its
-/// first session), and offset 0 is then answered with the oldest it keeps.
+/// guest began (a backup that joined a running guest: up to 1 MiB of
+/// released history before its first session), and offset 0 is then
+/// refused with the oldest it keeps.
 fn console_kept(v: &VmLine, for_: Duration) -> (u64, Vec<u8>) {
-    let s = console(v, Duration::from_millis(100));
-    let Some(oldest) = String::from_utf8_lossy(&s)
-        .strip_prefix("error: offset 0 is older than the oldest kept, ")
-        .and_then(|r| r.split(' ').next())
-        .and_then(|n| n.parse::<u64>().ok())
-    else {
+    let r = v.report.as_ref().expect("a report");
+    let mut s = Vec::new();
+    let refused = lab::pair::read_console(
+        r.console,
+        0,
+        &mut s,
+        Instant::now() + Duration::from_millis(100),
+        u64::MAX,
+    )
+    .err()
+    .and_then(|e| e.downcast::<lab::pair::ConsoleRefused>().ok());
+    let Some(oldest) = refused.as_ref().and_then(|e| {
+        e.why
+            .strip_prefix("error: offset 0 is older than the oldest kept, ")
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.trim_end_matches(',').parse::<u64>().ok())
+    }) else {
         return (0, console(v, for_));
     };
-    let r = v.report.as_ref().expect("a report");
     let mut b = Vec::new();
     let _ = lab::pair::read_console(r.console, oldest, &mut b, Instant::now() + for_, u64::MAX);
     (oldest, b)

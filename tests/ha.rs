@@ -291,3 +291,77 @@ fn a_new_backup_never_takes_over_from_a_live_primary_after_a_large_resync() {
         log(&backup)
     );
 }
+
+/// A console client that had not read up to the release point when a new
+/// backup joined reads on from its own offset after a failover to that
+/// backup: the new backup received the primary's recent console history
+/// with its first checkpoint. (Before, the backup's console began at its
+/// session's first byte, and such a client was refused — "older than the
+/// oldest kept" — and lost the output in between: `castor drill` lost its
+/// client for the rest of a long run that way.)
+#[test]
+fn a_client_behind_when_a_backup_joined_reads_on_after_a_failover_to_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_etcd, pair, backup, mut primary) = protected_pair(tmp.path(), &[]);
+    // The client reads for a while, then falls behind.
+    let mut seen = console(&primary, Duration::from_millis(300));
+    // A new backup joins while the client is not reading: its session
+    // begins well past the client's offset (the counter prints a line
+    // every 2 ms).
+    let mut backup = backup;
+    backup.kill();
+    wait_status(
+        &primary,
+        "the backup's loss",
+        Duration::from_secs(10),
+        pair::unprotected,
+    )
+    .unwrap();
+    // The guest runs on alone (its output released at once once the
+    // primary won the claim) until well past the client's offset.
+    let behind = seen.len() as u64 + (16 << 10);
+    wait_status(
+        &primary,
+        "16 KiB more output",
+        Duration::from_secs(10),
+        |s| s.console_released > behind,
+    )
+    .unwrap();
+    // The new session begins at or past what the primary released now.
+    let joined_at = primary.status().map_or(0, |s| s.console_released);
+    assert!(
+        joined_at > seen.len() as u64 + 4096,
+        "the client is not behind: it read {} bytes, the primary released {joined_at}",
+        seen.len()
+    );
+    let backup = pair.start_backup(1, &[], "b-1.log").unwrap();
+    wait_status(
+        &primary,
+        "protection by the new backup",
+        Duration::from_secs(60),
+        pair::protected_after(20),
+    )
+    .unwrap();
+    primary.kill();
+    wait_status(&backup, "the takeover", Duration::from_secs(10), |s| {
+        s.role.runs_guest()
+    })
+    .unwrap();
+    // The client reads on from where it was, on the survivor.
+    let offset = seen.len() as u64;
+    let r = read_console(
+        backup.console,
+        offset,
+        &mut seen,
+        Instant::now() + Duration::from_millis(500),
+        u64::MAX,
+    );
+    assert!(r.is_ok(), "the survivor refused the client's offset: {r:?}");
+    assert!(
+        seen.len() as u64 > joined_at,
+        "the stream did not reach past the new backup's first session: {} bytes",
+        seen.len()
+    );
+    let c = continuity(&seen);
+    assert!(c.ok(), "{:?}", c.problems);
+}

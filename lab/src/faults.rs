@@ -366,13 +366,16 @@ pub fn run(
         }
         let offset = stream.len() as u64;
         let run_for = Duration::from_millis(rng.random_range(300..1200));
-        read_console(
+        if let Err(e) = read_console(
             n.daemon(n.primary)?.console,
             offset,
             &mut stream,
             Instant::now() + run_for,
             u64::MAX,
-        )?;
+        ) {
+            fail(&stream, &client);
+            bail!("round {round} ({fault:?}), before the fault: the client's read: {e:#}");
+        }
         let label = format!("round {round}");
         let mut r = round_of(&mut n, &mut w, plan, fault, round, &mut stream, || {
             if let Some(c) = &client {
@@ -622,7 +625,12 @@ fn round_of(
             recovered_ms = f
                 .first_past(new_from)
                 .map(|at| (at - t).as_secs_f64() * 1e3);
-            let seen = f.finish();
+            let (seen, refused) = f.finish();
+            if let Some(why) = refused {
+                problems.push(format!(
+                    "the serving node refused the client's offset: {why}"
+                ));
+            }
             if recovered_ms.is_none() {
                 let past = &seen[(mark as usize).min(seen.len())..];
                 note = Some(format!(
@@ -638,29 +646,36 @@ fn round_of(
             }
         }
         for f in followers.into_iter().flatten() {
-            f.finish();
+            let _ = f.finish();
         }
-        read_console(
+        if let Err(e) = read_console(
             d.console,
             stream.len() as u64,
             stream,
             Instant::now() + Duration::from_millis(300),
             u64::MAX,
-        )?;
-        // The serving node's own console agrees with what the client saw.
+        ) {
+            problems.push(format!("reading on after the fault: {e:#}"));
+        }
+        // The serving node's own console agrees with what the client saw
+        // (its last 4 KiB: a node keeps the history a backup receives).
         let from = stream.len().saturating_sub(4 << 10) as u64;
         let mut theirs = stream[..from as usize].to_vec();
-        read_console(
+        match read_console(
             d.console,
             from,
             &mut theirs,
             Instant::now() + Duration::from_millis(200),
             u64::MAX,
-        )?;
-        let k = theirs.len().min(stream.len());
-        let refused = theirs[from as usize..].starts_with(b"error: offset");
-        if !refused && theirs[..k] != stream[..k] {
-            problems.push("the serving node's console differs from the client's stream".into());
+        ) {
+            Err(e) => problems.push(format!("re-reading the client's last 4 KiB: {e:#}")),
+            Ok(_) => {
+                let k = theirs.len().min(stream.len());
+                if theirs[..k] != stream[..k] {
+                    problems
+                        .push("the serving node's console differs from the client's stream".into());
+                }
+            }
         }
         if let Some(m) = d
             .status()

@@ -449,7 +449,8 @@ pub fn wait_status(
 
 /// Reads a console from `offset` into `buf` (which holds the stream up to
 /// `offset`) until the connection ends or `until` passes; returns when the
-/// stream first went past offset `mark`, if it did.
+/// stream first went past offset `mark`, if it did. An offset the console
+/// does not have is an error, a [`ConsoleRefused`].
 pub fn read_console(
     addr: SocketAddr,
     offset: u64,
@@ -493,6 +494,7 @@ fn follow(
     s.write_all(format!("{offset}\n").as_bytes())?;
     let mut chunk = [0u8; 8192];
     let poll = if stop.is_some() { 10 } else { 100 };
+    let mut first = true;
     loop {
         let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() || stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
@@ -501,6 +503,21 @@ fn follow(
         s.set_read_timeout(Some(left.min(Duration::from_millis(poll))))?;
         match s.read(&mut chunk) {
             Ok(0) => return Ok(()),
+            Ok(n) if std::mem::take(&mut first) && chunk[..n].starts_with(REFUSED) => {
+                // The daemon answers an offset it does not have with one
+                // line (written at once) and closes: that is not the
+                // guest's output, and must not be taken for it (a drill's
+                // client that appended it lost its place in the stream).
+                let mut msg = chunk[..n].to_vec();
+                let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                let _ = s.read_to_end(&mut msg);
+                return Err(ConsoleRefused {
+                    addr,
+                    offset,
+                    why: String::from_utf8_lossy(&msg).trim_end().to_string(),
+                }
+                .into());
+            }
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
                 arrived(buf.len() as u64, Instant::now());
@@ -515,13 +532,40 @@ fn follow(
     }
 }
 
+/// How a castor console begins its answer to an offset it does not have.
+const REFUSED: &[u8] = b"error: offset ";
+
+/// A console's answer to an offset it does not have ("older than the oldest
+/// kept", "beyond the end of the stream"), as the daemon wrote it.
+#[derive(Debug, Clone)]
+pub struct ConsoleRefused {
+    /// The console.
+    pub addr: SocketAddr,
+    /// The offset asked for.
+    pub offset: u64,
+    /// The daemon's answer.
+    pub why: String,
+}
+
+impl std::fmt::Display for ConsoleRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the console at {} refused offset {}: {}",
+            self.addr, self.offset, self.why
+        )
+    }
+}
+
+impl std::error::Error for ConsoleRefused {}
+
 /// A console client on a thread of its own, for watching a node while
 /// something else happens: [`Follower::first_past`] tells what came so far,
 /// [`Follower::finish`] stops it and returns the stream.
 pub struct Follower {
     stop: Arc<AtomicBool>,
     arrivals: Arc<Mutex<Vec<(u64, Instant)>>>,
-    thread: std::thread::JoinHandle<Vec<u8>>,
+    thread: std::thread::JoinHandle<(Vec<u8>, Option<String>)>,
 }
 
 impl Follower {
@@ -533,7 +577,7 @@ impl Follower {
         let (s, a) = (stop.clone(), arrivals.clone());
         let thread = std::thread::spawn(move || {
             let offset = stream.len() as u64;
-            let _ = follow(
+            let r = follow(
                 addr,
                 offset,
                 &mut stream,
@@ -541,7 +585,13 @@ impl Follower {
                 Some(&s),
                 &mut |end, at| a.lock().expect("follower").push((end, at)),
             );
-            stream
+            // A console that went away is the end of the stream (a killed
+            // node); one that refused the offset is worth saying.
+            let refused = r
+                .err()
+                .filter(|e| e.is::<ConsoleRefused>())
+                .map(|e| e.to_string());
+            (stream, refused)
         });
         Follower {
             stop,
@@ -555,8 +605,9 @@ impl Follower {
         first_past(&self.arrivals.lock().expect("follower"), mark)
     }
 
-    /// Stops following; the stream as followed.
-    pub fn finish(self) -> Vec<u8> {
+    /// Stops following; the stream as followed, and the console's refusal
+    /// of the offset if it refused it.
+    pub fn finish(self) -> (Vec<u8>, Option<String>) {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or_default()
     }

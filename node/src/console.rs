@@ -193,6 +193,18 @@ impl ConsoleLog {
         self.lock().released
     }
 
+    /// The last `max` bytes (or fewer) of the released history, with the
+    /// offset of the first: what a new backup receives with its first
+    /// checkpoint, so that a client behind the release point when the
+    /// backup joined can still read on after a failover to it.
+    pub fn history(&self, max: usize) -> (u64, Vec<u8>) {
+        let i = self.lock();
+        let from = i.released.saturating_sub(max as u64).max(i.base);
+        let s = (from - i.base) as usize;
+        let e = (i.released - i.base) as usize;
+        (from, i.data.range(s..e).copied().collect())
+    }
+
     /// The bytes in `[from, to)` (appended, visible or not), for checkpoints.
     pub fn slice(&self, from: u64, to: u64) -> Vec<u8> {
         let i = self.lock();
@@ -373,6 +385,11 @@ mod tests {
         log.append_released(b"world");
         assert_eq!(log.read(103, 100), Read::Bytes(b"lo world".to_vec()));
         assert_eq!(log.slice(106, 108), b"wo".to_vec());
+        // The released history: its last bytes, never the held ones.
+        log.set_hold(true);
+        log.append(b"held");
+        assert_eq!(log.history(3), (108, b"rld".to_vec()));
+        assert_eq!(log.history(1 << 20), (100, b"hello world".to_vec()));
         log.close();
         assert_eq!(log.read(111, 10), Read::Closed);
     }

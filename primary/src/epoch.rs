@@ -435,7 +435,8 @@ impl EpochLoop<'_> {
     fn start_session(&mut self) -> Result<(), PrimaryError> {
         // From here on output waits for acks; everything before is released.
         self.set_hold(true);
-        let out_start = self.log.released();
+        let (from, history) = self.log.history(crate::checkpoint::BACKUP_HISTORY);
+        let out_start = from + history.len() as u64;
         let vcpus = self.machine.vcpu_count() as u32;
         let token = self.core.token();
         let disk_bytes = self.machine.disk().map_or(0, |d| d.disk().bytes());
@@ -445,6 +446,7 @@ impl EpochLoop<'_> {
             vcpus,
             disk_bytes,
             out_start,
+            history,
             token,
             self.beat,
             self.versions.offer(),
