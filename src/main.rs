@@ -2,6 +2,7 @@
 //! checkpointing. This binary is the command-line edge: it parses flags, sets
 //! up logging and signals, and drives the machine; the work lives in the
 //! library crates (`castor-vmm`, `castor-guest`).
+#![forbid(unsafe_code)]
 
 mod epoch_flags;
 mod fleet_cmd;

@@ -10,6 +10,7 @@ use common::{castor_bin, exited, strings};
 use lab::console::continuity;
 use lab::pair::{self, read_console, wait_status, Daemon, Pair};
 use node::{Role, Status};
+use rustix::process::Signal;
 use witness::server::EtcdServer;
 
 const GUEST: &[&str] = &[
@@ -41,13 +42,8 @@ fn protected_pair(dir: &std::path::Path, both: &[&str]) -> (EtcdServer, Pair, Da
     (etcd, pair, backup, primary)
 }
 
-fn signal(d: &Daemon, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &d.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
+fn signal(d: &Daemon, sig: Signal) {
+    d.signal(sig).unwrap();
 }
 
 /// The console of `d` from offset 0 for `for_`.
@@ -73,14 +69,14 @@ fn a_paused_primary_ends_with_one_primary_and_one_history() {
     let (_etcd, _pair, backup, mut primary) = protected_pair(tmp.path(), &[]);
     // What clients saw from the primary before the pause.
     let seen = console(&primary, Duration::from_millis(300));
-    signal(&primary, "-STOP");
+    signal(&primary, Signal::STOP);
     // The backup claims the VM at the witness and takes over.
     wait_status(&backup, "the takeover", Duration::from_secs(10), |s| {
         s.role == Role::TakenOver
     })
     .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    signal(&primary, "-CONT");
+    signal(&primary, Signal::CONT);
     // The old primary learns it was replaced and stops, releasing nothing more.
     assert!(
         exited(&mut primary, Duration::from_secs(5)),
@@ -99,7 +95,7 @@ fn a_paused_primary_ends_with_one_primary_and_one_history() {
 fn a_paused_backup_never_makes_a_second_primary() {
     let tmp = tempfile::tempdir().unwrap();
     let (_etcd, _pair, mut backup, primary) = protected_pair(tmp.path(), &[]);
-    signal(&backup, "-STOP");
+    signal(&backup, Signal::STOP);
     // The primary loses its backup (1 s), wins the witness and carries on alone.
     wait_status(
         &primary,
@@ -109,7 +105,7 @@ fn a_paused_backup_never_makes_a_second_primary() {
     )
     .unwrap();
     let before = primary.status().unwrap().console_released;
-    signal(&backup, "-CONT");
+    signal(&backup, Signal::CONT);
     // The backup wakes to a silent primary: its claim from the old token loses.
     std::thread::sleep(Duration::from_secs(2));
     let b = backup.status();

@@ -162,13 +162,8 @@ fn destination_with(
     Proc(child)
 }
 
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    lab::pair::signal_pid(pid, sig).unwrap();
 }
 
 /// `castor migrate` asking a's control socket to move its guest to c at
@@ -322,9 +317,9 @@ fn freeze_during_precopy(source: bool, stop: Duration) -> bool {
     } else {
         dest.0.id()
     };
-    signal(pid, "-STOP");
+    signal(pid, rustix::process::Signal::STOP);
     std::thread::sleep(stop);
-    signal(pid, "-CONT");
+    signal(pid, rustix::process::Signal::CONT);
     let answer = answer
         .recv_timeout(Duration::from_secs(90))
         .expect("castor migrate hung (no answer within 90 s)");
@@ -389,7 +384,7 @@ fn freeze_at_handover(stop: Duration) -> (Setup, bool) {
     std::thread::sleep(stop);
     // Meanwhile c never ran the guest: no Go yet.
     assert!(!dest_runs_guest(&s.dir));
-    signal(s.primary.child.id(), "-CONT");
+    signal(s.primary.child.id(), rustix::process::Signal::CONT);
     let answer = answer
         .recv_timeout(Duration::from_secs(60))
         .expect("castor migrate hung (no answer within 60 s)");
@@ -439,7 +434,7 @@ fn the_destination_frozen_at_the_handover_leaves_one_runner() {
     let answer = ask_bounded(&s.primary.control, listen, &[]);
     wait_log(&s.dir.join("c.log"), "fault injection", 30);
     std::thread::sleep(LONG_STOP);
-    signal(dest.0.id(), "-CONT");
+    signal(dest.0.id(), rustix::process::Signal::CONT);
     let answer = answer
         .recv_timeout(Duration::from_secs(60))
         .expect("castor migrate hung (no answer within 60 s)");

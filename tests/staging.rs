@@ -236,14 +236,9 @@ fn a_protected_pair_whose_checkpoint_outgrows_the_limit_stays_at_its_committed_c
     while !log_of(&backup).contains("refusing the primary's session") {
         assert!(t.elapsed() < Duration::from_secs(40), "never refused");
         tries += 1;
-        let pid = backup.child.id().to_string();
-        let _ = std::process::Command::new("kill")
-            .args(["-STOP", &pid])
-            .status();
+        let _ = backup.signal(rustix::process::Signal::STOP);
         std::thread::sleep(Duration::from_millis(250));
-        let _ = std::process::Command::new("kill")
-            .args(["-CONT", &pid])
-            .status();
+        let _ = backup.signal(rustix::process::Signal::CONT);
         std::thread::sleep(Duration::from_millis(700));
     }
     let blog = log_of(&backup);

@@ -93,12 +93,7 @@ fn an_orderly_stop_under_a_full_link_leaves_the_backup_at_the_last_checkpoint_an
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(1000));
-    let ok = std::process::Command::new("kill")
-        .args(["-TERM", &primary.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    primary.signal(rustix::process::Signal::TERM).unwrap();
     let t = Instant::now();
     while primary.child.try_wait().unwrap().is_none() {
         assert!(

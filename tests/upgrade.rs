@@ -351,18 +351,13 @@ fn using(bin: &Path) {
     std::env::set_var("CASTOR_BIN", bin);
 }
 
-fn signal(d: &Daemon, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &d.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
+fn signal(d: &Daemon, sig: rustix::process::Signal) {
+    d.signal(sig).unwrap();
 }
 
 /// Stops a daemon as a person does (SIGTERM), SIGKILL after 10 s.
 fn stop(d: &mut Daemon) {
-    signal(d, "-TERM");
+    signal(d, rustix::process::Signal::TERM);
     if !exited(d, Duration::from_secs(10)) {
         d.kill();
     }

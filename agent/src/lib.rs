@@ -23,6 +23,7 @@
 //! follows the witness. So an agent, a leader or etcd being lost changes
 //! no role: the daemons run on as they are (see docs/design.md, "The
 //! fleet").
+#![forbid(unsafe_code)]
 
 pub mod children;
 pub mod keys;

@@ -20,6 +20,7 @@
 //!
 //! [`run`] returns when the node is stopped, or with the running guest when
 //! it took over: the caller then protects it as a primary.
+#![forbid(unsafe_code)]
 
 mod config;
 pub mod disk;

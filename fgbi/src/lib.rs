@@ -63,6 +63,7 @@
 //! ```
 //! Varints are LEB128. Records are applied in order; a `Ref` reads its source
 //! as it stood before the record that contains it.
+#![forbid(unsafe_code)]
 
 mod apply;
 mod blocks;

@@ -7,6 +7,7 @@
 //! limits, and how they become the kernel command line. Parsing and validation
 //! live here so that a bad workload parameter is refused by castor with a clear
 //! message before a VM is created.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 

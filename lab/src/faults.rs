@@ -248,9 +248,7 @@ impl Nodes {
 }
 
 fn signal(d: &Daemon, sig: rustix::process::Signal) -> Result<()> {
-    let pid = rustix::process::Pid::from_raw(d.child.id() as i32).context("a daemon's pid")?;
-    rustix::process::kill_process(pid, sig)
-        .with_context(|| format!("sending {sig:?} to process {}", d.child.id()))
+    d.signal(sig)
 }
 
 /// The key-value history, one operation a line, for a failed drill's folder.

@@ -26,6 +26,7 @@
 //!   commands.
 //!
 //! Percentiles come from [`node::stats::percentile`] throughout.
+#![forbid(unsafe_code)]
 
 pub mod bench;
 pub mod cli;

@@ -100,7 +100,23 @@ impl Drop for Daemon {
     }
 }
 
+/// Sends signal `sig` to process `pid` (a daemon, or this process for a
+/// fault hook), naming both if it cannot.
+pub fn signal_pid(pid: u32, sig: rustix::process::Signal) -> Result<()> {
+    let p = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .with_context(|| format!("{pid} is not a process id"))?;
+    rustix::process::kill_process(p, sig)
+        .with_context(|| format!("sending {sig:?} to process {pid}"))
+}
+
 impl Daemon {
+    /// Sends `sig` (SIGSTOP, SIGCONT, SIGTERM…) to the daemon.
+    pub fn signal(&self, sig: rustix::process::Signal) -> Result<()> {
+        signal_pid(self.child.id(), sig)
+    }
+
     /// Sends SIGKILL and waits.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

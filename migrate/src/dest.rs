@@ -322,9 +322,8 @@ async fn prepare(
     ctl.msg(&Msg::Verified).await?;
     if std::env::var_os(FAULT_STOP_AFTER_VERIFIED).is_some() {
         warn!("fault injection: stopping this process (SIGSTOP) after Verified");
-        let _ = std::process::Command::new("kill")
-            .args(["-STOP", &std::process::id().to_string()])
-            .status();
+        let _ =
+            rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
     }
     match timeout(rx.next()).await? {
         Msg::Go => {}

@@ -29,6 +29,7 @@
 //! lacks; after `Go` the destination fetches the ones its guest touches
 //! (`Want` → `Page` on the control stream) while the source pushes the rest
 //! (`Page`… `Done` on the bulk stream); `Finished` when all arrived.
+#![forbid(unsafe_code)]
 
 pub mod dest;
 mod io;

@@ -16,6 +16,7 @@
 //! - [`sim`]: a deterministic simulator of the pair driving those machines.
 //! - [`fleet`]: where each VM's primary and backup run in a fleet of hosts,
 //!   as a pure function, with its invariants and a seeded simulation.
+#![forbid(unsafe_code)]
 
 pub mod console;
 pub mod control;

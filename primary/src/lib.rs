@@ -21,6 +21,7 @@
 //! Without a backup the guest keeps running, the role says loudly that it
 //! is unprotected, releases output at once, and keeps trying to reach the
 //! backup; a backup that comes (back) gets a full resync.
+#![forbid(unsafe_code)]
 
 mod checkpoint;
 mod config;

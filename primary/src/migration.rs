@@ -94,9 +94,10 @@ impl Switch for Gate<'_> {
                         warn!(
                             "fault injection: stopping this process (SIGSTOP) after the handover"
                         );
-                        let _ = std::process::Command::new("kill")
-                            .args(["-STOP", &std::process::id().to_string()])
-                            .status();
+                        let _ = rustix::process::kill_process(
+                            rustix::process::getpid(),
+                            rustix::process::Signal::STOP,
+                        );
                     }
                     return Ok(());
                 }

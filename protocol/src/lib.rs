@@ -14,6 +14,7 @@
 //! This crate does no I/O: the daemons feed it bytes and take bytes out. The
 //! mutual-TLS QUIC transport that carries the frames is `castor-transport`.
 //! The format is described in `docs/protocol.md`.
+#![forbid(unsafe_code)]
 
 pub mod beat;
 pub mod codec;

@@ -15,6 +15,7 @@
 //! [`certs`] makes the pair's CA and node certificates; [`link`] emulates a
 //! slower link (rate and delay) for benchmarks; [`lossy`] loses, duplicates
 //! and reorders the datagrams a node sends (`--link-faults`).
+#![forbid(unsafe_code)]
 
 pub mod certs;
 pub mod link;

@@ -17,6 +17,7 @@
 //! linearizable whichever member answers.
 //! When none answers the answer is [`Claim::Unreachable`] and nothing
 //! changes: castor gives up availability, never safety.
+#![forbid(unsafe_code)]
 
 pub mod server;
 pub mod store;
