@@ -42,8 +42,35 @@ fn protected_pair(dir: &std::path::Path, both: &[&str]) -> (EtcdServer, Pair, Da
     (etcd, pair, backup, primary)
 }
 
-fn signal(d: &Daemon, sig: Signal) {
-    d.signal(sig).unwrap();
+/// Kills the backup and waits until the primary knows it is unprotected.
+fn lose_backup(primary: &Daemon, backup: &mut Daemon) {
+    backup.kill();
+    wait_status(
+        primary,
+        "the backup's loss",
+        Duration::from_secs(10),
+        pair::unprotected,
+    )
+    .unwrap();
+}
+
+/// Starts node b as a new backup (its log `log`) and waits until the
+/// primary is `protected` by it.
+fn new_backup(
+    pair: &Pair,
+    primary: &Daemon,
+    log: &str,
+    protected: impl Fn(&Status) -> bool,
+) -> Daemon {
+    let backup = pair.start_backup(1, &[], log).unwrap();
+    wait_status(
+        primary,
+        "protection by the new backup",
+        Duration::from_secs(60),
+        protected,
+    )
+    .unwrap();
+    backup
 }
 
 /// The console of `d` from offset 0 for `for_`.
@@ -69,14 +96,14 @@ fn a_paused_primary_ends_with_one_primary_and_one_history() {
     let (_etcd, _pair, backup, mut primary) = protected_pair(tmp.path(), &[]);
     // What clients saw from the primary before the pause.
     let seen = console(&primary, Duration::from_millis(300));
-    signal(&primary, Signal::STOP);
+    primary.signal(Signal::STOP).unwrap();
     // The backup claims the VM at the witness and takes over.
     wait_status(&backup, "the takeover", Duration::from_secs(10), |s| {
         s.role == Role::TakenOver
     })
     .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    signal(&primary, Signal::CONT);
+    primary.signal(Signal::CONT).unwrap();
     // The old primary learns it was replaced and stops, releasing nothing more.
     assert!(
         exited(&mut primary, Duration::from_secs(5)),
@@ -95,7 +122,7 @@ fn a_paused_primary_ends_with_one_primary_and_one_history() {
 fn a_paused_backup_never_makes_a_second_primary() {
     let tmp = tempfile::tempdir().unwrap();
     let (_etcd, _pair, mut backup, primary) = protected_pair(tmp.path(), &[]);
-    signal(&backup, Signal::STOP);
+    backup.signal(Signal::STOP).unwrap();
     // The primary loses its backup (1 s), wins the witness and carries on alone.
     wait_status(
         &primary,
@@ -105,7 +132,7 @@ fn a_paused_backup_never_makes_a_second_primary() {
     )
     .unwrap();
     let before = primary.status().unwrap().console_released;
-    signal(&backup, Signal::CONT);
+    backup.signal(Signal::CONT).unwrap();
     // The backup wakes to a silent primary: its claim from the old token loses.
     std::thread::sleep(Duration::from_secs(2));
     let b = backup.status();
@@ -245,22 +272,8 @@ fn a_new_backup_never_takes_over_from_a_live_primary_after_a_large_resync() {
     .unwrap();
     let mut takeovers = Vec::new();
     for i in 1..=4 {
-        backup.kill();
-        wait_status(
-            &primary,
-            "the backup's loss",
-            Duration::from_secs(10),
-            pair::unprotected,
-        )
-        .unwrap();
-        backup = pair.start_backup(1, &[], &format!("b-{i}.log")).unwrap();
-        wait_status(
-            &primary,
-            "protection by the new backup",
-            Duration::from_secs(60),
-            pair::protected,
-        )
-        .unwrap();
+        lose_backup(&primary, &mut backup);
+        backup = new_backup(&pair, &primary, &format!("b-{i}.log"), pair::protected);
         // The moments right after the resync are when it happened.
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(3) {
@@ -298,21 +311,13 @@ fn a_new_backup_never_takes_over_from_a_live_primary_after_a_large_resync() {
 #[test]
 fn a_client_behind_when_a_backup_joined_reads_on_after_a_failover_to_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let (_etcd, pair, backup, mut primary) = protected_pair(tmp.path(), &[]);
+    let (_etcd, pair, mut backup, mut primary) = protected_pair(tmp.path(), &[]);
     // The client reads for a while, then falls behind.
     let mut seen = console(&primary, Duration::from_millis(300));
     // A new backup joins while the client is not reading: its session
     // begins well past the client's offset (the counter prints a line
     // every 2 ms).
-    let mut backup = backup;
-    backup.kill();
-    wait_status(
-        &primary,
-        "the backup's loss",
-        Duration::from_secs(10),
-        pair::unprotected,
-    )
-    .unwrap();
+    lose_backup(&primary, &mut backup);
     // The guest runs on alone (its output released at once once the
     // primary won the claim) until well past the client's offset.
     let behind = seen.len() as u64 + (16 << 10);
@@ -330,14 +335,7 @@ fn a_client_behind_when_a_backup_joined_reads_on_after_a_failover_to_it() {
         "the client is not behind: it read {} bytes, the primary released {joined_at}",
         seen.len()
     );
-    let backup = pair.start_backup(1, &[], "b-1.log").unwrap();
-    wait_status(
-        &primary,
-        "protection by the new backup",
-        Duration::from_secs(60),
-        pair::protected_after(20),
-    )
-    .unwrap();
+    let backup = new_backup(&pair, &primary, "b-1.log", pair::protected_after(20));
     primary.kill();
     wait_status(&backup, "the takeover", Duration::from_secs(10), |s| {
         s.role.runs_guest()

@@ -351,13 +351,9 @@ fn using(bin: &Path) {
     std::env::set_var("CASTOR_BIN", bin);
 }
 
-fn signal(d: &Daemon, sig: rustix::process::Signal) {
-    d.signal(sig).unwrap();
-}
-
 /// Stops a daemon as a person does (SIGTERM), SIGKILL after 10 s.
 fn stop(d: &mut Daemon) {
-    signal(d, rustix::process::Signal::TERM);
+    d.signal(rustix::process::Signal::TERM).unwrap();
     if !exited(d, Duration::from_secs(10)) {
         d.kill();
     }

@@ -247,10 +247,6 @@ impl Nodes {
     }
 }
 
-fn signal(d: &Daemon, sig: rustix::process::Signal) -> Result<()> {
-    d.signal(sig)
-}
-
 /// The key-value history, one operation a line, for a failed drill's folder.
 fn write_history(path: &Path, ops: &[crate::linearize::Op]) {
     let text: String = ops.iter().map(|o| format!("{o:?}\n")).collect();
@@ -517,9 +513,9 @@ fn round_of(
         Fault::PausePrimary | Fault::PauseBackup => {
             let who = if fault == Fault::PausePrimary { p } else { b };
             let d = n.daemon(who)?;
-            signal(d, rustix::process::Signal::STOP)?;
+            d.signal(rustix::process::Signal::STOP)?;
             std::thread::sleep(len);
-            signal(d, rustix::process::Signal::CONT)?;
+            d.signal(rustix::process::Signal::CONT)?;
         }
         Fault::WitnessDown => {
             for i in 0..w.etcd.members() {

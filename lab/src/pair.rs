@@ -581,7 +581,7 @@ impl std::error::Error for ConsoleRefused {}
 pub struct Follower {
     stop: Arc<AtomicBool>,
     arrivals: Arc<Mutex<Vec<(u64, Instant)>>>,
-    thread: std::thread::JoinHandle<(Vec<u8>, Option<String>)>,
+    thread: std::thread::JoinHandle<(Vec<u8>, Option<ConsoleRefused>)>,
 }
 
 impl Follower {
@@ -603,10 +603,7 @@ impl Follower {
             );
             // A console that went away is the end of the stream (a killed
             // node); one that refused the offset is worth saying.
-            let refused = r
-                .err()
-                .filter(|e| e.is::<ConsoleRefused>())
-                .map(|e| e.to_string());
+            let refused = r.err().and_then(|e| e.downcast::<ConsoleRefused>().ok());
             (stream, refused)
         });
         Follower {
@@ -623,7 +620,7 @@ impl Follower {
 
     /// Stops following; the stream as followed, and the console's refusal
     /// of the offset if it refused it.
-    pub fn finish(self) -> (Vec<u8>, Option<String>) {
+    pub fn finish(self) -> (Vec<u8>, Option<ConsoleRefused>) {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap_or_default()
     }

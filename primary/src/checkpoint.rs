@@ -153,8 +153,14 @@ impl Session {
         let encode = te.elapsed();
         let epoch = self.next_epoch;
         self.next_epoch += 1;
-        let mut output = std::mem::take(&mut self.history);
-        output.extend_from_slice(&log.slice(self.out_start, out_end));
+        let output = if self.history.is_empty() {
+            log.slice(self.out_start, out_end)
+        } else {
+            // The session's first checkpoint: the history, then the log.
+            let mut h = std::mem::take(&mut self.history);
+            h.extend_from_slice(&log.slice(self.out_start, out_end));
+            h
+        };
         self.out_start = out_end;
         let state = payload::pack_state(state);
         let s = &mut self.sender;
