@@ -110,6 +110,12 @@ enum Command {
     /// violation (a reply from state later lost, an acknowledged write lost),
     /// then reads back every acknowledged key. Fails on any violation.
     Loadgen(lab::loadgen::LoadgenArgs),
+    /// Check a recorded key-value history for linearizability (Porcupine's
+    /// search, per key): the file `castor loadgen --history-out` or a
+    /// drill's `client-history.jsonl` wrote. Prints the verdict, the
+    /// smallest failing sub-history of a violation, and the shape of any key
+    /// the search's budget could not decide; fails on a violation.
+    Linearize(lab::loadgen::LinearizeArgs),
     /// Live migration: ask a running primary (--node or --control) to move
     /// its guest, running, to the node listening at --to (a `castor
     /// migrate-listen` whose certificate names it --dest).
@@ -1004,7 +1010,7 @@ fn services(name: &str, pair: &PairArgs) -> Result<node::Services> {
             node::control::Response::Error("starting".into())
         }),
         || {
-            let _ = vmm::set_current_thread_realtime(10);
+            let _ = vmm::set_current_thread_realtime(vmm::priority::NETWORK);
         },
     )
     .context("starting the node's services")
@@ -1429,6 +1435,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => lab::bench(a),
         Command::Net(a) => lab::netlab::net(a),
         Command::Loadgen(a) => lab::loadgen::loadgen(a),
+        Command::Linearize(a) => lab::loadgen::linearize_file(a),
         Command::Migrate(a) => migrate_cmd::ask(a),
         Command::MigrateRun(a) => migrate_cmd::run(a),
         Command::MigrateListen(a) => migrate_cmd::listen(a),

@@ -302,7 +302,10 @@ pub fn listen(a: ListenArgs) -> Result<()> {
         max_memory: a.max_memory,
     };
     let stop = stop_flag()?;
-    let arrival = migrate::dest::Arrival::default();
+    let arrival = migrate::dest::Arrival {
+        stop_after_verified: fault_stop_after_verified(&a.tls.certs),
+        ..Default::default()
+    };
     let Some(incoming) = wait_for_guest(rt.handle(), &listener, &cfg, &arrival, &stop)? else {
         return Ok(());
     };
@@ -335,7 +338,7 @@ pub fn listen(a: ListenArgs) -> Result<()> {
 /// Takes incoming migrations on `listener` until one brings a guest that
 /// runs here; a migration that fails before its switch is logged and the
 /// next one awaited. `None`: `stop` was set first. A guest that arrived but
-/// may not run here (`Arrival::admit`) is an error: it is lost.
+/// may not run here (`Arrival::claim`) is an error.
 fn wait_for_guest(
     rt: &tokio::runtime::Handle,
     listener: &transport::Listener,
@@ -359,6 +362,13 @@ fn wait_for_guest(
             Some(Err(e)) => warn!("{e}; waiting for the next migration"),
         }
     }
+}
+
+/// The tests' fault [`migrate::dest::FAULT_STOP_AFTER_VERIFIED`], set to
+/// this node's certificate directory.
+fn fault_stop_after_verified(certs: &std::path::Path) -> bool {
+    std::env::var_os(migrate::dest::FAULT_STOP_AFTER_VERIFIED)
+        .is_some_and(|v| std::path::Path::new(&v) == certs)
 }
 
 fn stop_flag() -> Result<Arc<AtomicBool>> {
@@ -483,21 +493,22 @@ pub(crate) fn incoming_primary(a: &super::PrimaryArgs, addr: SocketAddr) -> Resu
         transport::Listener::bind(addr, &tls)?
     };
     let token = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let admit = witness.clone().map(|w| {
+    let claim = witness.clone().map(|w| {
         let (me, token) = (a.pair.node.clone(), token.clone());
         Box::new(move || {
-            let t = owned_token(&w, &me)?;
+            let t = claim_arrival(&w, &me)?;
             token.store(t, Ordering::Relaxed);
-            info!(token = t, "the witness names this node the VM's owner");
+            info!(token = t, "the witness gives this node the VM");
             Ok(())
         }) as Box<dyn Fn() -> Result<(), String> + Send + Sync>
     });
-    if admit.is_none() {
+    if claim.is_none() {
         warn!("no witness: the guest that arrives runs here without a check of its ownership");
     }
     let arrival = migrate::dest::Arrival {
         log: Some(node.log.clone()),
-        admit,
+        claim,
+        stop_after_verified: fault_stop_after_verified(&a.pair.certs),
     };
     let dest = DestConfig {
         kvm_device: a.machine.kvm_device.clone(),
@@ -545,13 +556,38 @@ pub(crate) fn incoming_primary(a: &super::PrimaryArgs, addr: SocketAddr) -> Resu
     Ok(())
 }
 
-/// How long a destination that has `Go` asks a silent witness whether it
-/// owns the VM. The source sent `Go` only after it won the witness's swap
-/// to this node, and has stopped: nobody else can run the VM, so waiting
-/// costs nothing but the wait, and giving up loses the VM (the simulator
-/// found that with a 2 s bound: ~4 % of its runs with witness outages of
-/// 0.1-3 s lost the VM here).
+/// How long a destination that has `Go` asks a silent witness for the VM.
+/// The source sent `Go` only after it won the witness's swap to this node,
+/// and waits, paused, for this node's `Finished` or the witness's word:
+/// waiting costs nothing but the wait, and giving up may lose the VM (the
+/// simulator found that with a 2 s bound: ~4 % of its runs with witness
+/// outages of 0.1-3 s lost the VM here).
 const OWNER_WAIT: Duration = Duration::from_secs(60);
+
+/// Claims the VM at the witness for the guest that arrived with `Go`: a
+/// claim from the token of the handover (the one that names `me`), so that
+/// this node and a source that never heard its `Finished` and takes the VM
+/// back (`Switch::reclaim`, a claim from the same token) never both run
+/// it. The new token; asked for up to [`OWNER_WAIT`] while the witness
+/// does not answer.
+fn claim_arrival(w: &witness::Etcd, me: &str) -> Result<u64, String> {
+    let start = Instant::now();
+    let handed = owned_token(w, me)?;
+    loop {
+        match w.claim(me, handed) {
+            witness::Claim::Won { token } => return Ok(token),
+            witness::Claim::Lost { owner, token } => {
+                return Err(format!(
+                    "the witness gives the VM to {owner} (token {token}): the source took it back"
+                ))
+            }
+            witness::Claim::Unreachable if start.elapsed() >= OWNER_WAIT => {
+                return Err("the witness did not answer this node's claim of the VM".into())
+            }
+            witness::Claim::Unreachable => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
 
 /// The token of the VM's ownership if the witness names `me` its owner,
 /// asked for up to [`OWNER_WAIT`] while it does not answer.

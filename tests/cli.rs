@@ -276,3 +276,48 @@ fn the_deploy_samples_are_valid_configs() {
         );
     }
 }
+
+#[test]
+fn a_recorded_history_is_checked_again_and_a_violation_shown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("h.jsonl");
+    let path = file.to_str().unwrap();
+    // PUT 1, then PUT 2, then a read of 1: a stale read.
+    let put = |v: u64, a: u64, b: u64| {
+        format!(
+            r#"{{"client":0,"key":7,"kind":{{"Put":{v}}},"invoke":{a},"ret":{b},"outcome":{{"Ok":null}}}}"#
+        )
+    };
+    let get = |v: u64, a: u64, b: u64| {
+        format!(
+            r#"{{"client":1,"key":7,"kind":"Get","invoke":{a},"ret":{b},"outcome":{{"Ok":{v}}}}}"#
+        )
+    };
+    std::fs::write(
+        &file,
+        [put(1, 0, 10), put(2, 20, 30), get(2, 40, 50)].join("\n"),
+    )
+    .unwrap();
+    let o = run(&["linearize", "--fresh", path]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("linearizable: yes (3 ops, 1 keys)"), "{out}");
+    std::fs::write(
+        &file,
+        [put(1, 0, 10), put(2, 20, 30), get(1, 40, 50)].join("\n"),
+    )
+    .unwrap();
+    let o = run(&["linearize", path]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains("linearizable: NO") && out.contains("get -> 0x1"),
+        "{out}"
+    );
+    std::fs::write(&file, "{\"key\": 1}\n").unwrap();
+    fails_with(
+        &["linearize", path],
+        "line 1: not an operation of a history",
+    );
+    fails_with(&["linearize", "/nonexistent/h.jsonl"], "cannot open");
+}

@@ -296,6 +296,15 @@ fn a_backup_killed_during_commits_comes_back_and_resyncs() {
             .pair
             .start_backup(1, &[], &format!("b-{round}.log"))
             .unwrap();
+        // Wait on the new backup itself: the primary may still call
+        // itself protected by the killed process's session for a moment.
+        wait_status(
+            &backup,
+            "the resync's first commit",
+            Duration::from_secs(60),
+            pair::backup_committed(1),
+        )
+        .unwrap();
         wait_status(
             &primary,
             "protected again",

@@ -231,6 +231,9 @@ fn a_protected_guest_moves_into_another_protected_pair_and_fails_over_there() {
 
     let follower = follow_from_start(a.console, Duration::from_secs(60));
     let (ok, text) = ask(&a, listen, &[]);
+    // The report (pause_ms: from the pause to c's Finished, its claim at
+    // the witness included).
+    eprintln!("castor migrate: {text}");
     assert!(ok, "castor migrate failed: {text}");
     assert!(
         exited(&mut a, Duration::from_secs(10)),

@@ -54,6 +54,11 @@ const SHORT_STOP: Duration = Duration::from_secs(2);
 /// (primary/src/migration.rs).
 const FAULT_STOP_AFTER_HANDOVER: &str = "CASTOR_FAULT_STOP_AFTER_HANDOVER";
 
+/// The environment variable that stops a destination right after it
+/// answered `Verified` (migrate/src/dest.rs), if its value is the node's
+/// certificate directory.
+const FAULT_STOP_AFTER_VERIFIED: &str = "CASTOR_FAULT_STOP_AFTER_VERIFIED";
+
 struct Setup {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
@@ -73,7 +78,7 @@ fn protected_pair(guest: &[&str], fault: bool) -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let etcd = EtcdServer::start(&dir.join("etcd")).expect("etcd starts");
-    let names = ["a", "b", "c"].map(String::from);
+    let names = ["a", "b", "c", "d"].map(String::from);
     transport::certs::create(&dir.join("pki"), &names, false).unwrap();
     let pair = Pair::new(&dir.join("pki"), ["a", "b"], &dir)
         .unwrap()
@@ -127,23 +132,8 @@ impl Drop for Proc {
 
 /// `castor migrate-listen` as node c, accepting a.
 fn destination(dir: &Path, listen: SocketAddr, console: SocketAddr) -> Proc {
-    destination_with(dir, listen, console, false)
-}
-
-/// [`destination`]; `stop_after_verified`: it stops itself (SIGSTOP) once
-/// it answered `Verified`, before it reads `Go`.
-fn destination_with(
-    dir: &Path,
-    listen: SocketAddr,
-    console: SocketAddr,
-    stop_after_verified: bool,
-) -> Proc {
     let log = std::fs::File::create(dir.join("c.log")).unwrap();
-    let mut cmd = Command::new(castor_bin());
-    if stop_after_verified {
-        cmd.env("CASTOR_FAULT_STOP_AFTER_VERIFIED", "1");
-    }
-    let child = cmd
+    let child = Command::new(castor_bin())
         .args(["migrate-listen", "--certs"])
         .arg(dir.join("pki"))
         .args([
@@ -273,7 +263,11 @@ fn one_runner(
         assert_eq!(s.backup.status().unwrap().role, Role::Backup);
         let owner = owner_now(&s.etcd);
         assert_eq!(owner.owner, "a", "{owner:?}");
-        assert!(!dest_runs_guest(&s.dir), "c runs the guest too");
+        assert!(
+            !dest_runs_guest(&s.dir),
+            "c runs the guest too; c.log:\n{}",
+            std::fs::read_to_string(s.dir.join("c.log")).unwrap_or_default()
+        );
         drop(follower);
         let mut stream = Vec::new();
         let _ = read_console(
@@ -411,39 +405,42 @@ fn the_source_frozen_briefly_at_the_handover_moves_the_guest() {
     assert!(moved, "a brief freeze at the handover called the move off");
 }
 
-/// A known gap, kept as a test that fails today: c stops itself right
-/// after `Verified`; a hands the VM over at the witness and sends `Go`
-/// into c's frozen socket; c stays stopped past the link timeout. Seen:
-/// a's wait for `Finished` ends with the link's idle timeout, a counts the
-/// lost confirmation as a move (MIGRATED) and stops its guest, while c's
-/// connection timed out before it read `Go` ("waiting for the next
-/// migration"): the witness names c and the guest runs nowhere. The
-/// source alone cannot tell a lost `Go` from a lost `Finished`; closing
-/// this needs the destination to claim the VM at the witness when it
-/// admits the guest (a compare-and-swap from the handover's token) and
-/// the source, missing `Finished`, to race it with a claim back.
+/// c — a primary whose guest arrives by migration, with the witness, so
+/// that it claims the VM there before it runs the guest — stops itself
+/// right after `Verified`; a hands the VM over at the witness and sends
+/// `Go` into c's frozen socket; c stays stopped past the link timeout. a
+/// never hears `Finished`: it takes the VM back at the witness (a claim
+/// from the handover's token, the one c must win before it runs the
+/// guest), and the guest runs on there, protected again; c, thawed, finds
+/// its link gone or its own claim lost, and never runs it. Before the fix
+/// a counted the lost confirmation as a move and stopped its guest, while
+/// c's connection had timed out before it read `Go`: the witness named c
+/// and the guest ran nowhere.
 #[test]
-#[ignore = "known gap: a destination frozen between Verified and Go loses the VM (see the comment)"]
-fn the_destination_frozen_at_the_handover_leaves_one_runner() {
+fn the_destination_frozen_at_the_handover_leaves_the_guest_on_the_source() {
     let mut s = protected_pair(SMALL_GUEST, false);
+    // d, c's backup, is never started: c would run the guest unprotected.
+    let pair2 = Pair::new(&s.dir.join("pki"), ["c", "d"], &s.dir)
+        .unwrap()
+        .with_etcd(&s.etcd.endpoint());
     let listen = pair::free_port(true).unwrap();
-    let c_console = pair::free_port(false).unwrap();
-    let dest = destination_with(&s.dir, listen, c_console, true);
+    let incoming = strings(&["--incoming", &listen.to_string(), "--incoming-from", "a"]);
+    // Only a node with this test's certificate directory takes the fault.
+    std::env::set_var(FAULT_STOP_AFTER_VERIFIED, s.dir.join("pki"));
+    let c = pair2.start_primary(0, &incoming, "c.log").unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let follower = follow_from_start(s.primary.console, Duration::from_secs(90));
     let answer = ask_bounded(&s.primary.control, listen, &[]);
     wait_log(&s.dir.join("c.log"), "fault injection", 30);
     std::thread::sleep(LONG_STOP);
-    signal(dest.0.id(), rustix::process::Signal::CONT);
+    c.signal(rustix::process::Signal::CONT).unwrap();
     let answer = answer
         .recv_timeout(Duration::from_secs(60))
         .expect("castor migrate hung (no answer within 60 s)");
+    // c, thawed, has had time to read whatever reached it.
     std::thread::sleep(Duration::from_secs(2));
-    eprintln!(
-        "c.log:\n{}",
-        std::fs::read_to_string(s.dir.join("c.log")).unwrap()
-    );
-    eprintln!("owner {:?}", owner_now(&s.etcd));
-    let moved = one_runner(&mut s, answer, follower, c_console);
-    eprintln!("moved {moved}");
+    let moved = one_runner(&mut s, answer, follower, c.console);
+    assert!(!moved, "c ran the guest though a never heard Finished");
+    let log = std::fs::read_to_string(&s.primary.log).unwrap();
+    assert!(log.contains("had not claimed"), "{log}");
 }

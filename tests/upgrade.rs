@@ -27,6 +27,13 @@ const PREVIOUS: &str = "52a1c96cba1e6edb7b98d40c4281449518120afb";
 /// What its `--version` prints.
 const PREVIOUS_VERSION: &str = "castor 0.1.0";
 
+/// Every backup's flags: a failure detector above this host's stalls. The
+/// machine is itself a VM whose CPUs its hypervisor takes away for ~100 ms
+/// at a time under load (steal time; castor logs each as "… woke
+/// late"); the default 30 ms took such a stall for a dead primary, and
+/// these tests assert who runs the guest at each step.
+const BACKUP: &[&str] = &["--heartbeat-timeout-ms", "400"];
+
 const GUEST: &[&str] = &[
     "--mem",
     "128M",
@@ -476,7 +483,7 @@ fn a_pair_is_upgraded_backup_first_then_switched_over_with_the_guest_running() {
     // 1. Both nodes on castor 0.1.0: protected (at version 5, the only one
     //    it speaks; it does not report it).
     using(&old);
-    let mut b = pair.start_backup(1, &[], "b-0.1.log").unwrap();
+    let mut b = pair.start_backup(1, &strings(BACKUP), "b-0.1.log").unwrap();
     let mut a = pair.start_primary(0, &strings(GUEST), "a-0.1.log").unwrap();
     wait_status(
         &a,
@@ -500,7 +507,7 @@ fn a_pair_is_upgraded_backup_first_then_switched_over_with_the_guest_running() {
     )
     .unwrap();
     using(&new);
-    let mut b = pair.start_backup(1, &[], "b-0.2.log").unwrap();
+    let mut b = pair.start_backup(1, &strings(BACKUP), "b-0.2.log").unwrap();
     let e = epochs(&a);
     wait_status(
         &a,
@@ -533,7 +540,7 @@ fn a_pair_is_upgraded_backup_first_then_switched_over_with_the_guest_running() {
 
     // 4. The old primary's node is upgraded and becomes the new backup:
     //    new ↔ new, at version 6.
-    let mut a = pair.start_backup(0, &[], "a-0.2.log").unwrap();
+    let mut a = pair.start_backup(0, &strings(BACKUP), "a-0.2.log").unwrap();
     wait_status(
         &b,
         "new ↔ new protected",
@@ -611,7 +618,7 @@ fn a_new_primary_protects_toward_an_old_backup_at_v5_then_at_v6_once_it_is_upgra
     // castor 0.2.0's primary, castor 0.1.0's backup: the backup refuses the
     // first hello (version 6); the primary speaks 5 to it.
     using(&old);
-    let mut b = pair.start_backup(1, &[], "b-0.1.log").unwrap();
+    let mut b = pair.start_backup(1, &strings(BACKUP), "b-0.1.log").unwrap();
     using(&new);
     let a = pair.start_primary(0, &strings(GUEST), "a-0.2.log").unwrap();
     wait_status(
@@ -639,7 +646,7 @@ fn a_new_primary_protects_toward_an_old_backup_at_v5_then_at_v6_once_it_is_upgra
         pair::unprotected,
     )
     .unwrap();
-    let b = pair.start_backup(1, &[], "b-0.2.log").unwrap();
+    let b = pair.start_backup(1, &strings(BACKUP), "b-0.2.log").unwrap();
     let e = epochs(&a);
     wait_status(
         &a,

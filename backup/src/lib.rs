@@ -115,8 +115,9 @@ pub fn run(
     let watchdog = std::thread::Builder::new()
         .name("castor-watchdog".into())
         .spawn(move || {
-            // As the heartbeat threads: a spinning guest must not delay it.
-            let _ = vmm::set_current_thread_realtime(10);
+            // As the heartbeat threads, above the network runtimes: a
+            // spinning guest or a busy runtime must not delay it.
+            let _ = vmm::set_current_thread_realtime(vmm::priority::LIVENESS);
             watch::watchdog(sh, witness, decided_tx, st)
         })
         .map_err(BackupError::Watchdog)?;
@@ -144,6 +145,9 @@ pub fn run(
         silent_ms = decision.silent.as_millis() as u64,
         asked = decision.asked,
         token = decision.token,
+        beats = decision.heard.beats,
+        since_beat_ms = decision.heard.since_beat_ms,
+        since_datagram_ms = decision.heard.since_datagram_ms,
         restore_ms = t.elapsed().as_secs_f64() * 1e3,
         "FAILOVER: the primary is lost; the guest runs here from the last committed checkpoint"
     );

@@ -377,7 +377,7 @@ async fn beats(
                         .as_ref()
                         .is_some_and(|b| b.accept(&buf[..n], from));
                     if fresh {
-                        shared.heard();
+                        shared.heard_beat();
                     }
                 }
             }

@@ -89,6 +89,66 @@ pub(crate) struct Shared {
     pub last_refusal: Mutex<Option<String>>,
     /// Sessions refused since the last committed checkpoint.
     pub refusals_in_a_row: AtomicU64,
+    /// What was last heard from the primary, for the takeover's log line.
+    pub heard_log: HeardLog,
+}
+
+/// When the primary's heartbeats and other datagrams were last heard (ms
+/// since the backup started; `u64::MAX`: never) and how many heartbeats
+/// came: a takeover says which path went quiet, so a false one under load
+/// can be told from a dead primary.
+#[derive(Debug)]
+pub(crate) struct HeardLog {
+    beats: AtomicU64,
+    beat_ms: AtomicU64,
+    datagram_ms: AtomicU64,
+}
+
+/// What the backup had heard from its primary at a moment ([`HeardLog::at`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Heard {
+    /// Heartbeats heard since the backup started.
+    pub beats: u64,
+    /// Ms since the last heartbeat (`None`: never).
+    pub since_beat_ms: Option<u64>,
+    /// Ms since the last datagram on the connection (`None`: never).
+    pub since_datagram_ms: Option<u64>,
+}
+
+impl HeardLog {
+    fn new() -> HeardLog {
+        HeardLog {
+            beats: AtomicU64::new(0),
+            beat_ms: AtomicU64::new(u64::MAX),
+            datagram_ms: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// A heartbeat was heard at `now`.
+    pub fn beat(&self, now: Duration) {
+        self.beats.fetch_add(1, Ordering::Relaxed);
+        self.beat_ms
+            .store(now.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// A datagram on the connection was heard at `now`.
+    pub fn datagram(&self, now: Duration) {
+        self.datagram_ms
+            .store(now.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// What was heard from the primary, as of `now`.
+    pub fn at(&self, now: Duration) -> Heard {
+        let since = |a: &AtomicU64| {
+            let t = a.load(Ordering::Relaxed);
+            (t != u64::MAX).then(|| (now.as_millis() as u64).saturating_sub(t))
+        };
+        Heard {
+            beats: self.beats.load(Ordering::Relaxed),
+            since_beat_ms: since(&self.beat_ms),
+            since_datagram_ms: since(&self.datagram_ms),
+        }
+    }
 }
 
 /// The primary's heartbeat datagrams as the watchdog reads them: a second
@@ -161,6 +221,7 @@ impl Shared {
             disk,
             last_refusal: Mutex::new(None),
             refusals_in_a_row: AtomicU64::new(0),
+            heard_log: HeardLog::new(),
         })
     }
 
@@ -188,6 +249,20 @@ impl Shared {
     pub fn heard(&self) {
         let now = self.now();
         self.core().on(BackupInput::Heard { now });
+    }
+
+    /// An authentic heartbeat from the primary: heard, and kept for the
+    /// takeover's log line.
+    pub fn heard_beat(&self) {
+        self.heard_log.beat(self.now());
+        self.heard();
+    }
+
+    /// A datagram on the connection from the primary: heard, and kept for
+    /// the takeover's log line.
+    pub fn heard_datagram(&self) {
+        self.heard_log.datagram(self.now());
+        self.heard();
     }
 
     /// At start-up with `--reuse`: the image a previous run of this node

@@ -18,6 +18,8 @@ pub(crate) struct Decision {
     pub silent: Duration,
     pub asked: bool,
     pub token: u64,
+    /// What had been heard from the primary when it was decided.
+    pub heard: crate::replica::Heard,
 }
 
 /// The failure detector's period.
@@ -51,8 +53,14 @@ pub(crate) fn watchdog(
     // silence was already reported as one this node cannot take over from.
     let (mut heard_at, mut told) = (Instant::now(), false);
     let (claimed_tx, claimed) = std::sync::mpsc::channel::<Claim>();
+    let mut stalls = node::stall::StallWatch::new();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let slept = Instant::now();
         std::thread::sleep(TICK);
+        if let Some(s) = stalls.woke(slept.elapsed(), TICK) {
+            // Not counted as the primary's silence (see `stalled` below).
+            s.log("the watchdog");
+        }
         if let Ok(c) = claimed.try_recv() {
             let actions = {
                 let _r = shared.replica();
@@ -82,7 +90,7 @@ pub(crate) fn watchdog(
         if let Some(rx) = closer.as_ref().map(|c| c.datagrams_received()) {
             if rx != last_rx {
                 last_rx = rx;
-                shared.heard();
+                shared.heard_datagram();
                 (heard_at, told) = (Instant::now(), false);
             }
         }
@@ -95,7 +103,7 @@ pub(crate) fn watchdog(
             .as_ref()
             .is_some_and(|b| b.drain());
         if beat {
-            shared.heard();
+            shared.heard_beat();
             (heard_at, told) = (Instant::now(), false);
         }
         if !told && heard_at.elapsed() > SILENT_AND_NO_TAKEOVER {
@@ -193,6 +201,7 @@ fn act(
                     silent,
                     asked,
                     token,
+                    heard: shared.heard_log.at(shared.now()),
                 });
             }
             BackupAction::Claim { expected, retry } => {
@@ -200,8 +209,12 @@ fn act(
                     unreachable!("the core claims only with a witness");
                 };
                 if !retry {
+                    let h = shared.heard_log.at(shared.now());
                     warn!(
                         expected,
+                        beats = h.beats,
+                        since_beat_ms = h.since_beat_ms,
+                        since_datagram_ms = h.since_datagram_ms,
                         "the primary is silent: claiming the VM at the witness"
                     );
                 }

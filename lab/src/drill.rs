@@ -655,6 +655,7 @@ fn fault_drill(a: &DrillArgs) -> Result<()> {
         );
     }
     let mut failed = result.is_err();
+    let mut undecided = false;
     if let Ok(rep) = &result {
         if let Some((checked, keys)) = rep.cold_boot {
             println!(
@@ -673,14 +674,23 @@ fn fault_drill(a: &DrillArgs) -> Result<()> {
                 }
             }
             failed |= !c.ok();
+            undecided |= c.undecided();
         }
     }
-    if failed || a.out.is_some() {
+    if failed || undecided || a.out.is_some() {
         let kept = match tmp {
             Some(t) => t.keep(),
             None => dir,
         };
         println!("logs kept in {}", kept.display());
+        let history = kept.join("client-history.jsonl");
+        if history.exists() {
+            // The drill's guest starts empty.
+            println!(
+                "the client's history: {} (`castor linearize --fresh FILE` checks it again)",
+                history.display()
+            );
+        }
     }
     match result {
         Err(e) => Err(e),

@@ -24,7 +24,9 @@
 //!
 //! A failed round stops the drill and keeps everything in its folder: both
 //! nodes' logs, the console stream (`console.bin`), etcd's logs and the
-//! client's history (`client-history.txt`).
+//! client's history (`client-history.jsonl`, one operation a line, which
+//! `castor linearize` checks again; also kept when the check of a long run
+//! was undecided).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -204,6 +206,18 @@ impl Nodes {
         [0, 1].map(|i| self.d[i].as_ref().and_then(Daemon::status))
     }
 
+    /// Node `p` runs the guest, protected, and the other is its backup, as
+    /// both say now.
+    fn roles_hold(&self, p: usize) -> bool {
+        let st = self.statuses();
+        st[p]
+            .as_ref()
+            .is_some_and(|s| s.role.runs_guest() && s.protected())
+            && st[1 - p]
+                .as_ref()
+                .is_some_and(|s| s.role == node::Role::Backup)
+    }
+
     /// Waits until exactly one node runs the guest, protected for at least
     /// ten epochs, whichever node that is (a backup may take over during a
     /// resync; a fenced node exits and comes back as a backup). Two nodes
@@ -247,10 +261,12 @@ impl Nodes {
     }
 }
 
-/// The key-value history, one operation a line, for a failed drill's folder.
+/// The key-value history, one operation a line as JSON (what `castor
+/// linearize` reads), for a failed drill's folder.
 fn write_history(path: &Path, ops: &[crate::linearize::Op]) {
-    let text: String = ops.iter().map(|o| format!("{o:?}\n")).collect();
-    let _ = std::fs::write(path, text);
+    if let Err(e) = crate::loadgen::write_history(path, ops) {
+        tracing::warn!(path = %path.display(), "could not keep the client's history: {e:#}");
+    }
 }
 
 /// Runs a fault drill in `dir` (kept by the caller when it fails):
@@ -333,9 +349,11 @@ pub fn run(
     let fail = |stream: &[u8], client: &Option<crate::loadgen::Handle>| {
         let _ = std::fs::write(dir.join("console.bin"), stream);
         if let Some(c) = client {
-            write_history(&dir.join("client-history.txt"), &c.history());
+            write_history(&dir.join("client-history.jsonl"), &c.history());
         }
     };
+    // A folder reused from an earlier run must not show its history.
+    let _ = std::fs::remove_file(dir.join("client-history.jsonl"));
     crate::stop::install();
     for round in 1..=plan.rounds {
         if crate::stop::requested() {
@@ -425,12 +443,11 @@ pub fn run(
                 let ok = v.ok();
                 report.cold_boot = Some((v.checked, v.keys));
                 let c = client.take().expect("a client");
-                let ops = c.history();
-                let r = c.stop();
+                let (r, ops) = c.stop_with_history();
                 let _ = g.kill();
                 let _ = g.wait();
-                if !ok || !r.ok() {
-                    write_history(&dir.join("client-history.txt"), &ops);
+                if !ok || !r.ok() || r.undecided() {
+                    write_history(&dir.join("client-history.jsonl"), &ops);
                 }
                 if !ok {
                     bail!("after a cold boot from the survivor's disk, acknowledged writes are missing: {v:?}");
@@ -444,10 +461,9 @@ pub fn run(
         }
     }
     if let Some(c) = client.take() {
-        let ops = c.history();
-        let r = c.stop();
-        if !r.ok() {
-            write_history(&dir.join("client-history.txt"), &ops);
+        let (r, ops) = c.stop_with_history();
+        if !r.ok() || r.undecided() {
+            write_history(&dir.join("client-history.jsonl"), &ops);
         }
         report.client = Some(r);
     }
@@ -463,7 +479,6 @@ fn round_of(
     stream: &mut Vec<u8>,
     at_start: impl FnOnce(),
 ) -> Result<FaultRound> {
-    let (p, b) = (n.primary, 1 - n.primary);
     let len = plan.length;
     // Both consoles are followed from the fault's start for its length, a
     // takeover after it and an etcd restart.
@@ -488,6 +503,15 @@ fn round_of(
     } else {
         None
     };
+    // The roles again, just before the fault: a takeover while the round
+    // waited (a host stall can make one) changes which node the fault must
+    // hit. Without this, a kill of "the backup" once killed the node that
+    // had just taken over — the only one running the guest.
+    if !n.roles_hold(n.primary) {
+        n.settle(Duration::from_secs(60))
+            .context("the roles changed before the fault")?;
+    }
+    let (p, b) = (n.primary, 1 - n.primary);
     let t = Instant::now();
     at_start();
     let mark = stream.len() as u64;
@@ -683,8 +707,10 @@ fn round_of(
     let c = continuity(stream);
     problems.extend(c.problems);
     // The other node settles — a backup, or gone (a fenced primary exits
-    // once it learns it lost) — and a gone node comes back as a backup;
-    // protection returns.
+    // once it learns it lost), or the one running the guest again (a
+    // backup that took over after the fault, e.g. when the host stalled
+    // the serving node: the next step checks that only one runs it) — and
+    // a gone node comes back as a backup; protection returns.
     let mut protected_ms = None;
     if let (true, Some(s)) = (problems.is_empty(), server) {
         let other = 1 - s;
@@ -696,8 +722,24 @@ fn round_of(
                 break;
             }
             let d = n.d[other].as_ref().expect("running");
-            if d.status().is_some_and(|st| st.role == node::Role::Backup) {
-                break;
+            match d.status().map(|st| st.role) {
+                Some(node::Role::Backup) => break,
+                // A takeover after the serving node was chosen counts only
+                // once that node has stopped running the guest (gone, or
+                // says so): never two runners settled as one.
+                Some(node::Role::TakenOver) => {
+                    let serving_stopped = n.d[s]
+                        .as_ref()
+                        .is_none_or(|sd| sd.status().is_some_and(|st| !st.role.runs_guest()));
+                    if serving_stopped {
+                        note = Some(format!(
+                            "{} took the guest over after {} served it (a second takeover)",
+                            n.pair.names[other], n.pair.names[s]
+                        ));
+                        break;
+                    }
+                }
+                _ => {}
             }
             if Instant::now() > deadline {
                 problems.push("the other node neither became a backup nor exited".into());
@@ -729,7 +771,10 @@ fn round_of(
                     problems.push("two nodes ran the guest for 5 s".into());
                     break;
                 }
-            } else {
+            } else if (0..2).all(|i| n.d[i].is_none() || st[i].is_some()) {
+                // Only a node known not to run the guest ends the count: a
+                // status that did not answer (a busy control socket) is not
+                // a sign that a second runner stopped.
                 two_since = None;
             }
             if let [r] = running[..] {

@@ -31,8 +31,10 @@ pub struct FleetDemoArgs {
     /// Each VM's epoch length (ms).
     #[arg(long, default_value = "50")]
     pub epoch_ms: String,
-    /// The backups' failure detector (ms without a heartbeat).
-    #[arg(long, default_value_t = 100)]
+    /// The backups' failure detector (ms without a heartbeat). Above the
+    /// ~100 ms stalls a host that is itself a VM shows under load (its
+    /// hypervisor's steal time), so that a stalled primary is not taken over.
+    #[arg(long, default_value_t = 400)]
     pub heartbeat_timeout_ms: u64,
     /// etcd members.
     #[arg(long, default_value_t = 3)]

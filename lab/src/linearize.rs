@@ -34,6 +34,14 @@
 //! register states in which a segment can end into the next one; so a
 //! mostly sequential history costs time and memory linear in its length.
 //!
+//! Before a key is searched, two exact reductions take out what the search
+//! need not see: PUTs of unknown outcome whose value no later GET read
+//! (`unread_unknown_puts_left_out`), and GETs implied by another GET of the
+//! same value within their interval (`implied_reads_left_out`: a retried
+//! GET's further replies). Failovers leave many of both in a long run, and
+//! each one the search had to carry or place multiplied its
+//! configurations.
+//!
 //! The search is bounded ([`Config`]): a budget of model steps per key and
 //! in all, and of memo bytes per segment. A key whose search exceeds it is
 //! reported undecided ([`Report::undecided`]), never silently passed.
@@ -43,7 +51,9 @@
 //! narrowed to the shortest window before it that still fails, then shrunk
 //! by removing chunks of operations, then single operations, while what is
 //! left still fails (itself within a step budget). Every sub-history tried
-//! is closed (it keeps the PUT of every value its GETs read), so that its
+//! is closed (it keeps the PUT of every value its GETs read, save PUTs of
+//! unknown outcome invoked after the last read of their value, which the
+//! check leaves out from the start: they explain no read), so that its
 //! failure is one of the whole history's, not made by removing a write. It
 //! is shrunk with [`Init::Any`] when it fails so (it then fails under
 //! either), which keeps the operations that contradict each other rather
@@ -52,10 +62,10 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What an operation asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Kind {
     /// Set the key to this value.
     Put(u64),
@@ -64,7 +74,7 @@ pub enum Kind {
 }
 
 /// What an operation was told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Outcome {
     /// It returned. A GET: the value read (`None`: the key absent). A PUT:
     /// ok (the value is ignored; use `Ok(None)`).
@@ -78,7 +88,7 @@ pub enum Outcome {
 
 /// One operation of a history. Times are in any unit (the load generator
 /// uses nanoseconds since its start) from one clock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Op {
     /// Who invoked it (shown in a violation; not used by the check).
     pub client: u32,
@@ -133,7 +143,7 @@ impl Op {
     }
 
     /// Its return time for the check: +∞ (`u64::MAX`) when unknown.
-    fn ret_time(&self) -> u64 {
+    pub fn ret_time(&self) -> u64 {
         match (self.outcome, self.ret) {
             (Outcome::Unknown, _) | (_, None) => u64::MAX,
             (_, Some(r)) => r.max(self.invoke),
@@ -141,7 +151,7 @@ impl Op {
     }
 
     /// Whether the check uses it (fails and unknown GETs say nothing).
-    fn counts(&self) -> bool {
+    pub fn counts(&self) -> bool {
         match self.outcome {
             Outcome::Fail => false,
             Outcome::Unknown => matches!(self.kind, Kind::Put(_)),
@@ -181,7 +191,7 @@ impl fmt::Display for Op {
 }
 
 /// A key's value before the history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Init {
     /// Absent: the service started empty.
     Absent,
@@ -209,6 +219,19 @@ pub struct Config {
     pub shrink_steps: u64,
 }
 
+impl Config {
+    /// The default settings with a whole-history budget for `ops`
+    /// operations: 100 steps each, at least the default's (a long drill's
+    /// millions of operations; each key keeps its own budget).
+    pub fn for_history(ops: usize) -> Config {
+        let d = Config::default();
+        Config {
+            max_steps: (ops as u64).saturating_mul(100).max(d.max_steps),
+            ..d
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -230,6 +253,12 @@ pub struct Report {
     pub checked: usize,
     /// Of which PUTs with an unknown outcome.
     pub unknown_puts: usize,
+    /// Of those, left out of the search: no GET that returned after the
+    /// PUT's invoke read its value (see `unread_unknown_puts_left_out`).
+    pub unread_unknown_puts: usize,
+    /// GETs left out of the search as implied by another GET of the same
+    /// key and value within their interval (see `implied_reads_left_out`).
+    pub implied_reads: usize,
     /// Distinct keys.
     pub keys: usize,
     /// Keys whose search ran out of its budget: neither found linearizable
@@ -285,7 +314,9 @@ pub struct Violation {
     /// Whether it is minimal: removing any one of its operations makes it
     /// linearizable (false: the shrinking ran out of its budget).
     pub minimal: bool,
-    /// Operations of that key in the history (checked ones).
+    /// Operations of that key the search saw (checked ones, without those
+    /// the exact reductions left out: PUTs of unknown outcome nobody read,
+    /// reads implied by another).
     pub key_ops: usize,
     /// The other keys not linearizable (not shrunk).
     pub other_keys: Vec<u64>,
@@ -355,6 +386,8 @@ pub fn check_with(history: &[Op], config: &Config) -> Result<Report, Violation> 
     let mut undecided = Vec::new();
     // Keys not linearizable: (key, its ops, where its failure ends).
     let mut failed: Vec<(u64, Vec<KOp>, usize)> = Vec::new();
+    let mut unread_unknown_puts = 0;
+    let mut implied_reads = 0;
     let mut start = 0;
     while start < idx.len() {
         let key = history[idx[start]].key;
@@ -362,10 +395,15 @@ pub fn check_with(history: &[Op], config: &Config) -> Result<Report, Violation> 
         while end < idx.len() && history[idx[end]].key == key {
             end += 1;
         }
-        let ops: Vec<KOp> = idx[start..end]
+        let all: Vec<KOp> = idx[start..end]
             .iter()
             .map(|&i| KOp::of(&history[i], i))
             .collect();
+        let ops = unread_unknown_puts_left_out(all);
+        unread_unknown_puts += (end - start) - ops.len();
+        let n = ops.len();
+        let ops = implied_reads_left_out(ops);
+        implied_reads += n - ops.len();
         start = end;
         let mut b = Budget::new(
             config.max_steps_per_key.min(total.left()),
@@ -389,6 +427,8 @@ pub fn check_with(history: &[Op], config: &Config) -> Result<Report, Violation> 
             ops: history.len(),
             checked,
             unknown_puts,
+            unread_unknown_puts,
+            implied_reads,
             keys: keys.len(),
             undecided,
             steps: total.steps,
@@ -418,6 +458,84 @@ pub fn check_with(history: &[Op], config: &Config) -> Result<Report, Violation> 
         history_ops: history.len(),
         keys: keys.len(),
     })
+}
+
+/// One key's operations without its PUTs of unknown outcome whose value no
+/// GET read after their invoke (no GET reading it returned at or after
+/// it). Such a PUT can be taken never to have taken effect: in any
+/// linearization where it did, at some point `p` after its invoke, no GET
+/// is placed between `p` and the next PUT (one placed there would read its
+/// value and return after `p`), so the same order without it is one too.
+/// The check is exact without them, and much cheaper: every PUT of unknown
+/// outcome not yet placed is carried into every later segment's search
+/// (a failover leaves a few on each key it hits, and a long run many).
+fn unread_unknown_puts_left_out(ops: Vec<KOp>) -> Vec<KOp> {
+    if !ops.iter().any(|o| o.unknown) {
+        return ops;
+    }
+    // The latest return of a GET reading each value.
+    let mut last_read: HashMap<u64, u64> = HashMap::new();
+    for o in &ops {
+        if let Act::Get(Some(v)) = o.act {
+            let r = last_read.entry(v).or_insert(0);
+            *r = (*r).max(o.ret);
+        }
+    }
+    ops.into_iter()
+        .filter(|o| match (o.unknown, o.act) {
+            (true, Act::Put(v)) => last_read.get(&v).is_some_and(|&r| r >= o.invoke),
+            _ => true,
+        })
+        .collect()
+}
+
+/// One key's operations without the GETs whose interval contains that of
+/// another GET of the same value (of two with the same interval, the later
+/// one). Such a GET is implied by the other: in any linearization of the
+/// rest, the other is placed at a point of its interval with the register
+/// holding that value, and placing this one right after it, at the same
+/// point, changes nothing else; and any linearization of the whole is one
+/// of the rest without it (a GET changes no state, but for fixing a
+/// register of unknown start to its value: without it the register stays
+/// unknown a little longer, which admits at least as much). So the check is
+/// exact without them.
+///
+/// A retried GET's further replies ([`crate::loadgen::history`]) are such
+/// reads: invoked at the first send, returned later, mostly with the same
+/// value. A paused primary answers a burst of them when it resumes, and each
+/// one the search had to place doubled its configurations.
+fn implied_reads_left_out(ops: Vec<KOp>) -> Vec<KOp> {
+    // The reads of each value: (invoke, ret, position).
+    let mut reads: HashMap<Option<u64>, Vec<(u64, u64, usize)>> = HashMap::new();
+    for (i, o) in ops.iter().enumerate() {
+        if let Act::Get(v) = o.act {
+            reads.entry(v).or_default().push((o.invoke, o.ret, i));
+        }
+    }
+    if reads.values().all(|r| r.len() < 2) {
+        return ops;
+    }
+    let mut implied = vec![false; ops.len()];
+    for r in reads.values_mut() {
+        // Latest invoke first, and of one invoke the earliest return: every
+        // read seen before this one was invoked no earlier, so if one of
+        // them also returned no later, this one's interval contains it.
+        r.sort_unstable_by_key(|&(invoke, ret, i)| (std::cmp::Reverse(invoke), ret, i));
+        let mut min_ret = u64::MAX;
+        let mut first = true;
+        for &(_, ret, i) in r.iter() {
+            if !first && min_ret <= ret {
+                implied[i] = true;
+            }
+            first = false;
+            min_ret = min_ret.min(ret);
+        }
+    }
+    ops.into_iter()
+        .zip(implied)
+        .filter(|(_, x)| !x)
+        .map(|(o, _)| o)
+        .collect()
 }
 
 /// The register's state in the search.
@@ -955,6 +1073,81 @@ mod tests {
     }
 
     #[test]
+    fn linearize_leaves_out_unknown_puts_nobody_read_and_so_decides_long_histories() {
+        // A failover's lost replies: 60 PUTs of unknown outcome on one key,
+        // each followed by a sequential write and a read of it; nothing
+        // reads their values. Carried into every later segment, they made
+        // the search explode; left out, the history is sequential.
+        let mut h = Vec::new();
+        let mut t = 0;
+        for i in 0..60u64 {
+            h.push(Op::put_unknown(0, K, 1000 + i, t));
+            h.push(put(i, t + 1, t + 2));
+            h.push(get(Some(i), t + 3, t + 4));
+            t += 10;
+        }
+        let tight = Config {
+            max_steps_per_key: 100_000,
+            ..absent()
+        };
+        let r = ok(&h, &tight);
+        assert_eq!((r.unknown_puts, r.unread_unknown_puts), (60, 60));
+        assert!(r.steps < 1_000, "{} steps", r.steps);
+        // One of them read later: it stays, and must have taken effect
+        // before that read and after its invoke.
+        h.push(get(Some(1030), t, t + 1));
+        let r = ok(&h, &tight);
+        assert_eq!(r.unread_unknown_puts, 59);
+        // Read before its invoke: nothing explains the read.
+        let late = Op::put_unknown(0, K, 5000, t + 10);
+        let v = bad(&[put(1, 0, 1), get(Some(5000), 2, 3), late], &absent());
+        assert!(v.ops.iter().any(|o| o.kind == Kind::Get), "{v}");
+    }
+
+    #[test]
+    fn linearize_leaves_out_reads_implied_by_another_and_so_decides_bursts_of_retries() {
+        // A primary paused for a while answers a burst of retries of one
+        // GET when it resumes: further reads of the same request, invoked at
+        // its first send, returned one after the other, with the value that
+        // was there then. Two clients' PUTs on the key were in flight too,
+        // and the one that landed first is read last.
+        let mut h = Vec::new();
+        let mut t = 0;
+        for r in 0..50u64 {
+            let (a, b) = (2 * r + 1, 2 * r + 2);
+            h.push(put(a, t, t + 400));
+            h.push(put(b, t + 1, t + 400));
+            for k in 0..30 {
+                h.push(get(Some(a), t + 2, t + 401 + k));
+            }
+            t += 500;
+        }
+        let tight = Config {
+            max_steps_per_key: 200_000,
+            ..absent()
+        };
+        let r = ok(&h, &tight);
+        assert_eq!(r.implied_reads, 50 * 29, "{r:?}");
+        assert!(r.steps < 5_000, "{} steps", r.steps);
+        // Exact: a read implied by one that fails still fails.
+        let mut h = vec![put(1, 0, 10), put(2, 20, 30)];
+        h.push(get(Some(1), 40, 50));
+        h.push(get(Some(1), 35, 60));
+        let v = bad(&h, &absent());
+        assert!(v.ops.contains(&h[2]), "{v}");
+        // A read containing a read of another value is not implied by it:
+        // the stale read of 1 is kept, and found.
+        let h = [
+            put(1, 0, 10),
+            put(2, 20, 30),
+            get(Some(1), 35, 60),
+            get(Some(2), 40, 50),
+        ];
+        let v = bad(&h, &absent());
+        assert!(v.ops.contains(&h[2]), "{v}");
+    }
+
+    #[test]
     fn linearize_unknown_puts_may_or_may_not_take_effect() {
         let unk = Op::put_unknown(0, K, 2, 20);
         // Never took effect.
@@ -1340,9 +1533,22 @@ mod tests {
                         assert!(!brute_force(&v.ops, v.init), "{h:#?}\n{v}");
                         for g in &v.ops {
                             if let (Kind::Get, Outcome::Ok(Some(x))) = (g.kind, g.outcome) {
+                                // A PUT of unknown outcome invoked after
+                                // every read of its value explains none.
+                                let last_read = h
+                                    .iter()
+                                    .filter(|o| {
+                                        o.kind == Kind::Get && o.outcome == Outcome::Ok(Some(x))
+                                    })
+                                    .map(|o| o.ret_time())
+                                    .max()
+                                    .unwrap_or(0);
                                 let writers = |ops: &[Op]| {
                                     ops.iter()
                                         .filter(|o| o.kind == Kind::Put(x) && o.counts())
+                                        .filter(|o| {
+                                            o.outcome != Outcome::Unknown || o.invoke <= last_read
+                                        })
                                         .count()
                                 };
                                 assert_eq!(writers(&v.ops), writers(&h), "{h:#?}\n{v}");

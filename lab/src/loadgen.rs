@@ -110,7 +110,7 @@ impl Default for Config {
             verify_timeout: Duration::from_secs(10),
             verify_on_stop: true,
             keep_violations: 20,
-            history_limit: 1_000_000,
+            history_limit: 4_000_000,
             fresh: false,
         }
     }
@@ -347,6 +347,14 @@ impl Report {
                 .linearizability
                 .as_ref()
                 .is_none_or(|l| l.verdict != LinVerdict::No)
+    }
+
+    /// Whether the check of the whole history ran out of its budget on
+    /// some key (no violation found, not every key decided).
+    pub fn undecided(&self) -> bool {
+        self.linearizability
+            .as_ref()
+            .is_some_and(|l| l.verdict == LinVerdict::Undecided)
     }
 
     /// The report as one JSON line.
@@ -595,7 +603,7 @@ impl Core {
             } else {
                 linearize::Init::Any
             },
-            ..linearize::Config::default()
+            ..linearize::Config::for_history(h.len())
         };
         let t = Instant::now();
         let r = linearize::check_with(&h, &config);
@@ -812,10 +820,30 @@ impl Handle {
 
     /// Waits for a generator with a duration to finish by itself.
     pub fn wait(mut self) -> Report {
+        self.join();
+        lock(&self.core).final_report()
+    }
+
+    fn join(&mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        lock(&self.core).final_report()
+    }
+
+    /// [`Handle::stop`], and the whole history recorded: what the check at
+    /// the stop saw, the drain and the final verification included.
+    pub fn stop_with_history(mut self) -> (Report, Vec<linearize::Op>) {
+        let report = self.finish();
+        let history = lock(&self.core).history.history();
+        (report, history)
+    }
+
+    /// [`Handle::wait`], and the whole history recorded.
+    pub fn wait_with_history(mut self) -> (Report, Vec<linearize::Op>) {
+        self.join();
+        let core = lock(&self.core);
+        let report = core.final_report();
+        (report, core.history.history())
     }
 
     /// The history recorded so far (for [`crate::linearize::check`]).
@@ -825,9 +853,7 @@ impl Handle {
 
     fn finish(&mut self) -> Report {
         let _ = self.cmd.send(Cmd::Stop);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.join();
         lock(&self.core).final_report()
     }
 }
@@ -1258,7 +1284,7 @@ pub struct LoadgenArgs {
     pub no_verify: bool,
     /// Record at most this many operations for the linearizability check
     /// of the whole history at the end (about 80 bytes each); 0: none.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 4_000_000)]
     pub history_limit: usize,
     /// The service started empty: the history check then takes every key
     /// as absent before the first PUT (otherwise a key's first read gives
@@ -1268,6 +1294,10 @@ pub struct LoadgenArgs {
     /// Print the report as one JSON line.
     #[arg(long)]
     pub json: bool,
+    /// Write the recorded history here at the end, one operation a line as
+    /// JSON (`castor linearize FILE` checks it again).
+    #[arg(long, value_name = "FILE")]
+    pub history_out: Option<std::path::PathBuf>,
 }
 
 impl LoadgenArgs {
@@ -1296,7 +1326,19 @@ impl LoadgenArgs {
 /// acknowledged key.
 pub fn loadgen(args: LoadgenArgs) -> Result<()> {
     let handle = Loadgen::start(args.config())?;
-    let report = handle.wait();
+    let report = match &args.history_out {
+        None => handle.wait(),
+        Some(path) => {
+            let (report, history) = handle.wait_with_history();
+            write_history(path, &history)?;
+            eprintln!(
+                "history: {} operations in {}",
+                history.len(),
+                path.display()
+            );
+            report
+        }
+    };
     if args.json {
         println!("{}", report.to_json());
     } else {
@@ -1327,9 +1369,165 @@ pub fn loadgen(args: LoadgenArgs) -> Result<()> {
     Ok(())
 }
 
+/// Writes a history, one operation a line as JSON.
+pub fn write_history(path: &std::path::Path, ops: &[linearize::Op]) -> Result<()> {
+    use std::io::Write as _;
+    let f =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    for o in ops {
+        serde_json::to_writer(&mut w, o)?;
+        w.write_all(b"\n")?;
+    }
+    w.flush()
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Reads a history written by [`write_history`]; a line that is not an
+/// operation is an error naming it.
+pub fn read_history(path: &std::path::Path) -> Result<Vec<linearize::Op>> {
+    use std::io::BufRead as _;
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut ops = Vec::new();
+    for (n, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let op: linearize::Op = serde_json::from_str(&line).with_context(|| {
+            format!(
+                "{} line {}: not an operation of a history: {}",
+                path.display(),
+                n + 1,
+                snippet(&line)
+            )
+        })?;
+        ops.push(op);
+    }
+    Ok(ops)
+}
+
+fn snippet(s: &str) -> String {
+    let mut out: String = s.chars().take(80).collect();
+    if s.chars().count() > 80 {
+        out.push('…');
+    }
+    out
+}
+
+/// `castor linearize`: check a recorded key-value history again.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LinearizeArgs {
+    /// The history: one operation a line as JSON, as `castor loadgen
+    /// --history-out` and a drill's `client-history.jsonl` write it.
+    pub file: std::path::PathBuf,
+    /// The service started empty: every key is absent before its first
+    /// PUT (otherwise a key's first read gives its starting value).
+    #[arg(long)]
+    pub fresh: bool,
+    /// Model steps the search may take per key before the key is
+    /// undecided.
+    #[arg(long, default_value_t = linearize::Config::default().max_steps_per_key)]
+    pub max_steps_per_key: u64,
+    /// Model steps in all; once spent, the keys left are undecided
+    /// (default: 100 per operation, and at least the library's default and
+    /// --max-steps-per-key).
+    #[arg(long)]
+    pub max_steps: Option<u64>,
+}
+
+/// Runs `castor linearize`: prints the verdict; fails if the history is not
+/// linearizable. For undecided keys it prints their shape: operations, PUTs
+/// of unknown outcome, and the most operations open at one instant.
+pub fn linearize_file(a: LinearizeArgs) -> Result<()> {
+    let h = read_history(&a.file)?;
+    let base = linearize::Config::for_history(h.len());
+    let config = linearize::Config {
+        init: if a.fresh {
+            linearize::Init::Absent
+        } else {
+            linearize::Init::Any
+        },
+        max_steps_per_key: a.max_steps_per_key,
+        max_steps: a
+            .max_steps
+            .unwrap_or(base.max_steps.max(a.max_steps_per_key)),
+        ..base
+    };
+    let t = Instant::now();
+    let r = linearize::check_with(&h, &config);
+    let took = t.elapsed();
+    match r {
+        Ok(r) => {
+            println!("{r}");
+            println!(
+                "  {} operations checked, {} PUTs of unknown outcome ({} never read: left out), {} reads implied by another (left out), {} model steps, {:.1} s",
+                r.checked,
+                r.unknown_puts,
+                r.unread_unknown_puts,
+                r.implied_reads,
+                r.steps,
+                took.as_secs_f64()
+            );
+            for &k in r.undecided.iter().take(20) {
+                println!("  undecided key {k}: {}", key_shape(&h, k));
+            }
+            Ok(())
+        }
+        Err(v) => {
+            println!("{v}");
+            bail!("the history is not linearizable: {}", v.line())
+        }
+    }
+}
+
+/// A key's operations (those the check uses: not failed ones, not GETs of
+/// unknown outcome), its PUTs of unknown outcome, and the most of those
+/// operations open at one instant (an unknown PUT open from its invoke on).
+fn key_shape(h: &[linearize::Op], key: u64) -> String {
+    let ops: Vec<&linearize::Op> = h.iter().filter(|o| o.key == key && o.counts()).collect();
+    let unknown = ops
+        .iter()
+        .filter(|o| o.outcome == linearize::Outcome::Unknown)
+        .count();
+    let mut ev: Vec<(u64, i32)> = Vec::with_capacity(2 * ops.len());
+    for o in &ops {
+        ev.push((o.invoke, 1));
+        ev.push((o.ret_time().saturating_add(1), -1));
+    }
+    ev.sort_unstable();
+    let (mut open, mut most) = (0i32, 0i32);
+    for (_, d) in ev {
+        open += d;
+        most = most.max(open);
+    }
+    format!(
+        "{} operations checked, {unknown} PUTs of unknown outcome, at most {most} open at once",
+        ops.len()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_history_is_written_and_read_back_and_bad_lines_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h.jsonl");
+        let ops = vec![
+            linearize::Op::put(1, 5, 0xaa, 10, 20),
+            linearize::Op::put_unknown(2, 5, 0xbb, 15),
+            linearize::Op::get(1, 5, Some(0xaa), 30, 40),
+        ];
+        write_history(&p, &ops).unwrap();
+        assert_eq!(read_history(&p).unwrap(), ops);
+        std::fs::write(&p, "{\"client\":1}\n").unwrap();
+        let e = format!("{:#}", read_history(&p).unwrap_err());
+        assert!(e.contains("line 1: not an operation"), "{e}");
+        let e = format!("{:#}", read_history(&dir.path().join("none")).unwrap_err());
+        assert!(e.contains("cannot open"), "{e}");
+    }
 
     #[test]
     fn histogram_quantiles_within_a_few_percent() {

@@ -256,6 +256,10 @@ pub struct Settings {
     pub measure_ms: u64,
     /// Workloads: label → spec.
     pub workloads: Vec<(String, String)>,
+    /// The backup's failure detector in the checkpoint points, ms (0: the
+    /// daemon's default, in results recorded before it was set).
+    #[serde(default)]
+    pub point_detector_ms: u64,
 }
 
 impl Settings {
@@ -305,6 +309,7 @@ mod tests {
                     ("sparse-50k".into(), "--workload sparse,rate=50000".into()),
                     ("k".into(), "--kernel /k --cmdline ".into()),
                 ],
+                point_detector_ms: 1000,
             },
             points: vec![
                 point("sparse-50k", "unprotected", 0),

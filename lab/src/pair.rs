@@ -424,6 +424,19 @@ pub fn protected(s: &Status) -> bool {
     s.protected()
 }
 
+/// The node is a backup connected to its primary that has committed at
+/// least `n` checkpoints since it started. A fresh backup process can take
+/// over only after its first commit; the primary's own `protected` may
+/// still describe the session it had with the backup's previous process
+/// until it notices that connection is gone.
+pub fn backup_committed(n: u64) -> impl Fn(&Status) -> bool {
+    move |s| {
+        s.backup
+            .as_ref()
+            .is_some_and(|b| b.connected && b.checkpoints_applied >= n)
+    }
+}
+
 /// The node runs the guest as a primary that has no backup.
 pub fn unprotected(s: &Status) -> bool {
     s.primary.as_ref().is_some_and(|p| !p.protected)

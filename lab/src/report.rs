@@ -177,7 +177,11 @@ fn checkpoints_table(s: &mut String, r: &Results, loads: &[&str]) {
     let _ = writeln!(s, "## Checkpoints: pause, bytes, latency\n");
     let _ = writeln!(
         s,
-        "Pause = the guest stopped per checkpoint (harvest + page copy + state capture + resume); the pages pre-copied while the guest ran (the epoch's last few ms excepted) are not copied in the pause. Bytes = on the wire per epoch, vs the dirty pages raw and vs remus in the same run. Output delay = end of an epoch → its console output released (after the backup's ack).\n"
+        "Pause = the guest stopped per checkpoint (harvest + page copy + state capture + resume); the pages pre-copied while the guest ran (the epoch's last few ms excepted) are not copied in the pause. Bytes = on the wire per epoch, vs the dirty pages raw and vs remus in the same run. Output delay = end of an epoch → its console output released (after the backup's ack).{}\n",
+        match r.settings.point_detector_ms {
+            0 => String::new(),
+            ms => format!(" The backup's failure detector here is {ms} ms, not the default 30 ms: this host takes a CPU away for ~100 ms now and then, and a takeover would end the point."),
+        }
     );
     let _ = writeln!(s, "| workload | epoch | mode | pause p50 / p99 / max ms | harvest / copy / capture p50 µs | dirty pages (pre-copied) | bytes/epoch | vs raw | vs remus | encode p50 µs | ack p50 ms | output delay p50 / p99 ms | waited | vCPU ran / waited for a CPU |");
     let _ = writeln!(

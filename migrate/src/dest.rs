@@ -48,12 +48,20 @@ pub struct Arrival {
     /// The console log the guest writes to, reset to the switch's offset
     /// (a daemon's, already served); `None`: a new one.
     pub log: Option<Arc<ConsoleLog>>,
-    /// Asked after `Go`, before the guest runs here (a primary checks that
-    /// the witness names it the VM's owner). An error: the guest does not
-    /// run here — and, the source having stopped it at `Go`, it is lost;
-    /// that is the price of never running a guest this node may not own.
+    /// Asked after `Go`, before the guest runs here: claims the VM at the
+    /// witness, from the token the handover gave this node (a primary's
+    /// `claim_arrival`). `Verified` tells the source that this node claims
+    /// ([`crate::wire::Msg::Verified`]), so it must be a claim, not a
+    /// read. An error: the guest does not run here — the source, which
+    /// never heard `Finished`, took the VM back with a claim from the same
+    /// token, or the witness did not answer (then the VM may be lost: the
+    /// price of never running a guest this node may not own).
     #[allow(clippy::type_complexity)]
-    pub admit: Option<Box<dyn Fn() -> Result<(), String> + Send + Sync>>,
+    pub claim: Option<Box<dyn Fn() -> Result<(), String> + Send + Sync>>,
+    /// A fault for the tests: stop this process (SIGSTOP) right after
+    /// answering `Verified`, before reading `Go`
+    /// ([`FAULT_STOP_AFTER_VERIFIED`]).
+    pub stop_after_verified: bool,
 }
 
 /// A guest that arrived and runs here.
@@ -108,8 +116,9 @@ impl Drop for Postcopy {
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The environment variable that makes a destination stop itself (SIGSTOP)
-/// right after it answered `Verified`, before it reads `Go`: the tests'
-/// way to freeze the destination at the handover.
+/// right after it answered `Verified`, before it reads `Go`, if its value
+/// is the node's certificate directory: the tests' way to freeze the
+/// destination at the handover ([`Arrival::stop_after_verified`]).
 pub const FAULT_STOP_AFTER_VERIFIED: &str = "CASTOR_FAULT_STOP_AFTER_VERIFIED";
 
 async fn timeout<T>(
@@ -157,7 +166,7 @@ pub async fn migrate_in(
         transport::link::LinkShape::default(),
     );
     let mut rx = Rx::new(ctl_rx);
-    let p = match prepare(&conn, &mut ctl, &mut rx, cfg).await {
+    let p = match prepare(&conn, &mut ctl, &mut rx, cfg, arrival).await {
         Ok(p) => p,
         Err(e) => {
             if !matches!(e, MigrateError::Link(_)) {
@@ -193,6 +202,7 @@ async fn prepare(
     ctl: &mut Tx,
     rx: &mut Rx,
     cfg: &DestConfig,
+    arrival: &Arrival,
 ) -> Result<Prepared, MigrateError> {
     let (memory_bytes, mode, block_size) = match timeout(rx.next()).await? {
         Msg::Hello {
@@ -319,8 +329,15 @@ async fn prepare(
         report.missing = n_missing;
         Some((uffd, bits, brx))
     };
-    ctl.msg(&Msg::Verified).await?;
-    if std::env::var_os(FAULT_STOP_AFTER_VERIFIED).is_some() {
+    ctl.msg(&Msg::Verified {
+        claims: arrival.claim.is_some(),
+    })
+    .await?;
+    if arrival.stop_after_verified {
+        // `Verified` is only queued on the stream: let the connection's
+        // task send it before this process stops (else the source never
+        // reads it, and the fault is one before the switch).
+        tokio::time::sleep(Duration::from_millis(200)).await;
         warn!("fault injection: stopping this process (SIGSTOP) after Verified");
         let _ =
             rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::STOP);
@@ -383,8 +400,8 @@ async fn run_here(
         pages,
     } = p;
     let t = Instant::now();
-    if let Some(admit) = &arrival.admit {
-        if let Err(why) = admit() {
+    if let Some(claim) = &arrival.claim {
+        if let Err(why) = claim() {
             error!("the guest arrived but may not run here: {why}; it is not started");
             return Err(MigrateError::Fenced(why));
         }
@@ -406,7 +423,12 @@ async fn run_here(
             None,
         )?;
         report.resume_ms = t.elapsed().as_secs_f64() * 1e3;
-        ctl.msg(&Msg::Finished).await?;
+        // The guest runs here now (its claim, if any, won): a confirmation
+        // that cannot go out must not throw it away. A source that misses
+        // it finds this node named at the witness and stops.
+        if let Err(e) = ctl.msg(&Msg::Finished).await {
+            warn!("the guest runs here, but Finished could not be sent to the source: {e}");
+        }
         ctl.finish();
         info!(
             console_offset = state.console_offset,
@@ -443,7 +465,7 @@ async fn run_here(
         std::thread::Builder::new()
             .name("postcopy-faults".into())
             .spawn(move || {
-                let _ = vmm::set_current_thread_realtime(5);
+                let _ = vmm::set_current_thread_realtime(vmm::priority::PAUSE);
                 while !stop.load(Ordering::Relaxed) {
                     let f = match uffd.next_fault(Duration::from_millis(50)) {
                         Ok(Some(f)) => f,

@@ -209,17 +209,30 @@ impl Planner {
     }
 
     /// Time a page costs besides its bytes on the link (reading, encoding,
-    /// applying, the round trip spread over the round), from the latest
-    /// round after the first of at least 64 pages. Round 1's pages are
-    /// mostly never written and cheap to encode; until a second round, at
-    /// least [`FIRST_ROUND_PAGE_TIME`] is assumed for a dirty page.
+    /// applying, the round trip spread over the round): the faster of the
+    /// latest two rounds after the first of at least 64 pages. A stall of
+    /// the host or the process only ever makes a round slower (a CPU taken
+    /// away for ~100 ms turned a 28 ms round into 141 ms and a stop into a
+    /// post-copy), so one slow round does not set the price alone. Round
+    /// 1's pages are mostly never written and cheap to encode; until a
+    /// second round, at least [`FIRST_ROUND_PAGE_TIME`] is assumed for a
+    /// dirty page.
     pub fn page_time(&self) -> f64 {
         let b = self.bandwidth();
         let per = |r: &RoundFigures| {
             (r.duration.as_secs_f64() - r.bytes as f64 / b).max(0.0) / r.pages as f64
         };
-        match self.rounds.iter().skip(1).rev().find(|r| r.pages >= 64) {
-            Some(r) => per(r),
+        let measured = self
+            .rounds
+            .iter()
+            .skip(1)
+            .rev()
+            .filter(|r| r.pages >= 64)
+            .take(2)
+            .map(per)
+            .reduce(f64::min);
+        match measured {
+            Some(t) => t,
             None => self
                 .rounds
                 .first()
@@ -310,9 +323,10 @@ impl Planner {
         }
         match self.rounds_to_fit(dirty, left, self.cfg.max_downtime) {
             Some(n) => Decision::Continue { rounds_to_fit: n },
-            // One round of history says little (round 1 is the whole RAM):
-            // measure a second before giving up.
-            None if done < 2 => Decision::Continue { rounds_to_fit: 0 },
+            // Round 1 is the whole RAM and says little about dirty pages,
+            // and one later round may have been stalled by the host: give up
+            // only on two rounds measured after the first.
+            None if done < 3 => Decision::Continue { rounds_to_fit: 0 },
             None => give_up(now),
         }
     }
@@ -625,5 +639,47 @@ mod tests {
         assert!(matches!(p.decide(3000), Decision::Stop { .. }));
         // 8000 pages (~60 ms) do not fit; a round of them leaves ~2900.
         assert_eq!(p.decide(8000), Decision::Continue { rounds_to_fit: 1 });
+    }
+
+    #[test]
+    fn one_round_stalled_by_the_host_does_not_end_the_pre_copy() {
+        // A sparse writer: round 2 should take ~25 ms, but the host took
+        // the CPU away for ~100 ms in the middle of it.
+        let mut p = Planner::new(PlanConfig {
+            link_rate: Some(125_000_000),
+            ..PlanConfig::default()
+        });
+        let round = |pages: u64, ms: u64, dirtied: u64| RoundFigures {
+            pages,
+            bytes: pages * 40,
+            duration: Duration::from_millis(ms),
+            dirtied,
+        };
+        p.observe(round(65536, 300, 1500));
+        p.observe(round(1500, 141, 2500));
+        // Priced by the stalled round alone, 2,500 pages cost ~240 ms and
+        // nothing converges; one round is not enough to give up on.
+        assert!(p.stall(2500) > Duration::from_millis(200));
+        assert_eq!(p.decide(2500), Decision::Continue { rounds_to_fit: 0 });
+        // The next round runs at the guest's own pace: the faster of the
+        // two prices the stop, and it fits.
+        p.observe(round(2500, 28, 600));
+        let d = p.decide(600);
+        assert!(
+            matches!(d, Decision::Stop { predicted } if predicted < 20 * MS),
+            "{d:?}"
+        );
+        // A stalled round after a normal one: the normal one prices the
+        // stop (~16 us a page, so 1,500 pages fit), where the stalled one
+        // alone (~235 us a page) would have meant a post-copy.
+        let mut p = Planner::new(p.config().clone());
+        p.observe(round(65536, 300, 1500));
+        p.observe(round(1500, 25, 600));
+        p.observe(round(600, 141, 1500));
+        let d = p.decide(1500);
+        assert!(
+            matches!(d, Decision::Stop { predicted } if predicted < 40 * MS),
+            "{d:?}"
+        );
     }
 }

@@ -3,8 +3,10 @@
 //! service), over one mutual-TLS QUIC connection.
 //!
 //! The commit point is the source's `Go`: before it, any failure resumes
-//! the guest here, unharmed; after it, the source never runs the guest
-//! again (in post-copy, a failure of either side then loses the VM).
+//! the guest here, unharmed; after it, the source runs the guest again only
+//! if the destination never confirmed `Go` and a claim at the witness takes
+//! the VM back from it ([`Switch::reclaim`]; pre-copy only: in post-copy a
+//! failure of either side after `Go` loses the VM).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -123,6 +125,11 @@ struct Source<'a> {
     ctl: Tx,
     rx: Rx,
     committed: bool,
+    /// The destination claims the VM at the witness before it runs it
+    /// (its `Verified` said so).
+    dest_claims: bool,
+    /// Sending `Go` failed (to a destination that claims): why.
+    go_lost: Option<String>,
     switch: &'a dyn Switch,
     freeze: FreezeWatch,
 }
@@ -148,9 +155,23 @@ pub trait Switch: Sync {
         Ok(())
     }
 
-    /// `Go` is sent: the guest never runs here again. A console service
-    /// ends its stream here, so that clients move on to the destination
-    /// at once.
+    /// Called when `Go` was sent but the destination's confirmation
+    /// (`Finished`) never came: it may have read `Go` and run the guest, or
+    /// never have read it (its link timed out while it was frozen). The
+    /// source alone cannot tell the two apart; a primary asks the witness:
+    /// a destination claims the VM there (from the token of the handover)
+    /// before it runs the guest, and this races that claim with one of its
+    /// own. `Ok(true)`: the VM was taken back, the guest resumes here;
+    /// `Ok(false)`: the destination holds the VM (without a witness nobody
+    /// can tell, and the move is counted as done); an error
+    /// ([`MigrateError::Fenced`]): the guest stops here.
+    fn reclaim(&self) -> Result<bool, MigrateError> {
+        Ok(false)
+    }
+
+    /// The move is done: the guest never runs here again. A console
+    /// service ends its stream here, so that clients move on to the
+    /// destination.
     fn committed(&self) {}
 }
 
@@ -204,7 +225,7 @@ pub async fn migrate_out(
             } else {
                 let _ = machine.set_dirty_tracking(false);
                 let resumed = machine.resume();
-                warn!("migration failed before the switch: {error}; the VM keeps running here");
+                warn!("migration did not complete: {error}; the VM keeps running here");
                 Err(Failure {
                     error,
                     running_here: resumed.is_ok(),
@@ -268,6 +289,8 @@ async fn run(
         ctl,
         rx,
         committed: false,
+        dest_claims: false,
+        go_lost: None,
         switch,
         freeze: FreezeWatch::start(),
     };
@@ -478,7 +501,47 @@ impl Source<'_> {
             )));
         }
         self.committed = true;
-        self.ctl.msg(&Msg::Go).await?;
+        if let Err(e) = self.ctl.msg(&Msg::Go).await {
+            if !self.dest_claims {
+                return Err(e);
+            }
+            // The destination may or may not have it: the witness decides
+            // ([`Source::confirm`]).
+            self.go_lost = Some(e.to_string());
+        }
+        Ok(())
+    }
+
+    /// After `Go` (pre-copy): the destination's `Finished`, or, missing
+    /// it, the witness's word on who holds the VM ([`Switch::reclaim`]).
+    /// An error with `committed` cleared: the VM was taken back and the
+    /// guest resumes here.
+    async fn confirm(&mut self) -> Result<(), MigrateError> {
+        let lost = if let Some(e) = self.go_lost.take() {
+            Some(format!("sending Go failed: {e}"))
+        } else {
+            match timeout(self.rx.next()).await {
+                Ok(Msg::Finished) => None,
+                Ok(other) => Some(format!("{other:?} instead")),
+                Err(e) => Some(e.to_string()),
+            }
+        };
+        if let Some(why) = lost {
+            if !self.dest_claims {
+                // It runs the guest on `Go` without asking the witness: a
+                // claim back could make two runners.
+                warn!("after Go, the destination's confirmation did not come ({why}); it does not claim the VM at the witness, so the move counts as done");
+                self.switch.committed();
+                return Ok(());
+            }
+            warn!("after Go, the destination's confirmation did not come ({why}): asking the witness who holds the VM");
+            if self.switch.reclaim()? {
+                self.committed = false;
+                return Err(MigrateError::Link(format!(
+                    "the destination never confirmed Go ({why}) and had not claimed the VM: it was taken back at the witness and the guest resumes here"
+                )));
+            }
+        }
         self.switch.committed();
         Ok(())
     }
@@ -518,17 +581,13 @@ impl Source<'_> {
         }
         let digest_ms = td.elapsed().as_secs_f64() * 1e3;
         match timeout(self.rx.next()).await? {
-            Msg::Verified => {}
+            Msg::Verified { claims } => self.dest_claims = claims,
             Msg::Refused { reason } => return Err(MigrateError::Refused(reason)),
             other => return Err(unexpected(&other)),
         }
         let verified_ms = tp.elapsed().as_secs_f64() * 1e3;
         self.go().await?;
-        match timeout(self.rx.next()).await {
-            Ok(Msg::Finished) => {}
-            Ok(other) => warn!("after the switch: {other:?}"),
-            Err(e) => warn!("after the switch, the destination's confirmation was lost: {e}"),
-        }
+        self.confirm().await?;
         report.pause_ms = tp.elapsed().as_secs_f64() * 1e3;
         info!(
             digest_ms = format!("{digest_ms:.1}"),
@@ -571,11 +630,14 @@ impl Source<'_> {
             })
             .await?;
         match timeout(self.rx.next()).await? {
-            Msg::Verified => {}
+            Msg::Verified { .. } => {}
             Msg::Refused { reason } => return Err(MigrateError::Refused(reason)),
             other => return Err(unexpected(&other)),
         }
         self.go().await?;
+        // The destination runs the guest before every page is there: the
+        // source cannot take it back, and its console ends here now.
+        self.switch.committed();
         report.pause_ms = tp.elapsed().as_secs_f64() * 1e3;
         info!(
             missing = missing.len(),

@@ -9,7 +9,9 @@ use protocol::codec::{Reader, Writer};
 use protocol::WireError;
 
 /// Version of the migration protocol.
-pub const MIGRATION_VERSION: u16 = 1;
+/// 2: `Verified` says whether the destination claims the VM at the witness
+/// before it runs the guest.
+pub const MIGRATION_VERSION: u16 = 2;
 /// Largest frame: a 1 MiB chunk of records or 16 MiB of state, plus headers.
 pub const MAX_FRAME: usize = (16 << 20) + 1024;
 /// Largest chunk of records in one `Pages` message.
@@ -82,7 +84,14 @@ pub enum Msg {
     },
     /// Destination → source (control): ready to run (memory verified in a
     /// pre-copy switch).
-    Verified,
+    Verified {
+        /// The destination claims the VM at the witness, from the token of
+        /// the handover, before it runs the guest on `Go`: a source that
+        /// then misses `Finished` may take the VM back with a claim of its
+        /// own from the same token (exactly one wins). `false`: it runs the
+        /// guest on `Go` alone, and the source may never run it again.
+        claims: bool,
+    },
     /// Destination → source (control): it will not run the guest.
     Refused {
         /// Why.
@@ -179,7 +188,10 @@ impl Msg {
                 w.raw(digest);
                 ty::DIGEST
             }
-            Msg::Verified => ty::VERIFIED,
+            Msg::Verified { claims } => {
+                w.u8(u8::from(*claims));
+                ty::VERIFIED
+            }
             Msg::Refused { reason } => {
                 let mut end = reason.len().min(1024);
                 while !reason.is_char_boundary(end) {
@@ -249,7 +261,9 @@ impl Msg {
             ty::DIGEST => Msg::Digest {
                 digest: r.array("digest")?,
             },
-            ty::VERIFIED => Msg::Verified,
+            ty::VERIFIED => Msg::Verified {
+                claims: r.u8("claims")? != 0,
+            },
             ty::REFUSED => Msg::Refused {
                 reason: String::from_utf8_lossy(&r.bytes("reason", 1024)?).into_owned(),
             },
@@ -376,7 +390,8 @@ mod tests {
                 verify: true,
             },
             Msg::Digest { digest: [7; 16] },
-            Msg::Verified,
+            Msg::Verified { claims: true },
+            Msg::Verified { claims: false },
             Msg::Refused {
                 reason: "memory digest differs".into(),
             },

@@ -12,6 +12,8 @@
 //!   node keeps across a change of role.
 //! - [`status`]: the one typed status both roles report.
 //! - [`stats`]: percentiles for figures.
+//! - [`stall`]: a liveness thread's late wake-ups and the host's steal
+//!   time, so a stalled host can be told from a dead peer.
 //! - [`ha`]: the HA decisions of both roles, as pure state machines.
 //! - [`sim`]: a deterministic simulator of the pair driving those machines.
 //! - [`fleet`]: where each VM's primary and backup run in a fleet of hosts,
@@ -26,6 +28,7 @@ pub mod packets;
 pub mod rng;
 pub mod services;
 pub mod sim;
+pub mod stall;
 pub mod stats;
 pub mod status;
 pub mod wws;

@@ -85,6 +85,10 @@ const HANDOVER_WAIT: Us = 10_000 * MS;
 /// How long a destination asks an unreachable witness whether it owns the
 /// VM (src/migrate_cmd.rs `owned_token`).
 const ADMIT_WAIT: Us = 60_000 * MS;
+/// A migration link silent this long is dead (migrate/src/source.rs).
+const LINK_IDLE: Us = 3000 * MS;
+/// How long a migration's source waits for any one answer.
+const ANSWER_TIMEOUT: Us = 30_000 * MS;
 
 /// `--heartbeat-timeout-ms` (30) and the longer timeout after a resync
 /// (src/main.rs: 500 ms without a witness, the same 30 ms with one).
@@ -123,11 +127,16 @@ pub enum Bug {
     /// The primary releases held network frames up to everything the guest
     /// sent so far on any ack, not up to the acked epoch's end.
     PacketsBeforeAck,
+    /// A migration's destination runs the guest on `Go` once a read of the
+    /// witness names it, without claiming the VM from the handover's token
+    /// (so a source that never heard `Finished` and takes the VM back
+    /// cannot be told apart).
+    AdmitByRead,
 }
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 7] = [
+    pub const ALL: [Bug; 8] = [
         Bug::ReleaseBeforeAck,
         Bug::TakeoverWithoutWitness,
         Bug::NoFreeze,
@@ -135,6 +144,7 @@ impl Bug {
         Bug::IgnoreMismatch,
         Bug::GoWithoutSwap,
         Bug::PacketsBeforeAck,
+        Bug::AdmitByRead,
     ];
 }
 
@@ -245,6 +255,9 @@ pub struct Report {
     pub migrations: u32,
     /// Handovers that stayed on the source (no `Go`).
     pub stays: u32,
+    /// Migrations whose source, never hearing `Finished` after `Go`, took
+    /// the VM back at the witness (the destination had not claimed it).
+    pub taken_back: u32,
     /// The VM was stopped on purpose.
     pub stopped: bool,
     /// Why the VM was lost, if it was (a documented loss: liveness is not
@@ -308,6 +321,8 @@ enum Msg {
     },
     Verified,
     Go,
+    /// The destination runs the guest (it won its claim).
+    Finished,
 }
 
 /// Who a claim is for.
@@ -317,6 +332,10 @@ enum ClaimFor {
     Core,
     /// The handover of migration `id` (the owner becomes the destination).
     Handover(u64),
+    /// The destination of migration `id` claims the VM on `Go`.
+    Admit(u64),
+    /// The source of migration `id`, missing `Finished`, takes it back.
+    Reclaim(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -364,6 +383,12 @@ enum Ev {
         node: usize,
         id: u64,
         deadline: Us,
+    },
+    /// A migration's source has waited [`LINK_IDLE`] more for `Finished`.
+    Unconfirmed {
+        node: usize,
+        id: u64,
+        since: Us,
     },
 }
 
@@ -467,6 +492,14 @@ struct BackupShell {
 struct DestShell {
     id: u64,
     guest: Option<Guest>,
+    /// The migration's source, and the backup host it protects toward.
+    source: usize,
+    target: usize,
+    /// The token the witness gave this node at the handover, claimed from
+    /// on `Go` (0: not read yet).
+    handed: u64,
+    /// How long it asks a silent witness.
+    deadline: Us,
 }
 
 enum Role {
@@ -507,21 +540,26 @@ enum HandoverFault {
     WitnessDownLong,
     CrashSource(Step),
     CrashDest(Step),
+    /// The destination paused for longer than the migration link's idle
+    /// timeout (3.5–6 s): right after `Verified`, or (`Step::Go`) on `Go`,
+    /// between its read of the witness and its claim.
+    PauseDest(Step),
 }
 
 struct Migration {
     id: u64,
     source: usize,
     dest: usize,
-    /// The backup the destination protects toward.
-    target: usize,
     fault: HandoverFault,
     /// The handover's deadline for an unreachable witness.
     deadline: Us,
     /// The source's token at the handover.
     token: u64,
-    /// `Go` was sent: the source never runs the guest again.
+    /// `Go` was sent: the source runs the guest again only if it takes the
+    /// VM back at the witness, missing `Finished`.
     committed: bool,
+    /// The source asks the witness for the VM back until then (0: not).
+    reclaim_deadline: Us,
 }
 
 /// The simulated world.
@@ -868,10 +906,11 @@ impl Sim {
     fn crash(&mut self, n: usize) {
         self.log(format!("FAULT crash node {n}"));
         // The VM is lost if it ran here and no other node could serve it
-        // (an unprotected guest's host, a destination after `Go`).
+        // (an unprotected guest's host). A destination after `Go` has not
+        // run the guest before its claim won: the source takes the VM back
+        // unless that claim did (`reclaim_answer`).
         let ran_here = match &self.nodes[n].role {
             Role::Primary(p) => !p.core.fenced() && !p.closed,
-            Role::Dest(_) => self.migration.as_ref().is_some_and(|m| m.committed),
             _ => false,
         };
         if ran_here && self.report.lost.is_none() && !(0..3).any(|m| m != n && self.could_serve(m))
@@ -1024,28 +1063,36 @@ impl Sim {
                 // (which loses the VM, as documented, unless the
                 // destination crashes before the commit point).
                 let step = [Step::Claim, Step::Swapped, Step::Go][self.rng.below(3) as usize];
-                let fault = match self.rng.below(16) {
+                let fault = match self.rng.below(18) {
                     0..=7 => HandoverFault::None,
                     12..=13 if step == Step::Claim => HandoverFault::WitnessDownLong,
                     8..=13 => HandoverFault::WitnessDown(step),
                     14 => HandoverFault::CrashSource(step),
-                    _ => HandoverFault::CrashDest(step),
+                    15 => HandoverFault::CrashDest(step),
+                    _ => HandoverFault::PauseDest(step),
                 };
                 self.next_conn += 1;
                 let id = self.next_conn;
                 self.log(format!(
                     "OP node {p}: migration {id} to node {spare} (fault {fault:?})"
                 ));
-                self.nodes[spare].role = Role::Dest(Box::new(DestShell { id, guest: None }));
+                self.nodes[spare].role = Role::Dest(Box::new(DestShell {
+                    id,
+                    guest: None,
+                    source: p,
+                    target,
+                    handed: 0,
+                    deadline: 0,
+                }));
                 self.migration = Some(Migration {
                     id,
                     source: p,
                     dest: spare,
-                    target,
                     fault,
                     deadline: 0,
                     token: 0,
                     committed: false,
+                    reclaim_deadline: 0,
                 });
                 self.stand_down(p, Plan::Migrate(spare));
             }
@@ -1117,7 +1164,8 @@ impl Sim {
             | Ev::ClaimAnswer { node, .. }
             | Ev::Precopied { node, .. }
             | Ev::MigrationBroke { node, .. }
-            | Ev::Admit { node, .. } => *node,
+            | Ev::Admit { node, .. }
+            | Ev::Unconfirmed { node, .. } => *node,
             _ => unreachable!(),
         };
         // A paused node handles nothing until it resumes; a partition
@@ -1158,14 +1206,8 @@ impl Sim {
         } = &ev
         {
             if !matches!(&self.nodes[*to].role, Role::Dest(d) if d.id == *conn) {
-                // The source stopped at `Go`; nobody runs the guest.
-                if self.report.lost.is_none() {
-                    self.report.lost = Some("the destination was gone at Go".into());
-                }
-                self.log(format!(
-                    "node {to}: Go arrives, but no destination waits: the VM is lost"
-                ));
-                self.migration = None;
+                // Nobody reads it: the source never hears `Finished`.
+                self.log(format!("node {to}: Go arrives, but no destination waits"));
                 return Ok(());
             }
         }
@@ -1179,6 +1221,17 @@ impl Sim {
                     ..
                 },
             ) => self.verified(n, conn),
+            (
+                Role::Primary(_),
+                Ev::Deliver {
+                    conn,
+                    msg: Msg::Finished,
+                    ..
+                },
+            ) => {
+                self.finished(n, conn);
+                Ok(())
+            }
             (Role::Primary(_), Ev::Epoch(_)) => self.primary_epoch(n),
             (Role::Primary(_), Ev::Heartbeat(_)) => self.primary_heartbeat(n),
             (Role::Primary(_), Ev::Connect(_)) => self.connect(n),
@@ -1202,6 +1255,15 @@ impl Sim {
                     ..
                 },
             ) => self.handover_answer(n, id, claim),
+            (
+                Role::Primary(_),
+                Ev::ClaimAnswer {
+                    claim,
+                    for_: ClaimFor::Reclaim(id),
+                    ..
+                },
+            ) => self.reclaim_answer(n, id, claim),
+            (Role::Primary(_), Ev::Unconfirmed { id, since, .. }) => self.unconfirmed(n, id, since),
             (Role::Primary(_), Ev::Precopied { id, .. }) => self.precopied(n, id),
             (Role::Primary(_), Ev::MigrationBroke { id, .. }) => self.migration_broke(n, id),
             (Role::Backup(_), Ev::Watch(_)) => self.backup_tick(n),
@@ -1216,6 +1278,14 @@ impl Sim {
             ) => self.backup_feed(n, BackupInput::Claimed(claim)),
             (Role::Dest(_), Ev::Deliver { conn, msg, .. }) => self.dest_msg(n, conn, msg),
             (Role::Dest(_), Ev::Admit { id, deadline, .. }) => self.admit(n, id, deadline),
+            (
+                Role::Dest(_),
+                Ev::ClaimAnswer {
+                    claim,
+                    for_: ClaimFor::Admit(id),
+                    ..
+                },
+            ) => self.dest_claimed(n, id, claim),
             (Role::Dest(_), Ev::MigrationBroke { id, .. }) => {
                 // The source is gone before `Go`: this host is spare again.
                 if matches!(&self.nodes[n].role, Role::Dest(d) if d.id == id)
@@ -1696,7 +1766,9 @@ impl Sim {
             "node {n}: migration {} failed; the guest runs on here",
             m.id
         ));
-        if matches!(&self.nodes[m.dest].role, Role::Dest(d) if d.id == m.id) {
+        // After `Go` the destination learns from the witness (its claim
+        // loses), as the daemons' does.
+        if !m.committed && matches!(&self.nodes[m.dest].role, Role::Dest(d) if d.id == m.id) {
             self.become_backup(m.dest);
         }
         if matches!(self.nodes[n].role, Role::Primary(_)) {
@@ -1707,12 +1779,15 @@ impl Sim {
         }
     }
 
-    fn precopied(&mut self, n: usize, id: u64) -> Result<(), Violation> {
-        let Some(m) = self
-            .migration
+    /// Migration `id`, if it is still under way with node `n` its source.
+    fn source_migration(&self, n: usize, id: u64) -> Option<&Migration> {
+        self.migration
             .as_ref()
             .filter(|m| m.id == id && m.source == n)
-        else {
+    }
+
+    fn precopied(&mut self, n: usize, id: u64) -> Result<(), Violation> {
+        let Some(m) = self.source_migration(n, id) else {
             return Ok(());
         };
         let dest = m.dest;
@@ -1727,19 +1802,138 @@ impl Sim {
     }
 
     fn migration_broke(&mut self, n: usize, id: u64) -> Result<(), Violation> {
-        let Some(m) = self
-            .migration
-            .as_ref()
-            .filter(|m| m.id == id && m.source == n)
-        else {
+        let Some(m) = self.source_migration(n, id) else {
             return Ok(());
         };
         if m.committed {
-            // After `Go` the source never runs the guest again.
+            // After `Go`: the destination may or may not have claimed the VM.
+            self.reclaim(n, id);
             return Ok(());
         }
         self.abandon_migration(n);
         Ok(())
+    }
+
+    /// The source has waited [`LINK_IDLE`] more for `Finished`: the link is
+    /// dead if the destination fell silent (down, paused, cut off), and an
+    /// answer is overdue after [`ANSWER_TIMEOUT`].
+    fn unconfirmed(&mut self, n: usize, id: u64, since: Us) -> Result<(), Violation> {
+        let Some(m) = self
+            .migration
+            .as_ref()
+            .filter(|m| m.id == id && m.source == n && m.committed && m.reclaim_deadline == 0)
+        else {
+            return Ok(());
+        };
+        let dest = m.dest;
+        let silent = matches!(self.nodes[dest].role, Role::Down)
+            || self.nodes[dest].paused_until.is_some()
+            || self.partitioned_until.is_some();
+        if silent || self.now >= since + ANSWER_TIMEOUT {
+            self.reclaim(n, id);
+        } else {
+            self.at(LINK_IDLE, Ev::Unconfirmed { node: n, id, since });
+        }
+        Ok(())
+    }
+
+    /// `Go` was sent and `Finished` did not come: the source claims the VM
+    /// back from the handover's token (`Switch::reclaim`); without a
+    /// witness the move counts as done.
+    fn reclaim(&mut self, n: usize, id: u64) {
+        if !self.s.witness {
+            let dest = self
+                .migration
+                .as_ref()
+                .filter(|m| m.id == id)
+                .map(|m| m.dest);
+            if dest.is_some_and(|d| matches!(self.nodes[d].role, Role::Down))
+                && self.report.lost.is_none()
+            {
+                self.report.lost =
+                    Some("without a witness, the destination was lost after Go".into());
+            }
+            self.finished(n, id);
+            return;
+        }
+        let now = self.now;
+        let Some(m) = self.migration.as_mut().filter(|m| m.id == id) else {
+            return;
+        };
+        if m.reclaim_deadline != 0 {
+            return;
+        }
+        m.reclaim_deadline = now + HANDOVER_WAIT;
+        let handed = m.token + 1;
+        self.log(format!(
+            "node {n}: no Finished after Go: claims the VM back from token {handed}"
+        ));
+        self.claim(n, n, handed, false, ClaimFor::Reclaim(id));
+    }
+
+    fn reclaim_answer(&mut self, n: usize, id: u64, claim: Claim) -> Result<(), Violation> {
+        let Some(m) = self.source_migration(n, id) else {
+            return Ok(());
+        };
+        let (dest, handed, past) = (m.dest, m.token + 1, self.now >= m.reclaim_deadline);
+        match claim {
+            Claim::Won { token } => {
+                self.log(format!(
+                    "node {n}: took the VM back (token {token}); the guest resumes here"
+                ));
+                self.report.taken_back += 1;
+                let p = self.primary(n);
+                p.closed = false;
+                p.core.took_back(token);
+                self.abandon_migration(n);
+            }
+            Claim::Lost { owner, token } if owner == format!("node {dest}") => {
+                self.log(format!(
+                    "node {n}: the destination claimed the VM (token {token}); the source stops"
+                ));
+                if matches!(self.nodes[dest].role, Role::Down) && self.report.lost.is_none() {
+                    self.report.lost =
+                        Some("the destination claimed the VM and crashed before it ran it".into());
+                }
+                self.finished(n, id);
+            }
+            Claim::Lost { owner, token } => {
+                self.log(format!(
+                    "node {n}: FENCED after Go: the witness names {owner} (token {token})"
+                ));
+                self.report.fences += 1;
+                self.finished(n, id);
+            }
+            Claim::Unreachable if past => {
+                self.log(format!(
+                    "node {n}: the witness did not answer the claim back; the source stops"
+                ));
+                if self.report.lost.is_none() {
+                    self.report.lost =
+                        Some("the witness did not answer the source's claim back after Go".into());
+                }
+                self.finished(n, id);
+            }
+            Claim::Unreachable => self.claim(n, n, handed, true, ClaimFor::Reclaim(id)),
+        }
+        Ok(())
+    }
+
+    /// The move is over for the source (`Finished`, or the witness names
+    /// the destination): its process exits.
+    fn finished(&mut self, n: usize, id: u64) {
+        if self
+            .migration
+            .take_if(|m| m.id == id && m.source == n)
+            .is_none()
+        {
+            return;
+        }
+        if matches!(self.nodes[n].role, Role::Primary(_)) {
+            self.nodes[n].role = Role::Down;
+            let after = self.rng.range(300 * MS, 2000 * MS);
+            self.at(after, Ev::Restart(n));
+        }
     }
 
     /// The handover fault planted at `step`, if any.
@@ -1799,11 +1993,7 @@ impl Sim {
     }
 
     fn handover_answer(&mut self, n: usize, id: u64, claim: Claim) -> Result<(), Violation> {
-        let Some(m) = self
-            .migration
-            .as_ref()
-            .filter(|m| m.id == id && m.source == n)
-        else {
+        let Some(m) = self.source_migration(n, id) else {
             return Ok(());
         };
         let (dest, token, past) = (m.dest, m.token, self.now >= m.deadline);
@@ -1855,18 +2045,16 @@ impl Sim {
                 self.owner.0, self.owner.1
             )));
         }
-        self.log(format!("node {n}: Go to node {dest}; the source stops"));
+        self.log(format!(
+            "node {n}: Go to node {dest}; the source waits, paused, for Finished"
+        ));
         self.report.migrations += 1;
         let p = self.primary(n);
         p.closed = true;
         self.send_to(n, dest, id, Msg::Go);
+        let since = self.now;
+        self.at(LINK_IDLE, Ev::Unconfirmed { node: n, id, since });
         self.handover_fault(Step::Go);
-        if matches!(self.nodes[n].role, Role::Primary(_)) {
-            // The source's process exits once the destination runs.
-            self.nodes[n].role = Role::Down;
-            let after = self.rng.range(300 * MS, 2000 * MS);
-            self.at(after, Ev::Restart(n));
-        }
         Ok(())
     }
 
@@ -1893,6 +2081,15 @@ impl Sim {
                 }
                 if let Some(source) = source {
                     self.send_to(n, source, conn, Msg::Verified);
+                }
+                if matches!(fault, Some(HandoverFault::PauseDest(s)) if s != Step::Go) {
+                    let d = self.rng.range(3500 * MS, 6000 * MS);
+                    self.log(format!(
+                        "FAULT at the handover: node {n} paused after Verified for {} ms",
+                        d / MS
+                    ));
+                    self.nodes[n].paused_until = Some(self.now + d);
+                    self.at(d, Ev::Resume(n));
                 }
                 Ok(())
             }
@@ -1933,17 +2130,83 @@ impl Sim {
             self.dest_lost(n, format!("the witness names node {owner} (token {token})"));
             return Ok(());
         }
-        self.arrive(n, id, token)
+        if let Role::Dest(d) = &mut self.nodes[n].role {
+            d.handed = token;
+            d.deadline = deadline;
+        }
+        if let Some(m) = self
+            .migration
+            .as_mut()
+            .filter(|m| m.id == id && m.fault == HandoverFault::PauseDest(Step::Go))
+        {
+            m.fault = HandoverFault::None;
+            let d = self.rng.range(3500 * MS, 6000 * MS);
+            self.log(format!(
+                "FAULT at the handover: node {n} paused on Go, after its read, for {} ms",
+                d / MS
+            ));
+            self.nodes[n].paused_until = Some(self.now + d);
+            self.at(d, Ev::Resume(n));
+        }
+        if self.s.bug == Some(Bug::AdmitByRead) {
+            // Runs on the read alone (after any pause).
+            self.at(
+                0,
+                Ev::ClaimAnswer {
+                    node: n,
+                    claim: Claim::Won { token },
+                    for_: ClaimFor::Admit(id),
+                },
+            );
+            return Ok(());
+        }
+        // The claim from the handover's token (`claim_arrival`): only it
+        // tells this node from a source taking the VM back.
+        self.claim(n, n, token, false, ClaimFor::Admit(id));
+        Ok(())
+    }
+
+    fn dest_claimed(&mut self, n: usize, id: u64, claim: Claim) -> Result<(), Violation> {
+        let Role::Dest(d) = &self.nodes[n].role else {
+            unreachable!()
+        };
+        if d.id != id {
+            return Ok(());
+        }
+        let (handed, deadline) = (d.handed, d.deadline);
+        match claim {
+            Claim::Won { token } => self.arrive(n, id, token),
+            Claim::Lost { owner, token } => {
+                // The source took the VM back: this process exits, its
+                // host is spare again.
+                self.log(format!(
+                    "node {n}: the guest arrived but the witness gives the VM to {owner} (token {token})"
+                ));
+                self.nodes[n].role = Role::Down;
+                let after = self.rng.range(300 * MS, 2000 * MS);
+                self.at(after, Ev::Restart(n));
+                Ok(())
+            }
+            Claim::Unreachable if self.now >= deadline => {
+                self.dest_lost(
+                    n,
+                    "the witness did not answer the destination's claim in time".into(),
+                );
+                Ok(())
+            }
+            Claim::Unreachable => {
+                self.claim(n, n, handed, true, ClaimFor::Admit(id));
+                Ok(())
+            }
+        }
     }
 
     fn dest_lost(&mut self, n: usize, why: String) {
         self.log(format!(
             "node {n}: the guest arrived but may not run here: {why}"
         ));
-        if self.report.lost.is_none() {
-            self.report.lost = Some(format!("the destination did not run the guest: {why}"));
-        }
-        self.migration = None;
+        // The source, still waiting for `Finished`, decides by its claim
+        // back whether the VM is lost (`reclaim_answer`).
         self.nodes[n].role = Role::Down;
         let after = self.rng.range(300 * MS, 2000 * MS);
         self.at(after, Ev::Restart(n));
@@ -1956,9 +2219,7 @@ impl Sim {
             unreachable!()
         };
         let guest = d.guest.take().unwrap_or_default();
-        let Some(m) = self.migration.take_if(|m| m.id == id) else {
-            return Ok(());
-        };
+        let (source, target) = (d.source, d.target);
         if self.s.witness && self.owner != (n, token) {
             return Err(self.violation(format!(
                 "node {n} runs the migrated guest with token {token}, but the witness names node {} (token {})",
@@ -1966,10 +2227,11 @@ impl Sim {
             )));
         }
         self.log(format!(
-            "node {n}: the migrated guest runs here (token {token}), toward node {}",
-            m.target
+            "node {n}: the migrated guest runs here (token {token}), toward node {target}"
         ));
-        self.become_primary(n, guest, token, m.target);
+        self.become_primary(n, guest, token, target);
+        // `Finished`: the source's process exits when it hears it.
+        self.send_to(n, source, id, Msg::Finished);
         self.release_all(n)
     }
 

@@ -34,6 +34,7 @@ struct Sum {
     retargets: u32,
     migrations: u32,
     stays: u32,
+    taken_back: u32,
     stopped: u32,
     lost: u32,
     frames: usize,
@@ -50,6 +51,7 @@ impl Sum {
         self.retargets += r.retargets;
         self.migrations += r.migrations;
         self.stays += r.stays;
+        self.taken_back += r.taken_back;
         self.stopped += u32::from(r.stopped);
         self.lost += u32::from(r.lost.is_some());
         self.frames += r.frames;
@@ -61,8 +63,8 @@ impl std::fmt::Display for Sum {
         write!(
             f,
             "{} runs: {} faults, {} takeovers, {} fences, {} goodbyes, {} verify mismatches, \
-             {} changes of backup, {} migrations ({} stayed), {} planned stops, {} VMs lost \
-             as documented, {} frames released: no violation",
+             {} changes of backup, {} migrations ({} stayed, {} taken back after Go), {} planned \
+             stops, {} VMs lost as documented, {} frames released: no violation",
             self.runs,
             self.faults,
             self.takeovers,
@@ -72,6 +74,7 @@ impl std::fmt::Display for Sum {
             self.retargets,
             self.migrations,
             self.stays,
+            self.taken_back,
             self.stopped,
             self.lost,
             self.frames
@@ -98,7 +101,7 @@ fn one_history_and_recovery_under_every_fault_with_a_witness() {
         assert!(sum.takeovers > 0 && sum.fences > 0, "{sum}");
         assert!(sum.goodbyes > 0 && sum.mismatches > 0, "{sum}");
         assert!(
-            sum.retargets > 0 && sum.migrations > 0 && sum.stays > 0,
+            sum.retargets > 0 && sum.migrations > 0 && sum.stays > 0 && sum.taken_back > 0,
             "{sum}"
         );
         assert!(sum.stopped > 0 && sum.frames > 0, "{sum}");
@@ -196,7 +199,14 @@ fn planted_bugs_are_found() {
     // each bug (CI stops at the first).
     let count = std::env::var_os("CASTOR_SIM_COUNT").is_some();
     for bug in Bug::ALL {
-        let found: Vec<sim::Violation> = (0..BUG_SEEDS)
+        // A migration meets a pause of its destination on `Go` in about one
+        // run in a hundred: that bug gets more seeds.
+        let seeds = if bug == Bug::AdmitByRead {
+            2000
+        } else {
+            BUG_SEEDS
+        };
+        let found: Vec<sim::Violation> = (0..seeds)
             .filter_map(|seed| {
                 sim::run(Settings {
                     bug: Some(bug),
@@ -209,9 +219,9 @@ fn planted_bugs_are_found() {
             .collect();
         let v = found
             .first()
-            .unwrap_or_else(|| panic!("{bug:?} not found in {BUG_SEEDS} seeds"));
+            .unwrap_or_else(|| panic!("{bug:?} not found in {seeds} seeds"));
         if count {
-            print!("found in {} of {BUG_SEEDS} seeds, ", found.len());
+            print!("found in {} of {seeds} seeds, ", found.len());
         }
         println!("{bug:?}: found at seed {}: {}", v.seed, v.what);
         // The same seed replays the same violation.

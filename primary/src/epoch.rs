@@ -28,9 +28,8 @@ use crate::copy::Staging;
 use crate::net::{NetEvent, Outgoing};
 use crate::{Config, EpochFigures, Metrics, PrimaryError};
 
-/// Real-time priority of the epoch thread while the guest is paused (the
-/// network threads have 10).
-const PAUSE_PRIORITY: i32 = 5;
+/// Real-time priority of the epoch thread while the guest is paused.
+const PAUSE_PRIORITY: i32 = vmm::priority::PAUSE;
 
 /// How long a new session waits for the backup's reuse offer before it
 /// sends a full resync instead.

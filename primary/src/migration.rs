@@ -74,6 +74,31 @@ struct Gate<'a> {
 /// freeze the source exactly at the handover.
 pub const FAULT_STOP_AFTER_HANDOVER: &str = "CASTOR_FAULT_STOP_AFTER_HANDOVER";
 
+impl Gate<'_> {
+    /// Takes the VM back from the destination at the witness: a claim from
+    /// the token the handover gave it, which wins only if the destination
+    /// has not claimed the VM from that token itself. `Ok(Ok(token))`:
+    /// this node owns it again; `Ok(Err((owner, token)))`: the witness
+    /// names `owner`; `None`: the witness did not answer within
+    /// [`HANDOVER_WAIT`].
+    fn claim_back(&self) -> Option<Result<u64, (String, u64)>> {
+        let w = self.witness.expect("a claim back needs a witness");
+        let given = self.given.load(std::sync::atomic::Ordering::Relaxed);
+        let deadline = Instant::now() + HANDOVER_WAIT;
+        loop {
+            match w.claim(self.me, given) {
+                witness::Claim::Won { token } => {
+                    self.back.store(token, std::sync::atomic::Ordering::Relaxed);
+                    return Some(Ok(token));
+                }
+                witness::Claim::Lost { owner, token } => return Some(Err((owner, token))),
+                witness::Claim::Unreachable if Instant::now() >= deadline => return None,
+                witness::Claim::Unreachable => std::thread::sleep(crate::epoch::CLAIM_RETRY),
+            }
+        }
+    }
+}
+
 impl Switch for Gate<'_> {
     fn approve(&self) -> Result<(), MigrateError> {
         let Some(w) = self.witness else {
@@ -109,35 +134,59 @@ impl Switch for Gate<'_> {
     }
 
     fn revoke(&self) -> Result<(), MigrateError> {
-        let Some(w) = self.witness else {
+        if self.witness.is_none() {
             return Ok(());
+        }
+        let Some(answer) = self.claim_back() else {
+            return Err(MigrateError::Fenced(format!(
+                "the VM was handed to {} but no Go was sent, and the witness did not answer to take it back: the guest stops here (it runs nowhere)",
+                self.dest
+            )));
         };
-        let given = self.given.load(std::sync::atomic::Ordering::Relaxed);
-        let deadline = Instant::now() + HANDOVER_WAIT;
-        loop {
-            match w.claim(self.me, given) {
-                witness::Claim::Won { token } => {
-                    info!(
-                        token,
-                        "the witness gives the VM back to this node (no Go was sent)"
-                    );
-                    self.back.store(token, std::sync::atomic::Ordering::Relaxed);
-                    return Ok(());
-                }
-                witness::Claim::Lost { owner, token } => {
-                    return Err(MigrateError::Fenced(format!(
-                        "the VM was handed to {} but no Go was sent, and the witness now gives it to {owner} (token {token})",
-                        self.dest
-                    )))
-                }
-                witness::Claim::Unreachable if Instant::now() >= deadline => {
-                    return Err(MigrateError::Fenced(format!(
-                        "the VM was handed to {} but no Go was sent, and the witness did not answer to take it back: the guest stops here (it runs nowhere)",
-                        self.dest
-                    )))
-                }
-                witness::Claim::Unreachable => std::thread::sleep(crate::epoch::CLAIM_RETRY),
+        match answer {
+            Ok(token) => {
+                info!(
+                    token,
+                    "the witness gives the VM back to this node (no Go was sent)"
+                );
+                Ok(())
             }
+            Err((owner, token)) => Err(MigrateError::Fenced(format!(
+                "the VM was handed to {} but no Go was sent, and the witness now gives it to {owner} (token {token})",
+                self.dest
+            ))),
+        }
+    }
+
+    fn reclaim(&self) -> Result<bool, MigrateError> {
+        if self.witness.is_none() {
+            return Ok(false);
+        }
+        let Some(answer) = self.claim_back() else {
+            return Err(MigrateError::Fenced(format!(
+                "Go was sent to {} but not confirmed, and the witness did not answer to take the VM back: the guest stops here (it runs there only if that node claims it)",
+                self.dest
+            )));
+        };
+        match answer {
+            Ok(token) => {
+                info!(
+                    token,
+                    "the witness gives the VM back to this node: the destination had not claimed it"
+                );
+                Ok(true)
+            }
+            Err((owner, token)) if owner == self.dest => {
+                info!(
+                    token,
+                    "the destination claimed the VM at the witness: it runs there"
+                );
+                Ok(false)
+            }
+            Err((owner, token)) => Err(MigrateError::Fenced(format!(
+                "the VM was handed to {}, and the witness now gives it to {owner} (token {token})",
+                self.dest
+            ))),
         }
     }
 

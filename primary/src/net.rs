@@ -111,31 +111,39 @@ fn beat_thread(
     std::thread::Builder::new()
         .name("castor-beat".into())
         .spawn(move || {
-            let _ = vmm::set_current_thread_realtime(10);
+            let _ = vmm::set_current_thread_realtime(vmm::priority::LIVENESS);
             let t0 = Instant::now();
             let mut seq = 0u64;
             let mut stale = false;
+            let mut stalls = node::stall::StallWatch::new();
             while !stop.load(Ordering::Relaxed) {
+                let slept = Instant::now();
                 std::thread::sleep(period);
+                let slept = slept.elapsed();
+                // The beat first: a late one is the one that matters, and
+                // the stall's report (a file read, a log write that may
+                // block) waits until it is out.
                 let to = *peer.lock().unwrap_or_else(|e| e.into_inner());
-                let Some(to) = to else { continue };
-                if !alive.fresh() {
-                    if !stale {
+                if let Some(to) = to {
+                    if alive.fresh() {
+                        stale = false;
+                        seq += 1;
+                        let b = Beat {
+                            seq,
+                            sent_us: t0.elapsed().as_micros() as u64,
+                        };
+                        let _ = sock.send_to(&b.seal(&key), to);
+                    } else if !stale {
                         warn!(
                             "the epoch loop made no progress for {} s: heartbeats stop, so the backup takes over",
                             PROGRESS_LIMIT.as_secs()
                         );
                         stale = true;
                     }
-                    continue;
                 }
-                stale = false;
-                seq += 1;
-                let b = Beat {
-                    seq,
-                    sent_us: t0.elapsed().as_micros() as u64,
-                };
-                let _ = sock.send_to(&b.seal(&key), to);
+                if let Some(s) = stalls.woke(slept, period) {
+                    s.log("the heartbeat thread");
+                }
             }
         })
 }
@@ -213,7 +221,7 @@ impl NetTask {
     }
 
     /// A planned stop: once the epoch loop has queued its goodbye (see
-    /// [`crate::epoch::EpochLoop::goodbye`]), waits for the session to end
+    /// [`crate::epoch::EpochLoop::end_protection`]), waits for the session to end
     /// — the backup commits the last checkpoint and stands down — at most
     /// [`GOODBYE_WAIT`] and a little; then the task is dropped.
     pub fn finish(mut self, rt: &tokio::runtime::Handle) {

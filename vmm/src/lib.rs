@@ -41,6 +41,25 @@ pub use machine::{
 pub use state::MachineState;
 pub use vcpu::{set_vcpu_nice, ExitReason, VcpuError};
 
+/// Real-time priorities castor's threads use, highest first. Threads at one
+/// SCHED_RR priority share a CPU in 100 ms slices
+/// (`/proc/sys/kernel/sched_rr_timeslice_ms`), so a liveness thread at the
+/// priority of a busy network runtime — this process's or another VM's on
+/// the same host — can wait a whole slice: a false takeover on a 30–100 ms
+/// detector. The liveness threads are therefore above everything else:
+/// they wake every few milliseconds for microseconds of work.
+pub mod priority {
+    /// The failure detector's threads: the primary's heartbeat sender and
+    /// the backup's watchdog (which also reads the heartbeats).
+    pub const LIVENESS: i32 = 20;
+    /// The node's network runtime (QUIC, checkpoint frames, acks): a
+    /// spinning guest must not delay it.
+    pub const NETWORK: i32 = 10;
+    /// The epoch thread while the guest is paused, and the post-copy fault
+    /// thread: below the network, above every normal thread.
+    pub const PAUSE: i32 = 5;
+}
+
 /// Gives the calling thread real-time round-robin scheduling at `priority`
 /// (1..=99), as cluster managers do for their heartbeat threads, so that a
 /// busy host cannot delay liveness traffic into a false failover. Needs
