@@ -62,6 +62,10 @@ pub struct Point {
     pub vcpu_ran: f64,
     /// Share of the window they were runnable but waited for a CPU.
     pub vcpu_waited: f64,
+    /// The window's real length, ms: longer than the plan's when the link
+    /// could not carry the mode's checkpoints (they stretched past it) and
+    /// the bench read on until [`crate::bench::MIN_POINT_CHECKPOINTS`] were in.
+    pub window_ms: f64,
     /// Why the point failed, if it did.
     pub error: Option<String>,
 }
@@ -96,6 +100,7 @@ impl Default for Point {
             precopied: nan,
             vcpu_ran: nan,
             vcpu_waited: nan,
+            window_ms: nan,
             error: None,
         }
     }

@@ -180,7 +180,7 @@ fn checkpoints_table(s: &mut String, r: &Results, loads: &[&str]) {
         "Pause = the guest stopped per checkpoint (harvest + page copy + state capture + resume); the pages pre-copied while the guest ran (the epoch's last few ms excepted) are not copied in the pause. Bytes = on the wire per epoch, vs the dirty pages raw and vs remus in the same run. Output delay = end of an epoch → its console output released (after the backup's ack).{}\n",
         match r.settings.point_detector_ms {
             0 => String::new(),
-            ms => format!(" The backup's failure detector here is {ms} ms, not the default 30 ms: this host takes a CPU away for ~100 ms now and then, and a takeover would end the point."),
+            ms => format!(" Both failure detectors here are {ms} ms (the backup's, default 30 ms, and the primary's, default 200 ms): this host takes a CPU away for ~100 ms now and then, and a takeover or a resync would end the point."),
         }
     );
     let _ = writeln!(s, "| workload | epoch | mode | pause p50 / p99 / max ms | harvest / copy / capture p50 µs | dirty pages (pre-copied) | bytes/epoch | vs raw | vs remus | encode p50 µs | ack p50 ms | output delay p50 / p99 ms | waited | vCPU ran / waited for a CPU |");
@@ -202,6 +202,22 @@ fn checkpoints_table(s: &mut String, r: &Results, loads: &[&str]) {
                 checkpoint_row(s, r, p);
             }
         }
+    }
+    let measure = r.settings.measure_ms as f64;
+    for p in r
+        .points
+        .iter()
+        .filter(|p| p.error.is_none() && p.window_ms.is_finite() && p.window_ms > 1.2 * measure)
+    {
+        let _ = writeln!(
+            s,
+            "\n{} {} at {} ms: the link could not carry its checkpoints within the {measure:.0} ms window (its epochs stretched, waiting for acks), so the window was read on to {:.1} s for {:.0} checkpoints; its throughput is over that window.",
+            p.workload,
+            p.config,
+            p.epoch_ms,
+            p.window_ms / 1e3,
+            p.epochs
+        );
     }
 }
 

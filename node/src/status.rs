@@ -134,6 +134,11 @@ pub struct PrimaryStatus {
     /// backup's image.
     #[serde(default)]
     pub last_resync: Option<ResyncStatus>,
+    /// Sessions with a backup begun since the daemon started (each one
+    /// opened by a resync); not reset by `reset`. A count that grew over a
+    /// measurement window means the pair lost its backup and resynced in it.
+    #[serde(default)]
+    pub sessions: u64,
 }
 
 /// `--epoch-ms auto`: the model's target and its choices since the last

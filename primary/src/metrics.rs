@@ -11,7 +11,7 @@ use tracing::info;
 use crate::config::EpochLength;
 
 /// What one epoch cost.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct EpochFigures {
     /// Epoch number.
     pub epoch: u64,
@@ -58,10 +58,14 @@ struct Inner {
     backup: Option<String>,
     /// The session's protocol version.
     protocol: Option<u16>,
-    /// Epochs up to this one are not samples (reset).
-    reset_at: u64,
+    /// `epochs[0]` is the last epoch before a reset, kept for the epoch
+    /// count: not a sample. (Epochs are numbered per session, so a number
+    /// cannot mark the reset: a session begun after it numbers from 1 again.)
+    marker: bool,
     /// The last session's first checkpoint.
     resync: Option<node::ResyncStatus>,
+    /// Sessions begun (resyncs).
+    sessions: u64,
     /// The epoch length now.
     epoch_len: Duration,
     /// Auto's latest choice.
@@ -133,6 +137,7 @@ impl Metrics {
         let mut i = self.lock();
         if i.epochs.len() >= KEEP {
             i.epochs.drain(..KEEP / 2);
+            i.marker = false;
         }
         i.epochs.push(f);
         let n = i.epochs.len();
@@ -184,11 +189,10 @@ impl Metrics {
         i.acks.clear();
         i.releases.clear();
         // Keep the last epoch so the count survives; mark it as not a sample.
-        if let Some(mut f) = last {
-            f.pause = Duration::ZERO;
+        if let Some(f) = last {
             i.epochs.push(f);
-            i.reset_at = f.epoch;
         }
+        i.marker = last.is_some();
     }
 
     /// Whether the backup holds a committed checkpoint of this session.
@@ -199,7 +203,9 @@ impl Metrics {
     /// Records how a session's first checkpoint went (its `protected_ms`
     /// is filled in by [`Metrics::resync_protected`]).
     pub fn resync(&self, r: node::ResyncStatus) {
-        self.lock().resync = Some(r);
+        let mut i = self.lock();
+        i.resync = Some(r);
+        i.sessions += 1;
     }
 
     /// The first checkpoint of the session was acknowledged `ms` after the hello.
@@ -225,12 +231,16 @@ impl Metrics {
         self.lock().backup = b;
     }
 
-    /// The figures for the status; the first epoch (the full resync) is
-    /// left out of the pause and size figures.
+    /// The figures for the status; each session's first epoch (its full
+    /// resync) is left out of the pause and size figures.
     pub fn figures(&self) -> PrimaryStatus {
         let i = self.lock();
-        let first = i.reset_at.max(1);
-        let steady: Vec<&EpochFigures> = i.epochs.iter().filter(|f| f.epoch > first).collect();
+        let steady: Vec<&EpochFigures> = i
+            .epochs
+            .iter()
+            .skip(usize::from(i.marker))
+            .filter(|f| f.epoch > 1)
+            .collect();
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         let part = |g: fn(&EpochFigures) -> Duration| -> Vec<f64> {
             steady.iter().map(|f| us(g(f))).collect()
@@ -313,6 +323,52 @@ impl Metrics {
                 .count() as u64,
             net: None,
             last_resync: i.resync.clone(),
+            sessions: i.sessions,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn epoch(n: u64, pause_ms: u64) -> EpochFigures {
+        EpochFigures {
+            epoch: n,
+            pause: Duration::from_millis(pause_ms),
+            ..EpochFigures::default()
+        }
+    }
+
+    fn metrics() -> Metrics {
+        Metrics::new(
+            fgbi::Mode::Fgbi,
+            EpochLength::Fixed(Duration::from_millis(25)),
+            Arc::new(node::metrics::Metrics::new()),
+        )
+    }
+
+    #[test]
+    fn each_sessions_first_epoch_and_the_reset_marker_are_not_samples() {
+        let m = metrics();
+        for n in 1..=10 {
+            m.epoch(epoch(n, 1));
+        }
+        // Epoch 1 is the resync.
+        assert_eq!(m.figures().samples, 9);
+        m.reset();
+        assert_eq!(m.figures().samples, 0);
+        assert_eq!(m.figures().epochs, 10, "the count survives a reset");
+        m.epoch(epoch(11, 2));
+        assert_eq!(m.figures().samples, 1);
+        // The backup was lost and a new session numbers from 1 again: its
+        // epochs after the resync are samples (a bench window that saw a
+        // resync used to count none of them).
+        for n in 1..=5 {
+            m.epoch(epoch(n, 3));
+        }
+        let f = m.figures();
+        assert_eq!(f.samples, 5, "epoch 11 and the new session's 2..=5");
+        assert_eq!(f.pause_max_us, 3000.0);
     }
 }
