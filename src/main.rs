@@ -277,6 +277,16 @@ struct ProtectArgs {
     /// safety: with a witness the primary then claims the VM first.
     #[arg(long, default_value_t = 200)]
     backup_timeout_ms: u64,
+    /// While a new backup receives its first checkpoint, the full resync
+    /// (the whole image: a second or more for a large guest): `release`
+    /// lets the guest's output out as it is written, so no client waits for
+    /// the resync, and the backup can take over from the first checkpoint
+    /// after it; `hold` holds output from the resync's pause on, so the
+    /// backup can take over from the resync itself (one epoch sooner) while
+    /// clients wait for it. `release` needs protocol 7 on both nodes (an
+    /// older peer: `hold`).
+    #[arg(long, value_enum, default_value = "release")]
+    resync_output: ResyncOutput,
     /// Send a memory digest with each checkpoint for the backup to verify.
     /// (A guest's disk is always verified: every checkpoint carries the
     /// disk's digest sum, and the backup compares its own after writing.)
@@ -986,7 +996,18 @@ fn primary_config(
         },
         link_faults: p.link_faults,
         precopy: p.precopy_ms.map(Duration::from_millis),
+        resync_releases_output: p.resync_output == ResyncOutput::Release,
     })
+}
+
+/// `--resync-output`: what a full resync does with the guest's output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ResyncOutput {
+    /// Released as written; the backup takes over from the checkpoint after
+    /// the resync.
+    Release,
+    /// Held from the resync's pause; the backup may take over from it.
+    Hold,
 }
 
 /// The runtime and console service of a daemon; its threads run at

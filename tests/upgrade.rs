@@ -22,6 +22,9 @@ use lab::pair::{self, read_console, wait_status, Daemon, Pair};
 use node::{Role, Status};
 use witness::server::EtcdServer;
 
+/// The protocol version two nodes of this release speak.
+const NEWEST: u16 = protocol::VERSION;
+
 /// castor 0.1.0: the last release, which speaks protocol version 5 alone.
 const PREVIOUS: &str = "52a1c96cba1e6edb7b98d40c4281449518120afb";
 /// What its `--version` prints.
@@ -539,18 +542,18 @@ fn a_pair_is_upgraded_backup_first_then_switched_over_with_the_guest_running() {
     assert!(alog.contains("FENCED"), "{alog}");
 
     // 4. The old primary's node is upgraded and becomes the new backup:
-    //    new ↔ new, at version 6.
+    //    new ↔ new, at the newest version.
     let mut a = pair.start_backup(0, &strings(BACKUP), "a-0.2.log").unwrap();
     wait_status(
         &b,
         "new ↔ new protected",
         Duration::from_secs(60),
-        protected_at(Some(6), 0),
+        protected_at(Some(NEWEST), 0),
     )
     .unwrap();
-    applying_at(&a, 6);
-    summary_names(&b, 6);
-    summary_names(&a, 6);
+    applying_at(&a, NEWEST);
+    summary_names(&b, NEWEST);
+    summary_names(&a, NEWEST);
     let (ok, out) = outcome(&run(&[
         "status",
         "--json",
@@ -558,7 +561,7 @@ fn a_pair_is_upgraded_backup_first_then_switched_over_with_the_guest_running() {
         &b.control.display().to_string(),
     ]));
     let s = node::Status::from_json(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    assert!(ok && s.primary.unwrap().protocol == Some(6), "{out}");
+    assert!(ok && s.primary.unwrap().protocol == Some(NEWEST), "{out}");
 
     // One history: what a showed from the guest's boot until it stopped,
     // then b's console from there on, gap-free (every line once, in order).
@@ -604,7 +607,7 @@ fn a_pair_is_upgraded_backup_first_then_switched_over_with_the_guest_running() {
 }
 
 #[test]
-fn a_new_primary_protects_toward_an_old_backup_at_v5_then_at_v6_once_it_is_upgraded() {
+fn a_new_primary_protects_toward_an_old_backup_at_v5_then_at_the_newest_once_it_is_upgraded() {
     let _one = one_at_a_time();
     let new = PathBuf::from(castor_bin());
     let old = previous_release();
@@ -616,7 +619,7 @@ fn a_new_primary_protects_toward_an_old_backup_at_v5_then_at_v6_once_it_is_upgra
     let owners = Owners::watch(&etcd);
 
     // castor 0.2.0's primary, castor 0.1.0's backup: the backup refuses the
-    // first hello (version 6); the primary speaks 5 to it.
+    // first hello (the newest version); the primary speaks 5 to it.
     using(&old);
     let mut b = pair.start_backup(1, &strings(BACKUP), "b-0.1.log").unwrap();
     using(&new);
@@ -633,11 +636,12 @@ fn a_new_primary_protects_toward_an_old_backup_at_v5_then_at_v6_once_it_is_upgra
     assert!(alog.contains("speaks version 5 alone"), "{alog}");
     let blog = std::fs::read_to_string(&b.log).unwrap();
     assert!(
-        blog.contains("version 6"),
+        blog.contains(&format!("version {NEWEST}")),
         "the old backup's refusal: {blog}"
     );
 
-    // The backup is upgraded: the primary offers 6 again, and gets it.
+    // The backup is upgraded: the primary offers its range again, and
+    // gets the newest version.
     stop(&mut b);
     wait_status(
         &a,
@@ -652,10 +656,10 @@ fn a_new_primary_protects_toward_an_old_backup_at_v5_then_at_v6_once_it_is_upgra
         &a,
         "new ↔ new protected",
         Duration::from_secs(60),
-        protected_at(Some(6), e),
+        protected_at(Some(NEWEST), e),
     )
     .unwrap();
-    applying_at(&b, 6);
+    applying_at(&b, NEWEST);
 
     let c = continuity(&console(&a, Duration::from_millis(300)));
     assert!(c.ok() && c.lines > 100, "{:?}", c.problems);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use node::ha::{BackupCore, BackupInput};
 use protocol::{payload, EndReason, Hello};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use vmm::image::{GenTable, ImagePaths};
 use vmm::memory::GuestMem;
 use vmm::MachineState;
@@ -541,10 +541,25 @@ impl Shared {
         // The core learns of the commit under the replica lock, before the
         // state is published: the watchdog decides under the same lock, so
         // it never sees a fresh state with stale liveness.
-        self.core().on(BackupInput::Committed {
+        let mut core = self.core();
+        let could = core.committed().is_some();
+        core.on(BackupInput::Committed {
             epoch: c.epoch,
+            resumable: c.resumable,
             now: self.now(),
         });
+        drop(core);
+        if !c.resumable {
+            debug!(
+                epoch = c.epoch,
+                "checkpoint committed, but the primary released output past it (its full resync): no takeover from it"
+            );
+        } else if !could && c.epoch > 1 {
+            info!(
+                epoch = c.epoch,
+                "the first checkpoint whose output the primary held is committed: the guest can be taken over from here on"
+            );
+        }
         if let Some(g) = &gens {
             g.set_header(true, session, c.epoch);
         }

@@ -69,6 +69,11 @@ pub struct DrillArgs {
     /// loss=2%,dup=1%,reorder=5%.
     #[arg(long)]
     pub link_faults: Option<String>,
+    /// What a re-protection's full resync does with the guest's output,
+    /// passed to both daemons (`castor primary --resync-output`): `release`
+    /// (the default) or `hold`, to measure one against the other.
+    #[arg(long, default_value = "release", value_parser = ["release", "hold"])]
+    pub resync_output: String,
 }
 
 /// One failover of a drill.
@@ -521,7 +526,12 @@ pub(crate) fn client_round(c: &crate::loadgen::Handle, label: &str) -> Result<Cl
 
 /// The flags both daemons of a drill get: the mode, and the link's faults.
 fn daemon_flags(a: &DrillArgs) -> Vec<String> {
-    let mut f = vec!["--mode".to_string(), a.guest.mode.to_string()];
+    let mut f = vec![
+        "--mode".to_string(),
+        a.guest.mode.to_string(),
+        "--resync-output".to_string(),
+        a.resync_output.clone(),
+    ];
     if let Some(l) = &a.link_faults {
         f.extend(["--link-faults".to_string(), l.clone()]);
     }
@@ -557,13 +567,14 @@ fn fault_drill(a: &DrillArgs) -> Result<()> {
     let faults: Vec<Fault> = a.faults.iter().flat_map(|s| s.0.iter().copied()).collect();
     let names: Vec<String> = faults.iter().map(|f| format!("{f:?}")).collect();
     println!(
-        "castor drill: {} rounds of {} on {} on {} vCPU(s), mode {}, etcd witness, verifying, faults lasting {:?}",
+        "castor drill: {} rounds of {} on {} on {} vCPU(s), mode {}, etcd witness, verifying, faults lasting {:?}, resync output {}",
         a.rounds,
         names.join(", "),
         a.guest.workload,
         a.guest.vcpus,
         a.guest.mode,
         a.fault_length,
+        a.resync_output,
     );
     let (tmp, dir) = match &a.out {
         Some(d) => {

@@ -41,15 +41,19 @@ struct Inner {
     closed: bool,
     hold: bool,
     capacity: usize,
+    /// Bytes from this offset on are kept even once released
+    /// ([`ConsoleLog::keep_from`]).
+    pinned: u64,
 }
 
 impl Inner {
     /// Forgets the oldest released bytes beyond the capacity. Held bytes
-    /// are never dropped: they are not checkpointed yet.
+    /// are never dropped: they are not checkpointed yet; nor are pinned ones.
     fn trim(&mut self) {
         let cap = self.capacity;
-        if self.data.len() > cap && self.base < self.released {
-            let n = (self.data.len() - cap).min((self.released - self.base) as usize);
+        let droppable = self.released.min(self.pinned);
+        if self.data.len() > cap && self.base < droppable {
+            let n = (self.data.len() - cap).min((droppable - self.base) as usize);
             self.data.drain(..n);
             self.base += n as u64;
             if self.data.capacity() > 2 * cap {
@@ -107,6 +111,7 @@ impl ConsoleLog {
                 closed: false,
                 hold: true,
                 capacity: capacity.max(4096),
+                pinned: u64::MAX,
             }),
             notify: Notify::new(),
         })
@@ -164,6 +169,16 @@ impl ConsoleLog {
             i.base + i.data.len() as u64
         };
         self.release(end);
+    }
+
+    /// Keeps the bytes from `offset` on (`None`: no such bound) even once
+    /// released and beyond the capacity: a primary that releases output
+    /// before checkpointing it (during a full resync) pins what its next
+    /// checkpoint must carry.
+    pub fn keep_from(&self, offset: Option<u64>) {
+        let mut i = self.lock();
+        i.pinned = offset.unwrap_or(u64::MAX);
+        i.trim();
     }
 
     /// Makes every byte before `offset` visible.
@@ -392,6 +407,31 @@ mod tests {
         assert_eq!(log.history(1 << 20), (100, b"hello world".to_vec()));
         log.close();
         assert_eq!(log.read(111, 10), Read::Closed);
+    }
+
+    #[test]
+    fn pinned_bytes_are_kept_though_released_until_unpinned() {
+        const CAP: usize = 4096;
+        let log = ConsoleLog::with_capacity(0, CAP);
+        log.set_hold(false);
+        // A primary in a v7 resync: output released at once, but not yet
+        // in a checkpoint from offset 1000 on.
+        log.append(&[b'a'; 1000]);
+        log.keep_from(Some(1000));
+        log.append(&[b'b'; 3 * CAP]);
+        assert_eq!(log.slice(1000, 1000 + 3 * CAP as u64).len(), 3 * CAP);
+        assert!(matches!(log.read(1000, 10), Read::Bytes(_)));
+        // Checkpointed: the pin moves on, and the log shrinks to its size.
+        log.keep_from(Some(log.end()));
+        log.append(b"c");
+        let end = log.end();
+        assert!(matches!(
+            log.read(end - CAP as u64 - 1, 1),
+            Read::Gone { .. }
+        ));
+        log.keep_from(None);
+        log.append(&[b'd'; 2 * CAP]);
+        assert!(matches!(log.read(end, 1), Read::Gone { .. }));
     }
 
     #[test]

@@ -71,6 +71,10 @@ const WITNESS_TIMEOUT: Us = 500 * MS;
 /// Output units held while the witness decides before the guest pauses
 /// (the daemons' 4 MiB).
 const HOLD_LIMIT: usize = 40;
+/// The longest a full resync's image takes to cross the link (the
+/// heartbeat echoes wait behind it here, as they do not on the daemons'
+/// own path: kept below the primary's timeout).
+const RESYNC_CROSSING: Us = 80 * MS;
 /// `--max-in-flight` (4).
 const MAX_IN_FLIGHT: usize = 4;
 /// How long a stopping primary waits for its backup to end the session
@@ -132,11 +136,15 @@ pub enum Bug {
     /// (so a source that never heard `Finished` and takes the VM back
     /// cannot be told apart).
     AdmitByRead,
+    /// The backup resumes from any committed checkpoint, also one whose
+    /// output the primary did not hold (a protocol-7 full resync, during
+    /// which the primary releases output).
+    ResumeUnheld,
 }
 
 impl Bug {
     /// Every planted bug.
-    pub const ALL: [Bug; 8] = [
+    pub const ALL: [Bug; 9] = [
         Bug::ReleaseBeforeAck,
         Bug::TakeoverWithoutWitness,
         Bug::NoFreeze,
@@ -145,6 +153,7 @@ impl Bug {
         Bug::GoWithoutSwap,
         Bug::PacketsBeforeAck,
         Bug::AdmitByRead,
+        Bug::ResumeUnheld,
     ];
 }
 
@@ -176,6 +185,11 @@ pub struct Settings {
     pub fault_time: Duration,
     /// Virtual time after the faults stop, for recovery.
     pub calm_time: Duration,
+    /// The pair speaks protocol 7: the primary releases output during a
+    /// session's full resync and holds it from the first pause after the
+    /// resync's ack, and only checkpoints from there on may be resumed
+    /// from (`false`: protocol 6, held from the resync's pause on).
+    pub releases_during_resync: bool,
     /// A planted bug.
     pub bug: Option<Bug>,
     /// Put the messages sent (but heartbeats and acks) in the trace.
@@ -195,6 +209,7 @@ impl Settings {
             lost_answers: 20,
             fault_time: Duration::from_secs(20),
             calm_time: Duration::from_secs(15),
+            releases_during_resync: true,
             bug: None,
             trace_messages: false,
         }
@@ -298,6 +313,9 @@ enum Msg {
     Checkpoint {
         epoch: u64,
         guest: Guest,
+        /// The primary held output from its pause on: it may be resumed
+        /// from (`Held`).
+        resumable: bool,
         /// It carries the memory digest (`--verify`).
         digest: bool,
         /// A fault: the backup will apply it wrongly (its memory will
@@ -760,7 +778,11 @@ impl Sim {
 
     /// Sends on connection `conn` from `from` to `to`, in order.
     fn send_to(&mut self, from: usize, to: usize, conn: u64, msg: Msg) {
-        let delay = self.delay(from);
+        let mut delay = self.delay(from);
+        if let Msg::Checkpoint { epoch: 1, .. } = msg {
+            // A full resync: the whole image crosses the link.
+            delay += self.rng.range(5 * MS, RESYNC_CROSSING);
+        }
         // One stream: deliveries keep the order of sending.
         let at = (self.now + delay).max(self.last_at[from][to]);
         self.last_at[from][to] = at;
@@ -1404,14 +1426,19 @@ impl Sim {
             }
         }
         if !p.core.holding() {
-            return self.release_all(n);
+            // Not held: released as the guest writes it.
+            self.release_all(n)?;
         }
+        let marks = self.s.releases_during_resync;
+        let p = self.primary(n);
         // Standing down: the epoch loop waits for the session's end.
         if p.leaving.is_some() || !(p.core.in_session() && p.core.may_send()) {
             return Ok(());
         }
         let epoch = p.next_epoch;
         p.next_epoch += 1;
+        // The pause: held from here on, or not (before the guest resumes).
+        let resumable = p.core.hold_from_pause(epoch, marks);
         let guest = p.guest.clone();
         let corrupt = std::mem::take(&mut p.corrupt_next);
         let (release_to, net_upto) = (guest.console.len(), guest.net.len());
@@ -1420,6 +1447,7 @@ impl Sim {
             Msg::Checkpoint {
                 epoch,
                 guest: guest.clone(),
+                resumable,
                 digest: self.s.verify,
                 corrupt,
             },
@@ -2304,9 +2332,11 @@ impl Sim {
             Msg::Checkpoint {
                 epoch,
                 guest,
+                resumable,
                 digest,
                 corrupt,
             } => {
+                let resumable = resumable || self.s.bug == Some(Bug::ResumeUnheld);
                 let b = self.backup(n);
                 if b.core.taken_over() {
                     return Ok(());
@@ -2349,7 +2379,11 @@ impl Sim {
                     guest: guest.clone(),
                     corrupt: corrupt || was_corrupt,
                 });
-                b.core.on(BackupInput::Committed { epoch, now });
+                b.core.on(BackupInput::Committed {
+                    epoch,
+                    resumable,
+                    now,
+                });
                 if !std::mem::replace(&mut b.ticking, true) {
                     b.last_tick = t;
                     self.at(WATCH_TICK, Ev::Watch(n));

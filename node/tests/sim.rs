@@ -111,6 +111,25 @@ fn one_history_and_recovery_under_every_fault_with_a_witness() {
 }
 
 #[test]
+fn at_protocol_6_output_held_from_the_resync_keeps_one_history() {
+    // A pair at protocol 6 (one node not upgraded): no checkpoint says
+    // whether it may be resumed from, so output is held from the resync's
+    // pause on and every checkpoint may be.
+    let mut sum = Sum::default();
+    for seed in seeds().take(300) {
+        let s = Settings {
+            releases_during_resync: false,
+            ..Settings::new(seed)
+        };
+        match sim::run(s) {
+            Ok(r) => sum.add(&r),
+            Err(v) => panic!("{v}"),
+        }
+    }
+    println!("{sum}");
+}
+
+#[test]
 fn without_a_witness_crashes_and_operations_alone_are_handled() {
     let mut sum = Sum::default();
     for seed in seeds().take(500) {

@@ -120,6 +120,11 @@ impl Session {
         self.encoder.replica_unknown();
     }
 
+    /// The number the next checkpoint gets.
+    pub fn next_epoch(&self) -> u64 {
+        self.next_epoch
+    }
+
     /// The last epoch sent in full in this session (0: none yet).
     pub fn last_epoch(&self) -> u64 {
         self.sender.last_committed()
@@ -127,7 +132,9 @@ impl Session {
 
     /// Encodes the staged pages, the machine state (`state`, encoded), the
     /// console bytes up to `out_end` and the disk's records with their
-    /// commit part as the next checkpoint.
+    /// commit part as the next checkpoint; `held`: it says that its output
+    /// was held from its pause on (protocol 7 on: the backup may resume
+    /// from it).
     pub fn checkpoint(
         &mut self,
         staging: &Staging,
@@ -135,6 +142,7 @@ impl Session {
         log: &ConsoleLog,
         out_end: u64,
         disk: Option<(&[u8], protocol::disk::DiskCommit)>,
+        held: bool,
     ) -> Result<Built, PrimaryError> {
         let te = Instant::now();
         let frames = staging.frames();
@@ -153,15 +161,27 @@ impl Session {
         let encode = te.elapsed();
         let epoch = self.next_epoch;
         self.next_epoch += 1;
+        let bytes = log.slice(self.out_start, out_end);
+        if bytes.len() as u64 != out_end - self.out_start {
+            // Output released while not held (a v7 resync) and forgotten by
+            // the log before it was checkpointed: the backup's console would
+            // have a gap. The log pins what is not checkpointed yet, so this
+            // is a bug, not input.
+            return Err(PrimaryError::Console(format!(
+                "the console log no longer holds bytes {}..{out_end} for checkpoint {epoch}",
+                self.out_start
+            )));
+        }
         let output = if self.history.is_empty() {
-            log.slice(self.out_start, out_end)
+            bytes
         } else {
             // The session's first checkpoint: the history, then the log.
             let mut h = std::mem::take(&mut self.history);
-            h.extend_from_slice(&log.slice(self.out_start, out_end));
+            h.extend_from_slice(&bytes);
             h
         };
         self.out_start = out_end;
+        log.keep_from(Some(out_end));
         let state = payload::pack_state(state);
         let s = &mut self.sender;
         let mut f = Vec::with_capacity(records.len() + state.len() + output.len() + 256);
@@ -176,6 +196,9 @@ impl Session {
         s.output(&output, &mut f)?;
         if let Some((records, _)) = disk {
             s.disk(records, &mut f)?;
+        }
+        if held {
+            s.held(&mut f)?;
         }
         s.commit(memory_digest, disk.map(|d| d.1), &mut f)?;
         Ok(Built {

@@ -50,6 +50,13 @@ pub struct Config {
     /// `None`: a fifth of the epoch, at most 5 ms (following the length
     /// auto chooses); see [`precopy_window`].
     pub precopy: Option<Duration>,
+    /// A new backup's full resync releases the guest's output as it is
+    /// written (`--resync-output release`, the default; protocol 7 on both
+    /// nodes): no client waits for the image to cross, and the backup can
+    /// take over from the first checkpoint after the resync. `false`
+    /// (`hold`): output is held from the resync's pause on, so the backup
+    /// can take over from the resync itself, and clients wait for it.
+    pub resync_releases_output: bool,
     /// The witness that decides who owns the VM; `None`: no witness
     /// (`--witness none`), a lost backup means carrying on at once.
     pub witness: Option<witness::Etcd>,
@@ -132,6 +139,9 @@ pub enum PrimaryError {
     /// The guest's disk could not be read for a checkpoint.
     #[error("disk: {0}")]
     Disk(String),
+    /// The console log lost bytes a checkpoint must carry (a bug).
+    #[error("console: {0}")]
+    Console(String),
     /// Another node runs the guest; this node's guest was stopped so that
     /// only one runs.
     #[error("fenced: {0}; this node's guest was stopped")]

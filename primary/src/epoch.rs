@@ -410,7 +410,11 @@ impl EpochLoop<'_> {
                     if !retry {
                         self.session_over()?;
                         self.metrics.set_protected(false);
-                        warn!("lost the backup: asking the witness whether this node may carry on alone; output is held meanwhile");
+                        if self.core.holding() {
+                            warn!("lost the backup: asking the witness whether this node may carry on alone; output is held meanwhile");
+                        } else {
+                            warn!("lost the backup before it held a checkpoint to resume from: asking the witness whether this node may carry on alone; output is not held");
+                        }
                     }
                     self.claim(expected, retry);
                 }
@@ -432,10 +436,13 @@ impl EpochLoop<'_> {
     /// A new backup: a new session, whose hello asks the backup for the
     /// image it keeps; its first checkpoint follows the answer ([`Self::resync`]).
     fn start_session(&mut self) -> Result<(), PrimaryError> {
-        // From here on output waits for acks; everything before is released.
-        self.set_hold(true);
+        // Output is not held yet: from the pause the core names on
+        // (`hold_from_pause`, in `checkpoint`), it waits for acks.
         let (from, history) = self.log.history(crate::checkpoint::BACKUP_HISTORY);
         let out_start = from + history.len() as u64;
+        // Released from here on before it is checkpointed (the v7 resync):
+        // kept until a checkpoint carries it.
+        self.log.keep_from(Some(out_start));
         let vcpus = self.machine.vcpu_count() as u32;
         let token = self.core.token();
         let disk_bytes = self.machine.disk().map_or(0, |d| d.disk().bytes());
@@ -457,6 +464,7 @@ impl EpochLoop<'_> {
         // checkpoints; turned on paused, so no request is half done.
         self.record_disk(true)?;
         if self.out.blocking_send(Outgoing::Hello(hello)).is_err() {
+            self.log.keep_from(None);
             self.set_hold(false);
             self.record_disk(false)?;
             return Ok(());
@@ -496,6 +504,7 @@ impl EpochLoop<'_> {
     /// The session is over (for now): no checkpoint will carry the disk's
     /// writes until the next one.
     fn session_over(&mut self) -> Result<(), PrimaryError> {
+        self.log.keep_from(None);
         self.metrics.set_protocol(None);
         self.awaiting = None;
         self.session = None;
@@ -844,6 +853,21 @@ impl EpochLoop<'_> {
             writes: d.take_writes(),
             sum: d.disk().sum(),
         });
+        // Whether output is held from this pause on, which makes the
+        // checkpoint one to resume from: still paused, so nothing the guest
+        // writes after this instant is released before its ack. (A session
+        // whose version is not known yet — no answer to the hello before
+        // the resync — holds from the resync as below version 7.)
+        let (epoch, marks) = self
+            .session
+            .as_mut()
+            .map_or((0, false), |s| (s.next_epoch(), s.sender().marks_held()));
+        let held = self
+            .core
+            .hold_from_pause(epoch, marks && self.cfg.resync_releases_output);
+        if held {
+            self.set_hold(true);
+        }
         self.machine.resume()?;
         let pause = t0.elapsed();
         self.end_rt_pause();
@@ -856,6 +880,7 @@ impl EpochLoop<'_> {
             &self.log,
             out_end,
             disk.as_ref().map(|(r, c, _)| (&r[..], *c)),
+            held && marks,
         )?;
         if let Some((r, c, n)) = &disk {
             debug!(

@@ -12,7 +12,7 @@ use crate::WireError;
 
 /// The highest protocol version this castor speaks (it speaks
 /// [`crate::version::SUPPORTED`]: 5 to this one).
-pub const VERSION: u16 = 6;
+pub const VERSION: u16 = 7;
 /// Largest frame: the largest message (a machine state) plus headers.
 pub const MAX_FRAME: usize = MAX_STATE + 1024;
 /// Largest chunk of fgbi records in one message.
@@ -139,6 +139,18 @@ pub enum Message {
         epoch: u64,
         /// Records (chunks concatenate into the epoch's disk records).
         data: Vec<u8>,
+    },
+    /// Version 7 on: the primary held the guest's output from this
+    /// checkpoint's pause on, so the checkpoint holds everything the world
+    /// has seen and the backup may resume from it (primary → backup, inside
+    /// the epoch, before its `Commit`; part of its digest). A v7 checkpoint
+    /// without it may not be resumed from: the primary released output past
+    /// its snapshot (during the session's full resync). Once a session's
+    /// checkpoint carries it, every later one does. Below version 7 every
+    /// checkpoint may be resumed from, and the message is refused.
+    Held {
+        /// Epoch.
+        epoch: u64,
     },
     /// The epoch is complete (primary → backup).
     Commit {
@@ -275,6 +287,7 @@ impl fmt::Debug for Message {
                     memory_digest.is_some()
                 )
             }
+            Message::Held { epoch } => write!(f, "Held {{ epoch: {epoch} }}"),
             Message::Ack { epoch } => write!(f, "Ack {{ epoch: {epoch} }}"),
             Message::Heartbeat { seq, .. } => write!(f, "Heartbeat {{ seq: {seq} }}"),
             Message::HeartbeatEcho { seq, .. } => write!(f, "HeartbeatEcho {{ seq: {seq} }}"),
@@ -338,6 +351,7 @@ mod ty {
     pub const DISK: u8 = 13;
     pub const DISK_DIGESTS: u8 = 14;
     pub const VERSIONS: u8 = 15;
+    pub const HELD: u8 = 16;
 }
 
 fn u64s(r: &mut Reader<'_>, f: &'static str, max: usize) -> Result<Vec<u64>, WireError> {
@@ -380,6 +394,7 @@ impl Message {
             Message::Records { .. } => "Records",
             Message::State { .. } => "State",
             Message::Output { .. } => "Output",
+            Message::Held { .. } => "Held",
             Message::Commit { .. } => "Commit",
             Message::Ack { .. } => "Ack",
             Message::Heartbeat { .. } => "Heartbeat",
@@ -487,6 +502,10 @@ impl Message {
                     None => w.u8(0),
                 }
                 ty::COMMIT
+            }
+            Message::Held { epoch } => {
+                w.u64(*epoch);
+                ty::HELD
             }
             Message::Ack { epoch } => {
                 w.u64(*epoch);
@@ -687,6 +706,9 @@ impl Message {
             ty::HEARTBEAT_ECHO => Message::HeartbeatEcho {
                 seq: r.u64("HeartbeatEcho.seq")?,
                 sent_us: r.u64("HeartbeatEcho.sent_us")?,
+            },
+            ty::HELD => Message::Held {
+                epoch: r.u64("Held.epoch")?,
             },
             ty::GOODBYE => Message::Goodbye {
                 last_epoch: r.u64("Goodbye.last_epoch")?,

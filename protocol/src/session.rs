@@ -5,7 +5,8 @@
 //!
 //! Order on the data stream: `Hello`, then for each epoch `EpochStart`,
 //! any number of `Records`, at most one `State` (exactly one before the
-//! commit), any number of `Output` and (with a disk) `Disk`, then `Commit`. Epochs are consecutive
+//! commit), any number of `Output` and (with a disk) `Disk`, from version 7
+//! at most one `Held` (the checkpoint may be resumed from), then `Commit`. Epochs are consecutive
 //! from 1 (the full resync): every mode sends only the pages dirtied since
 //! the previous epoch, and xbzrle and fgbi encode against the replica as
 //! the previous epoch left it, so a missing epoch would leave the replica
@@ -43,6 +44,10 @@ pub struct Sender {
     /// The session's protocol version, once known: at once for a v5 hello,
     /// from the backup's answer for a later one.
     version: Option<u16>,
+    /// The current epoch carries `Held`.
+    held: bool,
+    /// A committed checkpoint carried `Held`: every later one must.
+    held_since: Option<u64>,
 }
 
 impl Sender {
@@ -61,6 +66,8 @@ impl Sender {
                 hasher: blake3::Hasher::new(),
                 state_sent: false,
                 output_next,
+                held: false,
+                held_since: None,
             },
             frame,
         )
@@ -137,6 +144,7 @@ impl Sender {
         self.epoch = Some(epoch);
         self.hasher = blake3::Hasher::new();
         self.state_sent = false;
+        self.held = false;
         Message::EpochStart {
             epoch,
             dirty_pages,
@@ -237,6 +245,14 @@ impl Sender {
                 "a commit's disk part must be present exactly when the session has a disk",
             ));
         }
+        if self.held_since.is_some() && !self.held {
+            return Err(ProtocolError::Order(
+                "a checkpoint without Held after one with it (output stays held to the session's end)",
+            ));
+        }
+        if self.held {
+            self.held_since.get_or_insert(epoch);
+        }
         let digest = *self.hasher.finalize().as_bytes();
         Message::Commit {
             epoch,
@@ -248,6 +264,37 @@ impl Sender {
         self.epoch = None;
         self.last_committed = epoch;
         Ok(epoch)
+    }
+
+    /// The session's checkpoints say whether they may be resumed from
+    /// (version 7 on, [`Message::Held`]); below, every one may.
+    pub fn marks_held(&self) -> bool {
+        self.version.is_some_and(|v| v >= version::HELD)
+    }
+
+    /// The current epoch's output was held from its pause on: the backup
+    /// may resume from it ([`Message::Held`]; version 7 on). Once one
+    /// checkpoint of the session carries it, every later one must.
+    pub fn held(&mut self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        let epoch = self.current()?;
+        if !self.marks_held() {
+            return Err(ProtocolError::Unexpected {
+                message: "Held",
+                state: "in a session below version 7",
+            });
+        }
+        if self.held {
+            return Err(ProtocolError::Order("two Held in one epoch"));
+        }
+        hash_content(&mut self.hasher, "Held", epoch, 0, &[]);
+        Message::Held { epoch }.encode(out);
+        self.held = true;
+        Ok(())
+    }
+
+    /// The first checkpoint of the session that carried `Held`.
+    pub fn held_since(&self) -> Option<u64> {
+        self.held_since
     }
 
     /// Takes an ack from the backup; returns the epoch it acknowledges.
@@ -294,6 +341,10 @@ pub struct Checkpoint {
     /// With a disk: the disk's digest sum at the pause, and whether the
     /// guest flushed.
     pub disk_commit: Option<DiskCommit>,
+    /// The backup may resume from this checkpoint: the primary held its
+    /// output from the checkpoint's pause on (version 7: it carried
+    /// [`Message::Held`]; below 7: always).
+    pub resumable: bool,
 }
 
 /// What a received message means to the backup.
@@ -402,11 +453,15 @@ pub struct Receiver {
     versions: Range,
     /// The session's version, once the hello is accepted.
     version: Option<u16>,
+    /// A committed checkpoint carried `Held`: every later one must.
+    held_since: Option<u64>,
 }
 
 #[derive(Debug)]
 struct Staging {
     epoch: u64,
+    /// It carried `Held`.
+    held: bool,
     hasher: blake3::Hasher,
     records: Vec<u8>,
     state: Option<Vec<u8>>,
@@ -446,6 +501,7 @@ impl Receiver {
             output_next: 0,
             versions: version::SUPPORTED,
             version: None,
+            held_since: None,
         }
     }
 
@@ -630,6 +686,7 @@ impl Receiver {
                 }
                 self.staging = Some(Staging {
                     epoch,
+                    held: false,
                     hasher: blake3::Hasher::new(),
                     records: Vec::new(),
                     state: None,
@@ -686,6 +743,21 @@ impl Receiver {
                 s.disk.extend_from_slice(&data);
                 Ok(Event::Staged)
             }
+            Message::Held { epoch } => {
+                if self.version.is_some_and(|v| v < version::HELD) {
+                    return Err(ProtocolError::Unexpected {
+                        message: "Held",
+                        state: "in a session below version 7",
+                    });
+                }
+                let s = self.staged(epoch, "Held")?;
+                if s.held {
+                    return Err(ProtocolError::Order("two Held in one epoch"));
+                }
+                hash_content(&mut s.hasher, "Held", epoch, 0, &[]);
+                s.held = true;
+                Ok(Event::Staged)
+            }
             Message::Commit {
                 epoch,
                 digest,
@@ -714,9 +786,19 @@ impl Receiver {
                         "a commit's disk part must be present exactly when the session has a disk",
                     ));
                 }
+                let marks = self.version.is_some_and(|v| v >= version::HELD);
+                if marks && self.held_since.is_some() && !s.held {
+                    return Err(ProtocolError::Order(
+                        "a checkpoint without Held after one with it",
+                    ));
+                }
+                if s.held {
+                    self.held_since.get_or_insert(epoch);
+                }
                 self.last_committed = epoch;
                 self.output_next = s.output_offset + s.output.len() as u64;
                 Ok(Event::Checkpoint(Checkpoint {
+                    resumable: !marks || s.held,
                     epoch,
                     records: s.records,
                     state,

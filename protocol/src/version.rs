@@ -17,7 +17,9 @@
 //! understand an answer) and the session is at version 5.
 //!
 //! Versions 5 and 6 differ only in the hello's range and the answer: every
-//! other message is the same. The layout of a hello of version 6 or more is
+//! other message is the same. Version 7 adds [`crate::Message::Held`]: a
+//! checkpoint may be resumed from only if it carries it (below 7, every
+//! checkpoint may). The layout of a hello of version 6 or more is
 //! frozen, so that any later castor can read the range of any hello and
 //! answer it; what a later version changes comes after the answer.
 
@@ -27,6 +29,11 @@ use std::fmt;
 pub const V5: u16 = 5;
 /// The first version whose hello carries the range and is answered.
 pub const NEGOTIATED: u16 = 6;
+/// The first version whose checkpoints say whether they may be resumed
+/// from ([`crate::Message::Held`]): its primary releases output during the
+/// session's full resync and holds it from the first pause after the
+/// resync's ack.
+pub const HELD: u16 = 7;
 
 /// A range of protocol versions, `lowest..=highest`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -244,18 +251,21 @@ mod tests {
     fn adjacent_and_distant_peers() {
         let r = |a, b| Range::new(a, b).unwrap();
         // Two of this castor: the newest.
-        assert_eq!(session(SUPPORTED, SUPPORTED).unwrap(), 6);
+        assert_eq!(session(SUPPORTED, SUPPORTED).unwrap(), 7);
         // This primary, a backup that speaks 5 alone (but negotiates).
         assert_eq!(session(SUPPORTED, Range::only(5)).unwrap(), 5);
         // A primary speaking 5 alone: a v5 hello, unanswered, a v5 session.
         assert_eq!(session(Range::only(5), SUPPORTED).unwrap(), 5);
-        // A newer castor speaking 5 to 7, either side.
-        assert_eq!(session(r(5, 7), SUPPORTED).unwrap(), 6);
-        assert_eq!(session(SUPPORTED, r(5, 7)).unwrap(), 6);
-        assert_eq!(session(r(6, 8), SUPPORTED).unwrap(), 6);
-        // A castor that speaks 7 alone: refused, both ranges named, on
+        // The previous castor, speaking 5 to 6, either side.
+        assert_eq!(session(r(5, 6), SUPPORTED).unwrap(), 6);
+        assert_eq!(session(SUPPORTED, r(5, 6)).unwrap(), 6);
+        // A newer castor speaking 5 to 8, or 7 to 9, either side.
+        assert_eq!(session(r(5, 8), SUPPORTED).unwrap(), 7);
+        assert_eq!(session(SUPPORTED, r(5, 8)).unwrap(), 7);
+        assert_eq!(session(r(7, 9), SUPPORTED).unwrap(), 7);
+        // A castor that speaks 8 alone: refused, both ranges named, on
         // either side; never a panic.
-        for (p, b) in [(Range::only(7), SUPPORTED), (SUPPORTED, Range::only(7))] {
+        for (p, b) in [(Range::only(8), SUPPORTED), (SUPPORTED, Range::only(8))] {
             let e = session(p, b).unwrap_err();
             assert_eq!(
                 e,
@@ -291,7 +301,7 @@ mod tests {
         assert_eq!(answer, None);
 
         // castor 0.1's backup refuses this castor's first hello (version
-        // 6) as incompatible, without an answer; the next hello is v5,
+        // 7) as incompatible, without an answer; the next hello is v5,
         // byte for byte what castor 0.1 writes, and it is accepted.
         let mut fallback = Fallback::new(SUPPORTED);
         let (tx, frame) = Sender::new(hello(fallback.offer()));
@@ -314,8 +324,8 @@ mod tests {
         assert_eq!(tx.version(), None);
         // A version the hello did not offer, or outside the backup's own range.
         assert!(matches!(
-            tx.on_versions(7, 5, 7),
-            Err(ProtocolError::BadVersionAnswer { chosen: 7, .. })
+            tx.on_versions(8, 5, 8),
+            Err(ProtocolError::BadVersionAnswer { chosen: 8, .. })
         ));
         assert!(tx.on_versions(6, 7, 5).is_err());
         assert!(tx.on_versions(5, 6, 6).is_err());

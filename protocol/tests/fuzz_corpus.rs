@@ -58,12 +58,21 @@ fn session(verify: bool, versions: Range) -> (Vec<u8>, Vec<u8>) {
     }
     .offering(versions);
     let (mut tx, first) = Sender::new(hello);
+    if versions.highest >= castor_protocol::version::HELD {
+        // The backup's answer: version 7, whose checkpoints say whether
+        // they may be resumed from (the resync not, the next one so).
+        tx.on_versions(versions.highest, versions.lowest, versions.highest)
+            .unwrap();
+    }
     let mut out = first.clone();
     for epoch in 1..=2u64 {
         tx.begin(epoch, 1, 4096, &mut out).unwrap();
         tx.records(&[1, 0, 0, 0, 16, 0, 0, 0], &mut out).unwrap();
         tx.state(b"state", &mut out).unwrap();
         tx.output(b"cpu=0 seq=1\n", &mut out).unwrap();
+        if epoch > 1 && tx.marks_held() {
+            tx.held(&mut out).unwrap();
+        }
         tx.commit(verify.then_some([epoch as u8; 32]), None, &mut out)
             .unwrap();
     }
@@ -84,15 +93,19 @@ fn with_selector(sel: u8, stream: &[u8]) -> Vec<u8> {
 
 /// The seeds: name and bytes (the piece-size selector first).
 fn seeds() -> Vec<(String, Vec<u8>)> {
-    // The v5 seeds as castor 0.1 wrote them, and a v6 hello and session.
+    // The v5 seeds as castor 0.1 wrote them, a v6 hello and session (5 to
+    // 6 offered), and a v7 one (with `Held`).
     let (hello, plain) = session(false, Range::only(5));
     let (_, verify) = session(true, Range::only(5));
-    let (hello_v6, plain_v6) = session(false, castor_protocol::version::SUPPORTED);
+    let (hello_v6, plain_v6) = session(false, Range::new(5, 6).unwrap());
+    let (hello_v7, plain_v7) = session(false, castor_protocol::version::SUPPORTED);
     let mut v = vec![
         ("hello".to_string(), with_selector(3, &hello)),
         ("hello-v6".to_string(), with_selector(3, &hello_v6)),
+        ("hello-v7".to_string(), with_selector(3, &hello_v7)),
         ("session".into(), with_selector(200, &plain)),
         ("session-v6".into(), with_selector(200, &plain_v6)),
+        ("session-v7".into(), with_selector(200, &plain_v7)),
         ("session-bytewise".into(), with_selector(0, &plain)),
         ("session-verify".into(), with_selector(16, &verify)),
     ];
@@ -138,9 +151,11 @@ fn checked_in_seeds_replay() {
         if name.starts_with("session") {
             // A valid session reaches the receiver's deepest paths: two
             // checkpoints handed over, the stream consumed to its end.
+            // (The v7 session's second checkpoint carries `Held`.)
+            let held = usize::from(name == "session-v7");
             assert_eq!(
                 (fed.refused.as_deref(), fed.checkpoints, fed.messages),
-                (None, 2, 1 + 2 * 5 + 2),
+                (None, 2, 1 + 2 * 5 + held + 2),
                 "{name}: not a valid session any more (regenerate the seeds: \
                  CASTOR_WRITE_SEEDS=1 cargo test -p castor-protocol --test fuzz_corpus)"
             );
@@ -154,7 +169,7 @@ fn checked_in_seeds_replay() {
             assert!(why.contains("exceeds the maximum"), "{name}: {why}");
         }
     }
-    assert_eq!(sessions, 4);
+    assert_eq!(sessions, 5);
 }
 
 #[test]

@@ -98,6 +98,7 @@ fn message() -> impl Strategy<Value = Message> {
                 }),
             }
         ),
+        any::<u64>().prop_map(|epoch| Message::Held { epoch }),
         any::<u64>().prop_map(|epoch| Message::Ack { epoch }),
         (any::<u64>(), any::<u64>()).prop_map(|(seq, sent_us)| Message::Heartbeat { seq, sent_us }),
         (any::<u64>(), any::<u64>())
@@ -259,7 +260,7 @@ fn out_of_order_and_oversized_input_is_refused() {
         "{e:?}"
     );
     assert!(
-        e.to_string().contains("9 only") && e.to_string().contains("5 to 6"),
+        e.to_string().contains("9 only") && e.to_string().contains("5 to 7"),
         "{e}"
     );
 
@@ -743,4 +744,146 @@ fn a_session_with_a_disk_carries_its_blocks_and_sum_and_refuses_a_mismatch() {
     }
     .encode(&mut f);
     assert!(matches!(deliver(&mut rx, &f), Err(ProtocolError::Disk(_))));
+}
+
+/// One epoch's frames: records, state and, if `held`, the `Held` mark.
+fn epoch_frames_held(tx: &mut Sender, epoch: u64, held: bool) -> Result<Vec<u8>, ProtocolError> {
+    let mut f = Vec::new();
+    tx.begin(epoch, 1, 4096, &mut f)?;
+    tx.records(b"rec", &mut f)?;
+    tx.state(b"st", &mut f)?;
+    if held {
+        tx.held(&mut f)?;
+    }
+    tx.commit(None, None, &mut f)?;
+    Ok(f)
+}
+
+fn checkpoint_of(events: Vec<Event>) -> castor_protocol::Checkpoint {
+    match events.into_iter().last() {
+        Some(Event::Checkpoint(c)) => c,
+        other => panic!("no checkpoint: {other:?}"),
+    }
+}
+
+#[test]
+fn from_version_7_a_checkpoint_may_be_resumed_from_only_if_its_output_was_held() {
+    let (mut tx, hello_frame) = Sender::new(hello(0));
+    let mut rx = Receiver::new(1 << 20);
+    deliver(&mut rx, &hello_frame).unwrap();
+    assert_eq!(rx.version(), Some(7));
+    tx.on_versions(7, 5, 7).unwrap();
+    assert!(tx.marks_held());
+    // The full resync, while output was released: not to be resumed from.
+    let f = epoch_frames_held(&mut tx, 1, false).unwrap();
+    assert!(!checkpoint_of(deliver(&mut rx, &f).unwrap()).resumable);
+    // Held from the next pause on.
+    let f = epoch_frames_held(&mut tx, 2, true).unwrap();
+    assert!(checkpoint_of(deliver(&mut rx, &f).unwrap()).resumable);
+    assert_eq!(tx.held_since(), Some(2));
+    // Once held, always: the sender refuses to commit an unheld one ...
+    assert!(matches!(
+        epoch_frames_held(&mut tx, 3, false),
+        Err(ProtocolError::Order(_))
+    ));
+    // ... and a receiver refuses one from a sender that does not.
+    let (mut loose, _) = Sender::new(hello(0));
+    loose.on_versions(7, 5, 7).unwrap();
+    let mut f = Vec::new();
+    for epoch in 1..=2 {
+        f.extend(epoch_frames_held(&mut loose, epoch, true).unwrap());
+    }
+    let mut rx2 = Receiver::new(1 << 20);
+    deliver(&mut rx2, &hello_frame).unwrap();
+    deliver(&mut rx2, &f).unwrap();
+    let mut f3 = Vec::new();
+    Message::EpochStart {
+        epoch: 3,
+        dirty_pages: 0,
+        raw_bytes: 0,
+    }
+    .encode(&mut f3);
+    Message::State {
+        epoch: 3,
+        data: b"st".to_vec(),
+    }
+    .encode(&mut f3);
+    let mut h = blake3::Hasher::new();
+    // The digest of a State-only epoch (the sender's own rule).
+    h.update(b"State");
+    h.update(&3u64.to_le_bytes());
+    h.update(&0u64.to_le_bytes());
+    h.update(&2u64.to_le_bytes());
+    h.update(b"st");
+    Message::Commit {
+        epoch: 3,
+        digest: *h.finalize().as_bytes(),
+        memory_digest: None,
+        disk: None,
+    }
+    .encode(&mut f3);
+    assert!(matches!(
+        deliver(&mut rx2, &f3),
+        Err(ProtocolError::Order(_))
+    ));
+}
+
+#[test]
+fn the_held_mark_is_part_of_the_digest_and_refused_below_version_7() {
+    // Taking the mark out of a held checkpoint breaks its digest: a
+    // checkpoint cannot be made resumable, or not, on the way.
+    let (mut tx, hello_frame) = Sender::new(hello(0));
+    tx.on_versions(7, 5, 7).unwrap();
+    let f = epoch_frames_held(&mut tx, 1, true).unwrap();
+    let mut d = FrameDecoder::new();
+    d.push(&f);
+    let mut stripped = Vec::new();
+    while let Some(m) = d.next_message().unwrap() {
+        if !matches!(m, Message::Held { .. }) {
+            m.encode(&mut stripped);
+        }
+    }
+    let mut rx = Receiver::new(1 << 20);
+    deliver(&mut rx, &hello_frame).unwrap();
+    assert_eq!(
+        deliver(&mut rx, &stripped).unwrap_err(),
+        ProtocolError::DigestMismatch(1)
+    );
+
+    // A v6 session: every checkpoint may be resumed from, and the mark is
+    // refused both ways.
+    let v6 = hello(0).offering(castor_protocol::version::Range::new(5, 6).unwrap());
+    let (mut tx, hello_frame) = Sender::new(v6);
+    tx.on_versions(6, 5, 7).unwrap();
+    assert!(!tx.marks_held());
+    assert!(matches!(
+        epoch_frames_held(&mut tx, 1, true),
+        Err(ProtocolError::Unexpected {
+            message: "Held",
+            ..
+        })
+    ));
+    let mut rx = Receiver::new(1 << 20);
+    deliver(&mut rx, &hello_frame).unwrap();
+    assert_eq!(rx.version(), Some(6));
+    let (mut tx, _) =
+        Sender::new(hello(0).offering(castor_protocol::version::Range::new(5, 6).unwrap()));
+    tx.on_versions(6, 5, 6).unwrap();
+    let f = epoch_frames_held(&mut tx, 1, false).unwrap();
+    assert!(checkpoint_of(deliver(&mut rx, &f).unwrap()).resumable);
+    let mut held = Vec::new();
+    Message::EpochStart {
+        epoch: 2,
+        dirty_pages: 0,
+        raw_bytes: 0,
+    }
+    .encode(&mut held);
+    Message::Held { epoch: 2 }.encode(&mut held);
+    assert!(matches!(
+        deliver(&mut rx, &held),
+        Err(ProtocolError::Unexpected {
+            message: "Held",
+            ..
+        })
+    ));
 }

@@ -1,7 +1,10 @@
 //! The backup role's decisions: when the primary counts as lost, and the
 //! takeover.
 //!
-//! The backup takes over only from a committed checkpoint, and only when
+//! The backup takes over only from a committed checkpoint that it may
+//! resume from (one whose output the primary held from its pause on: from
+//! protocol 7, not a session's full resync, during which the primary
+//! releases output), and only when
 //! the primary has been silent for the timeout (longer for a moment after a
 //! full resync, while the primary catches up). It never takes over from a
 //! primary that said goodbye, nor after ending a session itself (it refused
@@ -63,6 +66,10 @@ pub enum BackupInput {
     Committed {
         /// The epoch (1: the full resync).
         epoch: u64,
+        /// The replica may resume from it: the primary held its output from
+        /// the checkpoint's pause on (`Checkpoint::resumable`). If not, the
+        /// replica holds nothing to take over from until one that is.
+        resumable: bool,
         /// Now.
         now: Duration,
     },
@@ -142,7 +149,8 @@ pub enum TakeoverAnswer {
     Accepted,
     /// This node has already taken over.
     AlreadyTakenOver,
-    /// No checkpoint is committed: nothing to take over from.
+    /// No checkpoint is committed that may be resumed from: nothing to
+    /// take over from.
     NothingCommitted,
     /// The replica differs from the primary (a `--verify` mismatch at
     /// this checkpoint): it is unusable until a new session's full resync
@@ -161,7 +169,7 @@ impl std::fmt::Display for TakeoverAnswer {
             }
             TakeoverAnswer::AlreadyTakenOver => f.write_str("error: this node has already taken over"),
             TakeoverAnswer::NothingCommitted => {
-                f.write_str("error: nothing committed yet; nothing to take over")
+                f.write_str("error: nothing committed yet that the guest may resume from (the first checkpoint after the full resync); nothing to take over")
             }
             TakeoverAnswer::ReplicaInvalid { epoch } => write!(
                 f,
@@ -328,13 +336,20 @@ impl BackupCore {
                 debug_assert!(false, "the shell commits nothing to an invalid replica");
                 Vec::new()
             }
-            BackupInput::Committed { epoch, now } => {
+            BackupInput::Committed {
+                epoch,
+                resumable,
+                now,
+            } => {
                 // The primary was alive when it sent this.
                 self.last_heard = self.last_heard.max(now);
                 if epoch == 1 {
                     self.resync_at = Some(now);
                 }
-                self.committed = Some(epoch);
+                // The replica is at this checkpoint now, whichever it is: if
+                // it may not be resumed from, there is nothing to take over
+                // from (the earlier ones are overwritten).
+                self.committed = resumable.then_some(epoch);
                 Vec::new()
             }
             BackupInput::SessionEnded { reason } => {
@@ -476,14 +491,17 @@ mod tests {
             now: ms(0),
         });
         b.on(I::Committed {
+            resumable: true,
             epoch: 1,
             now: ms(0),
         });
         b.on(I::Committed {
+            resumable: true,
             epoch: 2,
             now: ms(heard),
         });
         b.on(I::Committed {
+            resumable: true,
             epoch: 3,
             now: ms(heard),
         });
@@ -620,6 +638,7 @@ mod tests {
         assert_eq!(b.committed(), None);
         assert!(tick(&mut b, 9000).is_empty());
         b.on(I::Committed {
+            resumable: true,
             epoch: 1,
             now: ms(9000),
         });
@@ -671,6 +690,7 @@ mod tests {
         assert!(tick(&mut b, 131_000).is_empty());
         // ...then the replica is usable again.
         b.on(I::Committed {
+            resumable: true,
             epoch: 1,
             now: ms(131_000),
         });
@@ -695,6 +715,7 @@ mod tests {
         b.on(I::Leaving { last_epoch: 5 });
         assert!(!b.can_take_over());
         b.on(I::Committed {
+            resumable: true,
             epoch: 4,
             now: ms(3010),
         });
@@ -747,6 +768,7 @@ mod tests {
         );
         assert!(b
             .on(I::Committed {
+                resumable: true,
                 epoch: 4,
                 now: ms(4002)
             })
@@ -764,10 +786,12 @@ mod tests {
             now: ms(0),
         });
         b.on(I::Committed {
+            resumable: true,
             epoch: 1,
             now: ms(0),
         });
         b.on(I::Committed {
+            resumable: true,
             epoch: 3,
             now: ms(3000),
         });
@@ -836,6 +860,7 @@ mod tests {
             })
             .is_empty());
         b.on(I::Committed {
+            resumable: true,
             epoch: 1,
             now: ms(60_002),
         });
@@ -857,10 +882,12 @@ mod tests {
             now: ms(0),
         });
         b.on(BackupInput::Committed {
+            resumable: true,
             epoch: 1,
             now: ms(0),
         });
         b.on(BackupInput::Committed {
+            resumable: true,
             epoch: 2,
             now: ms(2500),
         });
@@ -953,6 +980,42 @@ mod tests {
                 asked: true,
                 token: 5
             }]
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_that_may_not_be_resumed_from_leaves_nothing_to_take_over() {
+        let mut b = BackupCore::new(T, false);
+        b.on(I::SessionStarted {
+            session: 9,
+            token: 0,
+            now: ms(0),
+        });
+        // The full resync of a v7 session: the primary released output while
+        // it crossed, so the replica may not resume from it.
+        b.on(I::Committed {
+            epoch: 1,
+            resumable: false,
+            now: ms(10),
+        });
+        assert_eq!(b.committed(), None);
+        assert!(!b.can_take_over());
+        assert_eq!(b.ask_takeover(), TakeoverAnswer::NothingCommitted);
+        assert!(
+            tick(&mut b, 5_000).is_empty(),
+            "silence alone takes nothing over"
+        );
+        // The first held checkpoint: a takeover may resume from it.
+        b.on(I::Committed {
+            epoch: 2,
+            resumable: true,
+            now: ms(5_010),
+        });
+        assert_eq!(b.committed(), Some(2));
+        let a = tick(&mut b, 5_100);
+        assert!(
+            matches!(a.as_slice(), [A::TakeOver { epoch: 2, .. }]),
+            "{a:?}"
         );
     }
 }

@@ -6,6 +6,17 @@
 //! holds. A session that ends otherwise leaves the guest running
 //! unprotected: held output is released and new output is not held, until
 //! a backup returns and a new session starts with a full resync.
+//!
+//! When holding starts: a checkpoint may be resumed from only if the output
+//! the world saw is all in it, so output is held from that checkpoint's
+//! pause on ([`PrimaryCore::hold_from_pause`]). A session of protocol 7 or
+//! later releases output at once during its full resync (which takes a
+//! while: the whole image crosses the link) and holds it from the first
+//! pause after the resync's ack; its checkpoints say which ones may be
+//! resumed from (`Held`), and the resync may not. An older session holds
+//! from its resync's pause, and every checkpoint may be resumed from. The
+//! guest counts as protected once a checkpoint that may be resumed from is
+//! acknowledged.
 
 use std::collections::VecDeque;
 
@@ -20,7 +31,8 @@ pub enum PrimaryInput<T> {
     /// A backup is connected and authenticated: a session can start.
     Connected,
     /// Checkpoint `epoch` went out; its ack releases the console up to
-    /// `release_to`.
+    /// `release_to`. Its output was held from its pause on or not, as
+    /// [`PrimaryCore::hold_from_pause`] said at that pause.
     Sent {
         /// The epoch.
         epoch: u64,
@@ -43,10 +55,12 @@ pub enum PrimaryInput<T> {
 /// What the primary role must do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PrimaryAction<T> {
-    /// Start a session: hold output from now on, send the hello and a full
-    /// resync as its first checkpoint.
+    /// Start a session: send the hello and a full resync as its first
+    /// checkpoint. Output is held from the pause that
+    /// [`PrimaryCore::hold_from_pause`] names.
     StartSession,
-    /// The backup committed the full resync: the guest is protected.
+    /// The backup committed a checkpoint it may resume from: the guest is
+    /// protected.
     Protected,
     /// Release console output up to this offset; the acked checkpoints'
     /// `meta`, oldest first.
@@ -81,6 +95,9 @@ struct Session<T> {
     in_flight: VecDeque<(u64, u64, T)>,
     last_acked: u64,
     last_sent: u64,
+    /// Output is held from this checkpoint's pause on: it and every later
+    /// one may be resumed from. `None`: output is released at once.
+    held_from: Option<u64>,
 }
 
 /// A session ended and the witness has not answered yet.
@@ -90,6 +107,9 @@ struct Claiming {
     reason: EndReason,
     /// A backup connected meanwhile: start its session once the claim is won.
     connected: bool,
+    /// The session held output (a checkpoint that may be resumed from went
+    /// out): what is held stays held until the witness answers.
+    held: bool,
 }
 
 /// The primary role's state machine.
@@ -133,9 +153,29 @@ impl<T> PrimaryCore<T> {
         self.token = token;
     }
 
-    /// Output must stay held: a session is open, or a claim is pending.
+    /// Output must stay held: the session holds it (from a checkpoint that
+    /// may be resumed from), or a claim after such a session is pending.
     pub fn holding(&self) -> bool {
-        self.session.is_some() || self.claiming.is_some()
+        self.session.as_ref().is_some_and(|s| s.held_from.is_some())
+            || self.claiming.as_ref().is_some_and(|c| c.held)
+    }
+
+    /// At checkpoint `epoch`'s pause, before the guest resumes: whether
+    /// output is held from this pause on, so that the checkpoint may be
+    /// resumed from (the shell then holds output before resuming, and says
+    /// so in the checkpoint). `releases_during_resync`: the session's
+    /// checkpoints say whether they may be resumed from (protocol 7 on):
+    /// output is held only from the first pause after the full resync's
+    /// ack. Otherwise it is held from the resync's pause. Once held, held
+    /// to the session's end.
+    pub fn hold_from_pause(&mut self, epoch: u64, releases_during_resync: bool) -> bool {
+        let Some(s) = self.session.as_mut() else {
+            return false;
+        };
+        if s.held_from.is_none() && (!releases_during_resync || s.last_acked >= 1) {
+            s.held_from = Some(epoch);
+        }
+        s.held_from.is_some()
     }
 
     /// A claim is pending at the witness.
@@ -148,7 +188,8 @@ impl<T> PrimaryCore<T> {
         self.session.is_some()
     }
 
-    /// The backup holds a committed checkpoint of the current session.
+    /// The backup holds a committed checkpoint of the current session that
+    /// it may resume from.
     pub fn protected(&self) -> bool {
         self.protected
     }
@@ -209,6 +250,7 @@ impl<T> PrimaryCore<T> {
             in_flight: VecDeque::new(),
             last_acked: 0,
             last_sent: 0,
+            held_from: None,
         });
         self.protected = false;
         vec![PrimaryAction::StartSession]
@@ -265,7 +307,7 @@ impl<T> PrimaryCore<T> {
             acked.push((e, meta));
         }
         let mut out = Vec::new();
-        if !self.protected {
+        if !self.protected && s.held_from.is_some_and(|h| epoch >= h) {
             self.protected = true;
             out.push(PrimaryAction::Protected);
         }
@@ -283,15 +325,16 @@ impl<T> PrimaryCore<T> {
             return vec![PrimaryAction::Fence(reason)];
         }
         self.protected = false;
-        if self.session.take().is_none() {
+        let Some(s) = self.session.take() else {
             return Vec::new();
-        }
+        };
         if !self.witness {
             return vec![PrimaryAction::Unprotected(reason)];
         }
         self.claiming = Some(Claiming {
             reason,
             connected: false,
+            held: s.held_from.is_some(),
         });
         vec![PrimaryAction::Claim {
             expected: self.token,
@@ -306,7 +349,14 @@ mod tests {
     use PrimaryAction as A;
     use PrimaryInput as I;
 
+    /// Checkpoint `epoch` goes out in a session below protocol 7 (output
+    /// held from the resync's pause on).
     fn sent(core: &mut PrimaryCore<u64>, epoch: u64, release_to: u64) {
+        assert!(core.hold_from_pause(epoch, false));
+        sent_held(core, epoch, release_to);
+    }
+
+    fn sent_held(core: &mut PrimaryCore<u64>, epoch: u64, release_to: u64) {
         assert!(core.may_send());
         assert!(core
             .on(I::Sent {
@@ -540,5 +590,81 @@ mod tests {
         assert!(p.protected());
         assert_eq!(p.on(I::Connected), vec![A::StartSession]);
         assert!(!p.protected() && p.in_flight() == 0);
+    }
+
+    #[test]
+    fn from_protocol_7_output_is_released_during_the_resync_and_held_from_the_next_pause() {
+        let mut p = PrimaryCore::new(4, true, 5);
+        assert_eq!(p.on(I::Connected), vec![A::StartSession]);
+        assert!(
+            !p.holding(),
+            "nothing is held until a checkpoint may be resumed from"
+        );
+        // The resync's pause: output keeps flowing while the image crosses.
+        assert!(!p.hold_from_pause(1, true));
+        sent_held(&mut p, 1, 100);
+        assert!(!p.holding());
+        // A pause before the resync's ack: still not held.
+        assert!(!p.hold_from_pause(2, true));
+        sent_held(&mut p, 2, 120);
+        // Its ack: not protected yet (the backup may not resume from it).
+        assert_eq!(
+            p.on(I::Ack { epoch: 1 }),
+            vec![A::Release {
+                upto: 100,
+                acked: vec![(1, 10)]
+            }]
+        );
+        assert!(!p.protected());
+        // The next pause holds, for the rest of the session.
+        assert!(p.hold_from_pause(3, true));
+        assert!(p.holding());
+        sent_held(&mut p, 3, 150);
+        assert!(p.hold_from_pause(4, true));
+        sent_held(&mut p, 4, 170);
+        assert!(!p.on(I::Ack { epoch: 2 }).contains(&A::Protected));
+        assert_eq!(
+            p.on(I::Ack { epoch: 3 }),
+            vec![
+                A::Protected,
+                A::Release {
+                    upto: 150,
+                    acked: vec![(3, 30)]
+                }
+            ]
+        );
+        assert!(p.protected());
+        // Its loss: the claim keeps what is held held.
+        let reason = EndReason::Silent(std::time::Duration::from_millis(200));
+        assert_eq!(
+            p.on(I::Ended(reason)),
+            vec![A::Claim {
+                expected: 5,
+                retry: false
+            }]
+        );
+        assert!(p.holding() && p.claiming());
+    }
+
+    #[test]
+    fn a_session_lost_before_it_held_output_claims_without_holding() {
+        let mut p = PrimaryCore::new(4, true, 5);
+        p.on(I::Connected);
+        assert!(!p.hold_from_pause(1, true));
+        sent_held(&mut p, 1, 100);
+        let reason = EndReason::Silent(std::time::Duration::from_millis(200));
+        assert_eq!(p.on(I::Ended(reason)).len(), 1);
+        // The backup has nothing it may resume from: what the guest prints
+        // meanwhile need not wait for the witness.
+        assert!(p.claiming() && !p.holding());
+        // Below protocol 7 the resync's pause already holds.
+        let mut old = PrimaryCore::new(4, true, 5);
+        old.on(I::Connected);
+        assert!(old.hold_from_pause(1, false));
+        sent_held(&mut old, 1, 100);
+        old.on(I::Ended(EndReason::Silent(
+            std::time::Duration::from_millis(200),
+        )));
+        assert!(old.claiming() && old.holding());
     }
 }
