@@ -138,14 +138,22 @@ impl Staging {
         Ok(t.elapsed())
     }
 
-    /// The full resync, paused: every page.
-    pub fn everything(&mut self, machine: &Machine) -> Result<Duration, PrimaryError> {
+    /// The full resync's copy, while the guest runs (dirty tracking on):
+    /// clears the dirty log, then copies every page. The pause then copies
+    /// again only the pages written since ([`Staging::in_pause`] with its
+    /// harvest): a page written before its copy here is copied with the
+    /// write, and one written after is in that harvest. Copying everything
+    /// inside the pause (first-touching a buffer the size of the guest)
+    /// stopped a 128 MiB guest for ~360 ms at every re-protection.
+    pub fn precopy_everything(&mut self, machine: &mut Machine) -> Result<Duration, PrimaryError> {
         let t = Instant::now();
         self.clear();
         self.resync = true;
+        machine.harvest_dirty()?;
         for f in 0..self.pages {
             self.slot(f);
         }
+        self.precopied = self.frames.len();
         self.copy(machine, 0..self.pages as usize, true)?;
         Ok(t.elapsed())
     }

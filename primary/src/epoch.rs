@@ -157,9 +157,7 @@ impl EpochLoop<'_> {
                 .as_ref()
                 .is_some_and(|_| self.hello_at.is_some_and(|t| t.elapsed() > OFFER_WAIT))
             {
-                self.resync(protocol::reuse::Answer::None(format!(
-                    "the backup sent no reuse offer within {OFFER_WAIT:?}"
-                )))?;
+                self.offer_overdue()?;
             }
             // The next deadline: the pre-copy point, then the epoch's end.
             let precopy = pace.precopy();
@@ -380,7 +378,7 @@ impl EpochLoop<'_> {
                         self.metrics
                             .resync_protected(t.elapsed().as_secs_f64() * 1e3);
                     }
-                    info!("PROTECTED: the backup committed the full resync");
+                    info!("PROTECTED: the backup committed a checkpoint it may resume from");
                 }
                 PrimaryAction::Release { upto, acked } => {
                     self.log.release(upto);
@@ -534,6 +532,28 @@ impl EpochLoop<'_> {
         }
     }
 
+    /// No reuse offer within [`OFFER_WAIT`]: a full resync, unless the
+    /// backup has not even answered the hello's versions. Then the session's
+    /// version is not known, nor whether its checkpoints must say they may
+    /// be resumed from (a v7 backup would take none of them for one), so
+    /// the session ends and the next connection starts again.
+    fn offer_overdue(&mut self) -> Result<(), PrimaryError> {
+        let unanswered = self.awaiting.as_mut().is_some_and(|a| {
+            let s = a.session.sender();
+            s.hello().version >= protocol::version::NEGOTIATED && !s.answered()
+        });
+        if !unanswered {
+            return self.resync(protocol::reuse::Answer::None(format!(
+                "the backup sent no reuse offer within {OFFER_WAIT:?}"
+            )));
+        }
+        self.awaiting = None;
+        let why = format!("the backup did not answer the hello's versions within {OFFER_WAIT:?}");
+        warn!("ending the session with the backup: {why}");
+        let _ = self.out.blocking_send(Outgoing::End(EndReason::Local(why)));
+        Ok(())
+    }
+
     /// A piece of the backup's reuse offer (or the answer to the hello).
     fn on_offer(&mut self, m: protocol::Message) -> Result<(), PrimaryError> {
         let Some(a) = self.awaiting.as_mut() else {
@@ -666,6 +686,16 @@ impl EpochLoop<'_> {
             Some(_) => Some(self.digest_running()?),
             None => None,
         };
+        // No image to reuse: every page, copied while the guest runs; the
+        // pause copies only what is written meanwhile.
+        if offer.is_none() {
+            let copied = self.staging.precopy_everything(&mut self.machine)?;
+            debug!(
+                ms = copied.as_secs_f64() * 1e3,
+                pages = self.pages,
+                "full resync: every page copied while the guest ran"
+            );
+        }
         // The disk's blocks that differ from the backup's, read while the
         // guest runs; the pause adds what was written since recording began.
         if let Some(d) = self.machine.disk() {
@@ -691,7 +721,7 @@ impl EpochLoop<'_> {
             .harvest_dirty()
             .map_err(PrimaryError::from)
             .and_then(|last| match &offer {
-                None => self.staging.everything(&self.machine),
+                None => self.staging.in_pause(&self.machine, last.frames()),
                 Some(o) => {
                     let tp = Instant::now();
                     let (pre, mut changed) = pre.expect("digested while running");
@@ -772,6 +802,7 @@ impl EpochLoop<'_> {
                     by_generation = p.by_generation,
                     stale = p.stale,
                     bytes,
+                    pause_ms = pause.as_secs_f64() * 1e3,
                     elapsed_ms = t.elapsed().as_millis() as u64,
                     "resync by reuse of the backup's image sent"
                 );
@@ -781,6 +812,7 @@ impl EpochLoop<'_> {
                 info!(
                     pages = self.pages,
                     bytes,
+                    pause_ms = pause.as_secs_f64() * 1e3,
                     elapsed_ms = t.elapsed().as_millis() as u64,
                     "full resync sent"
                 );
@@ -855,9 +887,9 @@ impl EpochLoop<'_> {
         });
         // Whether output is held from this pause on, which makes the
         // checkpoint one to resume from: still paused, so nothing the guest
-        // writes after this instant is released before its ack. (A session
-        // whose version is not known yet — no answer to the hello before
-        // the resync — holds from the resync as below version 7.)
+        // writes after this instant is released before its ack. (The
+        // session's version is known here: a resync waits for the answer to
+        // the hello, `offer_overdue`.)
         let (epoch, marks) = self
             .session
             .as_mut()

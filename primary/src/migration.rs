@@ -339,7 +339,7 @@ impl EpochLoop<'_> {
                 Ok(ev) => self.on_event(ev)?,
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {
                     if self.core.claiming() {
-                        // Output stays held: the witness has not said this
+                        // What is held stays held: the witness has not said this
                         // node may carry on. The claim goes on as usual;
                         // a backup that connects meanwhile waits for it.
                         self.restart_protection()?;
