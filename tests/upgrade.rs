@@ -265,6 +265,14 @@ fn previous_release() -> PathBuf {
             "castor",
             "--bin",
             "castor",
+            // Our dev profile's debug settings (Cargo.toml), which castor
+            // 0.1.0's manifest predates: without them every seeded
+            // dependency is rebuilt (minutes of CI). Config overrides the
+            // manifest's profile.
+            "--config",
+            "profile.dev.debug=\"line-tables-only\"",
+            "--config",
+            "profile.dev.package.\"*\".debug=false",
         ])
         .current_dir(&src)
         .env_remove("MAKEFLAGS")

@@ -506,6 +506,9 @@ impl EpochLoop<'_> {
         self.metrics.set_protocol(None);
         self.awaiting = None;
         self.session = None;
+        // An epoch's pre-copy the session's end interrupted leaves copies
+        // taken then: no later checkpoint may carry them.
+        self.staging.clear();
         self.record_disk(false)
     }
 
@@ -675,6 +678,11 @@ impl EpochLoop<'_> {
             }
         }
         self.session = Some(session);
+        // Nothing staged before this resync may go out with it: a copy from
+        // an interrupted epoch's pre-copy is older than the pause, and a
+        // page the reuse plan keeps (equal on the backup now) would be
+        // overwritten there with it.
+        self.staging.clear();
         let span = info_span!("resync");
         let _g = span.enter();
         let t = Instant::now();
